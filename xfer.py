@@ -1,0 +1,2491 @@
+#!/usr/bin/env python3
+"""xfer -- move files between machines on a local network, safely and fast.
+
+Command line:
+    python xfer.py serve [--dir DIR] [--host ADDR] [--port N] [--token TOKEN]
+    python xfer.py send [--to HOST[:PORT]] [--token TOKEN] [--workers N] FILE...
+    python xfer.py send-dir [--to HOST[:PORT]] [--token TOKEN] [--workers N] DIR
+
+Library (README "Python API"):
+    import xfer
+    with xfer.Sender("pi", token="...") as sender:
+        job = sender.queue("render.exr")
+
+Public names are listed in __all__.  The wire format is specified byte by
+byte in README.md, section "Protocol"; comments of the form "(Protocol 3.2)"
+point there.  Standard library only; Python 3.8+; Linux, macOS, Windows.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import configparser
+import errno
+import hashlib
+import hmac
+import itertools
+import os
+import queue
+import secrets
+import shutil
+import signal
+import socket
+import socketserver
+import stat
+import struct
+import sys
+import threading
+import time
+import traceback
+
+__version__ = "0.1.0"
+__all__ = [
+    # library API
+    "Sender", "Receiver", "Job", "FileInfo", "load_config", "Config", "main",
+    # errors
+    "XferError", "ConfigError", "ConnectError", "AuthError", "ProtocolError",
+    "VersionMismatchError", "ConnectionClosedError", "RemoteError",
+    "UnsafePathError", "IntegrityError",
+    # constants
+    "DEFAULT_PORT", "PROTOCOL_VERSION", "MAX_PATH_BYTES", "MAX_FRAME_PAYLOAD",
+    "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_CONNECT", "EXIT_AUTH",
+    "EXIT_PROTOCOL", "EXIT_INTERRUPTED",
+]
+
+#------------------------------------------------------------
+# constants and limits
+#------------------------------------------------------------
+
+#: TCP port used when none is configured ("XF" read as a 16-bit number).
+DEFAULT_PORT = 22598
+#: Longest relative path accepted, in UTF-8 bytes.
+MAX_PATH_BYTES = 4096
+#: Longest single path component, in UTF-8 bytes (the common filesystem limit).
+MAX_NAME_BYTES = 255
+#: Deepest directory nesting accepted.
+MAX_PATH_DEPTH = 64
+#: Largest control frame payload; file contents are streamed, not framed.
+MAX_FRAME_PAYLOAD = 64 * 1024
+#: Files up to this size are sent without waiting for the receiver's ACCEPT.
+STREAM_MAX = 256 * 1024
+#: Files a sender keeps in flight on one connection before waiting for results.
+WINDOW = 64
+#: Chunk size for file bodies on both ends.
+CHUNK = 256 * 1024
+#: Receiver default: concurrent connections before "busy".
+DEFAULT_MAX_CONNECTIONS = 64
+#: Receiver default: seconds a connection may stay silent.
+DEFAULT_IDLE_TIMEOUT = 60.0
+#: Receiver default: seconds from accept to a finished handshake.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Sender default: seconds to wait for a TCP connection.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+#: Sender default: seconds to wait on a silent server.
+DEFAULT_IO_TIMEOUT = 60.0
+#: Temporary files start with this; the receiver refuses names that do.
+PARTIAL_PREFIX = ".xfer-part."
+
+#------------------------------------------------------------
+# errors and exit statuses
+#------------------------------------------------------------
+
+EXIT_OK = 0            # every file arrived and was verified
+EXIT_FAILED = 1        # some files did not arrive (each is named on stderr)
+EXIT_USAGE = 2         # bad command line or config file
+EXIT_CONNECT = 3       # the server could not be reached
+EXIT_AUTH = 4          # wrong or missing token
+EXIT_PROTOCOL = 5      # the peer speaks another protocol or version
+EXIT_INTERRUPTED = 130 # Ctrl-C
+
+
+class XferError(Exception):
+    """Base class for every error xfer raises on purpose.
+
+    str(error) is the one line the command line prints; exit_code is the
+    process status main() returns for it.
+    """
+    exit_code = EXIT_FAILED
+    #: wire status code (Protocol 4.4) used when the receiver reports it
+    code = 15
+    #: whether a fresh connection may succeed where this one failed
+    transient = False
+
+
+class ConfigError(XferError):
+    """A config file or serverinfo.py is unreadable or invalid."""
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message, path=None, lineno=None, key=None):
+        self.path, self.lineno, self.key = path, lineno, key
+        where = ""
+        if path is not None:
+            where = str(path)
+            if lineno is not None:
+                where += ":%d" % lineno
+            where += ": "
+        if key is not None:
+            where += "%s: " % key
+        super().__init__(where + message)
+
+
+class ConnectError(XferError, ConnectionError):
+    """The server could not be reached."""
+    exit_code = EXIT_CONNECT
+    transient = True
+
+
+class AuthError(XferError):
+    """The token was wrong or missing."""
+    exit_code = EXIT_AUTH
+    code = 23
+
+
+class ProtocolError(XferError):
+    """The peer sent something this version does not understand."""
+    exit_code = EXIT_PROTOCOL
+    code = 20
+
+
+class VersionMismatchError(ProtocolError):
+    """The peer speaks another protocol version."""
+    code = 21
+
+
+class ConnectionClosedError(ProtocolError, ConnectionError):
+    """The connection ended in the middle of a message."""
+    exit_code = EXIT_FAILED
+    transient = True
+
+
+class RemoteError(XferError):
+    """The receiver refused or failed one file or the whole connection.
+
+    code is the wire status (Protocol 4.4); reason is the receiver's text.
+    """
+
+    def __init__(self, reason, code=15):
+        self.code = code
+        self.reason = reason
+        super().__init__(reason)
+
+    @property
+    def transient(self):
+        return self.code in _TRANSIENT_CODES
+
+
+class UnsafePathError(RemoteError):
+    """A path would leave the destination or is not a safe name there."""
+
+    def __init__(self, reason, path=None, code=10):
+        self.path = path
+        if path is not None:
+            reason = "%s: %s" % (_display(path), reason)
+        super().__init__(reason, code)
+
+
+class IntegrityError(RemoteError):
+    """The data received does not match its digest or MAC."""
+
+    def __init__(self, reason, code=14):
+        super().__init__(reason, code)
+
+
+# Wire status codes (Protocol 4.4) and the class a sender raises for each.
+ST_OK, ST_SKIPPED = 0, 1
+ST_BAD_PATH, ST_CONFLICT, ST_TOO_LARGE, ST_NO_SPACE = 10, 11, 12, 13
+ST_INTEGRITY, ST_IO, ST_ABORTED = 14, 15, 16
+ST_PROTOCOL, ST_VERSION, ST_AUTH_REQUIRED, ST_AUTH_FAILED = 20, 21, 22, 23
+ST_BUSY, ST_TIMEOUT, ST_SHUTDOWN = 24, 25, 26
+_TRANSIENT_CODES = frozenset({ST_BUSY, ST_TIMEOUT, ST_SHUTDOWN})
+
+
+def _error_for(code, reason):
+    """Build the exception a sender raises for a receiver status."""
+    if code == ST_BAD_PATH:
+        return UnsafePathError(reason)
+    if code == ST_INTEGRITY:
+        return IntegrityError(reason)
+    if code in (ST_AUTH_REQUIRED, ST_AUTH_FAILED):
+        err = AuthError(reason)
+        err.code = code
+        return err
+    if code == ST_VERSION:
+        return VersionMismatchError(reason)
+    if code == ST_PROTOCOL:
+        return ProtocolError(reason)
+    return RemoteError(reason, code)
+
+
+#------------------------------------------------------------
+# wire format (README "Protocol")
+#------------------------------------------------------------
+# Network byte order throughout.  Section numbers refer to README.md.
+
+MAGIC = b"XFER"
+PROTOCOL_VERSION = 1
+_PREFACE = struct.Struct("!4sHH")      # magic, version, flags        (Protocol 2)
+_FRAME = struct.Struct("!BI")          # kind, payload length          (Protocol 3)
+_NONCE_SIZE = 32                       # HELLO payload                 (Protocol 4.1)
+_MAC_SIZE = 32                         # HMAC-SHA256
+_FILE = struct.Struct("!IQqIB")        # id, size, mtime_ns, mode, flags; path follows (4.2)
+_ACCEPT = struct.Struct("!IQ")         # id, offset                    (4.3)
+_TRAILER = struct.Struct("!IB32s")     # id, flags, sha256; MAC follows (4.3)
+_RESULT = struct.Struct("!IB")         # id, status; reason follows    (4.4)
+_MKDIR = struct.Struct("!II")          # id, mode; path follows        (4.5)
+_PONG = struct.Struct("!QQ")           # free bytes, total bytes; version text follows (4.6)
+_ERROR = struct.Struct("!B")           # status; reason follows        (4.7)
+
+# Preface flags (server to client).  Bits 1-15 are reserved and sent as 0.
+PF_AUTH_REQUIRED = 0x0001
+# FILE flags.  Bits 1-7 are reserved and sent as 0.
+FF_STREAM = 0x01       # the body follows the header at once, no ACCEPT
+# TRAILER flags.  Bits 1-7 are reserved and sent as 0.
+TF_ABORT = 0x01        # the sender gives this file up; discard it
+
+
+class _Msg:
+    """Frame kinds (Protocol 3)."""
+    HELLO = 0x01
+    AUTH = 0x02
+    AUTH_OK = 0x03
+    FILE = 0x10
+    ACCEPT = 0x11
+    TRAILER = 0x12
+    RESULT = 0x13
+    MKDIR = 0x14
+    PING = 0x20
+    PONG = 0x21
+    BYE = 0x22
+    ERROR = 0x7F
+
+
+_MSG_NAMES = {v: k for k, v in vars(_Msg).items() if k.isupper()}
+
+
+def _msg_name(kind):
+    return _MSG_NAMES.get(kind, "unknown message 0x%02x" % kind)
+
+
+def _frame(kind, payload=b""):
+    return _FRAME.pack(kind, len(payload)) + payload
+
+
+def _recv_exact(rfile, n):
+    """Read exactly n bytes from a buffered reader or raise ConnectionClosedError."""
+    data = rfile.read(n)
+    if len(data) != n:
+        raise ConnectionClosedError(
+            "connection closed after %d of %d bytes" % (len(data), n))
+    return data
+
+
+def _read_preface(rfile):
+    """Read the 8-byte preface; return its flags (Protocol 2)."""
+    data = rfile.read(_PREFACE.size)
+    if not data:
+        raise ConnectionClosedError("connection closed before the preface")
+    if not MAGIC.startswith(data[:4]) or len(data) < 4 or data[:4] != MAGIC:
+        if data[:1] == b"\x16":
+            raise ProtocolError("the peer speaks TLS, not plain xfer")
+        raise ProtocolError("the peer is not an xfer endpoint (bad magic %r)" % data[:4])
+    if len(data) != _PREFACE.size:
+        raise ConnectionClosedError("connection closed inside the preface")
+    _, version, flags = _PREFACE.unpack(data)
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatchError(
+            "protocol version mismatch: peer speaks %d, this xfer %s speaks %d"
+            % (version, __version__, PROTOCOL_VERSION))
+    return flags
+
+
+def _read_frame(rfile, limit=MAX_FRAME_PAYLOAD):
+    """Read one frame; return (kind, payload).  The length is checked first."""
+    kind, length = _FRAME.unpack(_recv_exact(rfile, _FRAME.size))
+    if length > limit:
+        raise ProtocolError("%s payload of %d bytes exceeds %d"
+                            % (_msg_name(kind), length, limit))
+    return kind, _recv_exact(rfile, length)
+
+
+def _expect(rfile, kind):
+    got, payload = _read_frame(rfile)
+    if got == _Msg.ERROR and kind != _Msg.ERROR:
+        raise _decode_error(payload)
+    if got != kind:
+        raise ProtocolError("expected %s, got %s" % (_msg_name(kind), _msg_name(got)))
+    return payload
+
+
+def _encode_file(fid, size, mtime_ns, mode, flags, path):
+    return _frame(_Msg.FILE, _FILE.pack(fid, size, mtime_ns, mode, flags)
+                  + path.encode("utf-8"))
+
+
+def _decode_file(payload):
+    if len(payload) < _FILE.size:
+        raise ProtocolError("FILE payload of %d bytes is too short" % len(payload))
+    fid, size, mtime_ns, mode, flags = _FILE.unpack_from(payload)
+    return fid, size, mtime_ns, mode, flags, payload[_FILE.size:]
+
+
+def _encode_result(fid, status, reason=""):
+    return _frame(_Msg.RESULT, _RESULT.pack(fid, status)
+                  + reason.encode("utf-8", "replace")[:4000])
+
+
+def _decode_result(payload):
+    if len(payload) < _RESULT.size:
+        raise ProtocolError("RESULT payload of %d bytes is too short" % len(payload))
+    fid, status = _RESULT.unpack_from(payload)
+    return fid, status, payload[_RESULT.size:].decode("utf-8", "replace")
+
+
+def _encode_error(status, reason):
+    return _frame(_Msg.ERROR, _ERROR.pack(status) + reason.encode("utf-8", "replace")[:4000])
+
+
+def _decode_error(payload):
+    """Turn an ERROR payload into the exception to raise."""
+    if len(payload) < _ERROR.size:
+        return ProtocolError("ERROR payload is empty")
+    (status,) = _ERROR.unpack_from(payload)
+    return _error_for(status, payload[_ERROR.size:].decode("utf-8", "replace"))
+
+
+def _trailer_mac(key, trailer_fixed, header_payload):
+    """MAC binding a file's header and content digest to the session (Protocol 4.3)."""
+    if not key:
+        return b""
+    return hmac.new(key, b"xfer trailer\0" + trailer_fixed + header_payload,
+                    hashlib.sha256).digest()
+
+
+#------------------------------------------------------------
+# authentication (Protocol 4.1)
+#------------------------------------------------------------
+
+def _transcript(client_preface, client_nonce, server_preface, server_nonce):
+    return client_preface + client_nonce + server_preface + server_nonce
+
+
+def _auth_mac(token, label, transcript):
+    return hmac.new(token.encode("utf-8"), label + b"\0" + transcript,
+                    hashlib.sha256).digest()
+
+
+def _client_handshake(sock, rfile, token):
+    """Run the client side of the handshake; return the session key (b"" without auth)."""
+    client_preface = _PREFACE.pack(MAGIC, PROTOCOL_VERSION, 0)
+    client_nonce = secrets.token_bytes(_NONCE_SIZE)
+    sock.sendall(client_preface + _frame(_Msg.HELLO, client_nonce))
+    flags = _read_preface(rfile)
+    server_preface = _PREFACE.pack(MAGIC, PROTOCOL_VERSION, flags)
+    kind, payload = _read_frame(rfile)
+    if kind == _Msg.ERROR:
+        raise _decode_error(payload)
+    if kind != _Msg.HELLO or len(payload) != _NONCE_SIZE:
+        raise ProtocolError("expected HELLO, got %s" % _msg_name(kind))
+    server_nonce = payload
+    transcript = _transcript(client_preface, client_nonce, server_preface, server_nonce)
+    if flags & PF_AUTH_REQUIRED:
+        if not token:
+            raise AuthError("this server requires a token: pass --token, set XFER_TOKEN "
+                            "or add token = ... to the host's config section")
+        sock.sendall(_frame(_Msg.AUTH, _auth_mac(token, b"xfer client", transcript)))
+        proof = _expect(rfile, _Msg.AUTH_OK)
+        if not hmac.compare_digest(proof, _auth_mac(token, b"xfer server", transcript)):
+            raise AuthError("the server could not prove it knows the token")
+        return _auth_mac(token, b"xfer session", transcript)
+    sock.sendall(_frame(_Msg.AUTH, b""))
+    _expect(rfile, _Msg.AUTH_OK)
+    return b""
+
+
+#------------------------------------------------------------
+# path safety and durable writes
+#------------------------------------------------------------
+
+_WINDOWS_RESERVED = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + ["COM%d" % i for i in range(1, 10)] + ["LPT%d" % i for i in range(1, 10)])
+_WINDOWS_BAD_CHARS = frozenset('<>:"|?*')
+# Characters that change how a name displays without being visible:
+# bidi controls and zero-width characters.
+_INVISIBLE = frozenset("\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d"
+                       "\u202e\u2066\u2067\u2068\u2069\ufeff")
+
+
+def _is_control(ch):
+    o = ord(ch)
+    return o < 0x20 or 0x7F <= o < 0xA0
+
+
+def _display(name):
+    """Name made safe for a terminal or a log: controls escaped, length capped."""
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    out = []
+    for ch in name:
+        if _is_control(ch) or ch in _INVISIBLE:
+            out.append("\\x%02x" % ord(ch) if ord(ch) < 0x100 else "\\u%04x" % ord(ch))
+        else:
+            out.append(ch)
+    text = "".join(out)
+    return text if len(text) <= 200 else text[:97] + "..." + text[-100:]
+
+
+def _split_path(raw, portable=False):
+    """Validate a relative POSIX path from the wire; return its components.
+
+    raw is bytes.  Refuses, never rewrites: anything that is not a plain
+    relative path of safe names raises UnsafePathError.
+    """
+    if len(raw) > MAX_PATH_BYTES:
+        raise UnsafePathError("path of %d bytes exceeds %d" % (len(raw), MAX_PATH_BYTES),
+                              raw[:100])
+    try:
+        path = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UnsafePathError("path is not valid UTF-8", raw) from None
+    if not path:
+        raise UnsafePathError("empty path", path)
+    if path.startswith("/"):
+        raise UnsafePathError("absolute path", path)
+    parts = path.split("/")
+    if len(parts) > MAX_PATH_DEPTH:
+        raise UnsafePathError("deeper than %d levels" % MAX_PATH_DEPTH, path)
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise UnsafePathError("empty, '.' or '..' component", path)
+        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+            raise UnsafePathError("name longer than %d bytes" % MAX_NAME_BYTES, path)
+        for ch in part:
+            if ch == "\\" or _is_control(ch) or ch in _INVISIBLE:
+                raise UnsafePathError("backslash, control or invisible character", path)
+        if part.startswith(PARTIAL_PREFIX):
+            raise UnsafePathError("name reserved for partial files", path)
+        if portable:
+            _check_portable(part, path)
+    if len(parts[0]) >= 2 and parts[0][1] == ":":
+        raise UnsafePathError("drive letter", path)
+    return parts
+
+
+def _check_portable(part, path):
+    """Refuse names Windows cannot store or treats as devices."""
+    if any(ch in _WINDOWS_BAD_CHARS for ch in part):
+        raise UnsafePathError("character not allowed on Windows (<>:\"|?*)", path)
+    if part[-1] in ". ":
+        raise UnsafePathError("name ends with a dot or a space", path)
+    if part.split(".")[0].rstrip(" ").upper() in _WINDOWS_RESERVED:
+        raise UnsafePathError("reserved device name on Windows", path)
+
+
+_O_BINARY = getattr(os, "O_BINARY", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_HAVE_DIR_FD = (bool(_O_NOFOLLOW and _O_DIRECTORY)
+                and {os.open, os.mkdir, os.rename, os.stat, os.unlink} <= os.supports_dir_fd)
+
+
+def _fsync_dir(fd):
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems refuse fsync on directories
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+
+
+def _full_fsync(fd):
+    if sys.platform == "darwin" and hasattr(os, "F_FULLFSYNC"):
+        import fcntl
+        try:
+            fcntl.fcntl(fd, os.F_FULLFSYNC)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
+
+
+class _Dest:
+    """Creates files below one destination directory without ever leaving it.
+
+    With dir_fd support (Linux, macOS) every component is opened relative to
+    its parent with O_NOFOLLOW, so a symlink anywhere below DIR is refused
+    rather than followed.  Elsewhere (Windows) each component is checked
+    with lstat just before use; a concurrent local attacker could still race
+    that check, which the README documents.
+
+    One instance serves one connection; it caches the last parent directory.
+    """
+
+    def __init__(self, root, use_dir_fd=_HAVE_DIR_FD):
+        self.root = os.path.abspath(root)
+        self.use_dir_fd = use_dir_fd
+        self._cached = None  # (parts tuple, fd or path)
+
+    def close(self):
+        if self._cached and self.use_dir_fd:
+            os.close(self._cached[1])
+        self._cached = None
+
+    # -- parent directories
+
+    def parent(self, parts, path, create=True):
+        """Return a handle (fd or path) on the directory holding parts[-1]."""
+        key = tuple(parts[:-1])
+        if self._cached and self._cached[0] == key:
+            return self._cached[1]
+        handle = self._open_dirs(key, path, create)
+        self.close()
+        self._cached = (key, handle)
+        return handle
+
+    def _open_dirs(self, dirs, path, create):
+        if not self.use_dir_fd:
+            current = self.root
+            for name in dirs:
+                current = os.path.join(current, name)
+                self._check_dir_path(current, path, create)
+            return current
+        fd = os.open(self.root, os.O_RDONLY | _O_DIRECTORY)
+        for name in dirs:
+            fd = self._step(fd, name, path, create)   # closes the parent, even on error
+        return fd
+
+    def makedirs(self, parts, path):
+        """Create every directory of parts below the root (MKDIR)."""
+        self.parent(list(parts) + [None], path)
+
+    def _step(self, parent_fd, name, path, create):
+        """Open (creating if asked) name below parent_fd, refusing symlinks."""
+        flags = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW
+        try:
+            try:
+                fd = os.open(name, flags, dir_fd=parent_fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                try:
+                    os.mkdir(name, 0o777, dir_fd=parent_fd)
+                except FileExistsError:
+                    pass  # a concurrent creator won; open what it made
+                fd = os.open(name, flags, dir_fd=parent_fd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                raise UnsafePathError("a component is a symlink or not a directory",
+                                      path, code=ST_CONFLICT if e.errno == errno.ENOTDIR
+                                      else ST_BAD_PATH) from None
+            raise
+        finally:
+            os.close(parent_fd)
+        return fd
+
+    def _check_dir_path(self, current, path, create):
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            if not create:
+                raise
+            try:
+                os.mkdir(current)
+            except FileExistsError:
+                pass
+            st = os.lstat(current)
+        if stat.S_ISLNK(st.st_mode) or _is_reparse(st):
+            raise UnsafePathError("a component is a symlink", path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafePathError("a component is not a directory", path, code=ST_CONFLICT)
+
+    # -- files in a parent
+
+    def lstat(self, handle, name):
+        """lstat of name in the parent, or None if it does not exist."""
+        try:
+            if self.use_dir_fd:
+                return os.stat(name, dir_fd=handle, follow_symlinks=False)
+            return os.lstat(os.path.join(handle, name))
+        except FileNotFoundError:
+            return None
+
+    def create_temp(self, handle, name):
+        """Create a new temporary file next to name; return (fd, temp_name)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY
+        for _ in range(10):
+            temp = "%s%s.%s" % (PARTIAL_PREFIX, secrets.token_hex(4), name[:100])
+            try:
+                if self.use_dir_fd:
+                    return os.open(temp, flags, 0o600, dir_fd=handle), temp
+                return os.open(os.path.join(handle, temp), flags, 0o600), temp
+            except FileExistsError:
+                continue
+        raise OSError(errno.EEXIST, "could not create a temporary file")
+
+    def remove(self, handle, name):
+        try:
+            if self.use_dir_fd:
+                os.unlink(name, dir_fd=handle)
+            else:
+                os.unlink(os.path.join(handle, name))
+        except OSError:
+            pass
+
+    def publish(self, handle, temp, name):
+        """Atomically move temp over name (replacing a regular file) and sync the directory."""
+        if self.use_dir_fd:
+            os.rename(temp, name, src_dir_fd=handle, dst_dir_fd=handle)
+            _fsync_dir(handle)
+            return
+        src, dst = os.path.join(handle, temp), os.path.join(handle, name)
+        for delay in (0.01, 0.05, 0.1, 0.25, 0.5, None):
+            try:
+                os.replace(src, dst)
+                break
+            except PermissionError:
+                # Virus scanners and indexers hold new files open on Windows.
+                if delay is None:
+                    raise
+                time.sleep(delay)
+        if os.name != "nt":
+            fd = os.open(handle, os.O_RDONLY)
+            try:
+                _fsync_dir(fd)
+            finally:
+                os.close(fd)
+
+    def final_path(self, parts):
+        return os.path.join(self.root, *parts)
+
+
+def _is_reparse(st):
+    attrs = getattr(st, "st_file_attributes", 0)
+    return bool(attrs & getattr(stat, "FILE_ATTRIBUTE_REPARSE_POINT", 0))
+
+
+#------------------------------------------------------------
+# callbacks and dispatch
+#------------------------------------------------------------
+
+class _Dispatcher:
+    """Runs callbacks now (dispatch="thread") or queues them for poll().
+
+    Progress callbacks are coalesced in poll mode: only the newest state of
+    each job is delivered, so a host that polls slowly never builds a backlog.
+    """
+
+    def __init__(self, mode, owner):
+        if mode not in ("thread", "poll"):
+            raise ValueError("dispatch must be 'thread' or 'poll', not %r" % (mode,))
+        self.mode = mode
+        self.owner = owner
+        self._lock = threading.Lock()
+        self._events = collections.deque()
+        self._progress = collections.OrderedDict()
+        self.callback_errors = 0
+
+    def emit(self, callback, arg):
+        if callback is None:
+            return
+        if self.mode == "thread":
+            self._run(callback, arg)
+        else:
+            with self._lock:
+                self._events.append((callback, arg))
+
+    def emit_progress(self, callback, job):
+        if callback is None:
+            return
+        if self.mode == "thread":
+            self._run(callback, job)
+        else:
+            with self._lock:
+                self._progress[id(job)] = (callback, job)
+
+    def poll(self, max_events=None):
+        """Run queued callbacks on the calling thread; return how many ran."""
+        ran = 0
+        while max_events is None or ran < max_events:
+            with self._lock:
+                if self._progress:
+                    _, item = self._progress.popitem(last=False)
+                elif self._events:
+                    item = self._events.popleft()
+                else:
+                    break
+            self._run(*item)
+            ran += 1
+        return ran
+
+    def _run(self, callback, arg):
+        try:
+            callback(arg)
+        except Exception:
+            self.callback_errors += 1
+            name = getattr(callback, "__name__", repr(callback))
+            sys.stderr.write("xfer: callback %s raised an exception (ignored):\n%s"
+                             % (name, traceback.format_exc()))
+
+
+#------------------------------------------------------------
+# receiving side
+#------------------------------------------------------------
+
+class FileInfo(tuple):
+    """What on_file receives for each file that arrived and was verified."""
+    __slots__ = ()
+    _fields = ("path", "relpath", "size", "peer", "seconds", "digest")
+
+    def __new__(cls, path, relpath, size, peer, seconds, digest):
+        return tuple.__new__(cls, (path, relpath, size, peer, seconds, digest))
+
+    path = property(lambda self: self[0], doc="final absolute path on this machine")
+    relpath = property(lambda self: self[1], doc="POSIX path relative to DIR")
+    size = property(lambda self: self[2], doc="bytes")
+    peer = property(lambda self: self[3], doc="sender address as 'host:port'")
+    seconds = property(lambda self: self[4], doc="time from header to durable file")
+    digest = property(lambda self: self[5], doc="sha256 hex digest")
+
+    def __repr__(self):
+        return "FileInfo(%s)" % ", ".join("%s=%r" % kv for kv in zip(self._fields, self))
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    # SO_REUSEADDR lets another process steal the port on Windows.
+    allow_reuse_address = sys.platform != "win32"
+    request_queue_size = 64
+
+    def __init__(self, address, receiver):
+        self.receiver = receiver
+        try:
+            infos = socket.getaddrinfo(address[0] or None, address[1], 0, socket.SOCK_STREAM,
+                                       0, socket.AI_PASSIVE)
+        except socket.gaierror as e:
+            raise ConfigError("cannot resolve listen address %r: %s" % (address[0], e))
+        family, _, _, _, sockaddr = infos[0]
+        self.address_family = family
+        self._slots = threading.BoundedSemaphore(receiver.max_connections)
+        self._active = set()
+        self._active_lock = threading.Lock()
+        super().__init__(sockaddr, _Handler)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.receiver._refuse_busy(request, client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        with self._active_lock:
+            self._active.add(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._active_lock:
+                self._active.discard(request)
+            self._slots.release()
+
+    def close_active(self):
+        with self._active_lock:
+            active = list(self._active)
+        for sock in active:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request, client_address):
+        # One line per failed connection; socketserver's default prints a
+        # traceback, which a hostile client could use to flood the log.
+        exc = sys.exc_info()[1]
+        self.receiver._log("%s: internal error: %s: %s"
+                           % (_peer_text(client_address), type(exc).__name__, exc))
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self):
+        _ReceiveSession(self.server.receiver, self.request, self.client_address).run()
+
+
+def _peer_text(address):
+    host, port = address[0], address[1]
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+class Receiver:
+    """Receive files into a directory; serves in background threads.
+
+    Methods for the caller: start(), stop(), poll(), serve_forever().
+    Attributes: address, status, files_received, bytes_received,
+    files_failed, connections.  All methods are thread-safe; stop() must not
+    be called from a callback running in dispatch="thread" mode.
+    """
+
+    def __init__(self, dir=".", host="0.0.0.0", port=DEFAULT_PORT, token=None,
+                 dispatch="thread", on_file=None, on_status=None, log=None,
+                 max_connections=DEFAULT_MAX_CONNECTIONS, max_size=None,
+                 idle_timeout=DEFAULT_IDLE_TIMEOUT,
+                 handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
+                 portable_names=None, fsync=True):
+        self.dir = os.path.abspath(os.path.expanduser(dir))
+        self.host = host
+        self.port = port
+        self.token = token or None
+        self.on_file = on_file
+        self.on_status = on_status
+        self.log = log
+        self.max_connections = int(max_connections)
+        self.max_size = max_size
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        self.portable_names = (os.name == "nt") if portable_names is None else portable_names
+        self.fsync = fsync
+        self._dispatch = _Dispatcher(dispatch, self)
+        self._server = None
+        self._thread = None
+        self._lock = threading.Lock()
+        self.address = None
+        self.status = "stopped"
+        self.files_received = 0
+        self.bytes_received = 0
+        self.files_failed = 0
+        self.connections = 0
+
+    # -- methods for the caller
+
+    def start(self):
+        """Check DIR, bind and listen, and serve in a background thread.
+
+        Returns once the socket is listening, so address is connectable.
+        Raises XferError if DIR is unusable or the port cannot be bound.
+        """
+        self._prepare_dir()
+        try:
+            self._server = _Server((self.host, self.port), self)
+        except OSError as e:
+            self._set_status("error: cannot listen on %s:%s: %s"
+                             % (self.host, self.port, e.strerror or e))
+            raise XferError("cannot listen on %s:%s: %s" % (self.host, self.port,
+                                                             e.strerror or e)) from None
+        self.address = self._server.server_address[:2]
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.1},
+                                        name="xfer-receiver", daemon=True)
+        self._thread.start()
+        self._set_status("listening")
+        return self
+
+    def stop(self):
+        """Stop accepting, end open connections and wait for the serving thread."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.close_active()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+        self._set_status("stopped")
+
+    def poll(self, max_events=None):
+        """Run queued callbacks (dispatch="poll") on this thread; never blocks."""
+        return self._dispatch.poll(max_events)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def callback_errors(self):
+        return self._dispatch.callback_errors
+
+    # -- internals
+
+    def _prepare_dir(self):
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+        except OSError as e:
+            raise XferError("cannot create %s: %s" % (self.dir, e.strerror or e)) from None
+        if not os.path.isdir(self.dir):
+            raise XferError("%s is not a directory" % self.dir)
+        probe = os.path.join(self.dir, "%sprobe-%s" % (PARTIAL_PREFIX, secrets.token_hex(4)))
+        try:
+            with open(probe, "wb"):
+                pass
+            os.unlink(probe)
+        except OSError as e:
+            raise XferError("cannot write into %s: %s" % (self.dir, e.strerror or e)) from None
+
+    def _set_status(self, status):
+        self.status = status
+        self._dispatch.emit(self.on_status, status)
+
+    def _log(self, line):
+        if self.log is not None:
+            try:
+                self.log(line)
+            except Exception:
+                pass
+
+    def _refuse_busy(self, sock, address):
+        self._log("%s: refused: busy (%d connections)" % (_peer_text(address),
+                                                          self.max_connections))
+        try:
+            sock.settimeout(1.0)
+            sock.sendall(_PREFACE.pack(MAGIC, PROTOCOL_VERSION, 0)
+                         + _encode_error(ST_BUSY, "server busy: %d connections already open"
+                                         % self.max_connections))
+        except OSError:
+            pass
+
+    def _count_file(self, info):
+        with self._lock:
+            self.files_received += 1
+            self.bytes_received += info.size
+        self._dispatch.emit(self.on_file, info)
+
+    def _count_failure(self):
+        with self._lock:
+            self.files_failed += 1
+
+
+class _Drop(Exception):
+    """End this connection quietly (already reported)."""
+
+
+class _ReceiveSession:
+    """One connection on the receiver: handshake, then files until BYE."""
+
+    def __init__(self, receiver, sock, address):
+        self.r = receiver
+        self.sock = sock
+        self.peer = _peer_text(address)
+        self.rfile = None
+        self.key = b""
+        self.dest = _Dest(receiver.dir)
+        self.buf = bytearray(CHUNK)
+
+    def run(self):
+        with self.r._lock:
+            self.r.connections += 1
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.rfile = self.sock.makefile("rb", buffering=CHUNK)
+        try:
+            self._handshake()
+            self.sock.settimeout(self.r.idle_timeout)
+            self._loop()
+        except _Drop:
+            pass
+        except socket.timeout:
+            self.r._log("%s: dropped: silent for %ss" % (self.peer, self.r.idle_timeout))
+        except XferError as e:
+            self.r._log("%s: dropped: %s" % (self.peer, e))
+            self._send_quietly(_encode_error(e.code, str(e)))
+        except OSError as e:
+            self.r._log("%s: connection lost: %s" % (self.peer, e.strerror or e))
+        finally:
+            self.dest.close()
+            try:
+                self.rfile.close()
+            except OSError:
+                pass
+            with self.r._lock:
+                self.r.connections -= 1
+
+    def _send(self, data):
+        self.sock.sendall(data)
+
+    def _send_quietly(self, data):
+        try:
+            self.sock.settimeout(1.0)
+            self.sock.sendall(data)
+        except OSError:
+            pass
+
+    # -- handshake (Protocol 4.1)
+
+    def _handshake(self):
+        # The handshake has one absolute deadline that nothing the peer
+        # sends can extend: a timer shuts the socket down when it passes.
+        timer = threading.Timer(self.r.handshake_timeout, self._handshake_expired)
+        timer.daemon = True
+        timer.start()
+        self.sock.settimeout(self.r.handshake_timeout)
+        try:
+            self._handshake_steps()
+        except (OSError, ConnectionClosedError):
+            if not timer.is_alive() and not self._handshake_done:
+                self.r._log("%s: dropped: handshake not finished within %ss"
+                            % (self.peer, self.r.handshake_timeout))
+                raise _Drop() from None
+            raise
+        finally:
+            timer.cancel()
+
+    _handshake_done = False
+
+    def _handshake_expired(self):
+        if not self._handshake_done:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _handshake_steps(self):
+        server_flags = PF_AUTH_REQUIRED if self.r.token else 0
+        server_preface = _PREFACE.pack(MAGIC, PROTOCOL_VERSION, server_flags)
+        head = self.rfile.read(_PREFACE.size)
+        if len(head) < _PREFACE.size or head[:4] != MAGIC:
+            if not head:
+                raise _Drop()
+            self.r._log("%s: dropped: not an xfer client (first bytes %r)"
+                        % (self.peer, head[:8]))
+            raise _Drop()
+        version = _PREFACE.unpack(head)[1]
+        if version != PROTOCOL_VERSION:
+            reason = ("protocol version mismatch: client speaks %d, server %s speaks %d"
+                      % (version, __version__, PROTOCOL_VERSION))
+            self.r._log("%s: refused: %s" % (self.peer, reason))
+            self._send_quietly(server_preface + _encode_error(ST_VERSION, reason))
+            raise _Drop()
+        client_nonce = _expect(self.rfile, _Msg.HELLO)
+        if len(client_nonce) != _NONCE_SIZE:
+            raise ProtocolError("HELLO nonce of %d bytes, expected %d"
+                                % (len(client_nonce), _NONCE_SIZE))
+        server_nonce = secrets.token_bytes(_NONCE_SIZE)
+        self._send(server_preface + _frame(_Msg.HELLO, server_nonce))
+        proof = _expect(self.rfile, _Msg.AUTH)
+        if self.r.token:
+            transcript = _transcript(head, client_nonce, server_preface, server_nonce)
+            want = _auth_mac(self.r.token, b"xfer client", transcript)
+            if not hmac.compare_digest(proof, want):
+                self.r._log("%s: refused: wrong token" % self.peer)
+                self._send_quietly(_encode_error(ST_AUTH_FAILED, "wrong token"))
+                raise _Drop()
+            self.key = _auth_mac(self.r.token, b"xfer session", transcript)
+            self._send(_frame(_Msg.AUTH_OK, _auth_mac(self.r.token, b"xfer server",
+                                                      transcript)))
+        else:
+            self._send(_frame(_Msg.AUTH_OK, b""))
+        self._handshake_done = True
+
+    # -- after the handshake
+
+    def _loop(self):
+        while True:
+            kind, payload = _read_frame(self.rfile)
+            if kind == _Msg.FILE:
+                self._on_file(payload)
+            elif kind == _Msg.MKDIR:
+                self._on_mkdir(payload)
+            elif kind == _Msg.PING:
+                self._on_ping(payload)
+            elif kind == _Msg.BYE:
+                self._send(_frame(_Msg.BYE))
+                return
+            else:
+                raise ProtocolError("unexpected %s" % _msg_name(kind))
+
+    def _on_ping(self, payload):
+        try:
+            usage = shutil.disk_usage(self.r.dir)
+            free, total = usage.free, usage.total
+        except OSError:
+            free = total = 0
+        self._send(_frame(_Msg.PONG, _PONG.pack(free, total) + __version__.encode()))
+
+    def _on_mkdir(self, payload):
+        if len(payload) < _MKDIR.size:
+            raise ProtocolError("MKDIR payload of %d bytes is too short" % len(payload))
+        fid, mode = _MKDIR.unpack_from(payload)
+        raw = payload[_MKDIR.size:]
+        try:
+            parts = _split_path(raw, self.r.portable_names)
+            self.dest.makedirs(parts, raw)
+        except XferError as e:
+            self._refuse(fid, raw, e.code, str(e))
+            return
+        except OSError as e:
+            self._refuse(fid, raw, ST_IO, "%s: %s" % (_display(raw), e.strerror or e))
+            return
+        self._send(_encode_result(fid, ST_OK))
+
+    def _refuse(self, fid, raw, code, reason):
+        self.r._count_failure()
+        self.r._log("%s: refused %s: %s" % (self.peer, _display(raw), reason))
+        self._send(_encode_result(fid, code, reason))
+
+    def _on_file(self, payload):
+        started = time.monotonic()
+        fid, size, mtime_ns, mode, flags, raw = _decode_file(payload)
+        stream = bool(flags & FF_STREAM)
+        try:
+            parts, handle = self._admit(raw, size)
+        except XferError as e:
+            if stream:
+                self._drain(size)
+                self._read_trailer(fid)
+            self._refuse(fid, raw, e.code, str(e))
+            return
+        except OSError as e:
+            if stream:
+                self._drain(size)
+                self._read_trailer(fid)
+            self._refuse(fid, raw, ST_IO, "%s: %s" % (_display(raw), e.strerror or e))
+            return
+        if not stream:
+            self._send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, 0)))
+        name = parts[-1]
+        fd, temp = self.dest.create_temp(handle, name)
+        published = False
+        try:
+            digest, write_error = self._receive_body(fd, size)
+            trailer_flags, their_digest, mac = self._read_trailer(fid)
+            if trailer_flags & TF_ABORT:
+                self._refuse(fid, raw, ST_ABORTED, "%s: the sender gave it up" % _display(raw))
+                return
+            if write_error is not None:
+                self._refuse(fid, raw, write_error[0], write_error[1])
+                return
+            if not hmac.compare_digest(digest.digest(), their_digest):
+                self._refuse(fid, raw, ST_INTEGRITY, "%s: sha256 mismatch, file discarded"
+                             % _display(raw))
+                return
+            fixed = _TRAILER.pack(fid, trailer_flags, their_digest)
+            if not hmac.compare_digest(mac, _trailer_mac(self.key, fixed, payload)):
+                self._refuse(fid, raw, ST_INTEGRITY, "%s: MAC mismatch, file discarded"
+                             % _display(raw))
+                return
+            try:
+                self._finish(fd, handle, temp, name, raw, mtime_ns, mode)
+            except XferError as e:
+                self._refuse(fid, raw, e.code, str(e))
+                return
+            except OSError as e:
+                code = ST_NO_SPACE if e.errno in _NO_SPACE_ERRNOS else ST_IO
+                self._refuse(fid, raw, code, "%s: %s" % (_display(raw), e.strerror or e))
+                return
+            fd = None
+            published = True
+        finally:
+            if fd is not None:
+                os.close(fd)
+            if not published:
+                self.dest.remove(handle, temp)
+        relpath = "/".join(parts)
+        info = FileInfo(self.dest.final_path(parts), relpath, size, self.peer,
+                        time.monotonic() - started, digest.hexdigest())
+        self._send(_encode_result(fid, ST_OK))
+        self.r._count_file(info)
+
+    def _admit(self, raw, size):
+        """Validate a FILE header; return (parts, parent handle) or raise."""
+        parts = _split_path(raw, self.r.portable_names)
+        if self.r.max_size is not None and size > self.r.max_size:
+            raise RemoteError("%s: %d bytes exceeds the receiver's limit of %d"
+                              % (_display(raw), size, self.r.max_size), ST_TOO_LARGE)
+        if size > 1 << 20:
+            free = shutil.disk_usage(self.r.dir).free
+            if size > free:
+                raise RemoteError("%s: not enough space: need %s, have %s"
+                                  % (_display(raw), _human(size), _human(free)), ST_NO_SPACE)
+        handle = self.dest.parent(parts, raw)
+        st = self.dest.lstat(handle, parts[-1])
+        if st is not None:
+            if stat.S_ISDIR(st.st_mode):
+                raise RemoteError("%s: a directory of that name exists" % _display(raw),
+                                  ST_CONFLICT)
+            if stat.S_ISLNK(st.st_mode) or _is_reparse(st):
+                raise UnsafePathError("refusing to replace a symlink", raw)
+            if not stat.S_ISREG(st.st_mode):
+                raise RemoteError("%s: a special file of that name exists" % _display(raw),
+                                  ST_CONFLICT)
+        return parts, handle
+
+    def _receive_body(self, fd, size):
+        """Copy size bytes from the socket into fd, hashing them.
+
+        Returns (sha256 object, None) or, if writing failed, (sha256, (code,
+        reason)) after draining the rest so the stream stays in step.
+        """
+        h = hashlib.sha256()
+        view = memoryview(self.buf)
+        left = size
+        write_error = None
+        readinto = self.rfile.readinto
+        while left:
+            n = readinto(view[:min(left, CHUNK)])
+            if not n:
+                raise ConnectionClosedError("connection closed with %d bytes of a file to go"
+                                            % left)
+            chunk = view[:n]
+            h.update(chunk)
+            if write_error is None:
+                try:
+                    while chunk:
+                        w = os.write(fd, chunk)
+                        chunk = chunk[w:]
+                except OSError as e:
+                    code = ST_NO_SPACE if e.errno in _NO_SPACE_ERRNOS else ST_IO
+                    write_error = (code, "write failed: %s" % (e.strerror or e))
+            left -= n
+        return h, write_error
+
+    def _drain(self, size):
+        view = memoryview(self.buf)
+        while size:
+            n = self.rfile.readinto(view[:min(size, CHUNK)])
+            if not n:
+                raise ConnectionClosedError("connection closed inside a refused file")
+            size -= n
+
+    def _read_trailer(self, fid):
+        payload = _expect(self.rfile, _Msg.TRAILER)
+        if len(payload) not in (_TRAILER.size, _TRAILER.size + _MAC_SIZE):
+            raise ProtocolError("TRAILER payload of %d bytes" % len(payload))
+        tid, flags, digest = _TRAILER.unpack_from(payload)
+        if tid != fid:
+            raise ProtocolError("TRAILER for file %d while receiving file %d" % (tid, fid))
+        return flags, digest, payload[_TRAILER.size:]
+
+    def _finish(self, fd, handle, temp, name, raw, mtime_ns, mode):
+        """Make the verified temp file durable and move it into place."""
+        if self.r.fsync:
+            _full_fsync(fd)
+        perm = stat.S_IMODE(mode) & 0o777
+        if os.name != "nt":
+            os.fchmod(fd, perm)
+        if os.utime in os.supports_fd:
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+            os.close(fd)
+        else:
+            os.close(fd)
+            path = os.path.join(handle, temp)
+            os.utime(path, ns=(mtime_ns, mtime_ns))
+            if os.name == "nt" and not perm & 0o200:
+                os.chmod(path, stat.S_IREAD)
+        # Check again right before the rename: a directory or symlink may
+        # have appeared under the final name while the body was arriving.
+        st = self.dest.lstat(handle, name)
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise RemoteError("%s: a non-regular file of that name appeared" % _display(raw),
+                              ST_CONFLICT)
+        self.dest.publish(handle, temp, name)
+
+
+_NO_SPACE_ERRNOS = frozenset(e for e in (getattr(errno, "ENOSPC", None),
+                                         getattr(errno, "EDQUOT", None),
+                                         getattr(errno, "EFBIG", None)) if e)
+
+
+def _human(n):
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
+        n /= 1000.0
+    return str(n)
+
+
+#------------------------------------------------------------
+# sending side
+#------------------------------------------------------------
+
+class Job:
+    """One file (or one directory tree) queued on a Sender.
+
+    Read-only attributes, safe to read from any thread: state ("queued",
+    "sending", "done", "failed", "skipped", "cancelled"), bytes_done, size,
+    progress (0.0-1.0), error (an XferError or None), path (local),
+    name (relative path on the receiver), kind ("file" or "dir").
+    A "dir" job aggregates the files of its tree: size grows as the tree is
+    walked, and it ends when every file has ended.
+    """
+
+    def __init__(self, sender, path, name, kind="file", parent=None):
+        self._sender = sender
+        self.path = path
+        self.name = name
+        self.kind = kind
+        self.parent = parent
+        self.state = "queued"
+        self.size = 0
+        self.bytes_done = 0
+        self.error = None
+        self.attempts = 0
+        self.started = None
+        self.finished = None
+        self.files = 0          # dir jobs: files ended
+        self.failures = []      # dir jobs: (name, error) of files that failed
+        self._pending = 1 if kind == "dir" else 0   # dir jobs: walk + files not ended
+        self._cancel = threading.Event()
+        self._ended = threading.Event()
+
+    @property
+    def progress(self):
+        if self.state in ("done", "skipped"):
+            return 1.0
+        size = self.size
+        return min(1.0, self.bytes_done / size) if size else 0.0
+
+    @property
+    def done(self):
+        """True once the job has ended, in any state."""
+        return self._ended.is_set()
+
+    def wait(self, timeout=None):
+        """Block until the job ends; return True if it has.  Not for a host's main thread."""
+        return self._ended.wait(timeout)
+
+    def cancel(self):
+        """Stop this job as soon as possible; no final file is left on the receiver."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self):
+        return self._cancel.is_set() or (self.parent is not None and self.parent.cancelled)
+
+    def __repr__(self):
+        return "<Job %s %r %s %d/%d>" % (self.kind, self.name, self.state,
+                                          self.bytes_done, self.size)
+
+
+_STOP = object()
+
+
+class Sender:
+    """Send files to one receiver over a bounded pool of connections.
+
+    Methods for the caller: queue(), close(), poll(), wait(); usable as a
+    context manager.  queue() and poll() never block and may be called from
+    any thread; close(wait=True) blocks until every job has ended.
+
+    Callbacks receive the Job: on_progress(job), on_done(job), on_error(job).
+    With dispatch="thread" they run on a worker thread; with dispatch="poll"
+    they run only inside poll(), on the thread that calls it.
+    """
+
+    def __init__(self, to, token=None, workers=4, dispatch="thread", on_progress=None,
+                 on_done=None, on_error=None, port=None,
+                 connect_timeout=DEFAULT_CONNECT_TIMEOUT, timeout=DEFAULT_IO_TIMEOUT,
+                 retries=1):
+        self.host, self.port = _parse_target(to, port)
+        self.token = token or None
+        self.workers = max(1, int(workers))
+        self.on_progress = on_progress
+        self.on_done = on_done
+        self.on_error = on_error
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.retries = retries
+        self._dispatch = _Dispatcher(dispatch, self)
+        self._work = queue.Queue(maxsize=2 * self.workers)
+        self._requests = collections.deque()
+        self._requests_cv = threading.Condition()
+        self._closing = False
+        self._threads = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._unfinished = 0
+        self._idle = threading.Condition(self._lock)
+        #: first connection-level failure (unreachable, auth, version), or None
+        self.error = None
+        self.files_done = 0
+        self.files_failed = 0
+        self.files_skipped = 0
+        self.bytes_sent = 0
+
+    # -- methods for the caller
+
+    def queue(self, path, target_name=None, subdir=None):
+        """Queue a file or a directory tree; return its Job at once.
+
+        The file lands at [subdir/]target_name on the receiver (default: the
+        base name); a directory lands at [subdir/]NAME/... with its tree.
+        A path that cannot be read gives a Job that fails with the reason.
+        """
+        if self._closing:
+            raise XferError("the sender is closed")
+        path = os.fspath(path)
+        base = target_name or os.path.basename(os.path.normpath(path))
+        name = "/".join(p for p in (_clean_subdir(subdir), base) if p)
+        kind = "dir" if os.path.isdir(path) else "file"
+        job = Job(self, path, name, kind)
+        with self._lock:
+            self._unfinished += 1
+        self._start_threads()
+        with self._requests_cv:
+            self._requests.append(job)
+            self._requests_cv.notify()
+        return job
+
+    def poll(self, max_events=None):
+        """Run queued callbacks (dispatch="poll") on this thread; never blocks."""
+        return self._dispatch.poll(max_events)
+
+    def wait(self, timeout=None):
+        """Block until every queued job has ended; return True if they have."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._unfinished:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def close(self, wait=True):
+        """Finish (wait=True) or cancel (wait=False) the queued jobs and stop the workers."""
+        if not wait:
+            with self._requests_cv:
+                for job in self._requests:
+                    job.cancel()
+        self._closing = True
+        with self._requests_cv:
+            self._requests.append(_STOP)
+            self._requests_cv.notify()
+        if wait:
+            for t in self._threads:
+                t.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        self.close(wait=exc_type is None)
+        if exc_type is not None:
+            self.close(wait=True)
+
+    @property
+    def callback_errors(self):
+        return self._dispatch.callback_errors
+
+    def ping(self):
+        """Connect, authenticate and ask for the server's state.
+
+        Returns a dict with version, free and total bytes of DIR, and rtt
+        (seconds for the PING round trip).  Blocks; raises XferError.
+        """
+        link = _Link(self)
+        try:
+            t0 = time.monotonic()
+            link.sock.sendall(_frame(_Msg.PING))
+            payload = _expect(link.rfile, _Msg.PONG)
+            rtt = time.monotonic() - t0
+            free, total = _PONG.unpack_from(payload)
+            return {"version": payload[_PONG.size:].decode("utf-8", "replace"),
+                    "free": free, "total": total, "rtt": rtt}
+        finally:
+            link.close()
+
+    # -- threads
+
+    def _start_threads(self):
+        with self._lock:
+            if self._threads:
+                return
+            feeder = threading.Thread(target=self._feed, name="xfer-feeder", daemon=True)
+            self._threads.append(feeder)
+            for i in range(self.workers):
+                self._threads.append(threading.Thread(target=self._worker,
+                                                      name="xfer-worker-%d" % i, daemon=True))
+        for t in self._threads:
+            t.start()
+
+    def _feed(self):
+        """Expand queued requests into file jobs, lazily, into the bounded work queue."""
+        while True:
+            with self._requests_cv:
+                while not self._requests:
+                    self._requests_cv.wait()
+                job = self._requests.popleft()
+            if job is _STOP:
+                break
+            if job.kind == "dir":
+                self._walk(job)
+            else:
+                self._work.put(job)
+        for _ in range(self.workers):
+            self._work.put(_STOP)
+
+    def _walk(self, top):
+        """Walk a tree depth-first with os.scandir, queueing one job per entry."""
+        stack = [(top.path, top.name)]
+        while stack and not top.cancelled:
+            path, name = stack.pop()
+            self._add_child(top, Job(self, path, name, "mkdir", parent=top))
+            try:
+                with os.scandir(path) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as e:
+                child = Job(self, path, name, "file", parent=top)
+                self._add_child(top, child, error=XferError("%s: %s" % (path, e.strerror or e)))
+                continue
+            subdirs = []
+            for entry in entries:
+                child_name = name + "/" + entry.name
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        subdirs.append((entry.path, child_name))
+                    elif entry.is_file():
+                        self._add_child(top, Job(self, entry.path, child_name, "file",
+                                                 parent=top))
+                except OSError:
+                    continue
+            stack.extend(reversed(subdirs))
+        self._child_ended(top)   # the walk itself is one of the pending parts
+
+    def _add_child(self, top, child, error=None):
+        with self._lock:
+            top._pending += 1
+        if error is not None:
+            self._end(child, "failed", error)
+        else:
+            self._work.put(child)
+
+    def _worker(self):
+        link = None
+        retry = collections.deque()
+        try:
+            while True:
+                job = retry.popleft() if retry else self._work.get()
+                if job is _STOP:
+                    break
+                if job.cancelled:
+                    self._end(job, "cancelled", XferError("%s: cancelled" % job.name))
+                    continue
+                if self.error is not None:
+                    self._end(job, "failed", self.error)
+                    continue
+                try:
+                    if link is None or link.broken:
+                        link = self._connect(link)
+                    link.send(job)
+                except _LinkBroken as e:
+                    for j in link.take_pending() + ([job] if not job.done else []):
+                        self._retry_or_fail(j, e.error, retry)
+                    link.close()
+                    link = None
+                except XferError as e:
+                    self._fatal(e)
+                    self._end(job, "failed", e)
+            if link is not None:
+                try:
+                    link.finish()
+                except _LinkBroken as e:
+                    for j in link.take_pending():
+                        self._end(j, "failed", e.error)
+        finally:
+            if link is not None:
+                link.close()
+
+    def _connect(self, old):
+        if old is not None:
+            old.close()
+        delays = [0.1, 0.5, 1.0]
+        for attempt in range(len(delays) + 1):
+            try:
+                return _Link(self)
+            except XferError as e:
+                busy = isinstance(e, RemoteError) and e.code == ST_BUSY
+                if not busy or attempt == len(delays):
+                    raise
+                time.sleep(delays[attempt] * (0.5 + secrets.randbelow(1000) / 1000.0))
+        raise AssertionError("unreachable")
+
+    def _fatal(self, error):
+        if not error.transient or isinstance(error, ConnectError):
+            if self.error is None:
+                self.error = error
+
+    def _retry_or_fail(self, job, error, retry):
+        if job.attempts <= self.retries and not job.cancelled:
+            job.state = "queued"
+            job.bytes_done = 0
+            retry.append(job)
+        else:
+            self._end(job, "failed", error)
+
+    # -- job bookkeeping (called from worker and link threads)
+
+    def _progress(self, job, n):
+        job.bytes_done += n
+        parent = job.parent
+        if parent is not None:
+            with self._lock:
+                parent.bytes_done += n
+            self._dispatch.emit_progress(self.on_progress, parent)
+        else:
+            self._dispatch.emit_progress(self.on_progress, job)
+
+    def _sized(self, job, size):
+        job.size = size
+        if job.parent is not None:
+            with self._lock:
+                job.parent.size += size
+
+    def _end(self, job, state, error=None):
+        if job.done:
+            return
+        job.state = state
+        job.error = error
+        job.finished = time.monotonic()
+        if job.kind == "mkdir":
+            if error is not None and job.parent is not None:
+                job.parent.failures.append((job.name, error))
+            job._ended.set()
+            self._child_ended(job.parent)
+            return
+        with self._lock:
+            if state == "done":
+                self.files_done += 1
+                self.bytes_sent += job.size
+            elif state == "skipped":
+                self.files_skipped += 1
+            else:
+                self.files_failed += 1
+        job._ended.set()
+        if job.parent is None:
+            self._dispatch.emit(self.on_done if state in ("done", "skipped")
+                                else self.on_error, job)
+            self._job_finished()
+        else:
+            parent = job.parent
+            with self._lock:
+                parent.files += 1
+                if error is not None:
+                    parent.failures.append((job.name, error))
+            self._dispatch.emit(self.on_done if state in ("done", "skipped")
+                                else self.on_error, job)
+            self._child_ended(parent)
+
+    def _child_ended(self, top):
+        with self._lock:
+            top._pending -= 1
+            finished = top._pending == 0
+        if not finished:
+            return
+        if top.failures:
+            top.state = "cancelled" if top.cancelled else "failed"
+            name, err = top.failures[0]
+            more = len(top.failures) - 1
+            top.error = XferError("%s%s" % (err, " (and %d more)" % more if more else ""))
+        else:
+            top.state = "done"
+        top.finished = time.monotonic()
+        top._ended.set()
+        self._dispatch.emit(self.on_done if top.state == "done" else self.on_error, top)
+        self._job_finished()
+
+    def _job_finished(self):
+        with self._idle:
+            self._unfinished -= 1
+            if not self._unfinished:
+                self._idle.notify_all()
+
+
+class _LinkBroken(Exception):
+    """The connection failed; pending jobs may be retried on a new one."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Link:
+    """One sender connection: writes files, a reader thread collects results."""
+
+    def __init__(self, sender):
+        self.s = sender
+        self.broken = None
+        self.pending = {}            # id -> job
+        self.cv = threading.Condition()
+        self.accepts = {}            # id -> offset
+        self.bye = False
+        self.buf = bytearray(CHUNK)
+        try:
+            sock = socket.create_connection((sender.host, sender.port),
+                                            timeout=sender.connect_timeout)
+        except socket.gaierror as e:
+            raise ConnectError("cannot resolve %s: %s" % (sender.host, e.strerror)) from None
+        except socket.timeout:
+            raise ConnectError("cannot reach %s:%d: no answer within %ss"
+                               % (sender.host, sender.port, sender.connect_timeout)) from None
+        except OSError as e:
+            raise ConnectError("cannot reach %s:%d: %s"
+                               % (sender.host, sender.port, e.strerror or e)) from None
+        self.sock = sock
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(sender.timeout)
+            self.rfile = sock.makefile("rb")
+            self.key = _client_handshake(sock, self.rfile, sender.token)
+        except ConnectionClosedError:
+            sock.close()
+            raise ConnectError("%s:%d closed the connection during the handshake"
+                               % (sender.host, sender.port)) from None
+        except socket.timeout:
+            sock.close()
+            raise ConnectError("%s:%d did not answer the handshake"
+                               % (sender.host, sender.port)) from None
+        except OSError as e:
+            sock.close()
+            raise ConnectError("%s:%d: %s" % (sender.host, sender.port,
+                                               e.strerror or e)) from None
+        except BaseException:
+            sock.close()
+            raise
+        self.reader = None
+
+    def _start_reader(self):
+        if self.reader is None:
+            self.reader = threading.Thread(target=self._read_loop, name="xfer-link-reader",
+                                           daemon=True)
+            self.reader.start()
+
+    def _read_loop(self):
+        try:
+            while True:
+                kind, payload = _read_frame(self.rfile)
+                if kind == _Msg.RESULT:
+                    fid, status, reason = _decode_result(payload)
+                    with self.cv:
+                        job = self.pending.pop(fid, None)
+                        self.cv.notify_all()
+                    if job is None:
+                        raise ProtocolError("RESULT for unknown file %d" % fid)
+                    self._complete(job, status, reason)
+                elif kind == _Msg.ACCEPT:
+                    fid, offset = _ACCEPT.unpack(payload)
+                    with self.cv:
+                        self.accepts[fid] = offset
+                        self.cv.notify_all()
+                elif kind == _Msg.BYE:
+                    with self.cv:
+                        self.bye = True
+                        self.cv.notify_all()
+                    return
+                elif kind == _Msg.ERROR:
+                    raise _decode_error(payload)
+                else:
+                    raise ProtocolError("unexpected %s" % _msg_name(kind))
+        except XferError as e:
+            self._break(e)
+        except socket.timeout:
+            self._break(ConnectionClosedError("the server did not answer within %ss"
+                                              % self.s.timeout))
+        except (OSError, ValueError) as e:
+            self._break(ConnectionClosedError("connection lost: %s"
+                                              % (getattr(e, "strerror", None) or e)))
+
+    def _break(self, error):
+        with self.cv:
+            if self.broken is None:
+                self.broken = error
+            self.cv.notify_all()
+
+    def _complete(self, job, status, reason):
+        if status == ST_OK:
+            job.bytes_done = job.size
+            self.s._end(job, "done")
+        elif status == ST_SKIPPED:
+            self.s._end(job, "skipped")
+        else:
+            error = _error_for(status, reason)
+            self.s._end(job, "cancelled" if job.cancelled else "failed", error)
+
+    def _check(self):
+        if self.broken is not None:
+            raise _LinkBroken(self.broken)
+
+    def _write(self, data):
+        try:
+            self.sock.sendall(data)
+        except socket.timeout:
+            self._break(ConnectionClosedError("the server stopped reading for %ss"
+                                              % self.s.timeout))
+            self._check()
+        except OSError as e:
+            self._break(ConnectionClosedError("connection lost: %s" % (e.strerror or e)))
+            self._check()
+
+    def _register(self, fid, job):
+        """Wait for room in the window, then count the job as in flight."""
+        with self.cv:
+            while len(self.pending) >= WINDOW and self.broken is None:
+                self.cv.wait(0.5)
+            self._check()
+            self.pending[fid] = job
+
+    def send(self, job):
+        """Send one job on this connection; returns once its bytes are written."""
+        self._start_reader()
+        job.attempts += 1
+        job.state = "sending"
+        if job.started is None:
+            job.started = time.monotonic()
+        fid = next(self.s._ids)
+        if job.kind == "mkdir":
+            try:
+                mode = stat.S_IMODE(os.stat(job.path).st_mode)
+            except OSError:
+                mode = 0o755
+            self._register(fid, job)
+            self._write(_frame(_Msg.MKDIR, _MKDIR.pack(fid, mode) + job.name.encode("utf-8")))
+            return
+        try:
+            f = open(job.path, "rb")
+        except OSError as e:
+            self.s._end(job, "failed", XferError("%s: %s" % (job.path, e.strerror or e)))
+            return
+        with f:
+            try:
+                st = os.fstat(f.fileno())
+            except OSError as e:
+                self.s._end(job, "failed", XferError("%s: %s" % (job.path, e.strerror or e)))
+                return
+            if stat.S_ISDIR(st.st_mode):
+                self.s._end(job, "failed", XferError("%s: is a directory (use send-dir)"
+                                                     % job.path))
+                return
+            size = st.st_size
+            if job.size != size:
+                if job.parent is not None and job.size:
+                    with self.s._lock:
+                        job.parent.size -= job.size
+                self.s._sized(job, size)
+            stream = size <= STREAM_MAX
+            header = _encode_file(fid, size, st.st_mtime_ns, stat.S_IMODE(st.st_mode),
+                                  FF_STREAM if stream else 0, job.name)
+            header_payload = header[_FRAME.size:]
+            self._register(fid, job)
+            if stream:
+                data = f.read(size)
+                if len(data) != size:
+                    self._abandon(fid, job, "%s changed while it was read" % job.path)
+                    return
+                h = hashlib.sha256(data)
+                trailer = self._trailer(fid, 0, h.digest(), header_payload)
+                self._write(header + data + trailer)
+                self.s._progress(job, size)
+                return
+            self._write(header)
+            offset = self._wait_accept(fid, job)
+            if offset is None:
+                return  # refused; the RESULT already ended the job
+            self._send_body(f, fid, job, size, offset, st, header_payload)
+
+    def _wait_accept(self, fid, job):
+        with self.cv:
+            while fid not in self.accepts and fid in self.pending and self.broken is None:
+                self.cv.wait(0.5)
+            self._check()
+            return self.accepts.pop(fid, None)
+
+    def _send_body(self, f, fid, job, size, offset, st, header_payload):
+        h = hashlib.sha256()
+        view = memoryview(self.buf)
+        left = size
+        while left:
+            if job.cancelled or job.done:
+                # Mid-body there is no way to stop but closing the connection;
+                # the receiver then discards its temporary file.
+                self._abandon(fid, job, None)
+                return
+            n = f.readinto(view[:min(left, CHUNK)])
+            if not n:
+                self._abandon(fid, job, "%s shrank while it was sent" % job.path)
+                return
+            chunk = view[:n]
+            h.update(chunk)
+            self._write(chunk)
+            left -= n
+            self.s._progress(job, n)
+        flags = 0
+        try:
+            now = os.stat(job.path)
+            if now.st_mtime_ns != st.st_mtime_ns or now.st_size != size:
+                flags = TF_ABORT
+        except OSError:
+            flags = TF_ABORT
+        self._write(self._trailer(fid, flags, h.digest(), header_payload))
+        if flags & TF_ABORT:
+            with self.cv:
+                self.pending.pop(fid, None)
+            self.s._end(job, "failed", XferError("%s changed while it was sent; not "
+                                                 "stored, send it again" % job.path))
+
+    def _trailer(self, fid, flags, digest, header_payload):
+        fixed = _TRAILER.pack(fid, flags, digest)
+        return _frame(_Msg.TRAILER, fixed + _trailer_mac(self.key, fixed, header_payload))
+
+    def _abandon(self, fid, job, reason):
+        """Give up a file mid-body: close the connection so the receiver discards it."""
+        with self.cv:
+            self.pending.pop(fid, None)
+        if job.cancelled:
+            self.s._end(job, "cancelled", XferError("%s: cancelled" % job.name))
+        elif reason is not None:
+            self.s._end(job, "failed", XferError(reason))
+        self._break(ConnectionClosedError("file abandoned mid-transfer"))
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        raise _LinkBroken(self.broken)
+
+    def take_pending(self):
+        with self.cv:
+            jobs = list(self.pending.values())
+            self.pending.clear()
+        return [j for j in jobs if not j.done]
+
+    def finish(self):
+        """Say BYE and wait for every result; raises _LinkBroken on failure."""
+        self._start_reader()
+        self._write(_frame(_Msg.BYE))
+        with self.cv:
+            while not self.bye and self.broken is None:
+                self.cv.wait(0.5)
+        if not self.bye:
+            self._check()
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self.reader is not None and self.reader is not threading.current_thread():
+            self.reader.join(5)
+
+
+def _clean_subdir(subdir):
+    if not subdir:
+        return ""
+    return "/".join(p for p in subdir.replace("\\", "/").split("/") if p and p != ".")
+
+
+def _parse_target(to, port=None):
+    """Split "HOST", "HOST:PORT", "[V6]:PORT" or (host, port) into (host, port)."""
+    if isinstance(to, (tuple, list)):
+        host, p = to[0], to[1]
+        return host, int(p)
+    to = str(to).strip()
+    if not to:
+        raise ConfigError("empty destination")
+    host, p = to, None
+    if to.startswith("["):
+        end = to.find("]")
+        if end < 0:
+            raise ConfigError("bad address %r: missing ']'" % to)
+        host, rest = to[1:end], to[end + 1:]
+        if rest.startswith(":") and rest[1:]:
+            p = rest[1:]
+        elif rest:
+            raise ConfigError("bad address %r" % to)
+    elif to.count(":") == 1:
+        host, p = to.split(":")
+        p = p or None
+    if p is None:
+        p = port if port is not None else DEFAULT_PORT
+    return host, _port_number(p, "port")
+
+
+def _port_number(value, what="port"):
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError("%s must be a number from 0 to 65535, not %r" % (what, value)) from None
+    if not 0 <= n <= 65535:
+        raise ConfigError("%s must be a number from 0 to 65535, not %r" % (what, value))
+    return n
+
+
+#------------------------------------------------------------
+# configuration
+#------------------------------------------------------------
+
+def config_paths(environ=None, cwd=None):
+    """Config files searched, highest precedence first (README "Configuration")."""
+    environ = os.environ if environ is None else environ
+    cwd = os.getcwd() if cwd is None else cwd
+    paths = []
+    if environ.get("XFER_CONFIG"):
+        paths.append(environ["XFER_CONFIG"])
+    paths.append(os.path.join(cwd, "xfer.ini"))
+    paths.append(user_config_path(environ))
+    return paths
+
+
+def user_config_path(environ=None):
+    """The per-user config file of this OS."""
+    environ = os.environ if environ is None else environ
+    if os.name == "nt":
+        base = environ.get("APPDATA") or os.path.join(os.path.expanduser("~"), "AppData",
+                                                      "Roaming")
+    elif sys.platform == "darwin":
+        base = os.path.join(os.path.expanduser("~"), "Library", "Application Support")
+    else:
+        base = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"),
+                                                              ".config")
+    return os.path.join(base, "xfer", "xfer.ini")
+
+
+class Config:
+    """Merged settings from the config files and a legacy serverinfo.py.
+
+    sections maps a section name ("DEFAULT", "serve" or a host alias) to a
+    dict of key -> (value, path, lineno).
+    """
+
+    def __init__(self):
+        self.sections = {"DEFAULT": {}}
+        self.files = []
+        self.serverinfo = None   # (host, port, path) from serverinfo.py
+
+    def get(self, section, key):
+        """Return (value, path, lineno) from section, falling back to DEFAULT."""
+        for name in (section, "DEFAULT"):
+            entry = self.sections.get(name, {}).get(key)
+            if entry is not None:
+                return entry
+        return None
+
+    def value(self, section, key, default=None):
+        entry = self.get(section, key)
+        return default if entry is None else entry[0]
+
+    def aliases(self):
+        return sorted(n for n in self.sections if n not in ("DEFAULT", "serve"))
+
+    def port(self, section):
+        entry = self.get(section, "port")
+        if entry is None:
+            return None
+        try:
+            return _port_number(entry[0])
+        except ConfigError as e:
+            raise ConfigError(str(e), entry[1], entry[2], "port") from None
+
+    def int_value(self, section, key):
+        entry = self.get(section, key)
+        if entry is None:
+            return None
+        try:
+            return int(entry[0])
+        except ValueError:
+            raise ConfigError("must be a whole number, not %r" % entry[0],
+                              entry[1], entry[2], key) from None
+
+    def _merge(self, path, parser, linenos):
+        for section in ["DEFAULT"] + parser.sections():
+            items = parser.defaults() if section == "DEFAULT" else \
+                parser._sections[section]  # own keys only, not the DEFAULTs
+            target = self.sections.setdefault(section, {})
+            for key, value in items.items():
+                target.setdefault(key, (value, path, linenos.get((section, key))))
+
+
+_KNOWN_KEYS = frozenset(["host", "port", "token", "dir", "to", "workers", "max_connections",
+                         "max_size", "portable_names"])
+
+
+def load_config(path=None, environ=None, cwd=None):
+    """Read the config files and serverinfo.py; return a Config.
+
+    path: an explicit file (--config); it must exist.  Otherwise every file
+    of config_paths() that exists is read; earlier files win key by key.
+    Raises ConfigError naming file, line and key.
+    """
+    environ = os.environ if environ is None else environ
+    cwd = os.getcwd() if cwd is None else cwd
+    config = Config()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError("config file not found", path)
+        paths = [path]
+    else:
+        paths = [p for p in config_paths(environ, cwd) if os.path.isfile(p)]
+    for p in paths:
+        _read_ini(config, p)
+    info = os.path.join(cwd, "serverinfo.py")
+    if os.path.isfile(info):
+        config.serverinfo = _read_serverinfo(info)
+    return config
+
+
+def _read_ini(config, path):
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        parser.read_string(text, source=path)
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", path) from None
+    except OSError as e:
+        raise ConfigError(e.strerror or str(e), path) from None
+    except configparser.ParsingError as e:
+        lineno, line = e.errors[0]
+        raise ConfigError("cannot parse %s" % line.strip(), path, lineno) from None
+    except (configparser.DuplicateOptionError, configparser.DuplicateSectionError) as e:
+        key = getattr(e, "option", None)
+        raise ConfigError("duplicate %s" % ("key" if key else "section %r" % e.section),
+                          path, e.lineno, key) from None
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError("missing [section] header before %s" % e.line.strip(),
+                          path, e.lineno) from None
+    except configparser.Error as e:
+        raise ConfigError(str(e).splitlines()[0], path) from None
+    linenos = _ini_linenos(text)
+    for section in ["DEFAULT"] + parser.sections():
+        keys = parser.defaults() if section == "DEFAULT" else parser._sections[section]
+        for key in keys:
+            if key not in _KNOWN_KEYS:
+                raise ConfigError("unknown key (known: %s)" % ", ".join(sorted(_KNOWN_KEYS)),
+                                  path, linenos.get((section, key)), key)
+    config.files.append(path)
+    config._merge(path, parser, linenos)
+
+
+def _ini_linenos(text):
+    """Map (section, key) to the line number where it is set."""
+    linenos = {}
+    section = "DEFAULT"
+    for n, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if not s or s[0] in "#;":
+            continue
+        if s.startswith("[") and s.endswith("]"):
+            section = s[1:-1].strip()
+            continue
+        if line[:1].isspace():
+            continue  # continuation line
+        for sep in ("=", ":"):
+            if sep in s:
+                key = s.split(sep, 1)[0].strip().lower()
+                linenos.setdefault((section, key), n)
+                break
+    return linenos
+
+
+def _read_serverinfo(path):
+    """Read (host, port) from a legacy serverinfo.py without executing it.
+
+    Accepts a tuple assignment such as SERVER = ("192.168.1.20", 5001) or
+    separate host/ip and port assignments.  Returns (host, port, path).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(str(e), path) from None
+    except SyntaxError as e:
+        raise ConfigError("syntax error: %s" % e.msg, path, e.lineno) from None
+    host = port = None
+    for node in tree.body:
+        if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+            continue
+        target = node.targets[0]
+        try:
+            value = ast.literal_eval(node.value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            continue
+        if isinstance(target, ast.Tuple) and isinstance(value, tuple) and len(value) == 2:
+            names = [getattr(t, "id", "").lower() for t in target.elts]
+            if names[0] in ("host", "ip", "addr", "address") and names[1] == "port":
+                host, port = value
+                continue
+        if not isinstance(target, ast.Name):
+            continue
+        name = target.id.lower()
+        if (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)
+                and isinstance(value[1], int)):
+            host, port = value
+        elif name in ("host", "ip", "server_ip", "host_ip", "addr", "address") \
+                and isinstance(value, str):
+            host = value
+        elif name in ("port", "server_port") and isinstance(value, int):
+            port = value
+    if host is None:
+        raise ConfigError("no (host, port) tuple or host/ip assignment found", path)
+    if port is not None:
+        try:
+            port = _port_number(port)
+        except ConfigError as e:
+            raise ConfigError(str(e), path, None, "port") from None
+    return host, port, path
+
+
+def _resolve_target(config, to=None, token=None, environ=None):
+    """Apply flag > environment > config file > serverinfo.py > default.
+
+    Returns (host, port, token).  to may be an alias, HOST or HOST:PORT.
+    """
+    environ = os.environ if environ is None else environ
+    to = to or environ.get("XFER_HOST") or config.value("DEFAULT", "to")
+    section = "DEFAULT"
+    host = port = None
+    if to:
+        if to in config.sections and to not in ("DEFAULT", "serve"):
+            section = to
+            entry = config.get(section, "host")
+            host = entry[0] if entry else to
+        else:
+            alias, _, rest = to.rpartition(":")
+            if alias in config.aliases() and rest.isdigit():
+                section = alias
+                entry = config.get(section, "host")
+                host = entry[0] if entry else alias
+                port = _port_number(rest)
+            else:
+                host, explicit = _split_host_port(to)
+                port = explicit
+    elif config.serverinfo is not None:
+        host = config.serverinfo[0]
+    else:
+        raise ConfigError("no destination: pass --to HOST[:PORT], set XFER_HOST, or set "
+                          "to = ALIAS in the config file")
+    if port is None and environ.get("XFER_PORT"):
+        port = _port_number(environ["XFER_PORT"], "XFER_PORT")
+    if port is None:
+        port = config.port(section)
+    if port is None and config.serverinfo is not None and config.serverinfo[1] is not None \
+            and host == config.serverinfo[0]:
+        port = config.serverinfo[1]
+    if port is None:
+        port = DEFAULT_PORT
+    token = token or environ.get("XFER_TOKEN") or config.value(section, "token")
+    return host, port, token
+
+
+def _split_host_port(text):
+    """(host, port or None) from HOST, HOST:PORT or [V6]:PORT."""
+    if text.startswith("[") or text.count(":") == 1:
+        host, port = _parse_target(text, port=-1) if not text.endswith(":") else \
+            (text[:-1], -1)
+        return host, (None if port == -1 else port)
+    return text, None
+
+
+#------------------------------------------------------------
+# command line
+#------------------------------------------------------------
+
+def _cmd_serve(args):
+    config = load_config(args.config)
+    env = os.environ
+    s = "serve"
+    directory = args.dir or env.get("XFER_DIR") or config.value(s, "dir") or "."
+    host = args.host or config.value(s, "host") or "0.0.0.0"
+    if args.port is not None:
+        port = args.port
+    elif env.get("XFER_PORT"):
+        port = _port_number(env["XFER_PORT"], "XFER_PORT")
+    else:
+        port = config.port(s)
+        if port is None:
+            port = DEFAULT_PORT
+    token = args.token or env.get("XFER_TOKEN") or config.value(s, "token")
+    max_conn = args.max_connections or config.int_value(s, "max_connections") \
+        or DEFAULT_MAX_CONNECTIONS
+    quiet = args.quiet
+
+    def log(line):
+        if not quiet:
+            sys.stderr.write("%s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), line))
+            sys.stderr.flush()
+
+    def on_file(info):
+        rate = info.size / info.seconds if info.seconds > 0 else 0.0
+        log("%s: received %s (%s, %s/s)" % (info.peer, _display(info.relpath),
+                                            _human(info.size), _human(rate)))
+
+    receiver = Receiver(directory, host=host, port=port, token=token, on_file=on_file,
+                        log=log, max_connections=max_conn,
+                        max_size=args.max_size,
+                        portable_names=True if args.portable_names else None)
+    receiver.start()
+    bound_host, bound_port = receiver.address[:2]
+    shown = "[%s]" % bound_host if ":" in bound_host else bound_host
+    sys.stdout.write("listening on %s:%d\n" % (shown, bound_port))
+    sys.stdout.flush()
+    log("receiving into %s (%s)" % (receiver.dir,
+                                    "token required" if token else "no token: anyone on "
+                                    "the network can send"))
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    previous = {}
+    for name in ("SIGTERM", "SIGBREAK"):
+        if hasattr(signal, name):
+            previous[name] = signal.signal(getattr(signal, name), on_signal)
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        receiver.stop()
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+    log("stopped")
+    return EXIT_OK
+
+
+def _cmd_send(args):
+    config = load_config(args.config)
+    host, port, token = _resolve_target(config, args.to, args.token)
+    workers = args.workers or config.int_value("DEFAULT", "workers") or 4
+    verbose, quiet = args.verbose, args.quiet
+    dirs = args.command == "send-dir"
+
+    def on_done(job):
+        if verbose and job.kind == "file":
+            sys.stderr.write("%s %s (%s)\n" % ("skipped" if job.state == "skipped" else "sent",
+                                               _display(job.name), _human(job.size)))
+
+    def on_error(job):
+        if job.kind in ("file", "mkdir") and job.error is not None \
+                and not isinstance(job.error, (ConnectError, AuthError, ProtocolError)) \
+                or (job.kind == "file" and sender.error is None):
+            sys.stderr.write("xfer: error: %s\n" % _display(str(job.error)))
+
+    started = time.monotonic()
+    sender = Sender((host, port), token=token, workers=workers, on_done=on_done,
+                    on_error=on_error)
+    try:
+        for path in args.paths:
+            if dirs and not os.path.isdir(path):
+                sys.stderr.write("xfer: error: %s: not a directory\n" % path)
+                sender.files_failed += 1
+                continue
+            if not dirs and os.path.isdir(path):
+                sys.stderr.write("xfer: error: %s: is a directory (use send-dir)\n" % path)
+                sender.files_failed += 1
+                continue
+            sender.queue(path)
+        sender.close(wait=True)
+    except KeyboardInterrupt:
+        sender.close(wait=False)
+        sys.stderr.write("xfer: interrupted\n")
+        return EXIT_INTERRUPTED
+    if sender.error is not None:
+        raise sender.error
+    seconds = time.monotonic() - started
+    if not quiet:
+        rate = sender.bytes_sent / seconds if seconds > 0 else 0.0
+        line = "sent %d file%s, %s in %.2f s (%s/s)" % (
+            sender.files_done, "" if sender.files_done == 1 else "s",
+            _human(sender.bytes_sent), seconds, _human(rate))
+        if sender.files_skipped:
+            line += ", %d skipped" % sender.files_skipped
+        if sender.files_failed:
+            line += ", %d FAILED" % sender.files_failed
+        print(line)
+    return EXIT_FAILED if sender.files_failed else EXIT_OK
+
+
+def _positive_int(text):
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a whole number: %r" % text) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1: %r" % text)
+    return n
+
+
+def _port_arg(text):
+    try:
+        return _port_number(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _size_arg(text):
+    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    t = text.strip().lower().rstrip("b") if not text.lower().endswith("ib") else \
+        text.strip().lower()
+    num = t.rstrip("kmgtib")
+    unit = t[len(num):]
+    try:
+        return int(float(num) * units[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError("not a size: %r (examples: 500M, 2G, 10GiB)"
+                                         % text) from None
+
+
+def _build_parser():
+    parser = argparse.ArgumentParser(
+        prog="xfer", description="Move files between machines on a local network.")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="read this config file only")
+    common.add_argument("--token", help="shared secret (or XFER_TOKEN)")
+    common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+
+    p = sub.add_parser("serve", parents=[common], help="receive files into a directory")
+    p.add_argument("--dir", help="destination directory (default: current directory)")
+    p.add_argument("--host", help="address to listen on (default 0.0.0.0, all IPv4)")
+    p.add_argument("--port", type=_port_arg, help="port (default %d; 0 picks a free one)"
+                   % DEFAULT_PORT)
+    p.add_argument("--max-connections", type=_positive_int, metavar="N",
+                   help="concurrent connections before 'busy' (default %d)"
+                   % DEFAULT_MAX_CONNECTIONS)
+    p.add_argument("--max-size", type=_size_arg, metavar="SIZE",
+                   help="refuse files larger than SIZE (e.g. 20G)")
+    p.add_argument("--portable-names", action="store_true",
+                   help="refuse names Windows cannot store, on any OS")
+    p.set_defaults(func=_cmd_serve)
+
+    for name, what, nargs, help_ in (
+            ("send", "FILE", "+", "send files into the server's directory"),
+            ("send-dir", "DIR", "+", "send directory trees, keeping their structure")):
+        p = sub.add_parser(name, parents=[common], help=help_)
+        p.add_argument("--to", metavar="HOST[:PORT]",
+                       help="receiver address or config alias (or XFER_HOST)")
+        p.add_argument("--workers", type=_positive_int, metavar="N",
+                       help="parallel connections (default 4)")
+        p.add_argument("-v", "--verbose", action="store_true", help="one line per file")
+        p.add_argument("paths", nargs=nargs, metavar=what)
+        p.set_defaults(func=_cmd_send)
+    return parser
+
+
+def main(argv=None):
+    """Run the command line; return the process exit status.
+
+    argv defaults to sys.argv[1:].  Usage errors exit through argparse (2).
+    """
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except XferError as e:
+        sys.stderr.write("xfer: error: %s\n" % _display(str(e)))
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("\nxfer: interrupted\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
