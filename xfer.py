@@ -39,6 +39,11 @@ import threading
 import time
 import traceback
 
+try:
+    import ssl
+except ImportError:  # Python built without OpenSSL: TLS is unavailable, the rest works
+    ssl = None
+
 __version__ = "0.1.0"
 __all__ = [
     # library API
@@ -196,7 +201,7 @@ ST_OK, ST_SKIPPED = 0, 1
 ST_BAD_PATH, ST_CONFLICT, ST_TOO_LARGE, ST_NO_SPACE = 10, 11, 12, 13
 ST_INTEGRITY, ST_IO, ST_ABORTED = 14, 15, 16
 ST_PROTOCOL, ST_VERSION, ST_AUTH_REQUIRED, ST_AUTH_FAILED = 20, 21, 22, 23
-ST_BUSY, ST_TIMEOUT, ST_SHUTDOWN = 24, 25, 26
+ST_BUSY, ST_TIMEOUT, ST_SHUTDOWN, ST_TLS_REQUIRED = 24, 25, 26, 27
 _TRANSIENT_CODES = frozenset({ST_BUSY, ST_TIMEOUT, ST_SHUTDOWN})
 
 
@@ -212,8 +217,10 @@ def _error_for(code, reason):
         return err
     if code == ST_VERSION:
         return VersionMismatchError(reason)
-    if code == ST_PROTOCOL:
-        return ProtocolError(reason)
+    if code in (ST_PROTOCOL, ST_TLS_REQUIRED):
+        err = ProtocolError(reason)
+        err.code = code
+        return err
     return RemoteError(reason, code)
 
 
@@ -402,6 +409,109 @@ def _client_handshake(sock, rfile, token):
     return b""
 
 
+def cert_fingerprint(der):
+    """SHA-256 fingerprint of a DER certificate, as colon-separated hex pairs."""
+    digest = hashlib.sha256(der).hexdigest()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def _same_fingerprint(a, b):
+    norm = lambda fp: fp.replace(":", "").replace(" ", "").strip().lower()
+    return hmac.compare_digest(norm(a), norm(b))
+
+
+def _server_tls_context(cert, key):
+    """An ssl.SSLContext serving cert/key, TLS 1.2 or newer."""
+    if ssl is None:
+        raise ConfigError("this Python has no ssl module, so TLS is unavailable")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError("cannot load the TLS certificate %s / key %s: %s"
+                          % (cert, key, getattr(e, "strerror", None) or e)) from None
+    return ctx
+
+
+def _certificate_der(cert):
+    """DER bytes of the first certificate in a PEM file."""
+    with open(cert, encoding="ascii", errors="replace") as f:
+        pem = f.read()
+    begin = pem.find("-----BEGIN CERTIFICATE-----")
+    end = pem.find("-----END CERTIFICATE-----", begin)
+    if begin < 0 or end < 0:
+        raise ConfigError("no PEM certificate found", cert)
+    return ssl.PEM_cert_to_DER_cert(pem[begin:end + len("-----END CERTIFICATE-----")])
+
+
+def _client_tls(sock, host, port, fingerprint, known_hosts):
+    """Wrap sock in TLS and check the server certificate against its pin.
+
+    The pin is fingerprint if given, else the line for HOST:PORT in the
+    known_hosts file; with neither, the certificate is trusted on first
+    use and recorded there (like ssh).  Without fingerprint and
+    known_hosts the channel is encrypted but the server is not pinned.
+    Returns (ssl socket, fingerprint seen, newly trusted?).
+    """
+    if ssl is None:
+        raise ConfigError("this Python has no ssl module, so TLS is unavailable")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE    # the pin below replaces CA trust on a LAN
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        tls = ctx.wrap_socket(sock)
+    except ssl.SSLError as e:
+        raise ProtocolError("TLS handshake with %s:%d failed (%s); is the server started "
+                            "with --tls?" % (host, port, e.reason or e)) from None
+    except (ConnectionError, OSError) as e:
+        raise ProtocolError("%s:%d closed the connection during the TLS handshake; is the "
+                            "server started with --tls?" % (host, port)) from None
+    seen = cert_fingerprint(tls.getpeercert(binary_form=True))
+    hostport = _host_port_text(host, port)
+    expected = fingerprint
+    advice = "check it against the fingerprint in the server's startup banner"
+    if expected is None and known_hosts:
+        expected = _known_fingerprint(known_hosts, hostport)
+        advice = "remove the line for %s from %s and send again" % (hostport, known_hosts)
+    if expected is None:
+        if known_hosts:
+            _remember_fingerprint(known_hosts, hostport, seen)
+        return tls, seen, True
+    if not _same_fingerprint(expected, seen):
+        tls.close()
+        raise AuthError(
+            "WARNING: the TLS certificate of %s has changed: expected %s, got %s. Someone "
+            "may be intercepting the connection, or the server got a new certificate; if "
+            "you expected that, %s" % (hostport, expected, seen, advice))
+    return tls, seen, False
+
+
+def _host_port_text(host, port):
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def _known_fingerprint(path, hostport):
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == hostport:
+                    return fields[1]
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise ConfigError(e.strerror or str(e), path) from None
+    return None
+
+
+def _remember_fingerprint(path, hostport, fingerprint):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("%s %s\n" % (hostport, fingerprint))
+
+
 #------------------------------------------------------------
 # path safety and durable writes
 #------------------------------------------------------------
@@ -421,8 +531,8 @@ def _is_control(ch):
     return o < 0x20 or 0x7F <= o < 0xA0
 
 
-def _display(name):
-    """Name made safe for a terminal or a log: controls escaped, length capped."""
+def _display(name, limit=200):
+    """Text made safe for a terminal or a log: controls escaped, length capped."""
     if isinstance(name, bytes):
         name = name.decode("utf-8", "replace")
     out = []
@@ -432,7 +542,9 @@ def _display(name):
         else:
             out.append(ch)
     text = "".join(out)
-    return text if len(text) <= 200 else text[:97] + "..." + text[-100:]
+    if limit is None or len(text) <= limit:
+        return text
+    return text[:limit // 2 - 3] + "..." + text[-(limit // 2):]
 
 
 def _split_path(raw, portable=False):
@@ -767,19 +879,47 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.address_family = family
         self._slots = threading.BoundedSemaphore(receiver.max_connections)
         self._active = set()
+        self._per_address = collections.Counter()
         self._active_lock = threading.Lock()
         super().__init__(sockaddr, _Handler)
 
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as e:
+            # Out of file descriptors: the listening socket stays readable,
+            # so back off instead of spinning on accept().
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.receiver._log("accept failed: %s; backing off" % (e.strerror or e))
+                time.sleep(0.1)
+            raise
+
     def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            self.receiver._refuse_busy(request, client_address)
+        # Admission happens before authentication (RECEIVER-DEFENSES 1): a
+        # global cap and a per-address cap, each answered with a prompt "busy".
+        peer = client_address[0]
+        with self._active_lock:
+            over = self._per_address[peer] >= self.receiver.max_per_address
+            if not over:
+                self._per_address[peer] += 1
+        if over or not self._slots.acquire(blocking=False):
+            if not over:
+                self._release_address(peer)
+            self.receiver._refuse_busy(request, client_address, per_address=over)
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
             self._slots.release()
+            self._release_address(peer)
             raise
+
+    def _release_address(self, peer):
+        with self._active_lock:
+            self._per_address[peer] -= 1
+            if self._per_address[peer] <= 0:
+                del self._per_address[peer]
 
     def process_request_thread(self, request, client_address):
         with self._active_lock:
@@ -789,6 +929,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         finally:
             with self._active_lock:
                 self._active.discard(request)
+            self._release_address(client_address[0])
             self._slots.release()
 
     def close_active(self):
@@ -832,7 +973,8 @@ class Receiver:
                  max_connections=DEFAULT_MAX_CONNECTIONS, max_size=None,
                  idle_timeout=DEFAULT_IDLE_TIMEOUT,
                  handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
-                 portable_names=None, fsync=True):
+                 portable_names=None, fsync=True, tls_cert=None, tls_key=None,
+                 max_per_address=None):
         self.dir = os.path.abspath(os.path.expanduser(dir))
         self.host = host
         self.port = port
@@ -846,6 +988,13 @@ class Receiver:
         self.handshake_timeout = handshake_timeout
         self.portable_names = (os.name == "nt") if portable_names is None else portable_names
         self.fsync = fsync
+        self.max_per_address = (max(1, self.max_connections // 2) if max_per_address is None
+                                else int(max_per_address))
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key or tls_cert
+        #: SHA-256 fingerprint of the TLS certificate, once started with TLS
+        self.fingerprint = None
+        self._tls = None
         self._dispatch = _Dispatcher(dispatch, self)
         self._server = None
         self._thread = None
@@ -866,6 +1015,9 @@ class Receiver:
         Raises XferError if DIR is unusable or the port cannot be bound.
         """
         self._prepare_dir()
+        if self.tls_cert:
+            self._tls = _server_tls_context(self.tls_cert, self.tls_key)
+            self.fingerprint = cert_fingerprint(_certificate_der(self.tls_cert))
         try:
             self._server = _Server((self.host, self.port), self)
         except OSError as e:
@@ -935,14 +1087,17 @@ class Receiver:
             except Exception:
                 pass
 
-    def _refuse_busy(self, sock, address):
-        self._log("%s: refused: busy (%d connections)" % (_peer_text(address),
-                                                          self.max_connections))
+    def _refuse_busy(self, sock, address, per_address=False):
+        if per_address:
+            reason = "server busy: %d connections from %s already open" % (
+                self.max_per_address, address[0])
+        else:
+            reason = "server busy: %d connections already open" % self.max_connections
+        self._log("%s: refused: %s" % (_peer_text(address), reason))
         try:
             sock.settimeout(1.0)
             sock.sendall(_PREFACE.pack(MAGIC, PROTOCOL_VERSION, 0)
-                         + _encode_error(ST_BUSY, "server busy: %d connections already open"
-                                         % self.max_connections))
+                         + _encode_error(ST_BUSY, reason))
         except OSError:
             pass
 
@@ -966,7 +1121,7 @@ class _ReceiveSession:
 
     def __init__(self, receiver, sock, address):
         self.r = receiver
-        self.sock = sock
+        self.sock = self.raw_sock = sock
         self.peer = _peer_text(address)
         self.rfile = None
         self.key = b""
@@ -980,7 +1135,6 @@ class _ReceiveSession:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        self.rfile = self.sock.makefile("rb", buffering=CHUNK)
         try:
             self._handshake()
             self.sock.settimeout(self.r.idle_timeout)
@@ -997,7 +1151,10 @@ class _ReceiveSession:
         finally:
             self.dest.close()
             try:
-                self.rfile.close()
+                if self.rfile is not None:
+                    self.rfile.close()
+                if self.sock is not self.raw_sock:
+                    self.sock.close()
             except OSError:
                 pass
             with self.r._lock:
@@ -1023,6 +1180,8 @@ class _ReceiveSession:
         timer.start()
         self.sock.settimeout(self.r.handshake_timeout)
         try:
+            self._start_tls()
+            self.rfile = self.sock.makefile("rb", buffering=CHUNK)
             self._handshake_steps()
         except (OSError, ConnectionClosedError):
             if not timer.is_alive() and not self._handshake_done:
@@ -1038,9 +1197,32 @@ class _ReceiveSession:
     def _handshake_expired(self):
         if not self._handshake_done:
             try:
-                self.sock.shutdown(socket.SHUT_RDWR)
+                self.raw_sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def _start_tls(self):
+        """Tell TLS from plain xfer by the first byte (Protocol 2), and wrap if TLS."""
+        first = self.sock.recv(1, socket.MSG_PEEK)
+        if not first:
+            raise _Drop()
+        if first == b"\x16":                  # a TLS record: handshake
+            if self.r._tls is None:
+                self.r._log("%s: dropped: the client speaks TLS, this server is plain "
+                            "(start it with --tls)" % self.peer)
+                raise _Drop()
+            try:
+                self.sock = self.r._tls.wrap_socket(self.sock, server_side=True)
+            except (ssl.SSLError, OSError) as e:
+                self.r._log("%s: dropped: TLS handshake failed: %s"
+                            % (self.peer, getattr(e, "reason", None) or e))
+                raise _Drop() from None
+        elif self.r._tls is not None:
+            self.r._log("%s: refused: plain connection to a TLS server" % self.peer)
+            self._send_quietly(_PREFACE.pack(MAGIC, PROTOCOL_VERSION, 0) + _encode_error(
+                ST_TLS_REQUIRED, "this server requires TLS: send with --tls, or pin its "
+                "certificate with --fingerprint %s" % self.r.fingerprint))
+            raise _Drop()
 
     def _handshake_steps(self):
         server_flags = PF_AUTH_REQUIRED if self.r.token else 0
@@ -1378,8 +1560,16 @@ class Sender:
     def __init__(self, to, token=None, workers=4, dispatch="thread", on_progress=None,
                  on_done=None, on_error=None, port=None,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, timeout=DEFAULT_IO_TIMEOUT,
-                 retries=1):
+                 retries=1, tls=False, fingerprint=None, known_hosts=None):
         self.host, self.port = _parse_target(to, port)
+        self.tls = bool(tls or fingerprint)
+        self.fingerprint = fingerprint
+        self.known_hosts = known_hosts
+        self._pin_lock = threading.Lock()
+        #: the server certificate's fingerprint once a TLS connection was made
+        self.server_fingerprint = None
+        #: True when that certificate was trusted on first use and recorded
+        self.fingerprint_new = False
         self.token = token or None
         self.workers = max(1, int(workers))
         self.on_progress = on_progress
@@ -1392,6 +1582,7 @@ class Sender:
         self._work = queue.Queue(maxsize=2 * self.workers)
         self._requests = collections.deque()
         self._requests_cv = threading.Condition()
+        self._top = set()            # top-level jobs not yet ended (for close(wait=False))
         self._closing = False
         self._threads = []
         self._lock = threading.Lock()
@@ -1425,6 +1616,7 @@ class Sender:
             self._unfinished += 1
         self._start_threads()
         with self._requests_cv:
+            self._top.add(job)
             self._requests.append(job)
             self._requests_cv.notify()
         return job
@@ -1445,15 +1637,21 @@ class Sender:
         return True
 
     def close(self, wait=True):
-        """Finish (wait=True) or cancel (wait=False) the queued jobs and stop the workers."""
-        if not wait:
-            with self._requests_cv:
-                for job in self._requests:
-                    job.cancel()
-        self._closing = True
+        """Stop taking jobs and shut the workers down once the queue is done.
+
+        wait=True blocks until every job has ended.  wait=False cancels
+        every unfinished job and returns at once; the workers stop shortly
+        after (a file in flight is abandoned, never left under its final
+        name).  Safe to call more than once, from any thread but a callback.
+        """
         with self._requests_cv:
-            self._requests.append(_STOP)
-            self._requests_cv.notify()
+            if not self._closing:
+                self._closing = True
+                self._requests.append(_STOP)
+                self._requests_cv.notify()
+            if not wait:
+                for job in self._top:
+                    job.cancel()
         if wait:
             for t in self._threads:
                 t.join()
@@ -1463,8 +1661,6 @@ class Sender:
 
     def __exit__(self, exc_type, *exc):
         self.close(wait=exc_type is None)
-        if exc_type is not None:
-            self.close(wait=True)
 
     @property
     def callback_errors(self):
@@ -1658,7 +1854,7 @@ class Sender:
         if job.parent is None:
             self._dispatch.emit(self.on_done if state in ("done", "skipped")
                                 else self.on_error, job)
-            self._job_finished()
+            self._job_finished(job)
         else:
             parent = job.parent
             with self._lock:
@@ -1685,9 +1881,11 @@ class Sender:
         top.finished = time.monotonic()
         top._ended.set()
         self._dispatch.emit(self.on_done if top.state == "done" else self.on_error, top)
-        self._job_finished()
+        self._job_finished(top)
 
-    def _job_finished(self):
+    def _job_finished(self, job):
+        with self._requests_cv:
+            self._top.discard(job)
         with self._idle:
             self._unfinished -= 1
             if not self._unfinished:
@@ -1724,10 +1922,18 @@ class _Link:
         except OSError as e:
             raise ConnectError("cannot reach %s:%d: %s"
                                % (sender.host, sender.port, e.strerror or e)) from None
-        self.sock = sock
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(sender.timeout)
+            if sender.tls:
+                with sender._pin_lock:   # one worker at a time records a new pin
+                    sock, seen, new = _client_tls(sock, sender.host, sender.port,
+                                                  sender.fingerprint, sender.known_hosts)
+                    sender.server_fingerprint = seen
+                    sender.fingerprint_new = sender.fingerprint_new or new
+                    if new and sender.known_hosts:
+                        sender.fingerprint = seen
+            self.sock = sock
             self.rfile = sock.makefile("rb")
             self.key = _client_handshake(sock, self.rfile, sender.token)
         except ConnectionClosedError:
@@ -2097,7 +2303,8 @@ class Config:
 
 
 _KNOWN_KEYS = frozenset(["host", "port", "token", "dir", "to", "workers", "max_connections",
-                         "max_size", "portable_names"])
+                         "max_size", "portable_names", "tls", "tls_cert", "tls_key",
+                         "fingerprint", "no_auth"])
 
 
 def load_config(path=None, environ=None, cwd=None):
@@ -2265,7 +2472,34 @@ def _resolve_target(config, to=None, token=None, environ=None):
     if port is None:
         port = DEFAULT_PORT
     token = token or environ.get("XFER_TOKEN") or config.value(section, "token")
-    return host, port, token
+    if not token and _is_loopback(host):
+        # Sending to this machine: use this machine's own server token.  Only
+        # for loopback, so the token is never offered to another host.
+        token = config.sections.get("serve", {}).get("token", (None,))[0]
+    fingerprint = config.value(section, "fingerprint")
+    tls = _bool_value(config, section, "tls") or bool(fingerprint)
+    return _Target(host, port, token, tls, fingerprint)
+
+
+_Target = collections.namedtuple("_Target", "host port token tls fingerprint")
+
+
+def _is_loopback(host):
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    return host.startswith("127.") or host in ("::1", "0:0:0:0:0:0:0:1")
+
+
+def _bool_value(config, section, key):
+    entry = config.get(section, key)
+    if entry is None:
+        return False
+    value = entry[0].strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off", ""):
+        return False
+    raise ConfigError("must be yes or no, not %r" % entry[0], entry[1], entry[2], key)
 
 
 def _split_host_port(text):
@@ -2281,6 +2515,94 @@ def _split_host_port(text):
 # command line
 #------------------------------------------------------------
 
+def _save_settings(path, section, values=None, remove=False):
+    """Set keys of one section (or remove the section) in an INI file.
+
+    Written to a temporary file with mode 0600 and renamed over the old
+    one, so a token is never readable by others and never half-written.
+    configparser does not keep comments: a rewritten file loses them.
+    """
+    parser = configparser.ConfigParser(interpolation=None)
+    if os.path.exists(path):
+        _read_ini(Config(), path)           # refuses a broken file, naming file:line
+        parser.read(path, encoding="utf-8")
+    if remove:
+        if not parser.remove_section(section):
+            raise ConfigError("no section [%s]" % section, path)
+    else:
+        if section != "DEFAULT" and not parser.has_section(section):
+            parser.add_section(section)
+        for key, value in (values or {}).items():
+            if value is None:
+                parser.remove_option(section, key)
+            else:
+                parser.set(section, key, str(value))
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temp = os.path.join(folder, ".%s.%s.tmp" % (os.path.basename(path), secrets.token_hex(4)))
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            parser.write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+
+
+def _settings_path(args):
+    """The file the CLI writes settings to: --config FILE or the per-user file."""
+    return args.config or user_config_path()
+
+
+def _known_hosts_path(args):
+    return os.path.join(os.path.dirname(os.path.abspath(_settings_path(args))), "known_hosts")
+
+
+def _ensure_certificate(folder):
+    """Return (cert, key) of a self-signed certificate in folder, making one if needed."""
+    cert = os.path.join(folder, "xfer-cert.pem")
+    key = os.path.join(folder, "xfer-key.pem")
+    if os.path.isfile(cert) and os.path.isfile(key):
+        return cert, key
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise ConfigError("serve --tls needs a certificate and there is no openssl command "
+                          "to make one: install openssl, or pass --tls-cert FILE --tls-key "
+                          "FILE (any PEM certificate and key)")
+    os.makedirs(folder, exist_ok=True)
+    import subprocess
+    proc = subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "3650", "-subj", "/CN=xfer", "-keyout", key, "-out", cert],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    if proc.returncode != 0 or not os.path.isfile(cert):
+        raise ConfigError("openssl could not make a certificate: %s"
+                          % (proc.stderr.strip().splitlines() or ["no output"])[-1])
+    if os.name != "nt":
+        os.chmod(key, 0o600)
+    return cert, key
+
+
+def _local_addresses():
+    """This machine's non-loopback IPv4 addresses, best effort, no traffic sent."""
+    found = []
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET,
+                                       socket.SOCK_STREAM):
+            ip = info[4][0]
+            if not ip.startswith("127.") and ip not in found:
+                found.append(ip)
+    except OSError:
+        pass
+    return found
+
+
 def _cmd_serve(args):
     config = load_config(args.config)
     env = os.environ
@@ -2295,9 +2617,23 @@ def _cmd_serve(args):
         port = config.port(s)
         if port is None:
             port = DEFAULT_PORT
+    settings = _settings_path(args)
     token = args.token or env.get("XFER_TOKEN") or config.value(s, "token")
+    no_auth = args.no_auth or _bool_value(config, s, "no_auth")
+    if no_auth:
+        token = None
+    elif not token:
+        token = secrets.token_urlsafe(24)
+        _save_settings(settings, "serve", {"token": token})
+    tls_cert = args.tls_cert or config.value(s, "tls_cert")
+    tls_key = args.tls_key or config.value(s, "tls_key")
+    if not tls_cert and (args.tls or _bool_value(config, s, "tls")):
+        tls_cert, tls_key = _ensure_certificate(os.path.dirname(os.path.abspath(settings)))
     max_conn = args.max_connections or config.int_value(s, "max_connections") \
         or DEFAULT_MAX_CONNECTIONS
+    max_size = args.max_size if args.max_size is not None else config.int_value(s, "max_size")
+    portable = True if (args.portable_names or _bool_value(config, s, "portable_names")) \
+        else None
     quiet = args.quiet
 
     def log(line):
@@ -2311,17 +2647,15 @@ def _cmd_serve(args):
                                             _human(info.size), _human(rate)))
 
     receiver = Receiver(directory, host=host, port=port, token=token, on_file=on_file,
-                        log=log, max_connections=max_conn,
-                        max_size=args.max_size,
-                        portable_names=True if args.portable_names else None)
+                        log=log, max_connections=max_conn, max_size=max_size,
+                        idle_timeout=args.idle_timeout, portable_names=portable,
+                        tls_cert=tls_cert, tls_key=tls_key)
     receiver.start()
     bound_host, bound_port = receiver.address[:2]
-    shown = "[%s]" % bound_host if ":" in bound_host else bound_host
-    sys.stdout.write("listening on %s:%d\n" % (shown, bound_port))
+    sys.stdout.write("listening on %s\n" % _host_port_text(bound_host, bound_port))
     sys.stdout.flush()
-    log("receiving into %s (%s)" % (receiver.dir,
-                                    "token required" if token else "no token: anyone on "
-                                    "the network can send"))
+    if not quiet:
+        _print_banner(receiver, token, settings, bound_host, bound_port)
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -2344,12 +2678,45 @@ def _cmd_serve(args):
     return EXIT_OK
 
 
+def _print_banner(receiver, token, settings, bound_host, bound_port):
+    """The startup banner: where files go and the one line that pairs a sender."""
+    out = ["xfer %s receiving into %s" % (__version__, receiver.dir)]
+    if bound_host in ("0.0.0.0", "::", ""):
+        addresses = _local_addresses() or [socket.gethostname()]
+    else:
+        addresses = [bound_host]
+    if token:
+        out.append("token required (kept in %s)" % settings)
+    else:
+        out.append("WARNING: --no-auth: anyone who can reach port %d can write into %s"
+                   % (bound_port, receiver.dir))
+    if receiver.fingerprint:
+        out.append("TLS certificate fingerprint %s" % receiver.fingerprint)
+    if token or receiver.fingerprint:
+        name = "".join(c for c in socket.gethostname().split(".")[0].lower()
+                       if c.isalnum() or c in "-_") or "server"
+        line = "  python xfer.py config add %s %s" % (
+            name, _host_port_text(addresses[0], bound_port))
+        if token:
+            line += " --token " + token
+        if receiver.fingerprint:
+            line += " --fingerprint " + receiver.fingerprint
+        out.append("to pair a sending machine, run this there:")
+        out.append(line)
+        out.append("then send with:  python xfer.py send --to %s FILE..." % name)
+    if len(addresses) > 1:
+        out.append("addresses: %s" % ", ".join(addresses))
+    sys.stdout.write("".join(line + "\n" for line in out))
+    sys.stdout.flush()
+
+
 def _cmd_send(args):
     config = load_config(args.config)
-    host, port, token = _resolve_target(config, args.to, args.token)
+    target = _resolve_target(config, args.to, args.token)
     workers = args.workers or config.int_value("DEFAULT", "workers") or 4
     verbose, quiet = args.verbose, args.quiet
     dirs = args.command == "send-dir"
+    tls = args.tls or target.tls or bool(args.fingerprint)
 
     def on_done(job):
         if verbose and job.kind == "file":
@@ -2357,23 +2724,25 @@ def _cmd_send(args):
                                                _display(job.name), _human(job.size)))
 
     def on_error(job):
-        if job.kind in ("file", "mkdir") and job.error is not None \
-                and not isinstance(job.error, (ConnectError, AuthError, ProtocolError)) \
-                or (job.kind == "file" and sender.error is None):
+        # A connection-level failure is reported once, by main(); a dir job
+        # repeats its files' errors, which were reported one by one.
+        if job.kind != "dir" and job.error is not sender.error:
             sys.stderr.write("xfer: error: %s\n" % _display(str(job.error)))
 
     started = time.monotonic()
-    sender = Sender((host, port), token=token, workers=workers, on_done=on_done,
-                    on_error=on_error)
+    sender = Sender((target.host, target.port), token=target.token, workers=workers,
+                    on_done=on_done, on_error=on_error, tls=tls,
+                    fingerprint=args.fingerprint or target.fingerprint,
+                    known_hosts=_known_hosts_path(args) if tls else None)
+    failed_inputs = 0
     try:
         for path in args.paths:
-            if dirs and not os.path.isdir(path):
-                sys.stderr.write("xfer: error: %s: not a directory\n" % path)
-                sender.files_failed += 1
-                continue
-            if not dirs and os.path.isdir(path):
-                sys.stderr.write("xfer: error: %s: is a directory (use send-dir)\n" % path)
-                sender.files_failed += 1
+            if dirs != os.path.isdir(path):
+                why = "not a directory" if dirs else "is a directory (use send-dir)"
+                if not os.path.exists(path):
+                    why = "No such file or directory"
+                sys.stderr.write("xfer: error: %s: %s\n" % (_display(path), why))
+                failed_inputs += 1
                 continue
             sender.queue(path)
         sender.close(wait=True)
@@ -2381,9 +2750,15 @@ def _cmd_send(args):
         sender.close(wait=False)
         sys.stderr.write("xfer: interrupted\n")
         return EXIT_INTERRUPTED
+    if sender.fingerprint_new:
+        sys.stderr.write("xfer: trusting the TLS certificate of %s on first use: %s "
+                         "(recorded in %s)\n" % (_host_port_text(target.host, target.port),
+                                                 sender.server_fingerprint,
+                                                 _known_hosts_path(args)))
     if sender.error is not None:
         raise sender.error
     seconds = time.monotonic() - started
+    failed = sender.files_failed + failed_inputs
     if not quiet:
         rate = sender.bytes_sent / seconds if seconds > 0 else 0.0
         line = "sent %d file%s, %s in %.2f s (%s/s)" % (
@@ -2391,10 +2766,46 @@ def _cmd_send(args):
             _human(sender.bytes_sent), seconds, _human(rate))
         if sender.files_skipped:
             line += ", %d skipped" % sender.files_skipped
-        if sender.files_failed:
-            line += ", %d FAILED" % sender.files_failed
+        if failed:
+            line += ", %d FAILED" % failed
         print(line)
-    return EXIT_FAILED if sender.files_failed else EXIT_OK
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _mask(token):
+    return token[:4] + "*" * 8 if token else "(none)"
+
+
+def _cmd_config(args):
+    path = _settings_path(args)
+    if args.action == "add":
+        host, port = _split_host_port(args.address)
+        values = {"host": host, "port": port, "token": args.token,
+                  "fingerprint": args.fingerprint, "tls": "yes" if args.tls else None}
+        if args.name in ("DEFAULT", "serve"):
+            raise ConfigError("%r is reserved; choose another alias" % args.name)
+        _save_settings(path, args.name, values)
+        print("added %s -> %s in %s" % (args.name, _host_port_text(host, port or DEFAULT_PORT),
+                                        path))
+        return EXIT_OK
+    if args.action == "remove":
+        _save_settings(path, args.name, remove=True)
+        print("removed %s from %s" % (args.name, path))
+        return EXIT_OK
+    config = load_config(args.config)
+    print("files read (first wins): %s" % (", ".join(config.files) or "none"))
+    print("written by 'config add' and 'serve': %s" % path)
+    if config.serverinfo is not None:
+        print("serverinfo.py: %s:%s (%s)" % config.serverinfo)
+    for section in ["DEFAULT", "serve"] + config.aliases():
+        items = config.sections.get(section)
+        if not items:
+            continue
+        print("[%s]" % section)
+        for key in sorted(items):
+            value = items[key][0]
+            print("  %s = %s" % (key, _mask(value) if key == "token" else value))
+    return EXIT_OK
 
 
 def _positive_int(text):
@@ -2433,10 +2844,11 @@ def _build_parser():
         prog="xfer", description="Move files between machines on a local network.")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+    sub.required = True   # set after construction: required= with dest needs 3.7+
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help="read this config file only")
+    common.add_argument("--config", metavar="FILE",
+                        help="read (and write) this config file only")
     common.add_argument("--token", help="shared secret (or XFER_TOKEN)")
     common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
 
@@ -2445,26 +2857,53 @@ def _build_parser():
     p.add_argument("--host", help="address to listen on (default 0.0.0.0, all IPv4)")
     p.add_argument("--port", type=_port_arg, help="port (default %d; 0 picks a free one)"
                    % DEFAULT_PORT)
+    p.add_argument("--no-auth", action="store_true",
+                   help="accept files from anyone who can connect (no token)")
+    p.add_argument("--tls", action="store_true",
+                   help="serve TLS with a self-signed certificate (made with openssl)")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate")
+    p.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert")
     p.add_argument("--max-connections", type=_positive_int, metavar="N",
                    help="concurrent connections before 'busy' (default %d)"
                    % DEFAULT_MAX_CONNECTIONS)
     p.add_argument("--max-size", type=_size_arg, metavar="SIZE",
                    help="refuse files larger than SIZE (e.g. 20G)")
+    p.add_argument("--idle-timeout", type=float, metavar="SECONDS",
+                   default=DEFAULT_IDLE_TIMEOUT,
+                   help="drop a connection silent this long (default %g)"
+                   % DEFAULT_IDLE_TIMEOUT)
     p.add_argument("--portable-names", action="store_true",
                    help="refuse names Windows cannot store, on any OS")
     p.set_defaults(func=_cmd_serve)
 
-    for name, what, nargs, help_ in (
-            ("send", "FILE", "+", "send files into the server's directory"),
-            ("send-dir", "DIR", "+", "send directory trees, keeping their structure")):
+    for name, what, help_ in (
+            ("send", "FILE", "send files into the server's directory"),
+            ("send-dir", "DIR", "send directory trees, keeping their structure")):
         p = sub.add_parser(name, parents=[common], help=help_)
         p.add_argument("--to", metavar="HOST[:PORT]",
                        help="receiver address or config alias (or XFER_HOST)")
         p.add_argument("--workers", type=_positive_int, metavar="N",
                        help="parallel connections (default 4)")
+        p.add_argument("--tls", action="store_true", help="connect with TLS")
+        p.add_argument("--fingerprint", metavar="SHA256",
+                       help="the server certificate's fingerprint (implies --tls)")
         p.add_argument("-v", "--verbose", action="store_true", help="one line per file")
-        p.add_argument("paths", nargs=nargs, metavar=what)
+        p.add_argument("paths", nargs="+", metavar=what)
         p.set_defaults(func=_cmd_send)
+
+    p = sub.add_parser("config", help="show the settings, add or remove host aliases")
+    p.add_argument("--config", metavar="FILE", help="use this config file")
+    csub = p.add_subparsers(dest="action", metavar="ACTION")
+    csub.add_parser("show", help="print the effective settings (tokens masked)")
+    c = csub.add_parser("add", help="add or update a host alias")
+    c.add_argument("name", metavar="NAME")
+    c.add_argument("address", metavar="HOST[:PORT]")
+    c.add_argument("--token", help="the server's token")
+    c.add_argument("--fingerprint", metavar="SHA256", help="pin the server's TLS certificate")
+    c.add_argument("--tls", action="store_true", help="connect with TLS (pin on first use)")
+    c = csub.add_parser("remove", help="remove a host alias")
+    c.add_argument("name", metavar="NAME")
+    p.set_defaults(func=_cmd_config, action="show")
     return parser
 
 
@@ -2478,7 +2917,7 @@ def main(argv=None):
     try:
         return args.func(args)
     except XferError as e:
-        sys.stderr.write("xfer: error: %s\n" % _display(str(e)))
+        sys.stderr.write("xfer: error: %s\n" % _display(str(e), limit=2000))
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("\nxfer: interrupted\n")
