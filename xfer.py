@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import traceback
+import unicodedata
 
 try:
     import ssl
@@ -234,6 +235,7 @@ PROTOCOL_VERSION = 1
 _PREFACE = struct.Struct("!4sHH")      # magic, version, flags        (Protocol 2)
 _FRAME = struct.Struct("!BI")          # kind, payload length          (Protocol 3)
 _NONCE_SIZE = 32                       # HELLO payload                 (Protocol 4.1)
+_HANDSHAKE_FRAME_MAX = 64              # receiver's cap on frames before authentication
 _MAC_SIZE = 32                         # HMAC-SHA256
 _FILE = struct.Struct("!IQqIB")        # id, size, mtime_ns, mode, flags; path follows (4.2)
 _ACCEPT = struct.Struct("!IQ")         # id, offset                    (4.3)
@@ -315,8 +317,8 @@ def _read_frame(rfile, limit=MAX_FRAME_PAYLOAD):
     return kind, _recv_exact(rfile, length)
 
 
-def _expect(rfile, kind):
-    got, payload = _read_frame(rfile)
+def _expect(rfile, kind, limit=MAX_FRAME_PAYLOAD):
+    got, payload = _read_frame(rfile, limit)
     if got == _Msg.ERROR and kind != _Msg.ERROR:
         raise _decode_error(payload)
     if got != kind:
@@ -547,14 +549,14 @@ def _display(name, limit=200):
     return text[:limit // 2 - 3] + "..." + text[-(limit // 2):]
 
 
-def _split_path(raw, portable=False):
+def _split_path(raw, portable=False, max_bytes=MAX_PATH_BYTES, max_depth=MAX_PATH_DEPTH):
     """Validate a relative POSIX path from the wire; return its components.
 
     raw is bytes.  Refuses, never rewrites: anything that is not a plain
     relative path of safe names raises UnsafePathError.
     """
-    if len(raw) > MAX_PATH_BYTES:
-        raise UnsafePathError("path of %d bytes exceeds %d" % (len(raw), MAX_PATH_BYTES),
+    if len(raw) > max_bytes:
+        raise UnsafePathError("path of %d bytes exceeds %d" % (len(raw), max_bytes),
                               raw[:100])
     try:
         path = raw.decode("utf-8")
@@ -565,8 +567,8 @@ def _split_path(raw, portable=False):
     if path.startswith("/"):
         raise UnsafePathError("absolute path", path)
     parts = path.split("/")
-    if len(parts) > MAX_PATH_DEPTH:
-        raise UnsafePathError("deeper than %d levels" % MAX_PATH_DEPTH, path)
+    if len(parts) > max_depth:
+        raise UnsafePathError("deeper than %d levels" % max_depth, path)
     for part in parts:
         if part in ("", ".", ".."):
             raise UnsafePathError("empty, '.' or '..' component", path)
@@ -974,7 +976,8 @@ class Receiver:
                  idle_timeout=DEFAULT_IDLE_TIMEOUT,
                  handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
                  portable_names=None, fsync=True, tls_cert=None, tls_key=None,
-                 max_per_address=None):
+                 max_per_address=None, max_path_bytes=MAX_PATH_BYTES,
+                 max_depth=MAX_PATH_DEPTH, max_frame=MAX_FRAME_PAYLOAD):
         self.dir = os.path.abspath(os.path.expanduser(dir))
         self.host = host
         self.port = port
@@ -988,6 +991,11 @@ class Receiver:
         self.handshake_timeout = handshake_timeout
         self.portable_names = (os.name == "nt") if portable_names is None else portable_names
         self.fsync = fsync
+        self.max_path_bytes = int(max_path_bytes)
+        self.max_depth = int(max_depth)
+        self.max_frame = int(max_frame)
+        #: set by start(): True when DIR treats "A" and "a" as one name
+        self.case_insensitive = None
         self.max_per_address = (max(1, self.max_connections // 2) if max_per_address is None
                                 else int(max_per_address))
         self.tls_cert = tls_cert
@@ -1072,9 +1080,16 @@ class Receiver:
         try:
             with open(probe, "wb"):
                 pass
-            os.unlink(probe)
+            try:   # the probe's name is all lower case
+                self.case_insensitive = os.path.exists(
+                    os.path.join(self.dir, os.path.basename(probe).upper()))
+            finally:
+                os.unlink(probe)
         except OSError as e:
             raise XferError("cannot write into %s: %s" % (self.dir, e.strerror or e)) from None
+
+    def _split(self, raw):
+        return _split_path(raw, self.portable_names, self.max_path_bytes, self.max_depth)
 
     def _set_status(self, status):
         self.status = status
@@ -1241,13 +1256,13 @@ class _ReceiveSession:
             self.r._log("%s: refused: %s" % (self.peer, reason))
             self._send_quietly(server_preface + _encode_error(ST_VERSION, reason))
             raise _Drop()
-        client_nonce = _expect(self.rfile, _Msg.HELLO)
+        client_nonce = _expect(self.rfile, _Msg.HELLO, _HANDSHAKE_FRAME_MAX)
         if len(client_nonce) != _NONCE_SIZE:
             raise ProtocolError("HELLO nonce of %d bytes, expected %d"
                                 % (len(client_nonce), _NONCE_SIZE))
         server_nonce = secrets.token_bytes(_NONCE_SIZE)
         self._send(server_preface + _frame(_Msg.HELLO, server_nonce))
-        proof = _expect(self.rfile, _Msg.AUTH)
+        proof = _expect(self.rfile, _Msg.AUTH, _HANDSHAKE_FRAME_MAX)
         if self.r.token:
             transcript = _transcript(head, client_nonce, server_preface, server_nonce)
             want = _auth_mac(self.r.token, b"xfer client", transcript)
@@ -1266,7 +1281,7 @@ class _ReceiveSession:
 
     def _loop(self):
         while True:
-            kind, payload = _read_frame(self.rfile)
+            kind, payload = _read_frame(self.rfile, self.r.max_frame)
             if kind == _Msg.FILE:
                 self._on_file(payload)
             elif kind == _Msg.MKDIR:
@@ -1293,7 +1308,7 @@ class _ReceiveSession:
         fid, mode = _MKDIR.unpack_from(payload)
         raw = payload[_MKDIR.size:]
         try:
-            parts = _split_path(raw, self.r.portable_names)
+            parts = self.r._split(raw)
             self.dest.makedirs(parts, raw)
         except XferError as e:
             self._refuse(fid, raw, e.code, str(e))
@@ -1373,7 +1388,7 @@ class _ReceiveSession:
 
     def _admit(self, raw, size):
         """Validate a FILE header; return (parts, parent handle) or raise."""
-        parts = _split_path(raw, self.r.portable_names)
+        parts = self.r._split(raw)
         if self.r.max_size is not None and size > self.r.max_size:
             raise RemoteError("%s: %d bytes exceeds the receiver's limit of %d"
                               % (_display(raw), size, self.r.max_size), ST_TOO_LARGE)
@@ -1393,7 +1408,24 @@ class _ReceiveSession:
             if not stat.S_ISREG(st.st_mode):
                 raise RemoteError("%s: a special file of that name exists" % _display(raw),
                                   ST_CONFLICT)
+            if self.r.case_insensitive:
+                self._check_same_name(handle, parts[-1], raw)
         return parts, handle
+
+    def _check_same_name(self, handle, name, raw):
+        """On a case-insensitive filesystem, refuse a name that only matches an
+        existing one by case or Unicode normalization (it would overwrite it)."""
+        try:
+            names = os.listdir(handle)
+        except OSError:
+            return
+        if name in names:
+            return
+        folded = unicodedata.normalize("NFC", name).casefold()
+        for other in names:
+            if unicodedata.normalize("NFC", other).casefold() == folded:
+                raise RemoteError("%s: differs only by case or Unicode form from the "
+                                  "existing %s" % (_display(raw), _display(other)), ST_CONFLICT)
 
     def _receive_body(self, fd, size):
         """Copy size bytes from the socket into fd, hashing them.
@@ -2648,7 +2680,10 @@ def _cmd_serve(args):
 
     receiver = Receiver(directory, host=host, port=port, token=token, on_file=on_file,
                         log=log, max_connections=max_conn, max_size=max_size,
-                        idle_timeout=args.idle_timeout, portable_names=portable,
+                        idle_timeout=args.idle_timeout,
+                        handshake_timeout=args.handshake_timeout,
+                        max_path_bytes=args.max_path, max_depth=args.max_depth,
+                        portable_names=portable,
                         tls_cert=tls_cert, tls_key=tls_key)
     receiver.start()
     bound_host, bound_port = receiver.address[:2]
@@ -2872,6 +2907,14 @@ def _build_parser():
                    default=DEFAULT_IDLE_TIMEOUT,
                    help="drop a connection silent this long (default %g)"
                    % DEFAULT_IDLE_TIMEOUT)
+    p.add_argument("--handshake-timeout", type=float, metavar="SECONDS",
+                   default=DEFAULT_HANDSHAKE_TIMEOUT,
+                   help="drop a connection not authenticated this soon (default %g)"
+                   % DEFAULT_HANDSHAKE_TIMEOUT)
+    p.add_argument("--max-path", type=_positive_int, metavar="BYTES", default=MAX_PATH_BYTES,
+                   help="refuse longer relative paths (default %d)" % MAX_PATH_BYTES)
+    p.add_argument("--max-depth", type=_positive_int, metavar="N", default=MAX_PATH_DEPTH,
+                   help="refuse deeper paths (default %d)" % MAX_PATH_DEPTH)
     p.add_argument("--portable-names", action="store_true",
                    help="refuse names Windows cannot store, on any OS")
     p.set_defaults(func=_cmd_serve)
