@@ -1740,7 +1740,12 @@ class Sender:
             if job is _STOP:
                 break
             if job.kind == "dir":
-                self._walk(job)
+                try:
+                    self._walk(job)
+                except Exception as e:   # a bug: end the tree's job rather than hang
+                    traceback.print_exc()
+                    job.failures.append((job.name, XferError("internal error: %r" % e)))
+                    self._child_ended(job)
             else:
                 self._work.put(job)
         for _ in range(self.workers):
@@ -1782,13 +1787,29 @@ class Sender:
             self._work.put(child)
 
     def _worker(self):
+        """Send jobs from the work queue over one connection, reconnecting as needed."""
         link = None
         retry = collections.deque()
+        stopping = False
         try:
             while True:
-                job = retry.popleft() if retry else self._work.get()
-                if job is _STOP:
-                    break
+                if retry:
+                    job = retry.popleft()
+                elif stopping:
+                    if link is None:
+                        break
+                    try:
+                        link.finish()       # every result is in
+                        break
+                    except _LinkBroken as e:
+                        self._requeue(link, None, e.error, retry)
+                        link = None
+                        continue
+                else:
+                    job = self._work.get()
+                    if job is _STOP:
+                        stopping = True
+                        continue
                 if job.cancelled:
                     self._end(job, "cancelled", XferError("%s: cancelled" % job.name))
                     continue
@@ -1796,30 +1817,39 @@ class Sender:
                     self._end(job, "failed", self.error)
                     continue
                 try:
-                    if link is None or link.broken:
-                        link = self._connect(link)
+                    if link is None:
+                        link = self._connect()
                     link.send(job)
                 except _LinkBroken as e:
-                    for j in link.take_pending() + ([job] if not job.done else []):
-                        self._retry_or_fail(j, e.error, retry)
-                    link.close()
+                    self._requeue(link, job, e.error, retry)
                     link = None
                 except XferError as e:
                     self._fatal(e)
                     self._end(job, "failed", e)
-            if link is not None:
-                try:
-                    link.finish()
-                except _LinkBroken as e:
-                    for j in link.take_pending():
-                        self._end(j, "failed", e.error)
+                except Exception as e:   # a bug: fail the job loudly, keep the worker
+                    traceback.print_exc()
+                    self._end(job, "failed", XferError("internal error: %r" % e))
         finally:
             if link is not None:
                 link.close()
+            for job in retry:
+                self._end(job, "failed", self.error or XferError("%s: not sent" % job.name))
 
-    def _connect(self, old):
-        if old is not None:
-            old.close()
+    def _requeue(self, link, job, error, retry):
+        """After a broken connection: retry what was in flight, once, on a new one."""
+        jobs = link.take_pending()
+        if job is not None and not job.done and job not in jobs:
+            jobs.append(job)
+        link.close()
+        for j in jobs:
+            if j.attempts <= self.retries and not j.cancelled:
+                j.state = "queued"
+                self._progress(j, -j.bytes_done)
+                retry.append(j)
+            else:
+                self._end(j, "cancelled" if j.cancelled else "failed", error)
+
+    def _connect(self):
         delays = [0.1, 0.5, 1.0]
         for attempt in range(len(delays) + 1):
             try:
@@ -1835,14 +1865,6 @@ class Sender:
         if not error.transient or isinstance(error, ConnectError):
             if self.error is None:
                 self.error = error
-
-    def _retry_or_fail(self, job, error, retry):
-        if job.attempts <= self.retries and not job.cancelled:
-            job.state = "queued"
-            job.bytes_done = 0
-            retry.append(job)
-        else:
-            self._end(job, "failed", error)
 
     # -- job bookkeeping (called from worker and link threads)
 
@@ -2108,9 +2130,14 @@ class _Link:
             header_payload = header[_FRAME.size:]
             self._register(fid, job)
             if stream:
-                data = f.read(size)
-                if len(data) != size:
-                    self._abandon(fid, job, "%s changed while it was read" % job.path)
+                try:
+                    data = f.read(size)
+                    if len(data) != size:
+                        raise OSError(errno.EIO, "it changed while it was read")
+                except OSError as e:   # nothing is on the wire yet: just end the job
+                    with self.cv:
+                        self.pending.pop(fid, None)
+                    self.s._end(job, "failed", XferError("%s: %s" % (job.path, e.strerror or e)))
                     return
                 h = hashlib.sha256(data)
                 trailer = self._trailer(fid, 0, h.digest(), header_payload)
@@ -2140,10 +2167,12 @@ class _Link:
                 # the receiver then discards its temporary file.
                 self._abandon(fid, job, None)
                 return
-            n = f.readinto(view[:min(left, CHUNK)])
+            try:
+                n = f.readinto(view[:min(left, CHUNK)])
+            except OSError as e:
+                self._abandon(fid, job, "%s: %s" % (job.path, e.strerror or e))
             if not n:
                 self._abandon(fid, job, "%s shrank while it was sent" % job.path)
-                return
             chunk = view[:n]
             h.update(chunk)
             self._write(chunk)
