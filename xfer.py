@@ -2056,7 +2056,6 @@ class _Link:
 
     def _complete(self, job, status, reason):
         if status == ST_OK:
-            job.bytes_done = job.size
             self.s._end(job, "done")
         elif status == ST_SKIPPED:
             self.s._end(job, "skipped")
@@ -2141,8 +2140,10 @@ class _Link:
                     return
                 h = hashlib.sha256(data)
                 trailer = self._trailer(fid, 0, h.digest(), header_payload)
-                self._write(header + data + trailer)
+                # Counted before the write: once written, the RESULT (and the
+                # job's end) may arrive on the reader thread at any moment.
                 self.s._progress(job, size)
+                self._write(header + data + trailer)
                 return
             self._write(header)
             offset = self._wait_accept(fid, job)
