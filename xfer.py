@@ -1329,22 +1329,26 @@ class _ReceiveSession:
         stream = bool(flags & FF_STREAM)
         try:
             parts, handle = self._admit(raw, size)
-        except XferError as e:
+            fd, temp = self.dest.create_temp(handle, parts[-1])
+        except (XferError, OSError) as e:
+            if isinstance(e, XferError):
+                code, reason = e.code, str(e)
+            else:
+                code = ST_NO_SPACE if e.errno in _NO_SPACE_ERRNOS else ST_IO
+                reason = "%s: %s" % (_display(raw), e.strerror or e)
             if stream:
+                if size > 4 * STREAM_MAX:
+                    # Senders stream only small files; draining gigabytes of
+                    # a refused one would let a peer keep us busy for nothing.
+                    self._refuse(fid, raw, code, reason)
+                    raise _Drop()
                 self._drain(size)
                 self._read_trailer(fid)
-            self._refuse(fid, raw, e.code, str(e))
-            return
-        except OSError as e:
-            if stream:
-                self._drain(size)
-                self._read_trailer(fid)
-            self._refuse(fid, raw, ST_IO, "%s: %s" % (_display(raw), e.strerror or e))
+            self._refuse(fid, raw, code, reason)
             return
         if not stream:
             self._send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, 0)))
         name = parts[-1]
-        fd, temp = self.dest.create_temp(handle, name)
         published = False
         try:
             digest, write_error = self._receive_body(fd, size)
