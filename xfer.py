@@ -2570,10 +2570,12 @@ def _bool_value(config, section, key):
 
 def _split_host_port(text):
     """(host, port or None) from HOST, HOST:PORT or [V6]:PORT."""
+    if text.startswith("[") and text.endswith("]"):
+        return text[1:-1], None
+    if text.endswith(":") and text.count(":") == 1:
+        return text[:-1], None
     if text.startswith("[") or text.count(":") == 1:
-        host, port = _parse_target(text, port=-1) if not text.endswith(":") else \
-            (text[:-1], -1)
-        return host, (None if port == -1 else port)
+        return _parse_target(text)
     return text, None
 
 
@@ -2719,24 +2721,25 @@ def _cmd_serve(args):
                         max_path_bytes=args.max_path, max_depth=args.max_depth,
                         portable_names=portable,
                         tls_cert=tls_cert, tls_key=tls_key)
-    receiver.start()
-    bound_host, bound_port = receiver.address[:2]
-    sys.stdout.write("listening on %s\n" % _host_port_text(bound_host, bound_port))
-    sys.stdout.flush()
-    if not quiet:
-        _print_banner(receiver, token, settings, bound_host, bound_port)
-    stop = threading.Event()
 
     def on_signal(signum, frame):
-        stop.set()
+        raise KeyboardInterrupt
 
+    # Installed before the readiness line, so a supervisor may send SIGTERM
+    # as soon as it has read it.
     previous = {}
     for name in ("SIGTERM", "SIGBREAK"):
         if hasattr(signal, name):
             previous[name] = signal.signal(getattr(signal, name), on_signal)
     try:
-        while not stop.wait(0.5):
-            pass
+        receiver.start()
+        bound_host, bound_port = receiver.address[:2]
+        sys.stdout.write("listening on %s\n" % _host_port_text(bound_host, bound_port))
+        sys.stdout.flush()
+        if not quiet:
+            _print_banner(receiver, token, settings, bound_host, bound_port)
+        while True:
+            time.sleep(3600)     # a signal or Ctrl-C interrupts this at once
     except KeyboardInterrupt:
         pass
     finally:
