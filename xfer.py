@@ -1034,12 +1034,18 @@ class Receiver:
             raise XferError("cannot listen on %s:%s: %s" % (self.host, self.port,
                                                              e.strerror or e)) from None
         self.address = self._server.server_address[:2]
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.1},
+        self._thread = threading.Thread(target=self._serve, args=(self._server,),
                                         name="xfer-receiver", daemon=True)
         self._thread.start()
         self._set_status("listening")
         return self
+
+    def _serve(self, server):
+        try:
+            server.serve_forever(poll_interval=0.1)
+        except Exception as e:   # not expected; make it visible in status
+            self._set_status("error: %s: %s" % (type(e).__name__, e))
+            self._log("receiver stopped: %s: %s" % (type(e).__name__, e))
 
     def stop(self):
         """Stop accepting, end open connections and wait for the serving thread."""
