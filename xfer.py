@@ -1166,7 +1166,9 @@ class _ReceiveSession:
             self.r._log("%s: dropped: silent for %ss" % (self.peer, self.r.idle_timeout))
         except XferError as e:
             self.r._log("%s: dropped: %s" % (self.peer, e))
-            self._send_quietly(_encode_error(e.code, str(e)))
+            # A client reads a preface before any frame (Protocol 2).
+            head = b"" if self._preface_sent else _PREFACE.pack(MAGIC, PROTOCOL_VERSION, 0)
+            self._send_quietly(head + _encode_error(e.code, str(e)))
         except OSError as e:
             self.r._log("%s: connection lost: %s" % (self.peer, e.strerror or e))
         finally:
@@ -1214,6 +1216,7 @@ class _ReceiveSession:
             timer.cancel()
 
     _handshake_done = False
+    _preface_sent = False
 
     def _handshake_expired(self):
         if not self._handshake_done:
@@ -1267,6 +1270,7 @@ class _ReceiveSession:
             raise ProtocolError("HELLO nonce of %d bytes, expected %d"
                                 % (len(client_nonce), _NONCE_SIZE))
         server_nonce = secrets.token_bytes(_NONCE_SIZE)
+        self._preface_sent = True
         self._send(server_preface + _frame(_Msg.HELLO, server_nonce))
         proof = _expect(self.rfile, _Msg.AUTH, _HANDSHAKE_FRAME_MAX)
         if self.r.token:
@@ -1355,41 +1359,43 @@ class _ReceiveSession:
         if not stream:
             self._send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, 0)))
         name = parts[-1]
-        published = False
+        failure = None
+        fd_open = True
         try:
             digest, write_error = self._receive_body(fd, size)
             trailer_flags, their_digest, mac = self._read_trailer(fid)
-            if trailer_flags & TF_ABORT:
-                self._refuse(fid, raw, ST_ABORTED, "%s: the sender gave it up" % _display(raw))
-                return
-            if write_error is not None:
-                self._refuse(fid, raw, write_error[0], write_error[1])
-                return
-            if not hmac.compare_digest(digest.digest(), their_digest):
-                self._refuse(fid, raw, ST_INTEGRITY, "%s: sha256 mismatch, file discarded"
-                             % _display(raw))
-                return
             fixed = _TRAILER.pack(fid, trailer_flags, their_digest)
-            if not hmac.compare_digest(mac, _trailer_mac(self.key, fixed, payload)):
-                self._refuse(fid, raw, ST_INTEGRITY, "%s: MAC mismatch, file discarded"
-                             % _display(raw))
-                return
-            try:
-                self._finish(fd, handle, temp, name, raw, mtime_ns, mode)
-            except XferError as e:
-                self._refuse(fid, raw, e.code, str(e))
-                return
-            except OSError as e:
-                code = ST_NO_SPACE if e.errno in _NO_SPACE_ERRNOS else ST_IO
-                self._refuse(fid, raw, code, "%s: %s" % (_display(raw), e.strerror or e))
-                return
-            fd = None
-            published = True
-        finally:
-            if fd is not None:
+            if trailer_flags & TF_ABORT:
+                failure = (ST_ABORTED, "%s: the sender gave it up" % _display(raw))
+            elif write_error is not None:
+                failure = write_error
+            elif not hmac.compare_digest(digest.digest(), their_digest):
+                failure = (ST_INTEGRITY, "%s: sha256 mismatch, file discarded" % _display(raw))
+            elif not hmac.compare_digest(mac, _trailer_mac(self.key, fixed, payload)):
+                failure = (ST_INTEGRITY, "%s: MAC mismatch, file discarded" % _display(raw))
+            else:
+                fd_open = False          # _finish closes it, whatever happens
+                try:
+                    self._finish(fd, handle, temp, name, raw, mtime_ns, mode)
+                except XferError as e:
+                    failure = (e.code, str(e))
+                except OSError as e:
+                    code = ST_NO_SPACE if e.errno in _NO_SPACE_ERRNOS else ST_IO
+                    failure = (code, "%s: %s" % (_display(raw), e.strerror or e))
+        except BaseException:
+            # The connection failed mid-file: nothing may stay behind.
+            if fd_open:
                 os.close(fd)
-            if not published:
-                self.dest.remove(handle, temp)
+            self.dest.remove(handle, temp)
+            raise
+        if fd_open:
+            os.close(fd)
+        if failure is not None:
+            # The temp goes before the answer, so a client that looks right
+            # after a refusal never sees it.
+            self.dest.remove(handle, temp)
+            self._refuse(fid, raw, *failure)
+            return
         relpath = "/".join(parts)
         info = FileInfo(self.dest.final_path(parts), relpath, size, self.peer,
                         time.monotonic() - started, digest.hexdigest())
@@ -1484,17 +1490,18 @@ class _ReceiveSession:
         return flags, digest, payload[_TRAILER.size:]
 
     def _finish(self, fd, handle, temp, name, raw, mtime_ns, mode):
-        """Make the verified temp file durable and move it into place."""
-        if self.r.fsync:
-            _full_fsync(fd)
-        perm = stat.S_IMODE(mode) & 0o777
-        if os.name != "nt":
-            os.fchmod(fd, perm)
-        if os.utime in os.supports_fd:
-            os.utime(fd, ns=(mtime_ns, mtime_ns))
+        """Make the verified temp file durable and move it into place; closes fd."""
+        perm = stat.S_IMODE(mode) & 0o777     # never setuid, setgid or sticky
+        try:
+            if self.r.fsync:
+                _full_fsync(fd)
+            if os.name != "nt":
+                os.fchmod(fd, perm)
+            if os.utime in os.supports_fd:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+        finally:
             os.close(fd)
-        else:
-            os.close(fd)
+        if os.utime not in os.supports_fd:
             path = os.path.join(handle, temp)
             os.utime(path, ns=(mtime_ns, mtime_ns))
             if os.name == "nt" and not perm & 0o200:
@@ -1975,6 +1982,8 @@ class _Link:
         self.accepts = {}            # id -> offset
         self.bye = False
         self.buf = bytearray(CHUNK)
+        self.reader = None
+        self.rfile = None
         try:
             sock = socket.create_connection((sender.host, sender.port),
                                             timeout=sender.connect_timeout)
@@ -2000,22 +2009,21 @@ class _Link:
             self.sock = sock
             self.rfile = sock.makefile("rb")
             self.key = _client_handshake(sock, self.rfile, sender.token)
-        except ConnectionClosedError:
+        except BaseException as e:
+            # The socket's descriptor stays open while its makefile() reader
+            # does, so close both.
+            if self.rfile is not None:
+                self.rfile.close()
             sock.close()
-            raise ConnectError("%s:%d closed the connection during the handshake"
-                               % (sender.host, sender.port)) from None
-        except socket.timeout:
-            sock.close()
-            raise ConnectError("%s:%d did not answer the handshake"
-                               % (sender.host, sender.port)) from None
-        except OSError as e:
-            sock.close()
-            raise ConnectError("%s:%d: %s" % (sender.host, sender.port,
-                                               e.strerror or e)) from None
-        except BaseException:
-            sock.close()
+            where = "%s:%d" % (sender.host, sender.port)
+            if isinstance(e, ConnectionClosedError):
+                raise ConnectError("%s closed the connection during the handshake"
+                                   % where) from None
+            if isinstance(e, socket.timeout):
+                raise ConnectError("%s did not answer the handshake" % where) from None
+            if isinstance(e, OSError) and not isinstance(e, XferError):
+                raise ConnectError("%s: %s" % (where, e.strerror or e)) from None
             raise
-        self.reader = None
 
     def _start_reader(self):
         if self.reader is None:
@@ -2240,6 +2248,7 @@ class _Link:
 
     def close(self):
         try:
+            self.rfile.close()
             self.sock.close()
         except OSError:
             pass
