@@ -3,13 +3,17 @@
 Servers listen on 127.0.0.1 port 0; nothing waits by sleeping: tests wait on
 readiness lines, Events, or results that mean "the file is durably in place".
 """
+
 import contextlib
 import hashlib
 import io
+import itertools
 import os
 import queue
 import random
+import re
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -19,10 +23,6 @@ import tempfile
 import threading
 import time
 import unittest
-import re
-import signal
-import itertools
-import xfer
 from unittest import mock
 
 import xfer
