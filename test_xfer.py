@@ -4,8 +4,10 @@ Servers listen on 127.0.0.1 port 0; nothing waits by sleeping: tests wait on
 readiness lines, Events, or results that mean "the file is durably in place".
 """
 
+import ast
 import contextlib
 import hashlib
+import inspect
 import io
 import itertools
 import os
@@ -1915,6 +1917,446 @@ class ServerRobustnessTests(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def _embed_wait_for(predicate, timeout=TIMEOUT):
+    """Re-check predicate with a short Event backoff until it holds or timeout passes."""
+    backoff = threading.Event()
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        backoff.wait(0.01)
+    return True
+
+
+def _embed_partials(root):
+    """Every temporary (PARTIAL_PREFIX) file left below root."""
+    return [name for _, _, files in os.walk(root) for name in files
+            if name.startswith(xfer.PARTIAL_PREFIX)]
+
+
+def _embed_gate_write(body_chunk=2):
+    """Patch _Link._write so the sender blocks before writing body chunk N.
+
+    Returns (patcher, held, gate): held is set once a worker waits at the
+    gate; the worker goes on when gate is set.  File bodies are written as
+    memoryview slices; headers and trailers are bytes.
+    """
+    original = xfer._Link._write
+    held, gate = threading.Event(), threading.Event()
+    count = [0]
+    lock = threading.Lock()
+
+    def gated(self, data):
+        if isinstance(data, memoryview):
+            with lock:
+                count[0] += 1
+                hold = count[0] == body_chunk
+            if hold:
+                held.set()
+                gate.wait(TIMEOUT)
+        return original(self, data)
+
+    return mock.patch.object(xfer._Link, "_write", gated), held, gate
+
+
+class EmbeddingTests(unittest.TestCase):
+    """The library API as a host with one never-blocking main thread uses it."""
+
+    def _tree(self, root):
+        """~20 files (three of them MiB-sized) in a folder; return {relpath: path}."""
+        rng = random.Random(7)
+        files = {}
+        sizes = [1 << 20, (2 << 20) + 12345, 3 << 20] + [rng.randint(1, 100000)
+                                                            for _ in range(17)]
+        for i, size in enumerate(sizes):
+            rel = "folder/%sf%02d.bin" % ("sub/" if i % 3 == 0 else "", i)
+            files[rel] = write_file(os.path.join(root, *rel.split("/")), os.urandom(size))
+        return files
+
+    def test_host_loop_runs_every_callback_on_the_main_thread(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        files = self._tree(src)
+        main = threading.get_ident()
+        threads = set()
+        progress = {}      # job -> [progress values seen]
+        done, received, statuses = [], [], []
+
+        def on_progress(job):
+            threads.add(threading.get_ident())
+            progress.setdefault(job, []).append(job.progress)
+
+        def on_done(job):
+            threads.add(threading.get_ident())
+            done.append(job)
+
+        def on_error(job):
+            threads.add(threading.get_ident())
+            done.append(job)
+
+        def on_file(info):
+            threads.add(threading.get_ident())
+            received.append(info)
+
+        def on_status(status):
+            threads.add(threading.get_ident())
+            statuses.append(status)
+
+        receiver = start_receiver(self, dst, dispatch="poll", on_file=on_file,
+                                  on_status=on_status)
+        sender = xfer.Sender(receiver.address, dispatch="poll", on_progress=on_progress,
+                             on_done=on_done, on_error=on_error)
+        self.addCleanup(sender.close, False)
+        jobs = {}
+        for rel, path in sorted(files.items()):
+            jobs[rel] = sender.queue(path, subdir=os.path.dirname(rel))
+
+        frame = threading.Event()   # the host's frame clock, ~60 Hz
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            sender.poll()
+            receiver.poll()
+            if (len(done) == len(files) and len(received) == len(files)
+                    and "listening" in statuses):
+                break
+            frame.wait(1 / 60)
+        sender.poll()
+        receiver.poll()
+
+        for rel, job in jobs.items():
+            self.assertEqual(job.state, "done", "%s: %s" % (rel, job.error))
+        self.assertEqual(threads, {main}, "a callback ran off the main thread")
+        self.assertEqual(sorted(done, key=id), sorted(jobs.values(), key=id))
+        self.assertIn("listening", statuses)
+        for rel, job in jobs.items():
+            seen = progress.get(job)
+            self.assertTrue(seen, "no on_progress for %s" % rel)
+            self.assertEqual(seen, sorted(seen), "progress of %s went down: %r" % (rel, seen))
+            self.assertEqual(seen[-1], 1.0, rel)
+        self.assertEqual(sorted(info.relpath for info in received), sorted(files))
+        for info in received:
+            source = files[info.relpath]
+            self.assertEqual(info.size, os.path.getsize(source), info.relpath)
+            self.assertEqual(info.digest, sha256_file(source), info.relpath)
+            self.assertEqual(sha256_file(info.path), info.digest, info.relpath)
+
+    def test_poll_returns_while_a_worker_is_blocked_mid_file(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        path = write_file(os.path.join(src, "big.bin"), os.urandom(4 * xfer.CHUNK + 100))
+        main = threading.get_ident()
+        seen = []
+        statuses = []
+
+        def on_progress(job):
+            seen.append((threading.get_ident(), job.progress))
+
+        receiver = start_receiver(self, dst, dispatch="poll", on_status=statuses.append)
+        patcher, held, gate = _embed_gate_write(body_chunk=2)
+        with patcher:
+            sender = xfer.Sender(receiver.address, dispatch="poll", workers=1,
+                                 on_progress=on_progress)
+            self.addCleanup(sender.close, False)
+            self.addCleanup(gate.set)   # runs first: never leave a worker blocked
+            job = sender.queue(path)
+            self.assertTrue(held.wait(TIMEOUT), "the sender never reached the gate")
+            for _ in range(50):
+                self.assertIsInstance(sender.poll(), int)
+                self.assertIsInstance(receiver.poll(), int)
+            # Every poll() above returned although the worker is still blocked.
+            self.assertFalse(gate.is_set())
+            self.assertEqual(job.state, "sending")
+            self.assertFalse(job.done)
+            self.assertLess(job.bytes_done, job.size)
+            self.assertTrue(seen, "the first chunk's progress was not delivered")
+            self.assertTrue(all(t == main for t, _ in seen))
+            self.assertTrue(0.0 < seen[-1][1] < 1.0, seen)
+            self.assertEqual(statuses, ["listening"])
+            gate.set()
+            self.assertTrue(job.wait(TIMEOUT))
+        sender.poll()
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(seen[-1][1], 1.0)
+        self.assertEqual(sha256_file(os.path.join(dst, "big.bin")), sha256_file(path))
+
+    def test_two_senders_to_two_receivers_at_once(self):
+        srcs = [temp_dir(self), temp_dir(self)]
+        dsts = [temp_dir(self), temp_dir(self)]
+        receivers = [start_receiver(self, d) for d in dsts]
+        names = [["%s-%d.bin" % (tag, i) for i in range(6)] for tag in ("a", "b")]
+        paths = [[write_file(os.path.join(src, n), os.urandom(1000 + 70000 * i))
+                  for i, n in enumerate(ns)] for src, ns in zip(srcs, names)]
+        senders = [xfer.Sender(r.address, workers=2) for r in receivers]
+        for s in senders:
+            self.addCleanup(s.close, False)
+        jobs = [[], []]
+        for i in range(6):              # interleave so both run at once
+            for k in (0, 1):
+                jobs[k].append(senders[k].queue(paths[k][i]))
+        for s in senders:
+            self.assertTrue(s.wait(TIMEOUT))
+        for k in (0, 1):
+            for job in jobs[k]:
+                self.assertEqual(job.state, "done", job.error)
+            self.assertEqual(tree_listing(dsts[k]), sorted(names[k]))
+            for name, path in zip(names[k], paths[k]):
+                self.assertEqual(sha256_file(os.path.join(dsts[k], name)), sha256_file(path))
+
+    def test_cancel_mid_file_leaves_nothing_and_sender_goes_on(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        big = write_file(os.path.join(src, "big.bin"), os.urandom(8 * xfer.CHUNK))
+        small = write_file(os.path.join(src, "after.bin"), os.urandom(5000))
+        receiver = start_receiver(self, dst)
+        patcher, held, gate = _embed_gate_write(body_chunk=2)
+        sender = xfer.Sender(receiver.address, workers=1)
+        self.addCleanup(sender.close, False)
+        self.addCleanup(gate.set)
+        with patcher:
+            job = sender.queue(big)
+            self.assertTrue(held.wait(TIMEOUT), "the sender never reached the gate")
+            self.assertEqual(job.state, "sending")
+            job.cancel()
+            gate.set()
+            self.assertTrue(job.wait(TIMEOUT))
+        self.assertEqual(job.state, "cancelled", job.error)
+        self.assertTrue(_embed_wait_for(lambda: receiver.connections == 0),
+                        "the receiver kept the abandoned connection")
+        self.assertFalse(os.path.exists(os.path.join(dst, "big.bin")))
+        self.assertEqual(_embed_partials(dst), [])
+        job2 = sender.queue(small)
+        self.assertTrue(job2.wait(TIMEOUT))
+        self.assertEqual(job2.state, "done", job2.error)
+        self.assertEqual(sha256_file(os.path.join(dst, "after.bin")), sha256_file(small))
+        self.assertEqual(tree_listing(dst), ["after.bin"])
+
+    def test_raising_callbacks_are_counted_and_work_goes_on(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        paths = [write_file(os.path.join(src, "f%d.bin" % i), os.urandom(3000 + i * 90000))
+                 for i in range(6)]
+        calls = {"done": 0, "file": 0}
+        lock = threading.Lock()
+
+        def on_done(job):
+            with lock:
+                calls["done"] += 1
+            raise RuntimeError("on_done fails on purpose")
+
+        def on_file(info):
+            with lock:
+                calls["file"] += 1
+            raise RuntimeError("on_file fails on purpose")
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            receiver = start_receiver(self, dst, on_file=on_file)
+            sender = xfer.Sender(receiver.address, workers=2, on_done=on_done)
+            self.addCleanup(sender.close, False)
+            first = [sender.queue(p) for p in paths[:3]]
+            self.assertTrue(sender.wait(TIMEOUT))
+            later = [sender.queue(p) for p in paths[3:]]
+            self.assertTrue(sender.wait(TIMEOUT))
+            # Each error is counted, then reported on stderr: wait for all twelve reports.
+            self.assertTrue(_embed_wait_for(
+                lambda: err.getvalue().count("RuntimeError: on_") >= 12))
+        for job in first + later:
+            self.assertEqual(job.state, "done", job.error)
+        for path in paths:
+            self.assertEqual(sha256_file(os.path.join(dst, os.path.basename(path))),
+                             sha256_file(path))
+        self.assertEqual(calls["done"], 6)
+        self.assertEqual(sender.callback_errors, 6)
+        self.assertEqual(calls["file"], 6)
+        self.assertEqual(receiver.files_received, 6)
+        self.assertEqual(receiver.callback_errors, 6)
+        self.assertEqual(err.getvalue().count("RuntimeError: on_done fails"), 6)
+        self.assertEqual(err.getvalue().count("RuntimeError: on_file fails"), 6)
+
+    def test_on_file_only_for_complete_verified_files(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        token = "embed-secret"
+        good = [write_file(os.path.join(src, "good%d.bin" % i), os.urandom(n))
+                for i, n in enumerate((10, 5000, xfer.STREAM_MAX + 5000))]
+        badsha = write_file(os.path.join(src, "badsha.bin"), os.urandom(xfer.STREAM_MAX + 10))
+        badmac = write_file(os.path.join(src, "badmac.bin"), os.urandom(7000))
+        last = write_file(os.path.join(src, "last.bin"), os.urandom(3000))
+        checks = []     # (relpath, exists, digest matches) seen inside on_file
+        last_seen = threading.Event()
+
+        def on_file(info):
+            exists = os.path.exists(info.path)
+            ok = exists and sha256_file(info.path) == info.digest
+            checks.append((info.relpath, exists, ok))
+            if info.relpath == "last.bin":
+                last_seen.set()
+
+        receiver = start_receiver(self, dst, token=token, on_file=on_file)
+
+        # sha256 mismatch: the sender announces a wrong digest for badsha.bin.
+        real_trailer = xfer._Link._trailer
+
+        def bad_digest_trailer(self_, fid, flags, digest, header_payload):
+            if b"badsha.bin" in header_payload:
+                digest = bytes(b ^ 0xFF for b in digest)
+            return real_trailer(self_, fid, flags, digest, header_payload)
+
+        # MAC mismatch: the first MAC computed for badmac.bin (the sender's) is wrong;
+        # the receiver's own computation later gets the real one.
+        real_mac = xfer._trailer_mac
+        corrupted = []
+
+        def bad_mac(key, trailer_fixed, header_payload):
+            mac = real_mac(key, trailer_fixed, header_payload)
+            if b"badmac.bin" in header_payload and not corrupted:
+                corrupted.append(True)
+                return bytes(b ^ 0xFF for b in mac)
+            return mac
+
+        with mock.patch.object(xfer._Link, "_trailer", bad_digest_trailer), \
+                mock.patch.object(xfer, "_trailer_mac", bad_mac):
+            with xfer.Sender(receiver.address, token=token, workers=1) as sender:
+                jobs = [sender.queue(p) for p in good + [badsha, badmac, last]]
+                self.assertTrue(sender.wait(TIMEOUT))
+            # One connection, in order: once last.bin is reported, any on_file
+            # for the refused files would already have run.
+            self.assertTrue(last_seen.wait(TIMEOUT))
+        states = {os.path.basename(j.path): j.state for j in jobs}
+        self.assertEqual(states, {"good0.bin": "done", "good1.bin": "done",
+                                  "good2.bin": "done", "badsha.bin": "failed",
+                                  "badmac.bin": "failed", "last.bin": "done"})
+        for job in jobs[3:5]:
+            self.assertIsInstance(job.error, xfer.IntegrityError)
+        self.assertEqual(corrupted, [True])
+        self.assertEqual(sorted(c[0] for c in checks),
+                         ["good0.bin", "good1.bin", "good2.bin", "last.bin"])
+        for relpath, exists, ok in checks:
+            self.assertTrue(exists, "%s did not exist when on_file ran" % relpath)
+            self.assertTrue(ok, "%s did not match its digest when on_file ran" % relpath)
+        self.assertFalse(os.path.exists(os.path.join(dst, "badsha.bin")))
+        self.assertFalse(os.path.exists(os.path.join(dst, "badmac.bin")))
+        self.assertEqual(receiver.files_failed, 2)
+
+    def test_dir_job_aggregates_and_missing_path_fails(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        top = os.path.join(src, "tree")
+        total = 0
+        for i, rel in enumerate(["a.bin", "b/c.bin", "b/d/e.bin", "b/d/f.bin", "g/h.bin"]):
+            size = 1000 * (i + 1) + (xfer.STREAM_MAX if i == 2 else 0)
+            write_file(os.path.join(top, *rel.split("/")), os.urandom(size))
+            total += size
+        os.makedirs(os.path.join(top, "empty"))
+        missing = os.path.join(src, "no-such-file.bin")
+        errors = []
+
+        def on_error(job):
+            errors.append((job, job.error))
+
+        with xfer.Sender(start_receiver(self, dst).address, on_error=on_error) as sender:
+            tree_job = sender.queue(top)
+            missing_job = sender.queue(missing)
+            self.assertTrue(sender.wait(TIMEOUT))
+        self.assertEqual(tree_job.kind, "dir")
+        self.assertEqual(tree_job.state, "done", tree_job.error)
+        self.assertEqual(tree_job.size, total)
+        self.assertEqual(tree_job.bytes_done, total)
+        self.assertEqual(tree_job.progress, 1.0)
+        self.assertEqual(tree_listing(os.path.join(dst, "tree")), tree_listing(top))
+        self.assertEqual(missing_job.state, "failed")
+        self.assertIsInstance(missing_job.error, xfer.XferError)
+        self.assertEqual(len(errors), 1)
+        self.assertIs(errors[0][0], missing_job)
+        self.assertIsNotNone(errors[0][1])
+        self.assertFalse(os.path.exists(os.path.join(dst, "no-such-file.bin")))
+
+    def test_sender_context_manager_and_receiver_status(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        paths = [write_file(os.path.join(src, "s%d.bin" % i), os.urandom(20000 * (i + 1)))
+                 for i in range(3)]
+        statuses = []
+        receiver = xfer.Receiver(dst, host=HOST, port=0, on_status=statuses.append)
+        self.addCleanup(receiver.stop)
+        self.assertEqual(receiver.status, "stopped")
+        receiver.start()
+        self.assertEqual(receiver.status, "listening")
+        self.assertEqual(statuses, ["listening"])
+        with xfer.Sender(receiver.address) as sender:
+            jobs = [sender.queue(p) for p in paths]
+        # close(wait=True) on leaving the block: every job has ended, no wait() needed
+        for job in jobs:
+            self.assertTrue(job.done)
+            self.assertEqual(job.state, "done", job.error)
+        with self.assertRaises(xfer.XferError):
+            sender.queue(paths[0])
+        receiver.stop()
+        self.assertEqual(receiver.status, "stopped")
+        self.assertEqual(statuses[0], "listening")
+        self.assertEqual(statuses[-1], "stopped")
+        for path in paths:
+            self.assertEqual(sha256_file(os.path.join(dst, os.path.basename(path))),
+                             sha256_file(path))
+
+    def test_unpolled_receiver_still_receives(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        paths = [write_file(os.path.join(src, "u%d.bin" % i), os.urandom(1000 + 90000 * i))
+                 for i in range(5)]
+        received = []
+        receiver = start_receiver(self, dst, dispatch="poll", on_file=received.append)
+        jobs = send_files(receiver.address, paths)
+        for job in jobs:
+            self.assertEqual(job.state, "done", job.error)
+        for path in paths:
+            self.assertEqual(sha256_file(os.path.join(dst, os.path.basename(path))),
+                             sha256_file(path))
+        # Every session has ended, so every on_file is queued; none has run.
+        self.assertTrue(_embed_wait_for(lambda: receiver.connections == 0))
+        self.assertEqual(received, [])
+        self.assertEqual(receiver.files_received, 5)
+        ran = receiver.poll()
+        self.assertEqual(ran, 5)       # the five on_file calls (no on_status given)
+        self.assertEqual(sorted(i.relpath for i in received),
+                         sorted(os.path.basename(p) for p in paths))
+
+
+class MiscTests(unittest.TestCase):
+    def test_all_lists_every_public_name(self):
+        public = set()
+        for name, obj in vars(xfer).items():
+            if name.startswith("_"):
+                continue
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) \
+                    and getattr(obj, "__module__", None) == "xfer":
+                public.add(name)
+        missing = sorted(public - set(xfer.__all__))
+        self.assertEqual(missing, [], "public names missing from xfer.__all__")
+        for name in xfer.__all__:
+            self.assertTrue(hasattr(xfer, name), "__all__ names %r, which is not defined" % name)
+        self.assertEqual(len(xfer.__all__), len(set(xfer.__all__)), "duplicates in __all__")
+
+    def test_import_has_no_side_effects(self):
+        cwd = temp_dir(self)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.path.dirname(os.path.abspath(xfer.__file__))
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        proc = subprocess.run([sys.executable, "-c", "import xfer"], cwd=cwd, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(proc.stdout, "")
+        self.assertEqual(proc.stderr, "")
+        self.assertEqual(os.listdir(cwd), [])
+
+    @unittest.skipIf(sys.version_info < (3, 10), "needs sys.stdlib_module_names (3.10+)")
+    def test_standard_library_only(self):
+        with open(xfer.__file__, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=xfer.__file__)
+        modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                self.assertEqual(node.level, 0, "relative import in xfer.py")
+                modules.add(node.module.split(".")[0])
+        self.assertIn("socket", modules)   # the walk found the imports at all
+        self.assertEqual(sorted(modules - set(sys.stdlib_module_names)), [])
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     # library API
     "Sender", "Receiver", "Job", "FileInfo", "load_config", "Config", "main",
+    "config_paths", "user_config_path", "cert_fingerprint",
     # errors
     "XferError", "ConfigError", "ConnectError", "AuthError", "ProtocolError",
     "VersionMismatchError", "ConnectionClosedError", "RemoteError",
@@ -835,7 +836,8 @@ class _Dispatcher:
         try:
             callback(arg)
         except Exception:
-            self.callback_errors += 1
+            with self._lock:
+                self.callback_errors += 1
             name = getattr(callback, "__name__", repr(callback))
             sys.stderr.write("xfer: callback %s raised an exception (ignored):\n%s"
                              % (name, traceback.format_exc()))
@@ -1768,31 +1770,49 @@ class Sender:
         for _ in range(self.workers):
             self._work.put(_STOP)
 
-    def _walk(self, top):
-        """Walk a tree depth-first with os.scandir, queueing one job per entry."""
+    def _tree(self, top):
+        """Yield (kind, path, name, size or error) for a tree, depth first, lazily.
+
+        kind is "dir", "file" or "error".  Directory entries are never
+        collected into lists (only the pending subdirectories are), so a
+        directory of a million files costs no more memory than one of ten.
+        Symlinks to directories are not followed; symlinks to files are.
+        """
         stack = [(top.path, top.name)]
         while stack and not top.cancelled:
             path, name = stack.pop()
-            self._add_child(top, Job(self, path, name, "mkdir", parent=top))
+            yield "dir", path, name, 0
+            subdirs = []
             try:
                 with os.scandir(path) as it:
-                    entries = sorted(it, key=lambda e: e.name)
+                    for entry in it:
+                        child = name + "/" + entry.name
+                        try:
+                            if entry.is_dir(follow_symlinks=False):
+                                subdirs.append((entry.path, child))
+                            elif entry.is_file():
+                                yield "file", entry.path, child, entry.stat().st_size
+                        except OSError:
+                            continue
             except OSError as e:
-                child = Job(self, path, name, "file", parent=top)
-                self._add_child(top, child, error=XferError("%s: %s" % (path, e.strerror or e)))
-                continue
-            subdirs = []
-            for entry in entries:
-                child_name = name + "/" + entry.name
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        subdirs.append((entry.path, child_name))
-                    elif entry.is_file():
-                        self._add_child(top, Job(self, entry.path, child_name, "file",
-                                                 parent=top))
-                except OSError:
-                    continue
+                yield "error", path, name, e
             stack.extend(reversed(subdirs))
+
+    def _walk(self, top):
+        """Queue the jobs of a tree.  A first pass adds up the sizes, so the
+        tree's job knows its size before any byte is sent and its progress
+        only rises."""
+        top.size = sum(size for kind, _, _, size in self._tree(top) if kind == "file")
+        for kind, path, name, extra in self._tree(top):
+            if kind == "dir":
+                self._add_child(top, Job(self, path, name, "mkdir", parent=top))
+            elif kind == "file":
+                child = Job(self, path, name, "file", parent=top)
+                child.size = extra
+                self._add_child(top, child)
+            else:
+                self._add_child(top, Job(self, path, name, "file", parent=top),
+                                error=XferError("%s: %s" % (path, extra.strerror or extra)))
         self._child_ended(top)   # the walk itself is one of the pending parts
 
     def _add_child(self, top, child, error=None):
@@ -1895,12 +1915,6 @@ class Sender:
         else:
             self._dispatch.emit_progress(self.on_progress, job)
 
-    def _sized(self, job, size):
-        job.size = size
-        if job.parent is not None:
-            with self._lock:
-                job.parent.size += size
-
     def _end(self, job, state, error=None):
         if job.done:
             return
@@ -1922,6 +1936,8 @@ class Sender:
             else:
                 self.files_failed += 1
         job._ended.set()
+        if state in ("done", "skipped") and job.parent is None:
+            self._dispatch.emit_progress(self.on_progress, job)   # the final 1.0
         if job.parent is None:
             self._dispatch.emit(self.on_done if state in ("done", "skipped")
                                 else self.on_error, job)
@@ -1951,6 +1967,8 @@ class Sender:
             top.state = "done"
         top.finished = time.monotonic()
         top._ended.set()
+        if top.state == "done":
+            self._dispatch.emit_progress(self.on_progress, top)   # the final 1.0
         self._dispatch.emit(self.on_done if top.state == "done" else self.on_error, top)
         self._job_finished(top)
 
@@ -2136,11 +2154,11 @@ class _Link:
                                                      % job.path))
                 return
             size = st.st_size
-            if job.size != size:
-                if job.parent is not None and job.size:
+            if job.size != size:      # first sight, or it changed since the walk
+                if job.parent is not None:
                     with self.s._lock:
-                        job.parent.size -= job.size
-                self.s._sized(job, size)
+                        job.parent.size += size - job.size
+                job.size = size
             stream = size <= STREAM_MAX
             header = _encode_file(fid, size, st.st_mtime_ns, stat.S_IMODE(st.st_mode),
                                   FF_STREAM if stream else 0, job.name)
