@@ -2359,5 +2359,40 @@ class MiscTests(unittest.TestCase):
         self.assertEqual(sorted(modules - set(sys.stdlib_module_names)), [])
 
 
+class BenchTests(unittest.TestCase):
+    def test_discard_sink_verifies_and_stores_nothing(self):
+        dst = temp_dir(self)
+        receiver = start_receiver(self, dst, token="t0k")
+        with xfer.Sender(receiver.address, token="t0k", discard=True) as sender:
+            small = sender._queue_generated("bench/a", 1000)
+            large = sender._queue_generated("bench/b", 3 * xfer.STREAM_MAX + 17)
+        self.assertEqual((small.state, large.state), ("done", "done"), (small.error, large.error))
+        self.assertEqual(tree_listing(dst), [])
+        self.assertEqual(receiver.files_received, 0)
+
+    def test_discard_sink_still_checks_the_digest(self):
+        dst = temp_dir(self)
+        receiver = start_receiver(self, dst)
+        real = xfer._Link._trailer
+
+        def corrupt(link, fid, flags, digest, header_payload):
+            return real(link, fid, flags, bytes(32), header_payload)
+        with mock.patch.object(xfer._Link, "_trailer", corrupt):
+            with xfer.Sender(receiver.address, discard=True) as sender:
+                job = sender._queue_generated("bench/a", 1000)
+        self.assertEqual(job.state, "failed")
+        self.assertIsInstance(job.error, xfer.IntegrityError)
+
+    def test_bench_command_reports_rates_and_poll_time(self):
+        home = temp_dir(self)
+        proc = run_xfer("bench", "--size", "2MiB", "--files", "30", "--file-size", "1000",
+                        cwd=home, env=isolated_env(home), timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertRegex(proc.stdout, r"large file: .* MB/s")
+        self.assertRegex(proc.stdout, r"small files: 30 x .* files/s")
+        self.assertRegex(proc.stdout, r"poll\(\): worst [0-9.]+ ms")
+        self.assertNotIn("Traceback", proc.stderr)
+
+
 if __name__ == "__main__":
     unittest.main()
