@@ -5,7 +5,9 @@ readiness lines, Events, or results that mean "the file is durably in place".
 """
 
 import ast
+import collections
 import contextlib
+import errno
 import hashlib
 import inspect
 import io
@@ -14,6 +16,7 @@ import os
 import queue
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -24,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import unittest
 from unittest import mock
 
@@ -2392,6 +2396,1094 @@ class BenchTests(unittest.TestCase):
         self.assertRegex(proc.stdout, r"small files: 30 x .* files/s")
         self.assertRegex(proc.stdout, r"poll\(\): worst [0-9.]+ ms")
         self.assertNotIn("Traceback", proc.stderr)
+
+
+try:
+    import ssl
+except ImportError:   # Python without OpenSSL: the TLS tests skip
+    ssl = None
+
+
+#------------------------------------------------------------
+# security tests: fixtures and helpers
+#------------------------------------------------------------
+# Test certificates: EC P-256, self-signed, valid for 100 years.  They are
+# only ever served on 127.0.0.1 by the tests below.
+
+TEST_CERT_1 = """\
+-----BEGIN CERTIFICATE-----
+MIIBfjCCASWgAwIBAgIUQ0gkXLk805BzxT5FD18bf4+0fKMwCgYIKoZIzj0EAwIw
+FDESMBAGA1UEAwwJeGZlci10ZXN0MCAXDTI2MTEyMzA5MTI1OVoYDzIxMjYxMDMw
+MDkxMjU5WjAUMRIwEAYDVQQDDAl4ZmVyLXRlc3QwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAAQlD/00FfNrO9BGXIKaA46Vm9CqLTXiAwDm9BSiaawFBrNKnJE1Hq2Q
+qsxyO7C3JluUUjukPF2gXgIT8rqux1i4o1MwUTAdBgNVHQ4EFgQUQ+c+kZRhwNwu
+0MRbf1KZAfOFscEwHwYDVR0jBBgwFoAUQ+c+kZRhwNwu0MRbf1KZAfOFscEwDwYD
+VR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNHADBEAiBGHAeVaMU7I3/D4SQo0HGs
+6t5ZsaZjVxnYC97u6qm6BQIgA7quk/OfNuEXTvJu9zPAxDOmK2AeeTVTFiaCMTym
+Y8c=
+-----END CERTIFICATE-----
+"""
+
+TEST_KEY_1 = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgd1QjbCRA26nEe4aO
+iZ01sAmbHMCOez+WChq192iVxhChRANCAAQlD/00FfNrO9BGXIKaA46Vm9CqLTXi
+AwDm9BSiaawFBrNKnJE1Hq2QqsxyO7C3JluUUjukPF2gXgIT8rqux1i4
+-----END PRIVATE KEY-----
+"""
+
+TEST_CERT_2 = """\
+-----BEGIN CERTIFICATE-----
+MIIBgjCCASegAwIBAgIUTLzumGEGqbCRCuFRjquCD3K3McgwCgYIKoZIzj0EAwIw
+FTETMBEGA1UEAwwKeGZlci10ZXN0MjAgFw0yNjExMjMwOTEyNTlaGA8yMTI2MTAz
+MDA5MTI1OVowFTETMBEGA1UEAwwKeGZlci10ZXN0MjBZMBMGByqGSM49AgEGCCqG
+SM49AwEHA0IABPe4jrhETVNHAtohS1lD3EIVel0eUzYPyMLFITGoP7RW3EXkyEVS
+Fnu5aUZsTwRTSOmzes8jEl45ORnRIoE8Rm+jUzBRMB0GA1UdDgQWBBRvzH5Ipw+5
+MvQECiEHnCWgUvjHFjAfBgNVHSMEGDAWgBRvzH5Ipw+5MvQECiEHnCWgUvjHFjAP
+BgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0kAMEYCIQDHnyfQrtZFVy9cvr9p
+Uz3hfpToSUV6hzk5qceH747mWgIhAJ8MvvsYA8cMAG6orp12PzVUZ4sbPK0L/b3W
+XvpEqMi+
+-----END CERTIFICATE-----
+"""
+
+TEST_KEY_2 = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgZq53SzpC6lxjmYAt
+sw7TX1e3fyNx1WnG1TpeznpM2VChRANCAAT3uI64RE1TRwLaIUtZQ9xCFXpdHlM2
+D8jCxSExqD+0VtxF5MhFUhZ7uWlGbE8EU0jps3rPIxJeOTkZ0SKBPEZv
+-----END PRIVATE KEY-----
+"""
+
+
+def _sec_wait_until(predicate, timeout=TIMEOUT):
+    """Check predicate between short Event waits, for at most timeout seconds."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        pause.wait(0.01)
+    return True
+
+
+def _sec_certs(test):
+    """Write the test certificates and keys into a tempdir; return their paths."""
+    folder = temp_dir(test)
+    paths = {}
+    for name, text in (("cert1", TEST_CERT_1), ("key1", TEST_KEY_1),
+                       ("cert2", TEST_CERT_2), ("key2", TEST_KEY_2)):
+        paths[name] = write_file(os.path.join(folder, name + ".pem"), text.encode("ascii"))
+    return paths
+
+
+def _sec_fingerprint(pem):
+    return xfer.cert_fingerprint(ssl.PEM_cert_to_DER_cert(pem))
+
+
+def _sec_partials(root):
+    """Leftover temporary files anywhere below root."""
+    return [p for p in tree_listing(root)
+            if p.rsplit("/", 1)[-1].startswith(xfer.PARTIAL_PREFIX)]
+
+
+def _sec_user_config(env):
+    """The per-user config file a subprocess run with env reads and writes."""
+    with mock.patch.dict(os.environ, {"HOME": env["HOME"], "USERPROFILE": env["USERPROFILE"]}):
+        return xfer.user_config_path(env)
+
+
+def _sec_banner(test, proc, done):
+    """Read the server's stdout lines after the readiness line until done(lines) is true.
+
+    A reader thread collects lines; the test fails after TIMEOUT instead of
+    hanging.  The thread is joined (server killed) before spawn_server's
+    cleanup reads the pipes.
+    """
+    lines = queue.Queue()
+
+    def reader():
+        try:
+            for line in proc.stdout:
+                lines.put(line)
+        except (OSError, ValueError):
+            pass
+        lines.put(None)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+
+    def cleanup():
+        if proc.poll() is None:
+            proc.kill()
+        thread.join(TIMEOUT)
+    test.addCleanup(cleanup)
+    got = []
+    deadline = time.monotonic() + TIMEOUT
+    while not done(got):
+        left = deadline - time.monotonic()
+        try:
+            line = lines.get(timeout=max(0.0, left))
+        except queue.Empty:
+            line = None
+        if line is None:
+            test.fail("server banner incomplete: %r" % got)
+        got.append(line.rstrip("\n"))
+    return got
+
+
+def _sec_run(cmd, env, cwd):
+    return subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
+
+
+def _sec_pairing_command(test, lines):
+    """The pairing line of a banner as an argv runnable here."""
+    found = [line for line in lines if "config add" in line]
+    test.assertEqual(len(found), 1, lines)
+    args = shlex.split(found[0])
+    test.assertEqual(args[:4], ["python", "xfer.py", "config", "add"], found[0])
+    return [sys.executable, XFER] + args[2:]
+
+
+def _sec_option(args, name):
+    return args[args.index(name) + 1] if name in args else None
+
+
+#------------------------------------------------------------
+# TLS: pinning, trust on first use, plain/TLS mismatches
+#------------------------------------------------------------
+
+@unittest.skipIf(ssl is None, "no ssl module")
+class TLSTests(unittest.TestCase):
+    TOKEN = "tls-test-token"
+
+    def setUp(self):
+        self.certs = _sec_certs(self)
+        self.src, self.dst = temp_dir(self), temp_dir(self)
+        self.fp1 = _sec_fingerprint(TEST_CERT_1)
+        self.fp2 = _sec_fingerprint(TEST_CERT_2)
+
+    def tls_receiver(self, n=1, port=0, **kw):
+        return start_receiver(self, self.dst, port=port, token=self.TOKEN,
+                              tls_cert=self.certs["cert%d" % n],
+                              tls_key=self.certs["key%d" % n], **kw)
+
+    def send(self, address, paths, **kw):
+        kw.setdefault("token", self.TOKEN)
+        sender = xfer.Sender(address, timeout=TIMEOUT, **kw)
+        with sender:
+            jobs = [sender.queue(p) for p in paths]
+        return sender, jobs
+
+    def test_receiver_fingerprint_is_sha256_of_certificate_der(self):
+        plain = start_receiver(self, temp_dir(self))
+        self.assertIsNone(plain.fingerprint)
+        receiver = self.tls_receiver()
+        der = ssl.PEM_cert_to_DER_cert(TEST_CERT_1)
+        self.assertEqual(receiver.fingerprint, xfer.cert_fingerprint(der))
+        self.assertEqual(receiver.fingerprint.replace(":", ""), hashlib.sha256(der).hexdigest())
+        self.assertRegex(receiver.fingerprint, r"\A[0-9a-f]{2}(:[0-9a-f]{2}){31}\Z")
+        self.assertNotEqual(self.fp1, self.fp2)
+
+    def test_pinned_fingerprint_round_trip(self):
+        receiver = self.tls_receiver()
+        small = write_file(os.path.join(self.src, "small.txt"), os.urandom(3000))
+        big = write_file(os.path.join(self.src, "big.bin"), os.urandom(600 * 1024))
+        sender, jobs = self.send(receiver.address, [small, big], tls=True, fingerprint=self.fp1)
+        for job in jobs:
+            self.assertEqual(job.state, "done", job.error)
+        self.assertIsNone(sender.error)
+        self.assertEqual(sender.server_fingerprint, self.fp1)
+        self.assertFalse(sender.fingerprint_new)
+        for path in (small, big):
+            self.assertEqual(sha256_file(os.path.join(self.dst, os.path.basename(path))),
+                             sha256_file(path))
+        # A pin alone implies TLS, and is compared regardless of case or separators.
+        other = write_file(os.path.join(self.src, "other.txt"), b"other")
+        _, (job,) = self.send(receiver.address, [other],
+                              fingerprint=self.fp1.upper().replace(":", ""))
+        self.assertEqual(job.state, "done", job.error)
+
+    def test_wrong_fingerprint_is_refused_and_nothing_written(self):
+        receiver = self.tls_receiver()
+        path = write_file(os.path.join(self.src, "secret.txt"), b"do not deliver")
+        # Another certificate's pin, and near misses of the right one.
+        for pin in (self.fp2, self.fp1[:-3], self.fp1 + ":00"):
+            with self.subTest(pin=pin):
+                started = time.monotonic()
+                sender, (job,) = self.send(receiver.address, [path], tls=True, fingerprint=pin)
+                self.assertLess(time.monotonic() - started, TIMEOUT)
+                self.assertEqual(job.state, "failed")
+                self.assertIsInstance(job.error, xfer.AuthError)
+                self.assertIn("changed", str(job.error))
+                self.assertIn(self.fp1, str(job.error))   # names what it saw
+                self.assertIsInstance(sender.error, xfer.AuthError)
+                self.assertEqual(tree_listing(self.dst), [])
+
+    def test_trust_on_first_use_records_reuses_and_detects_a_new_certificate(self):
+        known = os.path.join(temp_dir(self), "sub", "known_hosts")
+        first = xfer.Receiver(self.dst, host=HOST, port=0, token=self.TOKEN,
+                              tls_cert=self.certs["cert1"], tls_key=self.certs["key1"])
+        first.start()
+        self.addCleanup(first.stop)
+        port = first.address[1]
+        firsts = [write_file(os.path.join(self.src, "a%d.txt" % i), b"first use")
+                  for i in range(8)]
+        sender, jobs = self.send(first.address, firsts, tls=True, known_hosts=known, workers=4)
+        for job in jobs:
+            self.assertEqual(job.state, "done", job.error)
+        self.assertTrue(sender.fingerprint_new)
+        self.assertEqual(sender.server_fingerprint, self.fp1)
+        with open(known, encoding="utf-8") as f:
+            recorded = f.read()
+        self.assertEqual(recorded, "127.0.0.1:%d %s\n" % (port, self.fp1))  # once, not per worker
+
+        b = write_file(os.path.join(self.src, "b.txt"), b"second use")
+        sender, (job,) = self.send(first.address, [b], tls=True, known_hosts=known)
+        self.assertEqual(job.state, "done", job.error)
+        self.assertFalse(sender.fingerprint_new)
+        with open(known, encoding="utf-8") as f:
+            self.assertEqual(f.read(), recorded)
+
+        # The server at that address now presents another certificate.
+        first.stop()
+        try:
+            second = self.tls_receiver(n=2, port=port)
+            address = second.address
+        except xfer.XferError:
+            # Port taken meanwhile: pin a different fingerprint for a fresh one.
+            second = self.tls_receiver(n=1)
+            address = second.address
+            recorded = "127.0.0.1:%d %s\n" % (address[1], self.fp2)
+            with open(known, "w", encoding="utf-8") as f:
+                f.write(recorded)
+        c = write_file(os.path.join(self.src, "c.txt"), b"must not arrive")
+        sender, (job,) = self.send(address, [c], tls=True, known_hosts=known)
+        self.assertEqual(job.state, "failed")
+        self.assertIsInstance(job.error, xfer.AuthError)
+        self.assertIn("changed", str(job.error))
+        self.assertIn(known, str(job.error))
+        self.assertFalse(sender.fingerprint_new)
+        self.assertFalse(os.path.exists(os.path.join(self.dst, "c.txt")))
+        with open(known, encoding="utf-8") as f:
+            self.assertEqual(f.read(), recorded)   # a mismatch never updates the pin
+
+    def test_plain_sender_to_tls_receiver_is_told_tls_is_required(self):
+        receiver = self.tls_receiver()
+        path = write_file(os.path.join(self.src, "plain.txt"), b"plain")
+        started = time.monotonic()
+        sender, (job,) = self.send(receiver.address, [path])
+        self.assertLess(time.monotonic() - started, TIMEOUT)
+        self.assertEqual(job.state, "failed")
+        self.assertIsInstance(job.error, xfer.ProtocolError)
+        self.assertEqual(job.error.code, xfer.ST_TLS_REQUIRED)
+        self.assertIn("TLS", str(job.error))
+        self.assertIsInstance(sender.error, xfer.ProtocolError)   # not retried forever
+        self.assertEqual(tree_listing(self.dst), [])
+        # The refusal is a preface + ERROR frame every time, not a reset.
+        for _ in range(10):
+            sock = raw_connect(receiver.address)
+            self.addCleanup(sock.close)
+            sock.sendall(xfer._PREFACE.pack(xfer.MAGIC, xfer.PROTOCOL_VERSION, 0)
+                         + xfer._frame(xfer._Msg.HELLO, os.urandom(xfer._NONCE_SIZE)))
+            data = recv_until_closed(sock)
+            sock.close()
+            head = xfer._PREFACE.size + xfer._FRAME.size
+            self.assertGreater(len(data), head, data)
+            kind, _ = xfer._FRAME.unpack_from(data, xfer._PREFACE.size)
+            self.assertEqual(kind, xfer._Msg.ERROR)
+            self.assertEqual(data[head], xfer.ST_TLS_REQUIRED)
+
+    def test_tls_sender_to_plain_receiver_fails_and_server_keeps_serving(self):
+        lines = []
+        receiver = start_receiver(self, self.dst, token=self.TOKEN, log=lines.append)
+        path = write_file(os.path.join(self.src, "x.txt"), b"x")
+        started = time.monotonic()
+        sender, (job,) = self.send(receiver.address, [path], tls=True, fingerprint=self.fp1)
+        self.assertLess(time.monotonic() - started, TIMEOUT)
+        self.assertEqual(job.state, "failed")
+        self.assertIsInstance(job.error, xfer.ProtocolError)
+        self.assertIn("TLS", str(job.error))
+        self.assertIsInstance(sender.error, xfer.ProtocolError)
+        self.assertEqual(tree_listing(self.dst), [])
+        self.assertTrue(any("TLS" in line for line in lines), lines)
+        _, (job,) = self.send(receiver.address, [path])
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(tree_listing(self.dst), ["x.txt"])
+
+    def test_busy_tls_receiver_answers_busy(self):
+        # BUG (reported): the busy refusal is a plaintext preface + ERROR, sent before
+        # any TLS handshake.  A plain client reads it (RemoteError ST_BUSY, retried);
+        # a TLS client fails its handshake on it and reports "TLS handshake failed
+        # (WRONG_VERSION_NUMBER); is the server started with --tls?", which is
+        # wrong and not retried.
+        for tls in (False, True):
+            with self.subTest(tls=tls):
+                if tls:
+                    receiver = self.tls_receiver(max_connections=10, max_per_address=1)
+                else:
+                    receiver = start_receiver(self, temp_dir(self), token=self.TOKEN,
+                                              max_connections=10, max_per_address=1)
+                holder = raw_connect(receiver.address)
+                self.addCleanup(holder.close)
+                self.assertTrue(_sec_wait_until(lambda: receiver.connections >= 1))
+                sender = xfer.Sender(receiver.address, token=self.TOKEN, timeout=TIMEOUT,
+                                     fingerprint=receiver.fingerprint)
+                try:
+                    sender.ping()
+                    error = None
+                except xfer.XferError as e:
+                    error = e
+                self.assertIsInstance(error, xfer.RemoteError, "%s: %s" % (
+                    type(error).__name__, error))
+                self.assertEqual(error.code, xfer.ST_BUSY)
+                self.assertTrue(error.transient)
+                holder.close()
+
+    def test_bad_certificate_or_key_is_a_config_error(self):
+        for cert, key in ((self.certs["cert1"], self.certs["key2"]),
+                          (os.path.join(self.src, "missing.pem"), self.certs["key1"])):
+            with self.subTest(cert=cert, key=key):
+                receiver = xfer.Receiver(self.dst, host=HOST, port=0, token=self.TOKEN,
+                                         tls_cert=cert, tls_key=key)
+                self.addCleanup(receiver.stop)
+                with self.assertRaises(xfer.ConfigError):
+                    receiver.start()
+                self.assertNotEqual(receiver.status, "listening")
+
+
+#------------------------------------------------------------
+# pairing: generated token, banner, config add/show/remove
+#------------------------------------------------------------
+
+class PairingTests(unittest.TestCase):
+    def setUp(self):
+        self.cwd = temp_dir(self)
+
+    def home(self):
+        """(home, env) of a fresh machine with no config at all."""
+        home = temp_dir(self)
+        return home, isolated_env(home)
+
+    def serve(self, env, dst, *args, done=None):
+        """Start `serve`; return (port, banner lines)."""
+        proc, port = spawn_server(self, "--dir", dst, *args, cwd=self.cwd, env=env)
+        if done is None:
+            def done(lines):
+                return any(line.startswith(("then send with", "WARNING")) for line in lines)
+        return port, _sec_banner(self, proc, done)
+
+    def xfer(self, env, *args):
+        return _sec_run([sys.executable, XFER] + list(args), env, self.cwd)
+
+    def assertExit(self, result, code):
+        self.assertEqual(result.returncode, code,
+                         "stdout: %s\nstderr: %s" % (result.stdout, result.stderr))
+        self.assertNotIn("Traceback", result.stderr)
+
+    def test_serve_generates_token_stores_it_privately_and_reuses_it(self):
+        _, env = self.home()
+        config = _sec_user_config(env)
+        self.assertFalse(os.path.exists(config))
+        port, lines = self.serve(env, temp_dir(self))
+        text = "\n".join(lines)
+        self.assertIn("config add", text)
+        self.assertIn("--token", text)
+        args = _sec_pairing_command(self, lines)
+        token = _sec_option(args, "--token")
+        self.assertTrue(token)
+        self.assertEqual(args[5], "127.0.0.1:%d" % port)
+        self.assertEqual(xfer.load_config(config, environ={}).value("serve", "token"), token)
+        if os.name == "posix":
+            self.assertEqual(stat.S_IMODE(os.stat(config).st_mode), 0o600)
+        # A second start reads the stored token instead of making a new one.
+        _, lines2 = self.serve(env, temp_dir(self))
+        self.assertEqual(_sec_option(_sec_pairing_command(self, lines2), "--token"), token)
+        # Another machine gets another token.
+        _, env_other = self.home()
+        _, lines3 = self.serve(env_other, temp_dir(self))
+        self.assertNotEqual(_sec_option(_sec_pairing_command(self, lines3), "--token"), token)
+
+    def test_pairing_line_pairs_another_machine(self):
+        _, env_server = self.home()
+        dst = temp_dir(self)
+        port, lines = self.serve(env_server, dst)
+        pair = _sec_pairing_command(self, lines)
+        name, token = pair[4], _sec_option(pair, "--token")
+
+        # The sending machine runs the line exactly as printed.
+        _, env_sender = self.home()
+        result = _sec_run(pair, env_sender, self.cwd)
+        self.assertExit(result, xfer.EXIT_OK)
+        sender_config = _sec_user_config(env_sender)
+        config = xfer.load_config(sender_config, environ={})
+        self.assertIn(name, config.aliases())
+        self.assertEqual(config.value(name, "token"), token)
+        if os.name == "posix":
+            self.assertEqual(stat.S_IMODE(os.stat(sender_config).st_mode), 0o600)
+
+        src = temp_dir(self)
+        path = write_file(os.path.join(src, "paired.bin"), os.urandom(20000))
+        self.assertExit(self.xfer(env_sender, "send", "--to", name, path), xfer.EXIT_OK)
+        self.assertEqual(sha256_file(os.path.join(dst, "paired.bin")), sha256_file(path))
+
+        # A machine that was not paired cannot send.
+        _, env_stranger = self.home()
+        stranger = write_file(os.path.join(src, "stranger.txt"), b"nope")
+        result = self.xfer(env_stranger, "send", "--to", "127.0.0.1:%d" % port, stranger)
+        self.assertExit(result, xfer.EXIT_AUTH)
+        self.assertIn("requires a token", result.stderr)
+        self.assertEqual(tree_listing(dst), ["paired.bin"])
+
+        # config show masks every token.
+        for env in (env_sender, env_server):
+            result = self.xfer(env, "config", "show")
+            self.assertExit(result, xfer.EXIT_OK)
+            self.assertNotIn(token, result.stdout)
+            self.assertRegex(result.stdout, r"(?m)^\s*token = \S")
+        self.assertIn("[%s]" % name, self.xfer(env_sender, "config", "show").stdout)
+
+        # config remove drops the alias and keeps the file private.
+        self.assertExit(self.xfer(env_sender, "config", "remove", name), xfer.EXIT_OK)
+        self.assertNotIn(name, xfer.load_config(sender_config, environ={}).aliases())
+        self.assertNotIn("[%s]" % name, self.xfer(env_sender, "config", "show").stdout)
+        if os.name == "posix":
+            self.assertEqual(stat.S_IMODE(os.stat(sender_config).st_mode), 0o600)
+
+    def test_no_auth_warns_and_accepts_a_tokenless_sender(self):
+        _, env = self.home()
+        dst = temp_dir(self)
+        port, lines = self.serve(env, dst, "--no-auth")
+        warnings = [line for line in lines if line.startswith("WARNING")]
+        self.assertEqual(len(warnings), 1, lines)
+        self.assertNotIn("--token", "\n".join(lines))
+        self.assertFalse(os.path.exists(_sec_user_config(env)))   # no token was stored
+        path = write_file(os.path.join(temp_dir(self), "open.txt"), b"anyone")
+        (job,) = send_files((HOST, port), [path])
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(tree_listing(dst), ["open.txt"])
+
+    def test_send_to_loopback_uses_this_machines_serve_token(self):
+        _, env = self.home()
+        dst = temp_dir(self)
+        port, _ = self.serve(env, dst)
+        path = write_file(os.path.join(temp_dir(self), "local.txt"), b"same machine")
+        result = self.xfer(env, "send", "--to", "127.0.0.1:%d" % port, path)
+        self.assertExit(result, xfer.EXIT_OK)
+        self.assertEqual(tree_listing(dst), ["local.txt"])
+
+    def test_resolve_target_offers_serve_token_only_to_loopback(self):
+        ini = write_file(os.path.join(temp_dir(self), "xfer.ini"),
+                         b"[serve]\ntoken = local-secret\n\n"
+                         b"[pi]\nhost = 192.168.1.20\nport = 5001\nfingerprint = ab:cd\n")
+        config = xfer.load_config(ini, environ={})
+        target = xfer._resolve_target(config, "127.0.0.1:5000", environ={})
+        self.assertEqual((target.host, target.port, target.token), ("127.0.0.1", 5000,
+                                                                   "local-secret"))
+        self.assertFalse(target.tls)
+        # BUG (reported) for "127.example.com": _is_loopback tests host.startswith("127."),
+        # so a DNS name under "127." gets this machine's token proof.
+        for to in ("192.168.1.7:5000", "pi", "127.example.com:5000"):
+            with self.subTest(to=to):
+                target = xfer._resolve_target(config, to, environ={})
+                self.assertIsNone(target.token)
+        target = xfer._resolve_target(config, "pi", environ={})
+        self.assertEqual(target._fields, ("host", "port", "token", "tls", "fingerprint"))
+        self.assertEqual((target.host, target.port, target.tls, target.fingerprint),
+                         ("192.168.1.20", 5001, True, "ab:cd"))
+        target = xfer._resolve_target(config, "127.0.0.1:5000", token="explicit", environ={})
+        self.assertEqual(target.token, "explicit")
+
+    @unittest.skipIf(ssl is None, "no ssl module")
+    def test_serve_with_tls_certificate_pairs_with_fingerprint(self):
+        certs = _sec_certs(self)
+        _, env_server = self.home()
+        dst = temp_dir(self)
+        fp = _sec_fingerprint(TEST_CERT_1)
+        _, lines = self.serve(env_server, dst, "--tls-cert", certs["cert1"],
+                              "--tls-key", certs["key1"])
+        self.assertIn("TLS certificate fingerprint %s" % fp, lines)
+        pair = _sec_pairing_command(self, lines)
+        self.assertEqual(_sec_option(pair, "--fingerprint"), fp)
+        _, env_sender = self.home()
+        self.assertExit(_sec_run(pair, env_sender, self.cwd), xfer.EXIT_OK)
+        path = write_file(os.path.join(temp_dir(self), "pinned.txt"), b"over tls")
+        result = self.xfer(env_sender, "send", "--to", pair[4], path)
+        self.assertExit(result, xfer.EXIT_OK)
+        self.assertNotIn("first use", result.stderr)   # pinned, not trusted on first use
+        self.assertEqual(tree_listing(dst), ["pinned.txt"])
+
+    @unittest.skipIf(ssl is None, "no ssl module")
+    @unittest.skipIf(shutil.which("openssl") is None, "no openssl command")
+    def test_serve_tls_makes_a_self_signed_certificate_once(self):
+        _, env = self.home()
+        dst = temp_dir(self)
+        _, lines = self.serve(env, dst, "--tls")
+        folder = os.path.dirname(_sec_user_config(env))
+        cert = os.path.join(folder, "xfer-cert.pem")
+        key = os.path.join(folder, "xfer-key.pem")
+        self.assertTrue(os.path.isfile(cert) and os.path.isfile(key), os.listdir(folder))
+        if os.name == "posix":
+            self.assertEqual(stat.S_IMODE(os.stat(key).st_mode), 0o600)
+        with open(cert, encoding="ascii") as f:
+            fp = _sec_fingerprint(f.read())
+        self.assertIn("TLS certificate fingerprint %s" % fp, lines)
+        pair = _sec_pairing_command(self, lines)
+        self.assertEqual(_sec_option(pair, "--fingerprint"), fp)
+        # A restart serves the same certificate.
+        _, lines2 = self.serve(env, temp_dir(self), "--tls")
+        self.assertIn("TLS certificate fingerprint %s" % fp, lines2)
+        # A sender that only knows the token trusts it on first use.
+        _, env_sender = self.home()
+        result = self.xfer(env_sender, "config", "add", "srv", pair[5], "--token",
+                           _sec_option(pair, "--token"), "--tls")
+        self.assertExit(result, xfer.EXIT_OK)
+        path = write_file(os.path.join(temp_dir(self), "tofu.txt"), b"tofu")
+        result = self.xfer(env_sender, "send", "--to", "srv", path)
+        self.assertExit(result, xfer.EXIT_OK)
+        self.assertIn("first use", result.stderr)
+        self.assertIn(fp, result.stderr)
+        known = os.path.join(os.path.dirname(_sec_user_config(env_sender)), "known_hosts")
+        with open(known, encoding="utf-8") as f:
+            self.assertEqual(f.read().split(), [pair[5], fp])
+        self.assertEqual(tree_listing(dst), ["tofu.txt"])
+
+
+#------------------------------------------------------------
+# receiver limits, disk space, name rules, log hygiene
+#------------------------------------------------------------
+
+_SecDiskUsage = collections.namedtuple("_SecDiskUsage", "total used free")
+
+
+class LimitTests(unittest.TestCase):
+    def setUp(self):
+        self.src, self.dst = temp_dir(self), temp_dir(self)
+
+    def file(self, name, size):
+        return write_file(os.path.join(self.src, name), os.urandom(size))
+
+    def send(self, receiver, items, workers=1):
+        """items: paths or (path, target_name, subdir); one connection, in order."""
+        with xfer.Sender(receiver.address, workers=workers, timeout=TIMEOUT) as sender:
+            jobs = []
+            for item in items:
+                if isinstance(item, tuple):
+                    jobs.append(sender.queue(item[0], target_name=item[1], subdir=item[2]))
+                else:
+                    jobs.append(sender.queue(item))
+        return jobs
+
+    def assertRefused(self, job, code, cls=xfer.RemoteError):
+        self.assertEqual(job.state, "failed", job)
+        self.assertIsInstance(job.error, cls)
+        self.assertEqual(job.error.code, code, job.error)
+
+    def test_max_size_refuses_bigger_files_and_keeps_serving(self):
+        receiver = start_receiver(self, self.dst, max_size=1000)
+        over = self.file("over.bin", 1001)
+        exact = self.file("exact.bin", 1000)
+        big = self.file("big.bin", 400 * 1024)   # not streamed: refused before ACCEPT
+        jobs = self.send(receiver, [over, exact, big])
+        self.assertRefused(jobs[0], xfer.ST_TOO_LARGE)
+        self.assertEqual(jobs[1].state, "done", jobs[1].error)
+        self.assertRefused(jobs[2], xfer.ST_TOO_LARGE)
+        self.assertIn("big.bin", str(jobs[2].error))
+        self.assertEqual(tree_listing(self.dst), ["exact.bin"])
+        (job,) = self.send(receiver, [self.file("later.bin", 10)])
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(receiver.files_failed, 2)
+
+    def test_max_path_bytes_and_max_depth(self):
+        receiver = start_receiver(self, self.dst, max_path_bytes=50, max_depth=3)
+        p = self.file("p.txt", 10)
+        jobs = self.send(receiver, [(p, "n" * 50, None), (p, "m" * 51, None),
+                                    (p, "f", "a/b"), (p, "f", "a/b/c"),
+                                    (p, "e" * 20, "d" * 30)])
+        self.assertEqual(jobs[0].state, "done", jobs[0].error)
+        self.assertRefused(jobs[1], xfer.ST_BAD_PATH, xfer.UnsafePathError)
+        self.assertEqual(jobs[2].state, "done", jobs[2].error)
+        self.assertRefused(jobs[3], xfer.ST_BAD_PATH, xfer.UnsafePathError)
+        self.assertRefused(jobs[4], xfer.ST_BAD_PATH, xfer.UnsafePathError)
+        # A tree one level too deep: directories stop at the limit (MKDIR too).
+        tree = os.path.join(self.src, "t")
+        write_file(os.path.join(tree, "u", "v", "x", "w.bin"), b"deep")
+        (job,) = self.send(receiver, [tree])
+        self.assertEqual(job.state, "failed")
+        self.assertEqual(tree_listing(self.dst),
+                         sorted(["n" * 50, "a", "a/b", "a/b/f", "t", "t/u", "t/u/v"]))
+
+    def test_max_frame_limits_header_size(self):
+        receiver = start_receiver(self, self.dst, max_frame=200)
+        p = self.file("p.txt", 10)
+        jobs = self.send(receiver, [(p, "short.txt", None), (p, "L" * 190, None)])
+        self.assertEqual(jobs[0].state, "done", jobs[0].error)
+        self.assertEqual(jobs[1].state, "failed")
+        self.assertIsInstance(jobs[1].error, xfer.ProtocolError)
+        self.assertEqual(tree_listing(self.dst), ["short.txt"])
+        (job,) = self.send(receiver, [(p, "after.txt", None)])
+        self.assertEqual(job.state, "done", job.error)
+
+    def test_per_address_cap_answers_busy_naming_the_address(self):
+        receiver = start_receiver(self, self.dst, max_connections=10, max_per_address=1)
+        holder = raw_connect(receiver.address)
+        self.addCleanup(holder.close)
+        self.assertTrue(_sec_wait_until(lambda: receiver.connections >= 1),
+                        "the first connection was never accepted")
+        for _ in range(2):   # refusals do not leak per-address slots either way
+            extra = raw_connect(receiver.address)
+            self.addCleanup(extra.close)
+            data = recv_until_closed(extra)
+            extra.close()
+            self.assertGreater(len(data), xfer._PREFACE.size + xfer._FRAME.size, data)
+            magic, _, _ = xfer._PREFACE.unpack_from(data)
+            self.assertEqual(magic, xfer.MAGIC)
+            kind, length = xfer._FRAME.unpack_from(data, xfer._PREFACE.size)
+            self.assertEqual(kind, xfer._Msg.ERROR)
+            payload = data[xfer._PREFACE.size + xfer._FRAME.size:]
+            self.assertEqual(len(payload), length)
+            self.assertEqual(payload[0], xfer.ST_BUSY)
+            self.assertIn("from 127.0.0.1", payload[1:].decode("utf-8"))
+        holder.close()
+        self.assertTrue(_sec_wait_until(lambda: receiver.connections == 0))
+        (job,) = self.send(receiver, [self.file("after.txt", 100)])
+        self.assertEqual(job.state, "done", job.error)
+
+    def test_free_space_check_refuses_a_file_that_cannot_fit(self):
+        receiver = start_receiver(self, self.dst)
+        big = self.file("big.bin", 2 * 1024 * 1024)
+        usage = _SecDiskUsage(total=10 * 1024 * 1024, used=9 * 1024 * 1024, free=1024 * 1024)
+        with mock.patch.object(xfer.shutil, "disk_usage", return_value=usage) as disk_usage:
+            (job,) = self.send(receiver, [big])
+        self.assertTrue(disk_usage.called)
+        self.assertRefused(job, xfer.ST_NO_SPACE)
+        self.assertIn("not enough space", str(job.error))
+        self.assertEqual(tree_listing(self.dst), [])
+        (job,) = self.send(receiver, [big])   # with the real free space it fits
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(sha256_file(os.path.join(self.dst, "big.bin")), sha256_file(big))
+
+    def test_disk_full_while_writing_discards_the_file(self):
+        receiver = start_receiver(self, self.dst)
+        real_write = os.write
+        calls = []
+
+        def write(fd, data):
+            calls.append(fd)
+            if len(calls) > 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write(fd, data)
+
+        full = self.file("full.bin", 600 * 1024)
+        with mock.patch.object(xfer.os, "write", write):
+            (job,) = self.send(receiver, [full])
+        self.assertGreater(len(calls), 1, "the body was written in one call; mock never hit")
+        self.assertRefused(job, xfer.ST_NO_SPACE)
+        self.assertEqual(tree_listing(self.dst), [])     # no final file, no temporary file
+        (job,) = self.send(receiver, [self.file("after.bin", 300 * 1024)])
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(tree_listing(self.dst), ["after.bin"])
+
+    def test_disk_full_at_fsync_discards_the_file(self):
+        receiver = start_receiver(self, self.dst)
+        with mock.patch.object(xfer.os, "fsync",
+                               side_effect=OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))):
+            (job,) = self.send(receiver, [self.file("sync.bin", 5000)])
+        self.assertRefused(job, xfer.ST_NO_SPACE)
+        self.assertEqual(tree_listing(self.dst), [])
+        (job,) = self.send(receiver, [self.file("after.bin", 10)])
+        self.assertEqual(job.state, "done", job.error)
+
+    def test_longest_legal_multibyte_name_is_received(self):
+        # BUG (reported): _Dest.create_temp builds ".xfer-part.XXXXXXXX." + name[:100],
+        # cutting at 100 *characters*, not bytes: a legal 255-byte name of 3-byte
+        # characters makes a 275-byte temporary name, so every such file is
+        # refused with "File name too long" (ST_IO).
+        receiver = start_receiver(self, self.dst)
+        name = "\u4e2d" * 85                 # 255 bytes of UTF-8: the longest legal name
+        self.assertEqual(len(name.encode("utf-8")), xfer.MAX_NAME_BYTES)
+        p = self.file("p.txt", 100)
+        jobs = self.send(receiver, [(p, name, None), (p, "next.txt", None)])
+        self.assertEqual(jobs[0].state, "done", jobs[0].error)
+        self.assertEqual(jobs[1].state, "done", jobs[1].error)
+        self.assertEqual(tree_listing(self.dst), sorted([name, "next.txt"]))
+
+    def test_portable_names(self):
+        receiver = start_receiver(self, self.dst, portable_names=True)
+        p = self.file("p.txt", 10)
+        jobs = self.send(receiver, [(p, "CON.txt", None), (p, "a:b", None), (p, "ok.txt", None)])
+        self.assertRefused(jobs[0], xfer.ST_BAD_PATH, xfer.UnsafePathError)
+        self.assertRefused(jobs[1], xfer.ST_BAD_PATH, xfer.UnsafePathError)
+        self.assertEqual(jobs[2].state, "done", jobs[2].error)
+        self.assertEqual(tree_listing(self.dst), ["ok.txt"])
+        if os.name != "nt":
+            dst = temp_dir(self)
+            default = start_receiver(self, dst)
+            self.assertFalse(default.portable_names)
+            (job,) = self.send(default, [(p, "aux.c", None)])
+            self.assertEqual(job.state, "done", job.error)
+            self.assertEqual(tree_listing(dst), ["aux.c"])
+
+    def test_case_collision_refused_on_case_insensitive_destination(self):
+        receiver = start_receiver(self, self.dst)
+        receiver.case_insensitive = True
+        real_lstat = xfer._Dest.lstat
+
+        def folding_lstat(dest, handle, name):
+            # Find names the way a case-insensitive filesystem does, so the
+            # test means the same on Linux as on macOS or Windows.
+            st = real_lstat(dest, handle, name)
+            if st is not None:
+                return st
+            key = unicodedata.normalize("NFC", name).casefold()
+            for other in os.listdir(handle):
+                if unicodedata.normalize("NFC", other).casefold() == key:
+                    return real_lstat(dest, handle, other)
+            return None
+
+        photo = write_file(os.path.join(self.dst, "Photo.JPG"), b"the original photo")
+        cafe = write_file(os.path.join(self.dst, "Cafe\u0301.txt"), b"decomposed name")
+        before = {p: sha256_file(p) for p in (photo, cafe)}
+        p = self.file("p.txt", 50)
+        with mock.patch.object(xfer._Dest, "lstat", folding_lstat):
+            jobs = self.send(receiver, [(p, "photo.jpg", None), (p, "Caf\u00e9.txt", None),
+                                        (p, "Photo.JPG", None)])
+        for job in jobs[:2]:
+            self.assertRefused(job, xfer.ST_CONFLICT)
+            self.assertIn("case", str(job.error))
+        self.assertEqual(sha256_file(cafe), before[cafe])
+        self.assertEqual(sorted(os.listdir(self.dst)), sorted(["Photo.JPG", "Cafe\u0301.txt"]))
+        # The same name, same case, is an ordinary replacement.
+        self.assertEqual(jobs[2].state, "done", jobs[2].error)
+        self.assertEqual(sha256_file(photo), sha256_file(p))
+
+    def test_display_escapes_terminal_controls_and_bidi(self):
+        for text in ("\x1b[31mred\x1b[0m", b"\x1b[31mred\x1b[0m", "evil\u202etxt.exe",
+                     "a\u200bb\x07\x9b"):
+            with self.subTest(text=text):
+                shown = xfer._display(text)
+                for ch in "\x1b\u202e\u200b\x07\x9b":
+                    self.assertNotIn(ch, shown)
+        self.assertIn("red", xfer._display("\x1b[31mred\x1b[0m"))
+
+    def test_refused_hostile_names_are_escaped_in_log_and_error(self):
+        lines = []
+        receiver = start_receiver(self, self.dst, log=lines.append)
+        p = self.file("p.txt", 10)
+        names = ["evil\x1b[2Jname.txt", "evil\u202etxt.exe", "bell\x07.txt"]
+        jobs = self.send(receiver, [(p, n, None) for n in names])
+        for job in jobs:
+            self.assertRefused(job, xfer.ST_BAD_PATH, xfer.UnsafePathError)
+            for ch in "\x1b\u202e\x07":
+                self.assertNotIn(ch, str(job.error))
+        refused = [line for line in lines if "refused" in line]
+        self.assertEqual(len(refused), len(names), lines)
+        for line in lines:
+            for ch in "\x1b\u202e\x07":
+                self.assertNotIn(ch, line)
+        self.assertEqual(tree_listing(self.dst), [])
+
+
+#------------------------------------------------------------
+# fuzzing a live receiver
+#------------------------------------------------------------
+# Each case is a function of its own seed: to replay one, call
+# _sec_fuzz_case(random.Random(SEED), ...) with the seed from the failure
+# message (XFER_FUZZ_SEED=N fixes the master seed of a whole run).
+
+def _sec_fuzz_bytes(rng, n):
+    return rng.getrandbits(8 * n).to_bytes(n, "big") if n else b""
+
+
+def _sec_fuzz_frame(rng, kind, payload):
+    """A frame whose length field is usually right and sometimes hostile."""
+    r = rng.random()
+    if r < 0.7:
+        length = len(payload)
+    elif r < 0.76:
+        length = 0xFFFFFFFF
+    elif r < 0.82:
+        length = rng.randrange(1 << 32)
+    elif r < 0.88:
+        length = len(payload) + rng.randrange(1, 64)   # payload cut short
+    elif r < 0.94:
+        length = rng.randrange(len(payload) + 1)        # payload spills into the next frame
+    else:
+        length = 0
+    return xfer._FRAME.pack(kind, length) + payload
+
+
+def _sec_fuzz_path(rng):
+    n = rng.randrange(11)
+    if n == 0:
+        return b"fuzz-%d.bin" % rng.randrange(100)
+    if n == 1:
+        return b"fz/%d/%d.txt" % (rng.randrange(5), rng.randrange(5))
+    if n == 2:
+        return _sec_fuzz_bytes(rng, rng.randrange(40))
+    if n == 3:
+        return rng.choice([b"../outside-%d" % rng.randrange(100), b"/tmp/abs-fuzz",
+                           b"fz/../../up", b"..", b".", b"", b"a//b", b"C:evil",
+                           b"a\\..\\..\\b", b".xfer-part.x", b"nul/x", b"fz/"])
+    if n == 4:
+        return rng.choice(["\x1b[31mred", "rtl\u202etxt.exe", "zw\u200bsp", "caf\u00e9",
+                           "Cafe\u0301", "\ufeffbom"]).encode("utf-8")
+    if n == 5:
+        return b"n" * rng.choice([255, 256, 4096, 4097])
+    if n == 6:
+        return ("\u4e2d" * rng.choice([80, 85, 86])).encode("utf-8")
+    if n == 7:
+        return b"/".join([b"d"] * rng.choice([2, 63, 64, 65]))
+    if n == 8:
+        good = bytearray(b"fuzz-%d.bin" % rng.randrange(100))
+        good[rng.randrange(len(good))] = rng.randrange(256)
+        return bytes(good)
+    if n == 9:
+        return b"fz/%d" % rng.randrange(5)           # may clash with a directory
+    return b"fz"
+
+
+def _sec_fuzz_file(rng, key, fid):
+    """FILE + body + TRAILER, each part valid or mutated."""
+    n = rng.choice([0, 1, 100, 1000, 5000])
+    data = _sec_fuzz_bytes(rng, n)
+    size = n if rng.random() < 0.6 else rng.choice(
+        [0, n + 1, max(0, n - 1), 2**64 - 1, 2**63, 1 << 21, rng.randrange(2**64)])
+    mtime = rng.choice([1600000000 * 10**9, 0, -1, -2**63, 2**63 - 1,
+                        rng.randrange(-2**63, 2**63)])
+    mode = rng.choice([0o644, 0o755, 0, 0o7777, rng.randrange(2**32)])
+    flags = rng.choice([xfer.FF_STREAM, xfer.FF_STREAM, 0, rng.randrange(256)])
+    header = xfer._FILE.pack(fid, size, mtime, mode, flags) + _sec_fuzz_path(rng)
+    if rng.random() < 0.08:
+        header = header[:rng.randrange(len(header))]
+    body = data
+    if rng.random() < 0.2:
+        body = data[:rng.randrange(n + 1)] + _sec_fuzz_bytes(rng, rng.randrange(3))
+    digest = hashlib.sha256(data).digest() if rng.random() < 0.8 else _sec_fuzz_bytes(rng, 32)
+    tflags = rng.choice([0, 0, 0, xfer.TF_ABORT, rng.randrange(256)])
+    tfid = fid if rng.random() < 0.9 else rng.randrange(2**32)
+    fixed = xfer._TRAILER.pack(tfid, tflags, digest)
+    r = rng.random()
+    if r < 0.7:
+        mac = xfer._trailer_mac(key, fixed, header)
+    elif r < 0.8:
+        mac = b""
+    else:
+        mac = _sec_fuzz_bytes(rng, rng.choice([1, 31, 32, 33]))
+    trailer = fixed + mac
+    if rng.random() < 0.05:
+        trailer = trailer[:rng.randrange(len(trailer))]
+    return (_sec_fuzz_frame(rng, xfer._Msg.FILE, header) + body
+            + _sec_fuzz_frame(rng, xfer._Msg.TRAILER, trailer))
+
+
+def _sec_fuzz_clean_file(rng, key, fid):
+    """A well-formed file with a valid name but hostile metadata (mtime, mode, flags)."""
+    data = _sec_fuzz_bytes(rng, rng.choice([0, 10, 3000]))
+    mtime = rng.choice([0, -1, -2**63, 2**63 - 1, rng.randrange(-2**63, 2**63)])
+    mode = rng.choice([0, 0o7777, 0o200, rng.randrange(2**32)])
+    flags = xfer.FF_STREAM | (rng.randrange(256) & ~1 if rng.random() < 0.5 else 0)
+    path = rng.choice([b"clean-%d.bin" % rng.randrange(20), b"fz/clean-%d" % rng.randrange(5)])
+    header = xfer._FILE.pack(fid, len(data), mtime, mode, flags) + path
+    tflags = 0 if rng.random() < 0.8 else rng.randrange(256)
+    fixed = xfer._TRAILER.pack(fid, tflags, hashlib.sha256(data).digest())
+    return (xfer._frame(xfer._Msg.FILE, header) + data
+            + xfer._frame(xfer._Msg.TRAILER, fixed + xfer._trailer_mac(key, fixed, header)))
+
+
+def _sec_fuzz_session(rng, key):
+    """What an authenticated client sends: 1-5 mutated messages."""
+    out = []
+    fid = rng.randrange(1, 1000)
+    for _ in range(rng.randint(1, 5)):
+        op = rng.random()
+        fid += 1
+        if op < 0.3:
+            out.append(_sec_fuzz_file(rng, key, fid))
+        elif op < 0.45:
+            out.append(_sec_fuzz_clean_file(rng, key, fid))
+        elif op < 0.6:
+            payload = xfer._MKDIR.pack(fid, rng.randrange(2**32)) + _sec_fuzz_path(rng)
+            if rng.random() < 0.1:
+                payload = payload[:rng.randrange(xfer._MKDIR.size)]
+            out.append(_sec_fuzz_frame(rng, xfer._Msg.MKDIR, payload))
+        elif op < 0.68:
+            out.append(_sec_fuzz_frame(rng, xfer._Msg.PING,
+                                       _sec_fuzz_bytes(rng, rng.choice([0, 0, 3]))))
+        elif op < 0.74:
+            out.append(_sec_fuzz_frame(rng, xfer._Msg.BYE, b""))
+        elif op < 0.82:
+            fixed = xfer._TRAILER.pack(fid, rng.randrange(256), _sec_fuzz_bytes(rng, 32))
+            out.append(_sec_fuzz_frame(rng, xfer._Msg.TRAILER, fixed))
+        elif op < 0.92:
+            out.append(_sec_fuzz_frame(rng, rng.randrange(256),
+                                       _sec_fuzz_bytes(rng, rng.choice([0, 1, 8, 40]))))
+        else:
+            out.append(_sec_fuzz_bytes(rng, rng.randrange(1, 30)))
+    return b"".join(out)
+
+
+def _sec_fuzz_handshake(rng):
+    """A broken handshake: mutated preface, HELLO and AUTH, sent without waiting."""
+    magic = xfer.MAGIC if rng.random() < 0.85 else _sec_fuzz_bytes(rng, 4)
+    version = xfer.PROTOCOL_VERSION if rng.random() < 0.85 else rng.randrange(1 << 16)
+    flags = 0 if rng.random() < 0.7 else rng.randrange(1 << 16)
+    out = [xfer._PREFACE.pack(magic, version, flags)]
+    kind = xfer._Msg.HELLO if rng.random() < 0.8 else rng.randrange(256)
+    out.append(_sec_fuzz_frame(rng, kind, _sec_fuzz_bytes(
+        rng, rng.choice([0, 31, 32, 32, 33, 64, 65]))))
+    if rng.random() < 0.8:
+        kind = xfer._Msg.AUTH if rng.random() < 0.8 else rng.randrange(256)
+        out.append(_sec_fuzz_frame(rng, kind, _sec_fuzz_bytes(rng, rng.choice([0, 32, 33]))))
+    if rng.random() < 0.3:
+        out.append(_sec_fuzz_session(rng, b""))   # files before authentication
+    data = b"".join(out)
+    if rng.random() < 0.15:
+        data = data[:rng.randrange(len(data) + 1)]
+    return data
+
+
+def _sec_fuzz_case(rng, address, token, tls_context=None, timeout=10.0):
+    """Run one fuzz connection; return (client port, mode, bytes sent, problem or None)."""
+    mode = rng.choice(["noise", "handshake", "session", "session", "session"])
+    sock = socket.create_connection(address, timeout=timeout)
+    port = sock.getsockname()[1]
+    data = b""
+    rfile = None
+    try:
+        if tls_context is not None and (mode != "noise" or rng.random() < 0.5):
+            sock = tls_context.wrap_socket(sock)
+        if mode == "noise":
+            data = (rng.choice([b"", b"", b"XFER", b"\x16\x03\x01", b"\x16"])
+                    + _sec_fuzz_bytes(rng, rng.choice([0, 1, 7, 8, 50, 300])))
+        elif mode == "handshake":
+            data = _sec_fuzz_handshake(rng)
+        else:
+            rfile = sock.makefile("rb")
+            try:
+                key = xfer._client_handshake(sock, rfile, token)
+            except (xfer.XferError, OSError) as e:
+                return port, mode, data, "a valid handshake failed: %r" % (e,)
+            data = _sec_fuzz_session(rng, key)
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass   # the server may refuse and close before reading everything
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        while True:   # until the server closes; it must, now that input has ended
+            try:
+                if not sock.recv(65536):
+                    break
+            except socket.timeout:
+                return port, mode, data, "server neither closed nor answered in %ss" % timeout
+            except OSError:
+                break
+        return port, mode, data, None
+    finally:
+        if rfile is not None:
+            rfile.close()
+        sock.close()
+
+
+class FuzzTests(unittest.TestCase):
+    ITERATIONS = 300
+    SECONDS = 5.0
+    THREADS = 4
+
+    def fuzz(self, token=None, tls=False, iterations=ITERATIONS, seconds=SECONDS,
+             case_insensitive=None, **receiver_kw):
+        outer = temp_dir(self)
+        dest = os.path.join(outer, "dest")
+        os.mkdir(dest)
+        lines = []
+        kw = dict(receiver_kw)
+        tls_context = None
+        if tls:
+            certs = _sec_certs(self)
+            kw.update(tls_cert=certs["cert1"], tls_key=certs["key1"])
+            tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            tls_context.check_hostname = False
+            tls_context.verify_mode = ssl.CERT_NONE
+        receiver = start_receiver(self, dest, token=token, log=lines.append, **kw)
+        if case_insensitive is not None:
+            receiver.case_insensitive = case_insensitive
+        master = int(os.environ.get("XFER_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
+        seeds = random.Random(master)
+        lock = threading.Lock()
+        cases = {}        # client port -> [(seed, mode, data)]
+        problems = []
+        count = [0]
+        deadline = time.monotonic() + seconds
+
+        def worker():
+            while True:
+                with lock:
+                    if count[0] >= iterations or time.monotonic() > deadline:
+                        return
+                    count[0] += 1
+                    seed = seeds.randrange(2**32)
+                try:
+                    port, mode, data, problem = _sec_fuzz_case(
+                        random.Random(seed), receiver.address, token, tls_context)
+                except Exception as e:   # the test's own client failing is a finding too
+                    port, mode, data, problem = None, "?", b"", "client: %r" % (e,)
+                with lock:
+                    cases.setdefault(port, []).append((seed, mode, data))
+                    if problem:
+                        problems.append((seed, mode, data, problem))
+
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(self.THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT + seconds)
+        self.assertFalse(any(t.is_alive() for t in threads), "fuzz workers hung")
+
+        def describe(seed, mode, data):
+            return "seed %d (master %d), %s: %r" % (seed, master, mode, data[:300])
+
+        self.assertGreater(count[0], 20, "too few fuzz cases ran")
+        if problems:
+            self.fail("%d fuzz case(s) failed:\n%s" % (len(problems), "\n".join(
+                "%s -> %s" % (describe(*p[:3]), p[3]) for p in problems[:5])))
+        internal = []
+        for line in list(lines):
+            if "internal error" in line:
+                m = re.search(r":(\d+): internal error", line)
+                found = cases.get(int(m.group(1)), []) if m else []
+                internal.append("%s\n    from %s" % (line, "; ".join(
+                    describe(*c) for c in found) or "unknown case"))
+        if internal:
+            self.fail("uncaught exceptions in the receiver (BUG):\n" + "\n".join(internal[:5]))
+        self.assertTrue(receiver._thread.is_alive())
+        self.assertEqual(receiver.status, "listening")
+        self.assertTrue(_sec_wait_until(lambda: receiver.connections == 0),
+                        "connections never returned to 0: %d" % receiver.connections)
+        self.assertEqual(os.listdir(outer), ["dest"], "something was written outside DIR")
+        self.assertEqual(_sec_partials(dest), [], "temporary files left behind")
+        # The receiver still does its job.
+        good = write_file(os.path.join(temp_dir(self), "good-after-fuzz.bin"),
+                          os.urandom(3000))
+        fingerprint = receiver.fingerprint if tls else None
+        (job,) = send_files(receiver.address, [good], token=token, fingerprint=fingerprint)
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(sha256_file(os.path.join(dest, "good-after-fuzz.bin")),
+                         sha256_file(good))
+        return count[0]
+
+    def test_fuzz_without_token(self):
+        self.fuzz()
+
+    def test_fuzz_with_token_and_strict_receiver(self):
+        self.fuzz(token="fuzz-token", portable_names=True, max_size=4000,
+                  case_insensitive=True)
+
+    @unittest.skipIf(ssl is None, "no ssl module")
+    def test_fuzz_over_tls_with_token(self):
+        self.fuzz(token="fuzz-token", tls=True, iterations=150, seconds=3.0)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import configparser
 import errno
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import os
 import queue
@@ -464,12 +465,19 @@ def _client_tls(sock, host, port, fingerprint, known_hosts):
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE    # the pin below replaces CA trust on a LAN
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    tls = ctx.wrap_socket(sock, do_handshake_on_connect=False)
     try:
-        tls = ctx.wrap_socket(sock)
+        tls.do_handshake()
     except ssl.SSLError as e:
+        # A busy server refuses before TLS starts, in plain xfer (Protocol 2).
+        refusal = _plain_refusal(tls)
+        if refusal is not None:
+            raise refusal from None
+        tls.close()
         raise ProtocolError("TLS handshake with %s:%d failed (%s); is the server started "
                             "with --tls?" % (host, port, e.reason or e)) from None
-    except (ConnectionError, OSError) as e:
+    except OSError:
+        tls.close()
         raise ProtocolError("%s:%d closed the connection during the TLS handshake; is the "
                             "server started with --tls?" % (host, port)) from None
     seen = cert_fingerprint(tls.getpeercert(binary_form=True))
@@ -490,6 +498,33 @@ def _client_tls(sock, host, port, fingerprint, known_hosts):
             "may be intercepting the connection, or the server got a new certificate; if "
             "you expected that, %s" % (hostport, expected, seen, advice))
     return tls, seen, False
+
+
+def _plain_refusal(tls):
+    """After a failed TLS handshake: the plain xfer ERROR the server sent, or None."""
+    try:
+        raw = socket.socket(fileno=tls.detach())
+    except OSError:
+        return None
+    rest = b""
+    try:
+        raw.settimeout(1.0)
+        while len(rest) < 8192:
+            data = raw.recv(8192)
+            if not data:
+                break
+            rest += data
+    except OSError:
+        pass
+    finally:
+        raw.close()
+    # OpenSSL has consumed up to one record header (5 bytes) of the preface.
+    for i in range(_PREFACE.size):
+        if len(rest) - i >= _FRAME.size and rest[i] == _Msg.ERROR:
+            _, length = _FRAME.unpack_from(rest, i)
+            if length == len(rest) - i - _FRAME.size:
+                return _decode_error(rest[i + _FRAME.size:])
+    return None
 
 
 def _host_port_text(host, port):
@@ -729,7 +764,9 @@ class _Dest:
         """Create a new temporary file next to name; return (fd, temp_name)."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY
         for _ in range(10):
-            temp = "%s%s.%s" % (PARTIAL_PREFIX, secrets.token_hex(4), name[:100])
+            # Cut the name by bytes: a 255-byte name plus the prefix must fit.
+            keep = name.encode("utf-8")[:100].decode("utf-8", "ignore")
+            temp = "%s%s.%s" % (PARTIAL_PREFIX, secrets.token_hex(4), keep)
             try:
                 if self.use_dir_fd:
                     return os.open(temp, flags, 0o600, dir_fd=handle), temp
@@ -2686,9 +2723,12 @@ _Target = collections.namedtuple("_Target", "host port token tls fingerprint")
 
 
 def _is_loopback(host):
-    if host in ("localhost", "ip6-localhost"):
+    if host.lower() in ("localhost", "ip6-localhost"):
         return True
-    return host.startswith("127.") or host in ("::1", "0:0:0:0:0:0:0:1")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _bool_value(config, section, key):
@@ -2821,13 +2861,18 @@ def _cmd_serve(args):
         if port is None:
             port = DEFAULT_PORT
     settings = _settings_path(args)
-    token = args.token or env.get("XFER_TOKEN") or config.value(s, "token")
+    token = args.token or env.get("XFER_TOKEN")
+    token_from = "from --token" if args.token else "from XFER_TOKEN"
+    if not token and config.get(s, "token"):
+        value, path, _ = config.get(s, "token")
+        token, token_from = value, "kept in %s" % path
     no_auth = args.no_auth or _bool_value(config, s, "no_auth")
     if no_auth:
         token = None
     elif not token:
         token = secrets.token_urlsafe(24)
         _save_settings(settings, "serve", {"token": token})
+        token_from = "new, kept in %s" % settings
     tls_cert = args.tls_cert or config.value(s, "tls_cert")
     tls_key = args.tls_key or config.value(s, "tls_key")
     if not tls_cert and (args.tls or _bool_value(config, s, "tls")):
@@ -2856,6 +2901,7 @@ def _cmd_serve(args):
                         max_path_bytes=args.max_path, max_depth=args.max_depth,
                         portable_names=portable,
                         tls_cert=tls_cert, tls_key=tls_key)
+    banner = None if quiet else (token_from if token else None)
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt
@@ -2872,7 +2918,7 @@ def _cmd_serve(args):
         sys.stdout.write("listening on %s\n" % _host_port_text(bound_host, bound_port))
         sys.stdout.flush()
         if not quiet:
-            _print_banner(receiver, token, settings, bound_host, bound_port)
+            _print_banner(receiver, token, banner, bound_host, bound_port)
         while True:
             time.sleep(3600)     # a signal or Ctrl-C interrupts this at once
     except KeyboardInterrupt:
@@ -2885,7 +2931,7 @@ def _cmd_serve(args):
     return EXIT_OK
 
 
-def _print_banner(receiver, token, settings, bound_host, bound_port):
+def _print_banner(receiver, token, token_from, bound_host, bound_port):
     """The startup banner: where files go and the one line that pairs a sender."""
     out = ["xfer %s receiving into %s" % (__version__, receiver.dir)]
     if bound_host in ("0.0.0.0", "::", ""):
@@ -2893,7 +2939,7 @@ def _print_banner(receiver, token, settings, bound_host, bound_port):
     else:
         addresses = [bound_host]
     if token:
-        out.append("token required (kept in %s)" % settings)
+        out.append("token required (%s)" % token_from)
     else:
         out.append("WARNING: --no-auth: anyone who can reach port %d can write into %s"
                    % (bound_port, receiver.dir))
@@ -2901,7 +2947,9 @@ def _print_banner(receiver, token, settings, bound_host, bound_port):
         out.append("TLS certificate fingerprint %s" % receiver.fingerprint)
     if token or receiver.fingerprint:
         name = "".join(c for c in socket.gethostname().split(".")[0].lower()
-                       if c.isalnum() or c in "-_") or "server"
+                       if c.isalnum() or c in "-_")
+        if name in ("", "serve", "default"):     # not usable as an alias
+            name = "server"
         line = "  python xfer.py config add %s %s" % (
             name, _host_port_text(addresses[0], bound_port))
         if token:
