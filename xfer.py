@@ -2832,6 +2832,15 @@ def _ensure_certificate(folder):
     return cert, key
 
 
+def _new_token():
+    """A random 32-character token (192 bits) that never starts with "-",
+    so it can follow --token on a command line."""
+    while True:
+        token = secrets.token_urlsafe(24)
+        if token[0] != "-":
+            return token
+
+
 def _local_addresses():
     """This machine's non-loopback IPv4 addresses, best effort, no traffic sent."""
     found = []
@@ -2870,7 +2879,7 @@ def _cmd_serve(args):
     if no_auth:
         token = None
     elif not token:
-        token = secrets.token_urlsafe(24)
+        token = _new_token()
         _save_settings(settings, "serve", {"token": token})
         token_from = "new, kept in %s" % settings
     tls_cert = args.tls_cert or config.value(s, "tls_cert")
@@ -2953,7 +2962,7 @@ def _print_banner(receiver, token, token_from, bound_host, bound_port):
         line = "  python xfer.py config add %s %s" % (
             name, _host_port_text(addresses[0], bound_port))
         if token:
-            line += " --token " + token
+            line += (" --token=" if token.startswith("-") else " --token ") + token
         if receiver.fingerprint:
             line += " --fingerprint " + receiver.fingerprint
         out.append("to pair a sending machine, run this there:")
@@ -3041,11 +3050,11 @@ def _cmd_bench(args):
     else:
         import subprocess
         import tempfile
-        token = secrets.token_urlsafe(24)
+        token = _new_token()
         empty = tempfile.mkdtemp(prefix="xfer-bench-")
         server = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "serve", "--host", "127.0.0.1",
-             "--port", "0", "--dir", empty, "--token", token, "-q"],
+             "--port", "0", "--dir", empty, "--token=" + token, "-q"],
             stdout=subprocess.PIPE, universal_newlines=True)
         line = server.stdout.readline()
         if not line.startswith("listening on "):
