@@ -1734,7 +1734,11 @@ class Sender:
         base = target_name or os.path.basename(os.path.normpath(path))
         name = "/".join(p for p in (_clean_subdir(subdir), base) if p)
         kind = "dir" if os.path.isdir(path) else "file"
-        job = Job(self, path, name, kind)
+        return self._submit(Job(self, path, name, kind))
+
+    def _submit(self, job):
+        if self._closing:
+            raise XferError("the sender is closed")
         with self._lock:
             self._unfinished += 1
         self._start_threads()
@@ -1753,14 +1757,7 @@ class Sender:
         job = Job(self, name, name)
         job.source = _Generated(size)
         job.size = size
-        with self._lock:
-            self._unfinished += 1
-        self._start_threads()
-        with self._requests_cv:
-            self._top.add(job)
-            self._requests.append(job)
-            self._requests_cv.notify()
-        return job
+        return self._submit(job)
 
     def wait(self, timeout=None):
         """Block until every queued job has ended; return True if they have."""
