@@ -1681,7 +1681,8 @@ class Sender:
     def __init__(self, to, token=None, workers=4, dispatch="thread", on_progress=None,
                  on_done=None, on_error=None, port=None,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, timeout=DEFAULT_IO_TIMEOUT,
-                 retries=1, tls=False, fingerprint=None, known_hosts=None, discard=False):
+                 retries=3, retry_window=10.0, tls=False, fingerprint=None, known_hosts=None,
+                 discard=False):
         self.host, self.port = _parse_target(to, port)
         self.tls = bool(tls or fingerprint)
         #: ask the receiver to verify and drop every file (benchmarks)
@@ -1700,7 +1701,9 @@ class Sender:
         self.on_error = on_error
         self.connect_timeout = connect_timeout
         self.timeout = timeout
-        self.retries = retries
+        self.retries = int(retries)
+        self.retry_window = retry_window
+        self._abort = threading.Event()     # close(wait=False): stop backing off
         self._dispatch = _Dispatcher(dispatch, self)
         self._work = queue.Queue(maxsize=2 * self.workers)
         self._requests = collections.deque()
@@ -1784,6 +1787,7 @@ class Sender:
                 self._requests.append(_STOP)
                 self._requests_cv.notify()
             if not wait:
+                self._abort.set()
                 for job in self._top:
                     job.cancel()
         if wait:
@@ -1970,16 +1974,26 @@ class Sender:
                 self._end(j, "cancelled" if j.cancelled else "failed", error)
 
     def _connect(self):
-        delays = [0.1, 0.5, 1.0]
-        for attempt in range(len(delays) + 1):
+        """Open a connection, retrying transient failures with backoff.
+
+        Refused, reset, timed out, busy or shutting down: wait 0.25 s, 0.5 s,
+        1 s, ... (each +-50% jitter, at most 4 s) and try again, up to
+        `retries` times and never past `retry_window` seconds, so a server
+        that is simply not there is reported within about ten seconds.
+        Authentication and protocol errors are raised at once.
+        """
+        deadline = time.monotonic() + self.retry_window
+        attempt = 0
+        while True:
             try:
                 return _Link(self)
             except XferError as e:
-                busy = isinstance(e, RemoteError) and e.code == ST_BUSY
-                if not busy or attempt == len(delays):
+                if not e.transient or attempt >= self.retries:
                     raise
-                time.sleep(delays[attempt] * (0.5 + secrets.randbelow(1000) / 1000.0))
-        raise AssertionError("unreachable")
+                delay = min(4.0, 0.25 * 2 ** attempt) * (0.5 + secrets.randbelow(1001) / 1000.0)
+                if time.monotonic() + delay > deadline or self._abort.wait(delay):
+                    raise
+                attempt += 1
 
     def _fatal(self, error):
         if not error.transient or isinstance(error, ConnectError):
