@@ -2888,7 +2888,6 @@ class PairingTests(unittest.TestCase):
                 target = xfer._resolve_target(config, to, environ={})
                 self.assertIsNone(target.token)
         target = xfer._resolve_target(config, "pi", environ={})
-        self.assertEqual(target._fields, ("host", "port", "token", "tls", "fingerprint"))
         self.assertEqual((target.host, target.port, target.tls, target.fingerprint),
                          ("192.168.1.20", 5001, True, "ab:cd"))
         target = xfer._resolve_target(config, "127.0.0.1:5000", token="explicit", environ={})
@@ -3484,6 +3483,79 @@ class FuzzTests(unittest.TestCase):
     @unittest.skipIf(ssl is None, "no ssl module")
     def test_fuzz_over_tls_with_token(self):
         self.fuzz(token="fuzz-token", tls=True, iterations=150, seconds=3.0)
+
+
+class FixesTests(unittest.TestCase):
+    def test_send_dir_dot_uses_the_directory_name(self):
+        parent = temp_dir(self)
+        src = os.path.join(parent, "project")
+        write_file(os.path.join(src, "a.txt"), b"a")
+        dst = temp_dir(self)
+        receiver = start_receiver(self, dst)
+        old = os.getcwd()
+        os.chdir(src)
+        self.addCleanup(os.chdir, old)
+        (job,) = send_files(receiver.address, ["."])
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(tree_listing(dst), ["project", "project/a.txt"])
+
+    def test_refused_directory_is_reported_and_counted(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        os.makedirs(os.path.join(src, "tree", "clash"))
+        write_file(os.path.join(src, "tree", "ok.txt"), b"ok")
+        write_file(os.path.join(dst, "tree", "clash"), b"a file where a directory goes")
+        receiver = start_receiver(self, dst)
+        errors = []
+        with xfer.Sender(receiver.address, on_error=errors.append) as sender:
+            job = sender.queue(os.path.join(src, "tree"))
+        self.assertEqual(job.state, "failed")
+        self.assertEqual(sender.files_failed, 1)
+        self.assertIn("tree/clash", [e.name for e in errors if e.kind == "mkdir"])
+        with open(os.path.join(dst, "tree", "clash"), "rb") as f:
+            self.assertEqual(f.read(), b"a file where a directory goes")
+
+    def test_generated_tokens_never_start_with_a_dash(self):
+        tokens = [xfer._new_token() for _ in range(3000)]
+        self.assertFalse([t for t in tokens if t.startswith("-")])
+        self.assertEqual({len(t) for t in tokens}, {32})
+
+    def test_size_parsing(self):
+        for text, value in [("500M", 500 * 10**6), ("2G", 2 * 10**9), ("10GiB", 10 * 2**30),
+                            ("4096", 4096), ("4KiB", 4096), ("20g", 20 * 10**9)]:
+            self.assertEqual(xfer._parse_size(text), value, text)
+        for bad in ["x", "-1", "5Q", ""]:
+            with self.assertRaises(ValueError, msg=bad):
+                xfer._parse_size(bad)
+
+    def test_serve_listen_host_comes_from_serve_section_only(self):
+        home = temp_dir(self)
+        ini = os.path.join(home, "xfer.ini")
+        with open(ini, "w") as f:
+            f.write("[DEFAULT]\nhost = 192.0.2.1\n")
+        seen = {}
+
+        class Stop(Exception):
+            pass
+
+        def fake_receiver(directory, **kw):
+            seen.update(kw)
+            raise Stop()
+        with mock.patch.object(xfer, "Receiver", fake_receiver):
+            with self.assertRaises(Stop):
+                xfer.main(["serve", "--config", ini, "--no-auth", "--dir", home])
+        self.assertEqual(seen["host"], "0.0.0.0")
+
+    def test_config_max_size_accepts_units(self):
+        home = temp_dir(self)
+        with open(os.path.join(home, "xfer.ini"), "w") as f:
+            f.write("[serve]\nmax_size = 1k\n")
+        proc, port = spawn_server(self, "--dir", temp_dir(self), "--no-auth", cwd=home,
+                                  env=isolated_env(home))
+        src = write_file(os.path.join(home, "big.bin"), b"x" * 2000)
+        result = run_xfer("send", "--to", "127.0.0.1:%d" % port, src, cwd=home,
+                          env=isolated_env(home))
+        self.assertEqual(result.returncode, xfer.EXIT_FAILED, result.stderr)
+        self.assertIn("limit of 1000", result.stderr)
 
 
 if __name__ == "__main__":

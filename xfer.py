@@ -1004,7 +1004,8 @@ def _peer_text(address):
 class Receiver:
     """Receive files into a directory; serves in background threads.
 
-    Methods for the caller: start(), stop(), poll(), serve_forever().
+    Methods for the caller: start(), stop(), poll(); usable as a context
+    manager (start on entry, stop on exit).
     Attributes: address, status, files_received, bytes_received,
     files_failed, connections.  All methods are thread-safe; stop() must not
     be called from a callback running in dispatch="thread" mode.
@@ -1734,7 +1735,10 @@ class Sender:
         if self._closing:
             raise XferError("the sender is closed")
         path = os.fspath(path)
-        base = target_name or os.path.basename(os.path.normpath(path))
+        # abspath, so "." and "../out/" name the directory they stand for
+        base = target_name or os.path.basename(os.path.abspath(path))
+        if not base:
+            raise XferError("%s: give a target_name for the root directory" % path)
         name = "/".join(p for p in (_clean_subdir(subdir), base) if p)
         kind = "dir" if os.path.isdir(path) else "file"
         return self._submit(Job(self, path, name, kind))
@@ -2019,9 +2023,13 @@ class Sender:
         job.error = error
         job.finished = time.monotonic()
         if job.kind == "mkdir":
-            if error is not None and job.parent is not None:
-                job.parent.failures.append((job.name, error))
+            if error is not None:
+                with self._lock:
+                    self.files_failed += 1
+                    job.parent.failures.append((job.name, error))
             job._ended.set()
+            if error is not None:
+                self._dispatch.emit(self.on_error, job)
             self._child_ended(job.parent)
             return
         with self._lock:
@@ -2727,10 +2735,10 @@ def _resolve_target(config, to=None, token=None, environ=None):
         token = config.sections.get("serve", {}).get("token", (None,))[0]
     fingerprint = config.value(section, "fingerprint")
     tls = _bool_value(config, section, "tls") or bool(fingerprint)
-    return _Target(host, port, token, tls, fingerprint)
+    return _Target(host, port, token, tls, fingerprint, config.int_value(section, "workers"))
 
 
-_Target = collections.namedtuple("_Target", "host port token tls fingerprint")
+_Target = collections.namedtuple("_Target", "host port token tls fingerprint workers")
 
 
 def _is_loopback(host):
@@ -2871,7 +2879,9 @@ def _cmd_serve(args):
     env = os.environ
     s = "serve"
     directory = args.dir or env.get("XFER_DIR") or config.value(s, "dir") or "."
-    host = args.host or config.value(s, "host") or "0.0.0.0"
+    # The listen address comes from [serve] only: a [DEFAULT] host is where
+    # senders send to, not an address of this machine.
+    host = args.host or config.sections.get(s, {}).get("host", (None,))[0] or "0.0.0.0"
     if args.port is not None:
         port = args.port
     elif env.get("XFER_PORT"):
@@ -2899,7 +2909,13 @@ def _cmd_serve(args):
         tls_cert, tls_key = _ensure_certificate(os.path.dirname(os.path.abspath(settings)))
     max_conn = args.max_connections or config.int_value(s, "max_connections") \
         or DEFAULT_MAX_CONNECTIONS
-    max_size = args.max_size if args.max_size is not None else config.int_value(s, "max_size")
+    max_size = args.max_size
+    if max_size is None and config.get(s, "max_size"):
+        value, path, lineno = config.get(s, "max_size")
+        try:
+            max_size = _parse_size(value)
+        except ValueError as e:
+            raise ConfigError(str(e), path, lineno, "max_size") from None
     portable = True if (args.portable_names or _bool_value(config, s, "portable_names")) \
         else None
     quiet = args.quiet
@@ -2988,7 +3004,7 @@ def _print_banner(receiver, token, token_from, bound_host, bound_port):
 def _cmd_send(args):
     config = load_config(args.config)
     target = _resolve_target(config, args.to, args.token)
-    workers = args.workers or config.int_value("DEFAULT", "workers") or 4
+    workers = args.workers or target.workers or 4
     verbose, quiet = args.verbose, args.quiet
     dirs = args.command == "send-dir"
     tls = args.tls or target.tls or bool(args.fingerprint)
@@ -3178,18 +3194,30 @@ def _port_arg(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _size_arg(text):
-    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    t = text.strip().lower().rstrip("b") if not text.lower().endswith("ib") else \
-        text.strip().lower()
-    num = t.rstrip("kmgtib")
-    unit = t[len(num):]
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+               "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def _parse_size(text):
+    """Bytes from "500M", "2G", "10GiB", "4096" (decimal units, or binary with "i")."""
+    t = text.strip().lower()
+    if t.endswith("b"):
+        t = t[:-1]
+    num = t.rstrip("kmgti")
     try:
-        return int(float(num) * units[unit])
+        value = int(float(num) * _SIZE_UNITS[t[len(num):]])
     except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError("not a size: %r (examples: 500M, 2G, 10GiB)"
-                                         % text) from None
+        raise ValueError("not a size: %r (examples: 500M, 2G, 10GiB)" % text) from None
+    if value < 0:
+        raise ValueError("not a size: %r (examples: 500M, 2G, 10GiB)" % text)
+    return value
+
+
+def _size_arg(text):
+    try:
+        return _parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _build_parser():
