@@ -997,7 +997,7 @@ class _HostileClient:
                 return self._result(fid, got[1])
             if got[0] != xfer._Msg.ACCEPT:
                 raise AssertionError("expected ACCEPT, got %r" % (got,))
-            self.send(body + trailer)
+            self.send(self.frame(xfer._Msg.BODY, xfer._BODY.pack(fid, 0)) + body + trailer)
         return self.read_result(fid)
 
     def read_result(self, fid):
@@ -1748,7 +1748,7 @@ class ServerRobustnessTests(unittest.TestCase):
             ("unknown kind", 0x55, b""),
             ("TRAILER without FILE", xfer._Msg.TRAILER, xfer._TRAILER.pack(1, 0, b"\0" * 32)),
             ("second AUTH", xfer._Msg.AUTH, b""),
-            ("ACCEPT from a client", xfer._Msg.ACCEPT, xfer._ACCEPT.pack(1, 0)),
+            ("ACCEPT from a client", xfer._Msg.ACCEPT, xfer._ACCEPT.pack(1, 0, bytes(32))),
             ("short FILE", xfer._Msg.FILE, b"\x00\x01"),
             ("short MKDIR", xfer._Msg.MKDIR, b"\x00"),
         ]
@@ -1889,6 +1889,7 @@ class ServerRobustnessTests(unittest.TestCase):
                 if not stream:
                     got = client.read_frame()
                     self.assertEqual(got[0], xfer._Msg.ACCEPT, got)
+                    client.send(client.frame(xfer._Msg.BODY, xfer._BODY.pack(1, 0)))
                 client.send(os.urandom(size // 4))
                 # the receiver is now writing a temporary file ...
                 self.assertTrue(_hostile_wait_until(lambda: _hostile_partials(self.dst)),
@@ -1900,6 +1901,12 @@ class ServerRobustnessTests(unittest.TestCase):
                 # ... and drops it once it notices the connection is gone.
                 self.assertTrue(_hostile_wait_until(lambda: receiver.connections == 0),
                                 "the receiver still holds the connection")
+                # Nothing under a final name; a large (not streamed) file keeps
+                # its partial for a resume, a streamed one leaves nothing.
+                partials = _hostile_partials(self.dst)
+                self.assertEqual(len(partials), 0 if stream else 1, partials)
+                for p in partials:
+                    os.unlink(os.path.join(self.dst, p))
                 self.assertEqual(tree_listing(self.dst), ["keep.bin"])
                 with open(os.path.join(self.dst, "keep.bin"), "rb") as f:
                     self.assertEqual(f.read(), b"previous version")
@@ -2106,7 +2113,7 @@ class EmbeddingTests(unittest.TestCase):
             for name, path in zip(names[k], paths[k]):
                 self.assertEqual(sha256_file(os.path.join(dsts[k], name)), sha256_file(path))
 
-    def test_cancel_mid_file_leaves_nothing_and_sender_goes_on(self):
+    def test_cancel_mid_file_leaves_no_final_file_and_resumes_later(self):
         src, dst = temp_dir(self), temp_dir(self)
         big = write_file(os.path.join(src, "big.bin"), os.urandom(8 * xfer.CHUNK))
         small = write_file(os.path.join(src, "after.bin"), os.urandom(5000))
@@ -2126,12 +2133,21 @@ class EmbeddingTests(unittest.TestCase):
         self.assertTrue(_embed_wait_for(lambda: receiver.connections == 0),
                         "the receiver kept the abandoned connection")
         self.assertFalse(os.path.exists(os.path.join(dst, "big.bin")))
-        self.assertEqual(_embed_partials(dst), [])
+        # A large file cut off mid-body keeps one partial, for a resume.
+        self.assertEqual(len(_embed_partials(dst)), 1)
         job2 = sender.queue(small)
         self.assertTrue(job2.wait(TIMEOUT))
         self.assertEqual(job2.state, "done", job2.error)
         self.assertEqual(sha256_file(os.path.join(dst, "after.bin")), sha256_file(small))
-        self.assertEqual(tree_listing(dst), ["after.bin"])
+        # Queued again, the big file resumes from the verified partial.
+        job3 = sender.queue(big)
+        self.assertTrue(job3.wait(TIMEOUT))
+        self.assertEqual(job3.state, "done", job3.error)
+        self.assertGreater(job3.resumed, 0)
+        self.assertLess(job3.resumed, job3.size)
+        self.assertEqual(receiver.bytes_resumed, job3.resumed)
+        self.assertEqual(sha256_file(os.path.join(dst, "big.bin")), sha256_file(big))
+        self.assertEqual(tree_listing(dst), ["after.bin", "big.bin"])
 
     def test_raising_callbacks_are_counted_and_work_goes_on(self):
         src, dst = temp_dir(self), temp_dir(self)

@@ -93,6 +93,14 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_IO_TIMEOUT = 60.0
 #: Temporary files start with this; the receiver refuses names that do.
 PARTIAL_PREFIX = ".xfer-part."
+#: Receiver default: partial files older than this (seconds) are deleted.
+DEFAULT_PARTIAL_MAX_AGE = 7 * 24 * 3600
+#: Receiver default: seconds stop() lets files in flight finish.
+DEFAULT_GRACE = 5.0
+#: What a receiver does when a file's name is taken (README "serve").
+OVERWRITE_POLICIES = ("replace", "rename", "skip", "fail")
+#: Files a sender asks about in one CHECK batch (one round trip per batch).
+CHECK_BATCH = 32
 
 #------------------------------------------------------------
 # errors and exit statuses
@@ -200,7 +208,7 @@ class IntegrityError(RemoteError):
 
 
 # Wire status codes (Protocol 4.4) and the class a sender raises for each.
-ST_OK, ST_SKIPPED = 0, 1
+ST_OK, ST_SKIPPED, ST_NEEDED = 0, 1, 2
 ST_BAD_PATH, ST_CONFLICT, ST_TOO_LARGE, ST_NO_SPACE = 10, 11, 12, 13
 ST_INTEGRITY, ST_IO, ST_ABORTED = 14, 15, 16
 ST_PROTOCOL, ST_VERSION, ST_AUTH_REQUIRED, ST_AUTH_FAILED = 20, 21, 22, 23
@@ -240,7 +248,9 @@ _NONCE_SIZE = 32                       # HELLO payload                 (Protocol
 _HANDSHAKE_FRAME_MAX = 64              # receiver's cap on frames before authentication
 _MAC_SIZE = 32                         # HMAC-SHA256
 _FILE = struct.Struct("!IQqIB")        # id, size, mtime_ns, mode, flags; path follows (4.2)
-_ACCEPT = struct.Struct("!IQ")         # id, offset                    (4.3)
+_ACCEPT = struct.Struct("!IQ32s")      # id, offset, sha256 of the first offset bytes (4.3)
+_BODY = struct.Struct("!IQ")           # id, start offset of the body  (4.3)
+_CHECK = struct.Struct("!IQqB32s")     # id, size, mtime_ns, flags, sha256; path follows (4.8)
 _TRAILER = struct.Struct("!IB32s")     # id, flags, sha256; MAC follows (4.3)
 _RESULT = struct.Struct("!IB")         # id, status; reason follows    (4.4)
 _MKDIR = struct.Struct("!II")          # id, mode; path follows        (4.5)
@@ -252,6 +262,8 @@ PF_AUTH_REQUIRED = 0x0001
 # FILE flags.  Bits 2-7 are reserved and sent as 0.
 FF_STREAM = 0x01       # the body follows the header at once, no ACCEPT
 FF_DISCARD = 0x02      # verify the body, then throw it away (benchmarks)
+# CHECK flags.  Bits 1-7 are reserved and sent as 0.
+CF_CHECKSUM = 0x01     # compare content digests, not size and mtime
 # TRAILER flags.  Bits 1-7 are reserved and sent as 0.
 TF_ABORT = 0x01        # the sender gives this file up; discard it
 
@@ -266,6 +278,8 @@ class _Msg:
     TRAILER = 0x12
     RESULT = 0x13
     MKDIR = 0x14
+    CHECK = 0x15
+    BODY = 0x16
     PING = 0x20
     PONG = 0x21
     BYE = 0x22
@@ -784,23 +798,102 @@ class _Dest:
         except OSError:
             pass
 
-    def publish(self, handle, temp, name):
-        """Atomically move temp over name (replacing a regular file) and sync the directory."""
+    def open_partial(self, handle, temp):
+        """Open (creating) a resumable partial for reading and writing; (fd, stat)."""
+        flags = os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_BINARY
         if self.use_dir_fd:
-            os.rename(temp, name, src_dir_fd=handle, dst_dir_fd=handle)
-            _fsync_dir(handle)
+            fd = os.open(temp, flags, 0o600, dir_fd=handle)
+        else:
+            path = os.path.join(handle, temp)
+            st = self.lstat(handle, temp)
+            if st is not None and (stat.S_ISLNK(st.st_mode) or _is_reparse(st)):
+                raise UnsafePathError("a symlink stands where a partial file goes", temp)
+            fd = os.open(path, flags, 0o600)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise UnsafePathError("a special file stands where a partial file goes", temp)
+        return fd, st
+
+    def open_existing(self, handle, name):
+        """Open an existing regular file for reading, never through a symlink."""
+        flags = os.O_RDONLY | _O_NOFOLLOW | _O_BINARY
+        if self.use_dir_fd:
+            return os.open(name, flags, dir_fd=handle)
+        return os.open(os.path.join(handle, name), flags)
+
+    def dir_id(self, handle):
+        """Identity of a parent directory, to tell whose partial is whose."""
+        if self.use_dir_fd:
+            st = os.fstat(handle)
+            return st.st_dev, st.st_ino
+        return os.path.normcase(handle)
+
+    def publish(self, handle, temp, name, policy="replace"):
+        """Move the finished temp file to its final name and sync the directory.
+
+        policy "replace" renames over an existing regular file (atomic).  The
+        others never clobber: "rename" picks "NAME (1).EXT", "NAME (2).EXT"...
+        if the name is taken; "skip" and "fail" leave an existing file alone,
+        returning None ("skip") or raising RemoteError ST_CONFLICT ("fail").
+        Returns the final name.
+        """
+        if policy == "replace":
+            self._rename(handle, temp, name, replace=True)
+            self._sync(handle)
+            return name
+        candidates = [name]
+        if policy == "rename":
+            candidates = itertools.chain(candidates, _numbered(name))
+        for candidate in candidates:
+            try:
+                self._rename(handle, temp, candidate, replace=False)
+            except FileExistsError:
+                continue
+            self._sync(handle)
+            return candidate
+        if policy == "skip":
+            return None
+        if policy == "fail":
+            raise RemoteError("%s: exists (the receiver refuses to replace files)"
+                              % _display(name), ST_CONFLICT)
+        raise RemoteError("%s: no free name for a renamed copy" % _display(name), ST_CONFLICT)
+
+    def _rename(self, handle, temp, name, replace):
+        if self.use_dir_fd:
+            if replace:
+                os.rename(temp, name, src_dir_fd=handle, dst_dir_fd=handle)
+                return
+            # No clobber: a hard link fails with EEXIST if name is taken.
+            try:
+                os.link(temp, name, src_dir_fd=handle, dst_dir_fd=handle)
+            except FileExistsError:
+                raise
+            except OSError:   # no hard links here (FAT, some network shares)
+                if self.lstat(handle, name) is not None:
+                    raise FileExistsError(errno.EEXIST, "exists", name) from None
+                os.rename(temp, name, src_dir_fd=handle, dst_dir_fd=handle)
+                return
+            os.unlink(temp, dir_fd=handle)
             return
         src, dst = os.path.join(handle, temp), os.path.join(handle, name)
+        if not replace and os.name != "nt" and self.lstat(handle, name) is not None:
+            raise FileExistsError(errno.EEXIST, "exists", dst)
+        move = os.replace if replace else os.rename   # os.rename never clobbers on Windows
         for delay in (0.01, 0.05, 0.1, 0.25, 0.5, None):
             try:
-                os.replace(src, dst)
-                break
+                move(src, dst)
+                return
             except PermissionError:
                 # Virus scanners and indexers hold new files open on Windows.
                 if delay is None:
                     raise
                 time.sleep(delay)
-        if os.name != "nt":
+
+    def _sync(self, handle):
+        if self.use_dir_fd:
+            _fsync_dir(handle)
+        elif os.name != "nt":
             fd = os.open(handle, os.O_RDONLY)
             try:
                 _fsync_dir(fd)
@@ -809,6 +902,15 @@ class _Dest:
 
     def final_path(self, parts):
         return os.path.join(self.root, *parts)
+
+
+def _numbered(name):
+    """"stem (1).ext", "stem (2).ext", ... (999 of them)."""
+    stem, dot, ext = name.rpartition(".")
+    if not stem:                      # no extension, or a dot file
+        stem, dot, ext = name, "", ""
+    for i in range(1, 1000):
+        yield "%s (%d)%s%s" % (stem, i, dot, ext)
 
 
 def _is_reparse(st):
@@ -1018,7 +1120,8 @@ class Receiver:
                  handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
                  portable_names=None, fsync=True, tls_cert=None, tls_key=None,
                  max_per_address=None, max_path_bytes=MAX_PATH_BYTES,
-                 max_depth=MAX_PATH_DEPTH, max_frame=MAX_FRAME_PAYLOAD):
+                 max_depth=MAX_PATH_DEPTH, max_frame=MAX_FRAME_PAYLOAD,
+                 overwrite="replace", partial_max_age=DEFAULT_PARTIAL_MAX_AGE):
         self.dir = os.path.abspath(os.path.expanduser(dir))
         self.host = host
         self.port = port
@@ -1032,6 +1135,15 @@ class Receiver:
         self.handshake_timeout = handshake_timeout
         self.portable_names = (os.name == "nt") if portable_names is None else portable_names
         self.fsync = fsync
+        if overwrite not in OVERWRITE_POLICIES:
+            raise ValueError("overwrite must be one of %s, not %r"
+                             % (", ".join(OVERWRITE_POLICIES), overwrite))
+        self.overwrite = overwrite
+        self.partial_max_age = partial_max_age
+        self._stopping = False
+        self._claims = set()
+        self.files_resumed = 0
+        self.bytes_resumed = 0
         self.max_path_bytes = int(max_path_bytes)
         self.max_depth = int(max_depth)
         self.max_frame = int(max_frame)
@@ -1048,6 +1160,7 @@ class Receiver:
         self._server = None
         self._thread = None
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)   # notified when a connection ends
         self.address = None
         self.status = "stopped"
         self.files_received = 0
@@ -1064,6 +1177,7 @@ class Receiver:
         Raises XferError if DIR is unusable or the port cannot be bound.
         """
         self._prepare_dir()
+        self._stopping = False
         if self.tls_cert:
             self._tls = _server_tls_context(self.tls_cert, self.tls_key)
             self.fingerprint = cert_fingerprint(_certificate_der(self.tls_cert))
@@ -1078,6 +1192,8 @@ class Receiver:
         self._thread = threading.Thread(target=self._serve, args=(self._server,),
                                         name="xfer-receiver", daemon=True)
         self._thread.start()
+        if self.partial_max_age is not None:
+            threading.Thread(target=self._sweep, name="xfer-sweep", daemon=True).start()
         self._set_status("listening")
         return self
 
@@ -1088,12 +1204,24 @@ class Receiver:
             self._set_status("error: %s: %s" % (type(e).__name__, e))
             self._log("receiver stopped: %s: %s" % (type(e).__name__, e))
 
-    def stop(self):
-        """Stop accepting, end open connections and wait for the serving thread."""
+    def stop(self, grace=0.0):
+        """Stop accepting, let files in flight finish, then end the connections.
+
+        Each connection finishes the request it is on; for up to grace
+        seconds the others are answered "shutting down" (transient, so a
+        sender retries elsewhere or later) as they come.  Then every
+        connection is closed; a large file cut off keeps its partial for a
+        resume.  Blocks until the serving thread has ended.
+        """
         server, self._server = self._server, None
         if server is None:
             return
+        self._stopping = True
         server.shutdown()
+        deadline = time.monotonic() + grace
+        with self._idle:
+            while self.connections and time.monotonic() < deadline:
+                self._idle.wait(min(0.05, max(0.0, deadline - time.monotonic())))
         server.close_active()
         server.server_close()
         if self._thread is not None:
@@ -1163,11 +1291,50 @@ class Receiver:
         except OSError:
             pass
 
-    def _count_file(self, info):
+    def _count_file(self, info, resumed=0):
         with self._lock:
             self.files_received += 1
             self.bytes_received += info.size
+            if resumed:
+                self.files_resumed += 1
+                self.bytes_resumed += resumed
         self._dispatch.emit(self.on_file, info)
+
+    def _claim(self, key):
+        """Reserve a resumable partial for one connection; False if taken."""
+        with self._lock:
+            if key in self._claims:
+                return False
+            self._claims.add(key)
+            return True
+
+    def _unclaim(self, key):
+        with self._lock:
+            self._claims.discard(key)
+
+    def _sweep(self):
+        """Delete partial files older than partial_max_age below DIR (start-up)."""
+        limit = time.time() - self.partial_max_age
+        removed = 0
+        for folder, dirs, files in os.walk(self.dir):
+            dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
+            for name in files:
+                if not name.startswith(PARTIAL_PREFIX):
+                    continue
+                path = os.path.join(folder, name)
+                try:
+                    st = os.lstat(path)
+                    # ctime moves when a partial is kept (its mtime is set then)
+                    if stat.S_ISREG(st.st_mode) and max(st.st_ctime, st.st_mtime) < limit:
+                        os.unlink(path)
+                        removed += 1
+                except OSError:
+                    continue
+            if self._server is None:
+                return
+        if removed:
+            self._log("removed %d partial file%s older than %s" % (
+                removed, "" if removed == 1 else "s", _duration(self.partial_max_age)))
 
     def _count_failure(self):
         with self._lock:
@@ -1223,6 +1390,7 @@ class _ReceiveSession:
                 pass
             with self.r._lock:
                 self.r.connections -= 1
+                self.r._idle.notify_all()
 
     def _send(self, data):
         self.sock.sendall(data)
@@ -1332,9 +1500,15 @@ class _ReceiveSession:
 
     def _loop(self):
         while True:
+            if self.r._stopping:
+                # Between requests, so a file in flight is finished first.
+                self._send(_encode_error(ST_SHUTDOWN, "the server is shutting down"))
+                raise _Drop()
             kind, payload = _read_frame(self.rfile, self.r.max_frame)
             if kind == _Msg.FILE:
                 self._on_file(payload)
+            elif kind == _Msg.CHECK:
+                self._on_check(payload)
             elif kind == _Msg.MKDIR:
                 self._on_mkdir(payload)
             elif kind == _Msg.PING:
@@ -1370,9 +1544,86 @@ class _ReceiveSession:
         self._send(_encode_result(fid, ST_OK))
 
     def _refuse(self, fid, raw, code, reason):
+        if code == ST_SKIPPED:
+            self._send(_encode_result(fid, code, reason))
+            return
         self.r._count_failure()
         self.r._log("%s: refused %s: %s" % (self.peer, _display(raw), reason))
         self._send(_encode_result(fid, code, reason))
+
+    def _on_check(self, payload):
+        """CHECK (Protocol 4.8): is this file already here?  Answer, store nothing."""
+        if len(payload) < _CHECK.size:
+            raise ProtocolError("CHECK payload of %d bytes is too short" % len(payload))
+        fid, size, mtime_ns, flags, digest = _CHECK.unpack_from(payload)
+        raw = payload[_CHECK.size:]
+        try:
+            parts = self.r._split(raw)
+            try:
+                handle = self.dest.parent(parts, raw, create=False)
+            except FileNotFoundError:
+                self._send(_encode_result(fid, ST_NEEDED))
+                return
+            st = self._existing(handle, parts[-1], raw)
+            verdict = self._verdict(st, handle, parts[-1], raw, size, mtime_ns,
+                                    digest if flags & CF_CHECKSUM else None)
+        except XferError as e:
+            self._refuse(fid, raw, e.code, str(e))
+            return
+        except OSError as e:
+            self._refuse(fid, raw, ST_IO, "%s: %s" % (_display(raw), e.strerror or e))
+            return
+        if verdict is None:
+            self._send(_encode_result(fid, ST_NEEDED))
+        else:
+            self._refuse(fid, raw, *verdict)
+
+    def _verdict(self, st, handle, name, raw, size, mtime_ns, digest):
+        """None if the file should be sent, else (status, reason) for RESULT."""
+        if st is None:
+            return None
+        if st.st_size == size:
+            if digest is None:
+                same = abs(st.st_mtime_ns - mtime_ns) < 1000    # microsecond precision
+            else:
+                same = hmac.compare_digest(self._digest_of(handle, name), digest)
+            if same:
+                return ST_SKIPPED, "identical"
+        return self._policy_refusal(raw)
+
+    def _policy_refusal(self, raw):
+        """The overwrite policy's answer for a file whose name is taken, or None."""
+        policy = self.r.overwrite
+        if policy == "skip":
+            return ST_SKIPPED, "exists; not replaced (the receiver's policy)"
+        if policy == "fail":
+            return ST_CONFLICT, "%s: exists (the receiver refuses to replace files)" % (
+                _display(raw))
+        return None
+
+    def _digest_of(self, handle, name):
+        fd = self.dest.open_existing(handle, name)
+        try:
+            return _hash_fd(fd, self.buf).digest()
+        finally:
+            os.close(fd)
+
+    def _existing(self, handle, name, raw):
+        """lstat of the final name; refuses what may never be replaced."""
+        st = self.dest.lstat(handle, name)
+        if st is None:
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            raise RemoteError("%s: a directory of that name exists" % _display(raw),
+                              ST_CONFLICT)
+        if stat.S_ISLNK(st.st_mode) or _is_reparse(st):
+            raise UnsafePathError("refusing to replace a symlink", raw)
+        if not stat.S_ISREG(st.st_mode):
+            raise RemoteError("%s: a special file of that name exists" % _display(raw),
+                              ST_CONFLICT)
+        if self.r.case_insensitive:
+            self._check_same_name(handle, name, raw)
+        return st
 
     def _on_file(self, payload):
         started = time.monotonic()
@@ -1381,9 +1632,10 @@ class _ReceiveSession:
         if flags & FF_DISCARD:
             self._discard(fid, size, stream, raw, payload)
             return
+        part = None
         try:
-            parts, handle = self._admit(raw, size)
-            fd, temp = self.dest.create_temp(handle, parts[-1])
+            parts, handle, existed = self._admit(raw, size)
+            part = self._partial(handle, parts, size, mtime_ns, resumable=not stream)
         except (XferError, OSError) as e:
             if isinstance(e, XferError):
                 code, reason = e.code, str(e)
@@ -1400,13 +1652,23 @@ class _ReceiveSession:
                 self._read_trailer(fid)
             self._refuse(fid, raw, code, reason)
             return
-        if not stream:
-            self._send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, 0)))
         name = parts[-1]
         failure = None
-        fd_open = True
+        keep = False            # keep the partial for a later resume
         try:
-            digest, write_error = self._receive_body(fd, size)
+            digest = hashlib.sha256()
+            start = 0
+            if not stream:
+                self._send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, part.offset, part.prefix)))
+                start = self._read_body_start(fid, part.offset)
+                if start:
+                    digest = part.hasher
+                else:
+                    os.ftruncate(part.fd, 0)
+                os.lseek(part.fd, start, os.SEEK_SET)
+            keep = part.resumable
+            write_error = self._receive_body(part.fd, size - start, digest)
+            keep = False
             trailer_flags, their_digest, mac = self._read_trailer(fid)
             fixed = _TRAILER.pack(fid, trailer_flags, their_digest)
             if trailer_flags & TF_ABORT:
@@ -1418,33 +1680,97 @@ class _ReceiveSession:
             elif not hmac.compare_digest(mac, _trailer_mac(self.key, fixed, payload)):
                 failure = (ST_INTEGRITY, "%s: MAC mismatch, file discarded" % _display(raw))
             else:
-                fd_open = False          # _finish closes it, whatever happens
+                fd, part.fd = part.fd, None      # _finish closes it, whatever happens
                 try:
-                    self._finish(fd, handle, temp, name, raw, mtime_ns, mode)
+                    final, note = self._finish(fd, handle, part.temp, name, raw, mtime_ns,
+                                               mode, existed)
+                    part.temp = None             # published, or removed by the policy
                 except XferError as e:
                     failure = (e.code, str(e))
                 except OSError as e:
                     code = ST_NO_SPACE if e.errno in _NO_SPACE_ERRNOS else ST_IO
                     failure = (code, "%s: %s" % (_display(raw), e.strerror or e))
         except BaseException:
-            # The connection failed mid-file: nothing may stay behind.
-            if fd_open:
-                os.close(fd)
-            self.dest.remove(handle, temp)
+            # The connection failed mid-file.  A large file's partial stays,
+            # stamped with the source's mtime, for the next attempt to resume.
+            self._release(part, handle, keep=keep, mtime_ns=mtime_ns)
             raise
-        if fd_open:
-            os.close(fd)
+        self._release(part, handle, keep=False)
         if failure is not None:
-            # The temp goes before the answer, so a client that looks right
+            # The temp went before the answer, so a client that looks right
             # after a refusal never sees it.
-            self.dest.remove(handle, temp)
             self._refuse(fid, raw, *failure)
             return
+        if final is None:                    # the policy said skip after all
+            self._send(_encode_result(fid, ST_SKIPPED, note))
+            return
+        parts[-1] = final
         relpath = "/".join(parts)
         info = FileInfo(self.dest.final_path(parts), relpath, size, self.peer,
                         time.monotonic() - started, digest.hexdigest())
-        self._send(_encode_result(fid, ST_OK))
-        self.r._count_file(info)
+        self._send(_encode_result(fid, ST_OK, note))
+        self.r._count_file(info, part.offset if start else 0)
+
+    def _read_body_start(self, fid, offset):
+        """BODY (Protocol 4.3): where the sender starts, 0 or the offered offset."""
+        payload = _expect(self.rfile, _Msg.BODY)
+        if len(payload) != _BODY.size:
+            raise ProtocolError("BODY payload of %d bytes" % len(payload))
+        bid, start = _BODY.unpack(payload)
+        if bid != fid or start not in (0, offset):
+            raise ProtocolError("BODY for file %d at %d; expected file %d at 0 or %d"
+                                % (bid, start, fid, offset))
+        return start
+
+    def _partial(self, handle, parts, size, mtime_ns, resumable):
+        """Open the temporary file for a file; for a large one, the resumable partial."""
+        name = parts[-1]
+        if resumable:
+            key = hashlib.sha256("/".join(parts).encode("utf-8")).hexdigest()[:16]
+            temp = "%s%s.%s" % (PARTIAL_PREFIX, key, _cut(name, 100))
+            claim = (self.dest.dir_id(handle), temp)
+            if self.r._claim(claim):
+                try:
+                    fd, st = self.dest.open_partial(handle, temp)
+                except BaseException:
+                    self.r._unclaim(claim)
+                    raise
+                part = _Part(fd, temp, claim)
+                if 0 < st.st_size < size and st.st_mtime_ns == mtime_ns:
+                    part.hasher = _hash_fd(fd, self.buf)
+                    part.offset = st.st_size
+                    part.prefix = part.hasher.digest()
+                return part
+        fd, temp = self.dest.create_temp(handle, name)
+        part = _Part(fd, temp, None)
+        part.resumable = False
+        return part
+
+    def _release(self, part, handle, keep, mtime_ns=0):
+        """Close a partial; keep it for a resume, or remove it."""
+        if part is None:
+            return
+        try:
+            if part.fd is not None:
+                if keep:
+                    try:
+                        os.utime(part.fd, ns=(mtime_ns, mtime_ns)) \
+                            if os.utime in os.supports_fd else None
+                    except OSError:
+                        keep = False
+                os.close(part.fd)
+                part.fd = None
+            if not keep:
+                if part.temp is not None:
+                    self.dest.remove(handle, part.temp)
+            elif os.utime not in os.supports_fd:
+                try:
+                    os.utime(os.path.join(handle, part.temp), ns=(mtime_ns, mtime_ns))
+                except OSError:
+                    self.dest.remove(handle, part.temp)
+        finally:
+            if part.claim is not None:
+                self.r._unclaim(part.claim)
 
     def _discard(self, fid, size, stream, raw, payload):
         """A benchmark file: receive and verify it like any other, store nothing."""
@@ -1459,7 +1785,8 @@ class _ReceiveSession:
             self._refuse(fid, raw, e.code, str(e))
             raise _Drop() from None
         if not stream:
-            self._send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, 0)))
+            self._send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, 0, bytes(32))))
+            self._read_body_start(fid, 0)
         digest = self._drain(size, hashlib.sha256())
         trailer_flags, their_digest, mac = self._read_trailer(fid)
         fixed = _TRAILER.pack(fid, trailer_flags, their_digest)
@@ -1471,7 +1798,7 @@ class _ReceiveSession:
         self._send(_encode_result(fid, ST_OK))
 
     def _admit(self, raw, size):
-        """Validate a FILE header; return (parts, parent handle) or raise."""
+        """Validate a FILE header; return (parts, parent handle, existed) or raise."""
         parts = self.r._split(raw)
         if self.r.max_size is not None and size > self.r.max_size:
             raise RemoteError("%s: %d bytes exceeds the receiver's limit of %d"
@@ -1482,19 +1809,13 @@ class _ReceiveSession:
                 raise RemoteError("%s: not enough space: need %s, have %s"
                                   % (_display(raw), _human(size), _human(free)), ST_NO_SPACE)
         handle = self.dest.parent(parts, raw)
-        st = self.dest.lstat(handle, parts[-1])
-        if st is not None:
-            if stat.S_ISDIR(st.st_mode):
-                raise RemoteError("%s: a directory of that name exists" % _display(raw),
-                                  ST_CONFLICT)
-            if stat.S_ISLNK(st.st_mode) or _is_reparse(st):
-                raise UnsafePathError("refusing to replace a symlink", raw)
-            if not stat.S_ISREG(st.st_mode):
-                raise RemoteError("%s: a special file of that name exists" % _display(raw),
-                                  ST_CONFLICT)
-            if self.r.case_insensitive:
-                self._check_same_name(handle, parts[-1], raw)
-        return parts, handle
+        existed = self._existing(handle, parts[-1], raw) is not None
+        if existed:
+            refusal = self._policy_refusal(raw)
+            if refusal is not None:
+                raise _error_for(*refusal) if refusal[0] != ST_SKIPPED else \
+                    RemoteError(refusal[1], ST_SKIPPED)
+        return parts, handle, existed
 
     def _check_same_name(self, handle, name, raw):
         """On a case-insensitive filesystem, refuse a name that only matches an
@@ -1511,15 +1832,14 @@ class _ReceiveSession:
                 raise RemoteError("%s: differs only by case or Unicode form from the "
                                   "existing %s" % (_display(raw), _display(other)), ST_CONFLICT)
 
-    def _receive_body(self, fd, size):
-        """Copy size bytes from the socket into fd, hashing them.
+    def _receive_body(self, fd, count, digest):
+        """Copy count bytes from the socket into fd, hashing them into digest.
 
-        Returns (sha256 object, None) or, if writing failed, (sha256, (code,
-        reason)) after draining the rest so the stream stays in step.
+        Returns None, or (code, reason) if writing failed; the rest is then
+        drained so the stream stays in step.
         """
-        h = hashlib.sha256()
         view = memoryview(self.buf)
-        left = size
+        left = count
         write_error = None
         readinto = self.rfile.readinto
         while left:
@@ -1528,7 +1848,7 @@ class _ReceiveSession:
                 raise ConnectionClosedError("connection closed with %d bytes of a file to go"
                                             % left)
             chunk = view[:n]
-            h.update(chunk)
+            digest.update(chunk)
             if write_error is None:
                 try:
                     while chunk:
@@ -1538,7 +1858,7 @@ class _ReceiveSession:
                     code = ST_NO_SPACE if e.errno in _NO_SPACE_ERRNOS else ST_IO
                     write_error = (code, "write failed: %s" % (e.strerror or e))
             left -= n
-        return h, write_error
+        return write_error
 
     def _drain(self, size, digest=None):
         """Read and drop size bytes of a body (hashing them into digest, if given)."""
@@ -1561,8 +1881,11 @@ class _ReceiveSession:
             raise ProtocolError("TRAILER for file %d while receiving file %d" % (tid, fid))
         return flags, digest, payload[_TRAILER.size:]
 
-    def _finish(self, fd, handle, temp, name, raw, mtime_ns, mode):
-        """Make the verified temp file durable and move it into place; closes fd."""
+    def _finish(self, fd, handle, temp, name, raw, mtime_ns, mode, existed):
+        """Make the verified temp file durable and move it into place; closes fd.
+
+        Returns (final name or None if the policy skipped it, note for RESULT).
+        """
         perm = stat.S_IMODE(mode) & 0o777     # never setuid, setgid or sticky
         try:
             if self.r.fsync:
@@ -1580,16 +1903,63 @@ class _ReceiveSession:
                 os.chmod(path, stat.S_IREAD)
         # Check again right before the rename: a directory or symlink may
         # have appeared under the final name while the body was arriving.
-        st = self.dest.lstat(handle, name)
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            raise RemoteError("%s: a non-regular file of that name appeared" % _display(raw),
-                              ST_CONFLICT)
-        self.dest.publish(handle, temp, name)
+        existed = self._existing(handle, name, raw) is not None or existed
+        policy = self.r.overwrite
+        final = self.dest.publish(handle, temp, name, policy)
+        if final is None:
+            self.dest.remove(handle, temp)
+            return None, "exists; not replaced (the receiver's policy)"
+        if final != name:
+            return final, "renamed to %s" % final
+        return final, "replaced" if existed and policy == "replace" else ""
+
+
+class _Part:
+    """A temporary file being written: fd, name, and what a resume may reuse."""
+
+    def __init__(self, fd, temp, claim):
+        self.fd = fd
+        self.temp = temp
+        self.claim = claim
+        self.resumable = claim is not None
+        self.offset = 0
+        self.prefix = bytes(32)
+        self.hasher = None
+
+
+def _hash_fd(fd, buf):
+    """sha256 of a file from its start, read through buf; leaves the offset at the end."""
+    h = hashlib.sha256()
+    view = memoryview(buf)
+    os.lseek(fd, 0, os.SEEK_SET)
+    while True:
+        n = os.readv(fd, [view]) if hasattr(os, "readv") else _read_into(fd, view)
+        if not n:
+            return h
+        h.update(view[:n])
+
+
+def _read_into(fd, view):
+    data = os.read(fd, len(view))
+    view[:len(data)] = data
+    return len(data)
+
+
+def _cut(name, limit):
+    """name cut to at most limit UTF-8 bytes, on a character boundary."""
+    return name.encode("utf-8")[:limit].decode("utf-8", "ignore")
 
 
 _NO_SPACE_ERRNOS = frozenset(e for e in (getattr(errno, "ENOSPC", None),
                                          getattr(errno, "EDQUOT", None),
                                          getattr(errno, "EFBIG", None)) if e)
+
+
+def _duration(seconds):
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return "%g %s" % (round(seconds / size, 1), unit)
+    return "%g seconds" % seconds
 
 
 def _human(n):
@@ -1622,6 +1992,8 @@ class Job:
         self.kind = kind
         self.parent = parent
         self.source = None      # a _Generated instead of the file at path (bench)
+        self.note = ""          # the receiver's word on success: "replaced", "renamed to ..."
+        self.resumed = 0        # bytes not sent again because the receiver had them
         self.state = "queued"
         self.size = 0
         self.bytes_done = 0
@@ -1683,11 +2055,16 @@ class Sender:
                  on_done=None, on_error=None, port=None,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, timeout=DEFAULT_IO_TIMEOUT,
                  retries=3, retry_window=10.0, tls=False, fingerprint=None, known_hosts=None,
-                 discard=False):
+                 discard=False, skip="quick"):
         self.host, self.port = _parse_target(to, port)
         self.tls = bool(tls or fingerprint)
         #: ask the receiver to verify and drop every file (benchmarks)
         self.discard = discard
+        if skip not in ("quick", "checksum", None):
+            raise ValueError("skip must be 'quick', 'checksum' or None, not %r" % (skip,))
+        #: how to tell a file the receiver already has: "quick" (size and
+        #: mtime), "checksum" (sha256 of both copies) or None (send everything)
+        self.skip = skip
         self.fingerprint = fingerprint
         self.known_hosts = known_hosts
         self._pin_lock = threading.Lock()
@@ -1722,6 +2099,8 @@ class Sender:
         self.files_failed = 0
         self.files_skipped = 0
         self.bytes_sent = 0
+        #: bytes the receiver already had from an interrupted earlier attempt
+        self.bytes_resumed = 0
 
     # -- methods for the caller
 
@@ -1915,59 +2294,78 @@ class Sender:
             self._work.put(child)
 
     def _worker(self):
-        """Send jobs from the work queue over one connection, reconnecting as needed."""
+        """Send jobs from the work queue over one connection, reconnecting as needed.
+
+        Jobs go in batches of up to CHECK_BATCH: one CHECK round trip asks
+        which files the receiver lacks, then those are sent back to back.
+        """
         link = None
         retry = collections.deque()
         stopping = False
         try:
             while True:
+                batch = []
                 if retry:
-                    job = retry.popleft()
-                elif stopping:
+                    # After a broken connection, one job at a time: a file
+                    # that breaks connections then fails alone.
+                    batch.append(retry.popleft())
+                while not stopping and not retry and len(batch) < CHECK_BATCH:
+                    try:
+                        job = self._work.get(block=not batch)
+                    except queue.Empty:
+                        break
+                    if job is _STOP:
+                        stopping = True
+                    else:
+                        batch.append(job)
+                if not batch:
                     if link is None:
                         break
                     try:
                         link.finish()       # every result is in
                         break
                     except _LinkBroken as e:
-                        self._requeue(link, None, e.error, retry)
+                        self._requeue(link, [], e.error, retry)
                         link = None
                         continue
-                else:
-                    job = self._work.get()
-                    if job is _STOP:
-                        stopping = True
-                        continue
-                if job.cancelled:
-                    self._end(job, "cancelled", XferError("%s: cancelled" % job.name))
-                    continue
-                if self.error is not None:
-                    self._end(job, "failed", self.error)
+                batch = [j for j in batch if self._still_wanted(j)]
+                if not batch:
                     continue
                 try:
                     if link is None:
                         link = self._connect()
-                    link.send(job)
+                    link.send_batch(batch)
                 except _LinkBroken as e:
-                    self._requeue(link, job, e.error, retry)
+                    self._requeue(link, batch, e.error, retry)
                     link = None
                 except XferError as e:
                     self._fatal(e)
-                    self._end(job, "failed", e)
-                except Exception as e:   # a bug: fail the job loudly, keep the worker
+                    for job in batch:
+                        self._end(job, "failed", e)
+                except Exception as e:   # a bug: fail the jobs loudly, keep the worker
                     traceback.print_exc()
-                    self._end(job, "failed", XferError("internal error: %r" % e))
+                    for job in batch:
+                        self._end(job, "failed", XferError("internal error: %r" % e))
         finally:
             if link is not None:
                 link.close()
             for job in retry:
                 self._end(job, "failed", self.error or XferError("%s: not sent" % job.name))
 
-    def _requeue(self, link, job, error, retry):
-        """After a broken connection: retry what was in flight, once, on a new one."""
+    def _still_wanted(self, job):
+        """End a job that should not be sent any more; True if it should."""
+        if job.cancelled:
+            self._end(job, "cancelled", XferError("%s: cancelled" % job.name))
+            return False
+        if self.error is not None:
+            self._end(job, "failed", self.error)
+            return False
+        return True
+
+    def _requeue(self, link, batch, error, retry):
+        """After a broken connection: send again, on a new one, what had not ended."""
         jobs = link.take_pending()
-        if job is not None and not job.done and job not in jobs:
-            jobs.append(job)
+        jobs += [j for j in batch if not j.done and j not in jobs]
         link.close()
         for j in jobs:
             if j.attempts <= self.retries and not j.cancelled:
@@ -2035,7 +2433,8 @@ class Sender:
         with self._lock:
             if state == "done":
                 self.files_done += 1
-                self.bytes_sent += job.size
+                self.bytes_sent += job.size - job.resumed
+                self.bytes_resumed += job.resumed
             elif state == "skipped":
                 self.files_skipped += 1
             else:
@@ -2102,7 +2501,9 @@ class _Link:
         self.broken = None
         self.pending = {}            # id -> job
         self.cv = threading.Condition()
-        self.accepts = {}            # id -> offset
+        self.accepts = {}            # id -> (offset, sha256 of that prefix)
+        self.checks = {}             # id -> job, CHECKs without an answer
+        self.needed = []             # jobs whose CHECK answered NEEDED
         self.bye = False
         self.buf = bytearray(CHUNK)
         self.reader = None
@@ -2162,14 +2563,23 @@ class _Link:
                     fid, status, reason = _decode_result(payload)
                     with self.cv:
                         job = self.pending.pop(fid, None)
+                        checked = self.checks.pop(fid, None) if job is None else None
+                        if checked is not None and status == ST_NEEDED:
+                            self.needed.append(checked)
                         self.cv.notify_all()
+                    if checked is not None:
+                        if status != ST_NEEDED:
+                            self._complete(checked, status, reason)
+                        continue
                     if job is None:
-                        raise ProtocolError("RESULT for unknown file %d" % fid)
+                        raise ProtocolError("RESULT for unknown request %d" % fid)
                     self._complete(job, status, reason)
                 elif kind == _Msg.ACCEPT:
-                    fid, offset = _ACCEPT.unpack(payload)
+                    if len(payload) != _ACCEPT.size:
+                        raise ProtocolError("ACCEPT payload of %d bytes" % len(payload))
+                    fid, offset, prefix = _ACCEPT.unpack(payload)
                     with self.cv:
-                        self.accepts[fid] = offset
+                        self.accepts[fid] = (offset, prefix)
                         self.cv.notify_all()
                 elif kind == _Msg.BYE:
                     with self.cv:
@@ -2196,6 +2606,7 @@ class _Link:
             self.cv.notify_all()
 
     def _complete(self, job, status, reason):
+        job.note = reason
         if status == ST_OK:
             self.s._end(job, "done")
         elif status == ST_SKIPPED:
@@ -2204,7 +2615,7 @@ class _Link:
             error = _error_for(status, reason)
             self.s._end(job, "cancelled" if job.cancelled else "failed", error)
 
-    def _check(self):
+    def _check_broken(self):
         if self.broken is not None:
             raise _LinkBroken(self.broken)
 
@@ -2214,23 +2625,71 @@ class _Link:
         except socket.timeout:
             self._break(ConnectionClosedError("the server stopped reading for %ss"
                                               % self.s.timeout))
-            self._check()
+            self._check_broken()
         except OSError as e:
             self._break(ConnectionClosedError("connection lost: %s" % (e.strerror or e)))
-            self._check()
+            self._check_broken()
 
     def _register(self, fid, job):
         """Wait for room in the window, then count the job as in flight."""
         with self.cv:
             while len(self.pending) >= WINDOW and self.broken is None:
                 self.cv.wait(0.5)
-            self._check()
+            self._check_broken()
             self.pending[fid] = job
+
+    def send_batch(self, jobs):
+        """Send jobs, first asking (one CHECK round trip) which files are needed."""
+        self._start_reader()
+        for job in jobs:
+            job.attempts += 1
+        if self.s.skip is not None:
+            asked = [j for j in jobs if j.kind == "file" and j.source is None]
+            if asked:
+                self._check(asked)
+        for job in jobs:
+            if not job.done:
+                self.send(job)
+
+    def _check(self, jobs):
+        """CHECK each file (Protocol 4.8) and wait for every answer.
+
+        Identical files end as "skipped" on the reader thread; the others
+        are sent by send_batch.  A file that cannot be read ends "failed".
+        """
+        frames = []
+        with self.cv:
+            self.needed = []
+        for job in jobs:
+            try:
+                st = os.stat(job.path)
+                if stat.S_ISDIR(st.st_mode):
+                    continue      # send() reports it
+                digest, flags = bytes(32), 0
+                if self.s.skip == "checksum":
+                    with open(job.path, "rb") as f:
+                        digest = _hash_fd(f.fileno(), self.buf).digest()
+                    flags = CF_CHECKSUM
+            except OSError as e:
+                self.s._end(job, "failed", XferError("%s: %s" % (job.path, e.strerror or e)))
+                continue
+            fid = next(self.s._ids)
+            with self.cv:
+                self.checks[fid] = job
+            frames.append(_frame(_Msg.CHECK, _CHECK.pack(fid, st.st_size, st.st_mtime_ns,
+                                                         flags, digest)
+                                 + job.name.encode("utf-8")))
+        if not frames:
+            return
+        self._write(b"".join(frames))
+        with self.cv:
+            while self.checks and self.broken is None:
+                self.cv.wait(0.5)
+            self._check_broken()
 
     def send(self, job):
         """Send one job on this connection; returns once its bytes are written."""
         self._start_reader()
-        job.attempts += 1
         job.state = "sending"
         if job.started is None:
             job.started = time.monotonic()
@@ -2283,22 +2742,41 @@ class _Link:
                 self._write(header + data + trailer)
                 return
             self._write(header)
-            offset = self._wait_accept(fid, job)
-            if offset is None:
+            accepted = self._wait_accept(fid, job)
+            if accepted is None:
                 return  # refused; the RESULT already ended the job
-            self._send_body(f, fid, job, size, offset, st, header_payload)
+            offset, prefix = accepted
+            h = hashlib.sha256()
+            start = 0
+            if 0 < offset < size:
+                # Resume only from bytes proven equal: hash our own first
+                # offset bytes and compare with the receiver's partial.
+                try:
+                    _hash_prefix(f, h, offset, self.buf)
+                except OSError as e:
+                    self._abandon(fid, job, "%s: %s" % (job.path, e.strerror or e))
+                if hmac.compare_digest(h.digest(), prefix):
+                    start = offset
+                else:
+                    h = hashlib.sha256()
+                    f.seek(0)
+            self._write(_frame(_Msg.BODY, _BODY.pack(fid, start)))
+            if start:
+                job.resumed = start
+                self.s._progress(job, start)
+            self._send_body(f, fid, job, size - start, st, header_payload, h)
 
     def _wait_accept(self, fid, job):
         with self.cv:
             while fid not in self.accepts and fid in self.pending and self.broken is None:
                 self.cv.wait(0.5)
-            self._check()
+            self._check_broken()
             return self.accepts.pop(fid, None)
 
-    def _send_body(self, f, fid, job, size, offset, st, header_payload):
-        h = hashlib.sha256()
+    def _send_body(self, f, fid, job, count, st, header_payload, h):
+        """Stream count bytes of f (already positioned), then the TRAILER."""
         view = memoryview(self.buf)
-        left = size
+        left = count
         while left:
             if job.cancelled or job.done:
                 # Mid-body there is no way to stop but closing the connection;
@@ -2320,7 +2798,7 @@ class _Link:
         if job.source is None:
             try:
                 now = os.stat(job.path)
-                if now.st_mtime_ns != st.st_mtime_ns or now.st_size != size:
+                if now.st_mtime_ns != st.st_mtime_ns or now.st_size != st.st_size:
                     flags = TF_ABORT
             except OSError:
                 flags = TF_ABORT
@@ -2364,7 +2842,7 @@ class _Link:
             while not self.bye and self.broken is None:
                 self.cv.wait(0.5)
         if not self.bye:
-            self._check()
+            self._check_broken()
 
     def close(self):
         try:
@@ -2374,6 +2852,18 @@ class _Link:
             pass
         if self.reader is not None and self.reader is not threading.current_thread():
             self.reader.join(5)
+
+
+def _hash_prefix(f, h, count, buf):
+    """Hash the first count bytes of f into h; leave f just after them."""
+    view = memoryview(buf)
+    f.seek(0)
+    while count:
+        n = f.readinto(view[:min(count, len(view))])
+        if not n:
+            raise OSError(errno.EIO, "the file shrank")
+        h.update(view[:n])
+        count -= n
 
 
 def _open_source(job):
