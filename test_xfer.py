@@ -1546,9 +1546,18 @@ class AuthTests(unittest.TestCase):
         self.assertIn("requires a token", str(job.error))
         self.assertEqual(tree_listing(self.dst), [])
 
-    def test_receiver_without_token_accepts_sender_with_one(self):
+    def test_sender_with_token_refuses_a_server_without_auth(self):
+        # A server that asks for no token may be an impostor: refused ...
         receiver = start_receiver(self, self.dst)
         sender, job = self._send(receiver, self.TOKEN)
+        self.assertEqual(job.state, "failed")
+        self.assertIsInstance(sender.error, xfer.AuthError)
+        self.assertIn("impostor", str(sender.error))
+        self.assertEqual(tree_listing(self.dst), [])
+        # ... unless the caller says a tokenless server is fine.
+        with xfer.Sender(receiver.address, token=self.TOKEN,
+                         require_server_auth=False) as sender:
+            job = sender.queue(self.path)
         self.assertEqual(job.state, "done", job.error)
         self.assertEqual(sha256_file(os.path.join(self.dst, "secret.bin")),
                          sha256_file(self.path))

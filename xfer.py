@@ -400,7 +400,7 @@ def _auth_mac(token, label, transcript):
                     hashlib.sha256).digest()
 
 
-def _client_handshake(sock, rfile, token):
+def _client_handshake(sock, rfile, token, require_server_auth=False):
     """Run the client side of the handshake; return the session key (b"" without auth)."""
     client_preface = _PREFACE.pack(MAGIC, PROTOCOL_VERSION, 0)
     client_nonce = secrets.token_bytes(_NONCE_SIZE)
@@ -423,6 +423,10 @@ def _client_handshake(sock, rfile, token):
         if not hmac.compare_digest(proof, _auth_mac(token, b"xfer server", transcript)):
             raise AuthError("the server could not prove it knows the token")
         return _auth_mac(token, b"xfer session", transcript)
+    if token and require_server_auth:
+        raise AuthError("the server does not ask for a token although one is set for it; "
+                        "refusing to send, in case it is an impostor (it may also run with "
+                        "--no-auth: then send without a token)")
     sock.sendall(_frame(_Msg.AUTH, b""))
     _expect(rfile, _Msg.AUTH_OK)
     return b""
@@ -2055,7 +2059,7 @@ class Sender:
                  on_done=None, on_error=None, port=None,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, timeout=DEFAULT_IO_TIMEOUT,
                  retries=3, retry_window=10.0, tls=False, fingerprint=None, known_hosts=None,
-                 discard=False, skip="quick"):
+                 discard=False, skip="quick", require_server_auth=True):
         self.host, self.port = _parse_target(to, port)
         self.tls = bool(tls or fingerprint)
         #: ask the receiver to verify and drop every file (benchmarks)
@@ -2073,6 +2077,9 @@ class Sender:
         #: True when that certificate was trusted on first use and recorded
         self.fingerprint_new = False
         self.token = token or None
+        #: with a token, refuse a server that does not ask for one: it could
+        #: be an impostor collecting the files
+        self.require_server_auth = require_server_auth
         self.workers = max(1, int(workers))
         self.on_progress = on_progress
         self.on_done = on_done
@@ -2532,7 +2539,8 @@ class _Link:
                         sender.fingerprint = seen
             self.sock = sock
             self.rfile = sock.makefile("rb")
-            self.key = _client_handshake(sock, self.rfile, sender.token)
+            self.key = _client_handshake(sock, self.rfile, sender.token,
+                                         sender.require_server_auth)
         except BaseException as e:
             # The socket's descriptor stays open while its makefile() reader
             # does, so close both.
@@ -3051,7 +3059,7 @@ class Config:
 
 _KNOWN_KEYS = frozenset(["host", "port", "token", "dir", "to", "workers", "max_connections",
                          "max_size", "portable_names", "tls", "tls_cert", "tls_key",
-                         "fingerprint", "no_auth"])
+                         "fingerprint", "no_auth", "overwrite"])
 
 
 def load_config(path=None, environ=None, cwd=None):
@@ -3219,16 +3227,19 @@ def _resolve_target(config, to=None, token=None, environ=None):
     if port is None:
         port = DEFAULT_PORT
     token = token or environ.get("XFER_TOKEN") or config.value(section, "token")
+    fallback = False
     if not token and _is_loopback(host):
         # Sending to this machine: use this machine's own server token.  Only
         # for loopback, so the token is never offered to another host.
         token = config.sections.get("serve", {}).get("token", (None,))[0]
+        fallback = bool(token)
     fingerprint = config.value(section, "fingerprint")
     tls = _bool_value(config, section, "tls") or bool(fingerprint)
-    return _Target(host, port, token, tls, fingerprint, config.int_value(section, "workers"))
+    return _Target(host, port, token, tls, fingerprint, config.int_value(section, "workers"),
+                   fallback)
 
 
-_Target = collections.namedtuple("_Target", "host port token tls fingerprint workers")
+_Target = collections.namedtuple("_Target", "host port token tls fingerprint workers fallback")
 
 
 def _is_loopback(host):
@@ -3426,7 +3437,9 @@ def _cmd_serve(args):
                         handshake_timeout=args.handshake_timeout,
                         max_path_bytes=args.max_path, max_depth=args.max_depth,
                         portable_names=portable,
-                        tls_cert=tls_cert, tls_key=tls_key)
+                        tls_cert=tls_cert, tls_key=tls_key,
+                        overwrite=args.overwrite or config.value(s, "overwrite") or "replace",
+                        partial_max_age=args.partial_max_age * 86400)
     banner = None if quiet else (token_from if token else None)
 
     def on_signal(signum, frame):
@@ -3450,7 +3463,7 @@ def _cmd_serve(args):
     except KeyboardInterrupt:
         pass
     finally:
-        receiver.stop()
+        receiver.stop(grace=args.grace)
         for name, handler in previous.items():
             signal.signal(getattr(signal, name), handler)
     log("stopped")
@@ -3501,8 +3514,12 @@ def _cmd_send(args):
 
     def on_done(job):
         if verbose and job.kind == "file":
-            sys.stderr.write("%s %s (%s)\n" % ("skipped" if job.state == "skipped" else "sent",
-                                               _display(job.name), _human(job.size)))
+            notes = [job.note] if job.note else []
+            if job.resumed:
+                notes.append("resumed after %s" % _human(job.resumed))
+            sys.stderr.write("%s %s (%s%s)\n" % (
+                "skipped" if job.state == "skipped" else "sent", _display(job.name),
+                _human(job.size), "".join(", " + _display(n) for n in notes)))
 
     def on_error(job):
         # A connection-level failure is reported once, by main(); a dir job
@@ -3514,7 +3531,10 @@ def _cmd_send(args):
     sender = Sender((target.host, target.port), token=target.token, workers=workers,
                     on_done=on_done, on_error=on_error, tls=tls,
                     fingerprint=args.fingerprint or target.fingerprint,
-                    known_hosts=_known_hosts_path(args) if tls else None)
+                    known_hosts=_known_hosts_path(args) if tls else None,
+                    skip=None if args.force else ("checksum" if args.checksum else "quick"),
+                    retries=max(0, args.retries),
+                    require_server_auth=not target.fallback)
     failed_inputs = 0
     try:
         for path in args.paths:
@@ -3529,7 +3549,9 @@ def _cmd_send(args):
         sender.close(wait=True)
     except KeyboardInterrupt:
         sender.close(wait=False)
-        sys.stderr.write("xfer: interrupted\n")
+        sys.stderr.write("xfer: interrupted; sending the same again resumes\n")
+        if not quiet:
+            print(_summary(sender, sender.files_failed + failed_inputs, started))
         return EXIT_INTERRUPTED
     if sender.fingerprint_new:
         sys.stderr.write("xfer: trusting the TLS certificate of %s on first use: %s "
@@ -3538,19 +3560,26 @@ def _cmd_send(args):
                                                  _known_hosts_path(args)))
     if sender.error is not None:
         raise sender.error
-    seconds = time.monotonic() - started
     failed = sender.files_failed + failed_inputs
     if not quiet:
-        rate = sender.bytes_sent / seconds if seconds > 0 else 0.0
-        line = "sent %d file%s, %s in %.2f s (%s/s)" % (
-            sender.files_done, "" if sender.files_done == 1 else "s",
-            _human(sender.bytes_sent), seconds, _human(rate))
-        if sender.files_skipped:
-            line += ", %d skipped" % sender.files_skipped
-        if failed:
-            line += ", %d FAILED" % failed
-        print(line)
+        print(_summary(sender, failed, started))
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _summary(sender, failed, started):
+    """The one line send and send-dir end with (README "send and send-dir")."""
+    seconds = time.monotonic() - started
+    rate = sender.bytes_sent / seconds if seconds > 0 else 0.0
+    line = "sent %d file%s, %s in %.2f s (%s/s)" % (
+        sender.files_done, "" if sender.files_done == 1 else "s",
+        _human(sender.bytes_sent), seconds, _human(rate))
+    if sender.bytes_resumed:
+        line += ", %s resumed" % _human(sender.bytes_resumed)
+    if sender.files_skipped:
+        line += ", %d skipped" % sender.files_skipped
+    if failed:
+        line += ", %d FAILED" % failed
+    return line
 
 
 def _cmd_bench(args):
@@ -3753,6 +3782,14 @@ def _build_parser():
                    help="refuse deeper paths (default %d)" % MAX_PATH_DEPTH)
     p.add_argument("--portable-names", action="store_true",
                    help="refuse names Windows cannot store, on any OS")
+    p.add_argument("--overwrite", choices=OVERWRITE_POLICIES,
+                   help="when a file's name is taken: replace it atomically (default), "
+                   "rename the new one 'NAME (1).EXT', skip it, or fail")
+    p.add_argument("--grace", type=float, metavar="SECONDS", default=DEFAULT_GRACE,
+                   help="on Ctrl-C/SIGTERM, let files in flight finish this long "
+                   "(default %g)" % DEFAULT_GRACE)
+    p.add_argument("--partial-max-age", type=float, metavar="DAYS", default=7.0,
+                   help="delete partial files older than this at start-up (default 7)")
     p.set_defaults(func=_cmd_serve)
 
     for name, what, help_ in (
@@ -3766,6 +3803,13 @@ def _build_parser():
         p.add_argument("--tls", action="store_true", help="connect with TLS")
         p.add_argument("--fingerprint", metavar="SHA256",
                        help="the server certificate's fingerprint (implies --tls)")
+        p.add_argument("--checksum", action="store_true",
+                       help="skip a file only if the receiver's copy has the same sha256 "
+                       "(default: same size and modification time)")
+        p.add_argument("--force", action="store_true",
+                       help="send every file, even one the receiver already has")
+        p.add_argument("--retries", type=int, metavar="N", default=3,
+                       help="tries again after a transient failure (default 3)")
         p.add_argument("-v", "--verbose", action="store_true", help="one line per file")
         p.add_argument("paths", nargs="+", metavar=what)
         p.set_defaults(func=_cmd_send)
