@@ -3583,5 +3583,149 @@ class FixesTests(unittest.TestCase):
         self.assertIn("limit of 1000", result.stderr)
 
 
+class ReadmeSyncTests(unittest.TestCase):
+    def test_protocol_struct_formats_match_the_code(self):
+        with open(os.path.join(os.path.dirname(XFER), "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        found = re.findall(r'^(_[A-Z]+)\s*=\s*"(![A-Za-z0-9]+)"', readme, re.M)
+        self.assertGreaterEqual(len(found), 10)
+        for name, fmt in found:
+            self.assertEqual(getattr(xfer, name).format, fmt, name)
+
+
+class ResilienceTests(unittest.TestCase):
+    def _tree(self, root, n=40):
+        for i in range(n):
+            write_file(os.path.join(root, "t", "d%d" % (i % 4), "f%02d" % i), os.urandom(100 + i))
+        return os.path.join(root, "t")
+
+    def test_rerun_skips_unchanged_files_without_sending_them(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        tree = self._tree(src)
+        receiver = start_receiver(self, dst)
+        with xfer.Sender(receiver.address) as sender:
+            sender.queue(tree)
+        self.assertEqual((sender.files_done, sender.files_skipped), (40, 0))
+        write_file(os.path.join(tree, "d1", "f01"), b"changed")
+        with mock.patch.object(xfer._ReceiveSession, "_on_file",
+                               autospec=True, side_effect=xfer._ReceiveSession._on_file) as on_file:
+            with xfer.Sender(receiver.address) as sender:
+                job = sender.queue(tree)
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual((sender.files_done, sender.files_skipped), (1, 39))
+        self.assertEqual(on_file.call_count, 1)       # only the changed file's content moved
+        with open(os.path.join(dst, "t", "d1", "f01"), "rb") as f:
+            self.assertEqual(f.read(), b"changed")
+
+    def test_checksum_mode_sends_same_size_same_mtime_but_different_content(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        path = write_file(os.path.join(src, "a.bin"), b"A" * 1000)
+        write_file(os.path.join(dst, "a.bin"), b"B" * 1000)
+        st = os.stat(path)
+        os.utime(os.path.join(dst, "a.bin"), ns=(st.st_atime_ns, st.st_mtime_ns))
+        receiver = start_receiver(self, dst)
+        (job,) = send_files(receiver.address, [path])
+        self.assertEqual(job.state, "skipped")          # the quick check is fooled
+        (job,) = send_files(receiver.address, [path], skip="checksum")
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(sha256_file(os.path.join(dst, "a.bin")), sha256_file(path))
+        (job,) = send_files(receiver.address, [path], skip="checksum")
+        self.assertEqual(job.state, "skipped")
+
+    def test_overwrite_policies(self):
+        src = temp_dir(self)
+        path = write_file(os.path.join(src, "a.txt"), b"new")
+        expect = {"replace": ("done", "replaced", {"a.txt": b"new"}),
+                  "rename": ("done", "renamed to a (1).txt",
+                             {"a.txt": b"old", "a (1).txt": b"new"}),
+                  "skip": ("skipped", None, {"a.txt": b"old"}),
+                  "fail": ("failed", None, {"a.txt": b"old"})}
+        for policy, (state, note, files) in expect.items():
+            for skip in ("quick", None):
+                with self.subTest(policy=policy, skip=skip):
+                    dst = temp_dir(self)
+                    write_file(os.path.join(dst, "a.txt"), b"old")
+                    receiver = start_receiver(self, dst, overwrite=policy)
+                    (job,) = send_files(receiver.address, [path], skip=skip)
+                    self.assertEqual(job.state, state, job.error)
+                    if note is not None:
+                        self.assertEqual(job.note, note)
+                    got = {}
+                    for name in os.listdir(dst):
+                        with open(os.path.join(dst, name), "rb") as f:
+                            got[name] = f.read()
+                    self.assertEqual(got, files)
+
+    def test_stop_lets_the_file_in_flight_finish(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        big = write_file(os.path.join(src, "big.bin"), os.urandom(4 * xfer.CHUNK))
+        receiver = start_receiver(self, dst)
+        entered, gate = threading.Event(), threading.Event()
+        real = xfer._ReceiveSession._receive_body
+
+        def slow(session, fd, count, digest):
+            entered.set()
+            gate.wait(TIMEOUT)
+            return real(session, fd, count, digest)
+        with mock.patch.object(xfer._ReceiveSession, "_receive_body", slow):
+            sender = xfer.Sender(receiver.address, retries=0)
+            self.addCleanup(sender.close, False)
+            job = sender.queue(big)
+            self.assertTrue(entered.wait(TIMEOUT))
+            stopper = threading.Thread(target=receiver.stop, kwargs={"grace": TIMEOUT})
+            stopper.start()
+            gate.set()
+            stopper.join(TIMEOUT)
+        self.assertFalse(stopper.is_alive())
+        self.assertTrue(job.wait(TIMEOUT))
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(sha256_file(os.path.join(dst, "big.bin")), sha256_file(big))
+
+    @unittest.skipIf(os.name == "nt", "SIGKILL")
+    def test_killed_sender_resumes_with_fewer_bytes(self):
+        home, src = temp_dir(self), temp_dir(self)
+        dst = temp_dir(self)
+        big = write_file(os.path.join(src, "big.bin"), os.urandom(24 * 2**20))
+        receiver = start_receiver(self, dst, token="tok")
+        seen = threading.Event()
+
+        def partial_grew():
+            for name in os.listdir(dst):
+                if name.startswith(xfer.PARTIAL_PREFIX) and \
+                        os.path.getsize(os.path.join(dst, name)) > 2 * xfer.CHUNK:
+                    return True
+            return False
+        # The child sends one chunk at a time with a pause, so the kill lands mid-body.
+        code = ("import sys, threading, xfer\n"
+                "real = xfer._Link._write\n"
+                "def slow(self, data):\n"
+                "    real(self, data)\n"
+                "    if len(data) == xfer.CHUNK: threading.Event().wait(0.02)\n"
+                "xfer._Link._write = slow\n"
+                "sys.exit(xfer.main(sys.argv[1:]))\n")
+        proc = subprocess.Popen([sys.executable, "-c", code, "send", "--to",
+                                 "127.0.0.1:%d" % receiver.address[1], "--token", "tok", big],
+                                cwd=os.path.dirname(XFER), env=isolated_env(home),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(proc.communicate)
+        deadline = time.monotonic() + TIMEOUT
+        while not partial_grew() and proc.poll() is None and time.monotonic() < deadline:
+            seen.wait(0.01)
+        proc.kill()
+        self.assertTrue(partial_grew(), "no partial file grew before the kill")
+        self.assertFalse(os.path.exists(os.path.join(dst, "big.bin")))
+        # wait until the receiver noticed, then send again
+        deadline = time.monotonic() + TIMEOUT
+        while receiver.connections and time.monotonic() < deadline:
+            seen.wait(0.01)
+        with xfer.Sender(receiver.address, token="tok") as sender:
+            job = sender.queue(big)
+        self.assertEqual(job.state, "done", job.error)
+        self.assertGreater(sender.bytes_resumed, 0)
+        self.assertLess(sender.bytes_sent, os.path.getsize(big))
+        self.assertEqual(sha256_file(os.path.join(dst, "big.bin")), sha256_file(big))
+        self.assertEqual([n for n in os.listdir(dst) if n.startswith(xfer.PARTIAL_PREFIX)], [])
+
+
 if __name__ == "__main__":
     unittest.main()
