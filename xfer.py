@@ -26,15 +26,18 @@ import hashlib
 import hmac
 import ipaddress
 import itertools
+import json
 import os
 import queue
 import secrets
+import shlex
 import shutil
 import signal
 import socket
 import socketserver
 import stat
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -49,7 +52,7 @@ except ImportError:  # Python built without OpenSSL: TLS is unavailable, the res
 __version__ = "0.1.0"
 __all__ = [
     # library API
-    "Sender", "Receiver", "Job", "FileInfo", "load_config", "Config", "main",
+    "Sender", "Receiver", "Job", "FileInfo", "SessionInfo", "load_config", "Config", "main",
     "config_paths", "user_config_path", "cert_fingerprint",
     # errors
     "XferError", "ConfigError", "ConnectError", "AuthError", "ProtocolError",
@@ -97,6 +100,14 @@ PARTIAL_PREFIX = ".xfer-part."
 DEFAULT_PARTIAL_MAX_AGE = 7 * 24 * 3600
 #: Receiver default: seconds stop() lets files in flight finish.
 DEFAULT_GRACE = 5.0
+#: serve --on-receive: seconds a hook may run, hooks run at once, hooks waiting.
+DEFAULT_HOOK_TIMEOUT = 300.0
+HOOK_WORKERS = 2
+HOOK_QUEUE = 1000
+#: serve --once: seconds to wait for another connection of the same sender
+#: after the last one ended with BYE, and after one broke (it may retry).
+ONCE_LINGER = 1.0
+ONCE_RETRY_LINGER = 12.0
 #: What a receiver does when a file's name is taken (README "serve").
 OVERWRITE_POLICIES = ("replace", "rename", "skip", "fail")
 #: Files a sender asks about in one CHECK batch (one round trip per batch).
@@ -129,7 +140,7 @@ class XferError(Exception):
 
 
 class ConfigError(XferError):
-    """A config file or serverinfo.py is unreadable or invalid."""
+    """A setting is invalid: on the command line, in a config file or serverinfo.py."""
     exit_code = EXIT_USAGE
 
     def __init__(self, message, path=None, lineno=None, key=None):
@@ -991,23 +1002,25 @@ class _Dispatcher:
 # receiving side
 #------------------------------------------------------------
 
-class FileInfo(tuple):
-    """What on_file receives for each file that arrived and was verified."""
+class FileInfo(collections.namedtuple("FileInfo", "path relpath size peer seconds digest")):
+    """What on_file receives for each file that arrived and was verified.
+
+    path: final absolute path on this machine; relpath: POSIX path relative
+    to DIR; size: bytes; peer: sender address as "host:port"; seconds: time
+    from header to durable file; digest: sha256 hex digest.
+    """
     __slots__ = ()
-    _fields = ("path", "relpath", "size", "peer", "seconds", "digest")
 
-    def __new__(cls, path, relpath, size, peer, seconds, digest):
-        return tuple.__new__(cls, (path, relpath, size, peer, seconds, digest))
 
-    path = property(lambda self: self[0], doc="final absolute path on this machine")
-    relpath = property(lambda self: self[1], doc="POSIX path relative to DIR")
-    size = property(lambda self: self[2], doc="bytes")
-    peer = property(lambda self: self[3], doc="sender address as 'host:port'")
-    seconds = property(lambda self: self[4], doc="time from header to durable file")
-    digest = property(lambda self: self[5], doc="sha256 hex digest")
+class SessionInfo(collections.namedtuple(
+        "SessionInfo", "peer files bytes skipped failed clean seconds")):
+    """What on_session receives when an authenticated connection ends.
 
-    def __repr__(self):
-        return "FileInfo(%s)" % ", ".join("%s=%r" % kv for kv in zip(self._fields, self))
+    files and bytes: received and verified; skipped: not sent because they
+    were already here; failed: refused or not stored; clean: True if the
+    sender said BYE (False: the connection broke); seconds: its duration.
+    """
+    __slots__ = ()
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -1118,7 +1131,7 @@ class Receiver:
     """
 
     def __init__(self, dir=".", host="0.0.0.0", port=DEFAULT_PORT, token=None,
-                 dispatch="thread", on_file=None, on_status=None, log=None,
+                 dispatch="thread", on_file=None, on_status=None, on_session=None, log=None,
                  max_connections=DEFAULT_MAX_CONNECTIONS, max_size=None,
                  idle_timeout=DEFAULT_IDLE_TIMEOUT,
                  handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT,
@@ -1132,6 +1145,7 @@ class Receiver:
         self.token = token or None
         self.on_file = on_file
         self.on_status = on_status
+        self.on_session = on_session
         self.log = log
         self.max_connections = int(max_connections)
         self.max_size = max_size
@@ -1360,6 +1374,9 @@ class _ReceiveSession:
         self.key = b""
         self.dest = _Dest(receiver.dir)
         self.buf = bytearray(CHUNK)
+        self.started = time.monotonic()
+        self.files = self.bytes = self.skipped = self.failed = 0
+        self.clean = False      # ended with BYE
 
     def run(self):
         with self.r._lock:
@@ -1395,6 +1412,10 @@ class _ReceiveSession:
             with self.r._lock:
                 self.r.connections -= 1
                 self.r._idle.notify_all()
+            if self._handshake_done:
+                self.r._dispatch.emit(self.r.on_session, SessionInfo(
+                    self.peer, self.files, self.bytes, self.skipped, self.failed,
+                    self.clean, time.monotonic() - self.started))
 
     def _send(self, data):
         self.sock.sendall(data)
@@ -1518,6 +1539,7 @@ class _ReceiveSession:
             elif kind == _Msg.PING:
                 self._on_ping(payload)
             elif kind == _Msg.BYE:
+                self.clean = True
                 self._send(_frame(_Msg.BYE))
                 return
             else:
@@ -1549,8 +1571,10 @@ class _ReceiveSession:
 
     def _refuse(self, fid, raw, code, reason):
         if code == ST_SKIPPED:
+            self.skipped += 1
             self._send(_encode_result(fid, code, reason))
             return
+        self.failed += 1
         self.r._count_failure()
         self.r._log("%s: refused %s: %s" % (self.peer, _display(raw), reason))
         self._send(_encode_result(fid, code, reason))
@@ -1706,6 +1730,7 @@ class _ReceiveSession:
             self._refuse(fid, raw, *failure)
             return
         if final is None:                    # the policy said skip after all
+            self.skipped += 1
             self._send(_encode_result(fid, ST_SKIPPED, note))
             return
         parts[-1] = final
@@ -1713,6 +1738,8 @@ class _ReceiveSession:
         info = FileInfo(self.dest.final_path(parts), relpath, size, self.peer,
                         time.monotonic() - started, digest.hexdigest())
         self._send(_encode_result(fid, ST_OK, note))
+        self.files += 1
+        self.bytes += size
         self.r._count_file(info, part.offset if start else 0)
 
     def _read_body_start(self, fid, offset):
@@ -1984,7 +2011,8 @@ class Job:
     Read-only attributes, safe to read from any thread: state ("queued",
     "sending", "done", "failed", "skipped", "cancelled"), bytes_done, size,
     progress (0.0-1.0), error (an XferError or None), path (local),
-    name (relative path on the receiver), kind ("file" or "dir").
+    name (relative path on the receiver), kind ("file" or "dir"), resumed
+    (bytes the receiver already had), digest (sha256 hex of what was sent).
     A "dir" job aggregates the files of its tree: size grows as the tree is
     walked, and it ends when every file has ended.
     """
@@ -1998,6 +2026,8 @@ class Job:
         self.source = None      # a _Generated instead of the file at path (bench)
         self.note = ""          # the receiver's word on success: "replaced", "renamed to ..."
         self.resumed = 0        # bytes not sent again because the receiver had them
+        self.digest = None      # sha256 hex of the content sent, once it was sent
+        self.files_total = 0    # dir jobs: files in the tree (known before any is sent)
         self.state = "queued"
         self.size = 0
         self.bytes_done = 0
@@ -2050,13 +2080,15 @@ class Sender:
     context manager.  queue() and poll() never block and may be called from
     any thread; close(wait=True) blocks until every job has ended.
 
-    Callbacks receive the Job: on_progress(job), on_done(job), on_error(job).
+    Callbacks receive the Job: on_start(job) when a file's bytes start to
+    go out (again after a retry), on_progress(job), on_done(job) (sent or
+    skipped), on_error(job) (failed or cancelled).
     With dispatch="thread" they run on a worker thread; with dispatch="poll"
     they run only inside poll(), on the thread that calls it.
     """
 
     def __init__(self, to, token=None, workers=4, dispatch="thread", on_progress=None,
-                 on_done=None, on_error=None, port=None,
+                 on_done=None, on_error=None, on_start=None, port=None,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, timeout=DEFAULT_IO_TIMEOUT,
                  retries=3, retry_window=10.0, tls=False, fingerprint=None, known_hosts=None,
                  discard=False, skip="quick", require_server_auth=True):
@@ -2084,6 +2116,7 @@ class Sender:
         self.on_progress = on_progress
         self.on_done = on_done
         self.on_error = on_error
+        self.on_start = on_start
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self.retries = int(retries)
@@ -2207,8 +2240,11 @@ class Sender:
             payload = _expect(link.rfile, _Msg.PONG)
             rtt = time.monotonic() - t0
             free, total = _PONG.unpack_from(payload)
+            link.finish()
             return {"version": payload[_PONG.size:].decode("utf-8", "replace"),
                     "free": free, "total": total, "rtt": rtt}
+        except _LinkBroken as e:
+            raise e.error from None
         finally:
             link.close()
 
@@ -2279,7 +2315,10 @@ class Sender:
         """Queue the jobs of a tree.  A first pass adds up the sizes, so the
         tree's job knows its size before any byte is sent and its progress
         only rises."""
-        top.size = sum(size for kind, _, _, size in self._tree(top) if kind == "file")
+        for kind, _, _, size in self._tree(top):
+            if kind == "file":
+                top.size += size
+                top.files_total += 1
         for kind, path, name, extra in self._tree(top):
             if kind == "dir":
                 self._add_child(top, Job(self, path, name, "mkdir", parent=top))
@@ -2437,6 +2476,8 @@ class Sender:
                 self._dispatch.emit(self.on_error, job)
             self._child_ended(job.parent)
             return
+        if state == "skipped":
+            self._progress(job, job.size - job.bytes_done)   # already there counts as done
         with self._lock:
             if state == "done":
                 self.files_done += 1
@@ -2701,6 +2742,8 @@ class _Link:
         job.state = "sending"
         if job.started is None:
             job.started = time.monotonic()
+        if job.kind == "file":
+            self.s._dispatch.emit(self.s.on_start, job)
         fid = next(self.s._ids)
         if job.kind == "mkdir":
             try:
@@ -2743,6 +2786,7 @@ class _Link:
                     self.s._end(job, "failed", XferError("%s: %s" % (job.path, e.strerror or e)))
                     return
                 h = hashlib.sha256(data)
+                job.digest = h.hexdigest()
                 trailer = self._trailer(fid, 0, h.digest(), header_payload)
                 # Counted before the write: once written, the RESULT (and the
                 # job's end) may arrive on the reader thread at any moment.
@@ -2810,6 +2854,7 @@ class _Link:
                     flags = TF_ABORT
             except OSError:
                 flags = TF_ABORT
+        job.digest = h.hexdigest()
         self._write(self._trailer(fid, flags, h.digest(), header_payload))
         if flags & TF_ABORT:
             with self.cv:
@@ -2960,6 +3005,53 @@ def _parse_target(to, port=None):
     if p is None:
         p = port if port is not None else DEFAULT_PORT
     return host, _port_number(p, "port")
+
+
+def _is_destination(operand):
+    """True if a command-line operand names a receiver, like scp's HOST:PATH.
+
+    It does if it has a colon with no slash before it; "[V6]..." does too.
+    A single letter before the colon is a Windows drive ("C:\\renders"),
+    so that operand is a local path.
+    """
+    if operand.startswith("["):
+        return True
+    head, colon, _ = operand.partition(":")
+    return bool(colon and head and len(head) > 1 and "/" not in head and "\\" not in head)
+
+
+def _split_destination(text):
+    """Split HOST[:PORT][:DIR] into ("HOST[:PORT]", DIR or "").
+
+    HOST is an alias, a name, an IPv4 address, or "[V6]" (a bare IPv6
+    address without a port or DIR is taken whole).  PORT is all digits;
+    a directory whose name is all digits is written "HOST:2024/".
+    """
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError("bad destination %r: missing ']'" % text)
+        host, rest = text[:end + 1], text[end + 1:]
+        if rest and not rest.startswith(":"):
+            raise ConfigError("bad destination %r" % text)
+        rest = rest[1:]
+    else:
+        try:
+            ipaddress.ip_address(text.partition("%")[0])
+            return text, ""
+        except ValueError:
+            pass
+        host, _, rest = text.partition(":")
+    port, colon, subdir = rest.partition(":")
+    if not (port.isdigit() and (colon or not subdir)):
+        port, subdir = "", rest
+    if not host or host == "[]":
+        raise ConfigError("bad destination %r: no host" % text)
+    parts = [p for p in subdir.replace("\\", "/").split("/") if p and p != "."]
+    if ".." in parts:
+        raise ConfigError("bad destination %r: '..' would leave the receiver's "
+                          "directory" % text)
+    return host + (":" + port if port else ""), "/".join(parts)
 
 
 def _port_number(value, what="port"):
@@ -3339,7 +3431,6 @@ def _ensure_certificate(folder):
                           "to make one: install openssl, or pass --tls-cert FILE --tls-key "
                           "FILE (any PEM certificate and key)")
     os.makedirs(folder, exist_ok=True)
-    import subprocess
     proc = subprocess.run(
         [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
          "-nodes", "-days", "3650", "-subj", "/CN=xfer", "-keyout", key, "-out", cert],
@@ -3419,19 +3510,44 @@ def _cmd_serve(args):
             raise ConfigError(str(e), path, lineno, "max_size") from None
     portable = True if (args.portable_names or _bool_value(config, s, "portable_names")) \
         else None
-    quiet = args.quiet
+    quiet, as_json = args.quiet, args.json
+    emit = _json_writer(sys.stdout)
 
     def log(line):
-        if not quiet:
+        if as_json:
+            emit("log", message=line)
+        elif not quiet:
             sys.stderr.write("%s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), line))
             sys.stderr.flush()
 
+    hooks = _Hooks(args.on_receive, log, args.hook_timeout) if args.on_receive else None
+
     def on_file(info):
-        rate = info.size / info.seconds if info.seconds > 0 else 0.0
-        log("%s: received %s (%s, %s/s)" % (info.peer, _display(info.relpath),
-                                            _human(info.size), _human(rate)))
+        if as_json:
+            emit("file_received", peer=info.peer, path=info.path, relpath=info.relpath,
+                 bytes=info.size, seconds=round(info.seconds, 6), digest=info.digest)
+        else:
+            rate = info.size / info.seconds if info.seconds > 0 else 0.0
+            log("%s: received %s (%s, %s/s)" % (info.peer, _display(info.relpath),
+                                                _human(info.size), _human(rate)))
+        if hooks is not None:
+            hooks.submit(info)
+
+    # serve --once: the first sender is done when none of its connections is
+    # left open and none has come back for a moment (a sender opens several,
+    # and reconnects after a broken one).
+    once = {"seen": False, "clean": True, "failed": 0}
+
+    def on_session(info):
+        if as_json:
+            emit("session_ended", peer=info.peer, files=info.files, bytes=info.bytes,
+                 skipped=info.skipped, failed=info.failed, clean=info.clean,
+                 seconds=round(info.seconds, 3))
+        if info.files or info.skipped or info.failed or not info.clean:
+            once.update(seen=True, clean=info.clean, failed=once["failed"] + info.failed)
 
     receiver = Receiver(directory, host=host, port=port, token=token, on_file=on_file,
+                        on_session=on_session,
                         log=log, max_connections=max_conn, max_size=max_size,
                         idle_timeout=args.idle_timeout,
                         handshake_timeout=args.handshake_timeout,
@@ -3440,7 +3556,7 @@ def _cmd_serve(args):
                         tls_cert=tls_cert, tls_key=tls_key,
                         overwrite=args.overwrite or config.value(s, "overwrite") or "replace",
                         partial_max_age=args.partial_max_age * 86400)
-    banner = None if quiet else (token_from if token else None)
+    banner = token_from if token else None
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt
@@ -3451,23 +3567,143 @@ def _cmd_serve(args):
     for name in ("SIGTERM", "SIGBREAK"):
         if hasattr(signal, name):
             previous[name] = signal.signal(getattr(signal, name), on_signal)
+    status = EXIT_OK
     try:
         receiver.start()
         bound_host, bound_port = receiver.address[:2]
-        sys.stdout.write("listening on %s\n" % _host_port_text(bound_host, bound_port))
-        sys.stdout.flush()
-        if not quiet:
-            _print_banner(receiver, token, banner, bound_host, bound_port)
-        while True:
+        if as_json:
+            emit("listening", address=_host_port_text(bound_host, bound_port),
+                 dir=receiver.dir, auth=bool(token), fingerprint=receiver.fingerprint)
+        else:
+            sys.stdout.write("listening on %s\n" % _host_port_text(bound_host, bound_port))
+            sys.stdout.flush()
+            if not quiet:
+                _print_banner(receiver, token, banner, bound_host, bound_port)
+        idle_since = None
+        while not args.once:
             time.sleep(3600)     # a signal or Ctrl-C interrupts this at once
+        while True:
+            time.sleep(0.1)
+            if not once["seen"] or receiver.connections:
+                idle_since = None
+                continue
+            now = time.monotonic()
+            idle_since = idle_since or now
+            if now - idle_since >= (ONCE_LINGER if once["clean"] else ONCE_RETRY_LINGER):
+                if once["failed"] or not once["clean"]:
+                    status = EXIT_FAILED
+                break
     except KeyboardInterrupt:
-        pass
+        status = EXIT_INTERRUPTED if args.once else EXIT_OK
     finally:
         receiver.stop(grace=args.grace)
+        if hooks is not None:
+            hooks.close()
         for name, handler in previous.items():
             signal.signal(getattr(signal, name), handler)
-    log("stopped")
-    return EXIT_OK
+    if as_json:
+        emit("stopped", files=receiver.files_received, bytes=receiver.bytes_received,
+             failed=receiver.files_failed)
+    else:
+        log("stopped: %d file%s received (%s), %d failed" % (
+            receiver.files_received, "" if receiver.files_received == 1 else "s",
+            _human(receiver.bytes_received), receiver.files_failed))
+    return status
+
+
+def _json_writer(stream):
+    """A function that writes one JSON event per line (README "JSON events")."""
+    lock = threading.Lock()
+
+    def emit(name, **fields):
+        event = collections.OrderedDict(event=name, time=round(time.time(), 3))
+        event.update(fields)
+        line = json.dumps(event) + "\n"
+        with lock:      # callbacks of several connections may emit at once
+            stream.write(line)
+            stream.flush()
+    return emit
+
+
+class _Hooks:
+    """serve --on-receive: run a command for each verified file, off the receiving threads.
+
+    The command gets the final path as its last argument (an argument
+    list, no shell) and XFER_PEER, XFER_RELPATH, XFER_SIZE, XFER_SHA256 in
+    its environment; its output goes to stderr.  HOOK_WORKERS run at once
+    and HOOK_QUEUE wait; a file beyond that gets no hook.  A hook that
+    fails, or runs past timeout and is killed, is logged; receiving goes on.
+    """
+
+    def __init__(self, command, log, timeout=DEFAULT_HOOK_TIMEOUT):
+        # On Windows a command line is one string that the program parses
+        # itself; it is still run directly, not through cmd.exe.
+        self.argv = shlex.split(command) if os.name != "nt" else [command]
+        if not command.strip():
+            raise ConfigError("--on-receive: empty command")
+        self.log = log
+        self.timeout = timeout
+        self.queue = queue.Queue(HOOK_QUEUE)
+        self.threads = []
+
+    def submit(self, info):
+        if not self.threads:
+            self.threads = [threading.Thread(target=self._work, name="xfer-hook", daemon=True)
+                            for _ in range(HOOK_WORKERS)]
+            for t in self.threads:
+                t.start()
+        try:
+            self.queue.put_nowait(info)
+        except queue.Full:
+            self.log("hook not run for %s: %d hooks already waiting"
+                     % (_display(info.relpath), HOOK_QUEUE))
+
+    def _work(self):
+        while True:
+            info = self.queue.get()
+            if info is _STOP:
+                return
+            try:
+                self._run(info)
+            except Exception as e:     # a bug: keep the other hooks running
+                self.log("hook for %s: internal error: %r" % (_display(info.relpath), e))
+
+    def _run(self, info):
+        env = dict(os.environ, XFER_PEER=info.peer, XFER_RELPATH=info.relpath,
+                   XFER_SIZE=str(info.size), XFER_SHA256=info.digest)
+        if os.name == "nt":
+            cmd = self.argv[0] + " " + subprocess.list2cmdline([info.path])
+        else:
+            cmd = self.argv + [info.path]
+        name = _display(info.relpath)
+        try:
+            out = sys.stderr.fileno()
+        except (AttributeError, ValueError, OSError):
+            out = None      # stderr is not a file (embedded): inherit stdout
+        try:
+            proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out)
+        except (OSError, ValueError) as e:
+            self.log("hook for %s could not start: %s" % (name, getattr(e, "strerror", e) or e))
+            return
+        try:
+            status = proc.wait(self.timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            self.log("hook for %s killed: still running after %gs" % (name, self.timeout))
+            return
+        if status:
+            self.log("hook for %s failed with status %d" % (name, status))
+
+    def close(self):
+        """Let waiting hooks run (each within its timeout), then stop."""
+        if self.queue.qsize():
+            self.log("running %d waiting hook%s before exiting"
+                     % (self.queue.qsize(), "" if self.queue.qsize() == 1 else "s"))
+        for t in self.threads:
+            self.queue.put(_STOP)
+        for t in self.threads:
+            t.join()
 
 
 def _print_banner(receiver, token, token_from, bound_host, bound_port):
@@ -3504,82 +3740,343 @@ def _print_banner(receiver, token, token_from, bound_host, bound_port):
     sys.stdout.flush()
 
 
-def _cmd_send(args):
-    config = load_config(args.config)
-    target = _resolve_target(config, args.to, args.token)
-    workers = args.workers or target.workers or 4
-    verbose, quiet = args.verbose, args.quiet
-    dirs = args.command == "send-dir"
-    tls = args.tls or target.tls or bool(args.fingerprint)
-
-    def on_done(job):
-        if verbose and job.kind == "file":
-            notes = [job.note] if job.note else []
-            if job.resumed:
-                notes.append("resumed after %s" % _human(job.resumed))
-            sys.stderr.write("%s %s (%s%s)\n" % (
-                "skipped" if job.state == "skipped" else "sent", _display(job.name),
-                _human(job.size), "".join(", " + _display(n) for n in notes)))
-
-    def on_error(job):
-        # A connection-level failure is reported once, by main(); a dir job
-        # repeats its files' errors, which were reported one by one.
-        if job.kind != "dir" and job.error is not sender.error:
-            sys.stderr.write("xfer: error: %s\n" % _display(str(job.error)))
-
-    started = time.monotonic()
-    sender = Sender((target.host, target.port), token=target.token, workers=workers,
-                    on_done=on_done, on_error=on_error, tls=tls,
-                    fingerprint=args.fingerprint or target.fingerprint,
-                    known_hosts=_known_hosts_path(args) if tls else None,
-                    skip=None if args.force else ("checksum" if args.checksum else "quick"),
-                    retries=max(0, args.retries),
-                    require_server_auth=not target.fallback)
-    failed_inputs = 0
+def _terminal_width(stream):
+    """Columns of the terminal stream writes to: $COLUMNS, the terminal's, or 80."""
     try:
-        for path in args.paths:
-            if dirs != os.path.isdir(path):
-                why = "not a directory" if dirs else "is a directory (use send-dir)"
-                if not os.path.exists(path):
-                    why = "No such file or directory"
-                sys.stderr.write("xfer: error: %s: %s\n" % (_display(path), why))
-                failed_inputs += 1
+        return max(20, int(os.environ["COLUMNS"]))
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+def _enable_ansi(stream):
+    """True if stream is a terminal that understands cursor movement.
+
+    Windows 10 consoles do once virtual terminal processing is switched on.
+    """
+    try:
+        if not stream.isatty() or os.environ.get("TERM") == "dumb":
+            return False
+    except (AttributeError, ValueError):
+        return False
+    if os.name != "nt":
+        return True
+    try:
+        import ctypes
+        import msvcrt
+        kernel32 = ctypes.windll.kernel32
+        handle = msvcrt.get_osfhandle(stream.fileno())
+        mode = ctypes.c_uint32()
+        if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
+            return False
+        return bool(kernel32.SetConsoleMode(handle, mode.value | 0x0004))
+    except Exception:
+        return False
+
+
+def _clock(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
+    return "%d:%02d" % (seconds // 60, seconds % 60)
+
+
+class _Track:
+    """One destination of a send, as the report sees it (main thread only)."""
+
+    def __init__(self, label, to):
+        self.label = label          # prefix of its lines; "" with one destination
+        self.to = to                # "host:port", for JSON events
+        self.sender = None
+        self.jobs = []              # top-level jobs
+        self.ended = 0              # files ended, in any state
+        self.failed_inputs = 0      # operands that were never queued
+        self.sending = collections.OrderedDict()    # files in flight
+        self.samples = collections.deque()          # (time, bytes) for the rate
+        self.started = time.monotonic()
+        self.last_event = 0.0
+
+    @property
+    def files_total(self):
+        return sum(j.files_total if j.kind == "dir" else 1 for j in self.jobs)
+
+    @property
+    def failed(self):
+        return self.sender.files_failed + self.failed_inputs
+
+    @property
+    def finished(self):
+        return all(j.done for j in self.jobs)
+
+    def rate(self, now):
+        """Bytes per second over the last few seconds."""
+        done = sum(j.bytes_done for j in self.jobs)
+        self.samples.append((now, done))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= 3.0:
+            self.samples.popleft()
+        t0, b0 = self.samples[0]
+        return (done - b0) / (now - t0) if now - t0 > 0.2 else None
+
+    def summary(self):
+        """The one line a send ends with (README "send and send-dir")."""
+        s = self.sender
+        seconds = time.monotonic() - self.started
+        rate = s.bytes_sent / seconds if seconds > 0 else 0.0
+        line = "sent %d file%s, %s in %.2f s (%s/s)" % (
+            s.files_done, "" if s.files_done == 1 else "s", _human(s.bytes_sent), seconds,
+            _human(rate))
+        if s.bytes_resumed:
+            line += ", %s resumed" % _human(s.bytes_resumed)
+        if s.files_skipped:
+            line += ", %d skipped" % s.files_skipped
+        if self.failed:
+            line += ", %d FAILED" % self.failed
+        return self.label + line
+
+
+class _Report:
+    """What send and send-dir print, fed by Sender callbacks on the main thread.
+
+    Modes: "live" redraws one status line per destination on a terminal,
+    at most ten times a second; "plain" never redraws (pipes, cron,
+    journald); "json" writes one JSON object per event to out (README
+    "JSON events"); "quiet" prints errors only.  verbose adds a line per
+    finished file in "live" and "plain".
+    """
+
+    REDRAW = 0.1            # seconds between redraws of the live display
+    JSON_PROGRESS = 0.5     # seconds between "progress" events per destination
+
+    def __init__(self, mode, verbose=False, err=None, out=None, width=None):
+        self.mode = mode
+        self.verbose = verbose and mode in ("live", "plain")
+        self.err = err or sys.stderr
+        self.out = out or sys.stdout
+        self.width = width or (lambda: _terminal_width(self.err))
+        self.tracks = []
+        self.drawn = 0              # lines of the live display on screen
+        self.last_draw = 0.0
+
+    def track(self, label, to):
+        """A new destination; returns it with the Sender callbacks to use."""
+        t = _Track(label, to)
+        self.tracks.append(t)
+        callbacks = dict(on_start=lambda job: self._started(t, job),
+                         on_done=lambda job: self._ended(t, job),
+                         on_error=lambda job: self._ended(t, job))
+        return t, callbacks
+
+    # -- events
+
+    def _started(self, t, job):
+        t.sending[id(job)] = job
+        self._event("file_started", t, path=job.name, size=job.size)
+
+    def _ended(self, t, job):
+        t.sending.pop(id(job), None)
+        if job.kind == "dir":
+            return          # its files were reported one by one
+        if job.kind == "file":
+            t.ended += 1
+        if job.state in ("done", "skipped"):
+            if job.kind != "file":
+                return
+            seconds = (job.finished - job.started) if job.started else 0.0
+            self._event("file_done", t, path=job.name, bytes=job.size,
+                        seconds=round(seconds, 6), digest=job.digest,
+                        skipped=job.state == "skipped", resumed=job.resumed,
+                        note=job.note or None)
+            if self.verbose:
+                notes = [job.note] if job.note else []
+                if job.resumed:
+                    notes.append("resumed after %s" % _human(job.resumed))
+                self.say("%s%s %s (%s%s)" % (
+                    t.label, "skipped" if job.state == "skipped" else "sent",
+                    _display(job.name), _human(job.size),
+                    "".join(", " + _display(n) for n in notes)))
+            return
+        self._event("file_failed", t, path=job.name, reason=str(job.error),
+                    exit=getattr(job.error, "exit_code", EXIT_FAILED))
+        # A connection-level failure is reported once, with the summary.
+        if self.mode != "json" and job.error is not t.sender.error:
+            self.say("xfer: error: %s%s" % (t.label, _display(str(job.error))))
+
+    def input_error(self, path, why):
+        for t in self.tracks:
+            t.failed_inputs += 1
+        if self.mode == "json":
+            for t in self.tracks:
+                self._event("file_failed", t, path=path, reason=why, exit=EXIT_FAILED)
+        else:
+            self.say("xfer: error: %s: %s" % (_display(path), why))
+
+    def _event(self, name, t, **fields):
+        if self.mode == "json":
+            event = collections.OrderedDict(event=name, time=round(time.time(), 3), to=t.to)
+            event.update(fields)
+            self.out.write(json.dumps(event) + "\n")
+            self.out.flush()
+
+    def say(self, line, stream=None):
+        """Print a line that stays, above the live display."""
+        self._clear()
+        stream = stream or self.err
+        stream.write(line + "\n")
+        stream.flush()
+        self.last_draw = 0.0
+
+    # -- the display
+
+    def tick(self):
+        """Redraw or report progress if it is time; cheap to call often."""
+        now = time.monotonic()
+        if self.mode == "live" and now - self.last_draw >= self.REDRAW:
+            self.last_draw = now
+            self._draw(now)
+        elif self.mode == "json":
+            for t in self.tracks:
+                if now - t.last_event >= self.JSON_PROGRESS and not t.finished:
+                    t.last_event = now
+                    rate = t.rate(now)
+                    self._event("progress", t, bytes_done=sum(j.bytes_done for j in t.jobs),
+                                bytes_total=sum(j.size for j in t.jobs),
+                                files_done=t.ended, files_total=t.files_total,
+                                rate=None if rate is None else round(rate))
+
+    def status_line(self, t, now, width):
+        """One destination's live line, cut to width."""
+        if t.finished and t.sender.error is not None:
+            text = "%sFAILED: %s" % (t.label, t.sender.error)
+        else:
+            done = sum(j.bytes_done for j in t.jobs)
+            total = sum(j.size for j in t.jobs)
+            rate = t.rate(now)
+            eta = ""
+            if rate and total > done:
+                eta = "  ETA %s" % _clock((total - done) / rate)
+            text = "%s%3d%%  %s / %s  %s/s%s  %d/%d files" % (
+                t.label, 100 * done // total if total else (100 if t.finished else 0),
+                _human(done), _human(total), _human(rate) if rate is not None else "--",
+                eta, t.ended, t.files_total)
+            names = [_display(j.name.rsplit("/", 1)[-1]) for j in t.sending.values()]
+            if names:
+                text += "  " + ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+        return text[:max(10, width - 1)]
+
+    def _draw(self, now):
+        width = self.width()
+        lines = [self.status_line(t, now, width) for t in self.tracks]
+        up = "\x1b[%dF" % self.drawn if self.drawn else "\r"
+        self.err.write(up + "".join(line + "\x1b[K\n" for line in lines))
+        self.err.flush()
+        self.drawn = len(lines)
+
+    def _clear(self):
+        if self.drawn:
+            self.err.write("\x1b[%dF\x1b[J" % self.drawn)
+            self.drawn = 0
+
+    def finish(self):
+        """Take the display down and print each destination's summary."""
+        self._clear()
+        self.err.flush()
+        for t in self.tracks:
+            s = t.sender
+            if self.mode == "json":
+                self._event("summary", t, files_sent=s.files_done,
+                            files_skipped=s.files_skipped, files_failed=t.failed,
+                            bytes_sent=s.bytes_sent, bytes_resumed=s.bytes_resumed,
+                            seconds=round(time.monotonic() - t.started, 3),
+                            ok=not t.failed and s.error is None,
+                            error=None if s.error is None else str(s.error))
                 continue
-            sender.queue(path)
-        sender.close(wait=True)
+            if s.fingerprint_new:
+                self.say("xfer: trusting the TLS certificate of %s on first use: %s "
+                         "(recorded in %s)" % (t.to, s.server_fingerprint, s.known_hosts))
+            if s.error is not None and t.label:
+                self.say("xfer: error: %s%s" % (t.label, _display(str(s.error))))
+            if self.mode != "quiet" and (s.error is None or t.label):
+                self.say(t.summary(), self.out)
+
+
+def _cmd_send(args):
+    """send and send-dir: one Sender per destination, all polled from this thread."""
+    config = load_config(args.config)
+    paths = list(args.paths)
+    destinations = list(args.to or [])
+    if len(paths) > 1 and _is_destination(paths[-1]):
+        if destinations:
+            raise ConfigError("give the destination once: --to HOST or a last "
+                             "argument HOST:[DIR], not both")
+        destinations.append(paths.pop())
+    for path in paths:
+        if _is_destination(path):
+            raise ConfigError("%s: xfer sends local files only; write ./%s for a local "
+                             "name with a colon" % (path, path))
+    if not paths:
+        raise ConfigError("nothing to send: give at least one %s"
+                         % ("DIR" if args.command == "send-dir" else "FILE"))
+    if args.json:
+        mode = "json"
+    elif args.quiet:
+        mode = "quiet"
+    else:
+        mode = "live" if _enable_ansi(sys.stderr) else "plain"
+    report = _Report(mode, args.verbose)
+    senders = []
+    for dest in destinations or [None]:
+        to, subdir = _split_destination(dest) if dest else (None, "")
+        target = _resolve_target(config, to, args.token)
+        tls = args.tls or target.tls or bool(args.fingerprint)
+        track, callbacks = report.track(
+            "%s: " % dest if len(destinations) > 1 else "",
+            _host_port_text(target.host, target.port))
+        track.sender = Sender(
+            (target.host, target.port), token=target.token,
+            workers=args.workers or target.workers or 4, dispatch="poll",
+            tls=tls, fingerprint=args.fingerprint or target.fingerprint,
+            known_hosts=_known_hosts_path(args) if tls else None,
+            skip=None if args.force else ("checksum" if args.checksum else "quick"),
+            retries=max(0, args.retries), require_server_auth=not target.fallback,
+            **callbacks)
+        senders.append((track, subdir))
+    dirs = args.command == "send-dir"
+    for path in paths:
+        if dirs != os.path.isdir(path):
+            why = "not a directory" if dirs else "is a directory (use send-dir)"
+            if not os.path.exists(path):
+                why = "No such file or directory"
+            report.input_error(path, why)
+            continue
+        for track, subdir in senders:
+            track.jobs.append(track.sender.queue(path, subdir=subdir))
+    tracks = [t for t, _ in senders]
+    try:
+        for t in tracks:
+            while not t.sender.wait(report.REDRAW):
+                for each in tracks:
+                    each.sender.poll()
+                report.tick()
+        for t in tracks:
+            t.sender.close()
+            t.sender.poll()
     except KeyboardInterrupt:
-        sender.close(wait=False)
-        sys.stderr.write("xfer: interrupted; sending the same again resumes\n")
-        if not quiet:
-            print(_summary(sender, sender.files_failed + failed_inputs, started))
+        for t in tracks:
+            t.sender.close(wait=False)
+            t.sender.poll()
+        report.finish()
+        report.say("xfer: interrupted; sending the same again resumes")
         return EXIT_INTERRUPTED
-    if sender.fingerprint_new:
-        sys.stderr.write("xfer: trusting the TLS certificate of %s on first use: %s "
-                         "(recorded in %s)\n" % (_host_port_text(target.host, target.port),
-                                                 sender.server_fingerprint,
-                                                 _known_hosts_path(args)))
-    if sender.error is not None:
-        raise sender.error
-    failed = sender.files_failed + failed_inputs
-    if not quiet:
-        print(_summary(sender, failed, started))
-    return EXIT_FAILED if failed else EXIT_OK
-
-
-def _summary(sender, failed, started):
-    """The one line send and send-dir end with (README "send and send-dir")."""
-    seconds = time.monotonic() - started
-    rate = sender.bytes_sent / seconds if seconds > 0 else 0.0
-    line = "sent %d file%s, %s in %.2f s (%s/s)" % (
-        sender.files_done, "" if sender.files_done == 1 else "s",
-        _human(sender.bytes_sent), seconds, _human(rate))
-    if sender.bytes_resumed:
-        line += ", %s resumed" % _human(sender.bytes_resumed)
-    if sender.files_skipped:
-        line += ", %d skipped" % sender.files_skipped
-    if failed:
-        line += ", %d FAILED" % failed
-    return line
+    report.finish()
+    if len(tracks) == 1 and tracks[0].sender.error is not None:
+        error = tracks[0].sender.error
+        if mode == "json":
+            return error.exit_code
+        raise error
+    return EXIT_FAILED if any(t.failed or t.sender.error for t in tracks) else EXIT_OK
 
 
 def _cmd_bench(args):
@@ -3594,7 +4091,6 @@ def _cmd_bench(args):
         address = (target.host, target.port)
         where = "to %s" % _host_port_text(*address)
     else:
-        import subprocess
         import tempfile
         token = _new_token()
         empty = tempfile.mkdtemp(prefix="xfer-bench-")
@@ -3658,6 +4154,34 @@ def _bench_phase(address, kwargs, workers, files, worst):
     if failures:
         raise XferError("%d benchmark files failed: %s" % (len(failures), failures[0].error))
     return max(seconds, 1e-9)
+
+
+def _cmd_ping(args):
+    """Health check: connect, authenticate, PING; one line, exit 0 if all is well."""
+    target = _resolve_target(load_config(args.config), args.host, args.token)
+    tls = args.tls or target.tls or bool(args.fingerprint)
+    where = _host_port_text(target.host, target.port)
+    sender = Sender((target.host, target.port), token=target.token, tls=tls,
+                    fingerprint=args.fingerprint or target.fingerprint,
+                    known_hosts=_known_hosts_path(args) if tls else None,
+                    connect_timeout=args.timeout, timeout=args.timeout,
+                    require_server_auth=not target.fallback)
+    try:
+        state = sender.ping()
+    except XferError as e:
+        if not args.json:
+            raise
+        _json_writer(sys.stdout)("ping", to=where, ok=False, error=str(e), exit=e.exit_code)
+        return e.exit_code
+    if args.json:
+        _json_writer(sys.stdout)("ping", to=where, ok=True, version=state["version"],
+                                 free=state["free"], total=state["total"],
+                                 rtt=round(state["rtt"], 6))
+    elif not args.quiet:
+        print("%s: xfer %s up, %s free of %s, round trip %.1f ms%s" % (
+            where, state["version"], _human(state["free"]), _human(state["total"]),
+            state["rtt"] * 1000, ", TLS" if tls else ""))
+    return EXIT_OK
 
 
 def _mask(token):
@@ -3751,6 +4275,8 @@ def _build_parser():
                         help="read (and write) this config file only")
     common.add_argument("--token", help="shared secret (or XFER_TOKEN)")
     common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    common.add_argument("--json", action="store_true",
+                        help="print one JSON object per event on stdout (README \"JSON events\")")
 
     p = sub.add_parser("serve", parents=[common], help="receive files into a directory")
     p.add_argument("--dir", help="destination directory (default: current directory)")
@@ -3790,14 +4316,24 @@ def _build_parser():
                    "(default %g)" % DEFAULT_GRACE)
     p.add_argument("--partial-max-age", type=float, metavar="DAYS", default=7.0,
                    help="delete partial files older than this at start-up (default 7)")
+    p.add_argument("--once", action="store_true",
+                   help="exit after the first sender has finished (status 0 if every "
+                   "file arrived)")
+    p.add_argument("--on-receive", metavar="CMD",
+                   help="run CMD FINAL_PATH for every file received and verified "
+                   "(README \"Hooks\")")
+    p.add_argument("--hook-timeout", type=float, metavar="SECONDS", default=DEFAULT_HOOK_TIMEOUT,
+                   help="stop a hook still running after this long (default %g)"
+                   % DEFAULT_HOOK_TIMEOUT)
     p.set_defaults(func=_cmd_serve)
 
     for name, what, help_ in (
             ("send", "FILE", "send files into the server's directory"),
             ("send-dir", "DIR", "send directory trees, keeping their structure")):
         p = sub.add_parser(name, parents=[common], help=help_)
-        p.add_argument("--to", metavar="HOST[:PORT]",
-                       help="receiver address or config alias (or XFER_HOST)")
+        p.add_argument("--to", metavar="HOST[:PORT][:DIR]", action="append",
+                       help="receiver address or config alias (or XFER_HOST); give it "
+                       "again to send to several receivers at once")
         p.add_argument("--workers", type=_positive_int, metavar="N",
                        help="parallel connections (default 4)")
         p.add_argument("--tls", action="store_true", help="connect with TLS")
@@ -3811,8 +4347,19 @@ def _build_parser():
         p.add_argument("--retries", type=int, metavar="N", default=3,
                        help="tries again after a transient failure (default 3)")
         p.add_argument("-v", "--verbose", action="store_true", help="one line per file")
-        p.add_argument("paths", nargs="+", metavar=what)
+        p.add_argument("paths", nargs="+", metavar=what,
+                       help="%ss to send; a last HOST:[DIR] is the destination" % what)
         p.set_defaults(func=_cmd_send)
+
+    p = sub.add_parser("ping", parents=[common],
+                       help="check that a server is up and the token works")
+    p.add_argument("host", nargs="?", metavar="HOST[:PORT]",
+                   help="server address or config alias (default as for send)")
+    p.add_argument("--tls", action="store_true", help="connect with TLS")
+    p.add_argument("--fingerprint", metavar="SHA256", help="pin the server certificate")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", default=DEFAULT_CONNECT_TIMEOUT,
+                   help="give up after this long (default %g)" % DEFAULT_CONNECT_TIMEOUT)
+    p.set_defaults(func=_cmd_ping)
 
     p = sub.add_parser("bench", parents=[common],
                        help="measure throughput to a server's discard sink")
