@@ -2,9 +2,10 @@
 """xfer -- move files between machines on a local network, safely and fast.
 
 Command line:
-    python xfer.py serve [--dir DIR] [--host ADDR] [--port N] [--token TOKEN]
-    python xfer.py send [--to HOST[:PORT]] [--token TOKEN] [--workers N] FILE...
-    python xfer.py send-dir [--to HOST[:PORT]] [--token TOKEN] [--workers N] DIR
+    python xfer.py serve [--dir DIR] [--host ADDR] [--port N] [--once] [--on-receive CMD]
+    python xfer.py send [--to HOST[:PORT][:DIR]]... [--json] FILE... [HOST[:PORT]:[DIR]]
+    python xfer.py send-dir [--to HOST[:PORT][:DIR]]... [--json] DIR... [HOST[:PORT]:[DIR]]
+    python xfer.py ping [HOST[:PORT]]
 
 Library (README "Python API"):
     import xfer
