@@ -4008,7 +4008,7 @@ def _cmd_send(args):
     config = load_config(args.config)
     paths = list(args.paths)
     destinations = list(args.to or [])
-    if len(paths) > 1 and _is_destination(paths[-1]):
+    if _is_destination(paths[-1]):
         if destinations:
             raise ConfigError("give the destination once: --to HOST or a last "
                              "argument HOST:[DIR], not both")
@@ -4018,8 +4018,8 @@ def _cmd_send(args):
             raise ConfigError("%s: xfer sends local files only; write ./%s for a local "
                              "name with a colon" % (path, path))
     if not paths:
-        raise ConfigError("nothing to send: give at least one %s"
-                         % ("DIR" if args.command == "send-dir" else "FILE"))
+        raise ConfigError("nothing to send: give at least one %s before the destination"
+                          % ("DIR" if args.command == "send-dir" else "FILE"))
     if args.json:
         mode = "json"
     elif args.quiet:
