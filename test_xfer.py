@@ -6,12 +6,14 @@ readiness lines, Events, or results that mean "the file is durably in place".
 
 import ast
 import collections
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
 import inspect
 import io
 import itertools
+import json
 import os
 import queue
 import random
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unicodedata
 import unittest
 from unittest import mock
@@ -2154,7 +2157,9 @@ class EmbeddingTests(unittest.TestCase):
         self.assertEqual(job3.state, "done", job3.error)
         self.assertGreater(job3.resumed, 0)
         self.assertLess(job3.resumed, job3.size)
-        self.assertEqual(receiver.bytes_resumed, job3.resumed)
+        # The receiver counts the file just after its answer went out.
+        self.assertTrue(_embed_wait_for(lambda: receiver.bytes_resumed == job3.resumed),
+                        "receiver counted %d resumed bytes" % receiver.bytes_resumed)
         self.assertEqual(sha256_file(os.path.join(dst, "big.bin")), sha256_file(big))
         self.assertEqual(tree_listing(dst), ["after.bin", "big.bin"])
 
@@ -3581,6 +3586,879 @@ class FixesTests(unittest.TestCase):
                           env=isolated_env(home))
         self.assertEqual(result.returncode, xfer.EXIT_FAILED, result.stderr)
         self.assertIn("limit of 1000", result.stderr)
+
+
+#------------------------------------------------------------
+# everyday use: progress, JSON events, destinations, --once, ping,
+# hooks, fan-out
+#------------------------------------------------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+# serve --once lingers ONCE_LINGER seconds for a sender to come back; the
+# tests run it with a shorter linger (same code path) to stay fast.
+_TEST_ONCE_LINGER = 0.2
+
+_HOOK = r'''
+import json, os, socket, sys
+rel = os.environ["XFER_RELPATH"]
+results = os.environ["HOOK_RESULTS"]
+key = rel.replace("/", "_")
+
+def record(name):
+    tmp = os.path.join(results, ".tmp-" + name)
+    with open(tmp, "w") as f:
+        json.dump({"argv": sys.argv[1:], "relpath": rel, "peer": os.environ.get("XFER_PEER"),
+                   "sha256": os.environ.get("XFER_SHA256"),
+                   "size": os.environ.get("XFER_SIZE")}, f)
+    os.replace(tmp, os.path.join(results, name))
+
+if rel.startswith("hang"):
+    record(key + ".started")
+    gate = socket.create_connection(("127.0.0.1", int(os.environ["HOOK_GATE_PORT"])),
+                                    timeout=60)
+    try:
+        gate.recv(1)      # blocks until the test closes its end
+    except OSError:
+        pass
+record(key + ".json")
+if rel.startswith("fail"):
+    sys.exit(3)
+'''
+
+
+def _command_line(argv):
+    """argv as one --on-receive string: shell-quoted, or Windows-quoted on Windows."""
+    if os.name == "nt":
+        return subprocess.list2cmdline(argv)
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def _visible_lines(text):
+    """The lines a terminal would show for text written by the live display."""
+    return [_ANSI.sub("", line).replace("\r", "") for line in text.split("\n")]
+
+
+class _WriteLog(io.StringIO):
+    """A fake terminal stream that remembers each write() separately."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, s):
+        self.writes.append(s)
+        return super().write(s)
+
+
+def _fake_job(name, size, done=0, finished=False):
+    return types.SimpleNamespace(kind="file", name=name, size=size, bytes_done=done,
+                                 done=finished, files_total=0)
+
+
+def _fake_track(report, label=""):
+    track, _ = report.track(label, "192.0.2.1:22598")
+    track.sender = types.SimpleNamespace(error=None, files_failed=0)
+    return track
+
+
+class EverydayTests(unittest.TestCase):
+    def setUp(self):
+        self.home = temp_dir(self)
+        self.cwd = temp_dir(self)
+        self.env = isolated_env(self.home)
+
+    # -- helpers
+
+    def cli(self, *args, cwd=None):
+        return run_xfer(*args, cwd=cwd or self.cwd, env=self.env)
+
+    def cli_many(self, *argvs, cwd=None):
+        """Run several xfer command lines at once; return their results in order."""
+        with concurrent.futures.ThreadPoolExecutor(len(argvs)) as pool:
+            futures = [pool.submit(self.cli, *argv, cwd=cwd) for argv in argvs]
+            return [f.result() for f in futures]
+
+    def main_in_process(self, *argv):
+        """xfer.main(argv) with this test's isolated environment: (status, stdout, stderr).
+
+        stdout and stderr are not terminals, as with a pipe; cheaper than a
+        subprocess, so most command-line tests use it.
+        """
+        out, err = io.StringIO(), io.StringIO()
+        with mock.patch.dict(os.environ, self.env, clear=True), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = xfer.main(list(argv))
+        return status, out.getvalue(), err.getvalue()
+
+    def run_main(self, *argv):
+        """main_in_process() as a CompletedProcess-like object."""
+        status, out, err = self.main_in_process(*argv)
+        return types.SimpleNamespace(returncode=status, stdout=out, stderr=err)
+
+    def assertOneLineError(self, stderr):
+        self.assertNotIn("Traceback", stderr)
+        lines = stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, stderr)
+        self.assertTrue(lines[0].startswith("xfer: error: "), lines[0])
+        return lines[0]
+
+    def json_events(self, stdout, to=None):
+        """Parse every stdout line as one JSON event (send side: with "to")."""
+        events = []
+        for line in stdout.splitlines():
+            event = json.loads(line)
+            self.assertIsInstance(event, dict, line)
+            self.assertIsInstance(event.get("event"), str, line)
+            self.assertIsInstance(event.get("time"), (int, float), line)
+            self.assertLess(abs(event["time"] - time.time()), 3600, line)
+            if to is not None:
+                self.assertEqual(event.get("to"), to, line)
+            events.append(event)
+        return events
+
+    def spawn_once(self, *args):
+        """`serve --once --no-auth --quiet ARGS` (short linger) in a subprocess."""
+        code = ("import sys; sys.path.insert(0, %r); import xfer; xfer.ONCE_LINGER = %r; "
+                "sys.exit(xfer.main(sys.argv[1:]))" % (os.path.dirname(XFER), _TEST_ONCE_LINGER))
+        proc = subprocess.Popen(
+            [sys.executable, "-u", "-c", code, "serve", "--once", "--no-auth", "--host", HOST,
+             "--port", "0", "--quiet"] + list(args),
+            cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True)
+
+        def cleanup():
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=TIMEOUT)
+        self.addCleanup(cleanup)
+        return proc
+
+    def ready_port(self, proc):
+        lines = queue.Queue()
+        threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+        try:
+            line = lines.get(timeout=TIMEOUT)
+        except queue.Empty:
+            proc.kill()
+            self.fail("server printed no readiness line")
+        self.assertTrue(line.startswith("listening on "), line)
+        return int(line.rsplit(":", 1)[1])
+
+    # -- live progress on a terminal
+
+    def test_live_progress_redraws_in_place_within_width_and_is_erased(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        receiver = start_receiver(self, dst)
+        sizes = (1000, 300000, 700000)
+        paths = [write_file(os.path.join(src, "render_%04d.tif" % i), os.urandom(n))
+                 for i, n in enumerate(sizes)]
+        screen = _WriteLog()      # the display and the summary, in the order printed
+        report = xfer._Report("live", err=screen, out=screen, width=lambda: 60)
+        report.REDRAW = 0.0       # every tick draws: the test sees several frames
+        track, callbacks = report.track("", "%s:%d" % receiver.address)
+        track.sender = xfer.Sender(receiver.address, dispatch="poll", **callbacks)
+        self.addCleanup(track.sender.close, False)
+        report.tick()
+        for p in paths:
+            track.jobs.append(track.sender.queue(p))
+        deadline = time.monotonic() + TIMEOUT
+        while not track.sender.wait(0.005):       # what _cmd_send does, faster
+            track.sender.poll()
+            report.tick()
+            self.assertLess(time.monotonic(), deadline)
+        track.sender.close()
+        track.sender.poll()
+        report.tick()
+        frames = screen.getvalue()
+        frame_writes = list(screen.writes)
+        report.finish()
+        after = screen.getvalue()[len(frames):]
+
+        self.assertTrue(frames.startswith("\r"), repr(frames[:40]))
+        self.assertIn("\x1b[1F", frames)          # later frames move up over the last one
+        self.assertNotIn("\x1b[2J", frames)       # never clears the whole screen
+        for w in frame_writes:
+            self.assertTrue(w.endswith("\x1b[K\n"), repr(w))     # one write per frame
+        for line in _visible_lines(frames):
+            self.assertLessEqual(len(line), 59, repr(line))
+        self.assertIn("0/0 files", frames)        # the frame before anything was queued
+        final = _visible_lines(frame_writes[-1])[0]
+        self.assertRegex(final, r"^100%  1\.0 MB / 1\.0 MB  .*/s  3/3 files$")
+        # finish(): up over the display, erase it, then the summary
+        self.assertTrue(after.startswith("\x1b[1F\x1b[J"), repr(after[:40]))
+        self.assertRegex(after[len("\x1b[1F\x1b[J"):], r"^sent 3 files, 1\.0 MB in ")
+        self.assertEqual(report.drawn, 0)
+        self.assertEqual(sorted(os.listdir(dst)), [os.path.basename(p) for p in paths])
+
+    def test_status_line_percentage_rate_eta_files_and_names_in_flight(self):
+        report = xfer._Report("live", err=io.StringIO(), width=lambda: 200)
+        t = _fake_track(report)
+        a = _fake_job("renders/a.tif", 3000000, 1000000)
+        b = _fake_job("renders/b.tif", 1000000)
+        t.jobs = [a, b]
+        t.sending = collections.OrderedDict([(1, a), (2, b)])
+        line = report.status_line(t, 100.0, 200)
+        self.assertEqual(line, " 25%  1.0 MB / 4.0 MB  --/s  0/2 files  a.tif, b.tif")
+        a.bytes_done = 2000000          # 1 MB in one second
+        line = report.status_line(t, 101.0, 200)
+        self.assertEqual(line, " 50%  2.0 MB / 4.0 MB  1.0 MB/s  ETA 0:02  0/2 files"
+                               "  a.tif, b.tif")
+        # more than three in flight: three names, then "..."
+        more = [_fake_job("f%d.bin" % i, 10) for i in range(4)]
+        t.sending = collections.OrderedDict(enumerate(more))
+        self.assertTrue(report.status_line(t, 101.0, 200).endswith("f0.bin, f1.bin, f2.bin ..."))
+        # done, and a failed destination
+        a.bytes_done, b.bytes_done, a.done, b.done = a.size, b.size, True, True
+        t.sending.clear()
+        t.ended = 2
+        self.assertTrue(report.status_line(t, 102.0, 200).startswith("100%  4.0 MB / 4.0 MB"))
+        t.sender.error = xfer.ConnectError("cannot reach 192.0.2.1:22598: refused")
+        self.assertEqual(report.status_line(t, 103.0, 200),
+                         "FAILED: cannot reach 192.0.2.1:22598: refused")
+        # long ETAs in hours
+        self.assertEqual(xfer._clock(3 * 3600 + 62), "3:01:02")
+
+    def test_live_line_cut_to_terminal_columns_with_wide_characters(self):
+        screen = io.StringIO()
+        report = xfer._Report("live", err=screen, width=lambda: 60)
+        t = _fake_track(report)
+        job = _fake_job("\u6771\u4eac\u30b9\u30bf\u30b8\u30aa\u6700\u7d42\u30ec\u30f3"
+                        "\u30c0\u30ea\u30f3\u30b0\u7d20\u6750_0001.tif", 5 * 10**9, 10**9)
+        t.jobs = [job]
+        t.sending = collections.OrderedDict([(1, job)])
+        report.tick()
+        (line,) = _visible_lines(screen.getvalue())[:-1]
+        self.assertIn("20%", line)
+        # East Asian wide characters take two columns each on a terminal
+        columns = sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line)
+        self.assertLessEqual(columns, 59, line)
+
+    def test_live_display_cut_to_narrow_width_throttled_one_line_per_destination(self):
+        screen = _WriteLog()
+        width = [30]
+        report = xfer._Report("live", err=screen, width=lambda: width[0])
+
+        def busy_track(rep, label):
+            t = _fake_track(rep, label)
+            job = _fake_job("renders/a_long_file_name_0001.tif", 5 * 10**9, 10**9)
+            t.jobs = [job]
+            t.sending = collections.OrderedDict([(1, job)])
+            return t
+        tracks = [busy_track(report, "pi%d: " % i) for i in (1, 2)]
+        # the same line, uncut, as a first frame draws it (no rate yet)
+        full = xfer._Report("live").status_line(busy_track(xfer._Report("live"), "pi1: "),
+                                                0.0, 200)
+        self.assertGreater(len(full), 29, full)
+        report.tick()
+        first = screen.getvalue()
+        lines = _visible_lines(first)
+        self.assertEqual(lines[-1], "")
+        self.assertEqual([len(x) for x in lines[:-1]], [29, 29], lines)
+        self.assertEqual(lines[0], full[:29])
+        self.assertTrue(lines[1].startswith("pi2: "), lines)
+        # at most ten redraws a second: an immediate second tick draws nothing
+        report.tick()
+        self.assertEqual(screen.getvalue(), first)
+        # the next frame goes up over both lines; a wider terminal gets longer lines
+        width[0] = 70
+        report.last_draw -= report.REDRAW
+        report.tick()
+        frame = screen.getvalue()[len(first):]
+        self.assertTrue(frame.startswith("\x1b[2F"), repr(frame))
+        self.assertEqual(frame.count("\x1b[K\n"), 2)
+        self.assertEqual([len(x) for x in _visible_lines(frame)[:-1]],
+                         [min(69, len(full)), min(69, len(full))])
+        # a line that must stay (an error) erases the display first
+        report.say("xfer: error: pi1: boom")
+        self.assertTrue(screen.writes[-2].startswith("\x1b[2F\x1b[J"), screen.writes[-2:])
+        self.assertEqual(report.drawn, 0)
+
+    # -- not a terminal
+
+    def test_not_a_tty_no_redraws_verbose_line_per_file_and_quiet_silent(self):
+        src = temp_dir(self)
+        dsts = [temp_dir(self) for _ in range(3)]
+        ticked = threading.Event()
+
+        def on_file(info):
+            # Hold the first file's connection until the display loop has
+            # ticked a few times, so a redraw would have had its chance.
+            if info.relpath == "a.txt":
+                ticked.wait(TIMEOUT)
+        receivers = [start_receiver(self, d, token=TOKEN) for d in dsts[:2]]
+        receivers.append(start_receiver(self, dsts[2], token=TOKEN, on_file=on_file))
+        files = collections.OrderedDict([("a.txt", 1000), ("b.bin", 400000), ("c.txt", 10)])
+        paths = [write_file(os.path.join(src, n), os.urandom(s)) for n, s in files.items()]
+        common = ("--token", TOKEN) + tuple(paths)
+        verbose, quiet = self.cli_many(     # real processes: stderr is a pipe
+            ("send", "-v", "--to", "%s:%d" % receivers[0].address) + common,
+            ("send", "--quiet", "--to", "%s:%d" % receivers[1].address) + common)
+        ticks = []
+        real_tick = xfer._Report.tick
+
+        def counting_tick(report):
+            ticks.append(report.mode)
+            if len(ticks) >= 3:
+                ticked.set()
+            return real_tick(report)
+        with mock.patch.object(xfer._Report, "tick", counting_tick), \
+                mock.patch.object(xfer._Report, "REDRAW", 0.01):
+            plain = self.run_main("send", "--workers", "1",
+                                  "--to", "%s:%d" % receivers[2].address, *common)
+        self.assertTrue(ticked.is_set())
+        self.assertEqual(set(ticks), {"plain"})
+        for r in (verbose, plain, quiet):
+            self.assertEqual(r.returncode, xfer.EXIT_OK, r.stderr)
+            self.assertNotIn("\x1b", r.stderr + r.stdout)
+            self.assertNotIn("\r", r.stderr + r.stdout)
+        self.assertEqual(sorted(verbose.stderr.splitlines()),
+                         sorted("sent %s (%s)" % (n, xfer._human(s)) for n, s in files.items()))
+        for r in (verbose, plain):
+            self.assertEqual(len(r.stdout.splitlines()), 1, r.stdout)
+            self.assertRegex(r.stdout, r"^sent 3 files, 401\.0 KB in [0-9.]+ s \(.*/s\)\n$")
+        self.assertEqual(plain.stderr, "")
+        self.assertEqual((quiet.stdout, quiet.stderr), ("", ""))
+        for d in dsts:
+            self.assertEqual(sorted(os.listdir(d)), sorted(files))
+
+    # -- JSON events
+
+    def test_send_json_events_then_rerun_reports_skipped(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        receiver = start_receiver(self, dst, token=TOKEN)
+        to = "%s:%d" % receiver.address
+        paths = [write_file(os.path.join(src, "small.txt"), b"small"),
+                 write_file(os.path.join(src, "big.bin"), os.urandom(300000))]
+        argv = ("send", "--json", "--to", to, "--token", TOKEN) + tuple(paths)
+        r = self.run_main(*argv)
+        self.assertEqual(r.returncode, xfer.EXIT_OK, r.stderr)
+        self.assertEqual(r.stderr, "")
+        events = self.json_events(r.stdout, to)
+        kinds = {e["event"] for e in events}
+        self.assertLessEqual(kinds, {"file_started", "progress", "file_done", "summary"})
+        started = [e for e in events if e["event"] == "file_started"]
+        self.assertEqual(sorted((e["path"], e["size"]) for e in started),
+                         [("big.bin", 300000), ("small.txt", 5)])
+        done = {e["path"]: e for e in events if e["event"] == "file_done"}
+        self.assertEqual(sorted(done), ["big.bin", "small.txt"])
+        for p in paths:
+            e = done[os.path.basename(p)]
+            self.assertEqual(e["bytes"], os.path.getsize(p))
+            self.assertIsInstance(e["seconds"], (int, float))
+            self.assertGreaterEqual(e["seconds"], 0)
+            self.assertEqual(e["digest"], sha256_file(p))
+            self.assertIs(e["skipped"], False)
+            self.assertEqual(e["resumed"], 0)
+        summary = [e for e in events if e["event"] == "summary"]
+        self.assertEqual(len(summary), 1)
+        self.assertEqual(events[-1], summary[0])
+        self.assertEqual((summary[0]["files_sent"], summary[0]["files_skipped"],
+                          summary[0]["files_failed"], summary[0]["bytes_sent"],
+                          summary[0]["ok"], summary[0]["error"]),
+                         (2, 0, 0, 300005, True, None))
+        # the same again: nothing to send, each file reported skipped
+        r = self.run_main(*argv)
+        self.assertEqual(r.returncode, xfer.EXIT_OK, r.stderr)
+        events = self.json_events(r.stdout, to)
+        self.assertEqual([e for e in events if e["event"] == "file_started"], [])
+        done = [e for e in events if e["event"] == "file_done"]
+        self.assertEqual(sorted(e["path"] for e in done), ["big.bin", "small.txt"])
+        for e in done:
+            self.assertIs(e["skipped"], True)
+            self.assertIsNone(e["digest"])
+        (summary,) = [e for e in events if e["event"] == "summary"]
+        self.assertEqual((summary["files_sent"], summary["files_skipped"], summary["ok"]),
+                         (0, 2, True))
+
+    def test_json_events_file_failed_and_send_dir(self):
+        src, small_dst, tree_dst = temp_dir(self), temp_dir(self), temp_dir(self)
+        limited = start_receiver(self, small_dst, token=TOKEN, max_size=100)
+        receiver = start_receiver(self, tree_dst, token=TOKEN)
+        ok = write_file(os.path.join(src, "ok.txt"), b"x" * 50)
+        big = write_file(os.path.join(src, "too-big.bin"), os.urandom(1000))
+        missing = os.path.join(src, "missing.txt")
+        tree = _make_tree(os.path.join(src, "site"), {
+            "index.html": b"<html>", "css/main.css": b"body{}",
+            "img/logo.png": os.urandom(300000)}, dirs=["empty"])
+        to1, to2 = "%s:%d" % limited.address, "%s:%d" % receiver.address
+        failing = self.run_main("send", "--json", "--to", to1, "--token", TOKEN, ok, big, missing)
+        dirs = self.run_main("send-dir", "--json", "--to", to2, "--token", TOKEN, tree)
+
+        self.assertEqual(failing.returncode, xfer.EXIT_FAILED, failing.stderr)
+        self.assertNotIn("Traceback", failing.stderr)
+        events = self.json_events(failing.stdout, to1)
+        failed = {e["path"]: e for e in events if e["event"] == "file_failed"}
+        self.assertEqual(sorted(failed), ["missing.txt", "too-big.bin"])
+        for e in failed.values():
+            self.assertIsInstance(e["reason"], str)
+            self.assertTrue(e["reason"].strip())
+            self.assertNotIn("\n", e["reason"])
+            self.assertIsInstance(e["exit"], int)
+            self.assertNotEqual(e["exit"], 0)
+        self.assertIn("No such file", failed["missing.txt"]["reason"])
+        self.assertEqual([e["path"] for e in events if e["event"] == "file_done"], ["ok.txt"])
+        (summary,) = [e for e in events if e["event"] == "summary"]
+        self.assertEqual((summary["files_sent"], summary["files_failed"], summary["ok"]),
+                         (1, 2, False))
+        self.assertEqual(os.listdir(small_dst), ["ok.txt"])
+
+        self.assertEqual(dirs.returncode, xfer.EXIT_OK, dirs.stderr)
+        events = self.json_events(dirs.stdout, to2)
+        done = {e["path"]: e for e in events if e["event"] == "file_done"}
+        self.assertEqual(sorted(done), ["site/css/main.css", "site/img/logo.png",
+                                        "site/index.html"])
+        for name, e in done.items():
+            local = os.path.join(src, *name.split("/"))
+            self.assertEqual((e["bytes"], e["digest"], e["skipped"]),
+                             (os.path.getsize(local), sha256_file(local), False))
+        (summary,) = [e for e in events if e["event"] == "summary"]
+        self.assertEqual((summary["files_sent"], summary["files_failed"], summary["ok"]),
+                         (3, 0, True))
+        for e in events:
+            if e["event"] == "progress":
+                self.assertEqual(e["files_total"], 3)
+        self.assertEqual(tree_listing(os.path.join(tree_dst, "site")), tree_listing(tree))
+
+    def test_serve_json_listening_first_then_file_received(self):
+        dst = temp_dir(self)
+        proc = subprocess.Popen([sys.executable, "-u", XFER, "serve", "--json", "--no-auth",
+                                 "--host", HOST, "--port", "0", "--dir", dst],
+                                cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True)
+
+        def cleanup():
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=TIMEOUT)
+        self.addCleanup(cleanup)
+        lines = queue.Queue()
+
+        def read():
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)
+        threading.Thread(target=read, daemon=True).start()
+
+        def next_event():
+            line = lines.get(timeout=TIMEOUT)
+            self.assertIsNotNone(line, "serve --json ended its output early")
+            return self.json_events(line)[0]
+
+        first = next_event()
+        self.assertEqual(first["event"], "listening")
+        self.assertRegex(first["address"], r"^127\.0\.0\.1:\d+$")
+        self.assertEqual((first["dir"], first["auth"]), (dst, False))
+        port = int(first["address"].rsplit(":", 1)[1])
+        p = write_file(os.path.join(temp_dir(self), "shot.bin"), os.urandom(70000))
+        sender = xfer.Sender((HOST, port), workers=1)
+        job = sender.queue(p, subdir="in")
+        sender.close()
+        self.assertEqual(job.state, "done", job.error)
+        seen = []
+        while not seen or seen[-1]["event"] != "file_received":
+            seen.append(next_event())
+        got = seen[-1]
+        self.assertEqual((got["relpath"], got["bytes"], got["digest"], got["path"]),
+                         ("in/shot.bin", 70000, sha256_file(p),
+                          os.path.join(dst, "in", "shot.bin")))
+        self.assertTrue(got["peer"].startswith("127.0.0.1:"), got)
+        if os.name != "nt":
+            proc.terminate()
+            self.assertEqual(proc.wait(timeout=TIMEOUT), 0)
+            while True:             # stdout is the reader thread's
+                line = lines.get(timeout=TIMEOUT)
+                if line is None:
+                    break
+                seen.append(self.json_events(line)[0])
+            self.assertEqual(proc.stderr.read(), "")
+            self.assertEqual(seen[-1]["event"], "stopped")
+            self.assertEqual(seen[-1]["files"], 1)
+            sessions = [e for e in seen if e["event"] == "session_ended"]
+            self.assertEqual([(e["files"], e["clean"]) for e in sessions], [(1, True)])
+
+    # -- scp-like destinations
+
+    def test_is_destination_table(self):
+        table = [
+            ("pi:", True), ("pi:renders/today/", True), ("pi:2024/", True), ("pi:2024", True),
+            ("pi:22598:renders", True), ("[::1]:9000:a/b", True), ("[::1]", True),
+            ("10.0.0.7:", True), ("studio.local:x", True),
+            ("C:\\renders\\a.tif", False), ("C:renders", False), ("c:/x", False),
+            ("./a:b", False), ("dir/x:y", False), ("dir\\x:y", False), ("a.tif", False),
+            ("::1", False), (":x", False), ("", False),
+        ]
+        for operand, expected in table:
+            with self.subTest(operand=operand):
+                self.assertIs(xfer._is_destination(operand), expected)
+
+    def test_split_destination_table(self):
+        table = [
+            ("pi", ("pi", "")), ("pi:", ("pi", "")),
+            ("pi:renders/today/", ("pi", "renders/today")),
+            ("pi:renders\\today", ("pi", "renders/today")),
+            ("pi:./a/./b/", ("pi", "a/b")),
+            ("pi:2024/", ("pi", "2024")), ("pi:2024", ("pi:2024", "")),
+            ("pi:2024:", ("pi:2024", "")),
+            ("pi:22598:renders", ("pi:22598", "renders")),
+            ("10.0.0.7:9000:out/", ("10.0.0.7:9000", "out")),
+            ("[::1]:9000:a/b", ("[::1]:9000", "a/b")), ("[::1]", ("[::1]", "")),
+            ("[::1]:9000", ("[::1]:9000", "")),
+            ("::1", ("::1", "")), ("fe80::1", ("fe80::1", "")),
+        ]
+        for text, expected in table:
+            with self.subTest(text=text):
+                self.assertEqual(xfer._split_destination(text), expected)
+        for bad in ("pi:../x", "pi:a/../../x", "pi:22598:..", "[::1]:9000:../up",
+                    ":9000", "[::1", "[::1]x"):
+            with self.subTest(bad=bad):
+                with self.assertRaises(xfer.ConfigError):
+                    xfer._split_destination(bad)
+        # what the split yields is an address Sender understands
+        self.assertEqual(xfer._parse_target(xfer._split_destination("[::1]:9000:a")[0]),
+                         ("::1", 9000))
+
+    def test_scp_like_destination_end_to_end(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        receiver = start_receiver(self, dst, token=TOKEN)
+        where = "%s:%d" % receiver.address
+        write_file(os.path.join(src, "a.tif"), b"A" * 10)
+        write_file(os.path.join(src, "b.tif"), os.urandom(300000))
+        names = ["a.tif", "b.tif"]
+        if os.name != "nt":
+            write_file(os.path.join(src, "c:d"), b"colon")     # ./c:d is a local name
+            names.append("./c:d")
+        tree = _make_tree(os.path.join(src, "out"), {"x/1.txt": b"1", "2.txt": b"2"})
+        files, dirs = self.cli_many(
+            ["send", "--token", TOKEN] + names + [where + ":renders/today/"],
+            ("send-dir", "--token", TOKEN, tree, where + ":backup/"), cwd=src)
+        self.assertEqual(files.returncode, xfer.EXIT_OK, files.stderr)
+        self.assertEqual(dirs.returncode, xfer.EXIT_OK, dirs.stderr)
+        today = os.path.join(dst, "renders", "today")
+        self.assertEqual(sorted(os.listdir(today)),
+                         sorted(n.replace("./", "") for n in names))
+        self.assertEqual(sha256_file(os.path.join(today, "b.tif")),
+                         sha256_file(os.path.join(src, "b.tif")))
+        self.assertEqual(tree_listing(os.path.join(dst, "backup", "out")), tree_listing(tree))
+
+    def test_destination_usage_errors(self):
+        src = temp_dir(self)
+        a = write_file(os.path.join(src, "a.tif"), b"a")
+        where = "%s:%d" % (HOST, _free_port())
+        cases = [
+            ("send", "--to", where, a, where + ":renders/"),      # both --to and HOST:
+            ("send-dir", "--to", where, src, where + ":"),
+            ("send", "pi:x", a, where + ":"),                      # remote-looking source
+            ("send", a, "pi:x", "--to", where),
+            ("send", a, where + ":../up"),                         # leaves DIR
+            ("send", "--to", where + ":a/../../up", a),
+        ]
+        for argv in cases:
+            with self.subTest(argv=argv):
+                status, out, err = self.main_in_process(*argv)
+                self.assertEqual(status, xfer.EXIT_USAGE, err)
+                self.assertOneLineError(err)
+                self.assertEqual(out, "")
+        _, _, err = self.main_in_process("send", "pi:x", a, where + ":")
+        self.assertIn("./pi:x", err)
+        _, _, err = self.main_in_process("send", a, where + ":../up")
+        self.assertIn("..", err)
+        # a Windows drive path is a local file (missing here), not a host "C"
+        receiver = start_receiver(self, temp_dir(self))
+        up = "%s:%d" % receiver.address
+        for operand in ("C:\\renders\\a.tif", "C:renders"):
+            with self.subTest(operand=operand):
+                status, out, err = self.main_in_process("send", operand, up + ":")
+                self.assertEqual(status, xfer.EXIT_FAILED, err)
+                line = self.assertOneLineError(err)
+                self.assertIn(operand, line)
+                self.assertIn("No such file", line)
+
+    # -- serve --once
+
+    def test_serve_once_exit_status_and_ping_is_not_a_sender(self):
+        src, dst_ok, dst_refused = temp_dir(self), temp_dir(self), temp_dir(self)
+        paths = [write_file(os.path.join(src, "one.bin"), os.urandom(300000)),
+                 write_file(os.path.join(src, "two.txt"), b"two")]
+        big = write_file(os.path.join(src, "big.bin"), os.urandom(1000))
+        ok = self.spawn_once("--dir", dst_ok)
+        refused = self.spawn_once("--dir", dst_refused, "--max-size", "100")
+        ok_port, refused_port = self.ready_port(ok), self.ready_port(refused)
+
+        ping, sent = self.cli_many(("ping", "%s:%d" % (HOST, ok_port)),
+                                   ("send", "--to", "%s:%d" % (HOST, refused_port), big))
+        pinged = time.monotonic()
+        self.assertEqual(ping.returncode, xfer.EXIT_OK, ping.stderr)
+        self.assertEqual(sent.returncode, xfer.EXIT_FAILED, sent.stderr)
+        self.assertEqual(refused.wait(timeout=TIMEOUT), xfer.EXIT_FAILED)
+        self.assertEqual(os.listdir(dst_refused), [])
+        # A ping alone does not end a --once server, even well past its linger.
+        with self.assertRaises(subprocess.TimeoutExpired):
+            ok.wait(timeout=max(0.0, pinged + _TEST_ONCE_LINGER + 0.3 - time.monotonic()))
+        r = self.cli("send", "--to", "%s:%d" % (HOST, ok_port), *paths)   # 4 workers
+        self.assertEqual(r.returncode, xfer.EXIT_OK, r.stderr)
+        self.assertEqual(ok.wait(timeout=TIMEOUT), xfer.EXIT_OK)
+        self.assertEqual(sorted(os.listdir(dst_ok)), ["one.bin", "two.txt"])
+        self.assertEqual(sha256_file(os.path.join(dst_ok, "one.bin")), sha256_file(paths[0]))
+
+    def test_serve_once_exits_after_a_tree_of_empty_directories(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        tree = _make_tree(os.path.join(src, "tree"), dirs=["empty/sub", "other"])
+        proc = self.spawn_once("--dir", dst)
+        port = self.ready_port(proc)
+        with xfer.Sender((HOST, port), workers=1) as sender:
+            job = sender.queue(tree)
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(tree_listing(os.path.join(dst, "tree")), ["empty", "empty/sub", "other"])
+        try:
+            status = proc.wait(timeout=_TEST_ONCE_LINGER + 2.0)
+        except subprocess.TimeoutExpired:
+            self.fail("serve --once still running after its only sender finished")
+        self.assertEqual(status, xfer.EXIT_OK)
+
+    # -- ping
+
+    def test_ping_up_down_wrong_token_and_json(self):
+        receiver = start_receiver(self, temp_dir(self), token=TOKEN)
+        up = "%s:%d" % receiver.address
+        down = "%s:%d" % (HOST, _free_port())
+        ok = self.cli("ping", up, "--token", TOKEN)
+        closed = self.run_main("ping", down, "--token", TOKEN)
+        wrong = self.run_main("ping", up, "--token", "not-the-token")
+        ok_json = self.run_main("ping", up, "--token", TOKEN, "--json")
+        closed_json = self.run_main("ping", down, "--token", TOKEN, "--json")
+        wrong_json = self.run_main("ping", up, "--token", "not-the-token", "--json")
+        self.assertEqual(ok.returncode, xfer.EXIT_OK, ok.stderr)
+        self.assertEqual(ok.stderr, "")
+        self.assertEqual(len(ok.stdout.splitlines()), 1, ok.stdout)
+        self.assertRegex(ok.stdout, r"^%s: xfer %s up, .* free of .*, round trip [0-9.]+ ms\n$"
+                         % (re.escape(up), re.escape(xfer.__version__)))
+
+        self.assertEqual(closed.returncode, xfer.EXIT_CONNECT, closed.stderr)
+        self.assertIn(str(_port_of(down)), self.assertOneLineError(closed.stderr))
+        self.assertEqual(closed.stdout, "")
+        self.assertEqual(wrong.returncode, xfer.EXIT_AUTH, wrong.stderr)
+        self.assertIn("token", self.assertOneLineError(wrong.stderr).lower())
+
+        (event,) = self.json_events(ok_json.stdout)
+        self.assertEqual(ok_json.returncode, xfer.EXIT_OK, ok_json.stderr)
+        self.assertEqual((event["event"], event["to"], event["ok"], event["version"]),
+                         ("ping", up, True, xfer.__version__))
+        self.assertGreater(event["free"], 0)
+        self.assertGreaterEqual(event["total"], event["free"])
+        self.assertGreaterEqual(event["rtt"], 0)
+        for r, status in ((closed_json, xfer.EXIT_CONNECT), (wrong_json, xfer.EXIT_AUTH)):
+            self.assertEqual(r.returncode, status, r.stderr)
+            (event,) = self.json_events(r.stdout)
+            self.assertEqual((event["event"], event["ok"], event["exit"]), ("ping", False, status))
+            self.assertTrue(event["error"])
+
+    # -- hooks
+
+    def test_on_receive_hook_path_env_and_hanging_or_failing_hook_never_blocks(self):
+        src, dst, results = temp_dir(self), temp_dir(self), temp_dir(self)
+        hook = write_file(os.path.join(temp_dir(self), "hook.py"), _HOOK.encode("utf-8"))
+        gate = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(gate.close)
+        gate.bind((HOST, 0))
+        gate.listen(4)
+        gate.settimeout(TIMEOUT)
+        env = dict(self.env, HOOK_RESULTS=results, HOOK_GATE_PORT=str(gate.getsockname()[1]))
+        command = _command_line([sys.executable, hook])
+        proc, port = spawn_server(self, "--dir", dst, "--no-auth", "--on-receive", command,
+                                  "--hook-timeout", str(TIMEOUT), cwd=self.cwd, env=env)
+
+        def send(names, subdir=None):
+            paths = [write_file(os.path.join(src, n), os.urandom(1000 + i))
+                     for i, n in enumerate(names)]
+            with xfer.Sender((HOST, port), workers=1, timeout=TIMEOUT) as sender:
+                jobs = [sender.queue(p, subdir=subdir) for p in paths]
+            for job in jobs:
+                self.assertEqual(job.state, "done", job.error)
+            return paths
+
+        def result(name):
+            path = os.path.join(results, name)
+            self.assertTrue(_hostile_wait_until(lambda: os.path.exists(path)),
+                            "no hook result %s" % name)
+            with open(path) as f:
+                return json.load(f)
+
+        send(["hang.bin"])
+        result("hang.bin.started")
+        held, _ = gate.accept()       # the hook is now blocked on this connection
+        self.addCleanup(held.close)
+        # While it hangs, more files arrive, verified, and their hooks run.
+        paths = send(["a.txt", "b.txt", "c.txt"], subdir="in/sub")
+        for p in paths:
+            name = os.path.basename(p)
+            final = os.path.join(dst, "in", "sub", name)
+            self.assertEqual(sha256_file(final), sha256_file(p))
+            got = result("in_sub_%s.json" % name)
+            self.assertEqual(got["argv"], [final])
+            self.assertTrue(os.path.isabs(got["argv"][0]))
+            self.assertEqual(got["relpath"], "in/sub/" + name)
+            self.assertEqual(got["sha256"], sha256_file(p))
+            self.assertEqual(got["size"], str(os.path.getsize(p)))
+            self.assertTrue(got["peer"].startswith("127.0.0.1:"), got)
+        self.assertFalse(os.path.exists(os.path.join(results, "hang.bin.json")))
+        # A failing hook is logged and the server keeps serving (and hooking).
+        send(["fail.txt"])
+        result("fail.txt.json")
+        after = send(["after.txt"])
+        self.assertEqual(result("after.txt.json")["argv"], [os.path.join(dst, "after.txt")])
+        self.assertEqual(sha256_file(os.path.join(dst, "after.txt")), sha256_file(after[0]))
+        self.assertIsNone(proc.poll())
+        held.close()                  # release the hanging hook
+        self.assertEqual(result("hang.bin.json")["argv"], [os.path.join(dst, "hang.bin")])
+        if os.name != "nt":
+            proc.terminate()
+            _, err = proc.communicate(timeout=TIMEOUT)
+            self.assertIn("hook for fail.txt failed with status 3", err)
+            self.assertIn("received after.txt", err)
+            self.assertNotIn("Traceback", err)
+            self.assertNotIn("hook for hang.bin", err)
+
+    def test_hooks_library_failing_missing_and_slow_hooks_are_logged(self):
+        gate = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(gate.close)
+        gate.bind((HOST, 0))
+        gate.listen(4)
+        info = xfer.FileInfo(os.path.join(self.cwd, "x.txt"), "x.txt", 1, "127.0.0.1:9",
+                             0.0, "0" * 64)
+        blocks = ("import socket; socket.create_connection((%r, %d)).recv(1)"
+                  % (HOST, gate.getsockname()[1]))
+        cases = [
+            (_command_line([sys.executable, "-c", "import sys; sys.exit(3)"]), 10.0,
+             "hook for x.txt failed with status 3"),
+            (_command_line([os.path.join(self.cwd, "no-such-hook")]), 10.0,
+             "hook for x.txt could not start"),
+            (_command_line([sys.executable, "-c", blocks]), 0.1,
+             "hook for x.txt killed: still running"),
+        ]
+        for command, timeout, expected in cases:
+            with self.subTest(expected=expected):
+                log = []
+                hooks = xfer._Hooks(command, log.append, timeout)
+                hooks.submit(info)
+                hooks.close()       # runs the hooks still waiting, then returns
+                about = [line for line in log if line.startswith("hook for")]
+                self.assertEqual(len(about), 1, log)
+                self.assertTrue(about[0].startswith(expected), log)
+        with self.assertRaises(xfer.ConfigError):
+            xfer._Hooks("   ", [].append)
+
+    @unittest.skipIf(os.name == "nt", "Windows passes CMD to the program unsplit")
+    def test_on_receive_unbalanced_quote_is_a_usage_error(self):
+        # serve turns a ConfigError into one line and exit status 2
+        with self.assertRaises(xfer.ConfigError):
+            xfer._Hooks('python3 "make_thumbnail.py --size 256', [].append)
+
+    # -- fan-out
+
+    def test_fan_out_one_receiver_down_others_get_everything(self):
+        src = temp_dir(self)
+        dsts = [temp_dir(self) for _ in range(4)]
+        a, c, b2 = (start_receiver(self, d, token=TOKEN) for d in dsts[:3])
+        f = write_file(os.path.join(src, "show.bin"), os.urandom(300000))
+        g = write_file(os.path.join(src, "cue.txt"), b"cue")
+        ta, tc, tb2 = ("%s:%d" % r.address for r in (a, c, b2))
+        tb = "%s:%d" % (HOST, _free_port())
+        one_down = self.run_main("send", "--to", ta, "--to", tb, "--to", tc, "--token", TOKEN,
+                                 "--retries", "0", f)
+        all_up = self.run_main("send", "--to", ta, "--to", tb2, "--to", tc, "--token", TOKEN, g)
+
+        self.assertEqual(one_down.returncode, xfer.EXIT_FAILED, one_down.stderr)
+        self.assertNotIn("Traceback", one_down.stderr)
+        for d in (dsts[0], dsts[1]):
+            self.assertEqual(sha256_file(os.path.join(d, "show.bin")), sha256_file(f))
+        errors = one_down.stderr.splitlines()
+        self.assertEqual(len(errors), 1, one_down.stderr)
+        self.assertTrue(errors[0].startswith("xfer: error: %s: " % tb), errors)
+        summaries = one_down.stdout.splitlines()
+        self.assertEqual(len(summaries), 3, one_down.stdout)
+        by_dest = {}
+        for line in summaries:
+            dest, _, rest = line.partition(": ")
+            by_dest[dest] = rest
+        self.assertEqual(sorted(by_dest), sorted([ta, tb, tc]))
+        self.assertTrue(by_dest[ta].startswith("sent 1 file, "), by_dest)
+        self.assertTrue(by_dest[tc].startswith("sent 1 file, "), by_dest)
+        self.assertNotIn("FAILED", by_dest[ta] + by_dest[tc])
+        self.assertTrue(by_dest[tb].startswith("sent 0 files, "), by_dest)
+        self.assertTrue(by_dest[tb].endswith(", 1 FAILED"), by_dest)
+
+        self.assertEqual(all_up.returncode, xfer.EXIT_OK, all_up.stderr)
+        self.assertEqual(all_up.stderr, "")
+        self.assertEqual(sorted(line.partition(": ")[0] for line in all_up.stdout.splitlines()),
+                         sorted([ta, tb2, tc]))
+        for d in dsts[:3]:
+            self.assertEqual(sha256_file(os.path.join(d, "cue.txt")), sha256_file(g))
+
+    # -- library: on_start, digest, files_total, on_session
+
+    def test_sender_on_start_digest_and_dir_files_total(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        receiver = start_receiver(self, dst)
+        paths = [write_file(os.path.join(src, "s.txt"), b"s" * 100),
+                 write_file(os.path.join(src, "l.bin"), os.urandom(300000))]
+        tree = _make_tree(os.path.join(src, "tree"), {
+            "1.txt": b"1", "d/2.txt": b"22", "d/e/3.txt": b"333"}, dirs=["empty"])
+        started = []
+
+        def on_start(job):
+            parent = job.parent
+            started.append((job.name, job.kind, parent.files_total if parent else None))
+        with xfer.Sender(receiver.address, on_start=on_start) as sender:
+            jobs = [sender.queue(p) for p in paths]
+            tree_job = sender.queue(tree)
+        for job, p in zip(jobs, paths):
+            self.assertEqual(job.state, "done", job.error)
+            self.assertEqual(job.digest, sha256_file(p))
+        self.assertEqual(tree_job.state, "done", tree_job.error)
+        self.assertEqual(tree_job.files_total, 3)
+        self.assertEqual(sorted(started), sorted([
+            ("l.bin", "file", None), ("s.txt", "file", None), ("tree/1.txt", "file", 3),
+            ("tree/d/2.txt", "file", 3), ("tree/d/e/3.txt", "file", 3)]))
+        # skipped files are never started
+        again = []
+        with xfer.Sender(receiver.address, on_start=again.append) as sender:
+            jobs = [sender.queue(p) for p in paths]
+        self.assertEqual([j.state for j in jobs], ["skipped", "skipped"])
+        self.assertEqual(again, [])
+
+    def test_receiver_on_session_clean_and_broken(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        sessions = []
+        receiver = start_receiver(self, dst, on_session=sessions.append)
+        paths = [write_file(os.path.join(src, "a.txt"), b"a" * 10),
+                 write_file(os.path.join(src, "b.bin"), os.urandom(300000))]
+        jobs = send_files(receiver.address, paths, workers=1)
+        self.assertEqual([j.state for j in jobs], ["done", "done"])
+        self.assertTrue(_hostile_wait_until(lambda: sessions))
+        (info,) = sessions
+        self.assertIsInstance(info, xfer.SessionInfo)
+        self.assertEqual((info.files, info.bytes, info.skipped, info.failed, info.clean),
+                         (2, 300010, 0, 0, True))
+        self.assertTrue(info.peer.startswith("127.0.0.1:"), info)
+        self.assertGreaterEqual(info.seconds, 0)
+        # a client that drops mid-file ends an unclean session
+        client = _HostileClient(receiver.address)
+        fid, size = 1, 1000000
+        client.send(client.frame(xfer._Msg.FILE, xfer._FILE.pack(fid, size, 0, 0o644, 0)
+                                 + b"dropped.bin"))
+        kind, _ = client.read_frame()
+        self.assertEqual(kind, xfer._Msg.ACCEPT)
+        client.send(client.frame(xfer._Msg.BODY, xfer._BODY.pack(fid, 0)) + b"x" * 1000)
+        client.close()
+        self.assertTrue(_hostile_wait_until(lambda: len(sessions) == 2))
+        broken = sessions[1]
+        self.assertEqual((broken.files, broken.bytes, broken.clean), (0, 0, False))
+        self.assertFalse(os.path.exists(os.path.join(dst, "dropped.bin")))
+
+
+def _port_of(hostport):
+    return int(hostport.rsplit(":", 1)[1])
 
 
 class ReadmeSyncTests(unittest.TestCase):

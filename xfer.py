@@ -1014,11 +1014,12 @@ class FileInfo(collections.namedtuple("FileInfo", "path relpath size peer second
 
 
 class SessionInfo(collections.namedtuple(
-        "SessionInfo", "peer files bytes skipped failed clean seconds")):
+        "SessionInfo", "peer files bytes skipped failed dirs clean seconds")):
     """What on_session receives when an authenticated connection ends.
 
     files and bytes: received and verified; skipped: not sent because they
-    were already here; failed: refused or not stored; clean: True if the
+    were already here; failed: refused or not stored; dirs: directories
+    made or found (MKDIR); clean: True if the
     sender said BYE (False: the connection broke); seconds: its duration.
     """
     __slots__ = ()
@@ -1376,7 +1377,7 @@ class _ReceiveSession:
         self.dest = _Dest(receiver.dir)
         self.buf = bytearray(CHUNK)
         self.started = time.monotonic()
-        self.files = self.bytes = self.skipped = self.failed = 0
+        self.files = self.bytes = self.skipped = self.failed = self.dirs = 0
         self.clean = False      # ended with BYE
 
     def run(self):
@@ -1415,7 +1416,7 @@ class _ReceiveSession:
                 self.r._idle.notify_all()
             if self._handshake_done:
                 self.r._dispatch.emit(self.r.on_session, SessionInfo(
-                    self.peer, self.files, self.bytes, self.skipped, self.failed,
+                    self.peer, self.files, self.bytes, self.skipped, self.failed, self.dirs,
                     self.clean, time.monotonic() - self.started))
 
     def _send(self, data):
@@ -1568,6 +1569,7 @@ class _ReceiveSession:
         except OSError as e:
             self._refuse(fid, raw, ST_IO, "%s: %s" % (_display(raw), e.strerror or e))
             return
+        self.dirs += 1
         self._send(_encode_result(fid, ST_OK))
 
     def _refuse(self, fid, raw, code, reason):
@@ -3542,9 +3544,9 @@ def _cmd_serve(args):
     def on_session(info):
         if as_json:
             emit("session_ended", peer=info.peer, files=info.files, bytes=info.bytes,
-                 skipped=info.skipped, failed=info.failed, clean=info.clean,
+                 skipped=info.skipped, failed=info.failed, dirs=info.dirs, clean=info.clean,
                  seconds=round(info.seconds, 3))
-        if info.files or info.skipped or info.failed or not info.clean:
+        if info.files or info.skipped or info.failed or info.dirs or not info.clean:
             once.update(seen=True, clean=info.clean, failed=once["failed"] + info.failed)
 
     receiver = Receiver(directory, host=host, port=port, token=token, on_file=on_file,
@@ -3639,7 +3641,10 @@ class _Hooks:
     def __init__(self, command, log, timeout=DEFAULT_HOOK_TIMEOUT):
         # On Windows a command line is one string that the program parses
         # itself; it is still run directly, not through cmd.exe.
-        self.argv = shlex.split(command) if os.name != "nt" else [command]
+        try:
+            self.argv = shlex.split(command) if os.name != "nt" else [command]
+        except ValueError as e:
+            raise ConfigError("--on-receive: %s in %r" % (e, command)) from None
         if not command.strip():
             raise ConfigError("--on-receive: empty command")
         self.log = log
@@ -3778,6 +3783,18 @@ def _enable_ansi(stream):
         return False
 
 
+def _fit(text, columns):
+    """text cut to at most columns terminal cells (wide characters take two)."""
+    used = 0
+    for i, ch in enumerate(text):
+        cell = 0 if unicodedata.combining(ch) else (
+            2 if unicodedata.east_asian_width(ch) in "WF" else 1)
+        if used + cell > columns:
+            return text[:i]
+        used += cell
+    return text
+
+
 def _clock(seconds):
     seconds = int(seconds)
     if seconds >= 3600:
@@ -3788,9 +3805,10 @@ def _clock(seconds):
 class _Track:
     """One destination of a send, as the report sees it (main thread only)."""
 
-    def __init__(self, label, to):
+    def __init__(self, label, to, subdir=""):
         self.label = label          # prefix of its lines; "" with one destination
         self.to = to                # "host:port", for JSON events
+        self.subdir = subdir        # DIR of HOST:DIR
         self.sender = None
         self.jobs = []              # top-level jobs
         self.ended = 0              # files ended, in any state
@@ -3861,9 +3879,9 @@ class _Report:
         self.drawn = 0              # lines of the live display on screen
         self.last_draw = 0.0
 
-    def track(self, label, to):
+    def track(self, label, to, subdir=""):
         """A new destination; returns it with the Sender callbacks to use."""
-        t = _Track(label, to)
+        t = _Track(label, to, subdir)
         self.tracks.append(t)
         callbacks = dict(on_start=lambda job: self._started(t, job),
                          on_done=lambda job: self._ended(t, job),
@@ -3906,11 +3924,15 @@ class _Report:
             self.say("xfer: error: %s%s" % (t.label, _display(str(job.error))))
 
     def input_error(self, path, why):
+        """An operand that cannot be sent: it counts as failed for every destination."""
         for t in self.tracks:
             t.failed_inputs += 1
         if self.mode == "json":
             for t in self.tracks:
-                self._event("file_failed", t, path=path, reason=why, exit=EXIT_FAILED)
+                name = "/".join(p for p in (t.subdir, os.path.basename(os.path.abspath(path)))
+                                if p)
+                self._event("file_failed", t, path=name, reason="%s: %s" % (path, why),
+                            exit=EXIT_FAILED)
         else:
             self.say("xfer: error: %s: %s" % (_display(path), why))
 
@@ -3965,7 +3987,7 @@ class _Report:
             names = [_display(j.name.rsplit("/", 1)[-1]) for j in t.sending.values()]
             if names:
                 text += "  " + ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
-        return text[:max(10, width - 1)]
+        return _fit(text, width - 1)
 
     def _draw(self, now):
         width = self.width()
@@ -4027,14 +4049,14 @@ def _cmd_send(args):
     else:
         mode = "live" if _enable_ansi(sys.stderr) else "plain"
     report = _Report(mode, args.verbose)
-    senders = []
+    tracks = []
     for dest in destinations or [None]:
         to, subdir = _split_destination(dest) if dest else (None, "")
         target = _resolve_target(config, to, args.token)
         tls = args.tls or target.tls or bool(args.fingerprint)
         track, callbacks = report.track(
             "%s: " % dest if len(destinations) > 1 else "",
-            _host_port_text(target.host, target.port))
+            _host_port_text(target.host, target.port), subdir)
         track.sender = Sender(
             (target.host, target.port), token=target.token,
             workers=args.workers or target.workers or 4, dispatch="poll",
@@ -4043,18 +4065,19 @@ def _cmd_send(args):
             skip=None if args.force else ("checksum" if args.checksum else "quick"),
             retries=max(0, args.retries), require_server_auth=not target.fallback,
             **callbacks)
-        senders.append((track, subdir))
+        tracks.append(track)
     dirs = args.command == "send-dir"
     for path in paths:
-        if dirs != os.path.isdir(path):
+        why = None
+        if not os.path.exists(path):
+            why = "No such file or directory"
+        elif dirs != os.path.isdir(path):
             why = "not a directory" if dirs else "is a directory (use send-dir)"
-            if not os.path.exists(path):
-                why = "No such file or directory"
+        if why:
             report.input_error(path, why)
             continue
-        for track, subdir in senders:
-            track.jobs.append(track.sender.queue(path, subdir=subdir))
-    tracks = [t for t, _ in senders]
+        for t in tracks:
+            t.jobs.append(t.sender.queue(path, subdir=t.subdir))
     try:
         for t in tracks:
             while not t.sender.wait(report.REDRAW):
