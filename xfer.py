@@ -2318,9 +2318,19 @@ class Sender:
                     batch.append(retry.popleft())
                 while not stopping and not retry and len(batch) < CHECK_BATCH:
                     try:
-                        job = self._work.get(block=not batch)
+                        if batch:
+                            job = self._work.get(block=False)
+                        elif link is not None and link.pending:
+                            # Results are due: look up now and then, so a
+                            # connection that breaks meanwhile is noticed
+                            # and its files retried without waiting for work.
+                            job = self._work.get(timeout=0.25)
+                        else:
+                            job = self._work.get()
                     except queue.Empty:
-                        break
+                        if batch or link.broken is not None:
+                            break
+                        continue
                     if job is _STOP:
                         stopping = True
                     else:
