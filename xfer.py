@@ -1740,7 +1740,12 @@ class _ReceiveSession:
                     self.r._unclaim(claim)
                     raise
                 part = _Part(fd, temp, claim)
-                if 0 < st.st_size < size and st.st_mtime_ns == mtime_ns:
+                # A partial kept when its connection dropped carries the
+                # source's mtime; one left by a receiver that was killed
+                # carries the time of its last write, later than the mtime
+                # of the file it was receiving.  Either may be resumed; the
+                # sender still proves the prefix equal before it is reused.
+                if 0 < st.st_size < size and st.st_mtime_ns >= mtime_ns:
                     part.hasher = _hash_fd(fd, self.buf)
                     part.offset = st.st_size
                     part.prefix = part.hasher.digest()
