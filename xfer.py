@@ -3476,7 +3476,10 @@ def _cmd_serve(args):
         while True:
             time.sleep(3600)     # a signal or Ctrl-C interrupts this at once
     except KeyboardInterrupt:
-        pass
+        if receiver.connections and args.grace > 0:
+            log("stopping: letting %d connection%s finish (at most %s)"
+                % (receiver.connections, "" if receiver.connections == 1 else "s",
+                   _duration(args.grace)))
     finally:
         receiver.stop(grace=args.grace)
         for name, handler in previous.items():
