@@ -4605,5 +4605,518 @@ class ResilienceTests(unittest.TestCase):
         self.assertEqual([n for n in os.listdir(dst) if n.startswith(xfer.PARTIAL_PREFIX)], [])
 
 
+
+#------------------------------------------------------------
+# faults and load
+#------------------------------------------------------------
+
+class _FaultProxy:
+    """A TCP proxy on 127.0.0.1 that may cut its first connection.
+
+    counts[i] is how many bytes the client sent through connection i.  The
+    first connection is cut once cut_after of them have been forwarded:
+    mode "link" forwards those bytes, then closes both sides (the receiver
+    reads them and then the end); mode "server" closes only the client's
+    side, as if the server had gone, and leaves the receiver's side silent.
+    Later connections reach the receiver only once hold() is true.
+    """
+
+    def __init__(self, test, upstream, cut_after, mode, hold=None):
+        self.upstream = upstream
+        self.cut_after = cut_after
+        self.mode = mode
+        self.hold = hold
+        self.counts = []
+        self.cut = threading.Event()
+        self._closed = False
+        self.first = None
+        self._socks = []
+        self._threads = []
+        self._lock = threading.Lock()
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((HOST, 0))
+        self.listener.listen(8)
+        self.address = self.listener.getsockname()[:2]
+        self._spawn(self._accept)
+        test.addCleanup(self.close)
+
+    def _spawn(self, target, *args):
+        t = threading.Thread(target=target, args=args, name="fault-proxy", daemon=True)
+        with self._lock:
+            self._threads.append(t)
+        t.start()
+        return t
+
+    def _track(self, sock):
+        with self._lock:
+            self._socks.append(sock)
+        return sock
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self._closed:
+                client.close()
+                return
+            self._track(client)
+            with self._lock:
+                index = len(self.counts)
+                self.counts.append(0)
+            self._spawn(self._serve, client, index)
+
+    def _serve(self, client, index):
+        if index and self.hold is not None:
+            _hostile_wait_until(self.hold)
+        try:
+            upstream = self._track(socket.create_connection(self.upstream, timeout=TIMEOUT))
+        except OSError:
+            client.close()
+            return
+        if index == 0:
+            self.first = client
+        back = self._spawn(self._pump_back, upstream, client)
+        limit = self.cut_after if index == 0 else None
+        try:
+            while True:
+                data = client.recv(65536)
+                if not data:
+                    upstream.shutdown(socket.SHUT_WR)
+                    break
+                if limit is not None:
+                    data = data[:limit - self.counts[index]]
+                upstream.sendall(data)
+                self.counts[index] += len(data)
+                if limit is not None and self.counts[index] >= limit:
+                    self.cut.set()
+                    if self.mode == "link":
+                        upstream.shutdown(socket.SHUT_WR)
+                    client.close()        # any more data from the client is reset
+                    break
+        except OSError:
+            pass
+        back.join(TIMEOUT)
+        client.close()
+        upstream.close()
+
+    def cut_first(self):
+        """Close the first connection toward the client now; the receiver then reads its end."""
+        try:
+            self.first.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.cut.set()
+
+    @staticmethod
+    def _pump_back(upstream, client):
+        try:
+            while True:
+                data = upstream.recv(65536)
+                if not data:
+                    break
+                client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self):
+        self._closed = True
+        try:
+            socket.create_connection(self.address, timeout=1.0).close()   # wake accept()
+        except OSError:
+            pass
+        self.listener.close()
+        with self._lock:
+            socks, threads = list(self._socks), list(self._threads)
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in threads:
+            t.join(TIMEOUT)
+        for sock in socks:
+            sock.close()
+
+
+def _fault_partial_size(root):
+    """The size of the biggest partial file directly in root (0 if none)."""
+    sizes = [0]
+    for name in os.listdir(root):
+        if name.startswith(xfer.PARTIAL_PREFIX):
+            try:
+                sizes.append(os.path.getsize(os.path.join(root, name)))
+            except OSError:
+                pass
+    return max(sizes)
+
+
+class _FaultWatch:
+    """Watch a final path while a transfer runs: anything seen there must be whole."""
+
+    def __init__(self, test, path, size):
+        self.path, self.size = path, size
+        self.bad = []
+        self.looks = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        test.addCleanup(self.stop)
+
+    def _run(self):
+        deadline = time.monotonic() + TIMEOUT
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self.looks += 1
+            try:
+                st = os.stat(self.path)
+            except OSError:
+                pass
+            else:
+                if st.st_size != self.size:
+                    self.bad.append(st.st_size)
+            self._stop.wait(0.002)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(TIMEOUT)
+        return self.bad
+
+
+class FaultTests(unittest.TestCase):
+    """Interruptions and load end, after a re-run, in byte-identical files."""
+
+    def _serve(self, dst, *args):
+        home = temp_dir(self)
+        env = isolated_env(home)
+        proc, port = spawn_server(self, "--dir", dst, "--token", TOKEN, *args,
+                                  cwd=home, env=env)
+        lines = queue.Queue()
+
+        def read_stderr():
+            try:
+                for line in proc.stderr:
+                    lines.put(line)
+            except (OSError, ValueError):   # closed by the cleanup's communicate()
+                pass
+            lines.put(None)
+        threading.Thread(target=read_stderr, daemon=True).start()
+        return proc, port, lines
+
+    def _wait_line(self, lines, text, seen):
+        """Collect stderr lines into seen until one contains text; True if one did."""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return False
+            if line is None:
+                return False
+            seen.append(line)
+            if text in line:
+                return True
+        return False
+
+    def _cut_and_resume(self, mode):
+        src, dst = temp_dir(self), temp_dir(self)
+        size = 4 * 2**20
+        big = write_file(os.path.join(src, "big.bin"), os.urandom(size))
+        # "server": the receiver's side of the link stays open and silent; its
+        # idle timeout ends it, keeping the partial.
+        receiver = start_receiver(self, dst, idle_timeout=0.6 if mode == "server" else 10.0)
+        proxy = _FaultProxy(self, receiver.address, cut_after=3 * 2**19, mode=mode,
+                            hold=lambda: receiver.connections == 0)
+        watch = _FaultWatch(self, os.path.join(dst, "big.bin"), size)
+        with xfer.Sender(proxy.address, workers=1, retries=2) as sender:
+            job = sender.queue(big)
+            self.assertTrue(job.wait(TIMEOUT))
+        self.assertEqual(watch.stop(), [], "a partial file was visible under the final name")
+        self.assertGreater(watch.looks, 1)
+        self.assertTrue(proxy.cut.is_set(), "the first connection was never cut")
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(len(proxy.counts), 2, proxy.counts)
+        self.assertGreaterEqual(proxy.counts[0], 3 * 2**19)
+        self.assertGreater(sender.bytes_resumed, 2**20)
+        self.assertEqual(receiver.bytes_resumed, sender.bytes_resumed)
+        self.assertLess(proxy.counts[1], size - 2**20)
+        self.assertEqual(sha256_file(os.path.join(dst, "big.bin")), sha256_file(big))
+        self.assertEqual(tree_listing(dst), ["big.bin"])
+
+    def test_link_cut_mid_file_is_retried_and_resumed(self):
+        self._cut_and_resume("link")
+
+    def test_server_side_cut_mid_file_is_retried_and_resumed(self):
+        self._cut_and_resume("server")
+
+    def test_connection_lost_while_waiting_for_a_result_is_retried(self):
+        # The sender has written the whole file and waits, idle, for the
+        # receiver's answer when the connection breaks: it must notice
+        # without more work being queued, and try again.
+        src, dst = temp_dir(self), temp_dir(self)
+        data = os.urandom(600 * 1024)
+        path = write_file(os.path.join(src, "f.bin"), data)
+        receiver = start_receiver(self, dst)
+        proxy = _FaultProxy(self, receiver.address, cut_after=None, mode="link",
+                            hold=lambda: receiver.connections == 0)
+        entered, gate = threading.Event(), threading.Event()
+        self.addCleanup(gate.set)
+        real = xfer._ReceiveSession._finish
+
+        def held(session, *args):
+            entered.set()
+            gate.wait(TIMEOUT)
+            return real(session, *args)
+        with mock.patch.object(xfer._ReceiveSession, "_finish", held):
+            sender = xfer.Sender(proxy.address, workers=1, retries=1)
+            self.addCleanup(sender.close, False)
+            job = sender.queue(path)
+            self.assertTrue(entered.wait(TIMEOUT), "the file never reached the receiver")
+            proxy.cut_first()
+            self.assertTrue(_hostile_wait_until(lambda: len(proxy.counts) == 2),
+                            "the sender did not notice the lost connection")
+            gate.set()
+            self.assertTrue(job.wait(TIMEOUT))
+            sender.close()
+        # The first attempt did land; the retry finds it there.
+        self.assertEqual(job.state, "skipped", job.error)
+        with open(os.path.join(dst, "f.bin"), "rb") as f:
+            self.assertTrue(f.read() == data)
+        self.assertEqual(tree_listing(dst), ["f.bin"])
+
+    @unittest.skipIf(os.name == "nt", "SIGKILL")
+    def test_killed_server_restarted_resumes(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        size = 4 * 2**20
+        big = write_file(os.path.join(src, "big.bin"), os.urandom(size))
+        proc, port, _ = self._serve(dst)
+        patcher, held, gate = _embed_gate_write(body_chunk=5)
+        self.addCleanup(gate.set)
+        with patcher:
+            sender = xfer.Sender((HOST, port), token=TOKEN, workers=1, retries=0)
+            self.addCleanup(sender.close, False)
+            job = sender.queue(big)
+            self.assertTrue(held.wait(TIMEOUT), "the sender never reached the gate")
+            self.assertTrue(_hostile_wait_until(
+                lambda: _fault_partial_size(dst) >= 4 * xfer.CHUNK),
+                "the server never wrote the first chunks")
+            proc.kill()
+            proc.wait(TIMEOUT)
+            gate.set()
+            self.assertTrue(job.wait(TIMEOUT))
+            sender.close()
+        self.assertEqual(job.state, "failed")
+        self.assertFalse(os.path.exists(os.path.join(dst, "big.bin")))
+        proc2, port2, _ = self._serve(dst)
+        with xfer.Sender((HOST, port2), token=TOKEN) as sender:
+            job = sender.queue(big)
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(sender.bytes_resumed, 4 * xfer.CHUNK)
+        self.assertEqual(sender.bytes_sent, size - 4 * xfer.CHUNK)
+        self.assertEqual(sha256_file(os.path.join(dst, "big.bin")), sha256_file(big))
+        self.assertEqual(tree_listing(dst), ["big.bin"])
+
+    def test_32_concurrent_senders_leak_no_threads_or_descriptors(self):
+        fd_dir = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+        if not os.path.isdir(fd_dir):
+            self.skipTest("no way to count open file descriptors")
+        src, dst = temp_dir(self), temp_dir(self)
+        rng = random.Random(32)
+        files = {}
+        for i in range(8):
+            files["s%d.bin" % i] = os.urandom(rng.randrange(0, 20000))
+        files["large1.bin"] = os.urandom(300 * 1024)      # not streamed: ACCEPT, BODY
+        files["large2.bin"] = os.urandom(700 * 1024)
+        paths = {name: write_file(os.path.join(src, name), data) for name, data in files.items()}
+        gc_collect = __import__("gc").collect
+        gc_collect()
+        threads_before = set(threading.enumerate())
+        fds_before = len(os.listdir(fd_dir))
+        receiver = xfer.Receiver(dst, host=HOST, port=0, fsync=False,
+                                 max_connections=128, max_per_address=128)
+        receiver.start()
+        stopped = [False]
+
+        def stop():
+            if not stopped[0]:
+                stopped[0] = True
+                receiver.stop()
+        self.addCleanup(stop)
+        results = [None] * 32
+
+        def one(i):
+            with xfer.Sender(receiver.address, workers=2, timeout=TIMEOUT) as sender:
+                jobs = [sender.queue(p, subdir="n%02d" % i) for p in paths.values()]
+            results[i] = (sender.files_done, [(j.name, j.state, j.error) for j in jobs
+                                              if j.state != "done"])
+        senders = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join(TIMEOUT)
+        self.assertFalse(any(t.is_alive() for t in senders), "a sender hung")
+        self.assertEqual(results, [(len(files), [])] * 32)
+        self.assertEqual(receiver.files_received, 32 * len(files))
+        for i in range(32):
+            for name, data in files.items():
+                with open(os.path.join(dst, "n%02d" % i, name), "rb") as f:
+                    self.assertTrue(f.read() == data, "n%02d/%s differs" % (i, name))
+        stop()
+        self.assertEqual(receiver.connections, 0)
+
+        def leftover_threads():
+            return [t for t in threading.enumerate()
+                    if t not in threads_before and t.is_alive()]
+        self.assertTrue(_hostile_wait_until(lambda: not leftover_threads()),
+                        "threads left running: %s" % leftover_threads())
+
+        def fds():
+            gc_collect()
+            return len(os.listdir(fd_dir))
+        self.assertTrue(_hostile_wait_until(lambda: fds() <= fds_before),
+                        "%d file descriptors open before, %d after" % (fds_before, fds()))
+
+    def test_send_dir_of_2000_small_files_then_rerun_skips_them_all(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        tree = os.path.join(src, "many")
+        blob = os.urandom(1024 + 2000)
+        for d in range(30):
+            os.makedirs(os.path.join(tree, "d%02d" % d))
+        for i in range(2000):
+            with open(os.path.join(tree, "d%02d" % (i % 30), "f%04d" % i), "wb") as f:
+                f.write(blob[i:i + 1024])
+        receiver = start_receiver(self, dst, fsync=False)
+        # Durability is not what this test is about; directory fsyncs would
+        # take most of its time here.
+        fsync_dir = mock.patch.object(xfer, "_fsync_dir")
+        fsync_dir.start()
+        self.addCleanup(fsync_dir.stop)
+        t0 = time.monotonic()
+        with xfer.Sender(receiver.address, workers=2, timeout=TIMEOUT) as sender:
+            job = sender.queue(tree)
+        first = time.monotonic() - t0
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual((sender.files_done, sender.bytes_sent), (2000, 2000 * 1024))
+        self.assertEqual(tree_listing(os.path.join(dst, "many")), tree_listing(tree))
+        for i in range(2000):
+            with open(os.path.join(dst, "many", "d%02d" % (i % 30), "f%04d" % i), "rb") as f:
+                if f.read() != blob[i:i + 1024]:
+                    self.fail("many/d%02d/f%04d differs" % (i % 30, i))
+        t0 = time.monotonic()
+        with xfer.Sender(receiver.address, workers=2, timeout=TIMEOUT) as sender:
+            job = sender.queue(tree)
+        second = time.monotonic() - t0
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual((sender.files_done, sender.files_skipped, sender.bytes_sent),
+                         (0, 2000, 0))
+        self.assertEqual(receiver.files_received, 2000)
+        self.assertLess(second, first, "the re-run was not faster than the first run")
+
+    @unittest.skipIf(os.name == "nt", "POSIX signals")
+    def test_sender_ctrl_c_exits_130_with_summary_and_rerun_resumes(self):
+        home, src, dst = temp_dir(self), temp_dir(self), temp_dir(self)
+        env = isolated_env(home)
+        size = 4 * 2**20
+        big = write_file(os.path.join(src, "big.bin"), os.urandom(size))
+        receiver = start_receiver(self, dst, token=TOKEN)
+        to = "%s:%d" % (HOST, receiver.address[1])
+        # The child holds its worker before the fifth body chunk, so Ctrl-C
+        # lands mid-file while the main thread waits for the workers.
+        code = ("import sys, threading, xfer\n"
+                "real, n = xfer._Link._write, [0]\n"
+                "def held(self, data):\n"
+                "    if isinstance(data, memoryview):\n"
+                "        n[0] += 1\n"
+                "        if n[0] == 5: threading.Event().wait(60)\n"
+                "    real(self, data)\n"
+                "xfer._Link._write = held\n"
+                "sys.exit(xfer.main(sys.argv[1:]))\n")
+        proc = subprocess.Popen([sys.executable, "-c", code, "send", "--to", to,
+                                 "--token", TOKEN, big],
+                                cwd=os.path.dirname(XFER), env=env, universal_newlines=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        ok = _hostile_wait_until(lambda: _fault_partial_size(dst) >= 4 * xfer.CHUNK
+                                 or proc.poll() is not None)
+        self.assertTrue(ok and proc.poll() is None, "the child never got mid-file")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=TIMEOUT)
+        self.assertLess(time.monotonic() - t0, 5.0, "Ctrl-C did not stop the sender promptly")
+        self.assertEqual(proc.returncode, xfer.EXIT_INTERRUPTED, err)
+        self.assertNotIn("Traceback", err)
+        self.assertIn("interrupted", err)
+        self.assertRegex(out, r"^sent 0 files, 0 B in [0-9.]+ s \(0 B/s\)\n$")
+        self.assertFalse(os.path.exists(os.path.join(dst, "big.bin")))
+        self.assertTrue(_hostile_wait_until(lambda: receiver.connections == 0))
+        r = run_xfer("send", "--to", to, "--token", TOKEN, big,
+                     cwd=os.path.dirname(XFER), env=env)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertRegex(r.stdout, r"^sent 1 file, .*, 1\.0 MB resumed\n$")
+        self.assertEqual(sha256_file(os.path.join(dst, "big.bin")), sha256_file(big))
+        self.assertEqual(tree_listing(dst), ["big.bin"])
+
+    def test_stale_partials_are_swept_at_start_up(self):
+        dst = temp_dir(self)
+        key = hashlib.sha256(b"sub/big.bin").hexdigest()[:16]
+        stale = write_file(os.path.join(dst, "sub", "%s%s.big.bin" % (xfer.PARTIAL_PREFIX, key)),
+                           b"s" * 1000)
+        fresh = write_file(os.path.join(dst, "%s%s.new.bin" % (xfer.PARTIAL_PREFIX, "0" * 16)),
+                           b"f" * 1000)
+        other = write_file(os.path.join(dst, "old.bin"), b"o" * 1000)
+        day = 86400.0
+        now = time.time()
+        for path in (stale, other):
+            os.utime(path, (now - 3 * day, now - 3 * day))
+        # The receiver starts a day from now: the stale partial (last touched
+        # now, its mtime older still) is then older than half a day; the
+        # fresh one was written an hour before the start.
+        os.utime(fresh, (now + day - 3600, now + day - 3600))
+
+        class Clock:
+            def __getattr__(self, name):
+                return getattr(time, name)
+
+            def time(self):
+                return time.time() + day
+        logged = []
+        with mock.patch.object(xfer, "time", Clock()):
+            start_receiver(self, dst, partial_max_age=day / 2, log=logged.append)
+            self.assertTrue(_hostile_wait_until(lambda: logged),
+                            "the start-up sweep removed nothing")
+        self.assertEqual(logged, ["removed 1 partial file older than 12 hours"])
+        self.assertEqual(tree_listing(dst), sorted(["sub", os.path.basename(fresh), "old.bin"]))
+
+    @unittest.skipIf(os.name == "nt", "POSIX signals")
+    def test_sigterm_lets_the_file_in_flight_finish_within_grace(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        size = 3 * 2**20
+        big = write_file(os.path.join(src, "big.bin"), os.urandom(size))
+        proc, port, lines = self._serve(dst, "--grace", "%d" % TIMEOUT)
+        seen = []
+        patcher, held, gate = _embed_gate_write(body_chunk=3)
+        self.addCleanup(gate.set)
+        with patcher:
+            sender = xfer.Sender((HOST, port), token=TOKEN, workers=1, retries=0)
+            self.addCleanup(sender.close, False)
+            job = sender.queue(big)
+            self.assertTrue(held.wait(TIMEOUT), "the sender never reached the gate")
+            proc.send_signal(signal.SIGTERM)
+            self.assertTrue(self._wait_line(lines, "stopping", seen), "".join(seen))
+            t0 = time.monotonic()
+            gate.set()
+            self.assertTrue(job.wait(TIMEOUT))
+            sender.close()
+        proc.wait(TIMEOUT)
+        self.assertLess(time.monotonic() - t0, TIMEOUT / 2, "the server waited out its grace")
+        self.assertEqual(proc.returncode, 0)
+        self.assertEqual(job.state, "done", job.error)
+        self.assertTrue(self._wait_line(lines, "stopped", seen), "".join(seen))
+        self.assertEqual(sum("received big.bin" in line for line in seen), 1, "".join(seen))
+        self.assertEqual(sha256_file(os.path.join(dst, "big.bin")), sha256_file(big))
+        self.assertEqual(tree_listing(dst), ["big.bin"])
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -1770,7 +1770,12 @@ class _ReceiveSession:
                     self.r._unclaim(claim)
                     raise
                 part = _Part(fd, temp, claim)
-                if 0 < st.st_size < size and st.st_mtime_ns == mtime_ns:
+                # A partial kept when its connection dropped carries the
+                # source's mtime; one left by a receiver that was killed
+                # carries the time of its last write, later than the mtime
+                # of the file it was receiving.  Either may be resumed; the
+                # sender still proves the prefix equal before it is reused.
+                if 0 < st.st_size < size and st.st_mtime_ns >= mtime_ns:
                     part.hasher = _hash_fd(fd, self.buf)
                     part.offset = st.st_size
                     part.prefix = part.hasher.digest()
@@ -2360,9 +2365,19 @@ class Sender:
                     batch.append(retry.popleft())
                 while not stopping and not retry and len(batch) < CHECK_BATCH:
                     try:
-                        job = self._work.get(block=not batch)
+                        if batch:
+                            job = self._work.get(block=False)
+                        elif link is not None and link.pending:
+                            # Results are due: look up now and then, so a
+                            # connection that breaks meanwhile is noticed
+                            # and its files retried without waiting for work.
+                            job = self._work.get(timeout=0.25)
+                        else:
+                            job = self._work.get()
                     except queue.Empty:
-                        break
+                        if batch or link.broken is not None:
+                            break
+                        continue
                     if job is _STOP:
                         stopping = True
                     else:
@@ -3598,6 +3613,10 @@ def _cmd_serve(args):
                 break
     except KeyboardInterrupt:
         status = EXIT_INTERRUPTED if args.once else EXIT_OK
+        if receiver.connections and args.grace > 0:
+            log("stopping: letting %d connection%s finish (at most %s)"
+                % (receiver.connections, "" if receiver.connections == 1 else "s",
+                   _duration(args.grace)))
     finally:
         receiver.stop(grace=args.grace)
         if hooks is not None:
