@@ -5047,7 +5047,7 @@ class FaultTests(unittest.TestCase):
         self.assertEqual(proc.returncode, xfer.EXIT_INTERRUPTED, err)
         self.assertNotIn("Traceback", err)
         self.assertIn("interrupted", err)
-        self.assertRegex(out, r"^sent 0 files, 0 B in [0-9.]+ s \(0 B/s\)\n$")
+        self.assertRegex(out, r"^sent 0 files, 0 B in [0-9.]+ s \(0 B/s\), 1 interrupted\n$")
         self.assertFalse(os.path.exists(os.path.join(dst, "big.bin")))
         self.assertTrue(_hostile_wait_until(lambda: receiver.connections == 0))
         r = run_xfer("send", "--to", to, "--token", TOKEN, big,

@@ -3858,7 +3858,7 @@ class _Track:
         t0, b0 = self.samples[0]
         return (done - b0) / (now - t0) if now - t0 > 0.2 else None
 
-    def summary(self):
+    def summary(self, interrupted=False):
         """The one line a send ends with (README "send and send-dir")."""
         s = self.sender
         seconds = time.monotonic() - self.started
@@ -3872,6 +3872,8 @@ class _Track:
             line += ", %d skipped" % s.files_skipped
         if self.failed:
             line += ", %d FAILED" % self.failed
+        if interrupted and self.files_total > self.ended:
+            line += ", %d interrupted" % (self.files_total - self.ended)
         return self.label + line
 
 
@@ -4021,7 +4023,7 @@ class _Report:
             self.err.write("\x1b[%dF\x1b[J" % self.drawn)
             self.drawn = 0
 
-    def finish(self):
+    def finish(self, interrupted=False):
         """Take the display down and print each destination's summary."""
         self._clear()
         self.err.flush()
@@ -4031,8 +4033,10 @@ class _Report:
                 self._event("summary", t, files_sent=s.files_done,
                             files_skipped=s.files_skipped, files_failed=t.failed,
                             bytes_sent=s.bytes_sent, bytes_resumed=s.bytes_resumed,
+                            files_interrupted=max(0, t.files_total - t.ended) if interrupted
+                            else 0,
                             seconds=round(time.monotonic() - t.started, 3),
-                            ok=not t.failed and s.error is None,
+                            ok=not (t.failed or interrupted) and s.error is None,
                             error=None if s.error is None else str(s.error))
                 continue
             if s.fingerprint_new:
@@ -4041,7 +4045,7 @@ class _Report:
             if s.error is not None and t.label:
                 self.say("xfer: error: %s%s" % (t.label, _display(str(s.error))))
             if self.mode != "quiet" and (s.error is None or t.label):
-                self.say(t.summary(), self.out)
+                self.say(t.summary(interrupted), self.out)
 
 
 def _cmd_send(args):
@@ -4110,7 +4114,7 @@ def _cmd_send(args):
         for t in tracks:
             t.sender.close(wait=False)
             t.sender.poll()
-        report.finish()
+        report.finish(interrupted=True)
         report.say("xfer: interrupted; sending the same again resumes")
         return EXIT_INTERRUPTED
     report.finish()
