@@ -5057,6 +5057,27 @@ class FaultTests(unittest.TestCase):
         self.assertEqual(sha256_file(os.path.join(dst, "big.bin")), sha256_file(big))
         self.assertEqual(tree_listing(dst), ["big.bin"])
 
+    def test_connection_closed_while_idle_is_replaced_without_a_retry(self):
+        # A long-lived Sender (a host application sending now and then)
+        # outlives the receiver's idle timeout; even with retries=0 the next
+        # file goes out on a new connection.
+        src, dst = temp_dir(self), temp_dir(self)
+        first = write_file(os.path.join(src, "first.txt"), b"1" * 100)
+        later = write_file(os.path.join(src, "later.txt"), b"2" * 100)
+        receiver = start_receiver(self, dst, idle_timeout=0.3)
+        sender = xfer.Sender(receiver.address, workers=1, retries=0)
+        self.addCleanup(sender.close, False)
+        job = sender.queue(first)
+        self.assertTrue(job.wait(TIMEOUT))
+        self.assertEqual(job.state, "done", job.error)
+        # The receiver drops the silent connection and the sender's reader sees it.
+        self.assertTrue(_hostile_wait_until(lambda: receiver.connections == 0 and not any(
+            t.name == "xfer-link-reader" and t.is_alive() for t in threading.enumerate())))
+        job = sender.queue(later)
+        self.assertTrue(job.wait(TIMEOUT))
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(sha256_file(os.path.join(dst, "later.txt")), sha256_file(later))
+
     def test_stale_partials_are_swept_at_start_up(self):
         dst = temp_dir(self)
         key = hashlib.sha256(b"sub/big.bin").hexdigest()[:16]

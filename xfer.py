@@ -2395,6 +2395,11 @@ class Sender:
                 batch = [j for j in batch if self._still_wanted(j)]
                 if not batch:
                     continue
+                if link is not None and link.broken is not None and not link.pending:
+                    # It closed while idle (the receiver's idle timeout, or a
+                    # restart): nothing was lost, so a new one costs no retry.
+                    link.close()
+                    link = None
                 try:
                     if link is None:
                         link = self._connect()
