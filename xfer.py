@@ -99,8 +99,11 @@ DEFAULT_PARTIAL_MAX_AGE = 7 * 24 * 3600
 DEFAULT_GRACE = 5.0
 #: What a receiver does when a file's name is taken (README "serve").
 OVERWRITE_POLICIES = ("replace", "rename", "skip", "fail")
-#: Files a sender asks about in one CHECK batch (one round trip per batch).
+#: Files a sender asks about in one CHECK write.
 CHECK_BATCH = 32
+#: Files a sender has asked about (CHECK) but not yet sent, per connection:
+#: the answers for later files travel while earlier ones are being sent.
+CHECK_AHEAD = 4 * CHECK_BATCH
 
 #------------------------------------------------------------
 # errors and exit statuses
@@ -2090,7 +2093,8 @@ class Sender:
         self.retry_window = retry_window
         self._abort = threading.Event()     # close(wait=False): stop backing off
         self._dispatch = _Dispatcher(dispatch, self)
-        self._work = queue.Queue(maxsize=2 * self.workers)
+        # Deep enough that each worker finds a full CHECK batch waiting.
+        self._work = queue.Queue(maxsize=(CHECK_AHEAD + CHECK_BATCH) * self.workers)
         self._requests = collections.deque()
         self._requests_cv = threading.Condition()
         self._top = set()            # top-level jobs not yet ended (for close(wait=False))
@@ -2303,8 +2307,9 @@ class Sender:
     def _worker(self):
         """Send jobs from the work queue over one connection, reconnecting as needed.
 
-        Jobs go in batches of up to CHECK_BATCH: one CHECK round trip asks
-        which files the receiver lacks, then those are sent back to back.
+        Jobs are asked about in batches of up to CHECK_BATCH (CHECK) and sent
+        once their answers are in, while up to CHECK_AHEAD later jobs are
+        already being asked about: no round trip stalls the stream.
         """
         link = None
         retry = collections.deque()
@@ -2316,32 +2321,31 @@ class Sender:
                     # After a broken connection, one job at a time: a file
                     # that breaks connections then fails alone.
                     batch.append(retry.popleft())
+                idle = link is None or not link.asked
                 while not stopping and not retry and len(batch) < CHECK_BATCH:
                     try:
-                        job = self._work.get(block=not batch)
+                        job = self._work.get(block=idle and not batch)
                     except queue.Empty:
                         break
                     if job is _STOP:
                         stopping = True
                     else:
                         batch.append(job)
-                if not batch:
-                    if link is None:
-                        break
-                    try:
-                        link.finish()       # every result is in
-                        break
-                    except _LinkBroken as e:
-                        self._requeue(link, [], e.error, retry)
-                        link = None
-                        continue
                 batch = [j for j in batch if self._still_wanted(j)]
-                if not batch:
-                    continue
                 try:
-                    if link is None:
-                        link = self._connect()
-                    link.send_batch(batch)
+                    if batch:
+                        if link is None:
+                            link = self._connect()
+                        link.ask(batch)
+                        # A full batch: more are likely queued, so keep asking
+                        # ahead of sending; otherwise send all that was asked.
+                        link.pump(CHECK_AHEAD if len(batch) == CHECK_BATCH else 0)
+                    elif link is not None and link.asked:
+                        link.pump(0)
+                    elif stopping:
+                        if link is not None:
+                            link.finish()       # every result is in
+                        break
                 except _LinkBroken as e:
                     self._requeue(link, batch, e.error, retry)
                     link = None
@@ -2510,7 +2514,8 @@ class _Link:
         self.cv = threading.Condition()
         self.accepts = {}            # id -> (offset, sha256 of that prefix)
         self.checks = {}             # id -> job, CHECKs without an answer
-        self.needed = []             # jobs whose CHECK answered NEEDED
+        self.answers = {}            # id -> status of answered CHECKs not yet pumped
+        self.asked = collections.deque()   # (job, CHECK id or None) not yet sent
         self.bye = False
         self.buf = bytearray(CHUNK)
         self.reader = None
@@ -2572,8 +2577,8 @@ class _Link:
                     with self.cv:
                         job = self.pending.pop(fid, None)
                         checked = self.checks.pop(fid, None) if job is None else None
-                        if checked is not None and status == ST_NEEDED:
-                            self.needed.append(checked)
+                        if checked is not None:
+                            self.answers[fid] = status
                         self.cv.notify_all()
                     if checked is not None:
                         if status != ST_NEEDED:
@@ -2646,54 +2651,59 @@ class _Link:
             self._check_broken()
             self.pending[fid] = job
 
-    def send_batch(self, jobs):
-        """Send jobs, first asking (one CHECK round trip) which files are needed."""
+    def ask(self, jobs):
+        """Queue jobs for sending; CHECK each file (Protocol 4.8) without waiting.
+
+        Identical files end as "skipped" on the reader thread when their
+        answer arrives; pump() sends the others.  A file that cannot be read
+        ends "failed".
+        """
         self._start_reader()
+        frames = []
         for job in jobs:
             job.attempts += 1
-        if self.s.skip is not None:
-            asked = [j for j in jobs if j.kind == "file" and j.source is None]
-            if asked:
-                self._check(asked)
-        for job in jobs:
-            if not job.done:
+            fid = None
+            if self.s.skip is not None and job.kind == "file" and job.source is None:
+                try:
+                    fid = self._check_frame(job, frames)
+                except OSError as e:
+                    self.s._end(job, "failed", XferError("%s: %s" % (job.path, e.strerror or e)))
+                    continue
+            self.asked.append((job, fid))
+        if frames:
+            self._write(b"".join(frames))
+
+    def _check_frame(self, job, frames):
+        """Append job's CHECK frame to frames; return its id (None: send unasked)."""
+        st = os.stat(job.path)
+        if stat.S_ISDIR(st.st_mode):
+            return None       # send() reports it
+        digest, flags = bytes(32), 0
+        if self.s.skip == "checksum":
+            with open(job.path, "rb") as f:
+                digest = _hash_fd(f.fileno(), self.buf).digest()
+            flags = CF_CHECKSUM
+        fid = next(self.s._ids)
+        with self.cv:
+            self.checks[fid] = job
+        frames.append(_frame(_Msg.CHECK, _CHECK.pack(fid, st.st_size, st.st_mtime_ns,
+                                                     flags, digest)
+                             + job.name.encode("utf-8")))
+        return fid
+
+    def pump(self, keep):
+        """Send asked jobs in order, oldest first, until at most keep are left."""
+        while len(self.asked) > keep:
+            job, fid = self.asked[0]
+            if fid is not None:
+                with self.cv:
+                    while fid not in self.answers and self.broken is None:
+                        self.cv.wait(0.5)
+                    self._check_broken()
+                    needed = self.answers.pop(fid) == ST_NEEDED
+            self.asked.popleft()
+            if (fid is None or needed) and self.s._still_wanted(job):
                 self.send(job)
-
-    def _check(self, jobs):
-        """CHECK each file (Protocol 4.8) and wait for every answer.
-
-        Identical files end as "skipped" on the reader thread; the others
-        are sent by send_batch.  A file that cannot be read ends "failed".
-        """
-        frames = []
-        with self.cv:
-            self.needed = []
-        for job in jobs:
-            try:
-                st = os.stat(job.path)
-                if stat.S_ISDIR(st.st_mode):
-                    continue      # send() reports it
-                digest, flags = bytes(32), 0
-                if self.s.skip == "checksum":
-                    with open(job.path, "rb") as f:
-                        digest = _hash_fd(f.fileno(), self.buf).digest()
-                    flags = CF_CHECKSUM
-            except OSError as e:
-                self.s._end(job, "failed", XferError("%s: %s" % (job.path, e.strerror or e)))
-                continue
-            fid = next(self.s._ids)
-            with self.cv:
-                self.checks[fid] = job
-            frames.append(_frame(_Msg.CHECK, _CHECK.pack(fid, st.st_size, st.st_mtime_ns,
-                                                         flags, digest)
-                                 + job.name.encode("utf-8")))
-        if not frames:
-            return
-        self._write(b"".join(frames))
-        with self.cv:
-            while self.checks and self.broken is None:
-                self.cv.wait(0.5)
-            self._check_broken()
 
     def send(self, job):
         """Send one job on this connection; returns once its bytes are written."""
@@ -2837,9 +2847,12 @@ class _Link:
         raise _LinkBroken(self.broken)
 
     def take_pending(self):
+        """Jobs sent or asked about that have not ended, for a new connection."""
         with self.cv:
             jobs = list(self.pending.values())
             self.pending.clear()
+        jobs += [job for job, _ in self.asked]
+        self.asked.clear()
         return [j for j in jobs if not j.done]
 
     def finish(self):
