@@ -29,6 +29,7 @@ import itertools
 import os
 import queue
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -99,6 +100,10 @@ DEFAULT_PARTIAL_MAX_AGE = 7 * 24 * 3600
 DEFAULT_GRACE = 5.0
 #: What a receiver does when a file's name is taken (README "serve").
 OVERWRITE_POLICIES = ("replace", "rename", "skip", "fail")
+#: Receiver: answers it holds back at most before sending them (group commit),
+#: and directories it keeps open for them.
+_HOLD_MAX = 64
+_HOLD_DIRS = 8
 #: Files a sender asks about in one CHECK write.
 CHECK_BATCH = 32
 #: Files a sender has asked about (CHECK) but not yet sent, per connection:
@@ -307,6 +312,77 @@ def _recv_exact(rfile, n):
         raise ConnectionClosedError(
             "connection closed after %d of %d bytes" % (len(data), n))
     return data
+
+
+class _Reader:
+    """Buffered reads from a socket that can tell whether the next read waits.
+
+    The receiver holds back its answers and syncs until its input runs dry
+    (group commit); io.BufferedReader cannot say what it holds, this can.
+    read() and readinto() behave like BufferedReader's.
+    """
+
+    def __init__(self, sock, size=CHUNK):
+        self.sock = sock
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0
+
+    def read(self, n):
+        """n bytes; fewer only if the stream ends first."""
+        if self.end - self.start < n:
+            if n > len(self.buf):     # a frame larger than the buffer (Receiver max_frame)
+                data = bytearray(self.read(len(self.buf)))
+                while len(data) < n:
+                    more = self.read(min(n - len(data), len(self.buf)))
+                    if not more:
+                        break
+                    data += more
+                return bytes(data)
+            while self.end - self.start < n and self._fill(n):
+                pass
+            n = min(n, self.end - self.start)
+        start = self.start
+        self.start = start + n
+        return bytes(self.view[start:start + n])
+
+    def readinto(self, view):
+        """Fill some of view; 0 at the end of the stream."""
+        have = self.end - self.start
+        if not have:
+            if len(view) >= len(self.buf) // 4:
+                return self.sock.recv_into(view)    # a large body skips the copy
+            if not self._fill(1):
+                return 0
+            have = self.end - self.start
+        n = min(have, len(view))
+        view[:n] = self.view[self.start:self.start + n]
+        self.start += n
+        return n
+
+    def _fill(self, want):
+        """Receive more into the buffer; False if the stream ended."""
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif self.end == len(self.buf) or len(self.buf) - self.start < want:
+            rest = bytes(self.view[self.start:self.end])      # move it to the front
+            self.buf[:len(rest)] = rest
+            self.start, self.end = 0, len(rest)
+        n = self.sock.recv_into(self.view[self.end:])
+        self.end += n
+        return n > 0
+
+    def ready(self):
+        """True if a read would not wait: bytes are buffered or waiting."""
+        if self.end > self.start:
+            return True
+        pending = getattr(self.sock, "pending", None)    # TLS: decrypted, not yet read
+        if pending is not None and pending():
+            return True
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+    def close(self):
+        self.view.release()
 
 
 def _read_preface(rfile):
@@ -690,17 +766,28 @@ class _Dest:
     that check, which the README documents.
 
     One instance serves one connection; it caches the last parent directory.
+    A handle that leaves the cache stays open in `retired` until release():
+    files held for a group commit still rename and sync through it.
     """
 
     def __init__(self, root, use_dir_fd=_HAVE_DIR_FD):
         self.root = os.path.abspath(root)
         self.use_dir_fd = use_dir_fd
         self._cached = None  # (parts tuple, fd or path)
+        self.retired = []
 
     def close(self):
+        self.release()
         if self._cached and self.use_dir_fd:
             os.close(self._cached[1])
         self._cached = None
+
+    def release(self):
+        """Close the parent handles that left the cache."""
+        if self.use_dir_fd:
+            for fd in self.retired:
+                os.close(fd)
+        self.retired = []
 
     # -- parent directories
 
@@ -710,7 +797,8 @@ class _Dest:
         if self._cached and self._cached[0] == key:
             return self._cached[1]
         handle = self._open_dirs(key, path, create)
-        self.close()
+        if self._cached:
+            self.retired.append(self._cached[1])
         self._cached = (key, handle)
         return handle
 
@@ -836,8 +924,9 @@ class _Dest:
             return st.st_dev, st.st_ino
         return os.path.normcase(handle)
 
-    def publish(self, handle, temp, name, policy="replace"):
-        """Move the finished temp file to its final name and sync the directory.
+    def publish(self, handle, temp, name, policy="replace", sync=True):
+        """Move the finished temp file to its final name and sync the directory
+        (unless sync is false: the caller syncs it, once for many files).
 
         policy "replace" renames over an existing regular file (atomic).  The
         others never clobber: "rename" picks "NAME (1).EXT", "NAME (2).EXT"...
@@ -847,7 +936,8 @@ class _Dest:
         """
         if policy == "replace":
             self._rename(handle, temp, name, replace=True)
-            self._sync(handle)
+            if sync:
+                self.sync(handle)
             return name
         candidates = [name]
         if policy == "rename":
@@ -857,7 +947,8 @@ class _Dest:
                 self._rename(handle, temp, candidate, replace=False)
             except FileExistsError:
                 continue
-            self._sync(handle)
+            if sync:
+                self.sync(handle)
             return candidate
         if policy == "skip":
             return None
@@ -897,7 +988,8 @@ class _Dest:
                     raise
                 time.sleep(delay)
 
-    def _sync(self, handle):
+    def sync(self, handle):
+        """Make the entries of a parent directory durable."""
         if self.use_dir_fd:
             _fsync_dir(handle)
         elif os.name != "nt":
@@ -1363,6 +1455,10 @@ class _ReceiveSession:
         self.key = b""
         self.dest = _Dest(receiver.dir)
         self.buf = bytearray(CHUNK)
+        # Answers not sent yet, in request order: RESULT bytes, or a _Held
+        # file whose RESULT the group commit decides (see _flush).
+        self.out = []
+        self.group = []            # the _Held files in out, not yet committed
 
     def run(self):
         with self.r._lock:
@@ -1376,7 +1472,8 @@ class _ReceiveSession:
             self.sock.settimeout(self.r.idle_timeout)
             self._loop()
         except _Drop:
-            pass
+            if self.out:                 # a refusal said before hanging up
+                self._send_quietly(b"")
         except socket.timeout:
             self.r._log("%s: dropped: silent for %ss" % (self.peer, self.r.idle_timeout))
         except XferError as e:
@@ -1387,6 +1484,9 @@ class _ReceiveSession:
         except OSError as e:
             self.r._log("%s: connection lost: %s" % (self.peer, e.strerror or e))
         finally:
+            # Files verified before the connection failed are stored all
+            # the same; their sender will find them identical next time.
+            self._commit()
             self.dest.close()
             try:
                 if self.rfile is not None:
@@ -1400,14 +1500,31 @@ class _ReceiveSession:
                 self.r._idle.notify_all()
 
     def _send(self, data):
-        self.sock.sendall(data)
+        """Send data after every answer held back."""
+        self._flush(data)
 
     def _send_quietly(self, data):
         try:
             self.sock.settimeout(1.0)
-            self.sock.sendall(data)
+            self._flush(data)
         except OSError:
             pass
+
+    def _flush(self, data=b""):
+        """Commit the held files, then send the held answers in order, and data.
+
+        Answers are held while more requests are already waiting to be read,
+        so many go out in one write and files are synced in groups.
+        """
+        self._commit()
+        out, self.out = self.out, []
+        for held in out:
+            # Counted first, so the counters include a file by the time its
+            # sender hears that it arrived.
+            if not isinstance(held, bytes) and held.info is not None:
+                self.r._count_file(held.info, held.resumed)
+        self.sock.sendall(b"".join([a if isinstance(a, bytes) else a.answer for a in out])
+                          + data)
 
     # -- handshake (Protocol 4.1)
 
@@ -1420,7 +1537,7 @@ class _ReceiveSession:
         self.sock.settimeout(self.r.handshake_timeout)
         try:
             self._start_tls()
-            self.rfile = self.sock.makefile("rb", buffering=CHUNK)
+            self.rfile = _Reader(self.sock)
             self._handshake_steps()
         except (OSError, ConnectionClosedError):
             if not timer.is_alive() and not self._handshake_done:
@@ -1507,10 +1624,15 @@ class _ReceiveSession:
 
     def _loop(self):
         while True:
+            # Send what is held before waiting: the sender may be waiting too.
+            if self.out and not self.rfile.ready():
+                self._flush()
             if self.r._stopping:
                 # Between requests, so a file in flight is finished first.
                 self._send(_encode_error(ST_SHUTDOWN, "the server is shutting down"))
                 raise _Drop()
+            if len(self.out) >= _HOLD_MAX or len(self.dest.retired) > _HOLD_DIRS:
+                self._flush()
             kind, payload = _read_frame(self.rfile, self.r.max_frame)
             if kind == _Msg.FILE:
                 self._on_file(payload)
@@ -1548,15 +1670,17 @@ class _ReceiveSession:
         except OSError as e:
             self._refuse(fid, raw, ST_IO, "%s: %s" % (_display(raw), e.strerror or e))
             return
-        self._send(_encode_result(fid, ST_OK))
+        self.out.append(_encode_result(fid, ST_OK))
 
     def _refuse(self, fid, raw, code, reason):
-        if code == ST_SKIPPED:
-            self._send(_encode_result(fid, code, reason))
-            return
-        self.r._count_failure()
-        self.r._log("%s: refused %s: %s" % (self.peer, _display(raw), reason))
-        self._send(_encode_result(fid, code, reason))
+        self.out.append(self._refusal(fid, raw, code, reason))
+
+    def _refusal(self, fid, raw, code, reason):
+        """The RESULT for a file not stored; a failure is counted and logged."""
+        if code != ST_SKIPPED:
+            self.r._count_failure()
+            self.r._log("%s: refused %s: %s" % (self.peer, _display(raw), reason))
+        return _encode_result(fid, code, reason)
 
     def _on_check(self, payload):
         """CHECK (Protocol 4.8): is this file already here?  Answer, store nothing."""
@@ -1569,7 +1693,7 @@ class _ReceiveSession:
             try:
                 handle = self.dest.parent(parts, raw, create=False)
             except FileNotFoundError:
-                self._send(_encode_result(fid, ST_NEEDED))
+                self.out.append(_encode_result(fid, ST_NEEDED))
                 return
             st = self._existing(handle, parts[-1], raw)
             verdict = self._verdict(st, handle, parts[-1], raw, size, mtime_ns,
@@ -1581,7 +1705,7 @@ class _ReceiveSession:
             self._refuse(fid, raw, ST_IO, "%s: %s" % (_display(raw), e.strerror or e))
             return
         if verdict is None:
-            self._send(_encode_result(fid, ST_NEEDED))
+            self.out.append(_encode_result(fid, ST_NEEDED))
         else:
             self._refuse(fid, raw, *verdict)
 
@@ -1659,7 +1783,6 @@ class _ReceiveSession:
                 self._read_trailer(fid)
             self._refuse(fid, raw, code, reason)
             return
-        name = parts[-1]
         failure = None
         keep = False            # keep the partial for a later resume
         try:
@@ -1687,16 +1810,17 @@ class _ReceiveSession:
             elif not hmac.compare_digest(mac, _trailer_mac(self.key, fixed, payload)):
                 failure = (ST_INTEGRITY, "%s: MAC mismatch, file discarded" % _display(raw))
             else:
-                fd, part.fd = part.fd, None      # _finish closes it, whatever happens
-                try:
-                    final, note = self._finish(fd, handle, part.temp, name, raw, mtime_ns,
-                                               mode, existed)
-                    part.temp = None             # published, or removed by the policy
-                except XferError as e:
-                    failure = (e.code, str(e))
-                except OSError as e:
-                    code = ST_NO_SPACE if e.errno in _NO_SPACE_ERRNOS else ST_IO
-                    failure = (code, "%s: %s" % (_display(raw), e.strerror or e))
+                held = _Held(fid, raw, parts, handle, part.fd, part.temp, size, mtime_ns,
+                             mode, existed, started, digest.hexdigest(),
+                             part.offset if start else 0)
+                part.fd = part.temp = None       # the held file owns them now
+                self.out.append(held)
+                self.group.append(held)
+                if part.claim is not None:
+                    # A resumable partial's name is reserved only until
+                    # _release: publish it before another connection may
+                    # take that name.
+                    self._commit()
         except BaseException:
             # The connection failed mid-file.  A large file's partial stays,
             # stamped with the source's mtime, for the next attempt to resume.
@@ -1707,16 +1831,6 @@ class _ReceiveSession:
             # The temp went before the answer, so a client that looks right
             # after a refusal never sees it.
             self._refuse(fid, raw, *failure)
-            return
-        if final is None:                    # the policy said skip after all
-            self._send(_encode_result(fid, ST_SKIPPED, note))
-            return
-        parts[-1] = final
-        relpath = "/".join(parts)
-        info = FileInfo(self.dest.final_path(parts), relpath, size, self.peer,
-                        time.monotonic() - started, digest.hexdigest())
-        self._send(_encode_result(fid, ST_OK, note))
-        self.r._count_file(info, part.offset if start else 0)
 
     def _read_body_start(self, fid, offset):
         """BODY (Protocol 4.3): where the sender starts, 0 or the offered offset."""
@@ -1799,10 +1913,10 @@ class _ReceiveSession:
         fixed = _TRAILER.pack(fid, trailer_flags, their_digest)
         if not (hmac.compare_digest(digest.digest(), their_digest)
                 and hmac.compare_digest(mac, _trailer_mac(self.key, fixed, payload))):
-            self._send(_encode_result(fid, ST_INTEGRITY, "%s: digest or MAC mismatch"
-                                      % _display(raw)))
+            self.out.append(_encode_result(fid, ST_INTEGRITY, "%s: digest or MAC mismatch"
+                                           % _display(raw)))
             return
-        self._send(_encode_result(fid, ST_OK))
+        self.out.append(_encode_result(fid, ST_OK))
 
     def _admit(self, raw, size):
         """Validate a FILE header; return (parts, parent handle, existed) or raise."""
@@ -1888,12 +2002,51 @@ class _ReceiveSession:
             raise ProtocolError("TRAILER for file %d while receiving file %d" % (tid, fid))
         return flags, digest, payload[_TRAILER.size:]
 
-    def _finish(self, fd, handle, temp, name, raw, mtime_ns, mode, existed):
-        """Make the verified temp file durable and move it into place; closes fd.
+    def _commit(self):
+        """Make the held files durable and move them into place (group commit).
 
-        Returns (final name or None if the policy skipped it, note for RESULT).
+        Every file is synced, then all are renamed, then each directory once:
+        a file is acknowledged only when its data and its name are durable,
+        as if it had been finished alone.  Sets each file's answer.
         """
-        perm = stat.S_IMODE(mode) & 0o777     # never setuid, setgid or sticky
+        group, self.group = self.group, []
+        published = []
+        for held in group:
+            try:
+                self._seal(held)
+                held.final, held.note = self._publish(held)
+                if held.final is not None:
+                    published.append(held)
+            except (XferError, OSError) as e:
+                held.fail(e)
+                if held.temp is not None:
+                    self.dest.remove(held.handle, held.temp)
+        failed_dirs = {}
+        for handle in dict.fromkeys(held.handle for held in published):
+            try:
+                self.dest.sync(handle)
+            except OSError as e:
+                failed_dirs[handle] = e
+        for held in group:
+            if held.handle in failed_dirs and held.failure is None:
+                held.fail(failed_dirs[held.handle])
+            if held.failure is not None:
+                held.answer = self._refusal(held.fid, held.raw, *held.failure)
+            elif held.final is None:             # the policy said skip after all
+                held.answer = _encode_result(held.fid, ST_SKIPPED, held.note)
+            else:
+                held.parts[-1] = held.final
+                held.info = FileInfo(self.dest.final_path(held.parts), "/".join(held.parts),
+                                     held.size, self.peer, time.monotonic() - held.started,
+                                     held.digest)
+                held.answer = _encode_result(held.fid, ST_OK, held.note)
+        self.dest.release()
+
+    def _seal(self, held):
+        """Sync a verified temp file's data, set its mode and mtime; close it."""
+        fd, held.fd = held.fd, None
+        mtime_ns = held.mtime_ns
+        perm = stat.S_IMODE(held.mode) & 0o777     # never setuid, setgid or sticky
         try:
             if self.r.fsync:
                 _full_fsync(fd)
@@ -1904,21 +2057,58 @@ class _ReceiveSession:
         finally:
             os.close(fd)
         if os.utime not in os.supports_fd:
-            path = os.path.join(handle, temp)
+            path = os.path.join(held.handle, held.temp)
             os.utime(path, ns=(mtime_ns, mtime_ns))
             if os.name == "nt" and not perm & 0o200:
                 os.chmod(path, stat.S_IREAD)
+
+    def _publish(self, held):
+        """Rename a sealed temp file into place, its directory not yet synced.
+
+        Returns (final name or None if the policy skipped it, note for RESULT).
+        """
+        name = held.parts[-1]
         # Check again right before the rename: a directory or symlink may
         # have appeared under the final name while the body was arriving.
-        existed = self._existing(handle, name, raw) is not None or existed
+        existed = self._existing(held.handle, name, held.raw) is not None or held.existed
         policy = self.r.overwrite
-        final = self.dest.publish(handle, temp, name, policy)
+        final = self.dest.publish(held.handle, held.temp, name, policy, sync=False)
+        temp, held.temp = held.temp, None
         if final is None:
-            self.dest.remove(handle, temp)
+            self.dest.remove(held.handle, temp)
             return None, "exists; not replaced (the receiver's policy)"
         if final != name:
             return final, "renamed to %s" % final
         return final, "replaced" if existed and policy == "replace" else ""
+
+
+class _Held:
+    """A verified file waiting for the group commit, and then its answer."""
+
+    def __init__(self, fid, raw, parts, handle, fd, temp, size, mtime_ns, mode, existed,
+                 started, digest, resumed):
+        self.fid = fid
+        self.raw = raw
+        self.parts = parts
+        self.handle = handle
+        self.fd = fd
+        self.temp = temp
+        self.size = size
+        self.mtime_ns = mtime_ns
+        self.mode = mode
+        self.existed = existed
+        self.started = started
+        self.digest = digest
+        self.resumed = resumed
+        self.final = self.note = self.failure = self.info = None
+        self.answer = b""
+
+    def fail(self, error):
+        if isinstance(error, XferError):
+            self.failure = (error.code, str(error))
+        else:
+            code = ST_NO_SPACE if error.errno in _NO_SPACE_ERRNOS else ST_IO
+            self.failure = (code, "%s: %s" % (_display(self.raw), error.strerror or error))
 
 
 class _Part:
