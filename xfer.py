@@ -28,6 +28,7 @@ import ipaddress
 import itertools
 import os
 import queue
+import re
 import secrets
 import select
 import shutil
@@ -79,7 +80,7 @@ MAX_FRAME_PAYLOAD = 64 * 1024
 #: Files up to this size are sent without waiting for the receiver's ACCEPT.
 STREAM_MAX = 256 * 1024
 #: Files a sender keeps in flight on one connection before waiting for results.
-WINDOW = 64
+WINDOW = 256
 #: Chunk size for file bodies on both ends.
 CHUNK = 256 * 1024
 #: Receiver default: concurrent connections before "busy".
@@ -658,26 +659,25 @@ _WINDOWS_RESERVED = frozenset(
 _WINDOWS_BAD_CHARS = frozenset('<>:"|?*')
 # Characters that change how a name displays without being visible:
 # bidi controls and zero-width characters.
-_INVISIBLE = frozenset("\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d"
-                       "\u202e\u2066\u2067\u2068\u2069\ufeff")
+_INVISIBLE = ("\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d"
+              "\u202e\u2066\u2067\u2068\u2069\ufeff")
+# Control characters (C0, DEL, C1) and the invisible ones are escaped for
+# display; names may contain none of them, nor a backslash.  A regular
+# expression scans a name in C, not character by character in Python.
+_UNSAFE_DISPLAY = re.compile("[\\x00-\\x1f\\x7f-\\x9f%s]" % _INVISIBLE)
+_UNSAFE_NAME = re.compile("[\\\\\\x00-\\x1f\\x7f-\\x9f%s]" % _INVISIBLE)
 
 
-def _is_control(ch):
-    o = ord(ch)
-    return o < 0x20 or 0x7F <= o < 0xA0
+def _escape(match):
+    o = ord(match.group())
+    return "\\x%02x" % o if o < 0x100 else "\\u%04x" % o
 
 
 def _display(name, limit=200):
     """Text made safe for a terminal or a log: controls escaped, length capped."""
-    if isinstance(name, bytes):
+    if isinstance(name, (bytes, bytearray)):
         name = name.decode("utf-8", "replace")
-    out = []
-    for ch in name:
-        if _is_control(ch) or ch in _INVISIBLE:
-            out.append("\\x%02x" % ord(ch) if ord(ch) < 0x100 else "\\u%04x" % ord(ch))
-        else:
-            out.append(ch)
-    text = "".join(out)
+    text = _UNSAFE_DISPLAY.sub(_escape, name)
     if limit is None or len(text) <= limit:
         return text
     return text[:limit // 2 - 3] + "..." + text[-(limit // 2):]
@@ -708,9 +708,8 @@ def _split_path(raw, portable=False, max_bytes=MAX_PATH_BYTES, max_depth=MAX_PAT
             raise UnsafePathError("empty, '.' or '..' component", path)
         if len(part.encode("utf-8")) > MAX_NAME_BYTES:
             raise UnsafePathError("name longer than %d bytes" % MAX_NAME_BYTES, path)
-        for ch in part:
-            if ch == "\\" or _is_control(ch) or ch in _INVISIBLE:
-                raise UnsafePathError("backslash, control or invisible character", path)
+        if _UNSAFE_NAME.search(part):
+            raise UnsafePathError("backslash, control or invisible character", path)
         if part.startswith(PARTIAL_PREFIX):
             raise UnsafePathError("name reserved for partial files", path)
         if portable:
@@ -2285,6 +2284,10 @@ class Sender:
         self._dispatch = _Dispatcher(dispatch, self)
         # Deep enough that each worker finds a full CHECK batch waiting.
         self._work = queue.Queue(maxsize=(CHECK_AHEAD + CHECK_BATCH) * self.workers)
+        # Set once a large file is queued: only then do workers beyond the
+        # first connect.  Small files cost CPU per file, not bandwidth, and
+        # more connections only make the receiver's threads take turns.
+        self._wide = threading.Event()
         self._requests = collections.deque()
         self._requests_cv = threading.Condition()
         self._top = set()            # top-level jobs not yet ended (for close(wait=False))
@@ -2415,7 +2418,7 @@ class Sender:
             feeder = threading.Thread(target=self._feed, name="xfer-feeder", daemon=True)
             self._threads.append(feeder)
             for i in range(self.workers):
-                self._threads.append(threading.Thread(target=self._worker,
+                self._threads.append(threading.Thread(target=self._worker, args=(i == 0,),
                                                       name="xfer-worker-%d" % i, daemon=True))
         for t in self._threads:
             t.start()
@@ -2437,9 +2440,20 @@ class Sender:
                     job.failures.append((job.name, XferError("internal error: %r" % e)))
                     self._child_ended(job)
             else:
-                self._work.put(job)
+                if job.source is None:
+                    try:
+                        job.size = os.stat(job.path).st_size
+                    except OSError:
+                        pass          # send() reports it
+                self._put(job)
         for _ in range(self.workers):
             self._work.put(_STOP)
+        self._wide.set()              # let every worker see its _STOP
+
+    def _put(self, job):
+        if job.size > STREAM_MAX:
+            self._wide.set()
+        self._work.put(job)
 
     def _tree(self, top):
         """Yield (kind, path, name, size or error) for a tree, depth first, lazily.
@@ -2492,9 +2506,9 @@ class Sender:
         if error is not None:
             self._end(child, "failed", error)
         else:
-            self._work.put(child)
+            self._put(child)
 
-    def _worker(self):
+    def _worker(self, first):
         """Send jobs from the work queue over one connection, reconnecting as needed.
 
         Jobs are asked about in batches of up to CHECK_BATCH (CHECK) and sent
@@ -2504,6 +2518,8 @@ class Sender:
         link = None
         retry = collections.deque()
         stopping = False
+        if not first:
+            self._wide.wait()
         try:
             while True:
                 batch = []
