@@ -463,8 +463,7 @@ def _trailer_mac(key, trailer_fixed, header_payload):
     """MAC binding a file's header and content digest to the session (Protocol 4.3)."""
     if not key:
         return b""
-    return hmac.new(key, b"xfer trailer\0" + trailer_fixed + header_payload,
-                    hashlib.sha256).digest()
+    return hmac.digest(key, b"xfer trailer\0" + trailer_fixed + header_payload, "sha256")
 
 
 #------------------------------------------------------------
@@ -774,6 +773,12 @@ class _Dest:
         self.use_dir_fd = use_dir_fd
         self._cached = None  # (parts tuple, fd or path)
         self.retired = []
+        # The directory last found missing (CHECK): the answers for the
+        # rest of its files need no system calls.
+        self._missing = None
+        # Temporary names: a random tag per connection and a counter.
+        self._temp_tag = secrets.token_hex(4)
+        self._temp_ids = itertools.count()
 
     def close(self):
         self.release()
@@ -795,7 +800,15 @@ class _Dest:
         key = tuple(parts[:-1])
         if self._cached and self._cached[0] == key:
             return self._cached[1]
-        handle = self._open_dirs(key, path, create)
+        if create:
+            self._missing = None
+        elif key == self._missing:
+            raise FileNotFoundError(errno.ENOENT, "no such directory", path)
+        try:
+            handle = self._open_dirs(key, path, create)
+        except FileNotFoundError:
+            self._missing = key
+            raise
         if self._cached:
             self.retired.append(self._cached[1])
         self._cached = (key, handle)
@@ -871,10 +884,10 @@ class _Dest:
     def create_temp(self, handle, name):
         """Create a new temporary file next to name; return (fd, temp_name)."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY
+        # Cut the name by bytes: a 255-byte name plus the prefix must fit.
+        keep = _cut(name, 100)
         for _ in range(10):
-            # Cut the name by bytes: a 255-byte name plus the prefix must fit.
-            keep = name.encode("utf-8")[:100].decode("utf-8", "ignore")
-            temp = "%s%s.%s" % (PARTIAL_PREFIX, secrets.token_hex(4), keep)
+            temp = "%s%s%x.%s" % (PARTIAL_PREFIX, self._temp_tag, next(self._temp_ids), keep)
             try:
                 if self.use_dir_fd:
                     return os.open(temp, flags, 0o600, dir_fd=handle), temp
