@@ -105,6 +105,8 @@ OVERWRITE_POLICIES = ("replace", "rename", "skip", "fail")
 #: and directories it keeps open for them.
 _HOLD_MAX = 64
 _HOLD_DIRS = 8
+#: Sender: small writes (headers, small files, CHECKs) gathered into one send.
+_GATHER = 64 * 1024
 #: Files a sender asks about in one CHECK write.
 CHECK_BATCH = 32
 #: Files a sender has asked about (CHECK) but not yet sent, per connection:
@@ -2201,6 +2203,7 @@ class Job:
         self.kind = kind
         self.parent = parent
         self.source = None      # a _Generated instead of the file at path (bench)
+        self._stat = None       # os.stat_result from the walk, used once by CHECK
         self.note = ""          # the receiver's word on success: "replaced", "renamed to ..."
         self.resumed = 0        # bytes not sent again because the receiver had them
         self.state = "queued"
@@ -2295,8 +2298,8 @@ class Sender:
         self.retry_window = retry_window
         self._abort = threading.Event()     # close(wait=False): stop backing off
         self._dispatch = _Dispatcher(dispatch, self)
-        # Deep enough that each worker finds a full CHECK batch waiting.
-        self._work = queue.Queue(maxsize=(CHECK_AHEAD + CHECK_BATCH) * self.workers)
+        # Lists of jobs; deep enough that each worker finds a batch waiting.
+        self._work = queue.Queue(maxsize=(CHECK_AHEAD // CHECK_BATCH + 1) * self.workers)
         # Set once a large file is queued: only then do workers beyond the
         # first connect.  Small files cost CPU per file, not bandwidth, and
         # more connections only make the receiver's threads take turns.
@@ -2455,21 +2458,23 @@ class Sender:
             else:
                 if job.source is None:
                     try:
-                        job.size = os.stat(job.path).st_size
+                        job._stat = os.stat(job.path)
+                        job.size = job._stat.st_size
                     except OSError:
                         pass          # send() reports it
-                self._put(job)
+                self._put([job])
         for _ in range(self.workers):
             self._work.put(_STOP)
         self._wide.set()              # let every worker see its _STOP
 
-    def _put(self, job):
-        if job.size > STREAM_MAX:
+    def _put(self, jobs):
+        """Queue a list of jobs: a whole batch per hand-over between threads."""
+        if any(job.size > STREAM_MAX for job in jobs):
             self._wide.set()
-        self._work.put(job)
+        self._work.put(jobs)
 
     def _tree(self, top):
-        """Yield (kind, path, name, size or error) for a tree, depth first, lazily.
+        """Yield (kind, path, name, stat or error) for a tree, depth first, lazily.
 
         kind is "dir", "file" or "error".  Directory entries are never
         collected into lists (only the pending subdirectories are), so a
@@ -2479,7 +2484,7 @@ class Sender:
         stack = [(top.path, top.name)]
         while stack and not top.cancelled:
             path, name = stack.pop()
-            yield "dir", path, name, 0
+            yield "dir", path, name, None
             subdirs = []
             try:
                 with os.scandir(path) as it:
@@ -2489,7 +2494,7 @@ class Sender:
                             if entry.is_dir(follow_symlinks=False):
                                 subdirs.append((entry.path, child))
                             elif entry.is_file():
-                                yield "file", entry.path, child, entry.stat().st_size
+                                yield "file", entry.path, child, entry.stat()
                         except OSError:
                             continue
             except OSError as e:
@@ -2500,26 +2505,33 @@ class Sender:
         """Queue the jobs of a tree.  A first pass adds up the sizes, so the
         tree's job knows its size before any byte is sent and its progress
         only rises."""
-        top.size = sum(size for kind, _, _, size in self._tree(top) if kind == "file")
+        top.size = sum(st.st_size for kind, _, _, st in self._tree(top) if kind == "file")
+        jobs = []
         for kind, path, name, extra in self._tree(top):
             if kind == "dir":
-                self._add_child(top, Job(self, path, name, "mkdir", parent=top))
+                self._add_child(top, Job(self, path, name, "mkdir", parent=top), jobs)
             elif kind == "file":
                 child = Job(self, path, name, "file", parent=top)
-                child.size = extra
-                self._add_child(top, child)
+                child.size = extra.st_size
+                child._stat = extra
+                self._add_child(top, child, jobs)
             else:
-                self._add_child(top, Job(self, path, name, "file", parent=top),
+                self._add_child(top, Job(self, path, name, "file", parent=top), jobs,
                                 error=XferError("%s: %s" % (path, extra.strerror or extra)))
+            if len(jobs) >= CHECK_BATCH:
+                self._put(jobs)
+                jobs = []
+        if jobs:
+            self._put(jobs)
         self._child_ended(top)   # the walk itself is one of the pending parts
 
-    def _add_child(self, top, child, error=None):
+    def _add_child(self, top, child, jobs, error=None):
         with self._lock:
             top._pending += 1
         if error is not None:
             self._end(child, "failed", error)
         else:
-            self._put(child)
+            jobs.append(child)
 
     def _worker(self, first):
         """Send jobs from the work queue over one connection, reconnecting as needed.
@@ -2543,13 +2555,13 @@ class Sender:
                 idle = link is None or not link.asked
                 while not stopping and not retry and len(batch) < CHECK_BATCH:
                     try:
-                        job = self._work.get(block=idle and not batch)
+                        jobs = self._work.get(block=idle and not batch)
                     except queue.Empty:
                         break
-                    if job is _STOP:
+                    if jobs is _STOP:
                         stopping = True
                     else:
-                        batch.append(job)
+                        batch += jobs
                 batch = [j for j in batch if self._still_wanted(j)]
                 try:
                     if batch:
@@ -2558,7 +2570,7 @@ class Sender:
                         link.ask(batch)
                         # A full batch: more are likely queued, so keep asking
                         # ahead of sending; otherwise send all that was asked.
-                        link.pump(CHECK_AHEAD if len(batch) == CHECK_BATCH else 0)
+                        link.pump(CHECK_AHEAD if len(batch) >= CHECK_BATCH else 0)
                     elif link is not None and link.asked:
                         link.pump(0)
                     elif stopping:
@@ -2737,6 +2749,8 @@ class _Link:
         self.asked = collections.deque()   # (job, CHECK id or None) not yet sent
         self.bye = False
         self.buf = bytearray(CHUNK)
+        self.wbuf = []               # writes gathered for one sendall
+        self.wlen = 0
         self.reader = None
         self.rfile = None
         try:
@@ -2852,6 +2866,23 @@ class _Link:
             raise _LinkBroken(self.broken)
 
     def _write(self, data):
+        """Send data; small writes are gathered and go out together.
+
+        A body chunk (a memoryview of the reused buffer) goes out at once.
+        Whoever is about to wait for the receiver calls flush() first.
+        """
+        self.wbuf.append(data)
+        self.wlen += len(data)
+        if self.wlen >= _GATHER or isinstance(data, memoryview):
+            self.flush()
+
+    def flush(self):
+        """Send the gathered writes."""
+        if not self.wbuf:
+            return
+        data = self.wbuf[0] if len(self.wbuf) == 1 else b"".join(self.wbuf)
+        self.wbuf = []
+        self.wlen = 0
         try:
             self.sock.sendall(data)
         except socket.timeout:
@@ -2864,6 +2895,8 @@ class _Link:
 
     def _register(self, fid, job):
         """Wait for room in the window, then count the job as in flight."""
+        if len(self.pending) >= WINDOW:
+            self.flush()
         with self.cv:
             while len(self.pending) >= WINDOW and self.broken is None:
                 self.cv.wait(0.5)
@@ -2894,7 +2927,10 @@ class _Link:
 
     def _check_frame(self, job, frames):
         """Append job's CHECK frame to frames; return its id (None: send unasked)."""
-        st = os.stat(job.path)
+        # The walk's stat, if fresh: no second system call per file.
+        st, job._stat = job._stat, None
+        if st is None:
+            st = os.stat(job.path)
         if stat.S_ISDIR(st.st_mode):
             return None       # send() reports it
         digest, flags = bytes(32), 0
@@ -2915,6 +2951,8 @@ class _Link:
         while len(self.asked) > keep:
             job, fid = self.asked[0]
             if fid is not None:
+                if fid not in self.answers:
+                    self.flush()
                 with self.cv:
                     while fid not in self.answers and self.broken is None:
                         self.cv.wait(0.5)
@@ -2923,6 +2961,8 @@ class _Link:
             self.asked.popleft()
             if (fid is None or needed) and self.s._still_wanted(job):
                 self.send(job)
+        if not keep:
+            self.flush()          # the worker may now wait for more jobs
 
     def send(self, job):
         """Send one job on this connection; returns once its bytes are written."""
@@ -3004,6 +3044,7 @@ class _Link:
             self._send_body(f, fid, job, size - start, st, header_payload, h)
 
     def _wait_accept(self, fid, job):
+        self.flush()
         with self.cv:
             while fid not in self.accepts and fid in self.pending and self.broken is None:
                 self.cv.wait(0.5)
@@ -3078,6 +3119,7 @@ class _Link:
         """Say BYE and wait for every result; raises _LinkBroken on failure."""
         self._start_reader()
         self._write(_frame(_Msg.BYE))
+        self.flush()
         with self.cv:
             while not self.bye and self.broken is None:
                 self.cv.wait(0.5)
