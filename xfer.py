@@ -375,6 +375,18 @@ class _Reader:
         self.end += n
         return n > 0
 
+    def frame(self, limit):
+        """Read one frame: (kind, payload), like _read_frame, sliced at once
+        from the buffer when it holds the whole frame."""
+        start = self.start
+        if self.end - start >= _FRAME.size:
+            kind, length = _FRAME.unpack_from(self.buf, start)
+            start += _FRAME.size
+            if length <= limit and start + length <= self.end:
+                self.start = start + length
+                return kind, bytes(self.view[start:start + length])
+        return _read_frame(self, limit)
+
     def ready(self):
         """True if a read would not wait: bytes are buffered or waiting."""
         if self.end > self.start:
@@ -1647,7 +1659,7 @@ class _ReceiveSession:
                 raise _Drop()
             if len(self.out) >= _HOLD_MAX or len(self.dest.retired) > _HOLD_DIRS:
                 self._flush()
-            kind, payload = _read_frame(self.rfile, self.r.max_frame)
+            kind, payload = self.rfile.frame(self.r.max_frame)
             if kind == _Msg.FILE:
                 self._on_file(payload)
             elif kind == _Msg.CHECK:
@@ -2008,7 +2020,9 @@ class _ReceiveSession:
         return digest
 
     def _read_trailer(self, fid):
-        payload = _expect(self.rfile, _Msg.TRAILER)
+        kind, payload = self.rfile.frame(MAX_FRAME_PAYLOAD)
+        if kind != _Msg.TRAILER:
+            raise ProtocolError("expected TRAILER, got %s" % _msg_name(kind))
         if len(payload) not in (_TRAILER.size, _TRAILER.size + _MAC_SIZE):
             raise ProtocolError("TRAILER payload of %d bytes" % len(payload))
         tid, flags, digest = _TRAILER.unpack_from(payload)
@@ -2300,9 +2314,11 @@ class Sender:
         self._dispatch = _Dispatcher(dispatch, self)
         # Lists of jobs; deep enough that each worker finds a batch waiting.
         self._work = queue.Queue(maxsize=(CHECK_AHEAD // CHECK_BATCH + 1) * self.workers)
-        # Set once a large file is queued: only then do workers beyond the
-        # first connect.  Small files cost CPU per file, not bandwidth, and
-        # more connections only make the receiver's threads take turns.
+        # Workers beyond the first connect only once a large file is queued
+        # (_large): small files cost CPU per file, not bandwidth, and more
+        # connections only make the receiver's threads take turns.  _wide
+        # wakes them, for a large file or when the feeder is done.
+        self._large = False
         self._wide = threading.Event()
         self._requests = collections.deque()
         self._requests_cv = threading.Condition()
@@ -2465,11 +2481,12 @@ class Sender:
                 self._put([job])
         for _ in range(self.workers):
             self._work.put(_STOP)
-        self._wide.set()              # let every worker see its _STOP
+        self._wide.set()              # the workers still waiting can end
 
     def _put(self, jobs):
         """Queue a list of jobs: a whole batch per hand-over between threads."""
         if any(job.size > STREAM_MAX for job in jobs):
+            self._large = True
             self._wide.set()
         self._work.put(jobs)
 
@@ -2545,6 +2562,8 @@ class Sender:
         stopping = False
         if not first:
             self._wide.wait()
+            if not self._large:
+                return
         try:
             while True:
                 batch = []
@@ -3152,7 +3171,7 @@ def _open_source(job):
     """Open what a file job sends; return (binary file, os.stat_result-like)."""
     if job.source is not None:
         return job.source.open(), job.source
-    f = open(job.path, "rb")
+    f = open(job.path, "rb", buffering=0)    # reads are whole files or whole chunks
     try:
         return f, os.fstat(f.fileno())
     except BaseException:
