@@ -2230,7 +2230,7 @@ class Job:
         self.files = 0          # dir jobs: files ended
         self.failures = []      # dir jobs: (name, error) of files that failed
         self._pending = 1 if kind == "dir" else 0   # dir jobs: walk + files not ended
-        self._cancel = threading.Event()
+        self._cancel = False    # a flag, not an Event: nothing waits for it
         self._ended = threading.Event()
 
     @property
@@ -2251,11 +2251,11 @@ class Job:
 
     def cancel(self):
         """Stop this job as soon as possible; no final file is left on the receiver."""
-        self._cancel.set()
+        self._cancel = True
 
     @property
     def cancelled(self):
-        return self._cancel.is_set() or (self.parent is not None and self.parent.cancelled)
+        return self._cancel or (self.parent is not None and self.parent.cancelled)
 
     def __repr__(self):
         return "<Job %s %r %s %d/%d>" % (self.kind, self.name, self.state,
@@ -2518,11 +2518,30 @@ class Sender:
                 yield "error", path, name, e
             stack.extend(reversed(subdirs))
 
+    def _tree_size(self, top):
+        """The bytes of the files _tree yields, added up without yielding each."""
+        total = 0
+        stack = [top.path]
+        while stack and not top.cancelled:
+            try:
+                with os.scandir(stack.pop()) as it:
+                    for entry in it:
+                        try:
+                            if entry.is_dir(follow_symlinks=False):
+                                stack.append(entry.path)
+                            elif entry.is_file():
+                                total += entry.stat().st_size
+                        except OSError:
+                            continue
+            except OSError:
+                continue
+        return total
+
     def _walk(self, top):
         """Queue the jobs of a tree.  A first pass adds up the sizes, so the
         tree's job knows its size before any byte is sent and its progress
         only rises."""
-        top.size = sum(st.st_size for kind, _, _, st in self._tree(top) if kind == "file")
+        top.size = self._tree_size(top)
         jobs = []
         for kind, path, name, extra in self._tree(top):
             if kind == "dir":
