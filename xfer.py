@@ -396,9 +396,6 @@ class _Reader:
             return True
         return bool(select.select([self.sock], [], [], 0)[0])
 
-    def close(self):
-        self.view.release()
-
 
 def _read_preface(rfile):
     """Read the 8-byte preface; return its flags (Protocol 2)."""
@@ -1515,8 +1512,6 @@ class _ReceiveSession:
             self._commit()
             self.dest.close()
             try:
-                if self.rfile is not None:
-                    self.rfile.close()
                 if self.sock is not self.raw_sock:
                     self.sock.close()
             except OSError:
