@@ -30,7 +30,9 @@ import itertools
 import json
 import os
 import queue
+import re
 import secrets
+import select
 import shlex
 import shutil
 import signal
@@ -82,7 +84,7 @@ MAX_FRAME_PAYLOAD = 64 * 1024
 #: Files up to this size are sent without waiting for the receiver's ACCEPT.
 STREAM_MAX = 256 * 1024
 #: Files a sender keeps in flight on one connection before waiting for results.
-WINDOW = 64
+WINDOW = 256
 #: Chunk size for file bodies on both ends.
 CHUNK = 256 * 1024
 #: Receiver default: concurrent connections before "busy".
@@ -111,8 +113,17 @@ ONCE_LINGER = 1.0
 ONCE_RETRY_LINGER = 12.0
 #: What a receiver does when a file's name is taken (README "serve").
 OVERWRITE_POLICIES = ("replace", "rename", "skip", "fail")
-#: Files a sender asks about in one CHECK batch (one round trip per batch).
+#: Receiver: answers it holds back at most before sending them (group commit),
+#: and directories it keeps open for them.
+_HOLD_MAX = 64
+_HOLD_DIRS = 8
+#: Sender: small writes (headers, small files, CHECKs) gathered into one send.
+_GATHER = 64 * 1024
+#: Files a sender asks about in one CHECK write.
 CHECK_BATCH = 32
+#: Files a sender has asked about (CHECK) but not yet sent, per connection:
+#: the answers for later files travel while earlier ones are being sent.
+CHECK_AHEAD = 4 * CHECK_BATCH
 
 #------------------------------------------------------------
 # errors and exit statuses
@@ -318,6 +329,86 @@ def _recv_exact(rfile, n):
     return data
 
 
+class _Reader:
+    """Buffered reads from a socket that can tell whether the next read waits.
+
+    The receiver holds back its answers and syncs until its input runs dry
+    (group commit); io.BufferedReader cannot say what it holds, this can.
+    read() and readinto() behave like BufferedReader's.
+    """
+
+    def __init__(self, sock, size=CHUNK):
+        self.sock = sock
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0
+
+    def read(self, n):
+        """n bytes; fewer only if the stream ends first."""
+        if self.end - self.start < n:
+            if n > len(self.buf):     # a frame larger than the buffer (Receiver max_frame)
+                data = bytearray(self.read(len(self.buf)))
+                while len(data) < n:
+                    more = self.read(min(n - len(data), len(self.buf)))
+                    if not more:
+                        break
+                    data += more
+                return bytes(data)
+            while self.end - self.start < n and self._fill(n):
+                pass
+            n = min(n, self.end - self.start)
+        start = self.start
+        self.start = start + n
+        return bytes(self.view[start:start + n])
+
+    def readinto(self, view):
+        """Fill some of view; 0 at the end of the stream."""
+        have = self.end - self.start
+        if not have:
+            if len(view) >= len(self.buf) // 4:
+                return self.sock.recv_into(view)    # a large body skips the copy
+            if not self._fill(1):
+                return 0
+            have = self.end - self.start
+        n = min(have, len(view))
+        view[:n] = self.view[self.start:self.start + n]
+        self.start += n
+        return n
+
+    def _fill(self, want):
+        """Receive more into the buffer; False if the stream ended."""
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif self.end == len(self.buf) or len(self.buf) - self.start < want:
+            rest = bytes(self.view[self.start:self.end])      # move it to the front
+            self.buf[:len(rest)] = rest
+            self.start, self.end = 0, len(rest)
+        n = self.sock.recv_into(self.view[self.end:])
+        self.end += n
+        return n > 0
+
+    def frame(self, limit):
+        """Read one frame: (kind, payload), like _read_frame, sliced at once
+        from the buffer when it holds the whole frame."""
+        start = self.start
+        if self.end - start >= _FRAME.size:
+            kind, length = _FRAME.unpack_from(self.buf, start)
+            start += _FRAME.size
+            if length <= limit and start + length <= self.end:
+                self.start = start + length
+                return kind, bytes(self.view[start:start + length])
+        return _read_frame(self, limit)
+
+    def ready(self):
+        """True if a read would not wait: bytes are buffered or waiting."""
+        if self.end > self.start:
+            return True
+        pending = getattr(self.sock, "pending", None)    # TLS: decrypted, not yet read
+        if pending is not None and pending():
+            return True
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+
 def _read_preface(rfile):
     """Read the 8-byte preface; return its flags (Protocol 2)."""
     data = rfile.read(_PREFACE.size)
@@ -395,8 +486,7 @@ def _trailer_mac(key, trailer_fixed, header_payload):
     """MAC binding a file's header and content digest to the session (Protocol 4.3)."""
     if not key:
         return b""
-    return hmac.new(key, b"xfer trailer\0" + trailer_fixed + header_payload,
-                    hashlib.sha256).digest()
+    return hmac.digest(key, b"xfer trailer\0" + trailer_fixed + header_payload, "sha256")
 
 
 #------------------------------------------------------------
@@ -591,26 +681,25 @@ _WINDOWS_RESERVED = frozenset(
 _WINDOWS_BAD_CHARS = frozenset('<>:"|?*')
 # Characters that change how a name displays without being visible:
 # bidi controls and zero-width characters.
-_INVISIBLE = frozenset("\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d"
-                       "\u202e\u2066\u2067\u2068\u2069\ufeff")
+_INVISIBLE = ("\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d"
+              "\u202e\u2066\u2067\u2068\u2069\ufeff")
+# Control characters (C0, DEL, C1) and the invisible ones are escaped for
+# display; names may contain none of them, nor a backslash.  A regular
+# expression scans a name in C, not character by character in Python.
+_UNSAFE_DISPLAY = re.compile("[\\x00-\\x1f\\x7f-\\x9f%s]" % _INVISIBLE)
+_UNSAFE_NAME = re.compile("[\\\\\\x00-\\x1f\\x7f-\\x9f%s]" % _INVISIBLE)
 
 
-def _is_control(ch):
-    o = ord(ch)
-    return o < 0x20 or 0x7F <= o < 0xA0
+def _escape(match):
+    o = ord(match.group())
+    return "\\x%02x" % o if o < 0x100 else "\\u%04x" % o
 
 
 def _display(name, limit=200):
     """Text made safe for a terminal or a log: controls escaped, length capped."""
-    if isinstance(name, bytes):
+    if isinstance(name, (bytes, bytearray)):
         name = name.decode("utf-8", "replace")
-    out = []
-    for ch in name:
-        if _is_control(ch) or ch in _INVISIBLE:
-            out.append("\\x%02x" % ord(ch) if ord(ch) < 0x100 else "\\u%04x" % ord(ch))
-        else:
-            out.append(ch)
-    text = "".join(out)
+    text = _UNSAFE_DISPLAY.sub(_escape, name)
     if limit is None or len(text) <= limit:
         return text
     return text[:limit // 2 - 3] + "..." + text[-(limit // 2):]
@@ -641,9 +730,8 @@ def _split_path(raw, portable=False, max_bytes=MAX_PATH_BYTES, max_depth=MAX_PAT
             raise UnsafePathError("empty, '.' or '..' component", path)
         if len(part.encode("utf-8")) > MAX_NAME_BYTES:
             raise UnsafePathError("name longer than %d bytes" % MAX_NAME_BYTES, path)
-        for ch in part:
-            if ch == "\\" or _is_control(ch) or ch in _INVISIBLE:
-                raise UnsafePathError("backslash, control or invisible character", path)
+        if _UNSAFE_NAME.search(part):
+            raise UnsafePathError("backslash, control or invisible character", path)
         if part.startswith(PARTIAL_PREFIX):
             raise UnsafePathError("name reserved for partial files", path)
         if portable:
@@ -699,17 +787,34 @@ class _Dest:
     that check, which the README documents.
 
     One instance serves one connection; it caches the last parent directory.
+    A handle that leaves the cache stays open in `retired` until release():
+    files held for a group commit still rename and sync through it.
     """
 
     def __init__(self, root, use_dir_fd=_HAVE_DIR_FD):
         self.root = os.path.abspath(root)
         self.use_dir_fd = use_dir_fd
         self._cached = None  # (parts tuple, fd or path)
+        self.retired = []
+        # The directory last found missing (CHECK): the answers for the
+        # rest of its files need no system calls.
+        self._missing = None
+        # Temporary names: a random tag per connection and a counter.
+        self._temp_tag = secrets.token_hex(4)
+        self._temp_ids = itertools.count()
 
     def close(self):
+        self.release()
         if self._cached and self.use_dir_fd:
             os.close(self._cached[1])
         self._cached = None
+
+    def release(self):
+        """Close the parent handles that left the cache."""
+        if self.use_dir_fd:
+            for fd in self.retired:
+                os.close(fd)
+        self.retired = []
 
     # -- parent directories
 
@@ -718,8 +823,17 @@ class _Dest:
         key = tuple(parts[:-1])
         if self._cached and self._cached[0] == key:
             return self._cached[1]
-        handle = self._open_dirs(key, path, create)
-        self.close()
+        if create:
+            self._missing = None
+        elif key == self._missing:
+            raise FileNotFoundError(errno.ENOENT, "no such directory", path)
+        try:
+            handle = self._open_dirs(key, path, create)
+        except FileNotFoundError:
+            self._missing = key
+            raise
+        if self._cached:
+            self.retired.append(self._cached[1])
         self._cached = (key, handle)
         return handle
 
@@ -793,10 +907,10 @@ class _Dest:
     def create_temp(self, handle, name):
         """Create a new temporary file next to name; return (fd, temp_name)."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY
+        # Cut the name by bytes: a 255-byte name plus the prefix must fit.
+        keep = _cut(name, 100)
         for _ in range(10):
-            # Cut the name by bytes: a 255-byte name plus the prefix must fit.
-            keep = name.encode("utf-8")[:100].decode("utf-8", "ignore")
-            temp = "%s%s.%s" % (PARTIAL_PREFIX, secrets.token_hex(4), keep)
+            temp = "%s%s%x.%s" % (PARTIAL_PREFIX, self._temp_tag, next(self._temp_ids), keep)
             try:
                 if self.use_dir_fd:
                     return os.open(temp, flags, 0o600, dir_fd=handle), temp
@@ -845,8 +959,9 @@ class _Dest:
             return st.st_dev, st.st_ino
         return os.path.normcase(handle)
 
-    def publish(self, handle, temp, name, policy="replace"):
-        """Move the finished temp file to its final name and sync the directory.
+    def publish(self, handle, temp, name, policy="replace", sync=True):
+        """Move the finished temp file to its final name and sync the directory
+        (unless sync is false: the caller syncs it, once for many files).
 
         policy "replace" renames over an existing regular file (atomic).  The
         others never clobber: "rename" picks "NAME (1).EXT", "NAME (2).EXT"...
@@ -856,7 +971,8 @@ class _Dest:
         """
         if policy == "replace":
             self._rename(handle, temp, name, replace=True)
-            self._sync(handle)
+            if sync:
+                self.sync(handle)
             return name
         candidates = [name]
         if policy == "rename":
@@ -866,7 +982,8 @@ class _Dest:
                 self._rename(handle, temp, candidate, replace=False)
             except FileExistsError:
                 continue
-            self._sync(handle)
+            if sync:
+                self.sync(handle)
             return candidate
         if policy == "skip":
             return None
@@ -906,7 +1023,8 @@ class _Dest:
                     raise
                 time.sleep(delay)
 
-    def _sync(self, handle):
+    def sync(self, handle):
+        """Make the entries of a parent directory durable."""
         if self.use_dir_fd:
             _fsync_dir(handle)
         elif os.name != "nt":
@@ -1379,6 +1497,10 @@ class _ReceiveSession:
         self.started = time.monotonic()
         self.files = self.bytes = self.skipped = self.failed = self.dirs = 0
         self.clean = False      # ended with BYE
+        # Answers not sent yet, in request order: RESULT bytes, or a _Held
+        # file whose RESULT the group commit decides (see _flush).
+        self.out = []
+        self.group = []            # the _Held files in out, not yet committed
 
     def run(self):
         with self.r._lock:
@@ -1392,7 +1514,8 @@ class _ReceiveSession:
             self.sock.settimeout(self.r.idle_timeout)
             self._loop()
         except _Drop:
-            pass
+            if self.out:                 # a refusal said before hanging up
+                self._send_quietly(b"")
         except socket.timeout:
             self.r._log("%s: dropped: silent for %ss" % (self.peer, self.r.idle_timeout))
         except XferError as e:
@@ -1403,10 +1526,11 @@ class _ReceiveSession:
         except OSError as e:
             self.r._log("%s: connection lost: %s" % (self.peer, e.strerror or e))
         finally:
+            # Files verified before the connection failed are stored all
+            # the same; their sender will find them identical next time.
+            self._commit()
             self.dest.close()
             try:
-                if self.rfile is not None:
-                    self.rfile.close()
                 if self.sock is not self.raw_sock:
                     self.sock.close()
             except OSError:
@@ -1420,14 +1544,33 @@ class _ReceiveSession:
                     self.clean, time.monotonic() - self.started))
 
     def _send(self, data):
-        self.sock.sendall(data)
+        """Send data after every answer held back."""
+        self._flush(data)
 
     def _send_quietly(self, data):
         try:
             self.sock.settimeout(1.0)
-            self.sock.sendall(data)
+            self._flush(data)
         except OSError:
             pass
+
+    def _flush(self, data=b""):
+        """Commit the held files, then send the held answers in order, and data.
+
+        Answers are held while more requests are already waiting to be read,
+        so many go out in one write and files are synced in groups.
+        """
+        self._commit()
+        out, self.out = self.out, []
+        for held in out:
+            # Counted first, so the counters include a file by the time its
+            # sender hears that it arrived.
+            if not isinstance(held, bytes) and held.info is not None:
+                self.files += 1
+                self.bytes += held.size
+                self.r._count_file(held.info, held.resumed)
+        self.sock.sendall(b"".join([a if isinstance(a, bytes) else a.answer for a in out])
+                          + data)
 
     # -- handshake (Protocol 4.1)
 
@@ -1440,7 +1583,7 @@ class _ReceiveSession:
         self.sock.settimeout(self.r.handshake_timeout)
         try:
             self._start_tls()
-            self.rfile = self.sock.makefile("rb", buffering=CHUNK)
+            self.rfile = _Reader(self.sock)
             self._handshake_steps()
         except (OSError, ConnectionClosedError):
             if not timer.is_alive() and not self._handshake_done:
@@ -1527,11 +1670,16 @@ class _ReceiveSession:
 
     def _loop(self):
         while True:
+            # Send what is held before waiting: the sender may be waiting too.
+            if self.out and not self.rfile.ready():
+                self._flush()
             if self.r._stopping:
                 # Between requests, so a file in flight is finished first.
                 self._send(_encode_error(ST_SHUTDOWN, "the server is shutting down"))
                 raise _Drop()
-            kind, payload = _read_frame(self.rfile, self.r.max_frame)
+            if len(self.out) >= _HOLD_MAX or len(self.dest.retired) > _HOLD_DIRS:
+                self._flush()
+            kind, payload = self.rfile.frame(self.r.max_frame)
             if kind == _Msg.FILE:
                 self._on_file(payload)
             elif kind == _Msg.CHECK:
@@ -1570,17 +1718,20 @@ class _ReceiveSession:
             self._refuse(fid, raw, ST_IO, "%s: %s" % (_display(raw), e.strerror or e))
             return
         self.dirs += 1
-        self._send(_encode_result(fid, ST_OK))
+        self.out.append(_encode_result(fid, ST_OK))
 
     def _refuse(self, fid, raw, code, reason):
+        self.out.append(self._refusal(fid, raw, code, reason))
+
+    def _refusal(self, fid, raw, code, reason):
+        """The RESULT for a file not stored; a failure is counted and logged."""
         if code == ST_SKIPPED:
             self.skipped += 1
-            self._send(_encode_result(fid, code, reason))
-            return
-        self.failed += 1
-        self.r._count_failure()
-        self.r._log("%s: refused %s: %s" % (self.peer, _display(raw), reason))
-        self._send(_encode_result(fid, code, reason))
+        else:
+            self.failed += 1
+            self.r._count_failure()
+            self.r._log("%s: refused %s: %s" % (self.peer, _display(raw), reason))
+        return _encode_result(fid, code, reason)
 
     def _on_check(self, payload):
         """CHECK (Protocol 4.8): is this file already here?  Answer, store nothing."""
@@ -1593,7 +1744,7 @@ class _ReceiveSession:
             try:
                 handle = self.dest.parent(parts, raw, create=False)
             except FileNotFoundError:
-                self._send(_encode_result(fid, ST_NEEDED))
+                self.out.append(_encode_result(fid, ST_NEEDED))
                 return
             st = self._existing(handle, parts[-1], raw)
             verdict = self._verdict(st, handle, parts[-1], raw, size, mtime_ns,
@@ -1605,7 +1756,7 @@ class _ReceiveSession:
             self._refuse(fid, raw, ST_IO, "%s: %s" % (_display(raw), e.strerror or e))
             return
         if verdict is None:
-            self._send(_encode_result(fid, ST_NEEDED))
+            self.out.append(_encode_result(fid, ST_NEEDED))
         else:
             self._refuse(fid, raw, *verdict)
 
@@ -1683,7 +1834,6 @@ class _ReceiveSession:
                 self._read_trailer(fid)
             self._refuse(fid, raw, code, reason)
             return
-        name = parts[-1]
         failure = None
         keep = False            # keep the partial for a later resume
         try:
@@ -1711,16 +1861,17 @@ class _ReceiveSession:
             elif not hmac.compare_digest(mac, _trailer_mac(self.key, fixed, payload)):
                 failure = (ST_INTEGRITY, "%s: MAC mismatch, file discarded" % _display(raw))
             else:
-                fd, part.fd = part.fd, None      # _finish closes it, whatever happens
-                try:
-                    final, note = self._finish(fd, handle, part.temp, name, raw, mtime_ns,
-                                               mode, existed)
-                    part.temp = None             # published, or removed by the policy
-                except XferError as e:
-                    failure = (e.code, str(e))
-                except OSError as e:
-                    code = ST_NO_SPACE if e.errno in _NO_SPACE_ERRNOS else ST_IO
-                    failure = (code, "%s: %s" % (_display(raw), e.strerror or e))
+                held = _Held(fid, raw, parts, handle, part.fd, part.temp, size, mtime_ns,
+                             mode, existed, started, digest.hexdigest(),
+                             part.offset if start else 0)
+                part.fd = part.temp = None       # the held file owns them now
+                self.out.append(held)
+                self.group.append(held)
+                if part.claim is not None:
+                    # A resumable partial's name is reserved only until
+                    # _release: publish it before another connection may
+                    # take that name.
+                    self._commit()
         except BaseException:
             # The connection failed mid-file.  A large file's partial stays,
             # stamped with the source's mtime, for the next attempt to resume.
@@ -1731,19 +1882,6 @@ class _ReceiveSession:
             # The temp went before the answer, so a client that looks right
             # after a refusal never sees it.
             self._refuse(fid, raw, *failure)
-            return
-        if final is None:                    # the policy said skip after all
-            self.skipped += 1
-            self._send(_encode_result(fid, ST_SKIPPED, note))
-            return
-        parts[-1] = final
-        relpath = "/".join(parts)
-        info = FileInfo(self.dest.final_path(parts), relpath, size, self.peer,
-                        time.monotonic() - started, digest.hexdigest())
-        self._send(_encode_result(fid, ST_OK, note))
-        self.files += 1
-        self.bytes += size
-        self.r._count_file(info, part.offset if start else 0)
 
     def _read_body_start(self, fid, offset):
         """BODY (Protocol 4.3): where the sender starts, 0 or the offered offset."""
@@ -1831,10 +1969,10 @@ class _ReceiveSession:
         fixed = _TRAILER.pack(fid, trailer_flags, their_digest)
         if not (hmac.compare_digest(digest.digest(), their_digest)
                 and hmac.compare_digest(mac, _trailer_mac(self.key, fixed, payload))):
-            self._send(_encode_result(fid, ST_INTEGRITY, "%s: digest or MAC mismatch"
-                                      % _display(raw)))
+            self.out.append(_encode_result(fid, ST_INTEGRITY, "%s: digest or MAC mismatch"
+                                           % _display(raw)))
             return
-        self._send(_encode_result(fid, ST_OK))
+        self.out.append(_encode_result(fid, ST_OK))
 
     def _admit(self, raw, size):
         """Validate a FILE header; return (parts, parent handle, existed) or raise."""
@@ -1912,7 +2050,9 @@ class _ReceiveSession:
         return digest
 
     def _read_trailer(self, fid):
-        payload = _expect(self.rfile, _Msg.TRAILER)
+        kind, payload = self.rfile.frame(MAX_FRAME_PAYLOAD)
+        if kind != _Msg.TRAILER:
+            raise ProtocolError("expected TRAILER, got %s" % _msg_name(kind))
         if len(payload) not in (_TRAILER.size, _TRAILER.size + _MAC_SIZE):
             raise ProtocolError("TRAILER payload of %d bytes" % len(payload))
         tid, flags, digest = _TRAILER.unpack_from(payload)
@@ -1920,12 +2060,52 @@ class _ReceiveSession:
             raise ProtocolError("TRAILER for file %d while receiving file %d" % (tid, fid))
         return flags, digest, payload[_TRAILER.size:]
 
-    def _finish(self, fd, handle, temp, name, raw, mtime_ns, mode, existed):
-        """Make the verified temp file durable and move it into place; closes fd.
+    def _commit(self):
+        """Make the held files durable and move them into place (group commit).
 
-        Returns (final name or None if the policy skipped it, note for RESULT).
+        Every file is synced, then all are renamed, then each directory once:
+        a file is acknowledged only when its data and its name are durable,
+        as if it had been finished alone.  Sets each file's answer.
         """
-        perm = stat.S_IMODE(mode) & 0o777     # never setuid, setgid or sticky
+        group, self.group = self.group, []
+        published = []
+        for held in group:
+            try:
+                self._seal(held)
+                held.final, held.note = self._publish(held)
+                if held.final is not None:
+                    published.append(held)
+            except (XferError, OSError) as e:
+                held.fail(e)
+                if held.temp is not None:
+                    self.dest.remove(held.handle, held.temp)
+        failed_dirs = {}
+        for handle in dict.fromkeys(held.handle for held in published):
+            try:
+                self.dest.sync(handle)
+            except OSError as e:
+                failed_dirs[handle] = e
+        for held in group:
+            if held.handle in failed_dirs and held.failure is None:
+                held.fail(failed_dirs[held.handle])
+            if held.failure is not None:
+                held.answer = self._refusal(held.fid, held.raw, *held.failure)
+            elif held.final is None:             # the policy said skip after all
+                self.skipped += 1
+                held.answer = _encode_result(held.fid, ST_SKIPPED, held.note)
+            else:
+                held.parts[-1] = held.final
+                held.info = FileInfo(self.dest.final_path(held.parts), "/".join(held.parts),
+                                     held.size, self.peer, time.monotonic() - held.started,
+                                     held.digest)
+                held.answer = _encode_result(held.fid, ST_OK, held.note)
+        self.dest.release()
+
+    def _seal(self, held):
+        """Sync a verified temp file's data, set its mode and mtime; close it."""
+        fd, held.fd = held.fd, None
+        mtime_ns = held.mtime_ns
+        perm = stat.S_IMODE(held.mode) & 0o777     # never setuid, setgid or sticky
         try:
             if self.r.fsync:
                 _full_fsync(fd)
@@ -1936,21 +2116,58 @@ class _ReceiveSession:
         finally:
             os.close(fd)
         if os.utime not in os.supports_fd:
-            path = os.path.join(handle, temp)
+            path = os.path.join(held.handle, held.temp)
             os.utime(path, ns=(mtime_ns, mtime_ns))
             if os.name == "nt" and not perm & 0o200:
                 os.chmod(path, stat.S_IREAD)
+
+    def _publish(self, held):
+        """Rename a sealed temp file into place, its directory not yet synced.
+
+        Returns (final name or None if the policy skipped it, note for RESULT).
+        """
+        name = held.parts[-1]
         # Check again right before the rename: a directory or symlink may
         # have appeared under the final name while the body was arriving.
-        existed = self._existing(handle, name, raw) is not None or existed
+        existed = self._existing(held.handle, name, held.raw) is not None or held.existed
         policy = self.r.overwrite
-        final = self.dest.publish(handle, temp, name, policy)
+        final = self.dest.publish(held.handle, held.temp, name, policy, sync=False)
+        temp, held.temp = held.temp, None
         if final is None:
-            self.dest.remove(handle, temp)
+            self.dest.remove(held.handle, temp)
             return None, "exists; not replaced (the receiver's policy)"
         if final != name:
             return final, "renamed to %s" % final
         return final, "replaced" if existed and policy == "replace" else ""
+
+
+class _Held:
+    """A verified file waiting for the group commit, and then its answer."""
+
+    def __init__(self, fid, raw, parts, handle, fd, temp, size, mtime_ns, mode, existed,
+                 started, digest, resumed):
+        self.fid = fid
+        self.raw = raw
+        self.parts = parts
+        self.handle = handle
+        self.fd = fd
+        self.temp = temp
+        self.size = size
+        self.mtime_ns = mtime_ns
+        self.mode = mode
+        self.existed = existed
+        self.started = started
+        self.digest = digest
+        self.resumed = resumed
+        self.final = self.note = self.failure = self.info = None
+        self.answer = b""
+
+    def fail(self, error):
+        if isinstance(error, XferError):
+            self.failure = (error.code, str(error))
+        else:
+            code = ST_NO_SPACE if error.errno in _NO_SPACE_ERRNOS else ST_IO
+            self.failure = (code, "%s: %s" % (_display(self.raw), error.strerror or error))
 
 
 class _Part:
@@ -2032,6 +2249,7 @@ class Job:
         self.kind = kind
         self.parent = parent
         self.source = None      # a _Generated instead of the file at path (bench)
+        self._stat = None       # os.stat_result from the walk, used once by CHECK
         self.note = ""          # the receiver's word on success: "replaced", "renamed to ..."
         self.resumed = 0        # bytes not sent again because the receiver had them
         self.digest = None      # sha256 hex of the content sent, once it was sent
@@ -2046,7 +2264,7 @@ class Job:
         self.files = 0          # dir jobs: files ended
         self.failures = []      # dir jobs: (name, error) of files that failed
         self._pending = 1 if kind == "dir" else 0   # dir jobs: walk + files not ended
-        self._cancel = threading.Event()
+        self._cancel = False    # a flag, not an Event: nothing waits for it
         self._ended = threading.Event()
 
     @property
@@ -2067,11 +2285,11 @@ class Job:
 
     def cancel(self):
         """Stop this job as soon as possible; no final file is left on the receiver."""
-        self._cancel.set()
+        self._cancel = True
 
     @property
     def cancelled(self):
-        return self._cancel.is_set() or (self.parent is not None and self.parent.cancelled)
+        return self._cancel or (self.parent is not None and self.parent.cancelled)
 
     def __repr__(self):
         return "<Job %s %r %s %d/%d>" % (self.kind, self.name, self.state,
@@ -2131,7 +2349,14 @@ class Sender:
         self.retry_window = retry_window
         self._abort = threading.Event()     # close(wait=False): stop backing off
         self._dispatch = _Dispatcher(dispatch, self)
-        self._work = queue.Queue(maxsize=2 * self.workers)
+        # Lists of jobs; deep enough that each worker finds a batch waiting.
+        self._work = queue.Queue(maxsize=(CHECK_AHEAD // CHECK_BATCH + 1) * self.workers)
+        # Workers beyond the first connect only once a large file is queued
+        # (_large): small files cost CPU per file, not bandwidth, and more
+        # connections only make the receiver's threads take turns.  _wide
+        # wakes them, for a large file or when the feeder is done.
+        self._large = False
+        self._wide = threading.Event()
         self._requests = collections.deque()
         self._requests_cv = threading.Condition()
         self._top = set()            # top-level jobs not yet ended (for close(wait=False))
@@ -2265,7 +2490,7 @@ class Sender:
             feeder = threading.Thread(target=self._feed, name="xfer-feeder", daemon=True)
             self._threads.append(feeder)
             for i in range(self.workers):
-                self._threads.append(threading.Thread(target=self._worker,
+                self._threads.append(threading.Thread(target=self._worker, args=(i == 0,),
                                                       name="xfer-worker-%d" % i, daemon=True))
         for t in self._threads:
             t.start()
@@ -2287,12 +2512,26 @@ class Sender:
                     job.failures.append((job.name, XferError("internal error: %r" % e)))
                     self._child_ended(job)
             else:
-                self._work.put(job)
+                if job.source is None:
+                    try:
+                        job._stat = os.stat(job.path)
+                        job.size = job._stat.st_size
+                    except OSError:
+                        pass          # send() reports it
+                self._put([job])
         for _ in range(self.workers):
             self._work.put(_STOP)
+        self._wide.set()              # the workers still waiting can end
+
+    def _put(self, jobs):
+        """Queue a list of jobs: a whole batch per hand-over between threads."""
+        if any(job.size > STREAM_MAX for job in jobs):
+            self._large = True
+            self._wide.set()
+        self._work.put(jobs)
 
     def _tree(self, top):
-        """Yield (kind, path, name, size or error) for a tree, depth first, lazily.
+        """Yield (kind, path, name, stat or error) for a tree, depth first, lazily.
 
         kind is "dir", "file" or "error".  Directory entries are never
         collected into lists (only the pending subdirectories are), so a
@@ -2302,7 +2541,7 @@ class Sender:
         stack = [(top.path, top.name)]
         while stack and not top.cancelled:
             path, name = stack.pop()
-            yield "dir", path, name, 0
+            yield "dir", path, name, None
             subdirs = []
             try:
                 with os.scandir(path) as it:
@@ -2312,50 +2551,79 @@ class Sender:
                             if entry.is_dir(follow_symlinks=False):
                                 subdirs.append((entry.path, child))
                             elif entry.is_file():
-                                yield "file", entry.path, child, entry.stat().st_size
+                                yield "file", entry.path, child, entry.stat()
                         except OSError:
                             continue
             except OSError as e:
                 yield "error", path, name, e
             stack.extend(reversed(subdirs))
 
+    def _tree_size(self, top):
+        """(bytes, count) of the files _tree yields, added up without yielding each."""
+        total = count = 0
+        stack = [top.path]
+        while stack and not top.cancelled:
+            try:
+                with os.scandir(stack.pop()) as it:
+                    for entry in it:
+                        try:
+                            if entry.is_dir(follow_symlinks=False):
+                                stack.append(entry.path)
+                            elif entry.is_file():
+                                total += entry.stat().st_size
+                                count += 1
+                        except OSError:
+                            continue
+            except OSError:
+                continue
+        return total, count
+
     def _walk(self, top):
         """Queue the jobs of a tree.  A first pass adds up the sizes, so the
         tree's job knows its size before any byte is sent and its progress
         only rises."""
-        for kind, _, _, size in self._tree(top):
-            if kind == "file":
-                top.size += size
-                top.files_total += 1
+        top.size, top.files_total = self._tree_size(top)
+        jobs = []
         for kind, path, name, extra in self._tree(top):
             if kind == "dir":
-                self._add_child(top, Job(self, path, name, "mkdir", parent=top))
+                self._add_child(top, Job(self, path, name, "mkdir", parent=top), jobs)
             elif kind == "file":
                 child = Job(self, path, name, "file", parent=top)
-                child.size = extra
-                self._add_child(top, child)
+                child.size = extra.st_size
+                child._stat = extra
+                self._add_child(top, child, jobs)
             else:
-                self._add_child(top, Job(self, path, name, "file", parent=top),
+                self._add_child(top, Job(self, path, name, "file", parent=top), jobs,
                                 error=XferError("%s: %s" % (path, extra.strerror or extra)))
+            if len(jobs) >= CHECK_BATCH:
+                self._put(jobs)
+                jobs = []
+        if jobs:
+            self._put(jobs)
         self._child_ended(top)   # the walk itself is one of the pending parts
 
-    def _add_child(self, top, child, error=None):
+    def _add_child(self, top, child, jobs, error=None):
         with self._lock:
             top._pending += 1
         if error is not None:
             self._end(child, "failed", error)
         else:
-            self._work.put(child)
+            jobs.append(child)
 
-    def _worker(self):
+    def _worker(self, first):
         """Send jobs from the work queue over one connection, reconnecting as needed.
 
-        Jobs go in batches of up to CHECK_BATCH: one CHECK round trip asks
-        which files the receiver lacks, then those are sent back to back.
+        Jobs are asked about in batches of up to CHECK_BATCH (CHECK) and sent
+        once their answers are in, while up to CHECK_AHEAD later jobs are
+        already being asked about: no round trip stalls the stream.
         """
         link = None
         retry = collections.deque()
         stopping = False
+        if not first:
+            self._wide.wait()
+            if not self._large:
+                return
         try:
             while True:
                 batch = []
@@ -2363,47 +2631,51 @@ class Sender:
                     # After a broken connection, one job at a time: a file
                     # that breaks connections then fails alone.
                     batch.append(retry.popleft())
+                idle = link is None or not link.asked
                 while not stopping and not retry and len(batch) < CHECK_BATCH:
                     try:
-                        if batch:
-                            job = self._work.get(block=False)
+                        if batch or not idle:
+                            jobs = self._work.get(block=False)
                         elif link is not None and link.pending:
                             # Results are due: look up now and then, so a
                             # connection that breaks meanwhile is noticed
                             # and its files retried without waiting for work.
-                            job = self._work.get(timeout=0.25)
+                            jobs = self._work.get(timeout=0.25)
                         else:
-                            job = self._work.get()
+                            jobs = self._work.get()
                     except queue.Empty:
-                        if batch or link.broken is not None:
+                        if batch or not idle or link.broken is not None:
                             break
                         continue
-                    if job is _STOP:
+                    if jobs is _STOP:
                         stopping = True
                     else:
-                        batch.append(job)
-                if not batch:
-                    if link is None:
-                        break
-                    try:
-                        link.finish()       # every result is in
-                        break
-                    except _LinkBroken as e:
-                        self._requeue(link, [], e.error, retry)
-                        link = None
-                        continue
+                        batch += jobs
                 batch = [j for j in batch if self._still_wanted(j)]
-                if not batch:
-                    continue
-                if link is not None and link.broken is not None and not link.pending:
-                    # It closed while idle (the receiver's idle timeout, or a
-                    # restart): nothing was lost, so a new one costs no retry.
-                    link.close()
+                if link is not None and link.broken is not None and not link.asked:
+                    if link.pending:
+                        # It broke while results were due: send those again.
+                        self._requeue(link, [], link.broken, retry)
+                    else:
+                        # It closed while idle (the receiver's idle timeout,
+                        # or a restart): nothing was lost, so a new one costs
+                        # no retry.
+                        link.close()
                     link = None
                 try:
-                    if link is None:
-                        link = self._connect()
-                    link.send_batch(batch)
+                    if batch:
+                        if link is None:
+                            link = self._connect()
+                        link.ask(batch)
+                        # A full batch: more are likely queued, so keep asking
+                        # ahead of sending; otherwise send all that was asked.
+                        link.pump(CHECK_AHEAD if len(batch) >= CHECK_BATCH else 0)
+                    elif link is not None and link.asked:
+                        link.pump(0)
+                    elif stopping:
+                        if link is not None:
+                            link.finish()       # every result is in
+                        break
                 except _LinkBroken as e:
                     self._requeue(link, batch, e.error, retry)
                     link = None
@@ -2574,9 +2846,12 @@ class _Link:
         self.cv = threading.Condition()
         self.accepts = {}            # id -> (offset, sha256 of that prefix)
         self.checks = {}             # id -> job, CHECKs without an answer
-        self.needed = []             # jobs whose CHECK answered NEEDED
+        self.answers = {}            # id -> status of answered CHECKs not yet pumped
+        self.asked = collections.deque()   # (job, CHECK id or None) not yet sent
         self.bye = False
         self.buf = bytearray(CHUNK)
+        self.wbuf = []               # writes gathered for one sendall
+        self.wlen = 0
         self.reader = None
         self.rfile = None
         try:
@@ -2636,8 +2911,8 @@ class _Link:
                     with self.cv:
                         job = self.pending.pop(fid, None)
                         checked = self.checks.pop(fid, None) if job is None else None
-                        if checked is not None and status == ST_NEEDED:
-                            self.needed.append(checked)
+                        if checked is not None:
+                            self.answers[fid] = status
                         self.cv.notify_all()
                     if checked is not None:
                         if status != ST_NEEDED:
@@ -2692,6 +2967,23 @@ class _Link:
             raise _LinkBroken(self.broken)
 
     def _write(self, data):
+        """Send data; small writes are gathered and go out together.
+
+        A body chunk (a memoryview of the reused buffer) goes out at once.
+        Whoever is about to wait for the receiver calls flush() first.
+        """
+        self.wbuf.append(data)
+        self.wlen += len(data)
+        if self.wlen >= _GATHER or isinstance(data, memoryview):
+            self.flush()
+
+    def flush(self):
+        """Send the gathered writes."""
+        if not self.wbuf:
+            return
+        data = self.wbuf[0] if len(self.wbuf) == 1 else b"".join(self.wbuf)
+        self.wbuf = []
+        self.wlen = 0
         try:
             self.sock.sendall(data)
         except socket.timeout:
@@ -2704,60 +2996,74 @@ class _Link:
 
     def _register(self, fid, job):
         """Wait for room in the window, then count the job as in flight."""
+        if len(self.pending) >= WINDOW:
+            self.flush()
         with self.cv:
             while len(self.pending) >= WINDOW and self.broken is None:
                 self.cv.wait(0.5)
             self._check_broken()
             self.pending[fid] = job
 
-    def send_batch(self, jobs):
-        """Send jobs, first asking (one CHECK round trip) which files are needed."""
+    def ask(self, jobs):
+        """Queue jobs for sending; CHECK each file (Protocol 4.8) without waiting.
+
+        Identical files end as "skipped" on the reader thread when their
+        answer arrives; pump() sends the others.  A file that cannot be read
+        ends "failed".
+        """
         self._start_reader()
+        frames = []
         for job in jobs:
             job.attempts += 1
-        if self.s.skip is not None:
-            asked = [j for j in jobs if j.kind == "file" and j.source is None]
-            if asked:
-                self._check(asked)
-        for job in jobs:
-            if not job.done:
+            fid = None
+            if self.s.skip is not None and job.kind == "file" and job.source is None:
+                try:
+                    fid = self._check_frame(job, frames)
+                except OSError as e:
+                    self.s._end(job, "failed", XferError("%s: %s" % (job.path, e.strerror or e)))
+                    continue
+            self.asked.append((job, fid))
+        if frames:
+            self._write(b"".join(frames))
+
+    def _check_frame(self, job, frames):
+        """Append job's CHECK frame to frames; return its id (None: send unasked)."""
+        # The walk's stat, if fresh: no second system call per file.
+        st, job._stat = job._stat, None
+        if st is None:
+            st = os.stat(job.path)
+        if stat.S_ISDIR(st.st_mode):
+            return None       # send() reports it
+        digest, flags = bytes(32), 0
+        if self.s.skip == "checksum":
+            with open(job.path, "rb") as f:
+                digest = _hash_fd(f.fileno(), self.buf).digest()
+            flags = CF_CHECKSUM
+        fid = next(self.s._ids)
+        with self.cv:
+            self.checks[fid] = job
+        frames.append(_frame(_Msg.CHECK, _CHECK.pack(fid, st.st_size, st.st_mtime_ns,
+                                                     flags, digest)
+                             + job.name.encode("utf-8")))
+        return fid
+
+    def pump(self, keep):
+        """Send asked jobs in order, oldest first, until at most keep are left."""
+        while len(self.asked) > keep:
+            job, fid = self.asked[0]
+            if fid is not None:
+                if fid not in self.answers:
+                    self.flush()
+                with self.cv:
+                    while fid not in self.answers and self.broken is None:
+                        self.cv.wait(0.5)
+                    self._check_broken()
+                    needed = self.answers.pop(fid) == ST_NEEDED
+            self.asked.popleft()
+            if (fid is None or needed) and self.s._still_wanted(job):
                 self.send(job)
-
-    def _check(self, jobs):
-        """CHECK each file (Protocol 4.8) and wait for every answer.
-
-        Identical files end as "skipped" on the reader thread; the others
-        are sent by send_batch.  A file that cannot be read ends "failed".
-        """
-        frames = []
-        with self.cv:
-            self.needed = []
-        for job in jobs:
-            try:
-                st = os.stat(job.path)
-                if stat.S_ISDIR(st.st_mode):
-                    continue      # send() reports it
-                digest, flags = bytes(32), 0
-                if self.s.skip == "checksum":
-                    with open(job.path, "rb") as f:
-                        digest = _hash_fd(f.fileno(), self.buf).digest()
-                    flags = CF_CHECKSUM
-            except OSError as e:
-                self.s._end(job, "failed", XferError("%s: %s" % (job.path, e.strerror or e)))
-                continue
-            fid = next(self.s._ids)
-            with self.cv:
-                self.checks[fid] = job
-            frames.append(_frame(_Msg.CHECK, _CHECK.pack(fid, st.st_size, st.st_mtime_ns,
-                                                         flags, digest)
-                                 + job.name.encode("utf-8")))
-        if not frames:
-            return
-        self._write(b"".join(frames))
-        with self.cv:
-            while self.checks and self.broken is None:
-                self.cv.wait(0.5)
-            self._check_broken()
+        if not keep:
+            self.flush()          # the worker may now wait for more jobs
 
     def send(self, job):
         """Send one job on this connection; returns once its bytes are written."""
@@ -2842,6 +3148,7 @@ class _Link:
             self._send_body(f, fid, job, size - start, st, header_payload, h)
 
     def _wait_accept(self, fid, job):
+        self.flush()
         with self.cv:
             while fid not in self.accepts and fid in self.pending and self.broken is None:
                 self.cv.wait(0.5)
@@ -2905,15 +3212,19 @@ class _Link:
         raise _LinkBroken(self.broken)
 
     def take_pending(self):
+        """Jobs sent or asked about that have not ended, for a new connection."""
         with self.cv:
             jobs = list(self.pending.values())
             self.pending.clear()
+        jobs += [job for job, _ in self.asked]
+        self.asked.clear()
         return [j for j in jobs if not j.done]
 
     def finish(self):
         """Say BYE and wait for every result; raises _LinkBroken on failure."""
         self._start_reader()
         self._write(_frame(_Msg.BYE))
+        self.flush()
         with self.cv:
             while not self.bye and self.broken is None:
                 self.cv.wait(0.5)
@@ -2946,7 +3257,7 @@ def _open_source(job):
     """Open what a file job sends; return (binary file, os.stat_result-like)."""
     if job.source is not None:
         return job.source.open(), job.source
-    f = open(job.path, "rb")
+    f = open(job.path, "rb", buffering=0)    # reads are whole files or whole chunks
     try:
         return f, os.fstat(f.fileno())
     except BaseException:
