@@ -105,6 +105,7 @@ OVERWRITE_POLICIES = ("replace", "rename", "skip", "fail")
 #: and directories it keeps open for them.
 _HOLD_MAX = 64
 _HOLD_DIRS = 8
+_HOLD_PAUSE = 0.001
 #: Sender: small writes (headers, small files, CHECKs) gathered into one send.
 _GATHER = 64 * 1024
 #: Files a sender asks about in one CHECK write.
@@ -387,14 +388,14 @@ class _Reader:
                 return kind, bytes(self.view[start:start + length])
         return _read_frame(self, limit)
 
-    def ready(self):
-        """True if a read would not wait: bytes are buffered or waiting."""
+    def ready(self, timeout=0):
+        """True if bytes are buffered, or arrive within timeout seconds."""
         if self.end > self.start:
             return True
         pending = getattr(self.sock, "pending", None)    # TLS: decrypted, not yet read
         if pending is not None and pending():
             return True
-        return bool(select.select([self.sock], [], [], 0)[0])
+        return bool(select.select([self.sock], [], [], timeout)[0])
 
 
 def _read_preface(rfile):
@@ -1646,7 +1647,9 @@ class _ReceiveSession:
     def _loop(self):
         while True:
             # Send what is held before waiting: the sender may be waiting too.
-            if self.out and not self.rfile.ready():
+            # A short pause first lets a group grow when requests arrive in
+            # bursts, as they do over a real link.
+            if self.out and not self.rfile.ready(_HOLD_PAUSE):
                 self._flush()
             if self.r._stopping:
                 # Between requests, so a file in flight is finished first.
