@@ -106,6 +106,8 @@ OVERWRITE_POLICIES = ("replace", "rename", "skip", "fail")
 _HOLD_MAX = 64
 _HOLD_DIRS = 8
 _HOLD_PAUSE = 0.001
+#: Receiver: bodies from this size on are hashed on a helper thread.
+_HASH_BEHIND_MIN = 4 * CHUNK
 #: Sender: small writes (headers, small files, CHECKs) gathered into one send.
 _GATHER = 64 * 1024
 #: Files a sender asks about in one CHECK write.
@@ -1981,19 +1983,47 @@ class _ReceiveSession:
         """Copy count bytes from the socket into fd, hashing them into digest.
 
         Returns None, or (code, reason) if writing failed; the rest is then
-        drained so the stream stays in step.
+        drained so the stream stays in step.  A large body is hashed on a
+        helper thread while the next chunk is received and this one written:
+        hashlib, recv and write all release the GIL, so they overlap.
         """
-        view = memoryview(self.buf)
+        if count < _HASH_BEHIND_MIN:
+            view = memoryview(self.buf)
+            return self._copy_body(fd, count, lambda: view, digest.update)
+        free = queue.Queue()        # buffers whose bytes are hashed, to receive into
+        for buf in (self.buf, bytearray(CHUNK), bytearray(CHUNK)):
+            free.put(buf)
+        todo = queue.Queue()        # chunks to hash, in order
+
+        def hash_behind():
+            while True:
+                chunk = todo.get()
+                if chunk is None:
+                    return
+                digest.update(chunk)
+                free.put(chunk.obj)
+
+        helper = threading.Thread(target=hash_behind, name="xfer-hash", daemon=True)
+        helper.start()
+        try:
+            return self._copy_body(fd, count, lambda: memoryview(free.get()), todo.put)
+        finally:
+            todo.put(None)
+            helper.join()
+
+    def _copy_body(self, fd, count, next_view, hash_chunk):
+        """The loop of _receive_body: receive into next_view(), hash, write."""
         left = count
         write_error = None
         readinto = self.rfile.readinto
         while left:
+            view = next_view()
             n = readinto(view[:min(left, CHUNK)])
             if not n:
                 raise ConnectionClosedError("connection closed with %d bytes of a file to go"
                                             % left)
             chunk = view[:n]
-            digest.update(chunk)
+            hash_chunk(chunk)
             if write_error is None:
                 try:
                     while chunk:
