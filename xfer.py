@@ -1836,10 +1836,19 @@ class _ReceiveSession:
             elif not hmac.compare_digest(mac, _trailer_mac(self.key, fixed, payload)):
                 failure = (ST_INTEGRITY, "%s: MAC mismatch, file discarded" % _display(raw))
             else:
-                held = _Held(fid, raw, parts, handle, part.fd, part.temp, size, mtime_ns,
-                             mode, existed, started, digest.hexdigest(),
-                             part.offset if start else 0)
-                part.fd = part.temp = None       # the held file owns them now
+                fd, part.fd = part.fd, None      # _seal closes it, whatever happens
+                try:
+                    self._seal(fd, handle, part.temp, mode, mtime_ns)
+                except OSError as e:
+                    code = ST_NO_SPACE if e.errno in _NO_SPACE_ERRNOS else ST_IO
+                    failure = (code, "%s: %s" % (_display(raw), e.strerror or e))
+            if failure is None:
+                # Durable but not yet in place: held for the group commit,
+                # which renames it and syncs its directory.  No descriptor
+                # stays open while it waits.
+                held = _Held(fid, raw, parts, handle, part.temp, size, existed, started,
+                             digest.hexdigest(), part.offset if start else 0)
+                part.temp = None                 # the held file owns it now
                 self.out.append(held)
                 self.group.append(held)
                 if part.claim is not None:
@@ -2061,15 +2070,15 @@ class _ReceiveSession:
     def _commit(self):
         """Make the held files durable and move them into place (group commit).
 
-        Every file is synced, then all are renamed, then each directory once:
-        a file is acknowledged only when its data and its name are durable,
-        as if it had been finished alone.  Sets each file's answer.
+        Each file's data is already durable (_seal); all are renamed, then
+        each directory is synced once: a file is acknowledged only when its
+        data and its name are durable, as if it had been finished alone.
+        Sets each file's answer.
         """
         group, self.group = self.group, []
         published = []
         for held in group:
             try:
-                self._seal(held)
                 held.final, held.note = self._publish(held)
                 if held.final is not None:
                     published.append(held)
@@ -2098,11 +2107,9 @@ class _ReceiveSession:
                 held.answer = _encode_result(held.fid, ST_OK, held.note)
         self.dest.release()
 
-    def _seal(self, held):
-        """Sync a verified temp file's data, set its mode and mtime; close it."""
-        fd, held.fd = held.fd, None
-        mtime_ns = held.mtime_ns
-        perm = stat.S_IMODE(held.mode) & 0o777     # never setuid, setgid or sticky
+    def _seal(self, fd, handle, temp, mode, mtime_ns):
+        """Sync a verified temp file's data, set its mode and mtime; close fd."""
+        perm = stat.S_IMODE(mode) & 0o777     # never setuid, setgid or sticky
         try:
             if self.r.fsync:
                 _full_fsync(fd)
@@ -2113,7 +2120,7 @@ class _ReceiveSession:
         finally:
             os.close(fd)
         if os.utime not in os.supports_fd:
-            path = os.path.join(held.handle, held.temp)
+            path = os.path.join(handle, temp)
             os.utime(path, ns=(mtime_ns, mtime_ns))
             if os.name == "nt" and not perm & 0o200:
                 os.chmod(path, stat.S_IREAD)
@@ -2139,19 +2146,16 @@ class _ReceiveSession:
 
 
 class _Held:
-    """A verified file waiting for the group commit, and then its answer."""
+    """A verified, synced file waiting for the group commit, and then its answer."""
 
-    def __init__(self, fid, raw, parts, handle, fd, temp, size, mtime_ns, mode, existed,
-                 started, digest, resumed):
+    def __init__(self, fid, raw, parts, handle, temp, size, existed, started, digest,
+                 resumed):
         self.fid = fid
         self.raw = raw
         self.parts = parts
         self.handle = handle
-        self.fd = fd
         self.temp = temp
         self.size = size
-        self.mtime_ns = mtime_ns
-        self.mode = mode
         self.existed = existed
         self.started = started
         self.digest = digest
