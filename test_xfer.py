@@ -2451,9 +2451,9 @@ class PerformanceTests(unittest.TestCase):
         real = {name: getattr(xfer._ReceiveSession, name) for name in ("_seal", "_publish")}
         real_sync, real_count = xfer._Dest.sync, xfer.Receiver._count_file
 
-        def seal(session, held):
-            events.append(("seal", held.parts[-1]))
-            return real["_seal"](session, held)
+        def seal(session, fd, handle, temp, mode, mtime_ns):
+            events.append(("seal", temp.rsplit(".", 1)[-1]))
+            return real["_seal"](session, fd, handle, temp, mode, mtime_ns)
 
         def publish(session, held):
             result = real["_publish"](session, held)

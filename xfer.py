@@ -117,6 +117,9 @@ OVERWRITE_POLICIES = ("replace", "rename", "skip", "fail")
 #: and directories it keeps open for them.
 _HOLD_MAX = 64
 _HOLD_DIRS = 8
+_HOLD_PAUSE = 0.001
+#: Receiver: bodies from this size on are hashed on a helper thread.
+_HASH_BEHIND_MIN = 4 * CHUNK
 #: Sender: small writes (headers, small files, CHECKs) gathered into one send.
 _GATHER = 64 * 1024
 #: Files a sender asks about in one CHECK write.
@@ -399,14 +402,14 @@ class _Reader:
                 return kind, bytes(self.view[start:start + length])
         return _read_frame(self, limit)
 
-    def ready(self):
-        """True if a read would not wait: bytes are buffered or waiting."""
+    def ready(self, timeout=0):
+        """True if bytes are buffered, or arrive within timeout seconds."""
         if self.end > self.start:
             return True
         pending = getattr(self.sock, "pending", None)    # TLS: decrypted, not yet read
         if pending is not None and pending():
             return True
-        return bool(select.select([self.sock], [], [], 0)[0])
+        return bool(select.select([self.sock], [], [], timeout)[0])
 
 
 def _read_preface(rfile):
@@ -1671,7 +1674,9 @@ class _ReceiveSession:
     def _loop(self):
         while True:
             # Send what is held before waiting: the sender may be waiting too.
-            if self.out and not self.rfile.ready():
+            # A short pause first lets a group grow when requests arrive in
+            # bursts, as they do over a real link.
+            if self.out and not self.rfile.ready(_HOLD_PAUSE):
                 self._flush()
             if self.r._stopping:
                 # Between requests, so a file in flight is finished first.
@@ -1861,10 +1866,19 @@ class _ReceiveSession:
             elif not hmac.compare_digest(mac, _trailer_mac(self.key, fixed, payload)):
                 failure = (ST_INTEGRITY, "%s: MAC mismatch, file discarded" % _display(raw))
             else:
-                held = _Held(fid, raw, parts, handle, part.fd, part.temp, size, mtime_ns,
-                             mode, existed, started, digest.hexdigest(),
-                             part.offset if start else 0)
-                part.fd = part.temp = None       # the held file owns them now
+                fd, part.fd = part.fd, None      # _seal closes it, whatever happens
+                try:
+                    self._seal(fd, handle, part.temp, mode, mtime_ns)
+                except OSError as e:
+                    code = ST_NO_SPACE if e.errno in _NO_SPACE_ERRNOS else ST_IO
+                    failure = (code, "%s: %s" % (_display(raw), e.strerror or e))
+            if failure is None:
+                # Durable but not yet in place: held for the group commit,
+                # which renames it and syncs its directory.  No descriptor
+                # stays open while it waits.
+                held = _Held(fid, raw, parts, handle, part.temp, size, existed, started,
+                             digest.hexdigest(), part.offset if start else 0)
+                part.temp = None                 # the held file owns it now
                 self.out.append(held)
                 self.group.append(held)
                 if part.claim is not None:
@@ -2013,19 +2027,47 @@ class _ReceiveSession:
         """Copy count bytes from the socket into fd, hashing them into digest.
 
         Returns None, or (code, reason) if writing failed; the rest is then
-        drained so the stream stays in step.
+        drained so the stream stays in step.  A large body is hashed on a
+        helper thread while the next chunk is received and this one written:
+        hashlib, recv and write all release the GIL, so they overlap.
         """
-        view = memoryview(self.buf)
+        if count < _HASH_BEHIND_MIN:
+            view = memoryview(self.buf)
+            return self._copy_body(fd, count, lambda: view, digest.update)
+        free = queue.Queue()        # buffers whose bytes are hashed, to receive into
+        for buf in (self.buf, bytearray(CHUNK), bytearray(CHUNK)):
+            free.put(buf)
+        todo = queue.Queue()        # chunks to hash, in order
+
+        def hash_behind():
+            while True:
+                chunk = todo.get()
+                if chunk is None:
+                    return
+                digest.update(chunk)
+                free.put(chunk.obj)
+
+        helper = threading.Thread(target=hash_behind, name="xfer-hash", daemon=True)
+        helper.start()
+        try:
+            return self._copy_body(fd, count, lambda: memoryview(free.get()), todo.put)
+        finally:
+            todo.put(None)
+            helper.join()
+
+    def _copy_body(self, fd, count, next_view, hash_chunk):
+        """The loop of _receive_body: receive into next_view(), hash, write."""
         left = count
         write_error = None
         readinto = self.rfile.readinto
         while left:
+            view = next_view()
             n = readinto(view[:min(left, CHUNK)])
             if not n:
                 raise ConnectionClosedError("connection closed with %d bytes of a file to go"
                                             % left)
             chunk = view[:n]
-            digest.update(chunk)
+            hash_chunk(chunk)
             if write_error is None:
                 try:
                     while chunk:
@@ -2063,15 +2105,15 @@ class _ReceiveSession:
     def _commit(self):
         """Make the held files durable and move them into place (group commit).
 
-        Every file is synced, then all are renamed, then each directory once:
-        a file is acknowledged only when its data and its name are durable,
-        as if it had been finished alone.  Sets each file's answer.
+        Each file's data is already durable (_seal); all are renamed, then
+        each directory is synced once: a file is acknowledged only when its
+        data and its name are durable, as if it had been finished alone.
+        Sets each file's answer.
         """
         group, self.group = self.group, []
         published = []
         for held in group:
             try:
-                self._seal(held)
                 held.final, held.note = self._publish(held)
                 if held.final is not None:
                     published.append(held)
@@ -2101,11 +2143,9 @@ class _ReceiveSession:
                 held.answer = _encode_result(held.fid, ST_OK, held.note)
         self.dest.release()
 
-    def _seal(self, held):
-        """Sync a verified temp file's data, set its mode and mtime; close it."""
-        fd, held.fd = held.fd, None
-        mtime_ns = held.mtime_ns
-        perm = stat.S_IMODE(held.mode) & 0o777     # never setuid, setgid or sticky
+    def _seal(self, fd, handle, temp, mode, mtime_ns):
+        """Sync a verified temp file's data, set its mode and mtime; close fd."""
+        perm = stat.S_IMODE(mode) & 0o777     # never setuid, setgid or sticky
         try:
             if self.r.fsync:
                 _full_fsync(fd)
@@ -2116,7 +2156,7 @@ class _ReceiveSession:
         finally:
             os.close(fd)
         if os.utime not in os.supports_fd:
-            path = os.path.join(held.handle, held.temp)
+            path = os.path.join(handle, temp)
             os.utime(path, ns=(mtime_ns, mtime_ns))
             if os.name == "nt" and not perm & 0o200:
                 os.chmod(path, stat.S_IREAD)
@@ -2142,19 +2182,16 @@ class _ReceiveSession:
 
 
 class _Held:
-    """A verified file waiting for the group commit, and then its answer."""
+    """A verified, synced file waiting for the group commit, and then its answer."""
 
-    def __init__(self, fid, raw, parts, handle, fd, temp, size, mtime_ns, mode, existed,
-                 started, digest, resumed):
+    def __init__(self, fid, raw, parts, handle, temp, size, existed, started, digest,
+                 resumed):
         self.fid = fid
         self.raw = raw
         self.parts = parts
         self.handle = handle
-        self.fd = fd
         self.temp = temp
         self.size = size
-        self.mtime_ns = mtime_ns
-        self.mode = mode
         self.existed = existed
         self.started = started
         self.digest = digest
