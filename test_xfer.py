@@ -111,15 +111,10 @@ def run_xfer(*args, cwd=None, env=None, timeout=TIMEOUT):
                           universal_newlines=True, timeout=timeout)
 
 
-def spawn_server(test, *args, cwd=None, env=None):
-    """Start `xfer.py serve ARGS` and wait for its readiness line; return (proc, port).
-
-    The first stdout line is read in a helper thread, so a server that never
-    prints fails the test after TIMEOUT instead of hanging it.
-    """
-    proc = subprocess.Popen([sys.executable, "-u", XFER, "serve", "--host", HOST,
-                             "--port", "0"] + list(args),
-                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def popen_reaped(test, argv, cwd=None, env=None):
+    """Start `python -u ARGV` with text pipes; killed and reaped when the test ends."""
+    proc = subprocess.Popen([sys.executable, "-u"] + list(argv), cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             universal_newlines=True)
 
     def cleanup():
@@ -127,6 +122,17 @@ def spawn_server(test, *args, cwd=None, env=None):
             proc.kill()
         proc.communicate(timeout=TIMEOUT)
     test.addCleanup(cleanup)
+    return proc
+
+
+def spawn_server(test, *args, cwd=None, env=None):
+    """Start `xfer.py serve ARGS` and wait for its readiness line; return (proc, port).
+
+    The first stdout line is read in a helper thread, so a server that never
+    prints fails the test after TIMEOUT instead of hanging it.
+    """
+    proc = popen_reaped(test, [XFER, "serve", "--host", HOST, "--port", "0"] + list(args),
+                        cwd=cwd, env=env)
     lines = queue.Queue()
     threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
     try:
@@ -657,16 +663,8 @@ class CommandLineTests(unittest.TestCase):
 
     def test_serve_prints_listening_line_first(self):
         dst = temp_dir(self)
-        proc = subprocess.Popen([sys.executable, "-u", XFER, "serve", "--host", HOST,
-                                 "--port", "0", "--dir", dst, "--token", TOKEN],
-                                cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, universal_newlines=True)
-
-        def cleanup():
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=TIMEOUT)
-        self.addCleanup(cleanup)
+        proc = popen_reaped(self, [XFER, "serve", "--host", HOST, "--port", "0", "--dir", dst,
+                                   "--token", TOKEN], cwd=self.cwd, env=self.env)
         lines = queue.Queue()
         threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
         line = lines.get(timeout=TIMEOUT)
@@ -3903,18 +3901,9 @@ class EverydayTests(unittest.TestCase):
         """`serve --once --no-auth --quiet ARGS` (short linger) in a subprocess."""
         code = ("import sys; sys.path.insert(0, %r); import xfer; xfer.ONCE_LINGER = %r; "
                 "sys.exit(xfer.main(sys.argv[1:]))" % (os.path.dirname(XFER), _TEST_ONCE_LINGER))
-        proc = subprocess.Popen(
-            [sys.executable, "-u", "-c", code, "serve", "--once", "--no-auth", "--host", HOST,
-             "--port", "0", "--quiet"] + list(args),
-            cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, universal_newlines=True)
-
-        def cleanup():
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=TIMEOUT)
-        self.addCleanup(cleanup)
-        return proc
+        return popen_reaped(self, ["-c", code, "serve", "--once", "--no-auth", "--host", HOST,
+                                   "--port", "0", "--quiet"] + list(args),
+                            cwd=self.cwd, env=self.env)
 
     def ready_port(self, proc):
         lines = queue.Queue()
@@ -4204,16 +4193,8 @@ class EverydayTests(unittest.TestCase):
 
     def test_serve_json_listening_first_then_file_received(self):
         dst = temp_dir(self)
-        proc = subprocess.Popen([sys.executable, "-u", XFER, "serve", "--json", "--no-auth",
-                                 "--host", HOST, "--port", "0", "--dir", dst],
-                                cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, universal_newlines=True)
-
-        def cleanup():
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=TIMEOUT)
-        self.addCleanup(cleanup)
+        proc = popen_reaped(self, [XFER, "serve", "--json", "--no-auth", "--host", HOST,
+                                   "--port", "0", "--dir", dst], cwd=self.cwd, env=self.env)
         lines = queue.Queue()
 
         def read():
