@@ -5287,6 +5287,10 @@ class FaultTests(unittest.TestCase):
             self.addCleanup(sender.close, False)
             job = sender.queue(big)
             self.assertTrue(held.wait(TIMEOUT), "the sender never reached the gate")
+            # The server has taken the connection and is writing the file
+            # (written bytes may still sit in its accept queue otherwise).
+            self.assertTrue(_hostile_wait_until(lambda: _fault_partial_size(dst) > 0),
+                            "the server never started writing the file")
             proc.send_signal(signal.SIGTERM)
             self.assertTrue(self._wait_line(lines, "stopping", seen), "".join(seen))
             t0 = time.monotonic()
