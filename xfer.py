@@ -1716,11 +1716,8 @@ class _ReceiveSession:
         try:
             parts = self.r._split(raw)
             self.dest.makedirs(parts, raw)
-        except XferError as e:
-            self._refuse(fid, raw, e.code, str(e))
-            return
-        except OSError as e:
-            self._refuse(fid, raw, ST_IO, "%s: %s" % (_display(raw), e.strerror or e))
+        except (XferError, OSError) as e:
+            self._refuse(fid, raw, *_failure(raw, e))
             return
         self.dirs += 1
         self.out.append(_encode_result(fid, ST_OK))
@@ -1754,11 +1751,8 @@ class _ReceiveSession:
             st = self._existing(handle, parts[-1], raw)
             verdict = self._verdict(st, handle, parts[-1], raw, size, mtime_ns,
                                     digest if flags & CF_CHECKSUM else None)
-        except XferError as e:
-            self._refuse(fid, raw, e.code, str(e))
-            return
-        except OSError as e:
-            self._refuse(fid, raw, ST_IO, "%s: %s" % (_display(raw), e.strerror or e))
+        except (XferError, OSError) as e:
+            self._refuse(fid, raw, *_failure(raw, e))
             return
         if verdict is None:
             self.out.append(_encode_result(fid, ST_NEEDED))
@@ -1824,11 +1818,7 @@ class _ReceiveSession:
             parts, handle, existed = self._admit(raw, size)
             part = self._partial(handle, parts, size, mtime_ns, resumable=not stream)
         except (XferError, OSError) as e:
-            if isinstance(e, XferError):
-                code, reason = e.code, str(e)
-            else:
-                code = ST_NO_SPACE if e.errno in _NO_SPACE_ERRNOS else ST_IO
-                reason = "%s: %s" % (_display(raw), e.strerror or e)
+            code, reason = _failure(raw, e)
             if stream:
                 if size > 4 * STREAM_MAX:
                     # Senders stream only small files; draining gigabytes of
@@ -1870,8 +1860,7 @@ class _ReceiveSession:
                 try:
                     self._seal(fd, handle, part.temp, mode, mtime_ns)
                 except OSError as e:
-                    code = ST_NO_SPACE if e.errno in _NO_SPACE_ERRNOS else ST_IO
-                    failure = (code, "%s: %s" % (_display(raw), e.strerror or e))
+                    failure = _failure(raw, e)
             if failure is None:
                 # Durable but not yet in place: held for the group commit,
                 # which renames it and syncs its directory.  No descriptor
@@ -2074,8 +2063,7 @@ class _ReceiveSession:
                         w = os.write(fd, chunk)
                         chunk = chunk[w:]
                 except OSError as e:
-                    code = ST_NO_SPACE if e.errno in _NO_SPACE_ERRNOS else ST_IO
-                    write_error = (code, "write failed: %s" % (e.strerror or e))
+                    write_error = _failure(None, e, "write failed")
             left -= n
         return write_error
 
@@ -2200,11 +2188,7 @@ class _Held:
         self.answer = b""
 
     def fail(self, error):
-        if isinstance(error, XferError):
-            self.failure = (error.code, str(error))
-        else:
-            code = ST_NO_SPACE if error.errno in _NO_SPACE_ERRNOS else ST_IO
-            self.failure = (code, "%s: %s" % (_display(self.raw), error.strerror or error))
+        self.failure = _failure(self.raw, error)
 
 
 class _Part:
@@ -2246,6 +2230,14 @@ def _cut(name, limit):
 _NO_SPACE_ERRNOS = frozenset(e for e in (getattr(errno, "ENOSPC", None),
                                          getattr(errno, "EDQUOT", None),
                                          getattr(errno, "EFBIG", None)) if e)
+
+
+def _failure(raw, error, what=None):
+    """(status, reason) for RESULT from an XferError or an OSError about raw."""
+    if isinstance(error, XferError):
+        return error.code, str(error)
+    code = ST_NO_SPACE if error.errno in _NO_SPACE_ERRNOS else ST_IO
+    return code, "%s: %s" % (what or _display(raw), error.strerror or error)
 
 
 def _duration(seconds):
