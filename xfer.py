@@ -4249,9 +4249,13 @@ class _Report:
         """A new destination; returns it with the Sender callbacks to use."""
         t = _Track(label, to, subdir)
         self.tracks.append(t)
-        callbacks = dict(on_start=lambda job: self._started(t, job),
-                         on_done=lambda job: self._ended(t, job),
-                         on_error=lambda job: self._ended(t, job))
+        callbacks = dict(on_error=lambda job: self._ended(t, job))
+        # Only what the mode shows: each callback costs the send some CPU
+        # per file.
+        if self.mode in ("live", "json"):
+            callbacks["on_start"] = lambda job: self._started(t, job)
+        if self.mode in ("live", "json") or self.verbose:
+            callbacks["on_done"] = lambda job: self._ended(t, job)
         return t, callbacks
 
     # -- events
@@ -4269,11 +4273,12 @@ class _Report:
         if job.state in ("done", "skipped"):
             if job.kind != "file":
                 return
-            seconds = (job.finished - job.started) if job.started else 0.0
-            self._event("file_done", t, path=job.name, bytes=job.size,
-                        seconds=round(seconds, 6), digest=job.digest,
-                        skipped=job.state == "skipped", resumed=job.resumed,
-                        note=job.note or None)
+            if self.mode == "json":
+                seconds = (job.finished - job.started) if job.started else 0.0
+                self._event("file_done", t, path=job.name, bytes=job.size,
+                            seconds=round(seconds, 6), digest=job.digest,
+                            skipped=job.state == "skipped", resumed=job.resumed,
+                            note=job.note or None)
             if self.verbose:
                 notes = [job.note] if job.note else []
                 if job.resumed:
