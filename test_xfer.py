@@ -4982,15 +4982,17 @@ class FaultTests(unittest.TestCase):
                 return True
         return False
 
-    def _cut_and_resume(self, mode):
+    def _cut_and_resume(self, mode, hold=True):
         src, dst = temp_dir(self), temp_dir(self)
         size = 4 * 2**20
         big = write_file(os.path.join(src, "big.bin"), os.urandom(size))
         # "server": the receiver's side of the link stays open and silent; its
-        # idle timeout ends it, keeping the partial.
-        receiver = start_receiver(self, dst, idle_timeout=0.6 if mode == "server" else 10.0)
+        # idle timeout ends it, keeping the partial.  Without hold, the retry
+        # comes while that dead half still holds the partial.
+        receiver = start_receiver(self, dst, idle_timeout=0.6 if hold and mode == "server"
+                                  else 10.0)
         proxy = _FaultProxy(self, receiver.address, cut_after=3 * 2**19, mode=mode,
-                            hold=lambda: receiver.connections == 0)
+                            hold=(lambda: receiver.connections == 0) if hold else None)
         watch = _FaultWatch(self, os.path.join(dst, "big.bin"), size)
         with xfer.Sender(proxy.address, workers=1, retries=2) as sender:
             job = sender.queue(big)
@@ -5012,6 +5014,29 @@ class FaultTests(unittest.TestCase):
 
     def test_server_side_cut_mid_file_is_retried_and_resumed(self):
         self._cut_and_resume("server")
+
+    def test_retry_takes_the_partial_over_from_a_silent_dead_connection(self):
+        self._cut_and_resume("server", hold=False)
+
+    def test_two_senders_of_one_large_file_both_finish(self):
+        # Two live connections want the same partial: neither is cut for the
+        # other, both files are verified, and the last one stays.
+        srcs = [temp_dir(self), temp_dir(self)]
+        dst = temp_dir(self)
+        datas = [os.urandom(3 * 2**20), os.urandom(3 * 2**20)]
+        paths = [write_file(os.path.join(src, "same.bin"), data)
+                 for src, data in zip(srcs, datas)]
+        receiver = start_receiver(self, dst)
+        senders = [xfer.Sender(receiver.address, workers=1, retries=0) for _ in paths]
+        for s in senders:
+            self.addCleanup(s.close, False)
+        jobs = [s.queue(p) for s, p in zip(senders, paths)]
+        for job in jobs:
+            self.assertTrue(job.wait(TIMEOUT))
+            self.assertEqual(job.state, "done", job.error)
+        with open(os.path.join(dst, "same.bin"), "rb") as f:
+            self.assertIn(f.read(), datas)
+        self.assertEqual(tree_listing(dst), ["same.bin"])
 
     def test_connection_lost_while_waiting_for_a_result_is_retried(self):
         # The sender has written the whole file and waits, idle, for the

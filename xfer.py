@@ -111,6 +111,9 @@ HOOK_QUEUE = 1000
 #: after the last one ended with BYE, and after one broke (it may retry).
 ONCE_LINGER = 1.0
 ONCE_RETRY_LINGER = 12.0
+#: Receiver: a connection holding a resumable partial that another one asks
+#: for, silent this many seconds, is taken for dead and cut (README "Resume").
+CLAIM_SILENCE = 1.0
 #: What a receiver does when a file's name is taken (README "serve").
 OVERWRITE_POLICIES = ("replace", "rename", "skip", "fail")
 #: Receiver: answers it holds back at most before sending them (group commit),
@@ -345,6 +348,7 @@ class _Reader:
         self.buf = bytearray(size)
         self.view = memoryview(self.buf)
         self.start = self.end = 0
+        self.last = time.monotonic()    # when bytes last arrived
 
     def read(self, n):
         """n bytes; fewer only if the stream ends first."""
@@ -369,7 +373,10 @@ class _Reader:
         have = self.end - self.start
         if not have:
             if len(view) >= len(self.buf) // 4:
-                return self.sock.recv_into(view)    # a large body skips the copy
+                n = self.sock.recv_into(view)       # a large body skips the copy
+                if n:
+                    self.last = time.monotonic()
+                return n
             if not self._fill(1):
                 return 0
             have = self.end - self.start
@@ -388,6 +395,8 @@ class _Reader:
             self.start, self.end = 0, len(rest)
         n = self.sock.recv_into(self.view[self.end:])
         self.end += n
+        if n:
+            self.last = time.monotonic()
         return n > 0
 
     def frame(self, limit):
@@ -1282,7 +1291,7 @@ class Receiver:
         self.overwrite = overwrite
         self.partial_max_age = partial_max_age
         self._stopping = False
-        self._claims = set()
+        self._claims = {}           # resumable partial -> the session writing it
         self.files_resumed = 0
         self.bytes_resumed = 0
         self.max_path_bytes = int(max_path_bytes)
@@ -1441,17 +1450,34 @@ class Receiver:
                 self.bytes_resumed += resumed
         self._dispatch.emit(self.on_file, info)
 
-    def _claim(self, key):
-        """Reserve a resumable partial for one connection; False if taken."""
-        with self._lock:
-            if key in self._claims:
-                return False
-            self._claims.add(key)
-            return True
+    def _claim(self, key, session):
+        """Reserve a resumable partial for one connection; False if another keeps it.
+
+        A dropped link (Wi-Fi gone, a sender killed) leaves no FIN behind, so
+        the old connection may still hold the partial when its sender comes
+        back on a new one.  A holder silent for CLAIM_SILENCE seconds is taken
+        for that dead half and cut; it keeps the partial and lets go of it.
+        A holder that is still receiving keeps it, and after a few seconds
+        this connection writes a temporary file of its own instead.
+        """
+        deadline = time.monotonic() + CLAIM_SILENCE + 2.0
+        with self._idle:
+            while True:
+                holder = self._claims.get(key)
+                if holder is None:
+                    self._claims[key] = session
+                    return True
+                now = time.monotonic()
+                if now > deadline:
+                    return False
+                if now - holder.rfile.last >= CLAIM_SILENCE:
+                    holder.cut()
+                self._idle.wait(0.05)
 
     def _unclaim(self, key):
-        with self._lock:
-            self._claims.discard(key)
+        with self._idle:
+            self._claims.pop(key, None)
+            self._idle.notify_all()
 
     def _sweep(self):
         """Delete partial files older than partial_max_age below DIR (start-up)."""
@@ -1602,10 +1628,14 @@ class _ReceiveSession:
 
     def _handshake_expired(self):
         if not self._handshake_done:
-            try:
-                self.raw_sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            self.cut()
+
+    def cut(self):
+        """End this connection from another thread: its reads fail at once."""
+        try:
+            self.raw_sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _start_tls(self):
         """Tell TLS from plain xfer by the first byte (Protocol 2), and wrap if TLS."""
@@ -1904,7 +1934,7 @@ class _ReceiveSession:
             key = hashlib.sha256("/".join(parts).encode("utf-8")).hexdigest()[:16]
             temp = "%s%s.%s" % (PARTIAL_PREFIX, key, _cut(name, 100))
             claim = (self.dest.dir_id(handle), temp)
-            if self.r._claim(claim):
+            if self.r._claim(claim, self):
                 try:
                     fd, st = self.dest.open_partial(handle, temp)
                 except BaseException:
