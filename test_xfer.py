@@ -2566,19 +2566,29 @@ class PerformanceTests(unittest.TestCase):
         def run(session):
             sessions.append(session)
             return real_run(session)
-        with mock.patch.object(xfer._ReceiveSession, "run", run):
+        large2 = write_file(os.path.join(src, "large2"), os.urandom(4 * xfer.CHUNK))
+        patcher, held, gate = _embed_gate_write(body_chunk=2)
+        self.addCleanup(gate.set)
+        with mock.patch.object(xfer._ReceiveSession, "run", run), patcher:
             receiver = start_receiver(self, dst, fsync=False)
             with xfer.Sender(receiver.address, workers=4) as sender:
                 jobs = [sender.queue(p) for p in small]
                 self.assertTrue(sender.wait(TIMEOUT))
                 self.assertEqual(len(sessions), 1)
-                later = [sender.queue(large)] + [sender.queue(p) for p in small]
-        for job in jobs + later[:1]:
+                # A large file lets the other workers connect: while one
+                # worker is held inside it, another takes the next file.
+                later = [sender.queue(large)]
+                self.assertTrue(held.wait(TIMEOUT), "no worker reached the gate")
+                later += [sender.queue(large2)] + [sender.queue(p) for p in small]
+                self.assertTrue(_hostile_wait_until(lambda: later[1].done))
+                gate.set()
+        for job in jobs + later[:2]:
             self.assertEqual(job.state, "done", job.error)
-        for job in later[1:]:
+        for job in later[2:]:
             self.assertEqual(job.state, "skipped", job.error)
-        self.assertGreater(len(sessions), 1)        # the large file let the others connect
+        self.assertGreater(len(sessions), 1)
         self.assertEqual(sha256_file(os.path.join(dst, "large")), sha256_file(large))
+        self.assertEqual(sha256_file(os.path.join(dst, "large2")), sha256_file(large2))
 
     def test_reader_reassembles_frames_across_reads(self):
         # Frames split at every byte boundary, and one larger than the
