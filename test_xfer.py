@@ -2448,10 +2448,20 @@ class PerformanceTests(unittest.TestCase):
         events = []
         real = {name: getattr(xfer._ReceiveSession, name) for name in ("_seal", "_publish")}
         real_sync, real_count = xfer._Dest.sync, xfer.Receiver._count_file
+        real_fsync, real_syncfs = os.fsync, xfer._load_syncfs()
 
-        def seal(session, fd, handle, temp, mode, mtime_ns):
+        def seal(session, fd, handle, temp, mode, mtime_ns, sync=True):
             events.append(("seal", temp.rsplit(".", 1)[-1]))
-            return real["_seal"](session, fd, handle, temp, mode, mtime_ns)
+            return real["_seal"](session, fd, handle, temp, mode, mtime_ns, sync)
+
+        def fsync(fd):
+            if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                events.append(("datasync", None))
+            return real_fsync(fd)
+
+        def syncfs(fd):
+            events.append(("datasync", None))
+            return real_syncfs(fd)
 
         def publish(session, held):
             result = real["_publish"](session, held)
@@ -2470,8 +2480,11 @@ class PerformanceTests(unittest.TestCase):
         with mock.patch.object(xfer._ReceiveSession, "_seal", seal), \
                 mock.patch.object(xfer._ReceiveSession, "_publish", publish), \
                 mock.patch.object(xfer._Dest, "sync", sync), \
+                mock.patch.object(xfer.os, "fsync", fsync), \
                 mock.patch.object(xfer.Receiver, "_count_file", count):
             receiver = start_receiver(self, dst, token="t0k")
+            if receiver._syncfs is not None:
+                receiver._syncfs = syncfs
             client = _HostileClient(receiver.address, token="t0k")
             self.addCleanup(client.close)
             ids, blob = [], []
@@ -2488,6 +2501,8 @@ class PerformanceTests(unittest.TestCase):
             publish_at = events.index(("publish", name))
             count_at = events.index(("count", name))
             self.assertLess(seal_at, publish_at)
+            # Its data is synced after it is written and before its rename.
+            self.assertIn(("datasync", None), events[seal_at:publish_at], name)
             self.assertIn(("dirsync", None), events[publish_at:count_at], name)
             with open(os.path.join(dst, "d", name), "rb") as f:
                 self.assertEqual(f.read(), name.encode())
@@ -3305,6 +3320,7 @@ class LimitTests(unittest.TestCase):
 
     def test_disk_full_at_fsync_discards_the_file(self):
         receiver = start_receiver(self, self.dst)
+        receiver._syncfs = None         # one fsync per file, as where syncfs is missing
         with mock.patch.object(xfer.os, "fsync",
                                side_effect=OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))):
             (job,) = self.send(receiver, [self.file("sync.bin", 5000)])
@@ -3312,6 +3328,29 @@ class LimitTests(unittest.TestCase):
         self.assertEqual(tree_listing(self.dst), [])
         (job,) = self.send(receiver, [self.file("after.bin", 10)])
         self.assertEqual(job.state, "done", job.error)
+
+    def test_failed_group_sync_discards_the_whole_group(self):
+        # Small files are synced a group at a time (syncfs): when that sync
+        # fails, no file of the group is answered OK or left in place.
+        receiver = start_receiver(self, self.dst)
+        calls = []
+
+        def syncfs(fd):
+            calls.append(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        receiver._syncfs = syncfs
+        sources = [self.file("g%d.bin" % i, 3000 + i) for i in range(5)]
+        jobs = self.send(receiver, sources)
+        self.assertTrue(calls, "the group sync was never called")
+        for job in jobs:
+            self.assertEqual(job.state, "failed")
+            self.assertIn(os.strerror(errno.EIO), str(job.error))
+        self.assertEqual(tree_listing(self.dst), [])
+        receiver._syncfs = xfer._load_syncfs()
+        (job,) = self.send(receiver, [self.file("after.bin", 10)])
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(tree_listing(self.dst), ["after.bin"])
 
     def test_longest_legal_multibyte_name_is_received(self):
         # BUG (reported): _Dest.create_temp builds ".xfer-part.XXXXXXXX." + name[:100],

@@ -402,6 +402,10 @@ class _Reader:
     def frame(self, limit):
         """Read one frame: (kind, payload), like _read_frame, sliced at once
         from the buffer when it holds the whole frame."""
+        return self.buffered_frame(limit) or _read_frame(self, limit)
+
+    def buffered_frame(self, limit):
+        """The next frame if the buffer holds all of it, else None (reads nothing)."""
         start = self.start
         if self.end - start >= _FRAME.size:
             kind, length = _FRAME.unpack_from(self.buf, start)
@@ -409,7 +413,7 @@ class _Reader:
             if length <= limit and start + length <= self.end:
                 self.start = start + length
                 return kind, bytes(self.view[start:start + length])
-        return _read_frame(self, limit)
+        return None
 
     def ready(self, timeout=0):
         """True if bytes are buffered, or arrive within timeout seconds."""
@@ -776,6 +780,29 @@ def _fsync_dir(fd):
     except OSError as e:  # some filesystems refuse fsync on directories
         if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
             raise
+
+
+def _load_syncfs():
+    """syncfs(2) as a function of a descriptor, or None where it is missing or
+    cannot report write errors (it can since Linux 5.8)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        release = re.match(r"(\d+)\.(\d+)", os.uname().release)
+        if release is None or tuple(map(int, release.groups())) < (5, 8):
+            return None
+        import ctypes
+        call = ctypes.CDLL(None, use_errno=True).syncfs
+    except (AttributeError, ImportError, OSError):
+        return None
+    call.argtypes = [ctypes.c_int]
+    call.restype = ctypes.c_int
+
+    def syncfs(fd):
+        if call(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    return syncfs
 
 
 def _full_fsync(fd):
@@ -1285,6 +1312,9 @@ class Receiver:
         self.handshake_timeout = handshake_timeout
         self.portable_names = (os.name == "nt") if portable_names is None else portable_names
         self.fsync = fsync
+        # Small files are synced a group at a time, with one syncfs() per
+        # filesystem, where the system has it; else one fsync() each.
+        self._syncfs = _load_syncfs() if fsync else None
         if overwrite not in OVERWRITE_POLICIES:
             raise ValueError("overwrite must be one of %s, not %r"
                              % (", ".join(OVERWRITE_POLICIES), overwrite))
@@ -1893,8 +1923,11 @@ class _ReceiveSession:
                 failure = (ST_INTEGRITY, "%s: MAC mismatch, file discarded" % _display(raw))
             else:
                 fd, part.fd = part.fd, None      # _seal closes it, whatever happens
+                # A small file's data is synced with its group (_commit).
+                later = part.claim is None and self.r._syncfs is not None \
+                    and self.dest.use_dir_fd
                 try:
-                    self._seal(fd, handle, part.temp, mode, mtime_ns)
+                    self._seal(fd, handle, part.temp, mode, mtime_ns, sync=not later)
                 except OSError as e:
                     failure = _failure(raw, e)
             if failure is None:
@@ -1903,6 +1936,7 @@ class _ReceiveSession:
                 # stays open while it waits.
                 held = _Held(fid, raw, parts, handle, part.temp, size, existed, started,
                              digest.hexdigest(), part.offset if start else 0)
+                held.unsynced = later
                 part.temp = None                 # the held file owns it now
                 self.out.append(held)
                 self.group.append(held)
@@ -2135,8 +2169,12 @@ class _ReceiveSession:
         Sets each file's answer.
         """
         group, self.group = self.group, []
+        self._sync_data([held for held in group if held.unsynced])
         published = []
         for held in group:
+            if held.failure is not None:          # its data could not be synced
+                self.dest.remove(held.handle, held.temp)
+                continue
             try:
                 held.final, held.note = self._publish(held)
                 if held.final is not None:
@@ -2167,11 +2205,30 @@ class _ReceiveSession:
                 held.answer = _encode_result(held.fid, ST_OK, held.note)
         self.dest.release()
 
-    def _seal(self, fd, handle, temp, mode, mtime_ns):
-        """Sync a verified temp file's data, set its mode and mtime; close fd."""
+    def _sync_data(self, group):
+        """Make the data of held files durable: one syncfs() per filesystem."""
+        devices = {}
+        for handle in dict.fromkeys(held.handle for held in group):
+            try:
+                devices.setdefault(os.fstat(handle).st_dev, []).append(handle)
+            except OSError as e:
+                for held in group:
+                    if held.handle == handle:
+                        held.fail(e)
+        for handles in devices.values():
+            try:
+                self.r._syncfs(handles[0])
+            except OSError as e:
+                for held in group:
+                    if held.handle in handles:
+                        held.fail(e)
+
+    def _seal(self, fd, handle, temp, mode, mtime_ns, sync=True):
+        """Sync a verified temp file's data (unless sync is false: its group's
+        commit does), set its mode and mtime; close fd."""
         perm = stat.S_IMODE(mode) & 0o777     # never setuid, setgid or sticky
         try:
-            if self.r.fsync:
+            if self.r.fsync and sync:
                 _full_fsync(fd)
             if os.name != "nt":
                 os.fchmod(fd, perm)
@@ -2222,6 +2279,7 @@ class _Held:
         self.resumed = resumed
         self.final = self.note = self.failure = self.info = None
         self.answer = b""
+        self.unsynced = False     # its data awaits the group's syncfs()
 
     def fail(self, error):
         self.failure = _failure(self.raw, error)
@@ -2330,7 +2388,8 @@ class Job:
         self.failures = []      # dir jobs: (name, error) of files that failed
         self._pending = 1 if kind == "dir" else 0   # dir jobs: walk + files not ended
         self._cancel = False    # a flag, not an Event: nothing waits for it
-        self._ended = threading.Event()
+        self._done = False
+        self._ended = None      # an Event, made only once someone waits
 
     @property
     def progress(self):
@@ -2342,11 +2401,24 @@ class Job:
     @property
     def done(self):
         """True once the job has ended, in any state."""
-        return self._ended.is_set()
+        return self._done
 
     def wait(self, timeout=None):
         """Block until the job ends; return True if it has.  Not for a host's main thread."""
-        return self._ended.wait(timeout)
+        with self._sender._lock:
+            if self._done:
+                return True
+            if self._ended is None:
+                self._ended = threading.Event()
+            ended = self._ended
+        return ended.wait(timeout)
+
+    def _set_done(self):
+        with self._sender._lock:
+            self._done = True
+            ended = self._ended
+        if ended is not None:
+            ended.set()
 
     def cancel(self):
         """Stop this job as soon as possible; no final file is left on the receiver."""
@@ -2831,7 +2903,7 @@ class Sender:
                 with self._lock:
                     self.files_failed += 1
                     job.parent.failures.append((job.name, error))
-            job._ended.set()
+            job._set_done()
             if error is not None:
                 self._dispatch.emit(self.on_error, job)
             self._child_ended(job.parent)
@@ -2847,7 +2919,7 @@ class Sender:
                 self.files_skipped += 1
             else:
                 self.files_failed += 1
-        job._ended.set()
+        job._set_done()
         if state in ("done", "skipped") and job.parent is None:
             self._dispatch.emit_progress(self.on_progress, job)   # the final 1.0
         if job.parent is None:
@@ -2878,7 +2950,7 @@ class Sender:
         else:
             top.state = "done"
         top.finished = time.monotonic()
-        top._ended.set()
+        top._set_done()
         if top.state == "done":
             self._dispatch.emit_progress(self.on_progress, top)   # the final 1.0
         self._dispatch.emit(self.on_done if top.state == "done" else self.on_error, top)
@@ -2942,14 +3014,10 @@ class _Link:
                     if new and sender.known_hosts:
                         sender.fingerprint = seen
             self.sock = sock
-            self.rfile = sock.makefile("rb")
+            self.rfile = _Reader(sock, 64 * 1024)
             self.key = _client_handshake(sock, self.rfile, sender.token,
                                          sender.require_server_auth)
         except BaseException as e:
-            # The socket's descriptor stays open while its makefile() reader
-            # does, so close both.
-            if self.rfile is not None:
-                self.rfile.close()
             sock.close()
             where = "%s:%d" % (sender.host, sender.port)
             if isinstance(e, ConnectionClosedError):
@@ -2968,40 +3036,19 @@ class _Link:
             self.reader.start()
 
     def _read_loop(self):
+        rfile = self.rfile
         try:
             while True:
-                kind, payload = _read_frame(self.rfile)
-                if kind == _Msg.RESULT:
-                    fid, status, reason = _decode_result(payload)
-                    with self.cv:
-                        job = self.pending.pop(fid, None)
-                        checked = self.checks.pop(fid, None) if job is None else None
-                        if checked is not None:
-                            self.answers[fid] = status
-                        self.cv.notify_all()
-                    if checked is not None:
-                        if status != ST_NEEDED:
-                            self._complete(checked, status, reason)
-                        continue
-                    if job is None:
-                        raise ProtocolError("RESULT for unknown request %d" % fid)
-                    self._complete(job, status, reason)
-                elif kind == _Msg.ACCEPT:
-                    if len(payload) != _ACCEPT.size:
-                        raise ProtocolError("ACCEPT payload of %d bytes" % len(payload))
-                    fid, offset, prefix = _ACCEPT.unpack(payload)
-                    with self.cv:
-                        self.accepts[fid] = (offset, prefix)
-                        self.cv.notify_all()
-                elif kind == _Msg.BYE:
-                    with self.cv:
-                        self.bye = True
-                        self.cv.notify_all()
+                # Answers come in groups: take every frame already received
+                # at once, so the worker is woken once per group, not per file.
+                frames = [rfile.frame(MAX_FRAME_PAYLOAD)]
+                while True:
+                    more = rfile.buffered_frame(MAX_FRAME_PAYLOAD)
+                    if more is None:
+                        break
+                    frames.append(more)
+                if self._take(frames):
                     return
-                elif kind == _Msg.ERROR:
-                    raise _decode_error(payload)
-                else:
-                    raise ProtocolError("unexpected %s" % _msg_name(kind))
         except XferError as e:
             self._break(e)
         except socket.timeout:
@@ -3010,6 +3057,51 @@ class _Link:
         except (OSError, ValueError) as e:
             self._break(ConnectionClosedError("connection lost: %s"
                                               % (getattr(e, "strerror", None) or e)))
+
+    def _take(self, frames):
+        """Handle frames from the receiver, in order; True after its BYE."""
+        ended = []                   # (job, status, reason), ended outside the lock
+        bye = False
+        error = None
+        with self.cv:
+            for kind, payload in frames:
+                if kind == _Msg.RESULT:
+                    fid, status, reason = _decode_result(payload)
+                    job = self.pending.pop(fid, None)
+                    if job is None:
+                        job = self.checks.pop(fid, None)
+                        if job is None:
+                            error = ProtocolError("RESULT for unknown request %d" % fid)
+                            break
+                        self.answers[fid] = status
+                        if status == ST_NEEDED:
+                            continue
+                    ended.append((job, status, reason))
+                elif kind == _Msg.ACCEPT:
+                    if len(payload) != _ACCEPT.size:
+                        error = ProtocolError("ACCEPT payload of %d bytes" % len(payload))
+                        break
+                    fid, offset, prefix = _ACCEPT.unpack(payload)
+                    self.accepts[fid] = (offset, prefix)
+                elif kind == _Msg.BYE:
+                    bye = True
+                    break
+                elif kind == _Msg.ERROR:
+                    error = _decode_error(payload)
+                    break
+                else:
+                    error = ProtocolError("unexpected %s" % _msg_name(kind))
+                    break
+            self.cv.notify_all()
+        for job, status, reason in ended:
+            self._complete(job, status, reason)
+        if error is not None:
+            raise error
+        if bye:
+            with self.cv:
+                self.bye = True
+                self.cv.notify_all()
+        return bye
 
     def _break(self, error):
         with self.cv:
@@ -3298,7 +3390,6 @@ class _Link:
 
     def close(self):
         try:
-            self.rfile.close()
             self.sock.close()
         except OSError:
             pass
