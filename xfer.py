@@ -25,6 +25,7 @@ import configparser
 import errno
 import hashlib
 import hmac
+import io
 import ipaddress
 import itertools
 import json
@@ -110,6 +111,9 @@ HOOK_QUEUE = 1000
 #: serve --once: seconds to wait for another connection of the same sender
 #: after the last one ended with BYE, and after one broke (it may retry).
 ONCE_LINGER = 1.0
+#: serve: lines of its log wait at most this many seconds to be written, so a
+#: burst of files costs one write, not one per file.
+LOG_DELAY = 0.05
 ONCE_RETRY_LINGER = 12.0
 #: Receiver: a connection holding a resumable partial that another one asks
 #: for, silent this many seconds, is taken for dead and cut (README "Resume").
@@ -1881,7 +1885,7 @@ class _ReceiveSession:
             return
         part = None
         try:
-            parts, handle, existed = self._admit(raw, size)
+            parts, handle, existed = self._admit(raw, size, stream)
             part = self._partial(handle, parts, size, mtime_ns, resumable=not stream)
         except (XferError, OSError) as e:
             code, reason = _failure(raw, e)
@@ -2047,8 +2051,13 @@ class _ReceiveSession:
             return
         self.out.append(_encode_result(fid, ST_OK))
 
-    def _admit(self, raw, size):
-        """Validate a FILE header; return (parts, parent handle, existed) or raise."""
+    def _admit(self, raw, size, stream=False):
+        """Validate a FILE header; return (parts, parent handle, existed) or raise.
+
+        A streamed file's body arrives whatever the answer, so under the
+        "replace" policy its name is looked at only once, right before the
+        rename (_publish), which refuses what may not be replaced.
+        """
         parts = self.r._split(raw)
         if self.r.max_size is not None and size > self.r.max_size:
             raise RemoteError("%s: %d bytes exceeds the receiver's limit of %d"
@@ -2059,6 +2068,8 @@ class _ReceiveSession:
                 raise RemoteError("%s: not enough space: need %s, have %s"
                                   % (_display(raw), _human(size), _human(free)), ST_NO_SPACE)
         handle = self.dest.parent(parts, raw)
+        if stream and self.r.overwrite == "replace":
+            return parts, handle, False
         existed = self._existing(handle, parts[-1], raw) is not None
         if existed:
             refusal = self._policy_refusal(raw)
@@ -3413,12 +3424,31 @@ def _open_source(job):
     """Open what a file job sends; return (binary file, os.stat_result-like)."""
     if job.source is not None:
         return job.source.open(), job.source
-    f = open(job.path, "rb", buffering=0)    # reads are whole files or whole chunks
+    fd = os.open(job.path, os.O_RDONLY | _O_BINARY)
     try:
-        return f, os.fstat(f.fileno())
+        st = os.fstat(fd)
+        if st.st_size <= STREAM_MAX:
+            return _SmallFile(fd), st
+        return io.FileIO(fd, "rb"), st     # reads are whole chunks: no buffering
     except BaseException:
-        f.close()
+        os.close(fd)
         raise
+
+
+class _SmallFile:
+    """A file read whole, in one call: no io object, which would stat it again."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def read(self, n):
+        return os.read(self.fd, n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
 
 
 class _Generated:
@@ -4001,14 +4031,18 @@ def _cmd_serve(args):
     portable = True if (args.portable_names or _bool_value(config, s, "portable_names")) \
         else None
     quiet, as_json = args.quiet, args.json
-    emit = _json_writer(sys.stdout)
+    lines = _Lines(sys.stdout if as_json else sys.stderr)
+    emit = _json_writer(lines)
+    stamp = [0, ""]     # the time of day, formatted once a second
 
     def log(line):
         if as_json:
             emit("log", message=line)
         elif not quiet:
-            sys.stderr.write("%s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), line))
-            sys.stderr.flush()
+            now = int(time.time())
+            if now != stamp[0]:
+                stamp[:] = now, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+            lines.write("%s %s\n" % (stamp[1], line))
 
     hooks = _Hooks(args.on_receive, log, args.hook_timeout) if args.on_receive else None
 
@@ -4016,7 +4050,7 @@ def _cmd_serve(args):
         if as_json:
             emit("file_received", peer=info.peer, path=info.path, relpath=info.relpath,
                  bytes=info.size, seconds=round(info.seconds, 6), digest=info.digest)
-        else:
+        elif not quiet:
             rate = info.size / info.seconds if info.seconds > 0 else 0.0
             log("%s: received %s (%s, %s/s)" % (info.peer, _display(info.relpath),
                                                 _human(info.size), _human(rate)))
@@ -4093,6 +4127,7 @@ def _cmd_serve(args):
         receiver.stop(grace=args.grace)
         if hooks is not None:
             hooks.close()
+        lines.close()
         for name, handler in previous.items():
             signal.signal(getattr(signal, name), handler)
     if as_json:
@@ -4117,6 +4152,62 @@ def _json_writer(stream):
             stream.write(line)
             stream.flush()
     return emit
+
+
+class _Lines:
+    """A text stream that writes its lines in batches, from a thread of its
+    own: a line waits at most delay seconds.  Threads may write at once."""
+
+    def __init__(self, stream, delay=LOG_DELAY):
+        self.stream = stream
+        self.delay = delay
+        self.cv = threading.Condition()
+        self.pending = []
+        self.closed = False
+        self.out_lock = threading.Lock()      # batches leave in order
+        self.thread = threading.Thread(target=self._run, name="xfer-log", daemon=True)
+        self.thread.start()
+
+    def write(self, text):
+        with self.cv:
+            self.pending.append(text)
+            if len(self.pending) == 1:
+                self.cv.notify()
+            if not self.closed:
+                return
+        self._write()
+
+    def flush(self):
+        """Nothing: the thread writes within delay seconds (close() at once)."""
+
+    def _run(self):
+        while True:
+            with self.cv:
+                while not self.pending and not self.closed:
+                    self.cv.wait()
+                if self.closed:
+                    return
+                self.cv.wait(self.delay)     # let the burst gather
+            self._write()
+
+    def _write(self):
+        with self.out_lock:
+            with self.cv:
+                lines, self.pending = self.pending, []
+            if lines:
+                try:
+                    self.stream.write("".join(lines))
+                    self.stream.flush()
+                except (OSError, ValueError):
+                    pass          # the reader went away; serving goes on
+
+    def close(self):
+        """Write what is pending now; later lines are written at once."""
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
+        self.thread.join()
+        self._write()
 
 
 class _Hooks:
