@@ -1928,8 +1928,7 @@ class _ReceiveSession:
             else:
                 fd, part.fd = part.fd, None      # _seal closes it, whatever happens
                 # A small file's data is synced with its group (_commit).
-                later = part.claim is None and self.r._syncfs is not None \
-                    and self.dest.use_dir_fd
+                later = stream and self.r._syncfs is not None and self.dest.use_dir_fd
                 try:
                     self._seal(fd, handle, part.temp, mode, mtime_ns, sync=not later)
                 except OSError as e:
