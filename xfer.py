@@ -2371,8 +2371,9 @@ class Job:
     progress (0.0-1.0), error (an XferError or None), path (local),
     name (relative path on the receiver), kind ("file" or "dir"), resumed
     (bytes the receiver already had), digest (sha256 hex of what was sent).
-    A "dir" job aggregates the files of its tree: size grows as the tree is
-    walked, and it ends when every file has ended.
+    A "dir" job aggregates the files of its tree: its size and files_total
+    are known before its first file is sent, and it ends when every file
+    has ended.
     """
 
     def __init__(self, sender, path, name, kind="file", parent=None):
