@@ -2173,9 +2173,10 @@ class _ReceiveSession:
     def _commit(self):
         """Make the held files durable and move them into place (group commit).
 
-        Each file's data is already durable (_seal); all are renamed, then
-        each directory is synced once: a file is acknowledged only when its
-        data and its name are durable, as if it had been finished alone.
+        Each file's data is made durable (by _seal, or here with one syncfs()
+        for the group); all are renamed, then each directory is synced once:
+        a file is acknowledged only when its data and its name are durable,
+        as if it had been finished alone.
         Sets each file's answer.
         """
         group, self.group = self.group, []
@@ -2273,7 +2274,8 @@ class _ReceiveSession:
 
 
 class _Held:
-    """A verified, synced file waiting for the group commit, and then its answer."""
+    """A verified file waiting for the group commit (its data already synced, or
+    left to the group's syncfs), and then its answer."""
 
     def __init__(self, fid, raw, parts, handle, temp, size, existed, started, digest,
                  resumed):
