@@ -111,10 +111,10 @@ HOOK_QUEUE = 1000
 #: serve --once: seconds to wait for another connection of the same sender
 #: after the last one ended with BYE, and after one broke (it may retry).
 ONCE_LINGER = 1.0
+ONCE_RETRY_LINGER = 12.0
 #: serve: lines of its log wait at most this many seconds to be written, so a
 #: burst of files costs one write, not one per file.
 LOG_DELAY = 0.05
-ONCE_RETRY_LINGER = 12.0
 #: Receiver: a connection holding a resumable partial that another one asks
 #: for, silent this many seconds, is taken for dead and cut (README "Resume").
 CLAIM_SILENCE = 1.0
