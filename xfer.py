@@ -2218,21 +2218,20 @@ class _ReceiveSession:
 
     def _sync_data(self, group):
         """Make the data of held files durable: one syncfs() per filesystem."""
-        devices = {}
+        devices, failed = {}, {}        # st_dev -> parent handles; handle -> error
         for handle in dict.fromkeys(held.handle for held in group):
             try:
                 devices.setdefault(os.fstat(handle).st_dev, []).append(handle)
             except OSError as e:
-                for held in group:
-                    if held.handle == handle:
-                        held.fail(e)
+                failed[handle] = e
         for handles in devices.values():
             try:
                 self.r._syncfs(handles[0])
             except OSError as e:
-                for held in group:
-                    if held.handle in handles:
-                        held.fail(e)
+                failed.update(dict.fromkeys(handles, e))
+        for held in group:
+            if held.handle in failed:
+                held.fail(failed[held.handle])
 
     def _seal(self, fd, handle, temp, mode, mtime_ns, sync=True):
         """Sync a verified temp file's data (unless sync is false: its group's
@@ -3003,7 +3002,6 @@ class _Link:
         self.wbuf = []               # writes gathered for one sendall
         self.wlen = 0
         self.reader = None
-        self.rfile = None
         try:
             sock = socket.create_connection((sender.host, sender.port),
                                             timeout=sender.connect_timeout)
