@@ -813,9 +813,6 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual(os.listdir(dst), ["via-alias.txt"])
 
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 #------------------------------------------------------------
 # hostile-client helpers
@@ -1936,9 +1933,6 @@ class ServerRobustnessTests(unittest.TestCase):
         self.assertTrue(stat.S_ISREG(st.st_mode))
         self.assertEqual(st.st_mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX), 0)
 
-
-if __name__ == "__main__":
-    unittest.main()
 
 
 def _embed_wait_for(predicate, timeout=TIMEOUT):
