@@ -3444,6 +3444,307 @@ class LimitTests(unittest.TestCase):
 # _sec_fuzz_case(random.Random(SEED), ...) with the seed from the failure
 # message (XFER_FUZZ_SEED=N fixes the master seed of a whole run).
 
+#------------------------------------------------------------
+# name rules, the rename policy, partial files, the suite itself
+#------------------------------------------------------------
+
+# Every device name ntpath.isreserved (3.13) knows, plus COM0 and LPT0,
+# which Microsoft's naming rules list as well.
+_NAMES_DEVICES = (["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+                  + [dev + d for dev in ("COM", "LPT") for d in "0123456789\u00b9\u00b2\u00b3"])
+
+
+class PortableNameTests(unittest.TestCase):
+    """--portable-names: the rules of ntpath.isreserved, on every OS and version."""
+
+    def assertRefused(self, name, portable=True):
+        with self.assertRaises(xfer.UnsafePathError, msg=repr(name)):
+            xfer._split_path(name.encode("utf-8"), portable=portable)
+
+    def test_every_device_name_is_refused_in_any_case_with_any_extension(self):
+        for device in _NAMES_DEVICES:
+            for base in (device, device.lower(), device.capitalize()):
+                for name in (base, base + ".txt", base + ".tar.gz", base + " .txt",
+                             base + "  .c", base + "."):
+                    with self.subTest(name=name):
+                        self.assertRefused(name)
+                        self.assertRefused("dir/" + name + "/x.txt")
+                        self.assertRefused("dir/x/" + name)
+
+    def test_superscript_device_names_are_refused(self):
+        # Windows reads COM\u00b9 as COM1: these are the names that used to pass.
+        for name in ("COM\u00b9", "com\u00b2.txt", "Lpt\u00b3", "lpt\u00b9.tar.gz"):
+            with self.subTest(name=name):
+                self.assertRefused(name)
+
+    def test_names_that_only_look_like_devices_are_accepted(self):
+        for name in ("CONSOLE", "COM10", "LPT", "COM", "xCON", "con_1.txt", "AUXILIARY.c",
+                     "NUL1", "COM\u00b9x", "CONIN", "a.CON", "photo.aux", "COM\u2074"):
+            with self.subTest(name=name):
+                self.assertEqual(xfer._split_path(name.encode("utf-8"), portable=True), [name])
+
+    def test_trailing_dots_and_spaces_and_reserved_characters_are_refused(self):
+        names = ["a.", "a ", "a. ", "a..", "dir./x", "dir /x"]
+        names += ["a%sb" % ch for ch in '<>:"|?*']
+        names += ["a%sb" % chr(i) for i in range(32)]
+        for name in names:
+            with self.subTest(name=name):
+                self.assertRefused(name)
+
+    def test_check_portable_itself_follows_ntpath(self):
+        # _check_portable alone (without the checks that come before it)
+        # refuses what ntpath's _isreservedname does, controls included.
+        for name in ["a%sb" % chr(i) for i in range(32)] + ['a"b', "a:b", "x.", "com\u00b3"]:
+            with self.subTest(name=name):
+                with self.assertRaises(xfer.UnsafePathError):
+                    xfer._check_portable(name, name)
+
+    @unittest.skipUnless(hasattr(__import__("ntpath"), "isreserved"), "ntpath.isreserved: 3.13+")
+    def test_agrees_with_ntpath_isreserved(self):
+        import ntpath
+        extras = {"COM0", "LPT0"}      # Microsoft lists these; ntpath does not
+        for device in _NAMES_DEVICES:
+            for name in (device, device.lower() + ".txt", device + " .log", device + "x",
+                         "x" + device, device + "."):
+                with self.subTest(name=name):
+                    ours = True
+                    try:
+                        xfer._check_portable(name, name)
+                    except xfer.UnsafePathError:
+                        pass
+                    else:
+                        ours = False
+                    theirs = ntpath.isreserved(name)
+                    if name.split(".")[0].rstrip(" ").upper() in extras:
+                        self.assertTrue(ours, name)
+                    else:
+                        self.assertEqual(ours, theirs, name)
+
+    def test_non_portable_receiver_accepts_device_names(self):
+        # On Linux and macOS without --portable-names these are legal names.
+        for name in ("aux.c", "con.h", "nul", "COM\u00b9", "prn.txt", "LPT1.log"):
+            with self.subTest(name=name):
+                self.assertEqual(xfer._split_path(name.encode("utf-8"), portable=False), [name])
+
+    def test_portable_receiver_refuses_superscript_device_and_keeps_serving(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        receiver = start_receiver(self, dst, portable_names=True)
+        bad = [write_file(os.path.join(src, name), b"device") for name in
+               ("com\u00b9.txt", "LPT\u00b2", "Com0.log")]
+        good = write_file(os.path.join(src, "aux-notes.c"), b"fine")
+        jobs = send_files(receiver.address, bad + [good])
+        for job in jobs[:-1]:
+            self.assertEqual(job.state, "failed", job.path)
+            self.assertIn("reserved device name", str(job.error))
+        self.assertEqual(jobs[-1].state, "done", jobs[-1].error)
+        self.assertEqual(tree_listing(dst), ["aux-notes.c"])
+
+    @unittest.skipIf(os.name == "nt", "aux.c is a device on Windows")
+    def test_non_portable_receiver_stores_aux_c(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        receiver = start_receiver(self, dst, portable_names=False)
+        paths = [write_file(os.path.join(src, name), name.encode()) for name in
+                 ("aux.c", "com\u00b9.txt")]
+        for job in send_files(receiver.address, paths):
+            self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(tree_listing(dst), sorted(["aux.c", "com\u00b9.txt"]))
+
+
+class RenamePolicyTests(unittest.TestCase):
+    """overwrite="rename": NAME (N).EXT, kept whole and within MAX_NAME_BYTES."""
+
+    def first(self, name):
+        return next(iter(xfer._numbered(name)))
+
+    def test_multi_part_extensions_stay_together(self):
+        cases = {"a.tar.gz": "a (1).tar.gz", "photo.jpg": "photo (1).jpg",
+                 "backup.2024.tar.zst": "backup.2024 (1).tar.zst",
+                 "v1.2.zip": "v1.2 (1).zip", "my.report.final.pdf": "my.report.final (1).pdf",
+                 "README.markdown": "README (1).markdown", "Makefile": "Makefile (1)",
+                 ".bashrc": ".bashrc (1)", ".config.json": ".config (1).json",
+                 ".tar.gz": ".tar (1).gz", "notes.old draft": "notes.old draft (1)",
+                 "a.": "a. (1)", "x.tar.gz.": "x.tar.gz. (1)"}
+        for name, want in cases.items():
+            with self.subTest(name=name):
+                self.assertEqual(self.first(name), want)
+
+    def test_numbers_count_up(self):
+        got = list(xfer._numbered("a.tar.gz"))
+        self.assertEqual(got[:3], ["a (1).tar.gz", "a (2).tar.gz", "a (3).tar.gz"])
+        self.assertEqual(len(got), len(set(got)))
+
+    def test_long_names_are_shortened_to_fit_without_splitting_a_character(self):
+        limit = xfer.MAX_NAME_BYTES
+        for stem_char in ("a", "\u00e9", "\u6f22", "\U0001f600"):
+            for ext in ("", ".gz", ".tar.gz"):
+                stem = stem_char * limit
+                while len((stem + ext).encode("utf-8")) > limit:
+                    stem = stem[:-1]
+                name = stem + ext
+                with self.subTest(char=stem_char, ext=ext):
+                    seen = set()
+                    for candidate in itertools.islice(xfer._numbered(name), 0, None, 97):
+                        raw = candidate.encode("utf-8")
+                        self.assertLessEqual(len(raw), limit, candidate)
+                        self.assertTrue(candidate.endswith(ext))
+                        self.assertRegex(candidate, r" \(\d+\)%s\Z" % re.escape(ext))
+                        self.assertTrue(candidate.startswith(stem_char * 10))
+                        raw.decode("utf-8")          # whole characters only
+                        seen.add(candidate)
+                    self.assertEqual(len(seen), len(range(0, 999, 97)))
+
+    def test_receiver_renames_a_255_byte_name(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        name = "b" * (xfer.MAX_NAME_BYTES - len(".tar.gz")) + ".tar.gz"
+        path = write_file(os.path.join(src, name), b"new")
+        write_file(os.path.join(dst, name), b"old")
+        receiver = start_receiver(self, dst, overwrite="rename")
+        (job,) = send_files(receiver.address, [path], skip=None)
+        self.assertEqual(job.state, "done", job.error)
+        renamed = [n for n in os.listdir(dst) if n != name]
+        self.assertEqual(len(renamed), 1, os.listdir(dst))
+        self.assertTrue(renamed[0].endswith(" (1).tar.gz"), renamed[0])
+        self.assertEqual(len(renamed[0].encode("utf-8")), xfer.MAX_NAME_BYTES)
+        self.assertEqual(job.note, "renamed to %s" % renamed[0])
+        with open(os.path.join(dst, renamed[0]), "rb") as f:
+            self.assertEqual(f.read(), b"new")
+        with open(os.path.join(dst, name), "rb") as f:
+            self.assertEqual(f.read(), b"old")
+
+    def test_receiver_keeps_a_double_extension_whole(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        path = write_file(os.path.join(src, "site.tar.gz"), b"new")
+        write_file(os.path.join(dst, "site.tar.gz"), b"old")
+        receiver = start_receiver(self, dst, overwrite="rename")
+        (job,) = send_files(receiver.address, [path], skip=None)
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(job.note, "renamed to site (1).tar.gz")
+        self.assertEqual(tree_listing(dst), ["site (1).tar.gz", "site.tar.gz"])
+
+
+class _NamesClock:
+    """xfer's time module with time.time() moved by shift seconds."""
+
+    def __init__(self, shift):
+        self.shift = shift
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def time(self):
+        return time.time() + self.shift
+
+
+class PartialSweepTests(unittest.TestCase):
+    """--partial-max-age counts from when a partial was last written, not its mtime."""
+
+    DAY = 86400.0
+
+    def partial(self, root, name, mtime):
+        """A partial written now that carries a source's mtime, as a kept one does."""
+        path = write_file(os.path.join(root, "%s%s.%s" % (xfer.PARTIAL_PREFIX, "0" * 16, name)),
+                          b"p" * 1000)
+        os.utime(path, (mtime, mtime))
+        return path
+
+    def sweep(self, dst, shift=0.0, max_age=DAY):
+        """Start a receiver whose clock is shift seconds ahead; return what its sweep logged."""
+        logged = []
+        with mock.patch.object(xfer, "time", _NamesClock(shift)):
+            start_receiver(self, dst, partial_max_age=max_age, log=logged.append)
+            for thread in threading.enumerate():
+                if thread.name == "xfer-sweep":
+                    thread.join(TIMEOUT)
+                    self.assertFalse(thread.is_alive(), "the sweep never ended")
+        return logged
+
+    def test_fresh_partial_with_an_old_source_mtime_is_kept(self):
+        dst = temp_dir(self)
+        path = self.partial(dst, "old-source.bin", time.time() - 30 * self.DAY)
+        self.assertEqual(self.sweep(dst, max_age=self.DAY), [])
+        self.assertTrue(os.path.exists(path), "a partial written just now was swept")
+
+    def test_stale_partial_with_a_future_source_mtime_is_swept(self):
+        # The sender's clock runs ahead: the partial carries an mtime in the
+        # future, but it was last written two days before the receiver starts.
+        dst = temp_dir(self)
+        path = self.partial(dst, "future-source.bin", time.time() + 30 * self.DAY)
+        logged = self.sweep(dst, shift=2 * self.DAY, max_age=self.DAY)
+        self.assertEqual(logged, ["removed 1 partial file older than 1 day"])
+        self.assertFalse(os.path.exists(path), "a stale partial survived by its mtime")
+
+    def drop_mid_body(self, dst, mtime):
+        """A large file cut off mid-body: the receiver keeps its partial; return its path."""
+        receiver = start_receiver(self, dst)
+        client = _HostileClient(receiver.address)
+        self.addCleanup(client.close)
+        size = 200000
+        header = (xfer._FILE.pack(1, size, int(mtime * 1e9), 0o644, 0) + b"big.bin")
+        client.send(client.frame(xfer._Msg.FILE, header))
+        got = client.read_frame()
+        self.assertEqual(got[0], xfer._Msg.ACCEPT, got)
+        client.send(client.frame(xfer._Msg.BODY, xfer._BODY.pack(1, 0)) + b"x" * (size // 2))
+        self.assertTrue(_hostile_wait_until(
+            lambda: _hostile_partials(dst) and os.path.getsize(
+                os.path.join(dst, _hostile_partials(dst)[0])) == size // 2))
+        client.close()
+        self.assertTrue(_hostile_wait_until(lambda: receiver.connections == 0))
+        receiver.stop()
+        (name,) = _hostile_partials(dst)
+        path = os.path.join(dst, name)
+        self.assertEqual(os.stat(path).st_mtime_ns, int(mtime * 1e9))   # the source's
+        return path
+
+    def test_partial_kept_by_a_dropped_connection_ages_from_its_last_write(self):
+        for label, mtime in (("old", time.time() - 30 * self.DAY),
+                             ("future", time.time() + 30 * self.DAY)):
+            with self.subTest(source_mtime=label):
+                dst = temp_dir(self)
+                path = self.drop_mid_body(dst, mtime)
+                self.assertEqual(self.sweep(dst, max_age=self.DAY), [])
+                self.assertTrue(os.path.exists(path), "swept although just written")
+                logged = self.sweep(dst, shift=2 * self.DAY, max_age=self.DAY)
+                self.assertEqual(logged, ["removed 1 partial file older than 1 day"])
+                self.assertEqual(_hostile_partials(dst), [])
+
+    def test_last_written_rule_per_os(self):
+        now = 1800000000.0
+        day = self.DAY
+
+        def st(ctime, atime, mtime):
+            return types.SimpleNamespace(st_ctime=ctime, st_atime=atime, st_mtime=mtime)
+        cases = [
+            # POSIX: the status-change time, whatever the mtime says.
+            (False, st(now - 3 * day, now, now + 30 * day), now - 3 * day),
+            (False, st(now - day, now - 9 * day, now - 30 * day), now - day),
+            # Windows (ctime is the creation time): the access time the
+            # receiver stamps when it keeps a partial, or the mtime of a
+            # partial left by a killed receiver; never an mtime in the future.
+            (True, st(now - 9 * day, now - day, now - 30 * day), now - day),
+            (True, st(now - 9 * day, now - 9 * day, now - day), now - day),
+            (True, st(now - 9 * day, now - 3 * day, now + 30 * day), now - 3 * day),
+        ]
+        for windows, stat_result, want in cases:
+            with self.subTest(windows=windows, want=(want - now) / day):
+                self.assertEqual(xfer._last_written(stat_result, now, windows), want)
+
+
+class TestSuiteShapeTests(unittest.TestCase):
+    def test_python3_test_xfer_py_runs_the_whole_suite(self):
+        # One unittest.main(), as the file's last statement: another one
+        # earlier would run only the classes above it and exit.
+        with open(os.path.abspath(__file__), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+                 and isinstance(node.func, ast.Attribute) and node.func.attr == "main"
+                 and isinstance(node.func.value, ast.Name) and node.func.value.id == "unittest"]
+        self.assertEqual(len(calls), 1, [c.lineno for c in calls])
+        last = tree.body[-1]
+        self.assertIsInstance(last, ast.If)
+        self.assertIn("__main__", ast.dump(last.test))
+        self.assertEqual(calls[0].lineno, last.body[-1].lineno)
+
+
 def _sec_fuzz_bytes(rng, n):
     return rng.getrandbits(8 * n).to_bytes(n, "big") if n else b""
 
@@ -5316,17 +5617,17 @@ class FaultTests(unittest.TestCase):
         key = hashlib.sha256(b"sub/big.bin").hexdigest()[:16]
         stale = write_file(os.path.join(dst, "sub", "%s%s.big.bin" % (xfer.PARTIAL_PREFIX, key)),
                            b"s" * 1000)
-        fresh = write_file(os.path.join(dst, "%s%s.new.bin" % (xfer.PARTIAL_PREFIX, "0" * 16)),
+        ahead = write_file(os.path.join(dst, "%s%s.new.bin" % (xfer.PARTIAL_PREFIX, "0" * 16)),
                            b"f" * 1000)
         other = write_file(os.path.join(dst, "old.bin"), b"o" * 1000)
         day = 86400.0
         now = time.time()
         for path in (stale, other):
             os.utime(path, (now - 3 * day, now - 3 * day))
-        # The receiver starts a day from now: the stale partial (last touched
-        # now, its mtime older still) is then older than half a day; the
-        # fresh one was written an hour before the start.
-        os.utime(fresh, (now + day - 3600, now + day - 3600))
+        # The receiver starts a day from now: both partials, last written
+        # now, are then older than half a day, whatever mtime they carry
+        # (the second one's source came from a clock running ahead).
+        os.utime(ahead, (now + day - 3600, now + day - 3600))
 
         class Clock:
             def __getattr__(self, name):
@@ -5339,8 +5640,8 @@ class FaultTests(unittest.TestCase):
             start_receiver(self, dst, partial_max_age=day / 2, log=logged.append)
             self.assertTrue(_hostile_wait_until(lambda: logged),
                             "the start-up sweep removed nothing")
-        self.assertEqual(logged, ["removed 1 partial file older than 12 hours"])
-        self.assertEqual(tree_listing(dst), sorted(["sub", os.path.basename(fresh), "old.bin"]))
+        self.assertEqual(logged, ["removed 2 partial files older than 12 hours"])
+        self.assertEqual(tree_listing(dst), sorted(["sub", "old.bin"]))
 
     @unittest.skipIf(os.name == "nt", "POSIX signals")
     def test_sigterm_lets_the_file_in_flight_finish_within_grace(self):

@@ -695,10 +695,14 @@ def _remember_fingerprint(path, hostport, fingerprint):
 # path safety and durable writes
 #------------------------------------------------------------
 
+# What ntpath.isreserved (3.13) refuses, checked here on every OS and
+# version: device names (Windows reads the superscripts in COM\u00b9 as
+# digits), plus COM0 and LPT0, which Microsoft's naming rules list too.
 _WINDOWS_RESERVED = frozenset(
     ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
-    + ["COM%d" % i for i in range(1, 10)] + ["LPT%d" % i for i in range(1, 10)])
+    + [dev + digit for dev in ("COM", "LPT") for digit in "0123456789\u00b9\u00b2\u00b3"])
 _WINDOWS_BAD_CHARS = frozenset('<>:"|?*')
+_WINDOWS_CONTROLS = frozenset(chr(i) for i in range(32))
 # Characters that change how a name displays without being visible:
 # bidi controls and zero-width characters.
 _INVISIBLE = ("\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d"
@@ -762,12 +766,17 @@ def _split_path(raw, portable=False, max_bytes=MAX_PATH_BYTES, max_depth=MAX_PAT
 
 
 def _check_portable(part, path):
-    """Refuse names Windows cannot store or treats as devices."""
-    if any(ch in _WINDOWS_BAD_CHARS for ch in part):
+    """Refuse names Windows cannot store or treats as devices: the rules of
+    ntpath.isreserved (3.13), which 3.8 lacks and which other OSes do not apply.
+    """
+    if _WINDOWS_CONTROLS.intersection(part):
+        raise UnsafePathError("control character not allowed on Windows", path)
+    if _WINDOWS_BAD_CHARS.intersection(part):
         raise UnsafePathError("character not allowed on Windows (<>:\"|?*)", path)
     if part[-1] in ". ":
         raise UnsafePathError("name ends with a dot or a space", path)
-    if part.split(".")[0].rstrip(" ").upper() in _WINDOWS_RESERVED:
+    # "nul.txt" and "nul .tar.gz" open the device too, in any case.
+    if part.partition(".")[0].rstrip(" ").upper() in _WINDOWS_RESERVED:
         raise UnsafePathError("reserved device name on Windows", path)
 
 
@@ -1081,13 +1090,32 @@ class _Dest:
         return os.path.join(self.root, *parts)
 
 
+# The extension the rename policy keeps at the end of a name: the last
+# suffix (a dot and 1-10 ASCII letters or digits), with the one before it
+# when that is short and not just a number (".tar.gz", not ".2.zip").
+_LAST_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,10}\Z")
+_INNER_SUFFIX = re.compile(r"\.(?=[0-9]{0,3}[A-Za-z])[A-Za-z0-9]{1,4}\Z")
+
+
+def _extension(name):
+    """The part of name that "NAME (1).EXT" keeps after the number ("" if none)."""
+    last = _LAST_SUFFIX.search(name)
+    if last is None or last.start() == 0:        # no suffix, or a dot file
+        return ""
+    inner = _INNER_SUFFIX.search(name, 0, last.start())
+    if inner is not None and inner.start() > 0:
+        return name[inner.start():]
+    return name[last.start():]
+
+
 def _numbered(name):
-    """"stem (1).ext", "stem (2).ext", ... (999 of them)."""
-    stem, dot, ext = name.rpartition(".")
-    if not stem:                      # no extension, or a dot file
-        stem, dot, ext = name, "", ""
+    """"stem (1).ext", "stem (2).ext", ... (999 of them), each at most
+    MAX_NAME_BYTES long: the stem is cut (by whole characters) to fit."""
+    ext = _extension(name)
+    stem = name[:len(name) - len(ext)]
     for i in range(1, 1000):
-        yield "%s (%d)%s%s" % (stem, i, dot, ext)
+        tail = " (%d)%s" % (i, ext)
+        yield _cut(stem, MAX_NAME_BYTES - len(tail.encode("utf-8"))) + tail
 
 
 def _is_reparse(st):
@@ -1520,8 +1548,13 @@ class Receiver:
             self._idle.notify_all()
 
     def _sweep(self):
-        """Delete partial files older than partial_max_age below DIR (start-up)."""
-        limit = time.time() - self.partial_max_age
+        """Delete partial files older than partial_max_age below DIR (start-up).
+
+        A partial's age counts from when it was last written (_last_written),
+        never from its mtime: a kept partial carries its source's mtime.
+        """
+        now = time.time()
+        limit = now - self.partial_max_age
         removed = 0
         for folder, dirs, files in os.walk(self.dir):
             dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
@@ -1531,8 +1564,7 @@ class Receiver:
                 path = os.path.join(folder, name)
                 try:
                     st = os.lstat(path)
-                    # ctime moves when a partial is kept (its mtime is set then)
-                    if stat.S_ISREG(st.st_mode) and max(st.st_ctime, st.st_mtime) < limit:
+                    if stat.S_ISREG(st.st_mode) and _last_written(st, now) < limit:
                         os.unlink(path)
                         removed += 1
                 except OSError:
@@ -1546,6 +1578,23 @@ class Receiver:
     def _count_failure(self):
         with self._lock:
             self.files_failed += 1
+
+
+def _last_written(st, now, windows=(os.name == "nt")):
+    """When a partial file was last written to, from its stat result.
+
+    Its mtime says nothing: a partial kept for a resume carries its source's
+    mtime, which may be years old or (a sender's clock ahead) in the future.
+    On POSIX the status-change time moves with every write and with the
+    stamp put on a kept partial, and nothing can set it back.  Windows has
+    no change time in stat (st_ctime is the creation time there), so a kept
+    partial's access time is set when it is kept; a partial left by a killed
+    receiver still has the mtime of its last write, unless that lies in the
+    future.
+    """
+    if not windows:
+        return st.st_ctime
+    return max(st.st_atime, st.st_mtime if st.st_mtime <= now else 0.0)
 
 
 class _Drop(Exception):
@@ -2003,12 +2052,15 @@ class _ReceiveSession:
         """Close a partial; keep it for a resume, or remove it."""
         if part is None:
             return
+        # A kept partial carries the source's mtime (what a resume compares)
+        # and, as its access time, when it was kept (what the start-up sweep
+        # counts from on Windows: _last_written).
+        times = (time.time_ns(), mtime_ns)
         try:
             if part.fd is not None:
                 if keep:
                     try:
-                        os.utime(part.fd, ns=(mtime_ns, mtime_ns)) \
-                            if os.utime in os.supports_fd else None
+                        os.utime(part.fd, ns=times) if os.utime in os.supports_fd else None
                     except OSError:
                         keep = False
                 os.close(part.fd)
@@ -2018,7 +2070,7 @@ class _ReceiveSession:
                     self.dest.remove(handle, part.temp)
             elif os.utime not in os.supports_fd:
                 try:
-                    os.utime(os.path.join(handle, part.temp), ns=(mtime_ns, mtime_ns))
+                    os.utime(os.path.join(handle, part.temp), ns=times)
                 except OSError:
                     self.dest.remove(handle, part.temp)
         finally:
@@ -2346,9 +2398,10 @@ def _failure(raw, error, what=None):
 
 
 def _duration(seconds):
-    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 0)):
         if seconds >= size:
-            return "%g %s" % (round(seconds / size, 1), unit)
+            n = round(seconds / size, 1) if size else seconds
+            return "%g %s%s" % (n, unit, "" if n == 1 else "s")
     return "%g seconds" % seconds
 
 
