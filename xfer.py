@@ -1017,7 +1017,7 @@ class _Dest:
 
         policy "replace" renames over an existing regular file (atomic).  The
         others never clobber: "rename" picks "NAME (1).EXT", "NAME (2).EXT"...
-        if the name is taken; "skip" and "fail" leave an existing file alone,
+        (_numbered) if the name is taken; "skip" and "fail" leave an existing file alone,
         returning None ("skip") or raising RemoteError ST_CONFLICT ("fail").
         Returns the final name.
         """
