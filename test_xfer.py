@@ -4978,6 +4978,275 @@ def _port_of(hostport):
     return int(hostport.rsplit(":", 1)[1])
 
 
+def _report_main(env, *argv):
+    """xfer.main(argv) in this process with env, stdout and stderr pipes: (status, out, err)."""
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, env, clear=True), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = xfer.main(list(argv))
+    return status, out.getvalue(), err.getvalue()
+
+
+def _report_ctrl_c(after):
+    """Patches for a Ctrl-C in the middle of a send-dir run with --workers 1.
+
+    The worker holds before the second body chunk of the first large file
+    until the Sender is closed with wait=False (what Ctrl-C does); the
+    KeyboardInterrupt comes from the display loop once the worker holds and
+    `after` files have been sent.
+    """
+    write, tick = xfer._Link._write, xfer._Report.tick
+    chunks = [0]
+
+    def held_write(link, data):
+        if isinstance(data, memoryview):
+            chunks[0] += 1
+            if chunks[0] == 2:
+                link.s._abort.wait(TIMEOUT)
+        return write(link, data)
+
+    def interrupting_tick(report):
+        if chunks[0] >= 2 and all(t.sender.files_done >= after for t in report.tracks):
+            raise KeyboardInterrupt
+        return tick(report)
+    return (mock.patch.object(xfer._Link, "_write", held_write),
+            mock.patch.object(xfer._Report, "tick", interrupting_tick))
+
+
+class ReportTests(unittest.TestCase):
+    """What send and send-dir print: summaries, error lines, the live line, JSON."""
+
+    def setUp(self):
+        self.env = isolated_env(temp_dir(self))
+
+    def run_main(self, *argv):
+        return _report_main(self.env, *argv)
+
+    def tree(self, root):
+        """30 small files, then one large one, then 170 small ones (walk order)."""
+        files = {"s%02d.txt" % i: b"%100d" % i for i in range(30)}
+        files["z/big.bin"] = os.urandom(4 * xfer.CHUNK + 100)
+        files.update(("z/more/m%03d.txt" % i, b"%100d" % i) for i in range(170))
+        return _make_tree(root, files)
+
+    # -- Ctrl-C
+
+    def test_ctrl_c_counts_add_up_cancelled_files_are_not_failures_kept_bytes_resume(self):
+        tree = self.tree(os.path.join(temp_dir(self), "shots"))
+        plain_dst, json_dst = temp_dir(self), temp_dir(self)
+        receivers = [start_receiver(self, d) for d in (plain_dst, json_dst)]
+        to = ["%s:%d" % r.address for r in receivers]
+        runs = []
+        for where, extra in zip(to, ((), ("--json",))):
+            write, tick = _report_ctrl_c(after=30)
+            with write, tick, mock.patch.object(xfer._Report, "REDRAW", 0.01):
+                runs.append(self.run_main("send-dir", "--workers", "1", *extra + (tree, where)))
+        for status, out, err in runs:
+            self.assertEqual(status, xfer.EXIT_INTERRUPTED, err)
+            self.assertNotIn("Traceback", err)
+            self.assertNotIn("FAILED", out + err)
+            self.assertNotIn("cancelled", out + err)
+            self.assertNotIn("xfer: error", err)
+        status, out, err = runs[0]
+        self.assertEqual(err, "xfer: interrupted; sending the same again resumes\n")
+        m = re.match(r"^sent 30 files, 3\.0 KB in [0-9.]+ s \([^)]*\), 171 interrupted, "
+                     r"([0-9.]+ [KM]B) kept for resume\n$", out)
+        self.assertTrue(m, out)
+        kept_text = m.group(1)
+        status, out, err = runs[1]
+        self.assertEqual(err, "xfer: interrupted; sending the same again resumes\n")
+        events = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual([e for e in events if e["event"] == "file_failed"], [])
+        (summary,) = [e for e in events if e["event"] == "summary"]
+        self.assertEqual((summary["files_sent"], summary["files_skipped"],
+                          summary["files_failed"], summary["files_interrupted"],
+                          summary["ok"]), (30, 0, 0, 171, False))
+        self.assertGreater(summary["bytes_kept"], 0)
+        # Sending again resumes from exactly the bytes reported kept.
+        for r in receivers:
+            self.assertTrue(_hostile_wait_until(lambda: r.connections == 0))
+        status, out, err = self.run_main("send-dir", tree, to[0])
+        self.assertEqual(status, xfer.EXIT_OK, err)
+        self.assertRegex(out, r"^sent 171 files, .*, %s resumed, 30 skipped\n$"
+                         % re.escape(kept_text))
+        status, out, err = self.run_main("send-dir", "--json", tree, to[1])
+        self.assertEqual(status, xfer.EXIT_OK, err)
+        (again,) = [e for e in map(json.loads, out.splitlines()) if e["event"] == "summary"]
+        self.assertEqual((again["files_sent"], again["files_skipped"], again["bytes_resumed"]),
+                         (171, 30, summary["bytes_kept"]))
+        for d in (plain_dst, json_dst):
+            self.assertEqual(tree_listing(os.path.join(d, "shots")), tree_listing(tree))
+
+    # -- error lines
+
+    def test_each_error_line_printed_once_single_destination_and_fan_out(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        # Larger than STREAM_MAX: every worker connects, and each one fails.
+        paths = [write_file(os.path.join(src, "big%d.bin" % i), os.urandom(300000))
+                 for i in range(4)]
+        up = "%s:%d" % start_receiver(self, dst).address
+        down = "%s:%d" % (HOST, _free_port())
+        for attempt in range(3):
+            with self.subTest(attempt=attempt):
+                status, out, err = self.run_main("send", "--retries", "0", *paths + [down])
+                self.assertEqual(status, xfer.EXIT_CONNECT, err)
+                self.assertEqual(out, "")
+                (line,) = err.splitlines()
+                self.assertTrue(line.startswith("xfer: error: cannot reach %s: " % down), line)
+                status, out, err = self.run_main("send", "--retries", "0", "--to", up,
+                                                 "--to", down, "--force", *paths)
+                self.assertEqual(status, xfer.EXIT_FAILED, err)
+                (line,) = err.splitlines()
+                self.assertTrue(line.startswith("xfer: error: %s: cannot reach " % down), line)
+                summaries = dict(line.split(": ", 1) for line in out.splitlines())
+                self.assertEqual(len(summaries), 2, out)
+                self.assertTrue(summaries[up].startswith("sent 4 files, "), summaries)
+                self.assertTrue(summaries[down].startswith("sent 0 files, "), summaries)
+                self.assertTrue(summaries[down].endswith(", 4 FAILED"), summaries)
+        # The same failure reaching the display as separate but equal errors
+        # (one per connection) is printed once; a different one is printed too.
+        screen = io.StringIO()
+        report = xfer._Report("plain", err=screen, out=screen)
+        t = _fake_track(report, "pi: ")
+        t.sender.error = xfer.ConnectError("cannot reach pi:22598: refused")
+        failures = [xfer.ConnectError("cannot reach pi:22598: refused"),
+                    xfer.ConnectionClosedError("connection lost: reset"),
+                    xfer.ConnectionClosedError("connection lost: reset"),
+                    xfer.RemoteError("a.tif: too large", xfer.ST_TOO_LARGE)]
+        for i, error in enumerate(failures):
+            report._ended(t, types.SimpleNamespace(kind="file", name="f%d" % i, state="failed",
+                                                   error=error, parent=None))
+        t.sender.files_done = t.sender.files_skipped = t.sender.bytes_sent = 0
+        t.sender.files_failed = len(failures)
+        t.sender.bytes_resumed, t.sender.fingerprint_new = 0, False
+        report.finish()       # the connection's error was printed already
+        self.assertEqual(screen.getvalue().splitlines()[:-1],
+                         ["xfer: error: pi: cannot reach pi:22598: refused",
+                          "xfer: error: pi: connection lost: reset",
+                          "xfer: error: pi: a.tif: too large"])
+        self.assertRegex(screen.getvalue().splitlines()[-1], r"^pi: sent 0 files, .*, 4 FAILED$")
+
+    def test_receiver_closing_mid_send_is_one_line_naming_it_without_byte_counts(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        paths = [write_file(os.path.join(src, "a%d.txt" % i), b"a" * 100) for i in range(3)]
+        receiver = start_receiver(self, dst)
+        where = "%s:%d" % receiver.address
+        # The receiver hangs up right after the handshake, as one that is killed would.
+        with mock.patch.object(xfer._ReceiveSession, "_loop", lambda session: None):
+            status, out, err = self.run_main("send", "--retries", "0", *paths + [where])
+        self.assertEqual(status, xfer.EXIT_FAILED, err)
+        self.assertEqual(err, "xfer: error: %s closed the connection\n" % where)
+        self.assertRegex(out, r"^sent 0 files, 0 B in .*, 3 FAILED\n$")
+
+    # -- summaries
+
+    def test_no_op_rerun_says_nothing_to_send_with_plural_forms(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        one = write_file(os.path.join(src, "a.tif"), b"a" * 100)
+        tree = _make_tree(os.path.join(src, "site"), {"x.txt": b"x", "d/y.txt": b"y"})
+        where = "%s:%d" % start_receiver(self, dst).address
+        for argv, first, again in (
+                (("send", one, where), r"^sent 1 file, 100 B in ",
+                 "nothing to send: 1 file already there\n"),
+                (("send-dir", tree, where), r"^sent 2 files, 2 B in ",
+                 "nothing to send: 2 files already there\n")):
+            with self.subTest(argv=argv[0]):
+                status, out, err = self.run_main(*argv)
+                self.assertEqual(status, xfer.EXIT_OK, err)
+                self.assertRegex(out, first)
+                status, out, err = self.run_main(*argv)
+                self.assertEqual((status, out, err), (xfer.EXIT_OK, again, ""))
+
+    # -- the live line
+
+    def test_live_line_names_files_relative_to_the_tree_cut_from_the_left(self):
+        report = xfer._Report("live", err=io.StringIO(), width=lambda: 200)
+        t = _fake_track(report)
+        top = types.SimpleNamespace(name="in/shots")
+        deep = _fake_job("in/shots/seq17/render_0001.tif", 3000000, 1000000)
+        deep.parent = top
+        single = _fake_job("in/notes.txt", 1000000)
+        t.jobs = [deep, single]
+        t.sending = collections.OrderedDict([(1, deep), (2, single)])
+        line = report.status_line(t, 100.0, 200)
+        self.assertTrue(line.endswith("  0/2 files  seq17/render_0001.tif, notes.txt"), line)
+        # Too narrow: the first one only, cut from the left, base name kept.
+        line = report.status_line(t, 100.0, len(line) - 3)
+        self.assertTrue(line.endswith("  0/2 files  seq17/render_0001.tif ..."), line)
+        t.sending = collections.OrderedDict([(1, deep)])
+        full = report.status_line(t, 100.0, 200)
+        fixed = full[:-len("  seq17/render_0001.tif")]
+        for room, shown in ((20, "...7/render_0001.tif"), (18, "...render_0001.tif"),
+                            (16, "render_0001.tif")):
+            with self.subTest(room=room):
+                width = len(fixed) + 2 + room + 1
+                line = report.status_line(t, 100.0, width)
+                self.assertLessEqual(len(line), width - 1)
+                self.assertEqual(line, fixed + "  " + shown)
+
+    def test_live_line_says_verifying_while_the_resume_prefix_is_hashed(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        big = write_file(os.path.join(src, "big.bin"), os.urandom(8 * xfer.CHUNK))
+        receiver = start_receiver(self, dst)
+        patcher, held, gate = _embed_gate_write(body_chunk=3)
+        self.addCleanup(gate.set)
+        with patcher:            # leave a partial of two chunks on the receiver
+            sender = xfer.Sender(receiver.address, workers=1)
+            self.addCleanup(sender.close, False)
+            job = sender.queue(big)
+            self.assertTrue(held.wait(TIMEOUT), "the sender never reached the gate")
+            job.cancel()
+            gate.set()
+            self.assertTrue(job.wait(TIMEOUT))
+        self.assertTrue(_hostile_wait_until(lambda: receiver.connections == 0))
+        hashing, proceed = threading.Event(), threading.Event()
+        self.addCleanup(proceed.set)
+        real_hash = xfer._hash_prefix
+
+        def slow_hash(*args):
+            hashing.set()
+            proceed.wait(TIMEOUT)
+            return real_hash(*args)
+        report = xfer._Report("live", err=io.StringIO(), width=lambda: 200)
+        track, callbacks = report.track("", "%s:%d" % receiver.address)
+        with mock.patch.object(xfer, "_hash_prefix", slow_hash):
+            track.sender = xfer.Sender(receiver.address, dispatch="poll", workers=1,
+                                       **callbacks)
+            self.addCleanup(track.sender.close, False)
+            track.jobs.append(track.sender.queue(big))
+            self.assertTrue(hashing.wait(TIMEOUT), "no prefix was hashed")
+            track.sender.poll()
+            line = report.status_line(track, time.monotonic(), 200)
+            proceed.set()
+            self.assertTrue(track.sender.wait(TIMEOUT))
+            track.sender.close()
+        self.assertTrue(line.endswith("0/1 files  verifying big.bin"), line)
+        (job,) = track.jobs
+        self.assertEqual(job.state, "done", job.error)
+        self.assertGreater(job.resumed, 0)
+        self.assertEqual(sha256_file(os.path.join(dst, "big.bin")), sha256_file(big))
+
+    def test_fan_out_destination_whose_files_all_failed_shows_failed_and_stops(self):
+        report = xfer._Report("live", err=io.StringIO(), width=lambda: 200)
+        ok, bad = _fake_track(report, "pi1: "), _fake_track(report, "pi2: ")
+        for t in (ok, bad):
+            t.jobs = [_fake_job("a.tif", 3000000), _fake_job("b.tif", 1000000)]
+            t.sender.files_done = t.sender.files_skipped = 0
+        refused = xfer.RemoteError("a.tif: too large for the receiver", xfer.ST_TOO_LARGE)
+        for job in bad.jobs:
+            job.done, job.state = True, "failed"
+            job.error = refused if job.name == "a.tif" else xfer.RemoteError(
+                "b.tif: too large for the receiver", xfer.ST_TOO_LARGE)
+            bad.sender.files_failed += 1
+            report._ended(bad, job)
+        first = report.status_line(bad, 100.0, 200)
+        self.assertEqual(first, "pi2: FAILED: a.tif: too large for the receiver")
+        self.assertEqual(report.status_line(bad, 109.0, 200), first)
+        # one file still going: the live line as usual
+        ok.jobs[0].bytes_done = 1500000
+        self.assertTrue(report.status_line(ok, 100.0, 200).startswith("pi1:  37%  1.5 MB"))
+
+
 class ReadmeSyncTests(unittest.TestCase):
     def test_protocol_struct_formats_match_the_code(self):
         with open(os.path.join(os.path.dirname(XFER), "README.md"), encoding="utf-8") as f:
@@ -5604,7 +5873,8 @@ class FaultTests(unittest.TestCase):
         self.assertEqual(proc.returncode, xfer.EXIT_INTERRUPTED, err)
         self.assertNotIn("Traceback", err)
         self.assertIn("interrupted", err)
-        self.assertRegex(out, r"^sent 0 files, 0 B in [0-9.]+ s \(0 B/s\), 1 interrupted\n$")
+        self.assertRegex(out, r"^sent 0 files, 0 B in [0-9.]+ s \(0 B/s\), 1 interrupted, "
+                              r"1\.0 MB kept for resume\n$")
         self.assertFalse(os.path.exists(os.path.join(dst, "big.bin")))
         self.assertTrue(_hostile_wait_until(lambda: receiver.connections == 0))
         r = run_xfer("send", "--to", to, "--token", TOKEN, big,

@@ -134,6 +134,9 @@ CHECK_BATCH = 32
 #: Files a sender has asked about (CHECK) but not yet sent, per connection:
 #: the answers for later files travel while earlier ones are being sent.
 CHECK_AHEAD = 4 * CHECK_BATCH
+#: send and send-dir: on Ctrl-C, seconds the workers get to end the
+#: cancelled files, so the summary counts them (a stuck one is not waited for).
+CANCEL_GRACE = 0.5
 
 #------------------------------------------------------------
 # errors and exit statuses
@@ -2421,7 +2424,8 @@ class Job:
     """One file (or one directory tree) queued on a Sender.
 
     Read-only attributes, safe to read from any thread: state ("queued",
-    "sending", "done", "failed", "skipped", "cancelled"), bytes_done, size,
+    "sending", "verifying" (hashing the part the receiver kept, before
+    resuming after it), "done", "failed", "skipped", "cancelled"), bytes_done, size,
     progress (0.0-1.0), error (an XferError or None), path (local),
     name (relative path on the receiver), kind ("file" or "dir"), resumed
     (bytes the receiver already had), digest (sha256 hex of what was sent).
@@ -2573,9 +2577,13 @@ class Sender:
         self.files_done = 0
         self.files_failed = 0
         self.files_skipped = 0
+        #: files stopped by cancel() or close(wait=False): not failures
+        self.files_cancelled = 0
         self.bytes_sent = 0
         #: bytes the receiver already had from an interrupted earlier attempt
         self.bytes_resumed = 0
+        self._bodies = set()        # large files whose body is being sent
+        self._kept = 0              # bytes of bodies cancelled midway (bytes_kept)
 
     # -- methods for the caller
 
@@ -2661,6 +2669,16 @@ class Sender:
     @property
     def callback_errors(self):
         return self._dispatch.callback_errors
+
+    @property
+    def bytes_kept(self):
+        """Bytes of large files cancelled midway, which the receiver keeps for a resume.
+
+        As this side counts them (what it handed to the connection); sending
+        such a file again resumes after them.
+        """
+        with self._lock:
+            return self._kept + sum(j.bytes_done for j in self._bodies if j.cancelled)
 
     def ping(self):
         """Connect, authenticate and ask for the server's state.
@@ -2893,7 +2911,10 @@ class Sender:
             if link is not None:
                 link.close()
             for job in retry:
-                self._end(job, "failed", self.error or XferError("%s: not sent" % job.name))
+                if job.cancelled:
+                    self._end(job, "cancelled", XferError("%s: cancelled" % job.name))
+                else:
+                    self._end(job, "failed", self.error or XferError("%s: not sent" % job.name))
 
     def _still_wanted(self, job):
         """End a job that should not be sent any more; True if it should."""
@@ -2966,7 +2987,8 @@ class Sender:
         if job.kind == "mkdir":
             if error is not None:
                 with self._lock:
-                    self.files_failed += 1
+                    if state == "failed":
+                        self.files_failed += 1
                     job.parent.failures.append((job.name, error))
             job._set_done()
             if error is not None:
@@ -2982,6 +3004,8 @@ class Sender:
                 self.bytes_resumed += job.resumed
             elif state == "skipped":
                 self.files_skipped += 1
+            elif state == "cancelled":
+                self.files_cancelled += 1
             else:
                 self.files_failed += 1
         job._set_done()
@@ -3113,6 +3137,10 @@ class _Link:
                     frames.append(more)
                 if self._take(frames):
                     return
+        except ConnectionClosedError:
+            # Its byte counts are about frames, which tell a person nothing.
+            self._break(ConnectionClosedError("%s closed the connection"
+                                              % _host_port_text(self.s.host, self.s.port)))
         except XferError as e:
             self._break(e)
         except socket.timeout:
@@ -3353,10 +3381,12 @@ class _Link:
             if 0 < offset < size:
                 # Resume only from bytes proven equal: hash our own first
                 # offset bytes and compare with the receiver's partial.
+                job.state = "verifying"
                 try:
                     _hash_prefix(f, h, offset, self.buf)
                 except OSError as e:
                     self._abandon(fid, job, "%s: %s" % (job.path, e.strerror or e))
+                job.state = "sending"
                 if hmac.compare_digest(h.digest(), prefix):
                     start = offset
                 else:
@@ -3380,23 +3410,31 @@ class _Link:
         """Stream count bytes of f (already positioned), then the TRAILER."""
         view = memoryview(self.buf)
         left = count
-        while left:
-            if job.cancelled or job.done:
-                # Mid-body there is no way to stop but closing the connection;
-                # the receiver then discards its temporary file.
-                self._abandon(fid, job, None)
-                return
-            try:
-                n = f.readinto(view[:min(left, CHUNK)])
-            except OSError as e:
-                self._abandon(fid, job, "%s: %s" % (job.path, e.strerror or e))
-            if not n:
-                self._abandon(fid, job, "%s shrank while it was sent" % job.path)
-            chunk = view[:n]
-            h.update(chunk)
-            self._write(chunk)
-            left -= n
-            self.s._progress(job, n)
+        with self.s._lock:
+            self.s._bodies.add(job)
+        try:
+            while left:
+                if job.cancelled or job.done:
+                    # Mid-body there is no way to stop but closing the
+                    # connection; the receiver keeps what it got, to resume.
+                    self._abandon(fid, job, None)
+                    return
+                try:
+                    n = f.readinto(view[:min(left, CHUNK)])
+                except OSError as e:
+                    self._abandon(fid, job, "%s: %s" % (job.path, e.strerror or e))
+                if not n:
+                    self._abandon(fid, job, "%s shrank while it was sent" % job.path)
+                chunk = view[:n]
+                h.update(chunk)
+                self._write(chunk)
+                left -= n
+                self.s._progress(job, n)
+        finally:
+            with self.s._lock:
+                self.s._bodies.discard(job)
+                if left and job.cancelled:
+                    self.s._kept += job.bytes_done
         flags = 0
         if job.source is None:
             try:
@@ -4418,15 +4456,36 @@ def _enable_ansi(stream):
         return False
 
 
+def _cell(ch):
+    """Terminal cells of one character: wide characters take two, combining ones none."""
+    if unicodedata.combining(ch):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+
+
+def _cells(text):
+    return sum(map(_cell, text))
+
+
 def _fit(text, columns):
-    """text cut to at most columns terminal cells (wide characters take two)."""
+    """text cut to at most columns terminal cells."""
     used = 0
     for i, ch in enumerate(text):
-        cell = 0 if unicodedata.combining(ch) else (
-            2 if unicodedata.east_asian_width(ch) in "WF" else 1)
-        if used + cell > columns:
+        if used + _cell(ch) > columns:
             return text[:i]
-        used += cell
+        used += _cell(ch)
+    return text
+
+
+def _fit_left(text, columns):
+    """text cut from the left to at most columns cells, "..." standing for the cut part."""
+    if _cells(text) <= columns:
+        return text
+    used = 3
+    for i in range(len(text) - 1, -1, -1):
+        if used + _cell(text[i]) > columns:
+            return "..." + text[i + 1:] if columns >= 3 else ""
+        used += _cell(text[i])
     return text
 
 
@@ -4435,6 +4494,19 @@ def _clock(seconds):
     if seconds >= 3600:
         return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
     return "%d:%02d" % (seconds // 60, seconds % 60)
+
+
+def _flight_name(job):
+    """How the live line names a file in flight: below its tree, else its base name."""
+    parent = getattr(job, "parent", None)
+    if parent is not None and job.name.startswith(parent.name + "/"):
+        name = job.name[len(parent.name) + 1:]
+    else:
+        name = job.name.rsplit("/", 1)[-1]
+    if getattr(job, "state", None) == "verifying":
+        # hashing the part the receiver kept, before resuming after it
+        return "verifying " + _display(name)
+    return _display(name)
 
 
 class _Track:
@@ -4452,6 +4524,8 @@ class _Track:
         self.samples = collections.deque()          # (time, bytes) for the rate
         self.started = time.monotonic()
         self.last_event = 0.0
+        self.first_error = None     # text of the first file that failed
+        self.said = set()           # error lines printed, so each is printed once
 
     @property
     def files_total(self):
@@ -4465,6 +4539,19 @@ class _Track:
     def finished(self):
         return all(j.done for j in self.jobs)
 
+    @property
+    def all_failed(self):
+        """True once every file has ended and none arrived (the live line says so)."""
+        s = self.sender
+        return (self.finished and self.failed > 0
+                and not s.files_done and not s.files_skipped)
+
+    def interrupted(self):
+        """Files not finished: sent + skipped + failed + interrupted = all files."""
+        s = self.sender
+        return max(0, self.files_total + self.failed_inputs - s.files_done - s.files_skipped
+                   - self.failed)
+
     def rate(self, now):
         """Bytes per second over the last few seconds."""
         done = sum(j.bytes_done for j in self.jobs)
@@ -4477,6 +4564,9 @@ class _Track:
     def summary(self, interrupted=False):
         """The one line a send ends with (README "send and send-dir")."""
         s = self.sender
+        if not (interrupted or s.files_done or self.failed) and s.files_skipped:
+            return self.label + "nothing to send: %d file%s already there" % (
+                s.files_skipped, "" if s.files_skipped == 1 else "s")
         seconds = time.monotonic() - self.started
         rate = s.bytes_sent / seconds if seconds > 0 else 0.0
         line = "sent %d file%s, %s in %.2f s (%s/s)" % (
@@ -4488,8 +4578,11 @@ class _Track:
             line += ", %d skipped" % s.files_skipped
         if self.failed:
             line += ", %d FAILED" % self.failed
-        if interrupted and self.files_total > self.ended:
-            line += ", %d interrupted" % (self.files_total - self.ended)
+        if interrupted:
+            if self.interrupted():
+                line += ", %d interrupted" % self.interrupted()
+            if s.bytes_kept:
+                line += ", %s kept for resume" % _human(s.bytes_kept)
         return self.label + line
 
 
@@ -4541,6 +4634,8 @@ class _Report:
             return          # its files were reported one by one
         if job.kind == "file":
             t.ended += 1
+        if job.state == "cancelled":
+            return          # Ctrl-C or cancel(): counted as interrupted, not failed
         if job.state in ("done", "skipped"):
             if job.kind != "file":
                 return
@@ -4559,16 +4654,26 @@ class _Report:
                     _display(job.name), _human(job.size),
                     "".join(", " + _display(n) for n in notes)))
             return
+        if t.first_error is None:
+            t.first_error = str(job.error)
         self._event("file_failed", t, path=job.name, reason=str(job.error),
                     exit=getattr(job.error, "exit_code", EXIT_FAILED))
-        # A connection-level failure is reported once, with the summary.
-        if self.mode != "json" and job.error is not t.sender.error:
-            self.say("xfer: error: %s%s" % (t.label, _display(str(job.error))))
+        self.error(t, str(job.error))
+
+    def error(self, t, text):
+        """Print t's error line, unless the same line was printed already: a
+        connection that fails fails every file in flight on it, and each
+        worker's connection fails on its own."""
+        if self.mode != "json" and text not in t.said:
+            t.said.add(text)
+            self.say("xfer: error: %s%s" % (t.label, _display(text, limit=2000)))
 
     def input_error(self, path, why):
         """An operand that cannot be sent: it counts as failed for every destination."""
         for t in self.tracks:
             t.failed_inputs += 1
+            if t.first_error is None:
+                t.first_error = "%s: %s" % (path, why)
         if self.mode == "json":
             for t in self.tracks:
                 name = "/".join(p for p in (t.subdir, os.path.basename(os.path.abspath(path)))
@@ -4614,7 +4719,10 @@ class _Report:
     def status_line(self, t, now, width):
         """One destination's live line, cut to width."""
         if t.finished and t.sender.error is not None:
-            text = "%sFAILED: %s" % (t.label, t.sender.error)
+            text = "%sFAILED: %s" % (t.label, _display(str(t.sender.error)))
+        elif t.all_failed:
+            # It stays like this while the other destinations go on.
+            text = "%sFAILED: %s" % (t.label, _display(t.first_error or "nothing arrived"))
         else:
             done = sum(j.bytes_done for j in t.jobs)
             total = sum(j.size for j in t.jobs)
@@ -4626,10 +4734,26 @@ class _Report:
                 t.label, 100 * done // total if total else (100 if t.finished else 0),
                 _human(done), _human(total), _human(rate) if rate is not None else "--",
                 eta, t.ended, t.files_total)
-            names = [_display(j.name.rsplit("/", 1)[-1]) for j in t.sending.values()]
-            if names:
-                text += "  " + ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+            names = [_flight_name(j) for j in itertools.islice(t.sending.values(), 4)]
+            room = width - 1 - _cells(text) - 2
+            if names and room > 3:
+                text += "  " + self._names_in(names, room)
         return _fit(text, width - 1)
+
+    @staticmethod
+    def _names_in(names, room):
+        """Up to three names of files in flight in room cells; else the first, cut
+        from the left, keeping its base name whole if it can (the same base name
+        may be in many directories)."""
+        for n in (3, 2, 1):
+            shown = ", ".join(names[:n]) + (" ..." if len(names) > n else "")
+            if n <= len(names) and _cells(shown) <= room:
+                return shown
+        base = names[0].rsplit("/", 1)[-1]
+        cut = _fit_left(names[0], room)
+        if len(cut) - 3 < len(base) and _cells(base) <= room:
+            return base
+        return cut
 
     def _draw(self, now):
         width = self.width()
@@ -4654,8 +4778,8 @@ class _Report:
                 self._event("summary", t, files_sent=s.files_done,
                             files_skipped=s.files_skipped, files_failed=t.failed,
                             bytes_sent=s.bytes_sent, bytes_resumed=s.bytes_resumed,
-                            files_interrupted=max(0, t.files_total - t.ended) if interrupted
-                            else 0,
+                            files_interrupted=t.interrupted() if interrupted else 0,
+                            bytes_kept=s.bytes_kept if interrupted else 0,
                             seconds=round(time.monotonic() - t.started, 3),
                             ok=not (t.failed or interrupted) and s.error is None,
                             error=None if s.error is None else str(s.error))
@@ -4663,8 +4787,8 @@ class _Report:
             if s.fingerprint_new:
                 self.say("xfer: trusting the TLS certificate of %s on first use: %s "
                          "(recorded in %s)" % (t.to, s.server_fingerprint, s.known_hosts))
-            if s.error is not None and t.label:
-                self.say("xfer: error: %s%s" % (t.label, _display(str(s.error))))
+            if s.error is not None:
+                self.error(t, str(s.error))
             if self.mode != "quiet" and (s.error is None or t.label):
                 self.say(t.summary(interrupted), self.out)
 
@@ -4734,16 +4858,17 @@ def _cmd_send(args):
     except KeyboardInterrupt:
         for t in tracks:
             t.sender.close(wait=False)
+        # Let the workers end the cancelled files, so the summary counts them.
+        deadline = time.monotonic() + CANCEL_GRACE
+        for t in tracks:
+            t.sender.wait(max(0.0, deadline - time.monotonic()))
             t.sender.poll()
         report.finish(interrupted=True)
         report.say("xfer: interrupted; sending the same again resumes")
         return EXIT_INTERRUPTED
     report.finish()
     if len(tracks) == 1 and tracks[0].sender.error is not None:
-        error = tracks[0].sender.error
-        if mode == "json":
-            return error.exit_code
-        raise error
+        return tracks[0].sender.error.exit_code      # finish() printed it
     return EXIT_FAILED if any(t.failed or t.sender.error for t in tracks) else EXIT_OK
 
 
