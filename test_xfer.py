@@ -384,6 +384,389 @@ class RoundTripTests(unittest.TestCase):
 # configuration: files, environment, serverinfo.py
 #------------------------------------------------------------
 
+class _SendCliCase(unittest.TestCase):
+    """Helpers for the send/send-dir command-line tests below."""
+
+    def setUp(self):
+        self.home = temp_dir(self)
+        self.cwd = temp_dir(self)
+        self.env = isolated_env(self.home)
+        self.ini = os.path.join(self.home, "empty.ini")
+        write_file(self.ini, b"")
+
+    def serve(self, dst):
+        _, port = spawn_server(self, "--dir", dst, "--token", TOKEN, cwd=self.cwd, env=self.env)
+        return "%s:%d:" % (HOST, port)
+
+    def xfer(self, *args, input=None, timeout=TIMEOUT):
+        """xfer.py in a subprocess; input (bytes) is piped to its stdin."""
+        r = subprocess.run([sys.executable, XFER] + list(args), cwd=self.cwd, env=self.env,
+                           input=input, stdin=None if input is not None else subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+        r.stdout = r.stdout.decode("utf-8", "replace")
+        r.stderr = r.stderr.decode("utf-8", "replace")
+        return r
+
+    def main(self, *argv, stdin=None, tty=False):
+        """xfer.main(argv) in this process; returns (status, stdout, stderr)."""
+        out, err = io.StringIO(), (_TtyLog() if tty else io.StringIO())
+        env = {k: v for k, v in os.environ.items() if not k.startswith("XFER_")}
+        env.update(TERM="xterm", COLUMNS="200")
+        old = os.getcwd()
+        os.chdir(self.cwd)        # relative operands name files in self.cwd
+        try:
+            with mock.patch.dict(os.environ, env, clear=True), \
+                    mock.patch.object(sys, "stdin", stdin or io.TextIOWrapper(io.BytesIO())), \
+                    contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                status = xfer.main(list(argv))
+        finally:
+            os.chdir(old)
+        return status, out.getvalue(), err.getvalue()
+
+    def one_error_line(self, stderr):
+        self.assertNotIn("Traceback", stderr)
+        lines = [line for line in _visible_lines(stderr) if line.strip()]
+        self.assertEqual(len(lines), 1, stderr)
+        return lines[0]
+
+
+class _TtyLog(io.StringIO):
+    """A fake terminal for stderr: the live display draws on it."""
+
+    def isatty(self):
+        return True
+
+
+def _bad_name_file(test, directory, name=b"latin\xe9.txt", data=b"latin-1 name"):
+    """Create a file whose name is not valid UTF-8; skip where the OS refuses one."""
+    if os.name == "nt":
+        test.skipTest("Windows file names are always Unicode")
+    path = os.path.join(os.fsencode(directory), name)
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        test.skipTest("this filesystem refuses non-UTF-8 names: %s" % e)
+    return os.fsdecode(path)
+
+
+class SendNameEncodingTests(_SendCliCase):
+    def test_send_dir_reports_a_non_utf8_name_and_sends_every_other_file(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        top = _make_tree(os.path.join(src, "bad"), {
+            "good1.txt": b"one", "good2.txt": b"two", "ok/inner.txt": b"inner"})
+        _bad_name_file(self, top)
+        started = time.monotonic()
+        r = self.xfer("send-dir", "--token", TOKEN, top, self.serve(dst))
+        seconds = time.monotonic() - started
+        self.assertEqual(r.returncode, xfer.EXIT_FAILED, r.stderr)
+        self.assertEqual(self.one_error_line(r.stderr),
+                         "xfer: error: %s: name is not valid UTF-8; rename it to send it"
+                         % os.path.join(top, "latin\\xe9.txt"))
+        self.assertEqual(tree_listing(os.path.join(dst, "bad")),
+                         ["good1.txt", "good2.txt", "ok", "ok/inner.txt"])
+        self.assertRegex(r.stdout, r"^sent 3 files, .*, 1 FAILED$")
+        self.assertLess(seconds, xfer.DEFAULT_IO_TIMEOUT / 4)   # nothing waited for an answer
+
+    def test_send_of_a_non_utf8_name_fails_that_file_alone(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        bad = _bad_name_file(self, src)
+        good = write_file(os.path.join(src, "good.txt"), b"good")
+        r = self.xfer("send", "--token", TOKEN, bad, good, self.serve(dst))
+        self.assertEqual(r.returncode, xfer.EXIT_FAILED, r.stderr)
+        self.assertIn("latin\\xe9.txt: name is not valid UTF-8", self.one_error_line(r.stderr))
+        self.assertEqual(os.listdir(dst), ["good.txt"])
+
+    def test_a_directory_with_a_non_utf8_name_fails_without_a_hang(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        top = _make_tree(os.path.join(src, "tree"), {"good.txt": b"good"})
+        bad_dir = os.path.join(os.fsencode(top), b"dir\xe9")
+        try:
+            os.mkdir(bad_dir)
+        except OSError as e:
+            self.skipTest("this filesystem refuses non-UTF-8 names: %s" % e)
+        write_file(os.path.join(os.fsdecode(bad_dir), "inside.txt"), b"inside")
+        receiver = start_receiver(self, dst)
+        sender = xfer.Sender(receiver.address, timeout=TIMEOUT)
+        self.addCleanup(sender.close, False)
+        job = sender.queue(top)
+        self.assertTrue(job.wait(TIMEOUT / 4), "the tree never ended")
+        self.assertEqual(job.state, "failed")
+        self.assertEqual(sorted(name for name, _ in job.failures),
+                         ["tree/dir\udce9", "tree/dir\udce9/inside.txt"])
+        self.assertIn("name is not valid UTF-8", str(job.error))
+        self.assertEqual(tree_listing(os.path.join(dst, "tree")), ["good.txt"])
+
+    def test_display_shows_undecodable_bytes_as_escapes(self):
+        self.assertEqual(xfer._display("bad/latin\udce9.txt"), "bad/latin\\xe9.txt")
+        self.assertEqual(xfer._display("\ud800x"), "\\ud800x")
+
+    def test_a_request_that_fails_to_encode_fails_its_file_alone(self):
+        # Any failure while a request is being built, not only a bad name:
+        # the file fails, the connection never waits for an answer to a
+        # request that was never sent, and the other files arrive.
+        real_frame = xfer._frame
+
+        def frame(kind, payload=b"", *args, **kw):
+            if bytes(payload).endswith((b"boom.txt", b"/boomdir")):
+                raise RuntimeError("encoder bug")
+            return real_frame(kind, payload, *args, **kw)
+        for skip in ("quick", None):      # CHECK first, or FILE and MKDIR at once
+            with self.subTest(skip=skip):
+                src, dst = temp_dir(self), temp_dir(self)
+                top = _make_tree(os.path.join(src, "tree"), {
+                    "a.txt": b"a", "boom.txt": b"boom", "z.txt": b"z",
+                    "boomdir/inner.txt": b"inner"})
+                receiver = start_receiver(self, dst)
+                sender = xfer.Sender(receiver.address, timeout=TIMEOUT, skip=skip)
+                self.addCleanup(sender.close, False)
+                with mock.patch.object(xfer, "_frame", frame), \
+                        contextlib.redirect_stderr(io.StringIO()):
+                    one = sender.queue(os.path.join(top, "boom.txt"))
+                    tree = sender.queue(top)
+                    self.assertTrue(sender.wait(TIMEOUT / 4), "a connection waited")
+                self.assertEqual(one.state, "failed")
+                self.assertIn("internal error", str(one.error))
+                self.assertEqual(tree.state, "failed")
+                self.assertEqual(sorted(name for name, _ in tree.failures),
+                                 ["tree/boom.txt", "tree/boomdir"])
+                self.assertEqual(tree_listing(os.path.join(dst, "tree")),
+                                 ["a.txt", "boomdir", "boomdir/inner.txt", "z.txt"])
+
+
+class SendStdinTests(_SendCliCase):
+    def test_dash_sends_standard_input_as_a_file_named_stdin(self):
+        dst = temp_dir(self)
+        r = self.xfer("send", "--token", TOKEN, "-", self.serve(dst), input=b"hi\n")
+        self.assertEqual(r.returncode, xfer.EXIT_OK, r.stderr)
+        self.assertRegex(r.stdout, r"^sent 1 file, 3 B ")
+        with open(os.path.join(dst, "stdin"), "rb") as f:
+            self.assertEqual(f.read(), b"hi\n")
+        if os.name != "nt":
+            umask = os.umask(0o022)
+            os.umask(umask)
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(dst, "stdin")).st_mode),
+                             0o666 & ~umask)
+
+    def test_dash_with_name_and_a_directory(self):
+        dst = temp_dir(self)
+        data = os.urandom(xfer.STREAM_MAX + 12345)     # sent as a large file
+        r = self.xfer("send", "--token", TOKEN, "--name", "dump.bin", "-",
+                      self.serve(dst) + "logs/", input=data)
+        self.assertEqual(r.returncode, xfer.EXIT_OK, r.stderr)
+        self.assertEqual(tree_listing(dst), ["logs", "logs/dump.bin"])
+        self.assertEqual(sha256_file(os.path.join(dst, "logs", "dump.bin")),
+                         hashlib.sha256(data).hexdigest())
+
+    def test_standard_input_over_the_limit_is_refused(self):
+        stdin = io.TextIOWrapper(io.BytesIO(b"x" * 11))
+        with mock.patch.object(xfer, "STDIN_MAX", 10):
+            status, out, err = self.main("send", "--config", self.ini, "--token", TOKEN, "-",
+                                         "%s:%d:" % (HOST, _free_port()), stdin=stdin)
+        self.assertEqual(status, xfer.EXIT_FAILED, err)
+        self.assertIn("standard input is larger than 10 B", self.one_error_line(err))
+
+    def test_standard_input_from_a_terminal_is_refused(self):
+        stdin = io.TextIOWrapper(io.BytesIO(b"typed"))
+        stdin.isatty = lambda: True
+        status, out, err = self.main("send", "--config", self.ini, "--token", TOKEN, "-",
+                                     "%s:%d:" % (HOST, _free_port()), stdin=stdin)
+        self.assertEqual(status, xfer.EXIT_USAGE, err)
+        self.assertIn("terminal", self.one_error_line(err))
+
+    def test_name_without_dash_or_with_a_slash_is_a_usage_error(self):
+        f = write_file(os.path.join(temp_dir(self), "f.txt"), b"f")
+        for argv in (["--name", "x", f], ["--name", "a/b", "-"], ["--name", "..", "-"]):
+            with self.subTest(argv=argv):
+                status, out, err = self.main("send", "--config", self.ini, *argv,
+                                             "%s:%d:" % (HOST, _free_port()))
+                self.assertEqual(status, xfer.EXIT_USAGE, err)
+                self.assertIn("--name", self.one_error_line(err))
+
+    @unittest.skipUnless(os.path.exists("/dev/stdin"), "no /dev/stdin")
+    def test_dev_stdin_from_a_pipe_is_refused_with_a_hint(self):
+        dst = temp_dir(self)
+        r = self.xfer("send", "--token", TOKEN, "/dev/stdin", self.serve(dst), input=b"hi\n")
+        self.assertEqual(r.returncode, xfer.EXIT_FAILED, r.stderr)
+        line = self.one_error_line(r.stderr)
+        self.assertIn("/dev/stdin: not a regular file", line)
+        self.assertIn("'-'", line)
+        self.assertEqual(os.listdir(dst), [])
+        self.assertNotIn("sent 1 file", r.stdout)
+
+    @unittest.skipUnless(hasattr(os, "mkfifo"), "no FIFOs")
+    def test_fifo_is_refused_at_once_not_waited_on(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        fifo = os.path.join(src, "pipe")
+        os.mkfifo(fifo)
+        r = self.xfer("send", "--token", TOKEN, fifo, self.serve(dst))
+        self.assertEqual(r.returncode, xfer.EXIT_FAILED, r.stderr)
+        self.assertIn("pipe: not a regular file", self.one_error_line(r.stderr))
+        self.assertEqual(os.listdir(dst), [])
+        # The library refuses one too, without blocking in open().
+        receiver = start_receiver(self, dst)
+        sender = xfer.Sender(receiver.address)
+        self.addCleanup(sender.close, False)
+        job = sender.queue(fifo)
+        self.assertTrue(job.wait(TIMEOUT / 4), "open() of the FIFO blocked")
+        self.assertEqual(job.state, "failed")
+        self.assertIn("not a regular file", str(job.error))
+        self.assertEqual(os.listdir(dst), [])
+
+
+class SendHandshakeTimeoutTests(_SendCliCase):
+    def test_timeout_option_bounds_a_receiver_that_never_answers(self):
+        silent = _FakeServer(self, b"")      # accepts, reads, never answers
+        f = write_file(os.path.join(temp_dir(self), "f.txt"), b"f")
+        started = time.monotonic()
+        r = self.xfer("send", "--token", TOKEN, "--retries", "0", "--timeout", "0.5", f,
+                      "%s:%d:" % (HOST, silent.port))
+        seconds = time.monotonic() - started
+        self.assertEqual(r.returncode, xfer.EXIT_CONNECT, r.stderr)
+        self.assertEqual(self.one_error_line(r.stderr),
+                         "xfer: error: %s:%d did not answer the handshake within 0.5 s"
+                         % (HOST, silent.port))
+        self.assertLess(seconds, 5.0)
+
+    def test_handshake_has_its_own_shorter_default_timeout(self):
+        self.assertLess(xfer.DEFAULT_HANDSHAKE_TIMEOUT, xfer.DEFAULT_IO_TIMEOUT)
+        default = inspect.signature(xfer.Sender).parameters["handshake_timeout"].default
+        self.assertEqual(default, xfer.DEFAULT_HANDSHAKE_TIMEOUT)
+        silent = _FakeServer(self, b"")
+        f = write_file(os.path.join(temp_dir(self), "f.txt"), b"f")
+        sender = xfer.Sender((HOST, silent.port), token=TOKEN, retries=0,
+                             handshake_timeout=0.3, timeout=TIMEOUT)
+        self.addCleanup(sender.close, False)
+        job = sender.queue(f)
+        self.assertTrue(job.wait(TIMEOUT / 4), "waited for the I/O timeout")
+        self.assertIsInstance(job.error, xfer.ConnectError)
+        self.assertIn("did not answer the handshake within 0.3 s", str(job.error))
+
+    def test_live_line_says_connecting_until_the_handshake_is_done(self):
+        silent = _FakeServer(self, b"")
+        f = write_file(os.path.join(temp_dir(self), "f.txt"), b"f")
+        where = "%s:%d" % (HOST, silent.port)
+        status, out, err = self.main("send", "--config", self.ini, "--token", TOKEN,
+                                     "--retries", "0", "--timeout", "0.4", f, where + ":",
+                                     tty=True)
+        self.assertEqual(status, xfer.EXIT_CONNECT, err)
+        shown = _visible_lines(err)
+        self.assertIn("connecting to %s..." % where, shown)
+        self.assertFalse([line for line in shown if "%" in line], shown)
+        # Once connected, the usual line
+        report = xfer._Report("live", err=io.StringIO(), width=lambda: 200)
+        t = _fake_track(report)
+        t.jobs = [_fake_job("a.tif", 1000)]
+        t.sender.connected = False
+        self.assertEqual(report.status_line(t, 100.0, 200), "connecting to 192.0.2.1:22598...")
+        t.sender.connected = True
+        self.assertTrue(report.status_line(t, 100.0, 200).startswith("  0%  0 B / 1.0 KB"))
+
+
+class SendScpHabitTests(_SendCliCase):
+    def alias_ini(self, port, name="box"):
+        write_file(self.ini, ("[%s]\nhost = %s\nport = %d\ntoken = %s\n"
+                              % (name, HOST, port, TOKEN)).encode())
+        return self.ini
+
+    def test_options_may_follow_the_operands(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        f = write_file(os.path.join(src, "a.tif"), b"tif")
+        r = self.xfer("send", f, "-v", self.serve(dst), "--token", TOKEN)
+        self.assertEqual(r.returncode, xfer.EXIT_OK, r.stderr)
+        self.assertIn("sent a.tif (3 B)", r.stderr)
+        self.assertEqual(os.listdir(dst), ["a.tif"])
+
+    def test_send_r_sends_directories_as_trees_and_plain_send_hints_at_it(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        tree = _make_tree(os.path.join(src, "out"), {"a/b.tif": b"b"})
+        f = write_file(os.path.join(src, "c.txt"), b"c")
+        to = self.serve(dst)
+        r = self.xfer("send", "--token", TOKEN, tree, to)
+        self.assertEqual(r.returncode, xfer.EXIT_FAILED, r.stderr)
+        self.assertIn("is a directory (use send -r or send-dir)", self.one_error_line(r.stderr))
+        r = self.xfer("send", "-r", "--token", TOKEN, tree, f, to)
+        self.assertEqual(r.returncode, xfer.EXIT_OK, r.stderr)
+        self.assertEqual(tree_listing(dst), ["c.txt", "out", "out/a", "out/a/b.tif"])
+
+    def test_user_at_host_is_accepted_with_a_note(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        f = write_file(os.path.join(src, "a.tif"), b"tif")
+        r = self.xfer("send", "--token", TOKEN, f, "pi@" + self.serve(dst))
+        self.assertEqual(r.returncode, xfer.EXIT_OK, r.stderr)
+        self.assertIn("xfer: note: ignoring 'pi@'", r.stderr)
+        self.assertNotIn("error", r.stderr)
+        self.assertEqual(os.listdir(dst), ["a.tif"])
+
+    def test_absolute_and_home_remote_paths_are_refused_with_a_hint(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        f = write_file(os.path.join(src, "a.tif"), b"tif")
+        to = self.serve(dst)
+        for where, hint in (("/home/pi/", "relative to the receiver's directory"),
+                            ("~/x/", "no home directory")):
+            with self.subTest(where=where):
+                r = self.xfer("send", "--token", TOKEN, f, to + where)
+                self.assertEqual(r.returncode, xfer.EXIT_USAGE, r.stderr)
+                line = self.one_error_line(r.stderr)
+                self.assertIn(hint, line)
+                self.assertIn(to + where.lstrip("/~").lstrip("/"), line)  # the fix to use
+        self.assertEqual(tree_listing(dst), [])
+        for text in ("pi:/", "pi:\\x", "pi:~", "pi:~ana/x", "pi:22598:/x"):
+            with self.subTest(text=text), self.assertRaises(xfer.ConfigError):
+                xfer._split_destination(text)
+        self.assertEqual(xfer._split_destination("pi:a/~b/"), ("pi", "a/~b"))
+
+    def test_destination_without_colon_gets_a_did_you_mean(self):
+        f = write_file(os.path.join(temp_dir(self), "a.tif"), b"tif")
+        ini = self.alias_ini(_free_port())
+        for name in ("box", "localhost"):
+            with self.subTest(name=name):
+                status, out, err = self.main("send", "--config", ini, f, name)
+                self.assertEqual(status, xfer.EXIT_USAGE, err)
+                self.assertIn("did you mean %s: ?" % name, self.one_error_line(err))
+        # a local file of that name is sent, as before
+        dst = temp_dir(self)
+        local = write_file(os.path.join(self.cwd, "box"), b"local box")
+        status, out, err = self.main("send", "--config", ini, "--token", TOKEN, "box",
+                                     self.serve(dst))
+        self.assertEqual(status, xfer.EXIT_OK, err)
+        self.assertEqual(os.listdir(dst), ["box"])
+        self.assertTrue(os.path.exists(local))
+
+    def test_unknown_alias_lists_the_known_ones(self):
+        f = write_file(os.path.join(temp_dir(self), "a.tif"), b"tif")
+        ini = self.alias_ini(_free_port(), "studio")
+        with open(ini, "a") as out:
+            out.write("[pi]\nhost = %s\n" % HOST)
+        real = socket.getaddrinfo
+
+        def getaddrinfo(host, *args, **kw):    # no DNS query leaves this machine
+            if host == "stduio":
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            return real(host, *args, **kw)
+        with mock.patch("socket.getaddrinfo", getaddrinfo):
+            status, out, err = self.main("send", "--config", ini, f, "stduio:")
+        self.assertEqual(status, xfer.EXIT_CONNECT, err)
+        line = self.one_error_line(err)
+        self.assertIn("cannot resolve stduio", line)
+        self.assertIn("known aliases: pi, studio", line)
+
+
+class ReadmePython3Tests(unittest.TestCase):
+    def test_commands_say_python3_and_windows_gets_py_once_near_the_top(self):
+        here = os.path.dirname(XFER)
+        bare = re.compile(r"(?<![\w./-])python(?= )")
+        for name in ("README.md", "xfer.py", "test_xfer.py"):
+            with open(os.path.join(here, name), encoding="utf-8") as f:
+                lines = f.read().splitlines()
+            found = ["%s:%d: %s" % (name, i + 1, line) for i, line in enumerate(lines)
+                     if bare.search(line) and 'bare.search' not in line]
+            self.assertEqual(found, [])
+        with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
+            top = f.read().split("\n## ", 2)[:2]
+        self.assertIn("`py xfer.py", "\n".join(top))
+
+
 class ConfigTests(unittest.TestCase):
     def setUp(self):
         self.home = temp_dir(self)

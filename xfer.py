@@ -470,8 +470,10 @@ def _expect(rfile, kind, limit=MAX_FRAME_PAYLOAD):
 
 
 def _encode_file(fid, size, mtime_ns, mode, flags, path):
-    return _frame(_Msg.FILE, _FILE.pack(fid, size, mtime_ns, mode, flags)
-                  + path.encode("utf-8"))
+    """A FILE frame; path is text or its UTF-8 bytes."""
+    if not isinstance(path, bytes):
+        path = path.encode("utf-8")
+    return _frame(_Msg.FILE, _FILE.pack(fid, size, mtime_ns, mode, flags) + path)
 
 
 def _decode_file(payload):
@@ -711,14 +713,18 @@ _WINDOWS_CONTROLS = frozenset(chr(i) for i in range(32))
 _INVISIBLE = ("\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d"
               "\u202e\u2066\u2067\u2068\u2069\ufeff")
 # Control characters (C0, DEL, C1) and the invisible ones are escaped for
-# display; names may contain none of them, nor a backslash.  A regular
+# display; names may contain none of them, nor a backslash.  So are lone
+# surrogates: a local name that is not valid UTF-8 decodes to them
+# (surrogateescape), and they show as the bytes they stand for.  A regular
 # expression scans a name in C, not character by character in Python.
-_UNSAFE_DISPLAY = re.compile("[\\x00-\\x1f\\x7f-\\x9f%s]" % _INVISIBLE)
+_UNSAFE_DISPLAY = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\ud800-\\udfff%s]" % _INVISIBLE)
 _UNSAFE_NAME = re.compile("[\\\\\\x00-\\x1f\\x7f-\\x9f%s]" % _INVISIBLE)
 
 
 def _escape(match):
     o = ord(match.group())
+    if 0xdc80 <= o <= 0xdcff:           # an undecodable byte (surrogateescape)
+        return "\\x%02x" % (o - 0xdc00)
     return "\\x%02x" % o if o < 0x100 else "\\u%04x" % o
 
 
@@ -784,6 +790,7 @@ def _check_portable(part, path):
 
 
 _O_BINARY = getattr(os, "O_BINARY", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _HAVE_DIR_FD = (bool(_O_NOFOLLOW and _O_DIRECTORY)
@@ -2905,8 +2912,14 @@ class Sender:
                         self._end(job, "failed", e)
                 except Exception as e:   # a bug: fail the jobs loudly, keep the worker
                     traceback.print_exc()
+                    error = XferError("internal error: %r" % e)
                     for job in batch:
-                        self._end(job, "failed", XferError("internal error: %r" % e))
+                        self._end(job, "failed", error)
+                    if link is not None:
+                        # It may count a request that never went out: never
+                        # wait on it again; what it had in flight goes again.
+                        self._requeue(link, [], error, retry)
+                        link = None
         finally:
             if link is not None:
                 link.close()
@@ -3268,8 +3281,8 @@ class _Link:
             if self.s.skip is not None and job.kind == "file" and job.source is None:
                 try:
                     fid = self._check_frame(job, frames)
-                except OSError as e:
-                    self.s._end(job, "failed", XferError("%s: %s" % (job.path, e.strerror or e)))
+                except Exception as e:   # nothing of it was counted or written
+                    self._fail_local(job, e)
                     continue
             self.asked.append((job, fid))
         if frames:
@@ -3281,7 +3294,7 @@ class _Link:
         st, job._stat = job._stat, None
         if st is None:
             st = os.stat(job.path)
-        if stat.S_ISDIR(st.st_mode):
+        if not stat.S_ISREG(st.st_mode):
             return None       # send() reports it
         digest, flags = bytes(32), 0
         if self.s.skip == "checksum":
@@ -3289,12 +3302,22 @@ class _Link:
                 digest = _hash_fd(f.fileno(), self.buf).digest()
             flags = CF_CHECKSUM
         fid = next(self.s._ids)
+        frame = _frame(_Msg.CHECK, _CHECK.pack(fid, st.st_size, st.st_mtime_ns, flags, digest)
+                       + _wire_name(job))
+        # Counted only once the request exists: an answer is then sure to come.
         with self.cv:
             self.checks[fid] = job
-        frames.append(_frame(_Msg.CHECK, _CHECK.pack(fid, st.st_size, st.st_mtime_ns,
-                                                     flags, digest)
-                             + job.name.encode("utf-8")))
+        frames.append(frame)
         return fid
+
+    def _fail_local(self, job, error):
+        """End a job whose request could not be made; nothing of it is on the wire."""
+        if isinstance(error, OSError):
+            error = XferError("%s: %s" % (job.path, error.strerror or error))
+        elif not isinstance(error, XferError):   # a bug: loudly, but this file alone
+            traceback.print_exc()
+            error = XferError("internal error: %r" % error)
+        self.s._end(job, "failed", error)
 
     def pump(self, keep):
         """Send asked jobs in order, oldest first, until at most keep are left."""
@@ -3328,18 +3351,26 @@ class _Link:
                 mode = stat.S_IMODE(os.stat(job.path).st_mode)
             except OSError:
                 mode = 0o755
+            try:
+                frame = _frame(_Msg.MKDIR, _MKDIR.pack(fid, mode) + _wire_name(job))
+            except Exception as e:
+                self._fail_local(job, e)
+                return
             self._register(fid, job)
-            self._write(_frame(_Msg.MKDIR, _MKDIR.pack(fid, mode) + job.name.encode("utf-8")))
+            self._write(frame)
             return
         try:
             f, st = _open_source(job)
-        except OSError as e:
-            self.s._end(job, "failed", XferError("%s: %s" % (job.path, e.strerror or e)))
+        except Exception as e:
+            self._fail_local(job, e)
             return
         with f:
             if stat.S_ISDIR(st.st_mode):
-                self.s._end(job, "failed", XferError("%s: is a directory (use send-dir)"
-                                                     % job.path))
+                self.s._end(job, "failed", XferError("%s: is a directory (use send -r or "
+                                                     "send-dir)" % job.path))
+                return
+            if not stat.S_ISREG(st.st_mode):
+                self.s._end(job, "failed", XferError("%s: %s" % (job.path, _NOT_REGULAR)))
                 return
             size = st.st_size
             if job.size != size:      # first sight, or it changed since the walk
@@ -3349,8 +3380,12 @@ class _Link:
                 job.size = size
             stream = size <= STREAM_MAX
             flags = (FF_STREAM if stream else 0) | (FF_DISCARD if self.s.discard else 0)
-            header = _encode_file(fid, size, st.st_mtime_ns, stat.S_IMODE(st.st_mode),
-                                  flags, job.name)
+            try:
+                header = _encode_file(fid, size, st.st_mtime_ns, stat.S_IMODE(st.st_mode),
+                                      flags, _wire_name(job))
+            except Exception as e:
+                self._fail_local(job, e)
+                return
             header_payload = header[_FRAME.size:]
             self._register(fid, job)
             if stream:
@@ -3511,11 +3546,33 @@ def _hash_prefix(f, h, count, buf):
         count -= n
 
 
+def _wire_name(job):
+    """job.name as the wire carries it: UTF-8 bytes.
+
+    A local name that is not valid UTF-8 (Python decodes it with
+    surrogateescape) has no such bytes; that file alone fails (README
+    "send and send-dir").
+    """
+    try:
+        return job.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise XferError("%s: name is not valid UTF-8; rename it to send it"
+                        % job.path) from None
+
+
+# Why send refuses a FIFO, device or socket: it has no size to announce, and
+# reading one may never end.
+_NOT_REGULAR = ("not a regular file (to send a stream, pipe it into 'send -'; "
+                "README \"send and send-dir\")")
+
+
 def _open_source(job):
     """Open what a file job sends; return (binary file, os.stat_result-like)."""
     if job.source is not None:
         return job.source.open(), job.source
-    fd = os.open(job.path, os.O_RDONLY | _O_BINARY)
+    # O_NONBLOCK: opening a FIFO must not wait for a writer (send() refuses
+    # it once fstat shows what it is); reads of regular files ignore the flag.
+    fd = os.open(job.path, os.O_RDONLY | _O_BINARY | _O_NONBLOCK)
     try:
         st = os.fstat(fd)
         if st.st_size <= STREAM_MAX:
