@@ -43,6 +43,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -129,6 +130,8 @@ _HOLD_PAUSE = 0.001
 _HASH_BEHIND_MIN = 4 * CHUNK
 #: Sender: small writes (headers, small files, CHECKs) gathered into one send.
 _GATHER = 64 * 1024
+#: send -: most bytes of standard input kept in a temporary file to be sent.
+STDIN_MAX = 10**9
 #: Files a sender asks about in one CHECK write.
 CHECK_BATCH = 32
 #: Files a sender has asked about (CHECK) but not yet sent, per connection:
@@ -3562,8 +3565,7 @@ def _wire_name(job):
 
 # Why send refuses a FIFO, device or socket: it has no size to announce, and
 # reading one may never end.
-_NOT_REGULAR = ("not a regular file (to send a stream, pipe it into 'send -'; "
-                "README \"send and send-dir\")")
+_NOT_REGULAR = "not a regular file (for a stream, give '-' and pipe it to standard input)"
 
 
 def _open_source(job):
@@ -4850,6 +4852,77 @@ class _Report:
                 self.say(t.summary(interrupted), self.out)
 
 
+def _stdin_operand(args, paths):
+    """Check the use of '-' (standard input) and --name before anything is read."""
+    if "-" not in paths:
+        if args.name is not None:
+            raise ConfigError("--name names standard input: give '-' among the FILEs")
+        return
+    if args.command == "send-dir":
+        raise ConfigError("'-' (standard input) goes with send, not send-dir")
+    if paths.count("-") > 1:
+        raise ConfigError("give '-' (standard input) once")
+    name = args.name
+    if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
+        raise ConfigError("--name %s: a file name without '/'; give a directory as "
+                          "HOST:DIR/" % name)
+
+
+def _spool_stdin():
+    """Copy standard input into a temporary file; return its path.
+
+    The protocol announces a file's size before its bytes, so a stream is
+    kept whole first (at most STDIN_MAX bytes, in the system's temporary
+    directory) and then sent as an ordinary file (README "send and send-dir").
+    """
+    source = getattr(sys.stdin, "buffer", None)
+    if source is None:
+        raise ConfigError("'-': there is no standard input")
+    if sys.stdin.isatty():
+        raise ConfigError("'-': standard input is a terminal; pipe the data in, "
+                          "e.g. tar c DIR | python3 xfer.py send - HOST:")
+    fd, path = tempfile.mkstemp(prefix="xfer-stdin-")
+    try:
+        with open(fd, "wb") as out:
+            total = 0
+            while True:
+                block = source.read(CHUNK)
+                if not block:
+                    break
+                total += len(block)
+                if total > STDIN_MAX:
+                    raise XferError("'-': standard input is larger than %s; save it to a "
+                                    "file and send that" % _human(STDIN_MAX))
+                out.write(block)
+        if os.name != "nt":
+            # mkstemp makes it 0600; the receiver should get what a shell's
+            # "> FILE" would have made.
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.chmod(path, 0o666 & ~umask)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path
+
+
+def _operand_problem(path, command, recursive):
+    """Why a FILE or DIR operand cannot be sent, or None."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return e.strerror or str(e)
+    if stat.S_ISDIR(st.st_mode):
+        if command == "send" and not recursive:
+            return "is a directory (use send -r or send-dir)"
+        return None
+    if command == "send-dir":
+        return "not a directory"
+    if not stat.S_ISREG(st.st_mode):
+        return _NOT_REGULAR
+    return None
+
+
 def _cmd_send(args):
     """send and send-dir: one Sender per destination, all polled from this thread."""
     config = load_config(args.config)
@@ -4867,6 +4940,7 @@ def _cmd_send(args):
     if not paths:
         raise ConfigError("nothing to send: give at least one %s before the destination"
                           % ("DIR" if args.command == "send-dir" else "FILE"))
+    _stdin_operand(args, paths)
     if args.json:
         mode = "json"
     elif args.quiet:
@@ -4891,13 +4965,23 @@ def _cmd_send(args):
             retries=max(0, args.retries), require_server_auth=not target.fallback,
             **callbacks)
         tracks.append(track)
-    dirs = args.command == "send-dir"
+    spooled = _spool_stdin() if "-" in paths else None
+    try:
+        return _send_all(args, paths, tracks, report, mode, spooled)
+    finally:
+        if spooled is not None:
+            os.unlink(spooled)
+
+
+def _send_all(args, paths, tracks, report, mode, spooled):
+    """Queue every operand on every destination, then report until all have ended."""
     for path in paths:
-        why = None
-        if not os.path.exists(path):
-            why = "No such file or directory"
-        elif dirs != os.path.isdir(path):
-            why = "not a directory" if dirs else "is a directory (use send-dir)"
+        if path == "-":
+            for t in tracks:
+                t.jobs.append(t.sender.queue(spooled, target_name=args.name or "stdin",
+                                             subdir=t.subdir))
+            continue
+        why = _operand_problem(path, args.command, getattr(args, "recursive", False))
         if why:
             report.input_error(path, why)
             continue
@@ -5197,8 +5281,18 @@ def _build_parser():
         p.add_argument("--retries", type=int, metavar="N", default=3,
                        help="tries again after a transient failure (default 3)")
         p.add_argument("-v", "--verbose", action="store_true", help="one line per file")
+        if name == "send":
+            p.add_argument("-r", "--recursive", action="store_true",
+                           help="send a directory operand as a tree, as send-dir does")
+            p.add_argument("--name", metavar="NAME",
+                           help="name on the receiver for '-' (standard input; default "
+                           "'stdin')")
+        else:
+            p.set_defaults(name=None)
         p.add_argument("paths", nargs="+", metavar=what,
-                       help="%ss to send; a last HOST:[DIR] is the destination" % what)
+                       help="%ss to send ('-' for standard input); a last HOST:[DIR] is the "
+                       "destination" % what if name == "send" else
+                       "%ss to send; a last HOST:[DIR] is the destination" % what)
         p.set_defaults(func=_cmd_send)
 
     p = sub.add_parser("ping", parents=[common],
