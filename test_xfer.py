@@ -4568,7 +4568,7 @@ def _fake_job(name, size, done=0, finished=False):
 
 def _fake_track(report, label=""):
     track, _ = report.track(label, "192.0.2.1:22598")
-    track.sender = types.SimpleNamespace(error=None, files_failed=0)
+    track.sender = types.SimpleNamespace(error=None, files_failed=0, connected=True)
     return track
 
 

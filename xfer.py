@@ -93,7 +93,9 @@ CHUNK = 256 * 1024
 DEFAULT_MAX_CONNECTIONS = 64
 #: Receiver default: seconds a connection may stay silent.
 DEFAULT_IDLE_TIMEOUT = 60.0
-#: Receiver default: seconds from accept to a finished handshake.
+#: Default seconds from accept (receiver) or connect (sender) to a finished
+#: handshake: a peer that takes the connection and then hangs is given up on
+#: long before DEFAULT_IO_TIMEOUT.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 #: Sender default: seconds to wait for a TCP connection.
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -2532,7 +2534,7 @@ class Sender:
     def __init__(self, to, token=None, workers=4, dispatch="thread", on_progress=None,
                  on_done=None, on_error=None, on_start=None, port=None,
                  connect_timeout=DEFAULT_CONNECT_TIMEOUT, timeout=DEFAULT_IO_TIMEOUT,
-                 retries=3, retry_window=10.0, tls=False, fingerprint=None, known_hosts=None,
+                 handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT, retries=3, retry_window=10.0, tls=False, fingerprint=None, known_hosts=None,
                  discard=False, skip="quick", require_server_auth=True):
         self.host, self.port = _parse_target(to, port)
         self.tls = bool(tls or fingerprint)
@@ -2560,7 +2562,10 @@ class Sender:
         self.on_error = on_error
         self.on_start = on_start
         self.connect_timeout = connect_timeout
+        self.handshake_timeout = handshake_timeout
         self.timeout = timeout
+        #: True once a connection has finished its handshake
+        self.connected = False
         self.retries = int(retries)
         self.retry_window = retry_window
         self._abort = threading.Event()     # close(wait=False): stop backing off
@@ -2968,7 +2973,9 @@ class Sender:
         attempt = 0
         while True:
             try:
-                return _Link(self)
+                link = _Link(self)
+                self.connected = True
+                return link
             except XferError as e:
                 if not e.transient or attempt >= self.retries:
                     raise
@@ -3108,7 +3115,7 @@ class _Link:
                                % (sender.host, sender.port, e.strerror or e)) from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(sender.timeout)
+            sock.settimeout(sender.handshake_timeout)
             if sender.tls:
                 with sender._pin_lock:   # one worker at a time records a new pin
                     sock, seen, new = _client_tls(sock, sender.host, sender.port,
@@ -3121,6 +3128,7 @@ class _Link:
             self.rfile = _Reader(sock, 64 * 1024)
             self.key = _client_handshake(sock, self.rfile, sender.token,
                                          sender.require_server_auth)
+            sock.settimeout(sender.timeout)
         except BaseException as e:
             sock.close()
             where = "%s:%d" % (sender.host, sender.port)
@@ -3128,7 +3136,8 @@ class _Link:
                 raise ConnectError("%s closed the connection during the handshake"
                                    % where) from None
             if isinstance(e, socket.timeout):
-                raise ConnectError("%s did not answer the handshake" % where) from None
+                raise ConnectError("%s did not answer the handshake within %g s"
+                                   % (where, sender.handshake_timeout)) from None
             if isinstance(e, OSError) and not isinstance(e, XferError):
                 raise ConnectError("%s: %s" % (where, e.strerror or e)) from None
             raise
@@ -4782,6 +4791,8 @@ class _Report:
         elif t.all_failed:
             # It stays like this while the other destinations go on.
             text = "%sFAILED: %s" % (t.label, _display(t.first_error or "nothing arrived"))
+        elif not t.finished and not t.sender.connected:
+            text = "%sconnecting to %s..." % (t.label, t.to)
         else:
             done = sum(j.bytes_done for j in t.jobs)
             total = sum(j.size for j in t.jobs)
@@ -4850,6 +4861,13 @@ class _Report:
                 self.error(t, str(s.error))
             if self.mode != "quiet" and (s.error is None or t.label):
                 self.say(t.summary(interrupted), self.out)
+
+
+def _timeouts(seconds):
+    """Sender keyword arguments for send --timeout SECONDS (None: the defaults)."""
+    if seconds is None:
+        return {}
+    return dict(connect_timeout=seconds, handshake_timeout=seconds, timeout=seconds)
 
 
 def _stdin_operand(args, paths):
@@ -4963,7 +4981,7 @@ def _cmd_send(args):
             known_hosts=_known_hosts_path(args) if tls else None,
             skip=None if args.force else ("checksum" if args.checksum else "quick"),
             retries=max(0, args.retries), require_server_auth=not target.fallback,
-            **callbacks)
+            **dict(callbacks, **_timeouts(args.timeout)))
         tracks.append(track)
     spooled = _spool_stdin() if "-" in paths else None
     try:
@@ -5098,8 +5116,7 @@ def _cmd_ping(args):
     sender = Sender((target.host, target.port), token=target.token, tls=tls,
                     fingerprint=args.fingerprint or target.fingerprint,
                     known_hosts=_known_hosts_path(args) if tls else None,
-                    connect_timeout=args.timeout, timeout=args.timeout,
-                    require_server_auth=not target.fallback)
+                    require_server_auth=not target.fallback, **_timeouts(args.timeout))
     try:
         state = sender.ping()
     except XferError as e:
@@ -5162,6 +5179,16 @@ def _positive_int(text):
     if n < 1:
         raise argparse.ArgumentTypeError("must be at least 1: %r" % text)
     return n
+
+
+def _seconds_arg(text):
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text) from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError("must be more than 0: %r" % text)
+    return seconds
 
 
 def _port_arg(text):
@@ -5280,6 +5307,11 @@ def _build_parser():
                        help="send every file, even one the receiver already has")
         p.add_argument("--retries", type=int, metavar="N", default=3,
                        help="tries again after a transient failure (default 3)")
+        p.add_argument("--timeout", type=_seconds_arg, metavar="SECONDS",
+                       help="give up on a receiver silent this long, connecting, in the "
+                       "handshake or mid-transfer (default %g, %g and %g)"
+                       % (DEFAULT_CONNECT_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
+                          DEFAULT_IO_TIMEOUT))
         p.add_argument("-v", "--verbose", action="store_true", help="one line per file")
         if name == "send":
             p.add_argument("-r", "--recursive", action="store_true",
