@@ -3726,6 +3726,15 @@ def _split_destination(text):
         port, subdir = "", rest
     if not host or host == "[]":
         raise ConfigError("bad destination %r: no host" % text)
+    where = host + (":" + port if port else "") + ":"
+    if subdir.startswith(("/", "\\")):
+        raise ConfigError("%s: DIR is relative to the receiver's directory (its serve --dir), "
+                          "never absolute; write %s%s" % (text, where, subdir.lstrip("/\\")))
+    if subdir.startswith("~"):
+        rest = subdir.replace("\\", "/").partition("/")[2]
+        raise ConfigError("%s: xfer has no home directory to expand '~' in; DIR is relative to "
+                          "the receiver's directory (its serve --dir): write %s%s"
+                          % (text, where, rest))
     parts = [p for p in subdir.replace("\\", "/").split("/") if p and p != "."]
     if ".." in parts:
         raise ConfigError("bad destination %r: '..' would leave the receiver's "
@@ -4870,6 +4879,56 @@ def _timeouts(seconds):
     return dict(connect_timeout=seconds, handshake_timeout=seconds, timeout=seconds)
 
 
+def _hint_missing_colon(config, operand):
+    """Refuse a last FILE that does not exist but names a receiver (scp's HOST:)."""
+    if operand == "-" or os.path.lexists(operand) or "/" in operand or "\\" in operand:
+        return
+    if operand in config.aliases():
+        known = True
+    else:
+        try:
+            socket.getaddrinfo(operand, None, type=socket.SOCK_STREAM)
+            known = True
+        except (OSError, UnicodeError):
+            known = False
+    if known:
+        raise ConfigError("%s: no such file; did you mean %s: ? (a destination ends with "
+                          "':', as with scp)" % (operand, operand))
+
+
+def _without_user(config, dest):
+    """dest without an scp-style USER@ (with a note): xfer has no user accounts."""
+    head = dest.split(":", 1)[0]
+    if "@" not in head or head in config.aliases():
+        return dest
+    user, _, rest = dest.partition("@")
+    sys.stderr.write("xfer: note: ignoring '%s@' in %s: xfer has no user accounts; files "
+                     "are written by whoever runs serve\n" % (_display(user), _display(dest)))
+    return rest
+
+
+def _check_resolvable(config, to, host):
+    """Fail at once, listing the aliases, if to is neither an alias nor a known host."""
+    if not to or to in config.aliases() or to.rpartition(":")[0] in config.aliases():
+        return
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+        return
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        if e.errno not in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)):
+            return        # perhaps temporary: the Sender retries
+        aliases = config.aliases()
+        raise ConnectError("cannot resolve %s: %s; nor is it an alias (%s)" % (
+            host, e.strerror, "known aliases: " + ", ".join(aliases) if aliases else
+            "none configured: python3 xfer.py config add NAME HOST[:PORT] --token TOKEN"))
+    except (OSError, UnicodeError):
+        return
+
+
 def _stdin_operand(args, paths):
     """Check the use of '-' (standard input) and --name before anything is read."""
     if "-" not in paths:
@@ -4951,6 +5010,8 @@ def _cmd_send(args):
             raise ConfigError("give the destination once: --to HOST or a last "
                              "argument HOST:[DIR], not both")
         destinations.append(paths.pop())
+    else:
+        _hint_missing_colon(config, paths[-1])
     for path in paths:
         if _is_destination(path):
             raise ConfigError("%s: xfer sends local files only; write ./%s for a local "
@@ -4968,8 +5029,9 @@ def _cmd_send(args):
     report = _Report(mode, args.verbose)
     tracks = []
     for dest in destinations or [None]:
-        to, subdir = _split_destination(dest) if dest else (None, "")
+        to, subdir = _split_destination(_without_user(config, dest)) if dest else (None, "")
         target = _resolve_target(config, to, args.token)
+        _check_resolvable(config, to, target.host)
         tls = args.tls or target.tls or bool(args.fingerprint)
         track, callbacks = report.track(
             "%s: " % dest if len(destinations) > 1 else "",
@@ -5224,8 +5286,28 @@ def _size_arg(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser; made with intermixed=True, its options may follow its
+    operands, as scp and rsync allow (send a.tif -v pi:)."""
+
+    def __init__(self, *args, intermixed=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.intermixed = intermixed
+        self._mixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        # parse_known_intermixed_args calls parse_known_args itself, twice.
+        if not self.intermixed or self._mixing:
+            return super().parse_known_args(args, namespace)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
+
+
 def _build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="xfer", description="Move files between machines on a local network.")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -5291,7 +5373,7 @@ def _build_parser():
     for name, what, help_ in (
             ("send", "FILE", "send files into the server's directory"),
             ("send-dir", "DIR", "send directory trees, keeping their structure")):
-        p = sub.add_parser(name, parents=[common], help=help_)
+        p = sub.add_parser(name, parents=[common], help=help_, intermixed=True)
         p.add_argument("--to", metavar="HOST[:PORT][:DIR]", action="append",
                        help="receiver address or config alias (or XFER_HOST); give it "
                        "again to send to several receivers at once")
