@@ -1,4 +1,4 @@
-"""Tests for xfer.py.  Run with:  python -m unittest -v test_xfer
+"""Tests for xfer.py.  Run with:  python3 -m unittest -v test_xfer
 
 Servers listen on 127.0.0.1 port 0; nothing waits by sleeping: tests wait on
 readiness lines, Events, or results that mean "the file is durably in place".
@@ -112,7 +112,7 @@ def run_xfer(*args, cwd=None, env=None, timeout=TIMEOUT):
 
 
 def popen_reaped(test, argv, cwd=None, env=None):
-    """Start `python -u ARGV` with text pipes; killed and reaped when the test ends."""
+    """Start `python3 -u ARGV` with text pipes; killed and reaped when the test ends."""
     proc = subprocess.Popen([sys.executable, "-u"] + list(argv), cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             universal_newlines=True)
@@ -3151,7 +3151,7 @@ def _sec_pairing_command(test, lines):
     found = [line for line in lines if "config add" in line]
     test.assertEqual(len(found), 1, lines)
     args = shlex.split(found[0])
-    test.assertEqual(args[:4], ["python", "xfer.py", "config", "add"], found[0])
+    test.assertEqual(args[:4], ["python3", "xfer.py", "config", "add"], found[0])
     return [sys.executable, XFER] + args[2:]
 
 

@@ -2,10 +2,10 @@
 """xfer -- move files between machines on a local network, safely and fast.
 
 Command line:
-    python xfer.py serve [--dir DIR] [--host ADDR] [--port N] [--once] [--on-receive CMD]
-    python xfer.py send [--to HOST[:PORT][:DIR]]... [--json] FILE... [HOST[:PORT]:[DIR]]
-    python xfer.py send-dir [--to HOST[:PORT][:DIR]]... [--json] DIR... [HOST[:PORT]:[DIR]]
-    python xfer.py ping [HOST[:PORT]]
+    python3 xfer.py serve [--dir DIR] [--host ADDR] [--port N] [--once] [--on-receive CMD]
+    python3 xfer.py send [--to HOST[:PORT][:DIR]]... [--json] FILE... [HOST[:PORT]:[DIR]]
+    python3 xfer.py send-dir [--to HOST[:PORT][:DIR]]... [--json] DIR... [HOST[:PORT]:[DIR]]
+    python3 xfer.py ping [HOST[:PORT]]
 
 Library (README "Python API"):
     import xfer
@@ -4481,7 +4481,7 @@ def _print_banner(receiver, token, token_from, bound_host, bound_port):
                        if c.isalnum() or c in "-_")
         if name in ("", "serve", "default"):     # not usable as an alias
             name = "server"
-        line = "  python xfer.py config add %s %s" % (
+        line = "  python3 xfer.py config add %s %s" % (
             name, _host_port_text(addresses[0], bound_port))
         if token:
             line += (" --token=" if token.startswith("-") else " --token ") + token
@@ -4489,7 +4489,7 @@ def _print_banner(receiver, token, token_from, bound_host, bound_port):
             line += " --fingerprint " + receiver.fingerprint
         out.append("to pair a sending machine, run this there:")
         out.append(line)
-        out.append("then send with:  python xfer.py send --to %s FILE..." % name)
+        out.append("then send with:  python3 xfer.py send --to %s FILE..." % name)
     if len(addresses) > 1:
         out.append("addresses: %s" % ", ".join(addresses))
     sys.stdout.write("".join(line + "\n" for line in out))
