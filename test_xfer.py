@@ -395,8 +395,9 @@ class _SendCliCase(unittest.TestCase):
         write_file(self.ini, b"")
 
     def serve(self, dst):
-        _, port = spawn_server(self, "--dir", dst, "--token", TOKEN, cwd=self.cwd, env=self.env)
-        return "%s:%d:" % (HOST, port)
+        """A receiver into dst (in this process: the sender is under test); its HOST:PORT:."""
+        receiver = start_receiver(self, dst, token=TOKEN)
+        return "%s:%d:" % receiver.address
 
     def xfer(self, *args, input=None, timeout=TIMEOUT):
         """xfer.py in a subprocess; input (bytes) is piped to its stdin."""
@@ -472,9 +473,10 @@ class SendNameEncodingTests(_SendCliCase):
         src, dst = temp_dir(self), temp_dir(self)
         bad = _bad_name_file(self, src)
         good = write_file(os.path.join(src, "good.txt"), b"good")
-        r = self.xfer("send", "--token", TOKEN, bad, good, self.serve(dst))
-        self.assertEqual(r.returncode, xfer.EXIT_FAILED, r.stderr)
-        self.assertIn("latin\\xe9.txt: name is not valid UTF-8", self.one_error_line(r.stderr))
+        status, out, err = self.main("send", "--config", self.ini, "--token", TOKEN, bad, good,
+                                     self.serve(dst))
+        self.assertEqual(status, xfer.EXIT_FAILED, err)
+        self.assertIn("latin\\xe9.txt: name is not valid UTF-8", self.one_error_line(err))
         self.assertEqual(os.listdir(dst), ["good.txt"])
 
     def test_a_directory_with_a_non_utf8_name_fails_without_a_hang(self):
@@ -619,12 +621,12 @@ class SendHandshakeTimeoutTests(_SendCliCase):
         silent = _FakeServer(self, b"")      # accepts, reads, never answers
         f = write_file(os.path.join(temp_dir(self), "f.txt"), b"f")
         started = time.monotonic()
-        r = self.xfer("send", "--token", TOKEN, "--retries", "0", "--timeout", "0.5", f,
+        r = self.xfer("send", "--token", TOKEN, "--retries", "0", "--timeout", "0.3", f,
                       "%s:%d:" % (HOST, silent.port))
         seconds = time.monotonic() - started
         self.assertEqual(r.returncode, xfer.EXIT_CONNECT, r.stderr)
         self.assertEqual(self.one_error_line(r.stderr),
-                         "xfer: error: %s:%d did not answer the handshake within 0.5 s"
+                         "xfer: error: %s:%d did not answer the handshake within 0.3 s"
                          % (HOST, silent.port))
         self.assertLess(seconds, 5.0)
 
@@ -672,9 +674,10 @@ class SendScpHabitTests(_SendCliCase):
     def test_options_may_follow_the_operands(self):
         src, dst = temp_dir(self), temp_dir(self)
         f = write_file(os.path.join(src, "a.tif"), b"tif")
-        r = self.xfer("send", f, "-v", self.serve(dst), "--token", TOKEN)
-        self.assertEqual(r.returncode, xfer.EXIT_OK, r.stderr)
-        self.assertIn("sent a.tif (3 B)", r.stderr)
+        status, out, err = self.main("send", f, "-v", self.serve(dst), "--config", self.ini,
+                                     "--token", TOKEN)
+        self.assertEqual(status, xfer.EXIT_OK, err)
+        self.assertIn("sent a.tif (3 B)", err)
         self.assertEqual(os.listdir(dst), ["a.tif"])
 
     def test_send_r_sends_directories_as_trees_and_plain_send_hints_at_it(self):
@@ -682,20 +685,22 @@ class SendScpHabitTests(_SendCliCase):
         tree = _make_tree(os.path.join(src, "out"), {"a/b.tif": b"b"})
         f = write_file(os.path.join(src, "c.txt"), b"c")
         to = self.serve(dst)
-        r = self.xfer("send", "--token", TOKEN, tree, to)
-        self.assertEqual(r.returncode, xfer.EXIT_FAILED, r.stderr)
-        self.assertIn("is a directory (use send -r or send-dir)", self.one_error_line(r.stderr))
-        r = self.xfer("send", "-r", "--token", TOKEN, tree, f, to)
-        self.assertEqual(r.returncode, xfer.EXIT_OK, r.stderr)
+        status, out, err = self.main("send", "--config", self.ini, "--token", TOKEN, tree, to)
+        self.assertEqual(status, xfer.EXIT_FAILED, err)
+        self.assertIn("is a directory (use send -r or send-dir)", self.one_error_line(err))
+        status, out, err = self.main("send", "-r", "--config", self.ini, "--token", TOKEN,
+                                     tree, f, to)
+        self.assertEqual(status, xfer.EXIT_OK, err)
         self.assertEqual(tree_listing(dst), ["c.txt", "out", "out/a", "out/a/b.tif"])
 
     def test_user_at_host_is_accepted_with_a_note(self):
         src, dst = temp_dir(self), temp_dir(self)
         f = write_file(os.path.join(src, "a.tif"), b"tif")
-        r = self.xfer("send", "--token", TOKEN, f, "pi@" + self.serve(dst))
-        self.assertEqual(r.returncode, xfer.EXIT_OK, r.stderr)
-        self.assertIn("xfer: note: ignoring 'pi@'", r.stderr)
-        self.assertNotIn("error", r.stderr)
+        status, out, err = self.main("send", "--config", self.ini, "--token", TOKEN, f,
+                                     "pi@" + self.serve(dst))
+        self.assertEqual(status, xfer.EXIT_OK, err)
+        self.assertIn("xfer: note: ignoring 'pi@'", err)
+        self.assertNotIn("error", err)
         self.assertEqual(os.listdir(dst), ["a.tif"])
 
     def test_absolute_and_home_remote_paths_are_refused_with_a_hint(self):
@@ -705,9 +710,10 @@ class SendScpHabitTests(_SendCliCase):
         for where, hint in (("/home/pi/", "relative to the receiver's directory"),
                             ("~/x/", "no home directory")):
             with self.subTest(where=where):
-                r = self.xfer("send", "--token", TOKEN, f, to + where)
-                self.assertEqual(r.returncode, xfer.EXIT_USAGE, r.stderr)
-                line = self.one_error_line(r.stderr)
+                status, out, err = self.main("send", "--config", self.ini, "--token", TOKEN, f,
+                                             to + where)
+                self.assertEqual(status, xfer.EXIT_USAGE, err)
+                line = self.one_error_line(err)
                 self.assertIn(hint, line)
                 self.assertIn(to + where.lstrip("/~").lstrip("/"), line)  # the fix to use
         self.assertEqual(tree_listing(dst), [])
