@@ -22,6 +22,7 @@ import shlex
 import shutil
 import signal
 import socket
+import socketserver
 import stat
 import struct
 import subprocess
@@ -3573,6 +3574,449 @@ class PairingTests(unittest.TestCase):
 #------------------------------------------------------------
 
 _SecDiskUsage = collections.namedtuple("_SecDiskUsage", "total used free")
+
+
+#------------------------------------------------------------
+# the receiver's refusal reasons, its log, abuse limits
+#------------------------------------------------------------
+
+def _rlog_wait_for_line(lines, pattern, timeout=TIMEOUT):
+    """The first entry of the growing list lines matching pattern, or None."""
+    found = []
+
+    def seen():
+        found[:] = [line for line in list(lines) if re.search(pattern, line)]
+        return bool(found)
+    return found[0] if _hostile_wait_until(seen, timeout) else None
+
+
+def _rlog_no_space(*args):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class RefusalReasonTests(unittest.TestCase):
+    """Every refusal names its file and says it happened on the receiver."""
+
+    def setUp(self):
+        self.src, self.dst = temp_dir(self), temp_dir(self)
+        self.home = temp_dir(self)
+        self.env = isolated_env(self.home)
+
+    def main_in_process(self, *argv):
+        out, err = io.StringIO(), io.StringIO()
+        with mock.patch.dict(os.environ, self.env, clear=True), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = xfer.main(list(argv))
+        return status, out.getvalue(), err.getvalue()
+
+    def test_disk_full_mid_tree_names_every_file_on_the_receivers_disk(self):
+        receiver = start_receiver(self, self.dst)
+        tree = os.path.join(self.src, "tree")
+        names = ["f%02d.bin" % i for i in range(8)]
+        for name in names:
+            write_file(os.path.join(tree, name), os.urandom(3000))
+        real_write = os.write
+        calls = []
+
+        def write(fd, data):
+            # The disk fills after the second file's body: every later write fails.
+            calls.append(fd)
+            if len(calls) > 2:
+                _rlog_no_space()
+            return real_write(fd, data)
+
+        with mock.patch.object(xfer.os, "write", write):
+            status, out, err = self.main_in_process(
+                "send-dir", "--workers", "1", "--retries", "0", tree,
+                "%s:%d:" % receiver.address)
+        self.assertEqual(status, xfer.EXIT_FAILED, err)
+        self.assertNotIn("Traceback", err)
+        arrived = set(os.listdir(os.path.join(self.dst, "tree")))
+        failed = sorted(set(names) - arrived)
+        self.assertTrue(failed, "the disk never filled: %r" % calls)
+        errors = [line for line in err.splitlines() if line.startswith("xfer: error: ")]
+        self.assertEqual(len(errors), len(failed), err)
+        for name in failed:
+            self.assertIn("xfer: error: 127.0.0.1: tree/%s: no space left on the receiver's "
+                          "disk" % name, errors, err)
+        self.assertNotIn("write failed", err)
+        self.assertIn("%d FAILED" % len(failed), out)
+
+    def test_job_error_says_which_receiver_refused_and_why(self):
+        receiver = start_receiver(self, self.dst)
+        path = write_file(os.path.join(self.src, "full.bin"), os.urandom(600 * 1024))
+        real_write = os.write
+        calls = []
+
+        def write(fd, data):
+            calls.append(fd)
+            if len(calls) > 1:
+                _rlog_no_space()
+            return real_write(fd, data)
+
+        with mock.patch.object(xfer.os, "write", write):
+            (job,) = send_files(receiver.address, [path], retries=0)
+        self.assertEqual(job.state, "failed")
+        self.assertIsInstance(job.error, xfer.RemoteError)
+        self.assertEqual(job.error.code, xfer.ST_NO_SPACE)
+        self.assertEqual(job.error.reason, "full.bin: no space left on the receiver's disk")
+        self.assertEqual(job.error.host, "127.0.0.1")
+        self.assertEqual(str(job.error),
+                         "127.0.0.1: full.bin: no space left on the receiver's disk")
+        self.assertEqual(tree_listing(self.dst), [])
+        _hostile_still_serves(self, receiver, self.dst)
+
+    def test_permission_denied_names_the_path_on_the_receiver(self):
+        logs = []
+        receiver = start_receiver(self, self.dst, log=logs.append)
+        small = write_file(os.path.join(self.src, "a.tif"), os.urandom(3000))
+        large = write_file(os.path.join(self.src, "b.tif"), os.urandom(600 * 1024))
+        denied = OSError(errno.EACCES, os.strerror(errno.EACCES))
+        with mock.patch.object(xfer._Dest, "create_temp", side_effect=denied), \
+                mock.patch.object(xfer._Dest, "open_partial", side_effect=denied):
+            with xfer.Sender(receiver.address, retries=0, workers=1) as sender:
+                jobs = [sender.queue(p, subdir="locked") for p in (small, large)]
+        for job, name in zip(jobs, ("a.tif", "b.tif")):
+            self.assertEqual(job.state, "failed")
+            self.assertEqual(str(job.error), "127.0.0.1: locked/%s: permission denied on "
+                             "the receiver" % name)
+        self.assertTrue(any("refused locked/a.tif: locked/a.tif: permission denied on the "
+                            "receiver" in line for line in logs), logs)
+        self.assertEqual(_hostile_partials(self.dst), [])
+        _hostile_still_serves(self, receiver, self.dst)
+
+    def test_fan_out_names_the_destination_once(self):
+        receiver = start_receiver(self, self.dst)
+        path = write_file(os.path.join(self.src, "a.tif"), os.urandom(3000))
+        denied = OSError(errno.EACCES, os.strerror(errno.EACCES))
+        to = "%s:%d" % receiver.address
+        with mock.patch.object(xfer._Dest, "create_temp", side_effect=denied):
+            status, out, err = self.main_in_process(
+                "send", "--retries", "0", "--to", to + ":one", "--to", to + ":two", path)
+        self.assertEqual(status, xfer.EXIT_FAILED, err)
+        lines = sorted(line for line in err.splitlines() if line.startswith("xfer: error:"))
+        self.assertEqual(lines, [
+            "xfer: error: %s:one: one/a.tif: permission denied on the receiver" % to,
+            "xfer: error: %s:two: two/a.tif: permission denied on the receiver" % to], err)
+
+    def test_short_preface_then_eof_is_connection_closed(self):
+        for data in (b"X", b"XF", b"XFER", b"XFER\x00\x01"):
+            with self.subTest(data=data):
+                with self.assertRaises(xfer.ConnectionClosedError) as caught:
+                    xfer._read_preface(io.BytesIO(data))
+                self.assertIn("connection closed", str(caught.exception))
+                self.assertNotIn("magic", str(caught.exception))
+        for data in (b"HT", b"GET / HTTP/1.1"):
+            with self.subTest(data=data):
+                with self.assertRaises(xfer.ProtocolError) as caught:
+                    xfer._read_preface(io.BytesIO(data))
+                self.assertNotIsInstance(caught.exception, xfer.ConnectionClosedError)
+                self.assertIn("bad magic", str(caught.exception))
+
+
+class ServeLogTests(unittest.TestCase):
+    """The server log says what went wrong with pairing and the handshake."""
+
+    def setUp(self):
+        self.dst = temp_dir(self)
+
+    def receiver(self, **kw):
+        logs = []
+        kw.setdefault("token", "s3cret")
+        return start_receiver(self, self.dst, log=logs.append, **kw), logs
+
+    def test_sender_without_token_is_logged_as_missing_its_token(self):
+        receiver, logs = self.receiver()
+        with xfer.Sender(receiver.address, retries=0) as sender:
+            with self.assertRaises(xfer.AuthError):
+                sender.ping()
+        line = _rlog_wait_for_line(logs, "refused")
+        self.assertIsNotNone(line, logs)
+        self.assertRegex(line, r"^127\.0\.0\.1:\d+: refused: the sender has no token \(it "
+                               r"needs this server's token: see \"pairing\"\)$")
+        self.assertFalse([l for l in logs if "connection closed after" in l], logs)
+
+    def test_wrong_token_and_not_xfer_are_refusals(self):
+        receiver, logs = self.receiver()
+        with xfer.Sender(receiver.address, token="nope", retries=0) as sender:
+            with self.assertRaises(xfer.AuthError):
+                sender.ping()
+        self.assertIsNotNone(_rlog_wait_for_line(logs, r"^127\.0\.0\.1:\d+: refused: wrong "
+                                                       r"token$"), logs)
+        sock = raw_connect(receiver.address)
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(recv_until_closed(sock), b"")
+        line = _rlog_wait_for_line(logs, "xfer client")
+        self.assertRegex(line, r"^127\.0\.0\.1:\d+: refused: not an xfer client")
+
+    def test_handshake_timeout_after_a_correct_preface_is_a_timeout(self):
+        receiver, logs = self.receiver(handshake_timeout=0.2)
+        preface = xfer._PREFACE.pack(xfer.MAGIC, xfer.PROTOCOL_VERSION, 0)
+        hello = xfer._FRAME.pack(xfer._Msg.HELLO, xfer._NONCE_SIZE) + os.urandom(32)
+        cases = [("magic and half the version", preface[:5]), ("whole preface", preface),
+                 ("preface and HELLO", preface + hello)]
+        for label, data in cases:
+            with self.subTest(label):
+                del logs[:]
+                sock = raw_connect(receiver.address)
+                self.addCleanup(sock.close)
+                sock.sendall(data)
+                recv_until_closed(sock)
+                line = _rlog_wait_for_line(logs, ".")
+                self.assertRegex(line, r"^127\.0\.0\.1:\d+: dropped: handshake timed out "
+                                       r"\(not finished within 0\.2 s\)$", logs)
+                self.assertEqual(len(logs), 1, logs)
+
+    def test_preface_cut_short_is_a_closed_connection(self):
+        receiver, logs = self.receiver()
+        sock = raw_connect(receiver.address)
+        self.addCleanup(sock.close)
+        sock.sendall(b"XF")
+        sock.shutdown(socket.SHUT_WR)
+        recv_until_closed(sock)
+        line = _rlog_wait_for_line(logs, ".")
+        self.assertRegex(line, r"^127\.0\.0\.1:\d+: dropped: connection closed inside the "
+                               r"preface \(2 of 8 bytes\)$")
+
+    def test_quiet_receiver_skips_notices(self):
+        # Receiver(quiet=True), as serve -q uses it: notices such as removed
+        # partials are not logged, refusals still are.
+        part = write_file(os.path.join(self.dst, xfer.PARTIAL_PREFIX + "old.x"), b"x")
+        receiver, logs = self.receiver(quiet=True, partial_max_age=0)
+        self.assertTrue(_hostile_wait_until(lambda: not os.path.exists(part)))
+        sock = raw_connect(receiver.address)
+        self.addCleanup(sock.close)
+        sock.sendall(b"SSH-2.0-OpenSSH\r\n")
+        recv_until_closed(sock)
+        self.assertIsNotNone(_rlog_wait_for_line(logs, "not an xfer client"))
+        self.assertFalse([l for l in logs if "removed" in l], logs)
+
+    @unittest.skipIf(sys.platform == "win32", "stops the server with SIGTERM")
+    def test_serve_quiet_prints_refusals_and_errors_only(self):
+        home = temp_dir(self)
+        env = isolated_env(home)
+        proc, port = spawn_server(self, "-q", "--token", "s3cret", "--dir", self.dst, env=env)
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+        reader.start()
+        src = temp_dir(self)
+        path = write_file(os.path.join(src, "ok.bin"), b"fine")
+        (job,) = send_files((HOST, port), [path], token="s3cret")
+        self.assertEqual(job.state, "done", job.error)
+        with xfer.Sender((HOST, port), retries=0) as sender:
+            with self.assertRaises(xfer.AuthError):
+                sender.ping()
+        sock = raw_connect((HOST, port))
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        recv_until_closed(sock)
+        sock.close()
+        # The two refusals are the proof that -q prints at all; then stop.
+        self.assertTrue(_hostile_wait_until(lambda: len(lines) >= 2), lines)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=TIMEOUT)
+        reader.join(TIMEOUT)
+        self.assertEqual(proc.returncode, 0)
+        self.assertEqual(rest, "")          # stdout: only the listening line, read already
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("refused: the sender has no token", lines[0])
+        self.assertIn("refused: not an xfer client", lines[1])
+
+
+class AbuseLimitTests(unittest.TestCase):
+    """Back-off for wrong tokens, a minimum body rate, accept errors logged once."""
+
+    def setUp(self):
+        self.src, self.dst = temp_dir(self), temp_dir(self)
+
+    def wrong_token(self, address):
+        """One handshake with a wrong token: (ERROR status, reason, seconds taken)."""
+        started = time.monotonic()
+        client = _HostileClient(address, token="nope", handshake=False)
+        self.addCleanup(client.close)
+        client.send(client.client_preface + client.frame(xfer._Msg.HELLO,
+                                                         client.client_nonce))
+        client.server_preface = client.read_exact(xfer._PREFACE.size)
+        got = client.read_frame()
+        if got[0] == xfer._Msg.HELLO:
+            client.server_nonce = got[1]
+            client.transcript = (client.client_preface + client.client_nonce
+                                 + client.server_preface + client.server_nonce)
+            got = client.auth()
+        self.assertEqual(got[0], xfer._Msg.ERROR, got)
+        status = xfer._ERROR.unpack_from(got[1])[0]
+        return (status, got[1][xfer._ERROR.size:].decode(), time.monotonic() - started)
+
+    def test_wrong_tokens_make_the_address_wait_without_holding_a_thread(self):
+        logs = []
+        receiver = start_receiver(self, self.dst, token="s3cret", log=logs.append,
+                                  auth_backoff=(0.0, 60.0))
+        first = self.wrong_token(receiver.address)
+        second = self.wrong_token(receiver.address)
+        self.assertEqual(first[0], xfer.ST_AUTH_FAILED, first)
+        self.assertEqual(second[0], xfer.ST_AUTH_FAILED, second)
+        # Now 127.0.0.1 waits 60 s: refused at once, before any token is
+        # looked at (so the right one is refused too), and transient.
+        for token in ("nope", "s3cret"):
+            started = time.monotonic()
+            with xfer.Sender(receiver.address, token=token, retries=0) as sender:
+                with self.assertRaises(xfer.RemoteError) as caught:
+                    sender.ping()
+            self.assertLess(time.monotonic() - started, 2.0)
+            self.assertEqual(caught.exception.code, xfer.ST_BUSY)
+            self.assertTrue(caught.exception.transient)
+            self.assertRegex(str(caught.exception),
+                             r"too many wrong tokens from 127\.0\.0\.1: try again in "
+                             r"(59|60) s")
+        self.assertEqual(receiver.connections, 0)
+
+    def test_back_off_schedule_per_address(self):
+        clock = [1000.0]
+        guard = xfer._AuthGuard((0.0, 2.0, 8.0), log=lambda line: None,
+                                clock=lambda: clock[0])
+        a, b = "192.0.2.1", "192.0.2.2"
+        self.assertEqual(guard.wait(a), 0)
+        guard.failed(a)                      # 1st: no wait
+        self.assertEqual(guard.wait(a), 0)
+        guard.failed(a)                      # 2nd: 2 s
+        self.assertAlmostEqual(guard.wait(a), 2.0)
+        self.assertEqual(guard.wait(b), 0)   # another address is not affected
+        clock[0] += 2.0
+        self.assertEqual(guard.wait(a), 0)
+        guard.failed(a)                      # 3rd and later: 8 s
+        self.assertAlmostEqual(guard.wait(a), 8.0)
+        clock[0] += 8.0
+        guard.failed(a)
+        self.assertAlmostEqual(guard.wait(a), 8.0)
+        guard.succeeded(a)                   # the right token forgives
+        self.assertEqual(guard.wait(a), 0)
+        guard.failed(a)
+        self.assertEqual(guard.wait(a), 0)
+
+    def test_back_off_table_is_bounded(self):
+        clock = [1000.0]
+        guard = xfer._AuthGuard((0.0, 5.0), log=lambda line: None, clock=lambda: clock[0],
+                                max_addresses=10)
+        for i in range(100):
+            guard.failed("198.51.100.%d" % i)
+            guard.failed("198.51.100.%d" % i)
+            clock[0] += 0.001
+        self.assertLessEqual(len(guard.addresses), 10)
+        self.assertGreater(guard.wait("198.51.100.99"), 0)   # the newest are kept
+
+    def test_wrong_tokens_are_logged_at_a_bounded_rate(self):
+        clock = [1000.0]
+        logs = []
+        guard = xfer._AuthGuard((0.0,), log=logs.append, clock=lambda: clock[0],
+                                interval=5.0)
+        for _ in range(100):
+            guard.failed("192.0.2.1", "192.0.2.1:4000")
+            clock[0] += 0.01
+        guard.failed("192.0.2.9", "192.0.2.9:4000")
+        self.assertEqual(logs, ["192.0.2.1:4000: refused: wrong token",
+                                "192.0.2.9:4000: refused: wrong token"])
+        guard.tick()                      # less than 5 s since the first line
+        self.assertEqual(len(logs), 2)
+        clock[0] += 5.0
+        guard.tick()
+        self.assertEqual(logs[2:], ["99 more wrong-token attempts from 192.0.2.1"])
+        guard.tick()
+        self.assertEqual(len(logs), 3)
+
+    def test_wrong_token_summary_reaches_the_log(self):
+        logs = []
+        receiver = start_receiver(self, self.dst, token="s3cret", log=logs.append,
+                                  auth_backoff=(0.0,))
+        receiver._auth.interval = 0.05
+        for _ in range(20):
+            self.assertEqual(self.wrong_token(receiver.address)[0], xfer.ST_AUTH_FAILED)
+
+        def summarised():
+            return sum(int(re.match(r"(\d+) more wrong-token attempts from 127\.0\.0\.1$",
+                                    line).group(1))
+                       for line in list(logs) if "more wrong-token" in line)
+        self.assertTrue(_hostile_wait_until(lambda: summarised() == 19), logs)
+        self.assertEqual(len([l for l in logs if l.endswith("refused: wrong token")]), 1,
+                         logs)
+        self.assertLessEqual(len(logs), 10, logs)
+
+    def test_trickled_body_is_dropped_and_its_partial_kept(self):
+        logs = []
+        receiver = start_receiver(self, self.dst, token="s3cret", log=logs.append,
+                                  body_min_bytes=64 * 1024, body_window=0.3)
+        data = os.urandom(1 << 20)
+        path = write_file(os.path.join(self.src, "slow.bin"), data)
+        mtime_ns = 1500000000 * 10**9
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+        client = _HostileClient(receiver.address, token="s3cret")
+        self.addCleanup(client.close)
+        header = xfer._FILE.pack(1, len(data), mtime_ns, 0o644, 0) + b"slow.bin"
+        client.send(client.frame(xfer._Msg.FILE, header))
+        kind, payload = client.read_frame()
+        self.assertEqual(kind, xfer._Msg.ACCEPT)
+        client.send(client.frame(xfer._Msg.BODY, xfer._BODY.pack(1, 0)) + data[:300000])
+        closed = threading.Event()
+
+        def trickle():
+            pause = threading.Event()
+            for i in range(300):            # at most about 6 s
+                if closed.is_set():
+                    return
+                try:
+                    client.sock.sendall(data[300000 + i:300001 + i])
+                except OSError:
+                    return
+                pause.wait(0.02)
+        trickler = threading.Thread(target=trickle, daemon=True)
+        trickler.start()
+        started = time.monotonic()
+        got = client.read_frame()
+        closed.set()
+        trickler.join(TIMEOUT)
+        self.assertLess(time.monotonic() - started, 5.0)
+        self.assertEqual(got[0], xfer._Msg.ERROR, got)
+        self.assertEqual(xfer._ERROR.unpack_from(got[1])[0], xfer.ST_TIMEOUT)
+        self.assertIn("slow.bin: receiving too slowly", got[1].decode("utf-8", "replace"))
+        self.assertTrue(_hostile_wait_until(lambda: receiver.connections == 0))
+        self.assertIsNotNone(_rlog_wait_for_line(logs, "too slowly"), logs)
+        (partial,) = _hostile_partials(self.dst)
+        self.assertGreaterEqual(os.path.getsize(os.path.join(self.dst, partial)), 300000)
+        # The sender resumes from the bytes kept.
+        (job,) = send_files(receiver.address, [path], token="s3cret")
+        self.assertEqual(job.state, "done", job.error)
+        self.assertGreaterEqual(job.resumed, 300000)
+        self.assertEqual(sha256_file(os.path.join(self.dst, "slow.bin")), sha256_file(path))
+
+    def test_accept_errors_are_logged_once_per_episode(self):
+        logs = []
+        real = socketserver.TCPServer.get_request
+        failures = {"left": 0}
+        hit = threading.Event()
+
+        def get_request(server):
+            if failures["left"]:
+                failures["left"] -= 1
+                if not failures["left"]:
+                    hit.set()
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            return real(server)
+
+        with mock.patch.object(xfer.Receiver, "accept_pause", (0.001, 0.002)), \
+                mock.patch.object(socketserver.TCPServer, "get_request", get_request):
+            receiver = start_receiver(self, self.dst, log=logs.append)
+            for episode in range(2):
+                failures["left"] = 30
+                hit.clear()
+                pending = raw_connect(receiver.address)  # makes the listener readable
+                self.addCleanup(pending.close)
+                self.assertTrue(hit.wait(TIMEOUT))
+                _hostile_still_serves(self, receiver, self.dst)
+        failed = [l for l in logs if l.startswith("accept failed")]
+        again = [l for l in logs if l.startswith("accepting again")]
+        self.assertEqual(len(failed), 2, logs)
+        self.assertIn(os.strerror(errno.EMFILE), failed[0])
+        self.assertEqual(len(again), 2, logs)
+        self.assertIn("30 failed", again[0])
 
 
 class LimitTests(unittest.TestCase):

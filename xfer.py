@@ -29,6 +29,7 @@ import io
 import ipaddress
 import itertools
 import json
+import math
 import os
 import queue
 import re
@@ -121,6 +122,25 @@ LOG_DELAY = 0.05
 #: Receiver: a connection holding a resumable partial that another one asks
 #: for, silent this many seconds, is taken for dead and cut (README "Resume").
 CLAIM_SILENCE = 1.0
+#: Receiver: after an address's Nth wrong token in a row, seconds before its
+#: next try is looked at (the last entry repeats); a right token forgets it,
+#: as do AUTH_FORGET seconds without a wrong one.  Tries meanwhile are
+#: refused "busy" at once, on the accepting thread (README "Hardened receiver").
+AUTH_BACKOFF = (0.0, 0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+AUTH_FORGET = 15 * 60.0
+#: Receiver: addresses whose wrong tokens it remembers at most (oldest go first).
+AUTH_MAX_ADDRESSES = 4096
+#: Receiver: after an address's first wrong token is logged, the next ones
+#: are summed up in one line at most this often (seconds).
+AUTH_LOG_INTERVAL = 10.0
+#: Receiver: a body must bring at least BODY_MIN_BYTES (or its rest) in every
+#: BODY_WINDOW seconds, or its connection is dropped (a large file keeps its
+#: partial).  About 3 KB/s, far below the worst Wi-Fi, with time for stalls.
+BODY_MIN_BYTES = 100 * 1000
+BODY_WINDOW = 30.0
+#: Receiver: pause after a failed accept() (out of descriptors), doubling up
+#: to the second value while it keeps failing.
+ACCEPT_PAUSE = (0.05, 0.5)
 #: What a receiver does when a file's name is taken (README "serve").
 OVERWRITE_POLICIES = ("replace", "rename", "skip", "fail")
 #: Receiver: answers it holds back at most before sending them (group commit),
@@ -218,13 +238,15 @@ class ConnectionClosedError(ProtocolError, ConnectionError):
 class RemoteError(XferError):
     """The receiver refused or failed one file or the whole connection.
 
-    code is the wire status (Protocol 4.4); reason is the receiver's text.
+    code is the wire status (Protocol 4.4); reason is the receiver's text;
+    host, when set, is the receiver that said it, and str() starts with it.
     """
 
-    def __init__(self, reason, code=15):
+    def __init__(self, reason, code=15, host=None):
         self.code = code
         self.reason = reason
-        super().__init__(reason)
+        self.host = host
+        super().__init__(reason if host is None else "%s: %s" % (host, reason))
 
     @property
     def transient(self):
@@ -234,18 +256,18 @@ class RemoteError(XferError):
 class UnsafePathError(RemoteError):
     """A path would leave the destination or is not a safe name there."""
 
-    def __init__(self, reason, path=None, code=10):
+    def __init__(self, reason, path=None, code=10, host=None):
         self.path = path
         if path is not None:
             reason = "%s: %s" % (_display(path), reason)
-        super().__init__(reason, code)
+        super().__init__(reason, code, host)
 
 
 class IntegrityError(RemoteError):
     """The data received does not match its digest or MAC."""
 
-    def __init__(self, reason, code=14):
-        super().__init__(reason, code)
+    def __init__(self, reason, code=14, host=None):
+        super().__init__(reason, code, host)
 
 
 # Wire status codes (Protocol 4.4) and the class a sender raises for each.
@@ -257,12 +279,16 @@ ST_BUSY, ST_TIMEOUT, ST_SHUTDOWN, ST_TLS_REQUIRED = 24, 25, 26, 27
 _TRANSIENT_CODES = frozenset({ST_BUSY, ST_TIMEOUT, ST_SHUTDOWN})
 
 
-def _error_for(code, reason):
-    """Build the exception a sender raises for a receiver status."""
+def _error_for(code, reason, host=None):
+    """Build the exception a sender raises for a receiver status.
+
+    host names the receiver in a file's refusal, so that it does not read
+    like a local error (RESULT); connection-level errors go without it.
+    """
     if code == ST_BAD_PATH:
-        return UnsafePathError(reason)
+        return UnsafePathError(reason, host=host)
     if code == ST_INTEGRITY:
-        return IntegrityError(reason)
+        return IntegrityError(reason, host=host)
     if code in (ST_AUTH_REQUIRED, ST_AUTH_FAILED):
         err = AuthError(reason)
         err.code = code
@@ -273,7 +299,7 @@ def _error_for(code, reason):
         err = ProtocolError(reason)
         err.code = code
         return err
-    return RemoteError(reason, code)
+    return RemoteError(reason, code, host)
 
 
 #------------------------------------------------------------
@@ -427,6 +453,10 @@ class _Reader:
                 return kind, bytes(self.view[start:start + length])
         return None
 
+    def at_end(self):
+        """True if the stream ends before another byte (waits for one or the end)."""
+        return self.end == self.start and not self._fill(1)
+
     def ready(self, timeout=0):
         """True if bytes are buffered, or arrive within timeout seconds."""
         if self.end > self.start:
@@ -442,12 +472,15 @@ def _read_preface(rfile):
     data = rfile.read(_PREFACE.size)
     if not data:
         raise ConnectionClosedError("connection closed before the preface")
-    if not MAGIC.startswith(data[:4]) or len(data) < 4 or data[:4] != MAGIC:
+    if not MAGIC.startswith(data[:len(MAGIC)]):
         if data[:1] == b"\x16":
             raise ProtocolError("the peer speaks TLS, not plain xfer")
         raise ProtocolError("the peer is not an xfer endpoint (bad magic %r)" % data[:4])
     if len(data) != _PREFACE.size:
-        raise ConnectionClosedError("connection closed inside the preface")
+        # What arrived is the start of a preface: the peer hung up, it did
+        # not speak another protocol.
+        raise ConnectionClosedError("connection closed inside the preface (%d of %d bytes)"
+                                    % (len(data), _PREFACE.size))
     _, version, flags = _PREFACE.unpack(data)
     if version != PROTOCOL_VERSION:
         raise VersionMismatchError(
@@ -1026,14 +1059,15 @@ class _Dest:
             return st.st_dev, st.st_ino
         return os.path.normcase(handle)
 
-    def publish(self, handle, temp, name, policy="replace", sync=True):
+    def publish(self, handle, temp, name, policy="replace", sync=True, path=None):
         """Move the finished temp file to its final name and sync the directory
         (unless sync is false: the caller syncs it, once for many files).
 
         policy "replace" renames over an existing regular file (atomic).  The
         others never clobber: "rename" picks "NAME (1).EXT", "NAME (2).EXT"...
         (_numbered) if the name is taken; "skip" and "fail" leave an existing file alone,
-        returning None ("skip") or raising RemoteError ST_CONFLICT ("fail").
+        returning None ("skip") or raising RemoteError ST_CONFLICT ("fail"),
+        whose reason names path (the whole relative path), else name.
         Returns the final name.
         """
         if policy == "replace":
@@ -1056,8 +1090,9 @@ class _Dest:
             return None
         if policy == "fail":
             raise RemoteError("%s: exists (the receiver refuses to replace files)"
-                              % _display(name), ST_CONFLICT)
-        raise RemoteError("%s: no free name for a renamed copy" % _display(name), ST_CONFLICT)
+                              % _display(path or name), ST_CONFLICT)
+        raise RemoteError("%s: no free name for a renamed copy" % _display(path or name),
+                          ST_CONFLICT)
 
     def _rename(self, handle, temp, name, replace):
         if self.use_dir_fd:
@@ -1229,6 +1264,136 @@ class SessionInfo(collections.namedtuple(
     __slots__ = ()
 
 
+class _AuthGuard:
+    """Wrong tokens per address: the back-off, and their log at a bounded rate.
+
+    After an address's nth wrong token in a row, its next try is refused
+    unchecked for schedule[min(n, len(schedule)) - 1] seconds.  _Server
+    refuses such a connection on the accepting thread, so a brute force
+    holds no thread; check() refuses the ones admitted before the back-off
+    began.  Other addresses are not affected.  The first wrong token of an
+    address is logged; later ones (and tries refused during the back-off)
+    are counted and summed up by tick() at most every interval seconds.
+    """
+
+    def __init__(self, schedule=AUTH_BACKOFF, log=None, clock=time.monotonic,
+                 interval=AUTH_LOG_INTERVAL, max_addresses=AUTH_MAX_ADDRESSES,
+                 forget=AUTH_FORGET):
+        self.schedule = tuple(schedule) or (0.0,)
+        self.log = log or (lambda line: None)
+        self.clock = clock
+        self.interval = interval
+        self.max_addresses = max_addresses
+        self.forget = forget
+        self.lock = threading.Lock()
+        # address -> [wrong tokens in a row, may try again at, last wrong at,
+        #             logged at, wrong not logged, refused not logged];
+        # least recently failed first.
+        self.addresses = collections.OrderedDict()
+        self.pending = set()        # addresses with something not logged yet
+
+    def wait(self, address, count=False):
+        """Seconds before address may try a token again (0: now).
+
+        With count, a try refused for that reason is counted for the log.
+        """
+        with self.lock:
+            entry = self.addresses.get(address)
+            if entry is None:
+                return 0
+            left = entry[1] - self.clock()
+            if left <= 0:
+                return 0
+            if count:
+                entry[5] += 1
+                self.pending.add(address)
+            return left
+
+    def check(self, address, peer, right):
+        """Judge a token proof from address: right() says if it is correct.
+
+        Returns 0 if it is, None if it is wrong (logged and counted), else
+        the seconds the address must still wait (right() is not called).
+        """
+        with self.lock:     # one proof per address at a time: no parallel guesses
+            entry = self.addresses.get(address)
+            now = self.clock()
+            if entry is not None and entry[1] > now:
+                entry[5] += 1
+                self.pending.add(address)
+                return entry[1] - now
+            if right():
+                self.addresses.pop(address, None)
+                self.pending.discard(address)
+                return 0
+            line = self._failed(address, peer, now)
+        if line:
+            self.log(line)
+        return None
+
+    def failed(self, address, peer=None):
+        """Count a wrong token from address (peer: "host:port" for the log)."""
+        with self.lock:
+            line = self._failed(address, peer, self.clock())
+        if line:
+            self.log(line)
+
+    def _failed(self, address, peer, now):
+        entry = self.addresses.pop(address, None)
+        if entry is None:
+            while len(self.addresses) >= self.max_addresses:
+                old, _ = self.addresses.popitem(last=False)
+                self.pending.discard(old)
+            entry = [0, now, now, None, 0, 0]
+        self.addresses[address] = entry           # now the most recent
+        entry[0] += 1
+        entry[1] = now + self.schedule[min(entry[0], len(self.schedule)) - 1]
+        entry[2] = now
+        if entry[3] is None or (not entry[4] and not entry[5]
+                                and now - entry[3] >= self.interval):
+            entry[3] = now
+            return "%s: refused: wrong token" % (peer or address)
+        entry[4] += 1
+        self.pending.add(address)
+        return None
+
+    def succeeded(self, address):
+        with self.lock:
+            self.addresses.pop(address, None)
+            self.pending.discard(address)
+
+    def tick(self, final=False):
+        """Log the summaries that are due (all of them if final); forget old entries."""
+        lines = []
+        with self.lock:
+            now = self.clock()
+            while self.addresses:
+                address, entry = next(iter(self.addresses.items()))
+                if now - entry[2] < self.forget or address in self.pending:
+                    break
+                del self.addresses[address]
+            for address in list(self.pending):
+                entry = self.addresses.get(address)
+                if entry is None:
+                    self.pending.discard(address)
+                    continue
+                if not final and now - entry[3] < self.interval:
+                    continue
+                line = "%d more wrong-token attempt%s from %s" % (
+                    entry[4], "" if entry[4] == 1 else "s", address)
+                if entry[5]:
+                    line += "; %d refused unchecked while it waits" % entry[5]
+                lines.append(line)
+                entry[3], entry[4], entry[5] = now, 0, 0
+                self.pending.discard(address)
+        for line in lines:
+            self.log(line)
+
+
+def _backoff_reason(address, wait):
+    return "too many wrong tokens from %s: try again in %d s" % (address, math.ceil(wait))
+
+
 class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     # SO_REUSEADDR lets another process steal the port on Windows.
@@ -1248,23 +1413,53 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._active = set()
         self._per_address = collections.Counter()
         self._active_lock = threading.Lock()
+        self._accept_failures = 0       # in a row, in the current episode
+        self._accept_failing_since = 0.0
         super().__init__(sockaddr, _Handler)
 
     def get_request(self):
         try:
-            return super().get_request()
+            request = super().get_request()
         except OSError as e:
             # Out of file descriptors: the listening socket stays readable,
             # so back off instead of spinning on accept().
             if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                self.receiver._log("accept failed: %s; backing off" % (e.strerror or e))
-                time.sleep(0.1)
+                self._accept_failed(e)
             raise
+        if self._accept_failures:
+            self.receiver._log("accepting again after %d failed accept%s in %s" % (
+                self._accept_failures, "" if self._accept_failures == 1 else "s",
+                _duration(round(time.monotonic() - self._accept_failing_since, 1))))
+            self._accept_failures = 0
+        return request
+
+    def _accept_failed(self, error):
+        """One line per episode, however long it lasts; then a growing pause."""
+        if not self._accept_failures:
+            self._accept_failing_since = time.monotonic()
+            self.receiver._log("accept failed: %s; backing off until connections end"
+                               % (error.strerror or error))
+        self._accept_failures += 1
+        first, most = self.receiver.accept_pause
+        time.sleep(min(most, first * 2 ** min(self._accept_failures - 1, 16)))
+
+    def service_actions(self):
+        # Runs between polls of the serving loop (at most poll_interval apart).
+        super().service_actions()
+        self.receiver._auth.tick()
 
     def process_request(self, request, client_address):
         # Admission happens before authentication (RECEIVER-DEFENSES 1): a
-        # global cap and a per-address cap, each answered with a prompt "busy".
+        # global cap and a per-address cap, each answered with a prompt "busy",
+        # and an address backing off after wrong tokens, refused the same way
+        # (counted for the log, not logged one by one).
         peer = client_address[0]
+        wait = self.receiver._auth.wait(peer, count=True) if self.receiver.token else 0
+        if wait:
+            self.receiver._refuse_busy(request, client_address,
+                                       reason=_backoff_reason(peer, wait))
+            self.shutdown_request(request)
+            return
         with self._active_lock:
             over = self._per_address[peer] >= self.receiver.max_per_address
             if not over:
@@ -1336,6 +1531,9 @@ class Receiver:
     be called from a callback running in dispatch="thread" mode.
     """
 
+    #: (first, longest) pause in seconds after a failed accept()
+    accept_pause = ACCEPT_PAUSE
+
     def __init__(self, dir=".", host="0.0.0.0", port=DEFAULT_PORT, token=None,
                  dispatch="thread", on_file=None, on_status=None, on_session=None, log=None,
                  max_connections=DEFAULT_MAX_CONNECTIONS, max_size=None,
@@ -1344,7 +1542,9 @@ class Receiver:
                  portable_names=None, fsync=True, tls_cert=None, tls_key=None,
                  max_per_address=None, max_path_bytes=MAX_PATH_BYTES,
                  max_depth=MAX_PATH_DEPTH, max_frame=MAX_FRAME_PAYLOAD,
-                 overwrite="replace", partial_max_age=DEFAULT_PARTIAL_MAX_AGE):
+                 overwrite="replace", partial_max_age=DEFAULT_PARTIAL_MAX_AGE,
+                 quiet=False, auth_backoff=AUTH_BACKOFF, body_min_bytes=BODY_MIN_BYTES,
+                 body_window=BODY_WINDOW):
         self.dir = os.path.abspath(os.path.expanduser(dir))
         self.host = host
         self.port = port
@@ -1353,6 +1553,13 @@ class Receiver:
         self.on_status = on_status
         self.on_session = on_session
         self.log = log
+        #: log refusals and errors only, no notices (serve -q)
+        self.quiet = quiet
+        self._auth = _AuthGuard(auth_backoff, self._log)
+        #: a body slower than body_min_bytes per body_window seconds is
+        #: dropped (body_window None: never)
+        self.body_min_bytes = int(body_min_bytes)
+        self.body_window = body_window
         self.max_connections = int(max_connections)
         self.max_size = max_size
         self.idle_timeout = idle_timeout
@@ -1457,6 +1664,7 @@ class Receiver:
                 self._idle.wait(min(0.05, max(0.0, deadline - time.monotonic())))
         server.close_active()
         server.server_close()
+        self._auth.tick(final=True)
         if self._thread is not None:
             self._thread.join()
         self._set_status("stopped")
@@ -1503,6 +1711,11 @@ class Receiver:
         self.status = status
         self._dispatch.emit(self.on_status, status)
 
+    def _note(self, line):
+        """Log a notice: not a refusal or an error, so not when quiet."""
+        if not self.quiet:
+            self._log(line)
+
     def _log(self, line):
         if self.log is not None:
             try:
@@ -1510,13 +1723,16 @@ class Receiver:
             except Exception:
                 pass
 
-    def _refuse_busy(self, sock, address, per_address=False):
-        if per_address:
-            reason = "server busy: %d connections from %s already open" % (
-                self.max_per_address, address[0])
-        else:
-            reason = "server busy: %d connections already open" % self.max_connections
-        self._log("%s: refused: %s" % (_peer_text(address), reason))
+    def _refuse_busy(self, sock, address, per_address=False, reason=None):
+        """Answer "busy" at once, on the accepting thread; reason, if given,
+        is one the caller logs (or counts) itself."""
+        if reason is None:
+            if per_address:
+                reason = "server busy: %d connections from %s already open" % (
+                    self.max_per_address, address[0])
+            else:
+                reason = "server busy: %d connections already open" % self.max_connections
+            self._log("%s: refused: %s" % (_peer_text(address), reason))
         try:
             sock.settimeout(1.0)
             sock.sendall(_PREFACE.pack(MAGIC, PROTOCOL_VERSION, 0)
@@ -1587,7 +1803,7 @@ class Receiver:
             if self._server is None:
                 return
         if removed:
-            self._log("removed %d partial file%s older than %s" % (
+            self._note("removed %d partial file%s older than %s" % (
                 removed, "" if removed == 1 else "s", _duration(self.partial_max_age)))
 
     def _count_failure(self):
@@ -1622,6 +1838,7 @@ class _ReceiveSession:
     def __init__(self, receiver, sock, address):
         self.r = receiver
         self.sock = self.raw_sock = sock
+        self.address = address[0]
         self.peer = _peer_text(address)
         self.rfile = None
         self.key = b""
@@ -1634,6 +1851,7 @@ class _ReceiveSession:
         # file whose RESULT the group commit decides (see _flush).
         self.out = []
         self.group = []            # the _Held files in out, not yet committed
+        self.body_path = b""       # the file whose body is being read, for messages
 
     def run(self):
         with self.r._lock:
@@ -1718,21 +1936,26 @@ class _ReceiveSession:
             self._start_tls()
             self.rfile = _Reader(self.sock)
             self._handshake_steps()
-        except (OSError, ConnectionClosedError):
-            if not timer.is_alive() and not self._handshake_done:
-                self.r._log("%s: dropped: handshake not finished within %ss"
-                            % (self.peer, self.r.handshake_timeout))
-                raise _Drop() from None
+        except (OSError, ConnectionClosedError) as e:
+            if not self._handshake_done and (self._expired or isinstance(e, socket.timeout)):
+                self._timed_out()
             raise
         finally:
             timer.cancel()
 
     _handshake_done = False
     _preface_sent = False
+    _expired = False            # the handshake deadline passed
 
     def _handshake_expired(self):
         if not self._handshake_done:
+            self._expired = True    # before the cut: the reads that fail ask
             self.cut()
+
+    def _timed_out(self):
+        self.r._log("%s: dropped: handshake timed out (not finished within %g s)"
+                    % (self.peer, self.r.handshake_timeout))
+        raise _Drop()
 
     def cut(self):
         """End this connection from another thread: its reads fail at once."""
@@ -1768,11 +1991,16 @@ class _ReceiveSession:
         server_flags = PF_AUTH_REQUIRED if self.r.token else 0
         server_preface = _PREFACE.pack(MAGIC, PROTOCOL_VERSION, server_flags)
         head = self.rfile.read(_PREFACE.size)
-        if len(head) < _PREFACE.size or head[:4] != MAGIC:
-            if not head:
-                raise _Drop()
-            self.r._log("%s: dropped: not an xfer client (first bytes %r)"
+        if not MAGIC.startswith(head[:len(MAGIC)]):
+            self.r._log("%s: refused: not an xfer client (first bytes %r)"
                         % (self.peer, head[:8]))
+            raise _Drop()
+        if len(head) < _PREFACE.size:       # the start of a preface, then nothing
+            if self._expired:
+                self._timed_out()
+            if head:
+                self.r._log("%s: dropped: connection closed inside the preface (%d of %d "
+                            "bytes)" % (self.peer, len(head), _PREFACE.size))
             raise _Drop()
         version = _PREFACE.unpack(head)[1]
         if version != PROTOCOL_VERSION:
@@ -1788,13 +2016,31 @@ class _ReceiveSession:
         server_nonce = secrets.token_bytes(_NONCE_SIZE)
         self._preface_sent = True
         self._send(server_preface + _frame(_Msg.HELLO, server_nonce))
+        if self.rfile.at_end():
+            # A sender hangs up here when it lacks what the server's flags
+            # ask for: a token, or (having one) a server that asks for it.
+            if self._expired:
+                self._timed_out()
+            if self.r.token:
+                self.r._log('%s: refused: the sender has no token (it needs this server\'s '
+                            'token: see "pairing")' % self.peer)
+            else:
+                self.r._log("%s: dropped: the sender hung up in the handshake (with a token "
+                            "for this address it refuses a server that asks for none)"
+                            % self.peer)
+            raise _Drop()
         proof = _expect(self.rfile, _Msg.AUTH, _HANDSHAKE_FRAME_MAX)
         if self.r.token:
             transcript = _transcript(head, client_nonce, server_preface, server_nonce)
             want = _auth_mac(self.r.token, b"xfer client", transcript)
-            if not hmac.compare_digest(proof, want):
-                self.r._log("%s: refused: wrong token" % self.peer)
+            wait = self.r._auth.check(self.address, self.peer,
+                                      lambda: hmac.compare_digest(proof, want))
+            if wait is None:
                 self._send_quietly(_encode_error(ST_AUTH_FAILED, "wrong token"))
+                raise _Drop()
+            if wait:
+                self._send_quietly(_encode_error(ST_BUSY,
+                                                 _backoff_reason(self.address, wait)))
                 raise _Drop()
             self.key = _auth_mac(self.r.token, b"xfer session", transcript)
             self._send(_frame(_Msg.AUTH_OK, _auth_mac(self.r.token, b"xfer server",
@@ -1943,6 +2189,7 @@ class _ReceiveSession:
     def _on_file(self, payload):
         started = time.monotonic()
         fid, size, mtime_ns, mode, flags, raw = _decode_file(payload)
+        self.body_path = raw
         stream = bool(flags & FF_STREAM)
         if flags & FF_DISCARD:
             self._discard(fid, size, stream, raw, payload)
@@ -1984,7 +2231,7 @@ class _ReceiveSession:
             if trailer_flags & TF_ABORT:
                 failure = (ST_ABORTED, "%s: the sender gave it up" % _display(raw))
             elif write_error is not None:
-                failure = write_error
+                failure = _failure(raw, write_error)
             elif not hmac.compare_digest(digest.digest(), their_digest):
                 failure = (ST_INTEGRITY, "%s: sha256 mismatch, file discarded" % _display(raw))
             elif not hmac.compare_digest(mac, _trailer_mac(self.key, fixed, payload)):
@@ -2162,7 +2409,7 @@ class _ReceiveSession:
     def _receive_body(self, fd, count, digest):
         """Copy count bytes from the socket into fd, hashing them into digest.
 
-        Returns None, or (code, reason) if writing failed; the rest is then
+        Returns None, or the OSError if writing failed; the rest is then
         drained so the stream stays in step.  A large body is hashed on a
         helper thread while the next chunk is received and this one written:
         hashlib, recv and write all release the GIL, so they overlap.
@@ -2196,6 +2443,7 @@ class _ReceiveSession:
         left = count
         write_error = None
         readinto = self.rfile.readinto
+        pace = _Pace(self.r, self.body_path, count)
         while left:
             view = next_view()
             n = readinto(view[:min(left, CHUNK)])
@@ -2210,13 +2458,15 @@ class _ReceiveSession:
                         w = os.write(fd, chunk)
                         chunk = chunk[w:]
                 except OSError as e:
-                    write_error = _failure(None, e, "write failed")
+                    write_error = e
             left -= n
+            pace.check(left)
         return write_error
 
     def _drain(self, size, digest=None):
         """Read and drop size bytes of a body (hashing them into digest, if given)."""
         view = memoryview(self.buf)
+        pace = _Pace(self.r, self.body_path, size)
         while size:
             n = self.rfile.readinto(view[:min(size, CHUNK)])
             if not n:
@@ -2224,6 +2474,7 @@ class _ReceiveSession:
             if digest is not None:
                 digest.update(view[:n])
             size -= n
+            pace.check(size)
         return digest
 
     def _read_trailer(self, fid):
@@ -2329,7 +2580,8 @@ class _ReceiveSession:
         # have appeared under the final name while the body was arriving.
         existed = self._existing(held.handle, name, held.raw) is not None or held.existed
         policy = self.r.overwrite
-        final = self.dest.publish(held.handle, held.temp, name, policy, sync=False)
+        final = self.dest.publish(held.handle, held.temp, name, policy, sync=False,
+                                  path=held.raw)
         temp, held.temp = held.temp, None
         if final is None:
             self.dest.remove(held.handle, temp)
@@ -2376,6 +2628,38 @@ class _Part:
         self.hasher = None
 
 
+class _Pace:
+    """A body's minimum progress: in every window seconds at least min_bytes
+    arrive (or the rest of it), else the connection is dropped.
+
+    The idle timeout alone is reset by every byte, so a sender trickling
+    one byte a second would hold its connection (and its thread) for ever.
+    """
+    __slots__ = ("window", "least", "raw", "mark", "mark_left")
+
+    def __init__(self, receiver, raw, left):
+        self.window = receiver.body_window
+        self.least = receiver.body_min_bytes
+        self.raw = raw
+        self.mark = time.monotonic()
+        self.mark_left = left
+
+    def check(self, left):
+        """Called after each chunk with the bytes still to come."""
+        if not self.window:
+            return
+        now = time.monotonic()
+        if now - self.mark < self.window:
+            return
+        got = self.mark_left - left
+        if got < min(self.least, self.mark_left):
+            raise RemoteError("%s: receiving too slowly: %s in %g s, the receiver needs %s "
+                              "per %g s" % (_display(self.raw), _human(got),
+                                            round(now - self.mark, 1), _human(self.least),
+                                            self.window), ST_TIMEOUT)
+        self.mark, self.mark_left = now, left
+
+
 def _hash_fd(fd, buf):
     """sha256 of a file from its start, read through buf; leaves the offset at the end."""
     h = hashlib.sha256()
@@ -2403,13 +2687,30 @@ _NO_SPACE_ERRNOS = frozenset(e for e in (getattr(errno, "ENOSPC", None),
                                          getattr(errno, "EDQUOT", None),
                                          getattr(errno, "EFBIG", None)) if e)
 
+# What a failed system call on the receiver means, in words a sender's user
+# reads without mistaking it for a problem on their own machine.
+_RECEIVER_ERRNO_TEXT = {getattr(errno, name): text for name, text in (
+    ("ENOSPC", "no space left on the receiver's disk"),
+    ("EDQUOT", "the receiver's disk quota is used up"),
+    ("EFBIG", "too large for the receiver's filesystem"),
+    ("EACCES", "permission denied on the receiver"),
+    ("EPERM", "permission denied on the receiver"),
+    ("EROFS", "the receiver's disk is read-only"),
+) if hasattr(errno, name)}
 
-def _failure(raw, error, what=None):
-    """(status, reason) for RESULT from an XferError or an OSError about raw."""
+
+def _failure(raw, error):
+    """(status, reason) for RESULT from an XferError or an OSError about raw.
+
+    The reason always starts with the path, so a sender can tell which of
+    many files failed.
+    """
     if isinstance(error, XferError):
         return error.code, str(error)
     code = ST_NO_SPACE if error.errno in _NO_SPACE_ERRNOS else ST_IO
-    return code, "%s: %s" % (what or _display(raw), error.strerror or error)
+    text = _RECEIVER_ERRNO_TEXT.get(error.errno) or "%s on the receiver" % (
+        error.strerror or error)
+    return code, "%s: %s" % (_display(raw), text)
 
 
 def _duration(seconds):
@@ -2537,6 +2838,8 @@ class Sender:
                  handshake_timeout=DEFAULT_HANDSHAKE_TIMEOUT, retries=3, retry_window=10.0, tls=False, fingerprint=None, known_hosts=None,
                  discard=False, skip="quick", require_server_auth=True):
         self.host, self.port = _parse_target(to, port)
+        # How a receiver's refusal of a file names it: "HOST: a.tif: ..."
+        self._refuser = "[%s]" % self.host if ":" in self.host else self.host
         self.tls = bool(tls or fingerprint)
         #: ask the receiver to verify and drop every file (benchmarks)
         self.discard = discard
@@ -3233,7 +3536,7 @@ class _Link:
         elif status == ST_SKIPPED:
             self.s._end(job, "skipped")
         else:
-            error = _error_for(status, reason)
+            error = _error_for(status, reason, self.s._refuser)
             self.s._end(job, "cancelled" if job.cancelled else "failed", error)
 
     def _check_broken(self):
@@ -4204,21 +4507,28 @@ def _cmd_serve(args):
     stamp = [0, ""]     # the time of day, formatted once a second
 
     def log(line):
+        """Refusals and errors: written even with -q."""
         if as_json:
             emit("log", message=line)
-        elif not quiet:
+        else:
             now = int(time.time())
             if now != stamp[0]:
                 stamp[:] = now, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
             lines.write("%s %s\n" % (stamp[1], line))
 
-    hooks = _Hooks(args.on_receive, log, args.hook_timeout) if args.on_receive else None
+    def note(line):
+        """Everything else (received files, stopping, stopped): not with -q."""
+        if as_json or not quiet:
+            log(line)
+
+    hooks = _Hooks(args.on_receive, log, args.hook_timeout, note) if args.on_receive \
+        else None
 
     def on_file(info):
         if as_json:
             emit("file_received", peer=info.peer, path=info.path, relpath=info.relpath,
                  bytes=info.size, seconds=round(info.seconds, 6), digest=info.digest)
-        elif not quiet:
+        elif not quiet:     # a notice: formatted only when it is written
             rate = info.size / info.seconds if info.seconds > 0 else 0.0
             log("%s: received %s (%s, %s/s)" % (info.peer, _display(info.relpath),
                                                 _human(info.size), _human(rate)))
@@ -4239,7 +4549,7 @@ def _cmd_serve(args):
             once.update(seen=True, clean=info.clean, failed=once["failed"] + info.failed)
 
     receiver = Receiver(directory, host=host, port=port, token=token, on_file=on_file,
-                        on_session=on_session,
+                        on_session=on_session, quiet=quiet and not as_json,
                         log=log, max_connections=max_conn, max_size=max_size,
                         idle_timeout=args.idle_timeout,
                         handshake_timeout=args.handshake_timeout,
@@ -4288,7 +4598,7 @@ def _cmd_serve(args):
     except KeyboardInterrupt:
         status = EXIT_INTERRUPTED if args.once else EXIT_OK
         if receiver.connections and args.grace > 0:
-            log("stopping: letting %d connection%s finish (at most %s)"
+            note("stopping: letting %d connection%s finish (at most %s)"
                 % (receiver.connections, "" if receiver.connections == 1 else "s",
                    _duration(args.grace)))
     finally:
@@ -4302,7 +4612,7 @@ def _cmd_serve(args):
         emit("stopped", files=receiver.files_received, bytes=receiver.bytes_received,
              failed=receiver.files_failed)
     else:
-        log("stopped: %d file%s received (%s), %d failed" % (
+        note("stopped: %d file%s received (%s), %d failed" % (
             receiver.files_received, "" if receiver.files_received == 1 else "s",
             _human(receiver.bytes_received), receiver.files_failed))
     return status
@@ -4388,7 +4698,7 @@ class _Hooks:
     fails, or runs past timeout and is killed, is logged; receiving goes on.
     """
 
-    def __init__(self, command, log, timeout=DEFAULT_HOOK_TIMEOUT):
+    def __init__(self, command, log, timeout=DEFAULT_HOOK_TIMEOUT, note=None):
         # On Windows a command line is one string that the program parses
         # itself; it is still run directly, not through cmd.exe.
         try:
@@ -4397,7 +4707,8 @@ class _Hooks:
             raise ConfigError("--on-receive: %s in %r" % (e, command)) from None
         if not command.strip():
             raise ConfigError("--on-receive: empty command")
-        self.log = log
+        self.log = log                  # failures
+        self.note = note or log         # the rest
         self.timeout = timeout
         self.queue = queue.Queue(HOOK_QUEUE)
         self.threads = []
@@ -4454,7 +4765,7 @@ class _Hooks:
     def close(self):
         """Let waiting hooks run (each within its timeout), then stop."""
         if self.queue.qsize():
-            self.log("running %d waiting hook%s before exiting"
+            self.note("running %d waiting hook%s before exiting"
                      % (self.queue.qsize(), "" if self.queue.qsize() == 1 else "s"))
         for t in self.threads:
             self.queue.put(_STOP)
@@ -4735,7 +5046,10 @@ class _Report:
             t.first_error = str(job.error)
         self._event("file_failed", t, path=job.name, reason=str(job.error),
                     exit=getattr(job.error, "exit_code", EXIT_FAILED))
-        self.error(t, str(job.error))
+        text = str(job.error)
+        if t.label and getattr(job.error, "host", None):
+            text = job.error.reason      # the label names the receiver already
+        self.error(t, text)
 
     def error(self, t, text):
         """Print t's error line, unless the same line was printed already: a
