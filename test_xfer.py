@@ -3072,6 +3072,60 @@ D8jCxSExqD+0VtxF5MhFUhZ7uWlGbE8EU0jps3rPIxJeOTkZ0SKBPEZv
 """
 
 
+#------------------------------------------------------------
+# the receiver's lifecycle: publish and count, stop, DIR, durable dirs
+#------------------------------------------------------------
+
+def _life_reset(client):
+    """Close the client's connection with a TCP reset instead of a FIN."""
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+
+
+class ReceiverLifecycleTests(unittest.TestCase):
+    """What the receiver does as connections end and as it stops."""
+
+    def test_file_published_as_the_connection_resets_is_counted_once(self):
+        # A small file's answer is held for the group commit while a
+        # request is half read; then the connection resets.  The file is
+        # published all the same, so it is counted, reported and triggers
+        # on_file exactly once, and a re-send finds it there.
+        dst = temp_dir(self)
+        files, sessions = [], []
+        ended = threading.Event()
+
+        def on_session(info):
+            sessions.append(info)
+            ended.set()
+
+        receiver = start_receiver(self, dst, token=TOKEN, on_file=files.append,
+                                  on_session=on_session)
+        client = _HostileClient(receiver.address, token=TOKEN)
+        self.addCleanup(client.close)
+        _, frames = _perf_stream_frames(client, b"small.txt", b"small")
+        # Three bytes of the next frame's header: the server holds the
+        # answer (more is waiting) and blocks reading the rest.
+        client.send(frames + client.frame(xfer._Msg.PING)[:3])
+        _life_reset(client)
+        self.assertTrue(ended.wait(TIMEOUT), "on_session never fired")
+        with open(os.path.join(dst, "small.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"small")
+        self.assertEqual([info.relpath for info in files], ["small.txt"])
+        self.assertEqual(receiver.files_received, 1)
+        self.assertEqual(receiver.bytes_received, 5)
+        self.assertEqual((sessions[0].files, sessions[0].bytes, sessions[0].clean), (1, 5, False))
+        again = _HostileClient(receiver.address, token=TOKEN)
+        self.addCleanup(again.close)
+        fid = next(again.ids)
+        again.send(again.frame(xfer._Msg.CHECK, xfer._CHECK.pack(
+            fid, 5, 1500000000 * 10**9, 0, bytes(32)) + b"small.txt"))
+        self.assertEqual(again.read_result(fid)[0], xfer.ST_SKIPPED)
+        again.bye()
+        self.assertEqual(len(files), 1)
+        self.assertEqual(receiver.files_received, 1)
+
+
+
 def _sec_wait_until(predicate, timeout=TIMEOUT):
     """Check predicate between short Event waits, for at most timeout seconds."""
     deadline = time.monotonic() + timeout

@@ -1913,13 +1913,6 @@ class _ReceiveSession:
         """
         self._commit()
         out, self.out = self.out, []
-        for held in out:
-            # Counted first, so the counters include a file by the time its
-            # sender hears that it arrived.
-            if not isinstance(held, bytes) and held.info is not None:
-                self.files += 1
-                self.bytes += held.size
-                self.r._count_file(held.info, held.resumed)
         self.sock.sendall(b"".join([a if isinstance(a, bytes) else a.answer for a in out])
                           + data)
 
@@ -2489,13 +2482,19 @@ class _ReceiveSession:
         return flags, digest, payload[_TRAILER.size:]
 
     def _commit(self):
-        """Make the held files durable and move them into place (group commit).
+        """Make the held files durable, move them into place and count them
+        (group commit).
 
         Each file's data is made durable (by _seal, or here with one syncfs()
         for the group); all are renamed, then each directory is synced once:
         a file is acknowledged only when its data and its name are durable,
-        as if it had been finished alone.
-        Sets each file's answer.
+        as if it had been finished alone.  Sets each file's answer.
+
+        The one place a received file is published, so also the one place it
+        is counted and reported (on_file), whether its answer is then sent
+        (_flush) or the connection has already failed (run's teardown).
+        Counted before the answer goes out, so the counters include a file
+        by the time its sender hears that it arrived.
         """
         group, self.group = self.group, []
         self._sync_data([held for held in group if held.unsynced])
@@ -2528,10 +2527,12 @@ class _ReceiveSession:
                 held.answer = _encode_result(held.fid, ST_SKIPPED, held.note)
             else:
                 held.parts[-1] = held.final
-                held.info = FileInfo(self.dest.final_path(held.parts), "/".join(held.parts),
-                                     held.size, self.peer, time.monotonic() - held.started,
-                                     held.digest)
                 held.answer = _encode_result(held.fid, ST_OK, held.note)
+                self.files += 1
+                self.bytes += held.size
+                self.r._count_file(FileInfo(
+                    self.dest.final_path(held.parts), "/".join(held.parts), held.size,
+                    self.peer, time.monotonic() - held.started, held.digest), held.resumed)
         self.dest.release()
 
     def _sync_data(self, group):
@@ -2607,7 +2608,7 @@ class _Held:
         self.started = started
         self.digest = digest
         self.resumed = resumed
-        self.final = self.note = self.failure = self.info = None
+        self.final = self.note = self.failure = None
         self.answer = b""
         self.unsynced = False     # its data awaits the group's syncfs()
 
