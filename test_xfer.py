@@ -3125,6 +3125,81 @@ class ReceiverLifecycleTests(unittest.TestCase):
         self.assertEqual(receiver.files_received, 1)
 
 
+    def _held_teardown(self, gate, timeout):
+        """Patch the end of every connection to wait for gate (at most timeout
+        seconds), as on a slow disk; returns the list of threads that waited."""
+        real_close, waited = xfer._Dest.close, []
+
+        def close(dest):
+            waited.append(threading.current_thread())
+            gate.wait(timeout)
+            real_close(dest)
+        patcher = mock.patch.object(xfer._Dest, "close", close)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        return waited
+
+    def test_no_callback_runs_after_stop_returns(self):
+        # A connection that takes a moment to end: stop() waits for it, so
+        # its on_session runs before stop() returns, never after.
+        dst = temp_dir(self)
+        returned = threading.Event()
+        late = []
+        receiver = xfer.Receiver(dst, host=HOST, port=0,
+                                 on_session=lambda info: late.append(returned.is_set()))
+        receiver.start()
+        self.addCleanup(receiver.stop)
+        client = _HostileClient(receiver.address)
+        self.addCleanup(client.close)
+        self.assertEqual(client.send_file("one.txt", b"one"), (xfer.ST_OK, ""))
+        # The connection's end waits until stop() has returned (or 0.3 s).
+        self._held_teardown(returned, 0.3)
+        receiver.stop()
+        returned.set()
+        # Had it run after stop() returned, it would say so (True) here.
+        _hostile_wait_until(lambda: late, timeout=2.0)
+        self.assertEqual(late, [False], "on_session must run before stop() returns")
+
+    def test_stop_drops_the_callbacks_of_a_connection_that_outlives_it(self):
+        # A connection stuck past stop()'s bound: stop() returns all the
+        # same, and what that connection would report later is dropped.
+        dst = temp_dir(self)
+        calls, logged, returned = [], [], threading.Event()
+        receiver = xfer.Receiver(
+            dst, host=HOST, port=0, log=logged.append,
+            on_file=lambda info: calls.append(("on_file", returned.is_set())),
+            on_session=lambda info: calls.append(("on_session", returned.is_set())))
+        receiver.start()
+        self.addCleanup(receiver.stop)
+        client = _HostileClient(receiver.address)
+        self.addCleanup(client.close)
+        _, frames = _perf_stream_frames(client, b"late.txt", b"late")
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        waited = self._held_teardown(gate, TIMEOUT)
+        # A held file whose answer is not sent yet: it is published (and
+        # would be reported) only as the connection ends, behind the gate.
+        client.send(frames + client.frame(xfer._Msg.PING)[:3])
+        self.assertTrue(_hostile_wait_until(
+            lambda: any(n.startswith(xfer.PARTIAL_PREFIX) for n in os.listdir(dst))))
+        stopper = threading.Thread(target=lambda: (receiver.stop(), returned.set()),
+                                   daemon=True)
+        with mock.patch.object(xfer, "UNWIND_TIMEOUT", 0.2, create=True):
+            stopper.start()
+            stopper.join(TIMEOUT)
+        self.assertFalse(stopper.is_alive(), "stop() waited for a stuck connection")
+        self.assertTrue(_hostile_wait_until(lambda: waited), "the connection never ended")
+        after = len(logged)
+        gate.set()
+        waited[0].join(TIMEOUT)
+        self.assertFalse(waited[0].is_alive())
+        # Its file was reported as it was published, before stop() returned;
+        # its session's end came later and was dropped.
+        self.assertEqual(calls, [("on_file", False)])
+        self.assertEqual(logged[after:], [])
+        with open(os.path.join(dst, "late.txt"), "rb") as f:   # stored all the same
+            self.assertEqual(f.read(), b"late")
+
 
 def _sec_wait_until(predicate, timeout=TIMEOUT):
     """Check predicate between short Event waits, for at most timeout seconds."""

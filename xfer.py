@@ -108,6 +108,9 @@ PARTIAL_PREFIX = ".xfer-part."
 DEFAULT_PARTIAL_MAX_AGE = 7 * 24 * 3600
 #: Receiver default: seconds stop() lets files in flight finish.
 DEFAULT_GRACE = 5.0
+#: Receiver: seconds stop() then waits for the connections it closed to end;
+#: what one still running reports later is dropped (README "Python API").
+UNWIND_TIMEOUT = 2.0
 #: serve --on-receive: seconds a hook may run, hooks run at once, hooks waiting.
 DEFAULT_HOOK_TIMEOUT = 300.0
 HOOK_WORKERS = 2
@@ -1182,6 +1185,9 @@ class _Dispatcher:
 
     Progress callbacks are coalesced in poll mode: only the newest state of
     each job is delivered, so a host that polls slowly never builds a backlog.
+
+    Once closed, callbacks are dropped: none starts and none is queued, so
+    an owner that has stopped hears nothing more from its threads.
     """
 
     def __init__(self, mode, owner):
@@ -1190,27 +1196,65 @@ class _Dispatcher:
         self.mode = mode
         self.owner = owner
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)    # notified when _running drops to 0
+        self._running = 0           # callbacks running now on other threads
+        self._closed = False
         self._events = collections.deque()
         self._progress = collections.OrderedDict()
         self.callback_errors = 0
 
-    def emit(self, callback, arg):
+    def emit(self, callback, arg, closed_too=False):
+        """Run or queue callback(arg); closed_too: even once closed (the owner's
+        own last word, said on the thread that closed it)."""
         if callback is None:
             return
         if self.mode == "thread":
-            self._run(callback, arg)
+            if closed_too:
+                self._run(callback, arg)
+            else:
+                self.call(self._run, callback, arg)
         else:
             with self._lock:
-                self._events.append((callback, arg))
+                if closed_too or not self._closed:
+                    self._events.append((callback, arg))
 
     def emit_progress(self, callback, job):
         if callback is None:
             return
         if self.mode == "thread":
-            self._run(callback, job)
+            self.call(self._run, callback, job)
         else:
             with self._lock:
-                self._progress[id(job)] = (callback, job)
+                if not self._closed:
+                    self._progress[id(job)] = (callback, job)
+
+    def call(self, function, *args):
+        """function(*args) now, on this thread, unless closed (then nothing)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._running += 1
+        try:
+            function(*args)
+        finally:
+            with self._lock:
+                self._running -= 1
+                if not self._running:
+                    self._idle.notify_all()
+
+    def close(self, deadline):
+        """Drop every later callback; wait (until deadline) for those running.
+
+        Callbacks already queued for poll() stay: the host asked for them.
+        """
+        with self._idle:
+            self._closed = True
+            while self._running and time.monotonic() < deadline:
+                self._idle.wait(deadline - time.monotonic())
+
+    def reopen(self):
+        with self._lock:
+            self._closed = False
 
     def poll(self, max_events=None):
         """Run queued callbacks on the calling thread; return how many ran."""
@@ -1395,7 +1439,9 @@ def _backoff_reason(address, wait):
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    daemon_threads = True
+    # process_request starts the connection threads itself: daemon threads,
+    # so a host that never calls stop() can still exit, that stop() joins
+    # with a bound (join_threads), which socketserver's own join lacks.
     # SO_REUSEADDR lets another process steal the port on Windows.
     allow_reuse_address = sys.platform != "win32"
     request_queue_size = 64
@@ -1411,6 +1457,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.address_family = family
         self._slots = threading.BoundedSemaphore(receiver.max_connections)
         self._active = set()
+        self._connection_threads = set()      # not ended yet
         self._per_address = collections.Counter()
         self._active_lock = threading.Lock()
         self._accept_failures = 0       # in a row, in the current episode
@@ -1470,9 +1517,20 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self.receiver._refuse_busy(request, client_address, per_address=over)
             self.shutdown_request(request)
             return
+        thread = threading.Thread(target=self.process_request_thread,
+                                  args=(request, client_address), name="xfer-connection",
+                                  daemon=True)
+        # Known before it runs, so stop() cuts and joins even one that has
+        # not reached its first line yet.
+        with self._active_lock:
+            self._active.add(request)
+            self._connection_threads.add(thread)
         try:
-            super().process_request(request, client_address)
+            thread.start()
         except BaseException:
+            with self._active_lock:
+                self._active.discard(request)
+                self._connection_threads.discard(thread)
             self._slots.release()
             self._release_address(peer)
             raise
@@ -1484,15 +1542,22 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 del self._per_address[peer]
 
     def process_request_thread(self, request, client_address):
-        with self._active_lock:
-            self._active.add(request)
         try:
             super().process_request_thread(request, client_address)
         finally:
             with self._active_lock:
                 self._active.discard(request)
+                self._connection_threads.discard(threading.current_thread())
             self._release_address(client_address[0])
             self._slots.release()
+
+    def join_threads(self, deadline):
+        """Wait until every connection thread has ended or deadline passes."""
+        with self._active_lock:
+            threads = list(self._connection_threads)
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def close_active(self):
         with self._active_lock:
@@ -1592,7 +1657,7 @@ class Receiver:
         self._tls = None
         self._dispatch = _Dispatcher(dispatch, self)
         self._server = None
-        self._thread = None
+        self._thread = self._sweeper = None
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)   # notified when a connection ends
         self.address = None
@@ -1612,6 +1677,7 @@ class Receiver:
         """
         self._prepare_dir()
         self._stopping = False
+        self._dispatch.reopen()
         if self.tls_cert:
             self._tls = _server_tls_context(self.tls_cert, self.tls_key)
             self.fingerprint = cert_fingerprint(_certificate_der(self.tls_cert))
@@ -1627,7 +1693,9 @@ class Receiver:
                                         name="xfer-receiver", daemon=True)
         self._thread.start()
         if self.partial_max_age is not None:
-            threading.Thread(target=self._sweep, name="xfer-sweep", daemon=True).start()
+            self._sweeper = threading.Thread(target=self._sweep, name="xfer-sweep",
+                                             daemon=True)
+            self._sweeper.start()
         self._set_status("listening")
         return self
 
@@ -1645,7 +1713,10 @@ class Receiver:
         seconds the others are answered "shutting down" (transient, so a
         sender retries elsewhere or later) as they come.  Then every
         connection is closed; a large file cut off keeps its partial for a
-        resume.  Blocks until the serving thread has ended.
+        resume.  Blocks until the connection threads have ended, at most
+        UNWIND_TIMEOUT seconds more: once it returns no callback runs and
+        no log line is written; what a thread still running would report
+        later is dropped.
         """
         server, self._server = self._server, None
         if server is None:
@@ -1667,7 +1738,13 @@ class Receiver:
         self._auth.tick(final=True)
         if self._thread is not None:
             self._thread.join()
-        self._set_status("stopped")
+        deadline = time.monotonic() + UNWIND_TIMEOUT
+        server.join_threads(deadline)
+        if self._sweeper is not None:
+            self._sweeper.join(max(0.0, deadline - time.monotonic()))
+        self._dispatch.close(deadline)
+        self.status = "stopped"
+        self._dispatch.emit(self.on_status, self.status, closed_too=True)
 
     def poll(self, max_events=None):
         """Run queued callbacks (dispatch="poll") on this thread; never blocks."""
@@ -1718,10 +1795,13 @@ class Receiver:
 
     def _log(self, line):
         if self.log is not None:
-            try:
-                self.log(line)
-            except Exception:
-                pass
+            self._dispatch.call(self._write_log, line)
+
+    def _write_log(self, line):
+        try:
+            self.log(line)
+        except Exception:
+            pass
 
     def _refuse_busy(self, sock, address, per_address=False, reason=None):
         """Answer "busy" at once, on the accepting thread; reason, if given,
