@@ -3200,6 +3200,55 @@ class ReceiverLifecycleTests(unittest.TestCase):
         with open(os.path.join(dst, "late.txt"), "rb") as f:   # stored all the same
             self.assertEqual(f.read(), b"late")
 
+    def test_serve_once_keeps_a_failure_reported_while_another_session_ends(self):
+        # on_session runs on each connection's thread, so two sessions of
+        # one sender can end at once.  Forced interleaving: the clean one
+        # pauses while its report is read, the failed one ends meanwhile;
+        # its failure must survive and make serve --once exit 1.
+        home, dst = temp_dir(self), temp_dir(self)
+        started, reading, failed_done = [], threading.Event(), threading.Event()
+
+        class Receiver(xfer.Receiver):
+            def start(self):
+                started.append(self)
+                return super().start()
+
+        class PausedInfo(xfer.SessionInfo):
+            __slots__ = ()
+
+            @property
+            def failed(self):
+                reading.set()
+                failed_done.wait(1.0)
+                return xfer.SessionInfo.failed.__get__(self)
+
+        clean = PausedInfo("127.0.0.1:1", 1, 3, 0, 0, 0, True, 0.1)
+        broken = xfer.SessionInfo("127.0.0.1:2", 0, 0, 0, 1, 0, True, 0.1)
+
+        def end_sessions():
+            if not _hostile_wait_until(lambda: started and started[0].status == "listening"):
+                return
+            on_session = started[0].on_session
+            pausing = threading.Thread(target=on_session, args=(clean,), daemon=True)
+            pausing.start()
+            reading.wait(TIMEOUT)
+            on_session(broken)
+            failed_done.set()
+            pausing.join(TIMEOUT)
+
+        driver = threading.Thread(target=end_sessions, daemon=True)
+        driver.start()
+        out, err = io.StringIO(), io.StringIO()
+        with mock.patch.dict(os.environ, isolated_env(home), clear=True), \
+                mock.patch.object(xfer, "Receiver", Receiver), \
+                mock.patch.object(xfer, "ONCE_LINGER", _TEST_ONCE_LINGER), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = xfer.main(["serve", "--once", "--no-auth", "--quiet", "--host", HOST,
+                                "--port", "0", "--dir", dst])
+        driver.join(TIMEOUT)
+        self.assertTrue(reading.is_set() and failed_done.is_set())
+        self.assertEqual(status, xfer.EXIT_FAILED, err.getvalue())
+
 
 def _sec_wait_until(predicate, timeout=TIMEOUT):
     """Check predicate between short Event waits, for at most timeout seconds."""

@@ -4618,8 +4618,10 @@ def _cmd_serve(args):
 
     # serve --once: the first sender is done when none of its connections is
     # left open and none has come back for a moment (a sender opens several,
-    # and reconnects after a broken one).
+    # and reconnects after a broken one).  on_session runs on each
+    # connection's thread, so the tally is read and written under a lock.
     once = {"seen": False, "clean": True, "failed": 0}
+    once_lock = threading.Lock()
 
     def on_session(info):
         if as_json:
@@ -4627,7 +4629,9 @@ def _cmd_serve(args):
                  skipped=info.skipped, failed=info.failed, dirs=info.dirs, clean=info.clean,
                  seconds=round(info.seconds, 3))
         if info.files or info.skipped or info.failed or info.dirs or not info.clean:
-            once.update(seen=True, clean=info.clean, failed=once["failed"] + info.failed)
+            clean, failed = info.clean, info.failed
+            with once_lock:
+                once.update(seen=True, clean=clean, failed=once["failed"] + failed)
 
     receiver = Receiver(directory, host=host, port=port, token=token, on_file=on_file,
                         on_session=on_session, quiet=quiet and not as_json,
@@ -4667,13 +4671,15 @@ def _cmd_serve(args):
             time.sleep(3600)     # a signal or Ctrl-C interrupts this at once
         while True:
             time.sleep(0.1)
-            if not once["seen"] or receiver.connections:
+            with once_lock:
+                seen, clean, failed = once["seen"], once["clean"], once["failed"]
+            if not seen or receiver.connections:
                 idle_since = None
                 continue
             now = time.monotonic()
             idle_since = idle_since or now
-            if now - idle_since >= (ONCE_LINGER if once["clean"] else ONCE_RETRY_LINGER):
-                if once["failed"] or not once["clean"]:
+            if now - idle_since >= (ONCE_LINGER if clean else ONCE_RETRY_LINGER):
+                if failed or not clean:
                     status = EXIT_FAILED
                 break
     except KeyboardInterrupt:
