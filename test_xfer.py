@@ -1770,7 +1770,7 @@ class PathSafetyTests(unittest.TestCase):
         # The Windows code path (lstat checks), exercised on this platform.
         real_dest = xfer._Dest
         with mock.patch.object(xfer, "_Dest",
-                               lambda root: real_dest(root, use_dir_fd=False)):
+                               lambda root, root_fd=None: real_dest(root, use_dir_fd=False)):
             self._check_symlinks_not_followed(False)
 
     def test_live_mkdir_through_symlink_is_refused(self):
@@ -3248,6 +3248,38 @@ class ReceiverLifecycleTests(unittest.TestCase):
         driver.join(TIMEOUT)
         self.assertTrue(reading.is_set() and failed_done.is_set())
         self.assertEqual(status, xfer.EXIT_FAILED, err.getvalue())
+
+    @unittest.skipUnless(xfer._HAVE_DIR_FD, "DIR is held open only where the OS has dir_fd")
+    def test_dir_given_as_a_symlink_is_held_for_the_server_lifetime(self):
+        # DIR is a symlink; re-pointing it while the server runs must not
+        # send the next connection's files to the new target.
+        outer = temp_dir(self)
+        first, second = os.path.join(outer, "first"), os.path.join(outer, "second")
+        os.mkdir(first)
+        os.mkdir(second)
+        link = os.path.join(outer, "incoming")
+        _hostile_symlink(self, first, link, target_is_directory=True)
+        sessions = []
+        receiver = start_receiver(self, link, on_session=sessions.append)
+        client = _HostileClient(receiver.address)
+        self.addCleanup(client.close)
+        self.assertEqual(client.send_file("before.txt", b"before"), (xfer.ST_OK, ""))
+        client.bye()
+        self.assertTrue(_hostile_wait_until(lambda: sessions))
+        os.symlink(second, link + ".new", target_is_directory=True)
+        os.replace(link + ".new", link)
+        client = _HostileClient(receiver.address)
+        self.addCleanup(client.close)
+        fid = next(client.ids)
+        client.send(client.frame(xfer._Msg.MKDIR, xfer._MKDIR.pack(fid, 0o755) + b"made"))
+        self.assertEqual(client.read_result(fid), (xfer.ST_OK, ""))
+        self.assertEqual(client.send_file("made/after.txt", b"after"), (xfer.ST_OK, ""))
+        self.assertEqual(client.send_file("after.bin", os.urandom(300000), stream=False),
+                         (xfer.ST_OK, ""))
+        client.bye()
+        self.assertEqual(tree_listing(second), [])
+        self.assertEqual(tree_listing(first), ["after.bin", "before.txt", "made",
+                                               "made/after.txt"])
 
 
 def _sec_wait_until(predicate, timeout=TIMEOUT):

@@ -892,11 +892,17 @@ class _Dest:
     One instance serves one connection; it caches the last parent directory.
     A handle that leaves the cache stays open in `retired` until release():
     files held for a group commit still rename and sync through it.
+
+    root_fd, a descriptor the caller keeps open, is DIR itself (the receiver
+    opens it once at start): every walk starts there, so re-pointing a
+    symlink named as DIR cannot move where the files go.  Without it, each
+    walk starts from the path root.
     """
 
-    def __init__(self, root, use_dir_fd=_HAVE_DIR_FD):
+    def __init__(self, root, use_dir_fd=_HAVE_DIR_FD, root_fd=None):
         self.root = os.path.abspath(root)
         self.use_dir_fd = use_dir_fd
+        self.root_fd = root_fd if use_dir_fd else None
         self._cached = None  # (parts tuple, fd or path)
         self.retired = []
         # The directory last found missing (CHECK): the answers for the
@@ -947,7 +953,10 @@ class _Dest:
                 current = os.path.join(current, name)
                 self._check_dir_path(current, path, create)
             return current
-        fd = os.open(self.root, os.O_RDONLY | _O_DIRECTORY)
+        if self.root_fd is not None:
+            fd = os.open(".", os.O_RDONLY | _O_DIRECTORY, dir_fd=self.root_fd)
+        else:
+            fd = os.open(self.root, os.O_RDONLY | _O_DIRECTORY)
         for name in dirs:
             fd = self._step(fd, name, path, create)   # closes the parent, even on error
         return fd
@@ -1552,12 +1561,14 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self._slots.release()
 
     def join_threads(self, deadline):
-        """Wait until every connection thread has ended or deadline passes."""
+        """Wait until every connection thread has ended or deadline passes;
+        return True if all have."""
         with self._active_lock:
             threads = list(self._connection_threads)
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in threads)
 
     def close_active(self):
         with self._active_lock:
@@ -1658,6 +1669,7 @@ class Receiver:
         self._dispatch = _Dispatcher(dispatch, self)
         self._server = None
         self._thread = self._sweeper = None
+        self._root_fd = None        # DIR, held open while serving (where dir_fd works)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)   # notified when a connection ends
         self.address = None
@@ -1679,11 +1691,16 @@ class Receiver:
         self._stopping = False
         self._dispatch.reopen()
         if self.tls_cert:
-            self._tls = _server_tls_context(self.tls_cert, self.tls_key)
-            self.fingerprint = cert_fingerprint(_certificate_der(self.tls_cert))
+            try:
+                self._tls = _server_tls_context(self.tls_cert, self.tls_key)
+                self.fingerprint = cert_fingerprint(_certificate_der(self.tls_cert))
+            except BaseException:
+                self._close_dir()
+                raise
         try:
             self._server = _Server((self.host, self.port), self)
         except OSError as e:
+            self._close_dir()
             self._set_status("error: cannot listen on %s:%s: %s"
                              % (self.host, self.port, e.strerror or e))
             raise XferError("cannot listen on %s:%s: %s" % (self.host, self.port,
@@ -1693,8 +1710,8 @@ class Receiver:
                                         name="xfer-receiver", daemon=True)
         self._thread.start()
         if self.partial_max_age is not None:
-            self._sweeper = threading.Thread(target=self._sweep, name="xfer-sweep",
-                                             daemon=True)
+            self._sweeper = threading.Thread(target=self._sweep, args=(self._root_fd,),
+                                             name="xfer-sweep", daemon=True)
             self._sweeper.start()
         self._set_status("listening")
         return self
@@ -1739,9 +1756,15 @@ class Receiver:
         if self._thread is not None:
             self._thread.join()
         deadline = time.monotonic() + UNWIND_TIMEOUT
-        server.join_threads(deadline)
+        ended = server.join_threads(deadline)
         if self._sweeper is not None:
             self._sweeper.join(max(0.0, deadline - time.monotonic()))
+            ended = ended and not self._sweeper.is_alive()
+        if ended:
+            # Else a thread still running may yet open directories through
+            # it, and its number, reused, could name any directory: left open.
+            self._close_dir()
+        self._root_fd = None
         self._dispatch.close(deadline)
         self.status = "stopped"
         self._dispatch.emit(self.on_status, self.status, closed_too=True)
@@ -1780,6 +1803,26 @@ class Receiver:
                 os.unlink(probe)
         except OSError as e:
             raise XferError("cannot write into %s: %s" % (self.dir, e.strerror or e)) from None
+        if _HAVE_DIR_FD:
+            # Held for the server's lifetime: if DIR is a symlink, re-pointing
+            # it later moves nothing (README "Guarantees").
+            try:
+                self._root_fd = os.open(self.dir, os.O_RDONLY | _O_DIRECTORY)
+            except OSError as e:
+                raise XferError("cannot open %s: %s" % (self.dir, e.strerror or e)) from None
+
+    def _close_dir(self):
+        fd, self._root_fd = self._root_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _disk_usage(self):
+        """(free, total) bytes of DIR's file system, as it was opened at start."""
+        if self._root_fd is not None and os.statvfs in os.supports_fd:
+            st = os.statvfs(self._root_fd)
+            return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        usage = shutil.disk_usage(self.dir)
+        return usage.free, usage.total
 
     def _split(self, raw):
         return _split_path(raw, self.portable_names, self.max_path_bytes, self.max_depth)
@@ -1858,30 +1901,37 @@ class Receiver:
             self._claims.pop(key, None)
             self._idle.notify_all()
 
-    def _sweep(self):
+    def _sweep(self, root_fd):
         """Delete partial files older than partial_max_age below DIR (start-up).
 
         A partial's age counts from when it was last written (_last_written),
         never from its mtime: a kept partial carries its source's mtime.
+        Walks from root_fd where there is one, never through a symlink.
         """
         now = time.time()
         limit = now - self.partial_max_age
         removed = 0
-        for folder, dirs, files in os.walk(self.dir):
-            dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
-            for name in files:
-                if not name.startswith(PARTIAL_PREFIX):
-                    continue
-                path = os.path.join(folder, name)
-                try:
-                    st = os.lstat(path)
-                    if stat.S_ISREG(st.st_mode) and _last_written(st, now) < limit:
-                        os.unlink(path)
-                        removed += 1
-                except OSError:
-                    continue
-            if self._server is None:
-                return
+        if root_fd is not None and hasattr(os, "fwalk"):
+            walk = os.fwalk(".", dir_fd=root_fd)
+        else:   # os.walk does not follow symlinks either
+            walk = ((folder, dirs, files, None) for folder, dirs, files in os.walk(self.dir))
+        try:
+            for folder, _, files, dir_fd in walk:
+                for name in files:
+                    if not name.startswith(PARTIAL_PREFIX):
+                        continue
+                    path = name if dir_fd is not None else os.path.join(folder, name)
+                    try:
+                        st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+                        if stat.S_ISREG(st.st_mode) and _last_written(st, now) < limit:
+                            os.unlink(path, dir_fd=dir_fd)
+                            removed += 1
+                    except OSError:
+                        continue
+                if self._server is None:
+                    return
+        finally:
+            walk.close()        # fwalk closes the descriptors it holds
         if removed:
             self._note("removed %d partial file%s older than %s" % (
                 removed, "" if removed == 1 else "s", _duration(self.partial_max_age)))
@@ -1922,7 +1972,7 @@ class _ReceiveSession:
         self.peer = _peer_text(address)
         self.rfile = None
         self.key = b""
-        self.dest = _Dest(receiver.dir)
+        self.dest = _Dest(receiver.dir, root_fd=receiver._root_fd)
         self.buf = bytearray(CHUNK)
         self.started = time.monotonic()
         self.files = self.bytes = self.skipped = self.failed = self.dirs = 0
@@ -2155,8 +2205,7 @@ class _ReceiveSession:
 
     def _on_ping(self, payload):
         try:
-            usage = shutil.disk_usage(self.r.dir)
-            free, total = usage.free, usage.total
+            free, total = self.r._disk_usage()
         except OSError:
             free = total = 0
         self._send(_frame(_Msg.PONG, _PONG.pack(free, total) + __version__.encode()))
@@ -2449,7 +2498,7 @@ class _ReceiveSession:
             raise RemoteError("%s: %d bytes exceeds the receiver's limit of %d"
                               % (_display(raw), size, self.r.max_size), ST_TOO_LARGE)
         if size > 1 << 20:
-            free = shutil.disk_usage(self.r.dir).free
+            free = self.r._disk_usage()[0]
             if size > free:
                 raise RemoteError("%s: not enough space: need %s, have %s"
                                   % (_display(raw), _human(size), _human(free)), ST_NO_SPACE)
