@@ -3780,13 +3780,6 @@ class PairingTests(unittest.TestCase):
 
 
 #------------------------------------------------------------
-# receiver limits, disk space, name rules, log hygiene
-#------------------------------------------------------------
-
-_SecDiskUsage = collections.namedtuple("_SecDiskUsage", "total used free")
-
-
-#------------------------------------------------------------
 # the receiver's refusal reasons, its log, abuse limits
 #------------------------------------------------------------
 
@@ -4239,6 +4232,10 @@ class AbuseLimitTests(unittest.TestCase):
         self.assertIn("30 failed", again[0])
 
 
+#------------------------------------------------------------
+# receiver limits, disk space, name rules, log hygiene
+#------------------------------------------------------------
+
 class LimitTests(unittest.TestCase):
     def setUp(self):
         self.src, self.dst = temp_dir(self), temp_dir(self)
@@ -4335,8 +4332,9 @@ class LimitTests(unittest.TestCase):
     def test_free_space_check_refuses_a_file_that_cannot_fit(self):
         receiver = start_receiver(self, self.dst)
         big = self.file("big.bin", 2 * 1024 * 1024)
-        usage = _SecDiskUsage(total=10 * 1024 * 1024, used=9 * 1024 * 1024, free=1024 * 1024)
-        with mock.patch.object(xfer.shutil, "disk_usage", return_value=usage) as disk_usage:
+        # (free, total) of DIR's file system, as the receiver measures it
+        usage = (1024 * 1024, 10 * 1024 * 1024)
+        with mock.patch.object(xfer.Receiver, "_disk_usage", return_value=usage) as disk_usage:
             (job,) = self.send(receiver, [big])
         self.assertTrue(disk_usage.called)
         self.assertRefused(job, xfer.ST_NO_SPACE)

@@ -1139,17 +1139,23 @@ class _Dest:
 
     def sync(self, handle):
         """Make the entries of a parent directory durable."""
-        if self.use_dir_fd:
-            _fsync_dir(handle)
-        elif os.name != "nt":
-            fd = os.open(handle, os.O_RDONLY)
-            try:
-                _fsync_dir(fd)
-            finally:
-                os.close(fd)
+        _sync_directory(handle)
 
     def final_path(self, parts):
         return os.path.join(self.root, *parts)
+
+
+def _sync_directory(handle):
+    """Make a directory's entries durable; handle is a descriptor, or a path
+    (no dir_fd: nothing to do on Windows, where a rename is durable)."""
+    if not isinstance(handle, str):
+        _fsync_dir(handle)
+    elif os.name != "nt":
+        fd = os.open(handle, os.O_RDONLY)
+        try:
+            _fsync_dir(fd)
+        finally:
+            os.close(fd)
 
 
 # The extension the rename policy keeps at the end of a name: the last
@@ -1940,6 +1946,23 @@ class Receiver:
         with self._lock:
             self.files_failed += 1
 
+    def _sync(self, what, target):
+        """Make target durable: the one way the receiving side syncs, so that a
+        test can see what is synced, and when.
+
+        what is "data" (a file's data; target its descriptor), "filesystem"
+        (every file of target's file system: syncfs) or "directory" (the
+        entries of a directory; target a _Dest handle).
+        """
+        if what == "data":
+            _full_fsync(target)
+        elif what == "filesystem":
+            self._syncfs(target)
+        elif what == "directory":
+            _sync_directory(target)
+        else:
+            raise ValueError("unknown sync %r" % (what,))
+
 
 def _last_written(st, now, windows=(os.name == "nt")):
     """When a partial file was last written to, from its stat result.
@@ -2643,7 +2666,7 @@ class _ReceiveSession:
         failed_dirs = {}
         for handle in dict.fromkeys(held.handle for held in published):
             try:
-                self.dest.sync(handle)
+                self.r._sync("directory", handle)
             except OSError as e:
                 failed_dirs[handle] = e
         for held in group:
@@ -2674,7 +2697,7 @@ class _ReceiveSession:
                 failed[handle] = e
         for handles in devices.values():
             try:
-                self.r._syncfs(handles[0])
+                self.r._sync("filesystem", handles[0])
             except OSError as e:
                 failed.update(dict.fromkeys(handles, e))
         for held in group:
@@ -2687,7 +2710,7 @@ class _ReceiveSession:
         perm = stat.S_IMODE(mode) & 0o777     # never setuid, setgid or sticky
         try:
             if self.r.fsync and sync:
-                _full_fsync(fd)
+                self.r._sync("data", fd)
             if os.name != "nt":
                 os.fchmod(fd, perm)
             if os.utime in os.supports_fd:
