@@ -2824,35 +2824,27 @@ class PerformanceTests(unittest.TestCase):
 
     def test_group_commit_acknowledges_only_durable_files(self):
         # Many files arrive in one write, so the receiver holds their answers
-        # and commits them together: each file's data sync, then its rename,
-        # then its directory's sync, all before it is counted and answered.
+        # and commits them together: each file's own data sync, then its
+        # rename, then its own directory's sync, all before it is counted
+        # and answered.  Syncs are recorded with the identity of what was
+        # synced, so one file's sync cannot stand in for another's.
         dst = temp_dir(self)
         events = []
         real = {name: getattr(xfer._ReceiveSession, name) for name in ("_seal", "_publish")}
-        real_sync, real_count = xfer._Dest.sync, xfer.Receiver._count_file
-        real_fsync, real_syncfs = os.fsync, xfer._load_syncfs()
+        real_sync, real_count = xfer.Receiver._sync, xfer.Receiver._count_file
 
         def seal(session, fd, handle, temp, mode, mtime_ns, sync=True):
             events.append(("seal", temp.rsplit(".", 1)[-1]))
             return real["_seal"](session, fd, handle, temp, mode, mtime_ns, sync)
 
-        def fsync(fd):
-            if not stat.S_ISDIR(os.fstat(fd).st_mode):
-                events.append(("datasync", None))
-            return real_fsync(fd)
-
-        def syncfs(fd):
-            events.append(("datasync", None))
-            return real_syncfs(fd)
+        def sync(receiver, what, target):
+            events.append((what, _life_identity(target)))
+            return real_sync(receiver, what, target)
 
         def publish(session, held):
             result = real["_publish"](session, held)
             events.append(("publish", result[0]))
             return result
-
-        def sync(dest, handle):
-            events.append(("dirsync", None))
-            return real_sync(dest, handle)
 
         def count(receiver, info, resumed=0):
             events.append(("count", info.relpath.rsplit("/", 1)[-1]))
@@ -2861,12 +2853,9 @@ class PerformanceTests(unittest.TestCase):
         names = ["f%02d" % i for i in range(40)]
         with mock.patch.object(xfer._ReceiveSession, "_seal", seal), \
                 mock.patch.object(xfer._ReceiveSession, "_publish", publish), \
-                mock.patch.object(xfer._Dest, "sync", sync), \
-                mock.patch.object(xfer.os, "fsync", fsync), \
+                mock.patch.object(xfer.Receiver, "_sync", sync), \
                 mock.patch.object(xfer.Receiver, "_count_file", count):
             receiver = start_receiver(self, dst, token="t0k")
-            if receiver._syncfs is not None:
-                receiver._syncfs = syncfs
             client = _HostileClient(receiver.address, token="t0k")
             self.addCleanup(client.close)
             ids, blob = [], []
@@ -2878,18 +2867,27 @@ class PerformanceTests(unittest.TestCase):
             for fid in ids:
                 self.assertEqual(client.read_result(fid), (xfer.ST_OK, ""))
             client.bye()
+        folder = _life_identity(os.path.join(dst, "d"))
         for name in names:
+            path = os.path.join(dst, "d", name)
+            st = os.stat(path)
+            # Its own data: an fsync of the file itself, or a syncfs of its
+            # file system.
+            own_data = {("data", (st.st_dev, st.st_ino)), ("filesystem", st.st_dev)}
             seal_at = events.index(("seal", name))
             publish_at = events.index(("publish", name))
             count_at = events.index(("count", name))
             self.assertLess(seal_at, publish_at)
-            # Its data is synced after it is written and before its rename.
-            self.assertIn(("datasync", None), events[seal_at:publish_at], name)
-            self.assertIn(("dirsync", None), events[publish_at:count_at], name)
-            with open(os.path.join(dst, "d", name), "rb") as f:
+            between = [(what, target if what != "filesystem" else target[0])
+                       for what, target in events[seal_at:publish_at]
+                       if what in ("data", "filesystem")]
+            self.assertTrue(own_data & set(between),
+                            "%s: its data was not synced before its rename" % name)
+            self.assertIn(("directory", folder), events[publish_at:count_at], name)
+            with open(path, "rb") as f:
                 self.assertEqual(f.read(), name.encode())
         # Grouped: fewer directory syncs than files.
-        self.assertLess(events.count(("dirsync", None)), len(names))
+        self.assertLess(events.count(("directory", folder)), len(names))
         self.assertEqual(_embed_partials(dst), [])
 
     def test_held_answers_keep_request_order(self):
@@ -3080,6 +3078,12 @@ def _life_reset(client):
     """Close the client's connection with a TCP reset instead of a FIN."""
     client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     client.close()
+
+
+def _life_identity(target):
+    """(st_dev, st_ino) of what a descriptor or a path names."""
+    st = os.stat(target) if isinstance(target, str) else os.fstat(target)
+    return st.st_dev, st.st_ino
 
 
 class ReceiverLifecycleTests(unittest.TestCase):
