@@ -3285,6 +3285,91 @@ class ReceiverLifecycleTests(unittest.TestCase):
         self.assertEqual(tree_listing(first), ["after.bin", "before.txt", "made",
                                                "made/after.txt"])
 
+    def _record_syncs(self):
+        """Record every sync of the receiving side as (what, identity of target)."""
+        events, real = [], xfer.Receiver._sync
+
+        def sync(receiver, what, target):
+            events.append((what, _life_identity(target)))
+            return real(receiver, what, target)
+        patcher = mock.patch.object(xfer.Receiver, "_sync", sync)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        return events
+
+    def test_new_directories_are_durable_before_they_are_acknowledged(self):
+        # ST_OK means durable: a directory made by MKDIR, or as the parent of
+        # a file, is synced into its own parent before the answer goes out.
+        dst = temp_dir(self)
+        events = self._record_syncs()
+        receiver = start_receiver(self, dst)
+        client = _HostileClient(receiver.address)
+        self.addCleanup(client.close)
+
+        def synced(*parts):
+            return ("directory", _life_identity(os.path.join(dst, *parts))) in events
+
+        fid = next(client.ids)
+        client.send(client.frame(xfer._Msg.MKDIR, xfer._MKDIR.pack(fid, 0o755) + b"a/b/c"))
+        self.assertEqual(client.read_result(fid), (xfer.ST_OK, ""))
+        # Each new directory's entry lives in its parent: DIR, a, a/b.
+        self.assertEqual([synced(), synced("a"), synced("a", "b")], [True, True, True])
+        self.assertEqual(client.send_file("x/y/f.txt", b"f"), (xfer.ST_OK, ""))
+        self.assertEqual([synced("x"), synced("x", "y")], [True, True])
+        client.bye()
+
+    def test_a_tree_of_directories_syncs_each_parent_once_per_group(self):
+        # Twenty sibling directories in one write: their common parent is
+        # synced once for the group, not once per directory.
+        dst = temp_dir(self)
+        events = self._record_syncs()
+        receiver = start_receiver(self, dst)
+        client = _HostileClient(receiver.address)
+        self.addCleanup(client.close)
+        ids, blob = [], []
+        for i in range(20):
+            fid = next(client.ids)
+            ids.append(fid)
+            blob.append(client.frame(xfer._Msg.MKDIR, xfer._MKDIR.pack(fid, 0o755)
+                                     + ("t/d%02d" % i).encode()))
+        client.send(b"".join(blob))
+        for fid in ids:
+            self.assertEqual(client.read_result(fid), (xfer.ST_OK, ""))
+        client.bye()
+        parent = ("directory", _life_identity(os.path.join(dst, "t")))
+        self.assertGreaterEqual(events.count(parent), 1)
+        self.assertLess(events.count(parent), 5, events)
+        self.assertEqual(len(os.listdir(os.path.join(dst, "t"))), 20)
+
+    def test_a_directory_whose_entry_cannot_be_synced_is_refused(self):
+        # The sync of DIR (holding the new directory's entry) fails: the
+        # MKDIR is refused, and so is a file below it on that connection.
+        dst = temp_dir(self)
+        real, root = xfer.Receiver._sync, _life_identity(dst)
+        failing = [True]
+
+        def sync(receiver, what, target):
+            if failing[0] and what == "directory" and _life_identity(target) == root:
+                raise OSError(errno.EIO, "Input/output error")
+            return real(receiver, what, target)
+
+        receiver = start_receiver(self, dst)
+        with mock.patch.object(xfer.Receiver, "_sync", sync):
+            client = _HostileClient(receiver.address)
+            self.addCleanup(client.close)
+            fid = next(client.ids)
+            client.send(client.frame(xfer._Msg.MKDIR, xfer._MKDIR.pack(fid, 0o755) + b"new"))
+            status, reason = client.read_result(fid)
+            self.assertEqual(status, xfer.ST_IO)
+            self.assertIn("new", reason)
+            status, reason = client.send_file("new/f.txt", b"f")
+            self.assertEqual(status, xfer.ST_IO, reason)
+            self.assertIn("new", reason)
+            client.bye()
+            failing[0] = False
+            self.assertEqual(receiver.files_received, 0)
+            _hostile_still_serves(self, receiver, dst)
+
 
 def _sec_wait_until(predicate, timeout=TIMEOUT):
     """Check predicate between short Event waits, for at most timeout seconds."""

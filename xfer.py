@@ -891,7 +891,9 @@ class _Dest:
 
     One instance serves one connection; it caches the last parent directory.
     A handle that leaves the cache stays open in `retired` until release():
-    files held for a group commit still rename and sync through it.
+    files held for a group commit still rename and sync through it.  The
+    parent of each directory it creates stays open in `created` until
+    forget_created(): the group commit syncs it, as the new entry is there.
 
     root_fd, a descriptor the caller keeps open, is DIR itself (the receiver
     opens it once at start): every walk starts there, so re-pointing a
@@ -905,6 +907,9 @@ class _Dest:
         self.root_fd = root_fd if use_dir_fd else None
         self._cached = None  # (parts tuple, fd or path)
         self.retired = []
+        # dir_id of a parent -> [its handle, the paths (tuples of parts) of
+        # the directories created in it]
+        self.created = {}
         # The directory last found missing (CHECK): the answers for the
         # rest of its files need no system calls.
         self._missing = None
@@ -914,9 +919,27 @@ class _Dest:
 
     def close(self):
         self.release()
+        self.forget_created()
         if self._cached and self.use_dir_fd:
             os.close(self._cached[1])
         self._cached = None
+
+    def forget_created(self):
+        """Close the parents of created directories (once they are synced)."""
+        if self.use_dir_fd:
+            for handle, _ in self.created.values():
+                os.close(handle)
+        self.created = {}
+
+    def _note_created(self, handle, parts):
+        """Remember that the directory parts was created in handle; True if
+        handle is kept (the first for that directory), else the caller closes it."""
+        key = self.dir_id(handle)
+        if key in self.created:
+            self.created[key][1].append(parts)
+            return False
+        self.created[key] = [handle, [parts]]
+        return True
 
     def release(self):
         """Close the parent handles that left the cache."""
@@ -949,25 +972,28 @@ class _Dest:
     def _open_dirs(self, dirs, path, create):
         if not self.use_dir_fd:
             current = self.root
-            for name in dirs:
+            for i, name in enumerate(dirs):
                 current = os.path.join(current, name)
-                self._check_dir_path(current, path, create)
+                self._check_dir_path(current, path, create, dirs[:i + 1])
             return current
         if self.root_fd is not None:
             fd = os.open(".", os.O_RDONLY | _O_DIRECTORY, dir_fd=self.root_fd)
         else:
             fd = os.open(self.root, os.O_RDONLY | _O_DIRECTORY)
-        for name in dirs:
-            fd = self._step(fd, name, path, create)   # closes the parent, even on error
+        for i, name in enumerate(dirs):
+            # closes (or keeps in created) the parent, even on error
+            fd = self._step(fd, name, path, create, dirs[:i + 1])
         return fd
 
     def makedirs(self, parts, path):
         """Create every directory of parts below the root (MKDIR)."""
         self.parent(list(parts) + [None], path)
 
-    def _step(self, parent_fd, name, path, create):
-        """Open (creating if asked) name below parent_fd, refusing symlinks."""
+    def _step(self, parent_fd, name, path, create, parts):
+        """Open (creating if asked) name below parent_fd, refusing symlinks;
+        parts is the path of name below the root."""
         flags = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW
+        keep = False
         try:
             try:
                 fd = os.open(name, flags, dir_fd=parent_fd)
@@ -977,7 +1003,8 @@ class _Dest:
                 try:
                     os.mkdir(name, 0o777, dir_fd=parent_fd)
                 except FileExistsError:
-                    pass  # a concurrent creator won; open what it made
+                    pass  # a concurrent creator won; open what it made (and sync it too)
+                keep = self._note_created(parent_fd, parts)
                 fd = os.open(name, flags, dir_fd=parent_fd)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
@@ -986,10 +1013,11 @@ class _Dest:
                                       else ST_BAD_PATH) from None
             raise
         finally:
-            os.close(parent_fd)
+            if not keep:
+                os.close(parent_fd)
         return fd
 
-    def _check_dir_path(self, current, path, create):
+    def _check_dir_path(self, current, path, create, parts):
         try:
             st = os.lstat(current)
         except FileNotFoundError:
@@ -999,6 +1027,7 @@ class _Dest:
                 os.mkdir(current)
             except FileExistsError:
                 pass
+            self._note_created(os.path.dirname(current), parts)
             st = os.lstat(current)
         if stat.S_ISLNK(st.st_mode) or _is_reparse(st):
             raise UnsafePathError("a component is a symlink", path)
@@ -2004,6 +2033,10 @@ class _ReceiveSession:
         # file whose RESULT the group commit decides (see _flush).
         self.out = []
         self.group = []            # the _Held files in out, not yet committed
+        self.made = []             # the _HeldDir directories (MKDIR) in out, likewise
+        # Directories whose new entry could not be synced: path -> error.
+        # Nothing below them is acknowledged on this connection.
+        self.undurable = {}
         self.body_path = b""       # the file whose body is being read, for messages
 
     def run(self):
@@ -2208,7 +2241,8 @@ class _ReceiveSession:
                 # Between requests, so a file in flight is finished first.
                 self._send(_encode_error(ST_SHUTDOWN, "the server is shutting down"))
                 raise _Drop()
-            if len(self.out) >= _HOLD_MAX or len(self.dest.retired) > _HOLD_DIRS:
+            if (len(self.out) >= _HOLD_MAX
+                    or len(self.dest.retired) + len(self.dest.created) > _HOLD_DIRS):
                 self._flush()
             kind, payload = self.rfile.frame(self.r.max_frame)
             if kind == _Msg.FILE:
@@ -2244,8 +2278,10 @@ class _ReceiveSession:
         except (XferError, OSError) as e:
             self._refuse(fid, raw, *_failure(raw, e))
             return
-        self.dirs += 1
-        self.out.append(_encode_result(fid, ST_OK))
+        # Answered by the group commit, once what was created is durable.
+        made = _HeldDir(fid, raw, parts)
+        self.out.append(made)
+        self.made.append(made)
 
     def _refuse(self, fid, raw, code, reason):
         self.out.append(self._refusal(fid, raw, code, reason))
@@ -2638,9 +2674,12 @@ class _ReceiveSession:
         (group commit).
 
         Each file's data is made durable (by _seal, or here with one syncfs()
-        for the group); all are renamed, then each directory is synced once:
-        a file is acknowledged only when its data and its name are durable,
-        as if it had been finished alone.  Sets each file's answer.
+        for the group); all are renamed, then each directory is synced once,
+        those renamed into and the parents of the directories created since
+        the last commit (MKDIR, or a file's new parents) alike: a file or
+        directory is acknowledged only when its data and its name, and the
+        names of the new directories on its way, are durable, as if it had
+        been finished alone.  Sets each file's and directory's answer.
 
         The one place a received file is published, so also the one place it
         is counted and reported (on_file), whether its answer is then sent
@@ -2663,15 +2702,31 @@ class _ReceiveSession:
                 held.fail(e)
                 if held.temp is not None:
                     self.dest.remove(held.handle, held.temp)
-        failed_dirs = {}
-        for handle in dict.fromkeys(held.handle for held in published):
+        made, self.made = self.made, []
+        # One sync per directory, whether it got files, new directories or both.
+        dir_ids = {handle: self.dest.dir_id(handle)
+                   for handle in dict.fromkeys(held.handle for held in published)}
+        targets = {key: handle for handle, key in dir_ids.items()}
+        created = self.dest.created
+        for key, (handle, _) in created.items():
+            targets.setdefault(key, handle)
+        failed_dirs = {}                # dir_id -> error
+        for key, handle in targets.items():
             try:
                 self.r._sync("directory", handle)
             except OSError as e:
-                failed_dirs[handle] = e
+                failed_dirs[key] = e
+        for key, (_, children) in created.items():
+            if key in failed_dirs:
+                for child in children:
+                    self.undurable[child] = failed_dirs[key]
+        self.dest.forget_created()
         for held in group:
-            if held.handle in failed_dirs and held.failure is None:
-                held.fail(failed_dirs[held.handle])
+            if held.failure is None:
+                error = failed_dirs.get(dir_ids.get(held.handle)) \
+                    or self._undurable(held.parts[:-1])
+                if error is not None:
+                    held.fail(error)
             if held.failure is not None:
                 held.answer = self._refusal(held.fid, held.raw, *held.failure)
             elif held.final is None:             # the policy said skip after all
@@ -2685,7 +2740,25 @@ class _ReceiveSession:
                 self.r._count_file(FileInfo(
                     self.dest.final_path(held.parts), "/".join(held.parts), held.size,
                     self.peer, time.monotonic() - held.started, held.digest), held.resumed)
+        for directory in made:
+            error = self._undurable(directory.parts)
+            if error is not None:
+                directory.answer = self._refusal(directory.fid, directory.raw,
+                                                 *_failure(directory.raw, error))
+            else:
+                self.dirs += 1
+                directory.answer = _encode_result(directory.fid, ST_OK)
         self.dest.release()
+
+    def _undurable(self, dirs):
+        """The error that kept a directory on the way to dirs from being
+        durable, or None."""
+        if self.undurable:
+            for i in range(1, len(dirs) + 1):
+                error = self.undurable.get(tuple(dirs[:i]))
+                if error is not None:
+                    return error
+        return None
 
     def _sync_data(self, group):
         """Make the data of held files durable: one syncfs() per filesystem."""
@@ -2766,6 +2839,16 @@ class _Held:
 
     def fail(self, error):
         self.failure = _failure(self.raw, error)
+
+
+class _HeldDir:
+    """A directory made (MKDIR), its answer waiting for the group commit."""
+
+    def __init__(self, fid, raw, parts):
+        self.fid = fid
+        self.raw = raw
+        self.parts = parts
+        self.answer = b""
 
 
 class _Part:
