@@ -1925,7 +1925,7 @@ class Receiver:
                     self._claims[key] = session
                     return True
                 now = time.monotonic()
-                if now > deadline:
+                if now > deadline or self._stopping:   # stop() waits for this thread
                     return False
                 if now - holder.rfile.last >= CLAIM_SILENCE:
                     holder.cut()
