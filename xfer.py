@@ -1787,11 +1787,12 @@ class Receiver:
                 self._idle.wait(min(0.05, max(0.0, deadline - time.monotonic())))
         server.close_active()
         server.server_close()
-        self._auth.tick(final=True)
         if self._thread is not None:
             self._thread.join()
         deadline = time.monotonic() + UNWIND_TIMEOUT
         ended = server.join_threads(deadline)
+        # After the join: the connections' last wrong tokens are summed up too.
+        self._auth.tick(final=True)
         if self._sweeper is not None:
             self._sweeper.join(max(0.0, deadline - time.monotonic()))
             ended = ended and not self._sweeper.is_alive()
