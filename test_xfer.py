@@ -2731,6 +2731,112 @@ class EmbeddingTests(unittest.TestCase):
                          sorted(os.path.basename(p) for p in paths))
 
 
+def _lived_free_port():
+    """A loopback port with nothing listening on it (bound, read back, closed)."""
+    sock = socket.socket()
+    try:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+class LongLivedSenderTests(unittest.TestCase):
+    """A Sender made once and used for hours by a host: outages, close, polling."""
+
+    def _closing_listener(self):
+        """A port that accepts and at once closes every connection; returns
+        (address, list of accept times)."""
+        listener = socket.socket()
+        listener.bind((HOST, 0))
+        listener.listen(16)
+        listener.settimeout(0.05)
+        times, stop = [], threading.Event()
+
+        def serve():
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+                times.append(time.monotonic())
+                conn.close()
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        self.addCleanup(listener.close)
+        self.addCleanup(thread.join, TIMEOUT)
+        self.addCleanup(stop.set)
+        return listener.getsockname()[:2], times
+
+    def test_failed_connections_in_a_row_space_attempts_by_the_capped_schedule(self):
+        src = temp_dir(self)
+        path = write_file(os.path.join(src, "x.bin"), b"x")
+        address, accepts = self._closing_listener()
+        delays = (0.1, 0.2)
+        with mock.patch.object(xfer, "RECONNECT_DELAYS", delays):
+            sender = xfer.Sender(address, retries=0)
+            self.addCleanup(sender.close, False)
+            jobs = []
+            for _ in range(4):
+                job = sender.queue(path)
+                jobs.append(job)
+                self.assertTrue(job.wait(TIMEOUT))
+                self.assertEqual(job.state, "failed")
+                self.assertIsInstance(job.error, xfer.ConnectError)
+        # One connection per job: each queued after the last failure makes
+        # its own attempt, once the delay for that many failures has passed.
+        self.assertEqual(len(accepts), 4, accepts)
+        gaps = [b - a for a, b in zip(accepts, accepts[1:])]
+        for gap, delay in zip(gaps, (0.1, 0.2, 0.2)):    # the last delay is the cap
+            self.assertGreaterEqual(gap, delay * 0.95, gaps)
+        self.assertIs(sender.error, jobs[-1].error)
+
+    def test_jobs_queued_before_a_failed_connection_fail_with_it_at_once(self):
+        src = temp_dir(self)
+        paths = [write_file(os.path.join(src, "q%d.bin" % i), b"q") for i in range(40)]
+        address, accepts = self._closing_listener()
+        sender = xfer.Sender(address, retries=0)
+        self.addCleanup(sender.close, False)
+        jobs = [sender.queue(p) for p in paths]
+        self.assertTrue(sender.wait(TIMEOUT))
+        self.assertEqual({j.state for j in jobs}, {"failed"})
+        # One attempt (32 files asked at most per batch, the rest failed
+        # with that batch's error), not one connection per file.
+        self.assertEqual(len(accepts), 1, accepts)
+        self.assertEqual({id(j.error) for j in jobs}, {id(sender.error)})
+
+    def test_sender_reconnects_after_the_receiver_comes_back_and_its_error_clears(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        paths = [write_file(os.path.join(src, "f%d.bin" % i), os.urandom(1000 + i))
+                 for i in range(3)]
+        receiver = xfer.Receiver(dst, host=HOST, port=0).start()
+        self.addCleanup(receiver.stop)
+        port = receiver.address[1]
+        # retries=1: the first try of the next job may still go out on the
+        # connection the stopped receiver closed; its retry then connects.
+        sender = xfer.Sender((HOST, port), retries=1)
+        self.addCleanup(sender.close, False)
+        up = sender.queue(paths[0])
+        self.assertTrue(up.wait(TIMEOUT))
+        self.assertEqual(up.state, "done", up.error)
+        receiver.stop()
+        down = sender.queue(paths[1])
+        self.assertTrue(down.wait(TIMEOUT))
+        self.assertEqual(down.state, "failed")
+        self.assertIsInstance(down.error, xfer.ConnectError)
+        self.assertIsInstance(sender.error, xfer.ConnectError)
+        # The receiver is back on the same port: the next job connects anew.
+        start_receiver(self, dst, port=port)
+        back = sender.queue(paths[2])
+        self.assertTrue(back.wait(TIMEOUT))
+        self.assertEqual(back.state, "done", back.error)
+        self.assertIsNone(sender.error)
+        self.assertEqual(sha256_file(os.path.join(dst, "f2.bin")), sha256_file(paths[2]))
+        self.assertFalse(os.path.exists(os.path.join(dst, "f1.bin")))
+
+
 class MiscTests(unittest.TestCase):
     def test_all_lists_every_public_name(self):
         public = set()

@@ -102,6 +102,11 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 #: Sender default: seconds to wait on a silent server.
 DEFAULT_IO_TIMEOUT = 60.0
+#: Sender: after a connection attempt failed for good (its retries spent),
+#: the next attempt waits this many seconds, counted from the failure; each
+#: failure in a row takes the next delay, and the last one is the cap.  A
+#: long-lived Sender thus keeps trying for new jobs, at most every 15 s.
+RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
 #: Temporary files start with this; the receiver refuses names that do.
 PARTIAL_PREFIX = ".xfer-part."
 #: Receiver default: partial files older than this (seconds) are deleted.
@@ -2996,6 +3001,7 @@ class Job:
         self.resumed = 0        # bytes not sent again because the receiver had them
         self.digest = None      # sha256 hex of the content sent, once it was sent
         self.files_total = 0    # dir jobs: files in the tree (known before any is sent)
+        self._epoch = 0         # the Sender's failed connections when it was queued
         self.state = "queued"
         self.size = 0
         self.bytes_done = 0
@@ -3127,7 +3133,15 @@ class Sender:
         self._ids = itertools.count(1)
         self._unfinished = 0
         self._idle = threading.Condition(self._lock)
-        #: first connection-level failure (unreachable, auth, version), or None
+        # After a failed connection: jobs queued before it fail with it
+        # (_epoch counts failures), later ones wait for _retry_at.
+        self._epoch = 0
+        self._down = 0               # failed connection attempts in a row
+        self._retry_at = 0.0
+        self._failed_at = 0.0        # when the last one was counted
+        self._retry_cv = threading.Condition(self._lock)
+        #: the last connection-level failure (unreachable, auth, version);
+        #: None again once a connection works
         self.error = None
         self.files_done = 0
         self.files_failed = 0
@@ -3165,6 +3179,7 @@ class Sender:
             raise XferError("the sender is closed")
         with self._lock:
             self._unfinished += 1
+            job._epoch = self._epoch
         self._start_threads()
         with self._requests_cv:
             self._top.add(job)
@@ -3211,6 +3226,9 @@ class Sender:
                 self._abort.set()
                 for job in self._top:
                     job.cancel()
+        if not wait:
+            with self._retry_cv:
+                self._retry_cv.notify_all()     # a worker waiting to reconnect
         if wait:
             for t in self._threads:
                 t.join()
@@ -3454,10 +3472,9 @@ class Sender:
                 except _LinkBroken as e:
                     self._requeue(link, batch, e.error, retry)
                     link = None
-                except XferError as e:
-                    self._fatal(e)
+                except XferError as e:      # no connection (_connect counted it)
                     for job in batch:
-                        self._end(job, "failed", e)
+                        self._end(job, "cancelled" if job.cancelled else "failed", e)
                 except Exception as e:   # a bug: fail the jobs loudly, keep the worker
                     traceback.print_exc()
                     error = XferError("internal error: %r" % e)
@@ -3478,12 +3495,18 @@ class Sender:
                     self._end(job, "failed", self.error or XferError("%s: not sent" % job.name))
 
     def _still_wanted(self, job):
-        """End a job that should not be sent any more; True if it should."""
+        """End a job that should not be sent any more; True if it should.
+
+        A job queued before the last failed connection fails with it: a
+        receiver that is not there fails a whole run at once, not file by
+        file.  A job queued after it is sent on a new connection.
+        """
         if job.cancelled:
             self._end(job, "cancelled", XferError("%s: cancelled" % job.name))
             return False
-        if self.error is not None:
-            self._end(job, "failed", self.error)
+        error = self.error
+        if error is not None and (job.parent or job)._epoch < self._epoch:
+            self._end(job, "failed", error)
             return False
         return True
 
@@ -3501,6 +3524,28 @@ class Sender:
                 self._end(j, "cancelled" if j.cancelled else "failed", error)
 
     def _connect(self):
+        """Open a connection; after a failed one, first wait out RECONNECT_DELAYS.
+
+        A failure is counted (sets error); a success clears error.
+        """
+        with self._retry_cv:
+            while True:
+                if self._abort.is_set():
+                    raise XferError("the sender is closed")
+                left = self._retry_at - time.monotonic()
+                if left <= 0:
+                    break
+                self._retry_cv.wait(left)
+        started = time.monotonic()
+        try:
+            link = self._connect_retrying()
+        except XferError as e:
+            self._connect_failed(e, started)
+            raise
+        self._connected()
+        return link
+
+    def _connect_retrying(self):
         """Open a connection, retrying transient failures with backoff.
 
         Refused, reset, timed out, busy or shutting down: wait 0.25 s, 0.5 s,
@@ -3524,10 +3569,32 @@ class Sender:
                     raise
                 attempt += 1
 
-    def _fatal(self, error):
-        if not error.transient or isinstance(error, ConnectError):
-            if self.error is None:
-                self.error = error
+    def _connect_failed(self, error, started):
+        """Count a connection that could not be made (retries spent).
+
+        The jobs queued until now fail with error; the next attempt waits
+        for the next of RECONNECT_DELAYS.  Workers that fail in the same
+        outage (each started before the other's failure) count once.
+        """
+        if error.transient and not isinstance(error, ConnectError):
+            return        # busy or shutting down: the receiver is there
+        with self._lock:
+            self.error = error
+            self._epoch += 1
+            now = time.monotonic()
+            if self._failed_at < started:
+                self._failed_at = now
+                self._retry_at = now + RECONNECT_DELAYS[min(self._down,
+                                                            len(RECONNECT_DELAYS) - 1)]
+                self._down += 1
+
+    def _connected(self):
+        """A connection works: error clears and jobs waiting to reconnect go."""
+        with self._retry_cv:
+            self.error = None
+            self._down = 0
+            self._retry_at = 0.0
+            self._retry_cv.notify_all()
 
     # -- job bookkeeping (called from worker and link threads)
 
