@@ -2741,8 +2741,51 @@ def _lived_free_port():
         sock.close()
 
 
+try:
+    import resource
+except ImportError:     # Windows
+    resource = None
+
+
 class LongLivedSenderTests(unittest.TestCase):
     """A Sender made once and used for hours by a host: outages, close, polling."""
+
+    @unittest.skipIf(resource is None, "no resource module (Windows), where select() "
+                     "takes sockets by handle, with no descriptor-number limit")
+    def test_transfers_work_with_more_than_1024_descriptors_open(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        paths = [write_file(os.path.join(src, "d%d.bin" % i), os.urandom(2000 * (i + 1)))
+                 for i in range(5)]
+        paths.append(write_file(os.path.join(src, "large.bin"),
+                                os.urandom(xfer.STREAM_MAX + 1000)))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        need = 1200 + len(os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd")
+                          else [])
+        if soft != resource.RLIM_INFINITY and soft < need:
+            if hard != resource.RLIM_INFINITY and hard < need:
+                self.skipTest("RLIMIT_NOFILE hard limit %d is below %d" % (hard, need))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        fds = []
+        self.addCleanup(lambda: [os.close(fd) for fd in fds])   # before the limit returns
+        while len(fds) < 1100:
+            fds.append(os.open(os.devnull, os.O_RDONLY))
+        self.assertGreater(max(fds), 1024)
+        receiver = start_receiver(self, dst)
+        sender = xfer.Sender(receiver.address)
+        self.addCleanup(sender.close, False)
+        probe = socket.socket()      # the sockets below are numbered above 1024 too
+        self.addCleanup(probe.close)
+        self.assertGreater(probe.fileno(), 1024)
+        jobs = [sender.queue(p) for p in paths]
+        self.assertTrue(sender.wait(TIMEOUT))
+        for job in jobs:
+            self.assertEqual(job.state, "done", job.error)
+        for path in paths:
+            self.assertEqual(sha256_file(os.path.join(dst, os.path.basename(path))),
+                             sha256_file(path))
+        self.assertEqual(receiver.files_failed, 0)
+        self.assertTrue(sender.ping()["version"])
 
     def _closing_listener(self):
         """A port that accepts and at once closes every connection; returns

@@ -34,7 +34,7 @@ import os
 import queue
 import re
 import secrets
-import select
+import selectors
 import shlex
 import shutil
 import signal
@@ -381,6 +381,12 @@ def _recv_exact(rfile, n):
     return data
 
 
+# poll() where there is one: select() refuses descriptors numbered past
+# 1023, and a host application (TouchDesigner) easily has more open.
+# Windows has no poll(), and its select() takes any socket.
+_Selector = getattr(selectors, "PollSelector", selectors.SelectSelector)
+
+
 class _Reader:
     """Buffered reads from a socket that can tell whether the next read waits.
 
@@ -395,6 +401,7 @@ class _Reader:
         self.view = memoryview(self.buf)
         self.start = self.end = 0
         self.last = time.monotonic()    # when bytes last arrived
+        self.selector = None            # made by the first ready() that must wait
 
     def read(self, n):
         """n bytes; fewer only if the stream ends first."""
@@ -472,7 +479,10 @@ class _Reader:
         pending = getattr(self.sock, "pending", None)    # TLS: decrypted, not yet read
         if pending is not None and pending():
             return True
-        return bool(select.select([self.sock], [], [], timeout)[0])
+        if self.selector is None:
+            self.selector = _Selector()
+            self.selector.register(self.sock, selectors.EVENT_READ)
+        return bool(self.selector.select(timeout))
 
 
 def _read_preface(rfile):
