@@ -2787,6 +2787,62 @@ class LongLivedSenderTests(unittest.TestCase):
         self.assertEqual(receiver.files_failed, 0)
         self.assertTrue(sender.ping()["version"])
 
+    def test_queue_racing_close_raises_and_leaves_no_job_waiting_forever(self):
+        src = temp_dir(self)
+        path = write_file(os.path.join(src, "late.bin"), b"late")
+        receiver = start_receiver(self, temp_dir(self))
+
+        class CloseInBetween(xfer.Sender):
+            """close() runs at the worst moment: after queue() began, just
+            before its job is handed to the feeder thread."""
+            def _enqueue(self, job):
+                self.close()
+                super()._enqueue(job)
+
+        sender = CloseInBetween(receiver.address)
+        self.addCleanup(sender.close, False)
+        try:
+            job, error = sender.queue(path), None
+        except xfer.XferError as e:
+            job, error = None, e
+        if job is not None:
+            self.assertTrue(job.wait(TIMEOUT), "queue() returned a job that stays "
+                            "queued forever")
+        self.assertTrue(sender.wait(TIMEOUT), "wait() never returns")
+        # The close came first: queue() says so rather than take the job.
+        self.assertIsNone(job)
+        self.assertIn("closed", str(error))
+        self.assertEqual(tree_listing(receiver.dir), [])
+
+    def test_queue_and_close_on_two_threads_always_end_every_job(self):
+        src = temp_dir(self)
+        path = write_file(os.path.join(src, "race.bin"), b"race")
+        receiver = start_receiver(self, temp_dir(self))
+        for _ in range(20):
+            sender = xfer.Sender(receiver.address)
+            self.addCleanup(sender.close, False)
+            barrier = threading.Barrier(2, timeout=TIMEOUT)
+            got = []
+
+            def queue_one():
+                barrier.wait()
+                try:
+                    got.append(sender.queue(path))
+                except xfer.XferError as e:
+                    got.append(e)
+            thread = threading.Thread(target=queue_one)
+            thread.start()
+            barrier.wait()
+            sender.close(wait=False)
+            thread.join(TIMEOUT)
+            self.assertEqual(len(got), 1)
+            if isinstance(got[0], xfer.Job):
+                self.assertTrue(got[0].wait(TIMEOUT), "a queued job never ended")
+                self.assertIn(got[0].state, ("done", "cancelled"), got[0].error)
+            else:
+                self.assertIn("closed", str(got[0]))
+            self.assertTrue(sender.wait(TIMEOUT), "wait() never returns")
+
     def _closing_listener(self):
         """A port that accepts and at once closes every connection; returns
         (address, list of accept times)."""

@@ -3187,15 +3187,26 @@ class Sender:
     def _submit(self, job):
         if self._closing:
             raise XferError("the sender is closed")
-        with self._lock:
-            self._unfinished += 1
-            job._epoch = self._epoch
         self._start_threads()
+        self._enqueue(job)
+        return job
+
+    def _enqueue(self, job):
+        """Hand a top-level job to the feeder thread, or raise if close() came first.
+
+        The check and the append are one step under the lock close() takes
+        to append the feeder's stop mark, so no job can land behind it (and
+        stay queued forever).
+        """
         with self._requests_cv:
+            if self._closing:
+                raise XferError("the sender is closed")
+            with self._lock:
+                self._unfinished += 1
+                job._epoch = self._epoch
             self._top.add(job)
             self._requests.append(job)
             self._requests_cv.notify()
-        return job
 
     def poll(self, max_events=None):
         """Run queued callbacks (dispatch="poll") on this thread; never blocks."""
@@ -3240,7 +3251,9 @@ class Sender:
             with self._retry_cv:
                 self._retry_cv.notify_all()     # a worker waiting to reconnect
         if wait:
-            for t in self._threads:
+            with self._lock:
+                threads = list(self._threads)
+            for t in threads:
                 t.join()
 
     def __enter__(self):
@@ -3287,16 +3300,17 @@ class Sender:
     # -- threads
 
     def _start_threads(self):
+        # Started under the lock: close(wait=True) joins only started threads.
         with self._lock:
             if self._threads:
                 return
-            feeder = threading.Thread(target=self._feed, name="xfer-feeder", daemon=True)
-            self._threads.append(feeder)
+            threads = [threading.Thread(target=self._feed, name="xfer-feeder", daemon=True)]
             for i in range(self.workers):
-                self._threads.append(threading.Thread(target=self._worker, args=(i == 0,),
-                                                      name="xfer-worker-%d" % i, daemon=True))
-        for t in self._threads:
-            t.start()
+                threads.append(threading.Thread(target=self._worker, args=(i == 0,),
+                                                name="xfer-worker-%d" % i, daemon=True))
+            for t in threads:
+                t.start()
+            self._threads = threads
 
     def _feed(self):
         """Expand queued requests into file jobs, lazily, into the bounded work queue."""
