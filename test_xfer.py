@@ -2843,6 +2843,52 @@ class LongLivedSenderTests(unittest.TestCase):
                 self.assertIn("closed", str(got[0]))
             self.assertTrue(sender.wait(TIMEOUT), "wait() never returns")
 
+    def test_poll_max_events_bounds_one_call_and_keeps_the_rest_in_order(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        paths = [write_file(os.path.join(src, "m%d.bin" % i), os.urandom(500 + i))
+                 for i in range(7)]
+        received = []
+        receiver = start_receiver(self, dst, dispatch="poll", on_file=received.append)
+        done = []
+        with xfer.Sender(receiver.address, dispatch="poll", on_done=done.append) as sender:
+            jobs = [sender.queue(p) for p in paths]
+        self.assertTrue(_embed_wait_for(lambda: receiver.files_received == 7))
+        # Seven on_file calls queued (a host stalled); each poll runs at most three.
+        self.assertEqual([receiver.poll(max_events=3) for _ in range(4)], [3, 3, 1, 0])
+        self.assertEqual(sorted(i.relpath for i in received),
+                         sorted(os.path.basename(p) for p in paths))
+        ran = []
+        while True:
+            n = sender.poll(max_events=2)
+            self.assertLessEqual(n, 2)
+            if not n:
+                break
+            ran.append(n)
+        self.assertEqual(sorted(done, key=id), sorted(jobs, key=id))
+        self.assertEqual(sum(ran), len(done))
+
+    def test_poll_max_events_lets_no_callback_wait_behind_ongoing_progress(self):
+        # A large file keeps reporting progress between polls; the on_done of
+        # a small file queued meanwhile must still come within a few polls.
+        calls = []
+        dispatcher = xfer._Dispatcher("poll", None)
+        big, small = object(), object()
+        on_progress = lambda job: calls.append(("progress", job))
+        on_done = lambda job: calls.append(("done", job))
+        dispatcher.emit_progress(on_progress, big)
+        dispatcher.emit(on_done, small)
+        for _ in range(5):                         # five frames of a 60 Hz host
+            dispatcher.emit_progress(on_progress, big)    # the transfer goes on
+            dispatcher.emit_progress(on_progress, big)    # (coalesced)
+            dispatcher.poll(max_events=1)
+        self.assertIn(("done", small), calls[:2], calls)
+        self.assertEqual(len(calls), 5)
+        self.assertEqual(dispatcher.poll(), 0)
+        dispatcher.emit_progress(on_progress, big)
+        dispatcher.emit_progress(on_progress, big)
+        self.assertEqual(dispatcher.poll(), 1)       # still coalesced: one call for both
+        self.assertEqual(calls[-1], ("progress", big))
+
     def _closing_listener(self):
         """A port that accepts and at once closes every connection; returns
         (address, list of accept times)."""

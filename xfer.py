@@ -1242,8 +1242,10 @@ def _is_reparse(st):
 class _Dispatcher:
     """Runs callbacks now (dispatch="thread") or queues them for poll().
 
-    Progress callbacks are coalesced in poll mode: only the newest state of
-    each job is delivered, so a host that polls slowly never builds a backlog.
+    In poll mode callbacks run in the order they were emitted.  Progress is
+    coalesced: a job whose progress is already queued is not queued again
+    (the callback reads the job when it runs, so it sees the newest state),
+    and a host that polls slowly never builds a backlog of it.
 
     Once closed, callbacks are dropped: none starts and none is queued, so
     an owner that has stopped hears nothing more from its threads.
@@ -1258,8 +1260,8 @@ class _Dispatcher:
         self._idle = threading.Condition(self._lock)    # notified when _running drops to 0
         self._running = 0           # callbacks running now on other threads
         self._closed = False
-        self._events = collections.deque()
-        self._progress = collections.OrderedDict()
+        self._events = collections.deque()   # (callback, arg, progress key or None)
+        self._progress = set()               # keys of jobs whose progress is queued
         self.callback_errors = 0
 
     def emit(self, callback, arg, closed_too=False):
@@ -1275,7 +1277,7 @@ class _Dispatcher:
         else:
             with self._lock:
                 if closed_too or not self._closed:
-                    self._events.append((callback, arg))
+                    self._events.append((callback, arg, None))
 
     def emit_progress(self, callback, job):
         if callback is None:
@@ -1283,9 +1285,11 @@ class _Dispatcher:
         if self.mode == "thread":
             self.call(self._run, callback, job)
         else:
+            key = id(job)        # stable: the queue holds the job
             with self._lock:
-                if not self._closed:
-                    self._progress[id(job)] = (callback, job)
+                if not self._closed and key not in self._progress:
+                    self._progress.add(key)
+                    self._events.append((callback, job, key))
 
     def call(self, function, *args):
         """function(*args) now, on this thread, unless closed (then nothing)."""
@@ -1316,17 +1320,27 @@ class _Dispatcher:
             self._closed = False
 
     def poll(self, max_events=None):
-        """Run queued callbacks on the calling thread; return how many ran."""
+        """Run queued callbacks on the calling thread; return how many ran.
+
+        At most max_events run, and never more than were queued when poll()
+        began (callbacks emitted meanwhile wait for the next poll), so one
+        call is bounded even while transfers go on.  The rest stays queued,
+        in order: a job's progress waits its turn like any callback, so
+        progress that keeps coming cannot hold back an on_done.
+        """
+        with self._lock:
+            limit = len(self._events)
+        if max_events is not None:
+            limit = min(limit, max_events)
         ran = 0
-        while max_events is None or ran < max_events:
+        while ran < limit:
             with self._lock:
-                if self._progress:
-                    _, item = self._progress.popitem(last=False)
-                elif self._events:
-                    item = self._events.popleft()
-                else:
+                if not self._events:
                     break
-            self._run(*item)
+                callback, arg, key = self._events.popleft()
+                if key is not None:
+                    self._progress.discard(key)
+            self._run(callback, arg)
             ran += 1
         return ran
 
