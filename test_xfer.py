@@ -2889,6 +2889,120 @@ class LongLivedSenderTests(unittest.TestCase):
         self.assertEqual(dispatcher.poll(), 1)       # still coalesced: one call for both
         self.assertEqual(calls[-1], ("progress", big))
 
+    def test_ping_async_returns_at_once_while_the_peer_is_hung_or_down(self):
+        hung = socket.socket()       # the kernel completes the TCP handshake; nobody answers
+        hung.bind((HOST, 0))
+        hung.listen(4)
+        self.addCleanup(hung.close)
+        sender = xfer.Sender(hung.getsockname()[:2], timeout=5.0)
+        self.addCleanup(sender.close, False)
+        job = sender.ping_async()
+        # It returned before the outcome was known: the peer has not answered.
+        self.assertFalse(job.done)
+        self.assertEqual(job.kind, "ping")
+        self.assertEqual(job.state, "sending")
+        self.assertIs(sender.ping_async(), job)     # one ping in flight at a time
+        self.assertFalse(job.done)
+        hung.close()                 # the waiting connection is reset
+        self.assertTrue(job.wait(TIMEOUT))
+        self.assertEqual(job.state, "failed")
+        self.assertIsInstance(job.error, xfer.XferError)
+        self.assertIsNone(job.result)
+
+        down = xfer.Sender((HOST, _lived_free_port()))
+        self.addCleanup(down.close, False)
+        job = down.ping_async()
+        self.assertTrue(job.wait(TIMEOUT))
+        self.assertEqual(job.state, "failed")
+        self.assertIsInstance(job.error, xfer.ConnectError)
+        again = down.ping_async()            # the last one ended: a new one starts
+        self.assertIsNot(again, job)
+        self.assertTrue(again.wait(TIMEOUT))
+        self.assertEqual(again.state, "failed")
+
+    def test_ping_async_answers_and_a_good_ping_clears_the_senders_error(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        path = write_file(os.path.join(src, "p.bin"), b"p")
+        receiver = xfer.Receiver(dst, host=HOST, port=0).start()
+        self.addCleanup(receiver.stop)
+        port = receiver.address[1]
+        events = []
+        sender = xfer.Sender((HOST, port), retries=0, dispatch="poll",
+                             on_done=events.append, on_error=events.append)
+        self.addCleanup(sender.close, False)
+        job = sender.ping_async()
+        self.assertTrue(job.wait(TIMEOUT))
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(job.result["version"], xfer.__version__)
+        self.assertGreaterEqual(job.result["rtt"], 0.0)
+        self.assertGreater(job.result["total"], 0)
+        receiver.stop()
+        failed = sender.queue(path)
+        self.assertTrue(failed.wait(TIMEOUT))
+        self.assertIsInstance(sender.error, xfer.ConnectError)
+        start_receiver(self, dst, port=port)
+        job = sender.ping_async()
+        self.assertTrue(job.wait(TIMEOUT))
+        self.assertEqual(job.state, "done", job.error)
+        self.assertIsNone(sender.error)
+        sender.poll()
+        self.assertEqual(events, [failed])       # pings fire no callbacks
+
+    def _readme_block(self, first_line):
+        with open(os.path.join(os.path.dirname(XFER), "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        blocks = re.findall(r"^```python\n(.*?)^```", readme, re.M | re.S)
+        found = [b for b in blocks if b.startswith(first_line)]
+        self.assertEqual(len(found), 1, "README has no block starting %r" % first_line)
+        return found[0]
+
+    def test_touchdesigner_recipe_keeps_no_ended_job_and_shows_peer_health(self):
+        code = self._readme_block('# Text DAT "xferlink"')
+        folder, there = temp_dir(self), temp_dir(self)
+        paths = [write_file(os.path.join(folder, "renders", "r%03d.exr" % i), b"r" * (i + 1))
+                 for i in range(120)]
+        rows, status, printed = [], types.SimpleNamespace(), []
+        names = {
+            "project": types.SimpleNamespace(folder=folder),
+            "op": lambda name: types.SimpleNamespace(appendRow=rows.append),
+            "parent": lambda: types.SimpleNamespace(par=status),
+            "debug": lambda *args: printed.append(args),
+        }
+        other = start_receiver(self, there, token="the-receivers-token")
+
+        class LocalReceiver(xfer.Receiver):
+            """The recipe's own receiver, on loopback and an ephemeral port."""
+            def __init__(self, *args, **kw):
+                kw.update(host=HOST, port=0)
+                super().__init__(*args, **kw)
+
+        ns = dict(names)
+        exec(compile(code, "README xferlink", "exec"), ns)
+        ns["SEND_TO"] = "%s:%d" % other.address       # the other machine, here
+        with mock.patch.object(xfer, "Receiver", LocalReceiver):
+            ns["start"]()
+        self.addCleanup(ns["stop"])
+        frame = threading.Event()
+        for path in paths:
+            ns["send"](path)
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            ns["frame"]()
+            if other.files_received == len(paths) and "up" in status.Xferstatus:
+                held = [v for v in ns.values() if isinstance(v, list)
+                        and any(isinstance(j, xfer.Job) for j in v)]
+                if not held:
+                    break
+            frame.wait(1 / 60)
+        ns["frame"]()
+        self.assertEqual(other.files_received, len(paths))
+        # Finished jobs are pruned: nothing the recipe keeps grows with the show.
+        kept = {k: len(v) for k, v in ns.items() if isinstance(v, list)
+                and any(isinstance(j, xfer.Job) and j.done for j in v)}
+        self.assertEqual(kept, {}, "the recipe keeps ended jobs")
+        self.assertIn("peer up", status.Xferstatus)
+        self.assertEqual(printed, [])
+
     def _closing_listener(self):
         """A port that accepts and at once closes every connection; returns
         (address, list of accept times)."""

@@ -3006,8 +3006,10 @@ class Job:
     "sending", "verifying" (hashing the part the receiver kept, before
     resuming after it), "done", "failed", "skipped", "cancelled"), bytes_done, size,
     progress (0.0-1.0), error (an XferError or None), path (local),
-    name (relative path on the receiver), kind ("file" or "dir"), resumed
-    (bytes the receiver already had), digest (sha256 hex of what was sent).
+    name (relative path on the receiver), kind ("file", "dir", or "ping"
+    for Sender.ping_async()), resumed (bytes the receiver already had),
+    digest (sha256 hex of what was sent), result (a ping's answer),
+    started and finished (time.monotonic() values, or None).
     A "dir" job aggregates the files of its tree: its size and files_total
     are known before its first file is sent, and it ends when every file
     has ended.
@@ -3024,6 +3026,7 @@ class Job:
         self.note = ""          # the receiver's word on success: "replaced", "renamed to ..."
         self.resumed = 0        # bytes not sent again because the receiver had them
         self.digest = None      # sha256 hex of the content sent, once it was sent
+        self.result = None      # ping jobs: what ping() returns, once answered
         self.files_total = 0    # dir jobs: files in the tree (known before any is sent)
         self._epoch = 0         # the Sender's failed connections when it was queued
         self.state = "queued"
@@ -3138,6 +3141,7 @@ class Sender:
         self.connected = False
         self.retries = int(retries)
         self.retry_window = retry_window
+        self._ping = None            # the last ping_async() job
         self._abort = threading.Event()     # close(wait=False): stop backing off
         self._dispatch = _Dispatcher(dispatch, self)
         # Lists of jobs; deep enough that each worker finds a batch waiting.
@@ -3295,8 +3299,10 @@ class Sender:
 
         Returns a dict with version, free and total bytes of DIR, and rtt
         (seconds for the PING round trip).  Blocks; raises XferError.
+        A connection that works clears error, as a job's does.
         """
         link = _Link(self)
+        self._connected()
         try:
             t0 = time.monotonic()
             link.sock.sendall(_frame(_Msg.PING))
@@ -3310,6 +3316,41 @@ class Sender:
             raise e.error from None
         finally:
             link.close()
+
+    def ping_async(self):
+        """Start a ping() on a thread of its own and return its Job at once.
+
+        The job is "sending" until the receiver answers, then "done" with
+        result set to ping()'s dict, or "failed" with error set; a peer that
+        is down fails it within connect_timeout, one that accepts and never
+        answers within timeout.  While a ping is in flight, this returns that
+        same job, so calling it every frame starts at most one at a time.
+        A ping job fires no callbacks and is not waited for by wait() or
+        close().  Never blocks: a host's health canary.
+        """
+        with self._lock:
+            job = self._ping
+            if job is not None and not job.done:
+                return job
+            job = Job(self, None, _host_port_text(self.host, self.port), "ping")
+            job.state = "sending"
+            job.started = time.monotonic()
+            self._ping = job
+        threading.Thread(target=self._run_ping, args=(job,), name="xfer-ping",
+                         daemon=True).start()
+        return job
+
+    def _run_ping(self, job):
+        try:
+            job.result = self.ping()
+            job.state = "done"
+        except XferError as e:
+            job.error, job.state = e, "failed"
+        except Exception as e:   # a bug: end the job rather than leave it "sending"
+            traceback.print_exc()
+            job.error, job.state = XferError("internal error: %r" % e), "failed"
+        job.finished = time.monotonic()
+        job._set_done()
 
     # -- threads
 
