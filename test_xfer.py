@@ -2894,7 +2894,7 @@ class LongLivedSenderTests(unittest.TestCase):
         hung.bind((HOST, 0))
         hung.listen(4)
         self.addCleanup(hung.close)
-        sender = xfer.Sender(hung.getsockname()[:2], timeout=5.0)
+        sender = xfer.Sender(hung.getsockname()[:2], handshake_timeout=5.0)
         self.addCleanup(sender.close, False)
         job = sender.ping_async()
         # It returned before the outcome was known: the peer has not answered.

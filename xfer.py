@@ -3091,9 +3091,11 @@ _STOP = object()
 class Sender:
     """Send files to one receiver over a bounded pool of connections.
 
-    Methods for the caller: queue(), close(), poll(), wait(); usable as a
-    context manager.  queue() and poll() never block and may be called from
-    any thread; close(wait=True) blocks until every job has ended.
+    Methods for the caller: queue(), close(), poll(), wait(), ping(),
+    ping_async(); usable as a context manager.  queue(), poll() and
+    ping_async() never block and may be called from any thread;
+    close(wait=True) blocks until every job has ended.  After a failed
+    connection the Sender tries again for later jobs (RECONNECT_DELAYS).
 
     Callbacks receive the Job: on_start(job) when a file's bytes start to
     go out (again after a retry), on_progress(job), on_done(job) (sent or
@@ -3323,7 +3325,7 @@ class Sender:
         The job is "sending" until the receiver answers, then "done" with
         result set to ping()'s dict, or "failed" with error set; a peer that
         is down fails it within connect_timeout, one that accepts and never
-        answers within timeout.  While a ping is in flight, this returns that
+        answers within handshake_timeout.  While a ping is in flight, this returns that
         same job, so calling it every frame starts at most one at a time.
         A ping job fires no callbacks and is not waited for by wait() or
         close().  Never blocks: a host's health canary.
