@@ -3003,9 +3003,9 @@ class LongLivedSenderTests(unittest.TestCase):
         self.assertIn("peer up", status.Xferstatus)
         self.assertEqual(printed, [])
 
-    def _closing_listener(self):
-        """A port that accepts and at once closes every connection; returns
-        (address, list of accept times)."""
+    def _closing_listener(self, gate=None):
+        """A port that accepts and at once closes every connection (once gate
+        is set, if given); returns (address, list of accept times)."""
         listener = socket.socket()
         listener.bind((HOST, 0))
         listener.listen(16)
@@ -3021,6 +3021,8 @@ class LongLivedSenderTests(unittest.TestCase):
                 except OSError:
                     return
                 times.append(time.monotonic())
+                if gate is not None:
+                    gate.wait(TIMEOUT)
                 conn.close()
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
@@ -3055,10 +3057,13 @@ class LongLivedSenderTests(unittest.TestCase):
     def test_jobs_queued_before_a_failed_connection_fail_with_it_at_once(self):
         src = temp_dir(self)
         paths = [write_file(os.path.join(src, "q%d.bin" % i), b"q") for i in range(40)]
-        address, accepts = self._closing_listener()
+        gate = threading.Event()
+        address, accepts = self._closing_listener(gate)
+        self.addCleanup(gate.set)      # runs first: never leave the listener held
         sender = xfer.Sender(address, retries=0)
         self.addCleanup(sender.close, False)
         jobs = [sender.queue(p) for p in paths]
+        gate.set()         # every job was queued before the attempt failed
         self.assertTrue(sender.wait(TIMEOUT))
         self.assertEqual({j.state for j in jobs}, {"failed"})
         # One attempt (32 files asked at most per batch, the rest failed
