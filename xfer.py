@@ -920,7 +920,7 @@ class _Dest:
         self.root = os.path.abspath(root)
         self.use_dir_fd = use_dir_fd
         self.root_fd = root_fd if use_dir_fd else None
-        self._cached = None  # (parts tuple, fd or path)
+        self._cached = None  # [parts tuple, fd or path, given out for a file]
         self.retired = []
         # dir_id of a parent -> [its handle, the paths (tuples of parts) of
         # the directories created in it]
@@ -965,10 +965,15 @@ class _Dest:
 
     # -- parent directories
 
-    def parent(self, parts, path, create=True):
-        """Return a handle (fd or path) on the directory holding parts[-1]."""
+    def parent(self, parts, path, create=True, held=True):
+        """Return a handle (fd or path) on the directory holding parts[-1].
+
+        held=False: the caller is done with it on return (MKDIR), so once it
+        leaves the cache it is closed at once instead of kept in retired.
+        """
         key = tuple(parts[:-1])
         if self._cached and self._cached[0] == key:
+            self._cached[2] = self._cached[2] or held
             return self._cached[1]
         if create:
             self._missing = None
@@ -980,8 +985,11 @@ class _Dest:
             self._missing = key
             raise
         if self._cached:
-            self.retired.append(self._cached[1])
-        self._cached = (key, handle)
+            if self._cached[2]:
+                self.retired.append(self._cached[1])
+            elif self.use_dir_fd:
+                os.close(self._cached[1])
+        self._cached = [key, handle, held]
         return handle
 
     def _open_dirs(self, dirs, path, create):
@@ -1002,7 +1010,7 @@ class _Dest:
 
     def makedirs(self, parts, path):
         """Create every directory of parts below the root (MKDIR)."""
-        self.parent(list(parts) + [None], path)
+        self.parent(list(parts) + [None], path, held=False)
 
     def _step(self, parent_fd, name, path, create, parts):
         """Open (creating if asked) name below parent_fd, refusing symlinks;
