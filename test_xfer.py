@@ -3742,6 +3742,36 @@ class ReceiverLifecycleTests(unittest.TestCase):
             self.assertEqual(receiver.files_received, 0)
             _hostile_still_serves(self, receiver, dst)
 
+    def test_stop_in_poll_mode_queues_nothing_after_it_returns(self):
+        # dispatch="poll": what was queued before stop() returned is still
+        # delivered by poll(), on_status("stopped") last; what a connection
+        # stuck past stop() would report later is never queued.
+        dst = temp_dir(self)
+        calls = []
+        receiver = xfer.Receiver(
+            dst, host=HOST, port=0, dispatch="poll",
+            on_file=lambda info: calls.append("on_file"),
+            on_session=lambda info: calls.append("on_session"), on_status=calls.append)
+        receiver.start()
+        self.addCleanup(receiver.stop)
+        client = _HostileClient(receiver.address)
+        self.addCleanup(client.close)
+        _, frames = _perf_stream_frames(client, b"late.txt", b"late")
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        waited = self._held_teardown(gate, TIMEOUT)
+        client.send(frames + client.frame(xfer._Msg.PING)[:3])
+        self.assertTrue(_hostile_wait_until(
+            lambda: any(n.startswith(xfer.PARTIAL_PREFIX) for n in os.listdir(dst))))
+        with mock.patch.object(xfer, "UNWIND_TIMEOUT", 0.2, create=True):
+            receiver.stop()
+        self.assertTrue(_hostile_wait_until(lambda: waited), "the connection never ended")
+        gate.set()
+        waited[0].join(TIMEOUT)
+        self.assertFalse(waited[0].is_alive())
+        receiver.poll()
+        self.assertEqual(calls, ["listening", "on_file", "stopped"])
+
 
 def _sec_wait_until(predicate, timeout=TIMEOUT):
     """Check predicate between short Event waits, for at most timeout seconds."""
