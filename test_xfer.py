@@ -10,6 +10,7 @@ import concurrent.futures
 import contextlib
 import errno
 import hashlib
+import hmac
 import inspect
 import io
 import itertools
@@ -1251,6 +1252,24 @@ def _hostile_still_serves(test, receiver, dst, token=None):
     return name
 
 
+class _HostileTags:
+    """Frame tags of one direction (Protocol 3), written from the README, not
+    from xfer's code: HMAC-SHA256(key, label NUL sequence frame), 16 bytes."""
+
+    SIZE = 16
+
+    def __init__(self, key, label):
+        self.key = key
+        self.label = label
+        self.seq = 0
+
+    def tag(self, frame, seq=None):
+        if seq is None:
+            seq, self.seq = self.seq, self.seq + 1
+        msg = self.label + b"\0" + struct.pack("!Q", seq) + frame
+        return hmac.new(self.key, msg, hashlib.sha256).digest()[:self.SIZE]
+
+
 class _HostileClient:
     """A hand-written protocol client built only from xfer's wire constants.
 
@@ -1275,14 +1294,24 @@ class _HostileClient:
         self.server_preface = self.server_nonce = self.transcript = None
         self.server_flags = None
         self.last_proof = None
+        # In a keyed session every frame after AUTH_OK is tagged (Protocol 3).
+        self.tags_out = self.tags_in = None
         if handshake:
             self.handshake()
 
     # -- plumbing
 
     @staticmethod
-    def frame(kind, payload=b""):
+    def raw_frame(kind, payload=b""):
+        """A frame without a tag."""
         return xfer._FRAME.pack(kind, len(payload)) + payload
+
+    def frame(self, kind, payload=b""):
+        """A frame as this client sends it: tagged once the session is keyed."""
+        frame = self.raw_frame(kind, payload)
+        if self.tags_out is not None:
+            frame += self.tags_out.tag(frame)
+        return frame
 
     def send(self, data):
         self.sock.sendall(data)
@@ -1301,7 +1330,12 @@ class _HostileClient:
         if len(head) != xfer._FRAME.size:
             raise AssertionError("connection closed inside a frame header")
         kind, length = xfer._FRAME.unpack(head)
-        return kind, self.read_exact(length)
+        payload = self.read_exact(length)
+        if self.tags_in is not None:
+            tag = self.read_exact(_HostileTags.SIZE)
+            if tag != self.tags_in.tag(head + payload):
+                raise AssertionError("the server's %s frame failed its tag" % kind)
+        return kind, payload
 
     def read_to_eof(self):
         """Everything until the server closes (a reset counts as closed)."""
@@ -1351,30 +1385,40 @@ class _HostileClient:
             if got[1] != want:
                 raise AssertionError("server proof does not verify")
             self.key = xfer._auth_mac(self.token, b"xfer session", self.transcript)
+            if xfer.PROTOCOL_VERSION >= 2:
+                self.tags_out = _HostileTags(self.key, b"xfer c2s")
+                self.tags_in = _HostileTags(self.key, b"xfer s2c")
 
     # -- after the handshake
 
-    def send_file(self, raw_path, data, stream=True, flip_body=False, flip_mac=False,
+    def file_bytes(self, raw_path, data, stream=True, flip_body=False, mode=0o644,
+                   mtime_ns=1500000000 * 10**9, size=None, flags=0, trailer_flags=0):
+        """A streamed FILE, its body and TRAILER as bytes; returns (id, bytes)."""
+        fid = next(self.ids)
+        size = len(data) if size is None else size
+        header = (xfer._FILE.pack(fid, size, mtime_ns, mode,
+                                  (xfer.FF_STREAM if stream else 0) | flags) + raw_path)
+        body = data
+        if flip_body:
+            body = bytes([body[0] ^ 0x01]) + body[1:]
+        fixed = xfer._TRAILER.pack(fid, trailer_flags, hashlib.sha256(data).digest())
+        if xfer.PROTOCOL_VERSION < 2:
+            fixed += xfer._trailer_mac(self.key, fixed, header)
+        if stream:
+            return fid, (self.frame(xfer._Msg.FILE, header) + body
+                         + self.frame(xfer._Msg.TRAILER, fixed))
+        return fid, (header, body, fixed)
+
+    def send_file(self, raw_path, data, stream=True, flip_body=False,
                   mode=0o644, mtime_ns=1500000000 * 10**9, size=None):
         """Send one file; return (status, reason) from its RESULT."""
         if isinstance(raw_path, str):
             raw_path = raw_path.encode("utf-8")
-        fid = next(self.ids)
-        size = len(data) if size is None else size
-        header = (xfer._FILE.pack(fid, size, mtime_ns, mode, xfer.FF_STREAM if stream else 0)
-                  + raw_path)
-        digest = hashlib.sha256(data).digest()
-        body = data
-        if flip_body:
-            body = bytes([body[0] ^ 0x01]) + body[1:]
-        fixed = xfer._TRAILER.pack(fid, 0, digest)
-        mac = xfer._trailer_mac(self.key, fixed, header)
-        if flip_mac:
-            mac = bytes([mac[0] ^ 0x01]) + mac[1:]
-        trailer = self.frame(xfer._Msg.TRAILER, fixed + mac)
+        fid, parts = self.file_bytes(raw_path, data, stream, flip_body, mode, mtime_ns, size)
         if stream:
-            self.send(self.frame(xfer._Msg.FILE, header) + body + trailer)
+            self.send(parts)
         else:
+            header, body, fixed = parts
             self.send(self.frame(xfer._Msg.FILE, header))
             got = self.read_frame()
             if got is None:
@@ -1383,7 +1427,8 @@ class _HostileClient:
                 return self._result(fid, got[1])
             if got[0] != xfer._Msg.ACCEPT:
                 raise AssertionError("expected ACCEPT, got %r" % (got,))
-            self.send(self.frame(xfer._Msg.BODY, xfer._BODY.pack(fid, 0)) + body + trailer)
+            self.send(self.frame(xfer._Msg.BODY, xfer._BODY.pack(fid, 0)) + body
+                      + self.frame(xfer._Msg.TRAILER, fixed))
         return self.read_result(fid)
 
     def read_result(self, fid):
@@ -1591,6 +1636,446 @@ class WireFormatTests(unittest.TestCase):
         bad = xfer._decode_error(self._unframe(xfer._encode_error(xfer.ST_BAD_PATH, "x"),
                                                xfer._Msg.ERROR))
         self.assertFalse(bad.transient)
+
+
+#------------------------------------------------------------
+# protocol version 2: tagged frames, versions, reserved bits
+#------------------------------------------------------------
+
+def _proto_tag_size():
+    return _HostileTags.SIZE if xfer.PROTOCOL_VERSION >= 2 else 0
+
+
+def _proto_stop_listener(server):
+    """Close server.listener, waking its accept() with one last connection."""
+    server._closed = True
+    try:
+        socket.create_connection(server.address, timeout=1.0).close()
+    except OSError:
+        pass
+    server.listener.close()
+
+
+class _ProtoMitm:
+    """A man in the middle on 127.0.0.1 that parses what the server sends.
+
+    Client bytes pass unchanged.  Server bytes are read frame by frame (the
+    preface, HELLO and AUTH_OK untagged, later frames with their tag when
+    tagged is true), recorded in frames[i] for connection i as
+    (kind, payload, tag), and forwarded as rewrite(i, n, kind, payload, tag)
+    returns them (n counts the frames after AUTH_OK from 0).
+    """
+
+    def __init__(self, test, upstream, rewrite=None, tagged=True):
+        self.upstream = upstream
+        self.rewrite = rewrite
+        self.tag_size = _proto_tag_size() if tagged else 0
+        self.frames = []
+        self._lock = threading.Lock()
+        self._socks = []
+        self._threads = []
+        self._closed = False
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((HOST, 0))
+        self.listener.listen(4)
+        self.address = self.listener.getsockname()[:2]
+        self._spawn(self._accept)
+        test.addCleanup(self.close)
+
+    def _spawn(self, target, *args):
+        t = threading.Thread(target=target, args=args, daemon=True)
+        with self._lock:
+            self._threads.append(t)
+        t.start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self._closed:
+                client.close()
+                return
+            try:
+                server = socket.create_connection(self.upstream, timeout=TIMEOUT)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._socks += [client, server]
+                index = len(self.frames)
+                self.frames.append([])
+            self._spawn(self._forward, client, server)
+            self._spawn(self._backward, server, client, index)
+
+    @staticmethod
+    def _forward(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def _backward(self, server, client, index):
+        rfile = server.makefile("rb")
+        try:
+            client.sendall(rfile.read(xfer._PREFACE.size))
+            n = -2                     # HELLO and AUTH_OK come first, untagged
+            while True:
+                head = rfile.read(xfer._FRAME.size)
+                if len(head) < xfer._FRAME.size:
+                    break
+                kind, length = xfer._FRAME.unpack(head)
+                payload = rfile.read(length)
+                tag = rfile.read(self.tag_size) if n >= 0 else b""
+                self.frames[index].append((kind, payload, tag))
+                out = head + payload + tag
+                if n >= 0 and self.rewrite is not None:
+                    out = self.rewrite(index, n, kind, payload, tag)
+                client.sendall(out)
+                n += 1
+            client.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            rfile.close()
+
+    def close(self):
+        _proto_stop_listener(self)
+        with self._lock:
+            socks, threads = list(self._socks), list(self._threads)
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in threads:
+            t.join(TIMEOUT)
+        for sock in socks:
+            sock.close()
+
+
+class _ProtoFakeServer:
+    """A listener that reads a client's preface and HELLO, answers with fixed
+    bytes and closes: an old (or broken) server, written by hand."""
+
+    def __init__(self, test, answer):
+        self.answer = answer
+        self._closed = False
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((HOST, 0))
+        self.listener.listen(4)
+        self.address = self.listener.getsockname()[:2]
+        self.received = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        test.addCleanup(self.close)
+
+    def _run(self):
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            if self._closed:
+                sock.close()
+                return
+            with sock:
+                sock.settimeout(TIMEOUT)
+                rfile = sock.makefile("rb")
+                self.received.append(rfile.read(xfer._PREFACE.size + xfer._FRAME.size
+                                                + xfer._NONCE_SIZE))
+                rfile.close()
+                try:
+                    sock.sendall(self.answer)
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+    def close(self):
+        _proto_stop_listener(self)
+        self.thread.join(TIMEOUT)
+
+
+class ProtocolV2Tests(unittest.TestCase):
+    TOKEN = "v2-token"
+
+    def setUp(self):
+        self.src = temp_dir(self)
+        self.dst = temp_dir(self)
+
+    def keyed(self, **kw):
+        client = _HostileClient(kw.pop("address"), token=self.TOKEN, **kw)
+        self.addCleanup(client.close)
+        return client
+
+    # -- requests are bound to their place in the session
+
+    def test_replayed_file_later_in_the_session_is_refused_and_not_rolled_back(self):
+        receiver = start_receiver(self, self.dst, token=self.TOKEN)
+        client = self.keyed(address=receiver.address)
+        fid, captured = client.file_bytes(b"doc.txt", b"version 1\n")
+        client.send(captured)
+        self.assertEqual(client.read_result(fid)[0], xfer.ST_OK)
+        status, reason = client.send_file("doc.txt", b"version 2\n",
+                                          mtime_ns=1600000000 * 10**9)
+        self.assertEqual(status, xfer.ST_OK, reason)
+        client.send(captured)            # the attacker replays the first file
+        reason = client.expect_error(self, xfer.ST_PROTOCOL)   # tagged, then closed
+        self.assertIn("failed authentication", reason)
+        with open(os.path.join(self.dst, "doc.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"version 2\n")
+        self.assertEqual(receiver.files_received, 2)
+        _hostile_still_serves(self, receiver, self.dst, token=self.TOKEN)
+
+    def test_frame_with_a_wrong_tag_is_refused_with_a_tagged_error(self):
+        receiver = start_receiver(self, self.dst, token=self.TOKEN)
+        for what in ("FILE", "TRAILER", "PING"):
+            with self.subTest(what=what):
+                client = self.keyed(address=receiver.address)
+                _, data = client.file_bytes(b"forged.txt", b"forged data\n")
+                if what == "PING":
+                    data = client.frame(xfer._Msg.PING)
+                cut = len(data) - 1 if what != "FILE" else (
+                    xfer._FRAME.size + xfer._FILE.size + len(b"forged.txt"))
+                data = data[:cut] + bytes([data[cut] ^ 0x01]) + data[cut + 1:]
+                client.send(data)
+                reason = client.expect_error(self, xfer.ST_PROTOCOL)
+                self.assertIn("failed authentication", reason)
+        self.assertEqual(tree_listing(self.dst), [])
+        _hostile_still_serves(self, receiver, self.dst, token=self.TOKEN)
+
+    def test_untagged_frames_in_a_keyed_session_are_refused(self):
+        receiver = start_receiver(self, self.dst, token=self.TOKEN)
+        client = self.keyed(address=receiver.address)
+        client.tags_out = None        # frames as an unkeyed session sends them
+        _, data = client.file_bytes(b"untagged.txt", b"untagged file\n")
+        client.send(data)
+        client.expect_error(self, xfer.ST_PROTOCOL)
+        self.assertEqual(tree_listing(self.dst), [])
+        _hostile_still_serves(self, receiver, self.dst, token=self.TOKEN)
+
+    def test_tags_bind_key_direction_sequence_and_bytes(self):
+        key = bytes(range(32))
+        frame = xfer._frame(xfer._Msg.PING)
+        out = xfer._Tags(key, b"xfer c2s")
+        mine = _HostileTags(key, b"xfer c2s")
+        for _ in range(3):
+            self.assertEqual(out.seal(frame), frame + mine.tag(frame))
+        self.assertNotEqual(_HostileTags(key, b"xfer s2c").tag(frame, 2), mine.tag(frame, 2))
+        self.assertNotEqual(_HostileTags(bytes(32), b"xfer c2s").tag(frame, 2),
+                            mine.tag(frame, 2))
+        reader_tags = xfer._Tags(key, b"xfer c2s", lambda n: xfer.ProtocolError("bad %d" % n))
+        reader_tags.check(frame, mine.tag(frame, 0))
+        with self.assertRaises(xfer.ProtocolError):
+            reader_tags.check(frame, mine.tag(frame, 0))      # a replay of frame 0
+        self.assertEqual(xfer._TAG_SIZE, _HostileTags.SIZE)
+
+    # -- answers are authenticated: a man in the middle cannot fake them
+
+    def test_result_flipped_to_ok_by_a_man_in_the_middle_fails_the_file(self):
+        receiver = start_receiver(self, self.dst, token=self.TOKEN, max_size=100)
+
+        def flip(index, n, kind, payload, tag):
+            if kind == xfer._Msg.RESULT and payload[4] == xfer.ST_TOO_LARGE:
+                payload = payload[:4] + bytes([xfer.ST_OK])
+            return xfer._FRAME.pack(kind, len(payload)) + payload + tag
+
+        mitm = _ProtoMitm(self, receiver.address, flip)
+        path = write_file(os.path.join(self.src, "big.txt"), b"x" * 1000)
+        with xfer.Sender(mitm.address, token=self.TOKEN, retries=0) as sender:
+            job = sender.queue(path)
+        self.assertTrue(any(k == xfer._Msg.RESULT and p[4] == xfer.ST_TOO_LARGE
+                            for k, p, _ in mitm.frames[0]), "the refusal never passed")
+        self.assertEqual(job.state, "failed")
+        self.assertIsInstance(job.error, xfer.IntegrityError)
+        self.assertIn("failed authentication", str(job.error))
+        self.assertIn("127.0.0.1:%d" % mitm.address[1], str(job.error))
+        self.assertEqual(sender.files_done, 0)
+        self.assertEqual(tree_listing(self.dst), [])
+
+    def test_results_replayed_from_an_earlier_session_fail_the_file(self):
+        receiver = start_receiver(self, self.dst, token=self.TOKEN, overwrite="fail")
+
+        def replay(index, n, kind, payload, tag):
+            if index == 1 and n < len(mitm.frames[0]) - 2:
+                kind, payload, tag = mitm.frames[0][n + 2]    # after HELLO, AUTH_OK
+            return xfer._FRAME.pack(kind, len(payload)) + payload + tag
+
+        mitm = _ProtoMitm(self, receiver.address, replay)
+        path = write_file(os.path.join(self.src, "doc.txt"), b"the first version\n")
+        with xfer.Sender(mitm.address, token=self.TOKEN, retries=0, workers=1) as sender:
+            (first,) = [sender.queue(path)]
+        self.assertEqual(first.state, "done", first.error)
+        write_file(path, b"a second version, which the receiver refuses\n")
+        os.utime(path, ns=(1600000000 * 10**9,) * 2)
+        with xfer.Sender(mitm.address, token=self.TOKEN, retries=0, workers=1) as sender:
+            second = sender.queue(path)
+        self.assertNotEqual(second.state, "done")
+        self.assertIsInstance(second.error, xfer.IntegrityError)
+        self.assertIn("failed authentication", str(second.error))
+        with open(os.path.join(self.dst, "doc.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"the first version\n")
+
+    # -- reserved bits, STREAM_MAX
+
+    def test_reserved_preface_flags_from_a_client_are_refused(self):
+        receiver = start_receiver(self, self.dst, token=self.TOKEN)
+        for flags in (xfer.PF_AUTH_REQUIRED, 0x0002, 0x8000):
+            with self.subTest(flags=flags):
+                client = _HostileClient(receiver.address, handshake=False)
+                self.addCleanup(client.close)
+                client.client_preface = xfer._PREFACE.pack(xfer.MAGIC, xfer.PROTOCOL_VERSION,
+                                                           flags)
+                client.send(client.client_preface
+                            + client.frame(xfer._Msg.HELLO, client.client_nonce))
+                magic, _, _ = xfer._PREFACE.unpack(client.read_exact(xfer._PREFACE.size))
+                self.assertEqual(magic, xfer.MAGIC)
+                reason = client.expect_error(self, xfer.ST_PROTOCOL)
+                self.assertIn("reserved", reason)
+        _hostile_still_serves(self, receiver, self.dst, token=self.TOKEN)
+
+    def test_reserved_preface_flags_from_a_server_are_refused(self):
+        answer = (xfer._PREFACE.pack(xfer.MAGIC, xfer.PROTOCOL_VERSION, 0x0002)
+                  + _HostileClient.raw_frame(xfer._Msg.HELLO, bytes(xfer._NONCE_SIZE)))
+        fake = _ProtoFakeServer(self, answer)
+        with self.assertRaises(xfer.ProtocolError) as cm:
+            xfer.Sender(fake.address, retries=0).ping()
+        self.assertIn("reserved", str(cm.exception))
+
+    def test_reserved_message_flags_are_refused(self):
+        receiver = start_receiver(self, self.dst, token=self.TOKEN)
+        cases = [("FILE", 1 << bit) for bit in range(2, 8)]
+        cases += [("TRAILER", 1 << bit) for bit in range(1, 8)]
+        cases += [("CHECK", 1 << bit) for bit in range(1, 8)]
+        for what, flag in cases:
+            with self.subTest(what=what, flag=flag):
+                client = self.keyed(address=receiver.address)
+                if what == "CHECK":
+                    data = client.frame(xfer._Msg.CHECK, xfer._CHECK.pack(
+                        1, 5, 0, flag, bytes(32)) + b"checked.txt")
+                else:
+                    _, data = client.file_bytes(
+                        b"flagged.txt", b"flagged", flags=flag if what == "FILE" else 0,
+                        trailer_flags=flag if what == "TRAILER" else 0)
+                client.send(data)
+                reason = client.expect_error(self, xfer.ST_PROTOCOL)
+                self.assertIn("reserved", reason)
+        self.assertEqual(tree_listing(self.dst), [])
+        self.assertEqual(_hostile_partials(self.dst), [])
+        _hostile_still_serves(self, receiver, self.dst, token=self.TOKEN)
+
+    def test_streamed_file_over_stream_max_is_refused_without_waiting_for_its_body(self):
+        receiver = start_receiver(self, self.dst, token=self.TOKEN)
+        for size in (2**32 - 1, xfer.STREAM_MAX + 1):
+            with self.subTest(size=size):
+                client = self.keyed(address=receiver.address, timeout=5.0)
+                header = xfer._FILE.pack(1, size, 0, 0o644, xfer.FF_STREAM) + b"huge.bin"
+                started = time.monotonic()
+                client.send(client.frame(xfer._Msg.FILE, header))   # and no body
+                reason = client.expect_error(self, xfer.ST_PROTOCOL)
+                self.assertLess(time.monotonic() - started, 4.0)
+                self.assertIn("STREAM_MAX", reason)
+        self.assertEqual(tree_listing(self.dst), [])
+        client = self.keyed(address=receiver.address)
+        status, reason = client.send_file("limit.bin", os.urandom(xfer.STREAM_MAX))
+        self.assertEqual(status, xfer.ST_OK, reason)
+        client.bye()
+
+    # -- the status of a symlink in the way
+
+    def _check_symlink_parent(self, use_dir_fd):
+        outer = temp_dir(self)
+        dest = os.path.join(outer, "dest")
+        elsewhere = os.path.join(outer, "elsewhere")
+        os.mkdir(dest)
+        os.mkdir(elsewhere)
+        _hostile_symlink(self, elsewhere, os.path.join(dest, "link"), target_is_directory=True)
+        write_file(os.path.join(dest, "plain"), b"a file, not a directory")
+        real_dest = xfer._Dest
+        with mock.patch.object(xfer, "_Dest",
+                               lambda root: real_dest(root, use_dir_fd=use_dir_fd)):
+            receiver = start_receiver(self, dest)
+            client = _HostileClient(receiver.address)
+            self.addCleanup(client.close)
+            for name, want in (("link/x", xfer.ST_BAD_PATH), ("link/deeper/x", xfer.ST_BAD_PATH),
+                               ("plain/x", xfer.ST_CONFLICT)):
+                for stream in (True, False):
+                    with self.subTest(name=name, stream=stream, use_dir_fd=use_dir_fd):
+                        status, reason = client.send_file(name, b"data", stream=stream)
+                        self.assertEqual(status, want, reason)
+                        self.assertIn(name, reason)
+                fid = next(client.ids)
+                client.send(client.frame(xfer._Msg.MKDIR, xfer._MKDIR.pack(fid, 0o755)
+                                         + name.encode() + b"/sub"))
+                status, reason = client.read_result(fid)
+                self.assertEqual(status, want, (name, reason))
+                fid = next(client.ids)
+                client.send(client.frame(xfer._Msg.CHECK, xfer._CHECK.pack(
+                    fid, 4, 0, 0, bytes(32)) + name.encode()))
+                status, reason = client.read_result(fid)
+                if name.startswith("link/"):
+                    self.assertEqual(status, xfer.ST_BAD_PATH, (name, reason))
+            client.bye()
+        self.assertEqual(os.listdir(elsewhere), [])
+
+    def test_symlink_in_a_parent_is_a_bad_path(self):
+        self._check_symlink_parent(xfer._HAVE_DIR_FD)
+
+    def test_symlink_in_a_parent_is_a_bad_path_without_dir_fd(self):
+        self._check_symlink_parent(False)
+
+    # -- another protocol version: told which side to upgrade
+
+    def test_version_1_client_is_told_to_upgrade_the_sender(self):
+        lines = []
+        receiver = start_receiver(self, self.dst, token=self.TOKEN, log=lines.append)
+        client = _HostileClient(receiver.address, handshake=False)
+        self.addCleanup(client.close)
+        # What a version 1 client sends, written by hand: preface, HELLO.
+        client.send(xfer._PREFACE.pack(b"XFER", 1, 0)
+                    + xfer._FRAME.pack(0x01, 32) + os.urandom(32))
+        magic, version, flags = xfer._PREFACE.unpack(client.read_exact(xfer._PREFACE.size))
+        # A version 1 client reads a preface of its own version, then this ERROR.
+        self.assertEqual((magic, version, flags), (b"XFER", 1, 0))
+        reason = client.expect_error(self, xfer.ST_VERSION)
+        self.assertIn("version 1", reason)
+        self.assertIn("version %d" % xfer.PROTOCOL_VERSION, reason)
+        self.assertIn("upgrade xfer on the sending machine", reason)
+        self.assertTrue(_hostile_wait_until(lambda: any("upgrade" in l for l in lines)), lines)
+        _hostile_still_serves(self, receiver, self.dst, token=self.TOKEN)
+
+    def test_newer_client_is_told_to_upgrade_the_receiver(self):
+        receiver = start_receiver(self, self.dst)
+        client = _HostileClient(receiver.address, handshake=False)
+        self.addCleanup(client.close)
+        client.send(xfer._PREFACE.pack(xfer.MAGIC, xfer.PROTOCOL_VERSION + 1, 0))
+        _, version, _ = xfer._PREFACE.unpack(client.read_exact(xfer._PREFACE.size))
+        self.assertEqual(version, xfer.PROTOCOL_VERSION + 1)
+        reason = client.expect_error(self, xfer.ST_VERSION)
+        self.assertIn("upgrade xfer on the receiving machine", reason)
+
+    def test_client_talking_to_a_version_1_server_is_told_to_upgrade_the_server(self):
+        # What a version 1 server answers a newer client, written by hand.
+        reason = b"protocol version mismatch: client speaks 2, server 0.1.0 speaks 1"
+        fake = _ProtoFakeServer(self, xfer._PREFACE.pack(b"XFER", 1, 0)
+                                + xfer._FRAME.pack(0x7F, 1 + len(reason)) + b"\x15" + reason)
+        path = write_file(os.path.join(self.src, "a.txt"), b"a")
+        with xfer.Sender(fake.address, retries=0) as sender:
+            job = sender.queue(path)
+        for error in (job.error, sender.error):
+            self.assertIsInstance(error, xfer.VersionMismatchError)
+            self.assertEqual(error.exit_code, xfer.EXIT_PROTOCOL)
+            self.assertIn("version 1", str(error))
+            self.assertIn("upgrade xfer on the server", str(error))
+        self.assertEqual(job.state, "failed")
+        self.assertEqual(fake.received[0][:8],
+                         xfer._PREFACE.pack(b"XFER", xfer.PROTOCOL_VERSION, 0))
 
 
 #------------------------------------------------------------
@@ -2000,23 +2485,6 @@ class AuthTests(unittest.TestCase):
         self.assertEqual(tree_listing(self.dst), [])
         _hostile_still_serves(self, receiver, self.dst, token=self.TOKEN)
 
-    def test_wrong_trailer_mac_is_integrity_failure(self):
-        receiver = start_receiver(self, self.dst, token=self.TOKEN)
-        client = _HostileClient(receiver.address, token=self.TOKEN)
-        self.addCleanup(client.close)
-        for stream in (True, False):
-            with self.subTest(stream=stream):
-                status, reason = client.send_file("forged.txt", b"forged data\n" * 100,
-                                                  stream=stream, flip_mac=True)
-                self.assertEqual(status, xfer.ST_INTEGRITY, reason)
-                self.assertIn("forged.txt", reason)
-                client.ping()   # the server has finished with the file
-                self.assertEqual(tree_listing(self.dst), [])
-        status, reason = client.send_file("fine.txt", b"fine")
-        self.assertEqual(status, xfer.ST_OK, reason)
-        client.bye()
-        self.assertEqual(tree_listing(self.dst), ["fine.txt"])
-
     def test_tampered_body_is_integrity_failure_and_leaves_no_temp(self):
         receiver = start_receiver(self, self.dst, token=self.TOKEN)
         write_file(os.path.join(self.dst, "victim.txt"), b"old content")
@@ -2040,20 +2508,6 @@ class AuthTests(unittest.TestCase):
         client.bye()
         with open(os.path.join(self.dst, "victim.txt"), "rb") as f:
             self.assertEqual(f.read(), b"new content")
-
-    def test_unkeyed_trailer_to_keyed_server_is_refused(self):
-        # A client that authenticated but sends no MAC at all (the form an
-        # unauthenticated session uses) must not get the file stored.
-        receiver = start_receiver(self, self.dst, token=self.TOKEN)
-        client = _HostileClient(receiver.address, token=self.TOKEN)
-        self.addCleanup(client.close)
-        key, client.key = client.key, b""
-        status, reason = client.send_file("nomac.txt", b"no mac")
-        client.key = key
-        self.assertEqual(status, xfer.ST_INTEGRITY, reason)
-        client.ping()
-        self.assertEqual(tree_listing(self.dst), [])
-        client.bye()
 
 
 #------------------------------------------------------------
@@ -2082,7 +2536,7 @@ class ServerRobustnessTests(unittest.TestCase):
         self.addCleanup(client.close)
         client.send(xfer._PREFACE.pack(xfer.MAGIC, 99, 0))
         magic, version, _flags = xfer._PREFACE.unpack(client.read_exact(xfer._PREFACE.size))
-        self.assertEqual((magic, version), (xfer.MAGIC, xfer.PROTOCOL_VERSION))
+        self.assertEqual((magic, version), (xfer.MAGIC, 99))   # so that it reads the reason
         reason = client.expect_error(self, xfer.ST_VERSION)
         self.assertIn("99", reason)
         _hostile_still_serves(self, receiver, self.dst)
@@ -2592,7 +3046,7 @@ class EmbeddingTests(unittest.TestCase):
         good = [write_file(os.path.join(src, "good%d.bin" % i), os.urandom(n))
                 for i, n in enumerate((10, 5000, xfer.STREAM_MAX + 5000))]
         badsha = write_file(os.path.join(src, "badsha.bin"), os.urandom(xfer.STREAM_MAX + 10))
-        badmac = write_file(os.path.join(src, "badmac.bin"), os.urandom(7000))
+        badsmall = write_file(os.path.join(src, "badsmall.bin"), os.urandom(7000))
         last = write_file(os.path.join(src, "last.bin"), os.urandom(3000))
         checks = []     # (relpath, exists, digest matches) seen inside on_file
         last_seen = threading.Event()
@@ -2606,30 +3060,21 @@ class EmbeddingTests(unittest.TestCase):
 
         receiver = start_receiver(self, dst, token=token, on_file=on_file)
 
-        # sha256 mismatch: the sender announces a wrong digest for badsha.bin.
-        real_trailer = xfer._Link._trailer
-
-        def bad_digest_trailer(self_, fid, flags, digest, header_payload):
-            if b"badsha.bin" in header_payload:
-                digest = bytes(b ^ 0xFF for b in digest)
-            return real_trailer(self_, fid, flags, digest, header_payload)
-
-        # MAC mismatch: the first MAC computed for badmac.bin (the sender's) is wrong;
-        # the receiver's own computation later gets the real one.
-        real_mac = xfer._trailer_mac
+        # sha256 mismatch: the sender announces a wrong digest for badsha.bin
+        # (sent with ACCEPT) and badsmall.bin (streamed).
+        real_trailer = xfer._encode_trailer
+        bad = {bytes.fromhex(sha256_file(p)) for p in (badsha, badsmall)}
         corrupted = []
 
-        def bad_mac(key, trailer_fixed, header_payload):
-            mac = real_mac(key, trailer_fixed, header_payload)
-            if b"badmac.bin" in header_payload and not corrupted:
-                corrupted.append(True)
-                return bytes(b ^ 0xFF for b in mac)
-            return mac
+        def bad_digest_trailer(fid, flags, digest):
+            if digest in bad:
+                corrupted.append(digest)
+                digest = bytes(b ^ 0xFF for b in digest)
+            return real_trailer(fid, flags, digest)
 
-        with mock.patch.object(xfer._Link, "_trailer", bad_digest_trailer), \
-                mock.patch.object(xfer, "_trailer_mac", bad_mac):
+        with mock.patch.object(xfer, "_encode_trailer", bad_digest_trailer):
             with xfer.Sender(receiver.address, token=token, workers=1) as sender:
-                jobs = [sender.queue(p) for p in good + [badsha, badmac, last]]
+                jobs = [sender.queue(p) for p in good + [badsha, badsmall, last]]
                 self.assertTrue(sender.wait(TIMEOUT))
             # One connection, in order: once last.bin is reported, any on_file
             # for the refused files would already have run.
@@ -2637,17 +3082,17 @@ class EmbeddingTests(unittest.TestCase):
         states = {os.path.basename(j.path): j.state for j in jobs}
         self.assertEqual(states, {"good0.bin": "done", "good1.bin": "done",
                                   "good2.bin": "done", "badsha.bin": "failed",
-                                  "badmac.bin": "failed", "last.bin": "done"})
+                                  "badsmall.bin": "failed", "last.bin": "done"})
         for job in jobs[3:5]:
             self.assertIsInstance(job.error, xfer.IntegrityError)
-        self.assertEqual(corrupted, [True])
+        self.assertEqual(len(corrupted), 2)
         self.assertEqual(sorted(c[0] for c in checks),
                          ["good0.bin", "good1.bin", "good2.bin", "last.bin"])
         for relpath, exists, ok in checks:
             self.assertTrue(exists, "%s did not exist when on_file ran" % relpath)
             self.assertTrue(ok, "%s did not match its digest when on_file ran" % relpath)
         self.assertFalse(os.path.exists(os.path.join(dst, "badsha.bin")))
-        self.assertFalse(os.path.exists(os.path.join(dst, "badmac.bin")))
+        self.assertFalse(os.path.exists(os.path.join(dst, "badsmall.bin")))
         self.assertEqual(receiver.files_failed, 2)
 
     def test_dir_job_aggregates_and_missing_path_fails(self):
@@ -3158,11 +3603,11 @@ class BenchTests(unittest.TestCase):
     def test_discard_sink_still_checks_the_digest(self):
         dst = temp_dir(self)
         receiver = start_receiver(self, dst)
-        real = xfer._Link._trailer
+        real = xfer._encode_trailer
 
-        def corrupt(link, fid, flags, digest, header_payload):
-            return real(link, fid, flags, bytes(32), header_payload)
-        with mock.patch.object(xfer._Link, "_trailer", corrupt):
+        def corrupt(fid, flags, digest):
+            return real(fid, flags, bytes(32))
+        with mock.patch.object(xfer, "_encode_trailer", corrupt):
             with xfer.Sender(receiver.address, discard=True) as sender:
                 job = sender._queue_generated("bench/a", 1000)
         self.assertEqual(job.state, "failed")
@@ -3181,12 +3626,7 @@ class BenchTests(unittest.TestCase):
 
 def _perf_stream_frames(client, raw, data, mtime_ns=1500000000 * 10**9):
     """A streamed FILE with its body and TRAILER, as bytes; returns (id, bytes)."""
-    fid = next(client.ids)
-    header = xfer._FILE.pack(fid, len(data), mtime_ns, 0o644, xfer.FF_STREAM) + raw
-    fixed = xfer._TRAILER.pack(fid, 0, hashlib.sha256(data).digest())
-    return fid, (client.frame(xfer._Msg.FILE, header) + data
-                 + client.frame(xfer._Msg.TRAILER, fixed + xfer._trailer_mac(client.key, fixed,
-                                                                            header)))
+    return client.file_bytes(raw, data, mtime_ns=mtime_ns)
 
 
 class PerformanceTests(unittest.TestCase):
@@ -5293,8 +5733,9 @@ def _sec_fuzz_bytes(rng, n):
     return rng.getrandbits(8 * n).to_bytes(n, "big") if n else b""
 
 
-def _sec_fuzz_frame(rng, kind, payload):
-    """A frame whose length field is usually right and sometimes hostile."""
+def _sec_fuzz_frame(rng, kind, payload, tags=None):
+    """A frame whose length field is usually right and sometimes hostile; with
+    tags (a keyed session), followed by its tag, usually the right one."""
     r = rng.random()
     if r < 0.7:
         length = len(payload)
@@ -5308,7 +5749,13 @@ def _sec_fuzz_frame(rng, kind, payload):
         length = rng.randrange(len(payload) + 1)        # payload spills into the next frame
     else:
         length = 0
-    return xfer._FRAME.pack(kind, length) + payload
+    frame = xfer._FRAME.pack(kind, length) + payload
+    if tags is None:
+        return frame
+    tag = tags.tag(frame)
+    if rng.random() < 0.05:
+        tag = _sec_fuzz_bytes(rng, len(tag))
+    return frame + tag
 
 
 def _sec_fuzz_path(rng):
@@ -5341,7 +5788,7 @@ def _sec_fuzz_path(rng):
     return b"fz"
 
 
-def _sec_fuzz_file(rng, key, fid):
+def _sec_fuzz_file(rng, tags, fid):
     """FILE + body + TRAILER, each part valid or mutated."""
     n = rng.choice([0, 1, 100, 1000, 5000])
     data = _sec_fuzz_bytes(rng, n)
@@ -5360,62 +5807,59 @@ def _sec_fuzz_file(rng, key, fid):
     digest = hashlib.sha256(data).digest() if rng.random() < 0.8 else _sec_fuzz_bytes(rng, 32)
     tflags = rng.choice([0, 0, 0, xfer.TF_ABORT, rng.randrange(256)])
     tfid = fid if rng.random() < 0.9 else rng.randrange(2**32)
-    fixed = xfer._TRAILER.pack(tfid, tflags, digest)
+    trailer = xfer._TRAILER.pack(tfid, tflags, digest)
     r = rng.random()
-    if r < 0.7:
-        mac = xfer._trailer_mac(key, fixed, header)
-    elif r < 0.8:
-        mac = b""
-    else:
-        mac = _sec_fuzz_bytes(rng, rng.choice([1, 31, 32, 33]))
-    trailer = fixed + mac
-    if rng.random() < 0.05:
+    if r < 0.1:
+        trailer += _sec_fuzz_bytes(rng, rng.choice([1, 16, 32]))
+    elif r < 0.15:
         trailer = trailer[:rng.randrange(len(trailer))]
-    return (_sec_fuzz_frame(rng, xfer._Msg.FILE, header) + body
-            + _sec_fuzz_frame(rng, xfer._Msg.TRAILER, trailer))
+    return (_sec_fuzz_frame(rng, xfer._Msg.FILE, header, tags) + body
+            + _sec_fuzz_frame(rng, xfer._Msg.TRAILER, trailer, tags))
 
 
-def _sec_fuzz_clean_file(rng, key, fid):
+def _sec_fuzz_clean_file(rng, tags, fid):
     """A well-formed file with a valid name but hostile metadata (mtime, mode, flags)."""
     data = _sec_fuzz_bytes(rng, rng.choice([0, 10, 3000]))
     mtime = rng.choice([0, -1, -2**63, 2**63 - 1, rng.randrange(-2**63, 2**63)])
     mode = rng.choice([0, 0o7777, 0o200, rng.randrange(2**32)])
-    flags = xfer.FF_STREAM | (rng.randrange(256) & ~1 if rng.random() < 0.5 else 0)
+    flags = xfer.FF_STREAM | (rng.randrange(256) & ~1 if rng.random() < 0.2 else 0)
     path = rng.choice([b"clean-%d.bin" % rng.randrange(20), b"fz/clean-%d" % rng.randrange(5)])
     header = xfer._FILE.pack(fid, len(data), mtime, mode, flags) + path
     tflags = 0 if rng.random() < 0.8 else rng.randrange(256)
-    fixed = xfer._TRAILER.pack(fid, tflags, hashlib.sha256(data).digest())
-    return (xfer._frame(xfer._Msg.FILE, header) + data
-            + xfer._frame(xfer._Msg.TRAILER, fixed + xfer._trailer_mac(key, fixed, header)))
+    trailer = xfer._TRAILER.pack(fid, tflags, hashlib.sha256(data).digest())
+    seal = xfer._untagged if tags is None else tags.seal
+    return (seal(xfer._frame(xfer._Msg.FILE, header)) + data
+            + seal(xfer._frame(xfer._Msg.TRAILER, trailer)))
 
 
-def _sec_fuzz_session(rng, key):
-    """What an authenticated client sends: 1-5 mutated messages."""
+def _sec_fuzz_session(rng, tags):
+    """What an authenticated client sends: 1-5 mutated messages (tagged with
+    tags in a keyed session)."""
     out = []
     fid = rng.randrange(1, 1000)
     for _ in range(rng.randint(1, 5)):
         op = rng.random()
         fid += 1
         if op < 0.3:
-            out.append(_sec_fuzz_file(rng, key, fid))
+            out.append(_sec_fuzz_file(rng, tags, fid))
         elif op < 0.45:
-            out.append(_sec_fuzz_clean_file(rng, key, fid))
+            out.append(_sec_fuzz_clean_file(rng, tags, fid))
         elif op < 0.6:
             payload = xfer._MKDIR.pack(fid, rng.randrange(2**32)) + _sec_fuzz_path(rng)
             if rng.random() < 0.1:
                 payload = payload[:rng.randrange(xfer._MKDIR.size)]
-            out.append(_sec_fuzz_frame(rng, xfer._Msg.MKDIR, payload))
+            out.append(_sec_fuzz_frame(rng, xfer._Msg.MKDIR, payload, tags))
         elif op < 0.68:
             out.append(_sec_fuzz_frame(rng, xfer._Msg.PING,
-                                       _sec_fuzz_bytes(rng, rng.choice([0, 0, 3]))))
+                                       _sec_fuzz_bytes(rng, rng.choice([0, 0, 3])), tags))
         elif op < 0.74:
-            out.append(_sec_fuzz_frame(rng, xfer._Msg.BYE, b""))
+            out.append(_sec_fuzz_frame(rng, xfer._Msg.BYE, b"", tags))
         elif op < 0.82:
             fixed = xfer._TRAILER.pack(fid, rng.randrange(256), _sec_fuzz_bytes(rng, 32))
-            out.append(_sec_fuzz_frame(rng, xfer._Msg.TRAILER, fixed))
+            out.append(_sec_fuzz_frame(rng, xfer._Msg.TRAILER, fixed, tags))
         elif op < 0.92:
             out.append(_sec_fuzz_frame(rng, rng.randrange(256),
-                                       _sec_fuzz_bytes(rng, rng.choice([0, 1, 8, 40]))))
+                                       _sec_fuzz_bytes(rng, rng.choice([0, 1, 8, 40])), tags))
         else:
             out.append(_sec_fuzz_bytes(rng, rng.randrange(1, 30)))
     return b"".join(out)
@@ -5434,7 +5878,7 @@ def _sec_fuzz_handshake(rng):
         kind = xfer._Msg.AUTH if rng.random() < 0.8 else rng.randrange(256)
         out.append(_sec_fuzz_frame(rng, kind, _sec_fuzz_bytes(rng, rng.choice([0, 32, 33]))))
     if rng.random() < 0.3:
-        out.append(_sec_fuzz_session(rng, b""))   # files before authentication
+        out.append(_sec_fuzz_session(rng, None))   # files before authentication
     data = b"".join(out)
     if rng.random() < 0.15:
         data = data[:rng.randrange(len(data) + 1)]
@@ -5447,7 +5891,6 @@ def _sec_fuzz_case(rng, address, token, tls_context=None, timeout=10.0):
     sock = socket.create_connection(address, timeout=timeout)
     port = sock.getsockname()[1]
     data = b""
-    rfile = None
     try:
         if tls_context is not None and (mode != "noise" or rng.random() < 0.5):
             sock = tls_context.wrap_socket(sock)
@@ -5457,12 +5900,11 @@ def _sec_fuzz_case(rng, address, token, tls_context=None, timeout=10.0):
         elif mode == "handshake":
             data = _sec_fuzz_handshake(rng)
         else:
-            rfile = sock.makefile("rb")
             try:
-                key = xfer._client_handshake(sock, rfile, token)
+                tags = xfer._client_handshake(sock, xfer._Reader(sock), token)
             except (xfer.XferError, OSError) as e:
                 return port, mode, data, "a valid handshake failed: %r" % (e,)
-            data = _sec_fuzz_session(rng, key)
+            data = _sec_fuzz_session(rng, tags)
         try:
             sock.sendall(data)
         except OSError:
@@ -5481,8 +5923,6 @@ def _sec_fuzz_case(rng, address, token, tls_context=None, timeout=10.0):
                 break
         return port, mode, data, None
     finally:
-        if rfile is not None:
-            rfile.close()
         sock.close()
 
 

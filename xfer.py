@@ -316,30 +316,35 @@ def _error_for(code, reason, host=None):
 # Network byte order throughout.  Section numbers refer to README.md.
 
 MAGIC = b"XFER"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 _PREFACE = struct.Struct("!4sHH")      # magic, version, flags        (Protocol 2)
 _FRAME = struct.Struct("!BI")          # kind, payload length          (Protocol 3)
+_TAG_SIZE = 16                         # frame tag in a keyed session  (Protocol 3.1)
+_C2S, _S2C = b"xfer c2s", b"xfer s2c"  # tag labels, one per direction (Protocol 3.1)
 _NONCE_SIZE = 32                       # HELLO payload                 (Protocol 4.1)
 _HANDSHAKE_FRAME_MAX = 64              # receiver's cap on frames before authentication
-_MAC_SIZE = 32                         # HMAC-SHA256
 _FILE = struct.Struct("!IQqIB")        # id, size, mtime_ns, mode, flags; path follows (4.2)
 _ACCEPT = struct.Struct("!IQ32s")      # id, offset, sha256 of the first offset bytes (4.3)
 _BODY = struct.Struct("!IQ")           # id, start offset of the body  (4.3)
 _CHECK = struct.Struct("!IQqB32s")     # id, size, mtime_ns, flags, sha256; path follows (4.8)
-_TRAILER = struct.Struct("!IB32s")     # id, flags, sha256; MAC follows (4.3)
+_TRAILER = struct.Struct("!IB32s")     # id, flags, sha256             (4.3)
 _RESULT = struct.Struct("!IB")         # id, status; reason follows    (4.4)
 _MKDIR = struct.Struct("!II")          # id, mode; path follows        (4.5)
 _PONG = struct.Struct("!QQ")           # free bytes, total bytes; version text follows (4.6)
 _ERROR = struct.Struct("!B")           # status; reason follows        (4.7)
 
-# Preface flags (server to client).  Bits 1-15 are reserved and sent as 0.
+# Flags.  Reserved bits are sent as 0, and a set one is refused on receipt
+# (ST_PROTOCOL), so that a later version can give them a meaning.
+# Preface flags (server to client; a client sends none).
 PF_AUTH_REQUIRED = 0x0001
-# FILE flags.  Bits 2-7 are reserved and sent as 0.
+_PF_KNOWN = PF_AUTH_REQUIRED
+# FILE flags.
 FF_STREAM = 0x01       # the body follows the header at once, no ACCEPT
 FF_DISCARD = 0x02      # verify the body, then throw it away (benchmarks)
-# CHECK flags.  Bits 1-7 are reserved and sent as 0.
+_FF_KNOWN = FF_STREAM | FF_DISCARD
+# CHECK flags.
 CF_CHECKSUM = 0x01     # compare content digests, not size and mtime
-# TRAILER flags.  Bits 1-7 are reserved and sent as 0.
+# TRAILER flags.
 TF_ABORT = 0x01        # the sender gives this file up; discard it
 
 
@@ -372,6 +377,71 @@ def _frame(kind, payload=b""):
     return _FRAME.pack(kind, len(payload)) + payload
 
 
+def _untagged(frame):
+    """A frame as an unkeyed session sends it: as it is (Protocol 3.1)."""
+    return frame
+
+
+class _Tags:
+    """The tags of one direction of a keyed session (Protocol 3.1).
+
+    Every frame after AUTH_OK is followed by the first 16 bytes of
+    HMAC-SHA256(session key, label NUL sequence header payload), where the
+    sequence counts that direction's frames from 0.  A frame altered,
+    replayed, dropped, reordered or reflected fails its tag, and so does
+    every later one.  The layer knows nothing of message kinds.
+
+    The HMAC is computed from the two padded key states (RFC 2104), kept
+    from the start: per frame that saves the two hash blocks of key set-up
+    that hmac.digest() repeats on every call.
+    """
+    __slots__ = ("_inner", "_outer", "_label", "seq", "_forged")
+
+    def __init__(self, key, label, forged=None):
+        if len(key) > 64:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+        self._label = label + b"\0"
+        self.seq = 0
+        self._forged = forged    # seq -> the exception for a frame that fails its tag
+
+    def tag(self, frame):
+        """The tag of the next frame in this direction (header and payload)."""
+        seq = self.seq
+        self.seq = seq + 1
+        inner = self._inner.copy()
+        inner.update(self._label + seq.to_bytes(8, "big") + frame)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()[:_TAG_SIZE]
+
+    def seal(self, frame):
+        """frame followed by its tag."""
+        return frame + self.tag(frame)
+
+    def check(self, frame, tag):
+        """Raise the forged() exception unless tag is the next frame's."""
+        seq = self.seq
+        if not hmac.compare_digest(self.tag(frame), tag):
+            raise self._forged(seq)
+
+
+def _session_tags(key, server, peer="the server"):
+    """(incoming, outgoing) tags for one end of a session; (None, None) unkeyed."""
+    if not key:
+        return None, None
+    if server:
+        return _Tags(key, _C2S, lambda seq: ProtocolError(
+            "frame %d from the client failed authentication (altered, replayed or "
+            "reordered on the way)" % seq)), _Tags(key, _S2C)
+    return _Tags(key, _S2C, lambda seq: IntegrityError(
+        "the answer from %s failed authentication (frame %d altered, replayed or "
+        "reordered on the way); the files it answers may not have arrived"
+        % (peer, seq))), _Tags(key, _C2S)
+
+
 def _recv_exact(rfile, n):
     """Read exactly n bytes from a buffered reader or raise ConnectionClosedError."""
     data = rfile.read(n)
@@ -402,6 +472,7 @@ class _Reader:
         self.start = self.end = 0
         self.last = time.monotonic()    # when bytes last arrived
         self.selector = None            # made by the first ready() that must wait
+        self.tags = None                # _Tags once the session is keyed
 
     def read(self, n):
         """n bytes; fewer only if the stream ends first."""
@@ -453,19 +524,34 @@ class _Reader:
         return n > 0
 
     def frame(self, limit):
-        """Read one frame: (kind, payload), like _read_frame, sliced at once
-        from the buffer when it holds the whole frame."""
-        return self.buffered_frame(limit) or _read_frame(self, limit)
+        """Read one frame: (kind, payload), like _read_frame, and check its tag
+        in a keyed session.  Sliced at once from the buffer when it holds the
+        whole frame."""
+        got = self.buffered_frame(limit)
+        if got is None:
+            got = _read_frame(self, limit)
+            if self.tags is not None:
+                kind, payload = got
+                self.tags.check(_FRAME.pack(kind, len(payload)) + payload,
+                                _recv_exact(self, _TAG_SIZE))
+        return got
 
     def buffered_frame(self, limit):
-        """The next frame if the buffer holds all of it, else None (reads nothing)."""
+        """The next frame if the buffer holds all of it (and its tag), else None
+        (reads nothing)."""
         start = self.start
         if self.end - start >= _FRAME.size:
             kind, length = _FRAME.unpack_from(self.buf, start)
-            start += _FRAME.size
-            if length <= limit and start + length <= self.end:
-                self.start = start + length
-                return kind, bytes(self.view[start:start + length])
+            end = start + _FRAME.size + length
+            tags = self.tags
+            stop = end if tags is None else end + _TAG_SIZE
+            if length <= limit and stop <= self.end:
+                self.start = stop
+                if tags is None:
+                    return kind, bytes(self.view[start + _FRAME.size:end])
+                frame = bytes(self.view[start:end])
+                tags.check(frame, self.view[end:stop])
+                return kind, frame[_FRAME.size:]
         return None
 
     def at_end(self):
@@ -486,7 +572,7 @@ class _Reader:
 
 
 def _read_preface(rfile):
-    """Read the 8-byte preface; return its flags (Protocol 2)."""
+    """Read the server's 8-byte preface; return its flags (Protocol 2)."""
     data = rfile.read(_PREFACE.size)
     if not data:
         raise ConnectionClosedError("connection closed before the preface")
@@ -501,10 +587,21 @@ def _read_preface(rfile):
                                     % (len(data), _PREFACE.size))
     _, version, flags = _PREFACE.unpack(data)
     if version != PROTOCOL_VERSION:
-        raise VersionMismatchError(
-            "protocol version mismatch: peer speaks %d, this xfer %s speaks %d"
-            % (version, __version__, PROTOCOL_VERSION))
+        raise VersionMismatchError(_version_advice(version, "server"))
+    if flags & ~_PF_KNOWN:
+        raise ProtocolError("the server set reserved preface flags 0x%04x"
+                            % (flags & ~_PF_KNOWN))
     return flags
+
+
+def _version_advice(version, peer):
+    """The message for a peer ("client" or "server") speaking another version."""
+    if version < PROTOCOL_VERSION:
+        where = "on the sending machine" if peer == "client" else "on the server"
+    else:
+        where = "on the receiving machine" if peer == "client" else "on this machine"
+    return ("the %s speaks xfer protocol version %d, this xfer %s speaks version %d: "
+            "upgrade xfer %s" % (peer, version, __version__, PROTOCOL_VERSION, where))
 
 
 def _read_frame(rfile, limit=MAX_FRAME_PAYLOAD):
@@ -517,7 +614,8 @@ def _read_frame(rfile, limit=MAX_FRAME_PAYLOAD):
 
 
 def _expect(rfile, kind, limit=MAX_FRAME_PAYLOAD):
-    got, payload = _read_frame(rfile, limit)
+    """Read one frame from a _Reader; return its payload if it is a kind."""
+    got, payload = rfile.frame(limit)
     if got == _Msg.ERROR and kind != _Msg.ERROR:
         raise _decode_error(payload)
     if got != kind:
@@ -536,7 +634,36 @@ def _decode_file(payload):
     if len(payload) < _FILE.size:
         raise ProtocolError("FILE payload of %d bytes is too short" % len(payload))
     fid, size, mtime_ns, mode, flags = _FILE.unpack_from(payload)
+    if flags & ~_FF_KNOWN:
+        raise ProtocolError("FILE %d sets reserved flags 0x%02x" % (fid, flags & ~_FF_KNOWN))
+    if flags & FF_STREAM and size > STREAM_MAX:
+        # Refused before its body arrives: a streamed body cannot be refused
+        # without reading it all (Protocol 4.2).
+        raise ProtocolError("FILE %d streams %d bytes, over STREAM_MAX (%d)"
+                            % (fid, size, STREAM_MAX))
     return fid, size, mtime_ns, mode, flags, payload[_FILE.size:]
+
+
+def _encode_trailer(fid, flags, digest):
+    return _frame(_Msg.TRAILER, _TRAILER.pack(fid, flags, digest))
+
+
+def _decode_trailer(payload):
+    if len(payload) != _TRAILER.size:
+        raise ProtocolError("TRAILER payload of %d bytes" % len(payload))
+    fid, flags, digest = _TRAILER.unpack(payload)
+    if flags & ~TF_ABORT:
+        raise ProtocolError("TRAILER %d sets reserved flags 0x%02x" % (fid, flags & ~TF_ABORT))
+    return fid, flags, digest
+
+
+def _decode_check(payload):
+    if len(payload) < _CHECK.size:
+        raise ProtocolError("CHECK payload of %d bytes is too short" % len(payload))
+    fid, size, mtime_ns, flags, digest = _CHECK.unpack_from(payload)
+    if flags & ~CF_CHECKSUM:
+        raise ProtocolError("CHECK %d sets reserved flags 0x%02x" % (fid, flags & ~CF_CHECKSUM))
+    return fid, size, mtime_ns, flags, digest, payload[_CHECK.size:]
 
 
 def _encode_result(fid, status, reason=""):
@@ -563,13 +690,6 @@ def _decode_error(payload):
     return _error_for(status, payload[_ERROR.size:].decode("utf-8", "replace"))
 
 
-def _trailer_mac(key, trailer_fixed, header_payload):
-    """MAC binding a file's header and content digest to the session (Protocol 4.3)."""
-    if not key:
-        return b""
-    return hmac.digest(key, b"xfer trailer\0" + trailer_fixed + header_payload, "sha256")
-
-
 #------------------------------------------------------------
 # authentication (Protocol 4.1)
 #------------------------------------------------------------
@@ -583,14 +703,25 @@ def _auth_mac(token, label, transcript):
                     hashlib.sha256).digest()
 
 
-def _client_handshake(sock, rfile, token, require_server_auth=False):
-    """Run the client side of the handshake; return the session key (b"" without auth)."""
+def _client_handshake(sock, rfile, token, require_server_auth=False, peer="the server"):
+    """Run the client side of the handshake on a _Reader.
+
+    Returns the outgoing _Tags (None without auth) and leaves the incoming
+    ones on rfile: from here on every frame is tagged (Protocol 3.1).
+    """
+    key = _client_keys(sock, rfile, token, require_server_auth)
+    rfile.tags, outgoing = _session_tags(key, server=False, peer=peer)
+    return outgoing
+
+
+def _client_keys(sock, rfile, token, require_server_auth):
+    """The client's handshake messages (Protocol 4.1); the session key, b"" without auth."""
     client_preface = _PREFACE.pack(MAGIC, PROTOCOL_VERSION, 0)
     client_nonce = secrets.token_bytes(_NONCE_SIZE)
     sock.sendall(client_preface + _frame(_Msg.HELLO, client_nonce))
     flags = _read_preface(rfile)
     server_preface = _PREFACE.pack(MAGIC, PROTOCOL_VERSION, flags)
-    kind, payload = _read_frame(rfile)
+    kind, payload = rfile.frame(MAX_FRAME_PAYLOAD)
     if kind == _Msg.ERROR:
         raise _decode_error(payload)
     if kind != _Msg.HELLO or len(payload) != _NONCE_SIZE:
@@ -1031,14 +1162,23 @@ class _Dest:
                 fd = os.open(name, flags, dir_fd=parent_fd)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
-                raise UnsafePathError("a component is a symlink or not a directory",
-                                      path, code=ST_CONFLICT if e.errno == errno.ENOTDIR
-                                      else ST_BAD_PATH) from None
+                # O_DIRECTORY makes Linux report a symlink as ENOTDIR too.
+                if e.errno == errno.ENOTDIR and not self._is_link(parent_fd, name):
+                    raise UnsafePathError("a component is not a directory", path,
+                                          code=ST_CONFLICT) from None
+                raise UnsafePathError("a component is a symlink", path) from None
             raise
         finally:
             if not keep:
                 os.close(parent_fd)
         return fd
+
+    @staticmethod
+    def _is_link(parent_fd, name):
+        try:
+            return stat.S_ISLNK(os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_mode)
+        except OSError:
+            return False
 
     def _check_dir_path(self, current, path, create, parts):
         try:
@@ -2061,7 +2201,7 @@ class _ReceiveSession:
         self.address = address[0]
         self.peer = _peer_text(address)
         self.rfile = None
-        self.key = b""
+        self.seal = _untagged      # tags what this end sends, once keyed (Protocol 3.1)
         self.dest = _Dest(receiver.dir, root_fd=receiver._root_fd)
         self.buf = bytearray(CHUNK)
         self.started = time.monotonic()
@@ -2118,9 +2258,9 @@ class _ReceiveSession:
                     self.peer, self.files, self.bytes, self.skipped, self.failed, self.dirs,
                     self.clean, time.monotonic() - self.started))
 
-    def _send(self, data):
-        """Send data after every answer held back."""
-        self._flush(data)
+    def _send(self, frame):
+        """Send one frame after every answer held back."""
+        self._flush(frame)
 
     def _send_quietly(self, data):
         try:
@@ -2129,16 +2269,20 @@ class _ReceiveSession:
         except OSError:
             pass
 
-    def _flush(self, data=b""):
-        """Commit the held files, then send the held answers in order, and data.
+    def _flush(self, frame=b""):
+        """Commit the held files, then send the held answers in order, and frame.
 
         Answers are held while more requests are already waiting to be read,
-        so many go out in one write and files are synced in groups.
+        so many go out in one write and files are synced in groups.  Each
+        frame is tagged as it goes out, in the order it goes out.
         """
         self._commit()
         out, self.out = self.out, []
-        self.sock.sendall(b"".join([a if isinstance(a, bytes) else a.answer for a in out])
-                          + data)
+        seal = self.seal
+        frames = [seal(a if isinstance(a, bytes) else a.answer) for a in out]
+        if frame:
+            frames.append(seal(frame))
+        self.sock.sendall(b"".join(frames))
 
     # -- handshake (Protocol 4.1)
 
@@ -2219,13 +2363,17 @@ class _ReceiveSession:
                 self.r._log("%s: dropped: connection closed inside the preface (%d of %d "
                             "bytes)" % (self.peer, len(head), _PREFACE.size))
             raise _Drop()
-        version = _PREFACE.unpack(head)[1]
+        _, version, flags = _PREFACE.unpack(head)
         if version != PROTOCOL_VERSION:
-            reason = ("protocol version mismatch: client speaks %d, server %s speaks %d"
-                      % (version, __version__, PROTOCOL_VERSION))
+            # The preface carries the client's own version: a client reads
+            # past a preface of its version only, and then reads the reason.
+            reason = _version_advice(version, "client")
             self.r._log("%s: refused: %s" % (self.peer, reason))
-            self._send_quietly(server_preface + _encode_error(ST_VERSION, reason))
+            self._send_quietly(_PREFACE.pack(MAGIC, version, 0)
+                               + _encode_error(ST_VERSION, reason))
             raise _Drop()
+        if flags:
+            raise ProtocolError("the client set reserved preface flags 0x%04x" % flags)
         client_nonce = _expect(self.rfile, _Msg.HELLO, _HANDSHAKE_FRAME_MAX)
         if len(client_nonce) != _NONCE_SIZE:
             raise ProtocolError("HELLO nonce of %d bytes, expected %d"
@@ -2259,9 +2407,12 @@ class _ReceiveSession:
                 self._send_quietly(_encode_error(ST_BUSY,
                                                  _backoff_reason(self.address, wait)))
                 raise _Drop()
-            self.key = _auth_mac(self.r.token, b"xfer session", transcript)
+            key = _auth_mac(self.r.token, b"xfer session", transcript)
             self._send(_frame(_Msg.AUTH_OK, _auth_mac(self.r.token, b"xfer server",
                                                       transcript)))
+            # Every later frame, both ways, is tagged (Protocol 3.1).
+            self.rfile.tags, outgoing = _session_tags(key, server=True)
+            self.seal = outgoing.seal
         else:
             self._send(_frame(_Msg.AUTH_OK, b""))
         self._handshake_done = True
@@ -2336,10 +2487,7 @@ class _ReceiveSession:
 
     def _on_check(self, payload):
         """CHECK (Protocol 4.8): is this file already here?  Answer, store nothing."""
-        if len(payload) < _CHECK.size:
-            raise ProtocolError("CHECK payload of %d bytes is too short" % len(payload))
-        fid, size, mtime_ns, flags, digest = _CHECK.unpack_from(payload)
-        raw = payload[_CHECK.size:]
+        fid, size, mtime_ns, flags, digest, raw = _decode_check(payload)
         try:
             parts = self.r._split(raw)
             try:
@@ -2411,7 +2559,7 @@ class _ReceiveSession:
         self.body_path = raw
         stream = bool(flags & FF_STREAM)
         if flags & FF_DISCARD:
-            self._discard(fid, size, stream, raw, payload)
+            self._discard(fid, size, stream, raw)
             return
         part = None
         try:
@@ -2419,12 +2567,7 @@ class _ReceiveSession:
             part = self._partial(handle, parts, size, mtime_ns, resumable=not stream)
         except (XferError, OSError) as e:
             code, reason = _failure(raw, e)
-            if stream:
-                if size > 4 * STREAM_MAX:
-                    # Senders stream only small files; draining gigabytes of
-                    # a refused one would let a peer keep us busy for nothing.
-                    self._refuse(fid, raw, code, reason)
-                    raise _Drop()
+            if stream:             # at most STREAM_MAX bytes (_decode_file)
                 self._drain(size)
                 self._read_trailer(fid)
             self._refuse(fid, raw, code, reason)
@@ -2445,16 +2588,13 @@ class _ReceiveSession:
             keep = part.resumable
             write_error = self._receive_body(part.fd, size - start, digest)
             keep = False
-            trailer_flags, their_digest, mac = self._read_trailer(fid)
-            fixed = _TRAILER.pack(fid, trailer_flags, their_digest)
+            trailer_flags, their_digest = self._read_trailer(fid)
             if trailer_flags & TF_ABORT:
                 failure = (ST_ABORTED, "%s: the sender gave it up" % _display(raw))
             elif write_error is not None:
                 failure = _failure(raw, write_error)
             elif not hmac.compare_digest(digest.digest(), their_digest):
                 failure = (ST_INTEGRITY, "%s: sha256 mismatch, file discarded" % _display(raw))
-            elif not hmac.compare_digest(mac, _trailer_mac(self.key, fixed, payload)):
-                failure = (ST_INTEGRITY, "%s: MAC mismatch, file discarded" % _display(raw))
             else:
                 fd, part.fd = part.fd, None      # _seal closes it, whatever happens
                 # A small file's data is synced with its group (_commit).
@@ -2558,12 +2698,12 @@ class _ReceiveSession:
             if part.claim is not None:
                 self.r._unclaim(part.claim)
 
-    def _discard(self, fid, size, stream, raw, payload):
+    def _discard(self, fid, size, stream, raw):
         """A benchmark file: receive and verify it like any other, store nothing."""
         try:
             self.r._split(raw)
         except XferError as e:
-            if stream and size <= 4 * STREAM_MAX:
+            if stream:
                 self._drain(size)
                 self._read_trailer(fid)
                 self._refuse(fid, raw, e.code, str(e))
@@ -2574,11 +2714,9 @@ class _ReceiveSession:
             self._send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, 0, bytes(32))))
             self._read_body_start(fid, 0)
         digest = self._drain(size, hashlib.sha256())
-        trailer_flags, their_digest, mac = self._read_trailer(fid)
-        fixed = _TRAILER.pack(fid, trailer_flags, their_digest)
-        if not (hmac.compare_digest(digest.digest(), their_digest)
-                and hmac.compare_digest(mac, _trailer_mac(self.key, fixed, payload))):
-            self.out.append(_encode_result(fid, ST_INTEGRITY, "%s: digest or MAC mismatch"
+        _, their_digest = self._read_trailer(fid)
+        if not hmac.compare_digest(digest.digest(), their_digest):
+            self.out.append(_encode_result(fid, ST_INTEGRITY, "%s: sha256 mismatch"
                                            % _display(raw)))
             return
         self.out.append(_encode_result(fid, ST_OK))
@@ -2697,15 +2835,14 @@ class _ReceiveSession:
         return digest
 
     def _read_trailer(self, fid):
+        """TRAILER (Protocol 4.3): (flags, sha256).  Its tag binds it to its FILE."""
         kind, payload = self.rfile.frame(MAX_FRAME_PAYLOAD)
         if kind != _Msg.TRAILER:
             raise ProtocolError("expected TRAILER, got %s" % _msg_name(kind))
-        if len(payload) not in (_TRAILER.size, _TRAILER.size + _MAC_SIZE):
-            raise ProtocolError("TRAILER payload of %d bytes" % len(payload))
-        tid, flags, digest = _TRAILER.unpack_from(payload)
+        tid, flags, digest = _decode_trailer(payload)
         if tid != fid:
             raise ProtocolError("TRAILER for file %d while receiving file %d" % (tid, fid))
-        return flags, digest, payload[_TRAILER.size:]
+        return flags, digest
 
     def _commit(self):
         """Make the held files durable, move them into place and count them
@@ -3315,7 +3452,8 @@ class Sender:
         self._connected()
         try:
             t0 = time.monotonic()
-            link.sock.sendall(_frame(_Msg.PING))
+            link._write(link.seal(_frame(_Msg.PING)))
+            link.flush()
             payload = _expect(link.rfile, _Msg.PONG)
             rtt = time.monotonic() - t0
             free, total = _PONG.unpack_from(payload)
@@ -3600,10 +3738,20 @@ class Sender:
         return True
 
     def _requeue(self, link, batch, error, retry):
-        """After a broken connection: send again, on a new one, what had not ended."""
+        """After a broken connection: send again, on a new one, what had not ended.
+
+        Not after an answer that failed authentication: someone on the way
+        alters what the receiver says, so nothing sent is known to have
+        arrived, and the files fail instead of being reported sent.
+        """
         jobs = link.take_pending()
         jobs += [j for j in batch if not j.done and j not in jobs]
         link.close()
+        if isinstance(error, IntegrityError):
+            self._fatal(error)
+            for j in jobs:
+                self._end(j, "cancelled" if j.cancelled else "failed", error)
+            return
         for j in jobs:
             if j.attempts <= self.retries and not j.cancelled:
                 j.state = "queued"
@@ -3822,8 +3970,10 @@ class _Link:
                         sender.fingerprint = seen
             self.sock = sock
             self.rfile = _Reader(sock, 64 * 1024)
-            self.key = _client_handshake(sock, self.rfile, sender.token,
-                                         sender.require_server_auth)
+            tags = _client_handshake(sock, self.rfile, sender.token, sender.require_server_auth,
+                                     _host_port_text(sender.host, sender.port))
+            # Tags what this end sends, in the order it goes out (Protocol 3.1).
+            self.seal = _untagged if tags is None else tags.seal
             sock.settimeout(sender.timeout)
         except BaseException as e:
             sock.close()
@@ -3851,13 +4001,20 @@ class _Link:
                 # Answers come in groups: take every frame already received
                 # at once, so the worker is woken once per group, not per file.
                 frames = [rfile.frame(MAX_FRAME_PAYLOAD)]
-                while True:
-                    more = rfile.buffered_frame(MAX_FRAME_PAYLOAD)
+                error = None
+                while error is None:
+                    try:
+                        more = rfile.buffered_frame(MAX_FRAME_PAYLOAD)
+                    except XferError as e:    # the frames before it are good
+                        error = e
+                        break
                     if more is None:
                         break
                     frames.append(more)
                 if self._take(frames):
                     return
+                if error is not None:
+                    raise error
         except ConnectionClosedError:
             # Its byte counts are about frames, which tell a person nothing.
             self._break(ConnectionClosedError("%s closed the connection"
@@ -4015,7 +4172,7 @@ class _Link:
         # Counted only once the request exists: an answer is then sure to come.
         with self.cv:
             self.checks[fid] = job
-        frames.append(frame)
+        frames.append(self.seal(frame))     # tagged in the order sent
         return fid
 
     def _fail_local(self, job, error):
@@ -4065,7 +4222,7 @@ class _Link:
                 self._fail_local(job, e)
                 return
             self._register(fid, job)
-            self._write(frame)
+            self._write(self.seal(frame))
             return
         try:
             f, st = _open_source(job)
@@ -4094,7 +4251,6 @@ class _Link:
             except Exception as e:
                 self._fail_local(job, e)
                 return
-            header_payload = header[_FRAME.size:]
             self._register(fid, job)
             if stream:
                 try:
@@ -4108,13 +4264,13 @@ class _Link:
                     return
                 h = hashlib.sha256(data)
                 job.digest = h.hexdigest()
-                trailer = self._trailer(fid, 0, h.digest(), header_payload)
                 # Counted before the write: once written, the RESULT (and the
                 # job's end) may arrive on the reader thread at any moment.
                 self.s._progress(job, size)
-                self._write(header + data + trailer)
+                header = self.seal(header)           # tagged in the order sent
+                self._write(header + data + self.seal(_encode_trailer(fid, 0, h.digest())))
                 return
-            self._write(header)
+            self._write(self.seal(header))
             accepted = self._wait_accept(fid, job)
             if accepted is None:
                 return  # refused; the RESULT already ended the job
@@ -4135,11 +4291,11 @@ class _Link:
                 else:
                     h = hashlib.sha256()
                     f.seek(0)
-            self._write(_frame(_Msg.BODY, _BODY.pack(fid, start)))
+            self._write(self.seal(_frame(_Msg.BODY, _BODY.pack(fid, start))))
             if start:
                 job.resumed = start
                 self.s._progress(job, start)
-            self._send_body(f, fid, job, size - start, st, header_payload, h)
+            self._send_body(f, fid, job, size - start, st, h)
 
     def _wait_accept(self, fid, job):
         self.flush()
@@ -4149,7 +4305,7 @@ class _Link:
             self._check_broken()
             return self.accepts.pop(fid, None)
 
-    def _send_body(self, f, fid, job, count, st, header_payload, h):
+    def _send_body(self, f, fid, job, count, st, h):
         """Stream count bytes of f (already positioned), then the TRAILER."""
         view = memoryview(self.buf)
         left = count
@@ -4187,16 +4343,12 @@ class _Link:
             except OSError:
                 flags = TF_ABORT
         job.digest = h.hexdigest()
-        self._write(self._trailer(fid, flags, h.digest(), header_payload))
+        self._write(self.seal(_encode_trailer(fid, flags, h.digest())))
         if flags & TF_ABORT:
             with self.cv:
                 self.pending.pop(fid, None)
             self.s._end(job, "failed", XferError("%s changed while it was sent; not "
                                                  "stored, send it again" % job.path))
-
-    def _trailer(self, fid, flags, digest, header_payload):
-        fixed = _TRAILER.pack(fid, flags, digest)
-        return _frame(_Msg.TRAILER, fixed + _trailer_mac(self.key, fixed, header_payload))
 
     def _abandon(self, fid, job, reason):
         """Give up a file mid-body: close the connection so the receiver discards it."""
@@ -4225,7 +4377,7 @@ class _Link:
     def finish(self):
         """Say BYE and wait for every result; raises _LinkBroken on failure."""
         self._start_reader()
-        self._write(_frame(_Msg.BYE))
+        self._write(self.seal(_frame(_Msg.BYE)))
         self.flush()
         with self.cv:
             while not self.bye and self.broken is None:
