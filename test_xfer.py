@@ -1385,9 +1385,8 @@ class _HostileClient:
             if got[1] != want:
                 raise AssertionError("server proof does not verify")
             self.key = xfer._auth_mac(self.token, b"xfer session", self.transcript)
-            if xfer.PROTOCOL_VERSION >= 2:
-                self.tags_out = _HostileTags(self.key, b"xfer c2s")
-                self.tags_in = _HostileTags(self.key, b"xfer s2c")
+            self.tags_out = _HostileTags(self.key, b"xfer c2s")
+            self.tags_in = _HostileTags(self.key, b"xfer s2c")
 
     # -- after the handshake
 
@@ -1402,8 +1401,6 @@ class _HostileClient:
         if flip_body:
             body = bytes([body[0] ^ 0x01]) + body[1:]
         fixed = xfer._TRAILER.pack(fid, trailer_flags, hashlib.sha256(data).digest())
-        if xfer.PROTOCOL_VERSION < 2:
-            fixed += xfer._trailer_mac(self.key, fixed, header)
         if stream:
             return fid, (self.frame(xfer._Msg.FILE, header) + body
                          + self.frame(xfer._Msg.TRAILER, fixed))
@@ -1642,10 +1639,6 @@ class WireFormatTests(unittest.TestCase):
 # protocol version 2: tagged frames, versions, reserved bits
 #------------------------------------------------------------
 
-def _proto_tag_size():
-    return _HostileTags.SIZE if xfer.PROTOCOL_VERSION >= 2 else 0
-
-
 def _proto_stop_listener(server):
     """Close server.listener, waking its accept() with one last connection."""
     server._closed = True
@@ -1669,7 +1662,7 @@ class _ProtoMitm:
     def __init__(self, test, upstream, rewrite=None, tagged=True):
         self.upstream = upstream
         self.rewrite = rewrite
-        self.tag_size = _proto_tag_size() if tagged else 0
+        self.tag_size = _HostileTags.SIZE if tagged else 0
         self.frames = []
         self._lock = threading.Lock()
         self._socks = []
@@ -7230,13 +7223,114 @@ class ReportTests(unittest.TestCase):
 
 
 class ReadmeSyncTests(unittest.TestCase):
-    def test_protocol_struct_formats_match_the_code(self):
+    @staticmethod
+    def readme():
         with open(os.path.join(os.path.dirname(XFER), "README.md"), encoding="utf-8") as f:
-            readme = f.read()
+            return f.read()
+
+    def test_protocol_struct_formats_match_the_code(self):
+        readme = self.readme()
         found = re.findall(r'^(_[A-Z]+)\s*=\s*"(![A-Za-z0-9]+)"', readme, re.M)
         self.assertGreaterEqual(len(found), 10)
         for name, fmt in found:
             self.assertEqual(getattr(xfer, name).format, fmt, name)
+        self.assertIn("Protocol version %d." % xfer.PROTOCOL_VERSION, readme)
+        self.assertIn("| `_TAG_SIZE` | %d |" % xfer._TAG_SIZE, readme)
+
+    def example(self):
+        """Protocol 6 as [(direction, bytes)], runs of one direction joined."""
+        section = self.readme().split("### 6. Example session", 1)[1]
+        block = section.split("```\n", 2)[1]
+        messages = []
+        for line in block.splitlines():
+            head, rest = line[:6].strip(), line[6:].strip()
+            if head in ("C->S", "S->C") and (not messages or messages[-1][0] != head):
+                messages.append([head, b""])
+            column = re.split(r"\s{2,}", rest, 1)[0]
+            if re.fullmatch(r"[0-9a-f]+( [0-9a-f]+)*", column):
+                messages[-1][1] += bytes.fromhex(column.replace(" ", ""))
+        return [tuple(m) for m in messages]
+
+    def live_example(self):
+        """The example session against a real Receiver: what the client sends is
+        built with xfer's own encoders and tags, what the server sends is read."""
+        token, body = "example-token", b"hello, xfer\n"
+        client_nonce, server_nonce = bytes(range(32)), bytes(range(32, 64))
+        real_token_bytes = xfer.secrets.token_bytes
+        messages = []
+
+        def note(direction, data):
+            if messages and messages[-1][0] == direction:
+                messages[-1][1] += data
+            else:
+                messages.append([direction, data])
+
+        with mock.patch.object(xfer.secrets, "token_bytes", lambda n=32: server_nonce
+                               if n == xfer._NONCE_SIZE else real_token_bytes(n)):
+            receiver = start_receiver(self, temp_dir(self), token=token)
+            sock = raw_connect(receiver.address)
+            self.addCleanup(sock.close)
+            rfile = sock.makefile("rb")
+            self.addCleanup(rfile.close)
+
+            def send(data):
+                note("C->S", data)
+                sock.sendall(data)
+
+            def recv(n):
+                data = rfile.read(n)
+                self.assertEqual(len(data), n, data)
+                note("S->C", data)
+                return data
+
+            preface = xfer._PREFACE.pack(xfer.MAGIC, xfer.PROTOCOL_VERSION, 0)
+            send(preface + xfer._frame(xfer._Msg.HELLO, client_nonce))
+            transcript = preface + client_nonce + recv(xfer._PREFACE.size) + server_nonce
+            recv(xfer._FRAME.size + xfer._NONCE_SIZE)
+            send(xfer._frame(xfer._Msg.AUTH, xfer._auth_mac(token, b"xfer client", transcript)))
+            recv(xfer._FRAME.size + 32)
+            key = xfer._auth_mac(token, b"xfer session", transcript)
+            _, out = xfer._session_tags(key, server=False)
+            send(out.seal(xfer._encode_file(1, len(body), 1700000000 * 10**9, 0o644,
+                                            xfer.FF_STREAM, "hello.txt"))
+                 + body + out.seal(xfer._encode_trailer(1, 0, hashlib.sha256(body).digest())))
+            recv(xfer._FRAME.size + xfer._RESULT.size + xfer._TAG_SIZE)
+            send(out.seal(xfer._frame(xfer._Msg.BYE)))
+            recv(xfer._FRAME.size + xfer._TAG_SIZE)
+            self.assertEqual(rfile.read(), b"")
+        return [tuple(m) for m in messages], key
+
+    def test_example_session_is_what_the_code_sends(self):
+        live, key = self.live_example()
+        self.assertEqual([d for d, _ in live], ["C->S", "S->C"] * 4)
+        self.assertEqual(self.example(), live)
+        self.assertIn("MAC(b\"xfer session\") =\n`%s`" % key.hex(), self.readme())
+        # The server's answers in it are tagged as Protocol 3.1 says: its
+        # RESULT (ST_OK) is s2c frame 0 and its BYE frame 1.
+        result, bye = live[5][1], live[7][1]
+        self.assertEqual(result[:-xfer._TAG_SIZE], xfer._encode_result(1, xfer.ST_OK))
+        self.assertEqual(bye[:-xfer._TAG_SIZE], xfer._frame(xfer._Msg.BYE))
+        tags = _HostileTags(key, b"xfer s2c")
+        self.assertEqual(result[-xfer._TAG_SIZE:], tags.tag(result[:-xfer._TAG_SIZE]))
+        self.assertEqual(bye[-xfer._TAG_SIZE:], tags.tag(bye[:-xfer._TAG_SIZE]))
+
+    def test_check_snippet_prints_the_example_values(self):
+        readme = self.readme()
+        code = re.search(r"To check an implementation against it:\n\n```python\n(.*?)```",
+                         readme, re.S).group(1)
+        printed = re.search(r"^prints `([0-9a-f ]+)`\.$", readme, re.M).group(1)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "README snippet", "exec"), {})
+        self.assertEqual(out.getvalue().strip(), printed)
+        # AUTH, AUTH_OK, the FILE's tag and the RESULT's tag, in the example.
+        example = [data.hex() for _, data in self.example()]
+        auth, auth_ok, file_tag, result_tag = printed.split()
+        self.assertTrue(example[2].startswith("0200000020" + auth), example[2])
+        self.assertTrue(example[3].startswith("0300000020" + auth_ok), example[3])
+        frame = xfer._FRAME.size + xfer._FILE.size + len(b"hello.txt")
+        self.assertEqual(example[4][2 * frame:2 * frame + 8], file_tag)
+        self.assertEqual(example[5][20:28], result_tag)
 
 
 class ResilienceTests(unittest.TestCase):

@@ -5985,7 +5985,7 @@ def _cmd_bench(args):
         kwargs = dict(token=token)
         where = "over loopback to a server in another process"
     print("xfer %s bench %s, discard sink, sha256 and %s" % (
-        __version__, where, "MAC on" if kwargs.get("token") else "no token"))
+        __version__, where, "tags on" if kwargs.get("token") else "no token"))
     worst = [0.0, 0]
     try:
         seconds = _bench_phase(address, kwargs, args.workers, [("bench/large.bin", args.size)],
