@@ -391,19 +391,19 @@ class _Tags:
     replayed, dropped, reordered or reflected fails its tag, and so does
     every later one.  The layer knows nothing of message kinds.
 
-    The HMAC is computed from the two padded key states (RFC 2104), kept
-    from the start: per frame that saves the two hash blocks of key set-up
-    that hmac.digest() repeats on every call.
+    HMAC (RFC 2104) is computed here from its two padded key states, made
+    once, with the label already hashed into the inner one: per frame that
+    saves the key set-up that hmac.digest() repeats on every call, half of
+    its cost for a small frame.
     """
-    __slots__ = ("_inner", "_outer", "_label", "seq", "_forged")
+    __slots__ = ("_inner", "_outer", "seq", "_forged")
 
     def __init__(self, key, label, forged=None):
         if len(key) > 64:
             key = hashlib.sha256(key).digest()
         key = key.ljust(64, b"\0")
-        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key) + label + b"\0")
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
-        self._label = label + b"\0"
         self.seq = 0
         self._forged = forged    # seq -> the exception for a frame that fails its tag
 
@@ -412,7 +412,7 @@ class _Tags:
         seq = self.seq
         self.seq = seq + 1
         inner = self._inner.copy()
-        inner.update(self._label + seq.to_bytes(8, "big") + frame)
+        inner.update(seq.to_bytes(8, "big") + frame)
         outer = self._outer.copy()
         outer.update(inner.digest())
         return outer.digest()[:_TAG_SIZE]
