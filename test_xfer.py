@@ -1992,7 +1992,8 @@ class ProtocolV2Tests(unittest.TestCase):
         write_file(os.path.join(dest, "plain"), b"a file, not a directory")
         real_dest = xfer._Dest
         with mock.patch.object(xfer, "_Dest",
-                               lambda root: real_dest(root, use_dir_fd=use_dir_fd)):
+                               lambda root, root_fd=None: real_dest(
+                                   root, use_dir_fd=use_dir_fd, root_fd=root_fd)):
             receiver = start_receiver(self, dest)
             client = _HostileClient(receiver.address)
             self.addCleanup(client.close)
