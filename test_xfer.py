@@ -1889,6 +1889,7 @@ class ProtocolV2Tests(unittest.TestCase):
         self.assertIsInstance(job.error, xfer.IntegrityError)
         self.assertIn("failed authentication", str(job.error))
         self.assertIn("127.0.0.1:%d" % mitm.address[1], str(job.error))
+        self.assertIs(sender.error, job.error)      # not retried: counted as a failure
         self.assertEqual(sender.files_done, 0)
         self.assertEqual(tree_listing(self.dst), [])
 

@@ -3748,7 +3748,8 @@ class Sender:
         jobs += [j for j in batch if not j.done and j not in jobs]
         link.close()
         if isinstance(error, IntegrityError):
-            self._fatal(error)
+            # Counted as a failed connection: the jobs queued until now fail too.
+            self._connect_failed(error, time.monotonic())
             for j in jobs:
                 self._end(j, "cancelled" if j.cancelled else "failed", error)
             return
