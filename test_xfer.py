@@ -1869,6 +1869,60 @@ class ProtocolV2Tests(unittest.TestCase):
             reader_tags.check(frame, mine.tag(frame, 0))      # a replay of frame 0
         self.assertEqual(xfer._TAG_SIZE, _HostileTags.SIZE)
 
+    def test_reader_checks_tags_of_frames_split_across_reads(self):
+        # Whole frames in the buffer and frames that straddle reads (the
+        # slow path) are checked alike; a bad tag raises the forged error.
+        key = os.urandom(32)
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        reader = xfer._Reader(b, size=64)
+        reader.tags = xfer._Tags(key, b"xfer s2c", lambda n: xfer.IntegrityError("frame %d" % n))
+        mine = _HostileTags(key, b"xfer s2c")
+        payloads = [b"", b"x" * 10, b"y" * 43, b"z" * 200, bytes(range(256)) * 3]
+        frames = [xfer._frame(xfer._Msg.PING, p) for p in payloads]
+        stream = b"".join(f + mine.tag(f) for f in frames)
+        bad = frames[0] + bytes(16)
+
+        def feed():
+            for i in range(len(stream)):
+                a.sendall(stream[i:i + 1])
+            a.sendall(frames[0] + mine.tag(frames[0]) + bad)
+        writer = threading.Thread(target=feed)
+        writer.start()
+        self.addCleanup(writer.join)
+        for p in payloads:
+            self.assertEqual(reader.frame(1000), (xfer._Msg.PING, p))
+        self.assertEqual(reader.frame(1000), (xfer._Msg.PING, b""))
+        with self.assertRaises(xfer.IntegrityError) as cm:
+            reader.frame(1000)
+        self.assertEqual(str(cm.exception), "frame %d" % (len(payloads) + 1))
+
+    def test_decoders_refuse_reserved_bits_and_oversized_streams(self):
+        path = b"a.txt"
+        for flags in (0, xfer.FF_STREAM, xfer.FF_DISCARD, xfer.FF_STREAM | xfer.FF_DISCARD):
+            xfer._decode_file(xfer._FILE.pack(1, 10, 0, 0o644, flags) + path)
+        xfer._decode_file(xfer._FILE.pack(1, xfer.STREAM_MAX, 0, 0o644, xfer.FF_STREAM) + path)
+        xfer._decode_file(xfer._FILE.pack(1, 2**64 - 1, 0, 0o644, 0) + path)   # not streamed
+        bad = [xfer._FILE.pack(1, 10, 0, 0o644, 1 << bit) + path for bit in range(2, 8)]
+        bad.append(xfer._FILE.pack(1, xfer.STREAM_MAX + 1, 0, 0o644, xfer.FF_STREAM) + path)
+        for payload in bad:
+            with self.subTest(payload=payload[:25]):
+                with self.assertRaises(xfer.ProtocolError):
+                    xfer._decode_file(payload)
+        digest = bytes(32)
+        self.assertEqual(xfer._decode_trailer(xfer._TRAILER.pack(3, xfer.TF_ABORT, digest)),
+                         (3, xfer.TF_ABORT, digest))
+        for flags in (1 << bit for bit in range(1, 8)):
+            with self.assertRaises(xfer.ProtocolError):
+                xfer._decode_trailer(xfer._TRAILER.pack(3, flags, digest))
+            with self.assertRaises(xfer.ProtocolError):
+                xfer._decode_check(xfer._CHECK.pack(4, 1, 0, flags, digest) + path)
+        with self.assertRaises(xfer.ProtocolError):
+            xfer._decode_trailer(xfer._TRAILER.pack(3, 0, digest) + bytes(32))   # v1's MAC
+        self.assertEqual(xfer._decode_check(xfer._CHECK.pack(4, 1, 0, xfer.CF_CHECKSUM, digest)
+                                            + path)[-1], path)
+
     # -- answers are authenticated: a man in the middle cannot fake them
 
     def test_result_flipped_to_ok_by_a_man_in_the_middle_fails_the_file(self):
