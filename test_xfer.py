@@ -975,6 +975,510 @@ class ConfigTests(unittest.TestCase):
 TOKEN = "cli-test-token"
 
 
+#------------------------------------------------------------
+# configuration safety, secrets, serve's start-up
+#------------------------------------------------------------
+
+def _cfg_serve_error(test, *args, env, cwd):
+    """Run `serve ARGS`, which must refuse to start; return its stderr line.
+
+    A server that starts anyway is killed after a few seconds and fails the test.
+    """
+    try:
+        result = run_xfer("serve", "--host", HOST, "--port", "0", *args, cwd=cwd, env=env,
+                          timeout=5)
+    except subprocess.TimeoutExpired:
+        test.fail("serve %s started instead of refusing" % " ".join(args))
+    test.assertEqual(result.returncode, xfer.EXIT_USAGE, result.stderr)
+    test.assertNotIn("Traceback", result.stderr)
+    lines = result.stderr.strip().splitlines()
+    test.assertEqual(len(lines), 1, result.stderr)
+    test.assertNotIn("listening on", result.stdout)
+    return lines[0]
+
+
+def _cfg_serve_token(env):
+    """The [serve] token stored in the per-user config of env, or None."""
+    path = _sec_user_config(env)
+    if not os.path.exists(path):
+        return None
+    return xfer.load_config(path, environ={}).value("serve", "token")
+
+
+def _cfg_stop(proc):
+    """Stop a server started by spawn_server; return (stdout, stderr) after its first line."""
+    proc.terminate()
+    return proc.communicate(timeout=TIMEOUT)
+
+
+class ServeDirSafetyTests(unittest.TestCase):
+    """The receiving directory can never change the server's configuration."""
+
+    def setUp(self):
+        base = temp_dir(self)
+        self.home = os.path.join(base, "home")
+        os.mkdir(self.home)
+        self.base = base
+        self.env = isolated_env(self.home)
+        self.src = temp_dir(self)
+
+    def send(self, port, name, data, token, subdir=None):
+        path = write_file(os.path.join(self.src, "out", name), data)
+        with xfer.Sender((HOST, port), token=token, timeout=TIMEOUT, retries=0) as sender:
+            job = sender.queue(path, subdir=subdir)
+        return job
+
+    def test_config_stored_into_the_working_directory_is_not_read_by_serve(self):
+        inbox = os.path.join(self.home, "inbox")
+        os.mkdir(inbox)
+        elsewhere = temp_dir(self)
+        # serve started in its own directory, with the default --dir .
+        proc, port = spawn_server(self, cwd=inbox, env=self.env)
+        token = _cfg_serve_token(self.env)
+        self.assertTrue(token)
+        job = self.send(port, "xfer.ini", ("[serve]\ndir = %s\nno_auth = yes\n"
+                                           % elsewhere).encode("utf-8"), token)
+        self.assertEqual(job.state, "done", job.error)
+        job = self.send(port, "serverinfo.py", b"this is ( not python\n", token)
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(sorted(os.listdir(inbox)), ["serverinfo.py", "xfer.ini"])
+        _cfg_stop(proc)
+        # The same command again: still the same directory, still a token.
+        proc, port = spawn_server(self, cwd=inbox, env=self.env)
+        lines = _sec_banner(self, proc, lambda got: any(
+            line.startswith(("token required", "WARNING")) for line in got))
+        self.assertIn("receiving into %s" % inbox, lines[0])
+        self.assertFalse([line for line in lines if line.startswith("WARNING")], lines)
+        job = self.send(port, "anyone.txt", b"no token", None)
+        self.assertEqual(job.state, "failed")
+        self.assertIsInstance(job.error, xfer.AuthError)
+        job = self.send(port, "paired.txt", b"token", token)
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(os.listdir(elsewhere), [])
+        self.assertIn("paired.txt", os.listdir(inbox))
+
+    def test_load_config_for_serve_skips_the_working_directory(self):
+        cwd = temp_dir(self)
+        write_file(os.path.join(cwd, "xfer.ini"), b"[serve]\nno_auth = yes\n")
+        write_file(os.path.join(cwd, "serverinfo.py"), b"not ( python\n")
+        environ = {"XDG_CONFIG_HOME": os.path.join(self.home, ".config"), "HOME": self.home,
+                   "APPDATA": self.home}
+        self.assertIn(os.path.join(cwd, "xfer.ini"), xfer.config_paths(environ, cwd))
+        self.assertNotIn(os.path.join(cwd, "xfer.ini"),
+                         xfer.config_paths(environ, cwd, local=False))
+        config = xfer.load_config(environ=environ, cwd=cwd, local=False)
+        self.assertEqual(config.files, [])
+        self.assertIsNone(config.serverinfo)
+
+    def test_serve_refuses_the_home_directory_and_its_parents(self):
+        for directory in (self.home, self.base, self.home + os.sep):
+            with self.subTest(directory=directory):
+                line = _cfg_serve_error(self, "--dir", directory, env=self.env, cwd=self.src)
+                self.assertIn("home", line)
+                self.assertIn("--allow-home", line)
+        # Refused before anything was written: no token was made.
+        self.assertFalse(os.path.exists(_sec_user_config(self.env)))
+
+    def test_serve_refuses_a_dir_holding_its_own_config_key_certificate_or_known_hosts(self):
+        inbox = temp_dir(self)
+        inside = os.path.join(inbox, "sub", "xfer.ini")
+        write_file(inside, b"[serve]\ntoken = in-the-inbox\n")
+        os.chmod(inside, 0o600)
+        cases = [
+            ("--config", ["--config", inside], {}),
+            ("XFER_CONFIG", [], dict(XFER_CONFIG=inside)),
+            ("certificate", ["--tls-cert", os.path.join(inbox, "c.pem"),
+                             "--tls-key", os.path.join(temp_dir(self), "k.pem")], {}),
+            ("key", ["--tls-cert", os.path.join(temp_dir(self), "c.pem"),
+                     "--tls-key", os.path.join(inbox, "k.pem")], {}),
+        ]
+        if sys.platform != "darwin":      # macOS keeps it under ~/Library
+            cases.append(("per-user config", [],
+                          dict(XDG_CONFIG_HOME=os.path.join(inbox, ".config"), APPDATA=inbox)))
+        for what, args, extra in cases:
+            with self.subTest(what=what):
+                env = dict(self.env, **extra)
+                line = _cfg_serve_error(self, "--dir", inbox, *args, env=env, cwd=self.src)
+                self.assertIn(inbox, line)
+                self.assertIn("--allow-home", line)
+        self.assertEqual(os.listdir(inbox), ["sub"])     # nothing was written
+
+    def test_allow_home_serves_home_but_refuses_the_servers_own_files(self):
+        proc, port = spawn_server(self, "--dir", self.home, "--allow-home", cwd=self.src,
+                                  env=self.env)
+        config = _sec_user_config(self.env)
+        token = _cfg_serve_token(self.env)
+        with open(config, "rb") as f:
+            before = f.read()
+        job = self.send(port, "notes.txt", b"fine", token)
+        self.assertEqual(job.state, "done", job.error)
+        folder = os.path.relpath(os.path.dirname(config), self.home).replace(os.sep, "/")
+        for name in ("xfer.ini", "known_hosts", "xfer-key.pem", "xfer-cert.pem"):
+            for subdir in (folder, folder.upper()):
+                with self.subTest(name=name, subdir=subdir):
+                    job = self.send(port, name, b"[serve]\nno_auth = yes\n", token,
+                                    subdir=subdir)
+                    self.assertEqual(job.state, "failed")
+                    self.assertIsInstance(job.error, xfer.UnsafePathError)
+                    self.assertIn(name, str(job.error))
+        with open(config, "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(sorted(os.listdir(os.path.dirname(config))), ["xfer.ini"])
+        self.assertTrue(os.path.isfile(os.path.join(self.home, "notes.txt")))
+
+    def test_allow_home_config_key(self):
+        write_file(_sec_user_config(self.env), b"[serve]\ntoken = t\nallow_home = yes\n")
+        os.chmod(_sec_user_config(self.env), 0o600)
+        proc, port = spawn_server(self, "--dir", self.home, cwd=self.src, env=self.env)
+        job = self.send(port, "in-home.txt", b"ok", "t")
+        self.assertEqual(job.state, "done", job.error)
+
+    def test_serve_into_a_directory_under_home_still_works(self):
+        inbox = os.path.join(self.home, "incoming")
+        proc, port = spawn_server(self, "--dir", inbox, cwd=self.home, env=self.env)
+        job = self.send(port, "a.txt", b"normal", _cfg_serve_token(self.env))
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(os.listdir(inbox), ["a.txt"])
+
+
+class SecretFileTests(unittest.TestCase):
+    def setUp(self):
+        self.home = temp_dir(self)
+        self.env = isolated_env(self.home)
+
+    def config_show(self, path):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = xfer.main(["config", "--config", path, "show"])
+        return rc, out.getvalue(), err.getvalue()
+
+    @unittest.skipIf(os.name == "nt", "POSIX modes")
+    def test_config_holding_a_token_that_others_can_read_warns(self):
+        path = write_file(os.path.join(self.home, "xfer.ini"),
+                          b"[pi]\nhost = 10.0.0.2\ntoken = sekrit\n")
+        os.chmod(path, 0o644)
+        rc, _, err = self.config_show(path)
+        self.assertEqual(rc, xfer.EXIT_OK)
+        lines = err.strip().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn(path, lines[0])
+        self.assertIn("chmod 600 %s" % path, lines[0])
+        self.assertNotIn("sekrit", err)
+        # The same file private, or without a token: no warning.
+        os.chmod(path, 0o600)
+        self.assertEqual(self.config_show(path)[2], "")
+        plain = write_file(os.path.join(self.home, "plain.ini"), b"[pi]\nhost = 10.0.0.2\n")
+        os.chmod(plain, 0o644)
+        self.assertEqual(self.config_show(plain)[2], "")
+
+    @unittest.skipIf(os.name == "nt", "POSIX modes")
+    def test_serve_warns_about_its_readable_config(self):
+        config = _sec_user_config(self.env)
+        write_file(config, b"[serve]\ntoken = readable-token\n")
+        os.chmod(config, 0o644)
+        proc, _ = spawn_server(self, "--dir", temp_dir(self), cwd=self.home, env=self.env)
+        _, err = _cfg_stop(proc)
+        warnings = [line for line in err.splitlines() if "chmod 600" in line]
+        self.assertEqual(len(warnings), 1, err)
+        self.assertIn(config, warnings[0])
+
+    @unittest.skipIf(os.name == "nt", "POSIX modes")
+    def test_known_hosts_is_created_private(self):
+        path = os.path.join(self.home, "cfg", "known_hosts")
+        old = os.umask(0o022)
+        try:
+            xfer._remember_fingerprint(path, "10.0.0.2:22598", "ab" * 32)
+        finally:
+            os.umask(old)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+
+    def test_readme_security_says_to_prefer_xfer_token_over_the_flag(self):
+        with open(os.path.join(os.path.dirname(XFER), "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        start = readme.index("\n## Security")
+        section = readme[start:readme.index("\n## ", start + 1)]
+        for needle in ("XFER_TOKEN", "chmod 600", "--allow-home", "/proc/"):
+            self.assertTrue(needle in section, "README Security does not mention %s" % needle)
+        self.assertIsNotNone(re.search(r"`--token[^`]*`[^.]*(`ps`|/proc/)", section),
+                             "README Security does not say --token shows in ps")
+
+
+class TokenPrecedenceTests(unittest.TestCase):
+    def setUp(self):
+        self.home = temp_dir(self)
+        self.env = isolated_env(self.home)
+        self.ini = write_file(os.path.join(self.home, "xfer.ini"),
+                              b"[DEFAULT]\nport = 1111\ntoken = default-token\n\n"
+                              b"[vm]\nhost = 192.168.7.7\nport = 2222\ntoken = vm-token\n\n"
+                              b"[bare]\nhost = 192.168.7.8\n")
+
+    def resolve(self, to, token=None, **environ):
+        config = xfer.load_config(self.ini, environ=environ)
+        return xfer._resolve_target(config, to, token, environ)
+
+    def test_an_alias_own_token_and_port_win_over_the_environment(self):
+        env = dict(XFER_TOKEN="env-token", XFER_PORT="3333")
+        t = self.resolve("vm", **env)
+        self.assertEqual((t.host, t.port, t.token), ("192.168.7.7", 2222, "vm-token"))
+        self.assertEqual(t.token_from, "alias vm in %s" % self.ini)
+        # The environment is the default where the config does not say.
+        t = self.resolve("bare", **env)
+        self.assertEqual((t.port, t.token, t.token_from), (3333, "env-token", "XFER_TOKEN"))
+        t = self.resolve("otherhost", **env)
+        self.assertEqual((t.port, t.token, t.token_from), (3333, "env-token", "XFER_TOKEN"))
+        t = self.resolve("otherhost")
+        self.assertEqual((t.port, t.token), (1111, "default-token"))
+        self.assertEqual(t.token_from, "[DEFAULT] in %s" % self.ini)
+        # The flag and an explicit port win over everything.
+        t = self.resolve("vm:4444", "flag-token", **env)
+        self.assertEqual((t.port, t.token, t.token_from), (4444, "flag-token", "--token"))
+
+    def test_a_refused_token_says_where_it_came_from(self):
+        dst = temp_dir(self)
+        # No back-off after wrong tokens: this test sends several on purpose.
+        port = start_receiver(self, dst, token="right", auth_backoff=(0.0,)).address[1]
+        ini = write_file(os.path.join(self.home, "vm.ini"),
+                         ("[vm]\nhost = %s\nport = %d\ntoken = stale\n" % (HOST, port))
+                         .encode("utf-8"))
+        os.chmod(ini, 0o600)
+        f = write_file(os.path.join(self.home, "a.tif"), b"tif")
+        addr = "%s:%d:" % (HOST, port)
+        cases = [
+            (["--config", ini, f, "vm:"], {}, "(from alias vm in %s)" % ini),
+            (["--config", ini, f, addr], {"XFER_TOKEN": "wrong"}, "(from XFER_TOKEN)"),
+            (["--config", ini, "--token", "wrong", f, "vm:"], {"XFER_TOKEN": "x"},
+             "(from --token)"),
+        ]
+        for args, extra, source in cases:
+            with self.subTest(source=source):
+                r = run_xfer("send", *args, cwd=self.home, env=dict(self.env, **extra))
+                self.assertEqual(r.returncode, xfer.EXIT_AUTH, r.stderr)
+                self.assertIn("wrong token %s" % source, r.stderr)
+                self.assertNotIn("Traceback", r.stderr)
+        r = run_xfer("ping", "--config", ini, "vm", cwd=self.home, env=self.env)
+        self.assertEqual(r.returncode, xfer.EXIT_AUTH, r.stderr)
+        self.assertIn("wrong token (from alias vm in %s)" % ini, r.stderr)
+        # With the alias correctly paired, an exported XFER_TOKEN does not get in the way.
+        xfer._save_settings(ini, "vm", {"token": "right"})
+        r = run_xfer("send", "--config", ini, f, "vm:", cwd=self.home,
+                     env=dict(self.env, XFER_TOKEN="for-another-machine",
+                              XFER_PORT=str(_free_port())))
+        self.assertEqual(r.returncode, xfer.EXIT_OK, r.stderr)
+        self.assertEqual(os.listdir(dst), ["a.tif"])
+
+
+class PairingLineTests(unittest.TestCase):
+    def test_local_addresses_prefer_interfaces_over_the_hostnames_loopback(self):
+        hostname_info = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.1.1", 0))]
+        with mock.patch.object(xfer, "_interface_addresses",
+                               return_value=["127.0.0.1", "192.168.1.30", "10.8.0.2"]), \
+                mock.patch.object(socket, "getaddrinfo", return_value=hostname_info):
+            self.assertEqual(xfer._local_addresses(), ["192.168.1.30", "10.8.0.2"])
+        with mock.patch.object(xfer, "_interface_addresses", return_value=["127.0.0.1"]), \
+                mock.patch.object(xfer, "_routed_address", return_value=None), \
+                mock.patch.object(socket, "getaddrinfo", return_value=hostname_info):
+            self.assertEqual(xfer._local_addresses(), [])
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "Linux interface list")
+    def test_interface_addresses_are_read_from_the_interfaces(self):
+        self.assertIn("127.0.0.1", xfer._interface_addresses())
+
+    def banner(self, addresses, hostname="Render-PC.studio.lan", token="tok"):
+        receiver = types.SimpleNamespace(dir="/srv/in", fingerprint=None)
+        out = io.StringIO()
+        with mock.patch.object(xfer, "_local_addresses", return_value=addresses), \
+                mock.patch.object(socket, "gethostname", return_value=hostname), \
+                contextlib.redirect_stdout(out):
+            xfer._print_banner(receiver, token, "kept in x", "0.0.0.0", 5000)
+        return out.getvalue()
+
+    def test_banner_pairs_with_the_lan_address_and_the_hostname_as_alias(self):
+        text = self.banner(["192.168.1.30", "10.8.0.2"])
+        self.assertIn("python3 xfer.py config add render-pc 192.168.1.30:5000 --token tok\n",
+                      text)
+        self.assertIn("addresses: 192.168.1.30, 10.8.0.2", text)
+        self.assertNotIn("127.", text)
+        text = self.banner(["10.1.1.1"], hostname="pi")
+        self.assertIn("config add pi 10.1.1.1:5000", text)
+        # Nothing but loopback: loopback it is.
+        self.assertIn("config add pi 127.0.0.1:5000", self.banner([], hostname="pi"))
+
+    def test_config_add_says_it_replaces_an_alias(self):
+        path = os.path.join(temp_dir(self), "xfer.ini")
+
+        def add(*args):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                self.assertEqual(xfer.main(["config", "--config", path, "add"] + list(args)), 0)
+            return out.getvalue()
+        self.assertNotIn("replacing", add("vm", "10.0.0.5", "--token", "a"))
+        text = add("vm", "10.0.0.6:2000", "--token", "b")
+        self.assertIn("replacing alias vm (was 10.0.0.5:%d)" % xfer.DEFAULT_PORT, text)
+        self.assertEqual(xfer.load_config(path, environ={}).value("vm", "host"), "10.0.0.6")
+
+
+_CFG_NO_STREAMS = r'''
+import os, sys, traceback
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))
+import xfer
+start = xfer.Receiver.start
+
+def announce(self):
+    start(self)
+    os.write(1, ("port %d\n" % self.address[1]).encode())
+    return self
+
+xfer.Receiver.start = announce
+sys.stdout = sys.stderr = None       # what pythonw.exe gives a program
+try:
+    status = xfer.main(sys.argv[2:])
+except BaseException:
+    os.write(2, traceback.format_exc().encode())
+    status = 99
+os.write(1, ("exit %r\n" % (status,)).encode())
+'''
+
+
+class StartupTests(unittest.TestCase):
+    def setUp(self):
+        self.home = temp_dir(self)
+        self.env = isolated_env(self.home)
+
+    def test_serve_runs_without_stdout_and_stderr(self):
+        dst = temp_dir(self)
+        script = write_file(os.path.join(temp_dir(self), "nostreams.py"),
+                            _CFG_NO_STREAMS.encode("utf-8"))
+        proc = popen_reaped(self, [script, XFER, "serve", "--host", HOST, "--port", "0",
+                                   "--dir", dst, "--token", TOKEN, "--on-receive",
+                                   _command_line([sys.executable, "-c", "pass"])],
+                            cwd=self.home, env=self.env)
+        lines = queue.Queue()
+        threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+        line = lines.get(timeout=TIMEOUT)
+        if not line.startswith("port "):
+            proc.kill()
+            self.fail("no port line: %r %s" % (line, proc.communicate()))
+        p = write_file(os.path.join(temp_dir(self), "quiet.txt"), b"no console")
+        (job,) = send_files((HOST, int(line.split()[1])), [p], token=TOKEN)
+        self.assertEqual(job.state, "done", job.error)
+        proc.terminate()
+        out, err = proc.communicate(timeout=TIMEOUT)
+        self.assertEqual(err, "")
+        self.assertEqual(out, "exit 0\n")
+        self.assertEqual(os.listdir(dst), ["quiet.txt"])
+
+    def test_xfer_config_naming_a_missing_file_is_an_error(self):
+        missing = os.path.join(self.home, "nonexistent.ini")
+        for argv in (["config", "show"], ["ping", "%s:%d" % (HOST, _free_port())]):
+            with self.subTest(argv=argv):
+                r = run_xfer(*argv, cwd=self.home, env=dict(self.env, XFER_CONFIG=missing))
+                self.assertEqual(r.returncode, xfer.EXIT_USAGE, r.stderr)
+                lines = r.stderr.strip().splitlines()
+                self.assertEqual(len(lines), 1, r.stderr)
+                self.assertIn("XFER_CONFIG", lines[0])
+                self.assertIn(missing, lines[0])
+        with self.assertRaises(xfer.ConfigError):
+            xfer.load_config(environ={"XFER_CONFIG": missing}, cwd=self.home)
+
+    def test_serve_dir_that_is_a_file(self):
+        path = write_file(os.path.join(self.home, "not-a-dir"), b"x")
+        line = _cfg_serve_error(self, "--dir", path, "--token", TOKEN, env=self.env,
+                                cwd=self.home)
+        self.assertIn("%s is a file, not a directory" % path, line)
+        receiver = xfer.Receiver(path, host=HOST, port=0)
+        with self.assertRaises(xfer.XferError) as cm:
+            receiver.start()
+        self.assertIn("is a file, not a directory", str(cm.exception))
+
+    def test_malformed_fingerprint_is_a_usage_error(self):
+        for argv in (["send", "--fingerprint", "00:11", "a.txt", "host:"],
+                     ["ping", "--fingerprint", "00:11", "host"],
+                     ["bench", "--fingerprint", "zz" * 32],
+                     ["config", "add", "vm", "10.0.0.2", "--fingerprint", "00:11"]):
+            with self.subTest(argv=argv):
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err), \
+                        contextlib.redirect_stdout(io.StringIO()):
+                    with self.assertRaises(SystemExit) as cm:
+                        xfer.main(argv)
+                self.assertEqual(cm.exception.code, xfer.EXIT_USAGE)
+                self.assertIn("fingerprint", err.getvalue())
+                self.assertIn("64 hex digits", err.getvalue())
+                self.assertNotIn("intercepting", err.getvalue())
+        # A malformed pin in a config file names the file, line and key.
+        ini = write_file(os.path.join(self.home, "x.ini"),
+                         b"[vm]\nhost = 10.0.0.2\nfingerprint = 00:11\n")
+        with self.assertRaises(xfer.ConfigError) as cm:
+            xfer._resolve_target(xfer.load_config(ini, environ={}), "vm", environ={})
+        self.assertIn("%s:3: fingerprint" % ini, str(cm.exception))
+        # A well-formed one is accepted with or without colons, in any case.
+        good = "AB" * 32
+        args = xfer._build_parser().parse_args(["ping", "--fingerprint", good, "h"])
+        self.assertTrue(xfer._same_fingerprint(args.fingerprint, "ab" * 32))
+
+    @unittest.skipIf(os.name == "nt", "POSIX signals")
+    def test_sigint_stops_a_server_started_with_sigint_ignored(self):
+        # What a shell does to a background job (`serve &`): SIGINT ignored,
+        # inherited through exec.
+        dst = temp_dir(self)
+        wrapper = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                   "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+        proc = popen_reaped(self, ["-c", wrapper, "-u", XFER, "serve", "--host", HOST,
+                                   "--port", "0", "--dir", dst, "--token", TOKEN],
+                            cwd=self.home, env=self.env)
+        lines = queue.Queue()
+        threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+        line = lines.get(timeout=TIMEOUT)
+        self.assertTrue(line.startswith("listening on "), line)
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.fail("SIGINT did not stop the server")
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertNotIn("Traceback", err)
+        self.assertIn("stopped:", err)
+
+    def test_bench_json_prints_only_json(self):
+        r = run_xfer("bench", "--json", "--size", "64KiB", "--files", "5", "--file-size", "100",
+                     cwd=self.home, env=self.env, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        events = [json.loads(line) for line in r.stdout.splitlines()]
+        names = [e["event"] for e in events]
+        self.assertEqual(names, ["bench_started", "bench_phase", "bench_phase", "bench_done"],
+                         r.stdout)
+        large, small = events[1], events[2]
+        self.assertEqual((large["phase"], large["files"], large["bytes"]), ("large", 1, 65536))
+        self.assertEqual((small["phase"], small["files"], small["bytes"]), ("small", 5, 500))
+        self.assertGreater(large["rate"], 0)
+        self.assertGreaterEqual(events[3]["poll_calls"], 1)
+        self.assertEqual(r.stderr, "")
+
+    @unittest.skipIf(os.name == "nt", "POSIX shell")
+    def test_received_line_is_written_before_the_hook_starts(self):
+        dst = temp_dir(self)
+        proc, port = spawn_server(self, "--dir", dst, "--token", TOKEN, "--on-receive",
+                                  "sh -c 'echo HOOK-OUTPUT >&2'", cwd=self.home, env=self.env)
+        err = queue.Queue()
+        threading.Thread(target=lambda: [err.put(line) for line in proc.stderr],
+                         daemon=True).start()
+        p = write_file(os.path.join(temp_dir(self), "hooked.txt"), b"hook me")
+        (job,) = send_files((HOST, port), [p], token=TOKEN)
+        self.assertEqual(job.state, "done", job.error)
+        seen = []
+        deadline = time.monotonic() + TIMEOUT
+        while not any("HOOK-OUTPUT" in line for line in seen):
+            self.assertLess(time.monotonic(), deadline, seen)
+            try:
+                seen.append(err.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                pass
+        received = [i for i, line in enumerate(seen) if "received hooked.txt" in line]
+        hook = [i for i, line in enumerate(seen) if "HOOK-OUTPUT" in line]
+        self.assertTrue(received, seen)
+        self.assertLess(received[0], hook[0], seen)
+
+
 def _free_port():
     """A port that was bound and closed again, so nothing listens on it."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -1185,9 +1689,18 @@ class CommandLineTests(unittest.TestCase):
         r = self.xfer("send", "--to", "%s:%d" % (HOST, port), p, env=env)
         self.assertEqual(r.returncode, xfer.EXIT_OK, r.stderr)
         self.assertEqual(os.listdir(dst), ["f.txt"])
-        # And the environment really is what authenticated: without it, no entry.
-        r = self.xfer("send", "--to", "%s:%d" % (HOST, port), "--token", "nope", p)
+        # And the environment really is what authenticated: the same command
+        # without it has no token at all (nothing in any config) and is refused.
+        os.unlink(os.path.join(dst, "f.txt"))
+        r = self.xfer("send", "--to", "%s:%d" % (HOST, port), p)
         self.assertEqual(r.returncode, xfer.EXIT_AUTH, r.stderr)
+        self.assertIn("requires a token", r.stderr)
+        self.assertEqual(os.listdir(dst), [])
+        # A wrong token in the environment is refused and named as the source.
+        r = self.xfer("send", "--to", "%s:%d" % (HOST, port), p,
+                      env=dict(self.env, XFER_TOKEN="env-wrong"))
+        self.assertEqual(r.returncode, xfer.EXIT_AUTH, r.stderr)
+        self.assertIn("wrong token (from XFER_TOKEN)", r.stderr)
 
     def test_to_alias_from_ini_in_cwd(self):
         src, dst = temp_dir(self), temp_dir(self)
@@ -4684,9 +5197,10 @@ class PairingTests(unittest.TestCase):
         self.assertEqual(tree_listing(dst), ["local.txt"])
 
     def test_resolve_target_offers_serve_token_only_to_loopback(self):
+        FP = b":".join([b"ab", b"cd"] * 16)
         ini = write_file(os.path.join(temp_dir(self), "xfer.ini"),
                          b"[serve]\ntoken = local-secret\n\n"
-                         b"[pi]\nhost = 192.168.1.20\nport = 5001\nfingerprint = ab:cd\n")
+                         b"[pi]\nhost = 192.168.1.20\nport = 5001\nfingerprint = " + FP + b"\n")
         config = xfer.load_config(ini, environ={})
         target = xfer._resolve_target(config, "127.0.0.1:5000", environ={})
         self.assertEqual((target.host, target.port, target.token), ("127.0.0.1", 5000,
@@ -4700,7 +5214,7 @@ class PairingTests(unittest.TestCase):
                 self.assertIsNone(target.token)
         target = xfer._resolve_target(config, "pi", environ={})
         self.assertEqual((target.host, target.port, target.tls, target.fingerprint),
-                         ("192.168.1.20", 5001, True, "ab:cd"))
+                         ("192.168.1.20", 5001, True, FP.decode("ascii")))
         target = xfer._resolve_target(config, "127.0.0.1:5000", token="explicit", environ={})
         self.assertEqual(target.token, "explicit")
 
@@ -6130,15 +6644,18 @@ class FixesTests(unittest.TestCase):
             raise Stop()
         with mock.patch.object(xfer, "Receiver", fake_receiver):
             with self.assertRaises(Stop):
-                xfer.main(["serve", "--config", ini, "--no-auth", "--dir", home])
+                xfer.main(["serve", "--config", ini, "--no-auth", "--dir",
+                           os.path.join(home, "in")])
         self.assertEqual(seen["host"], "0.0.0.0")
 
     def test_config_max_size_accepts_units(self):
         home = temp_dir(self)
-        with open(os.path.join(home, "xfer.ini"), "w") as f:
+        ini = os.path.join(home, "xfer.ini")
+        with open(ini, "w") as f:
             f.write("[serve]\nmax_size = 1k\n")
-        proc, port = spawn_server(self, "--dir", temp_dir(self), "--no-auth", cwd=home,
-                                  env=isolated_env(home))
+        # serve reads no xfer.ini from its working directory: name it.
+        proc, port = spawn_server(self, "--dir", temp_dir(self), "--no-auth", "--config", ini,
+                                  cwd=home, env=isolated_env(home))
         src = write_file(os.path.join(home, "big.bin"), b"x" * 2000)
         result = run_xfer("send", "--to", "127.0.0.1:%d" % port, src, cwd=home,
                           env=isolated_env(home))

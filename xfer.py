@@ -54,6 +54,10 @@ try:
     import ssl
 except ImportError:  # Python built without OpenSSL: TLS is unavailable, the rest works
     ssl = None
+try:
+    import fcntl
+except ImportError:  # Windows: the banner finds its addresses another way
+    fcntl = None
 
 __version__ = "0.1.0"
 __all__ = [
@@ -757,6 +761,18 @@ def _same_fingerprint(a, b):
     return hmac.compare_digest(norm(a), norm(b))
 
 
+def _check_fingerprint(text):
+    """A pinned fingerprint as cert_fingerprint() writes it; ValueError if malformed.
+
+    Checked where it is given, so a typo is not reported later as a changed
+    certificate."""
+    digits = text.replace(":", "").replace(" ", "").strip().lower()
+    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+        raise ValueError("not a SHA-256 fingerprint: %r (64 hex digits, colons allowed, as "
+                         "the server's banner prints it)" % text)
+    return ":".join(digits[i:i + 2] for i in range(0, 64, 2))
+
+
 def _server_tls_context(cert, key):
     """An ssl.SSLContext serving cert/key, TLS 1.2 or newer."""
     if ssl is None:
@@ -879,7 +895,9 @@ def _known_fingerprint(path, hostport):
 
 def _remember_fingerprint(path, hostport, fingerprint):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
+    # 0600 like the config beside it: the list says which machines this user sends to.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write("%s %s\n" % (hostport, fingerprint))
 
 
@@ -1368,6 +1386,26 @@ def _extension(name):
     return name[last.start():]
 
 
+def _name_key(name):
+    """A name compared the way the most forgiving filesystem would (case, normalization)."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def _protected_parts(root, paths):
+    """The paths below root, as tuples of _name_key components; others are dropped."""
+    real = os.path.realpath(root)
+    found = []
+    for path in paths:
+        try:
+            rel = os.path.relpath(os.path.realpath(path), real)
+        except ValueError:      # another drive (Windows)
+            continue
+        if rel == os.curdir or rel == os.pardir or rel.startswith(os.pardir + os.sep):
+            continue
+        found.append(tuple(_name_key(p) for p in rel.split(os.sep)))
+    return tuple(found)
+
+
 def _numbered(name):
     """"stem (1).ext", "stem (2).ext", ... (999 of them), each at most
     MAX_NAME_BYTES long: the stem is cut (by whole characters) to fit."""
@@ -1832,8 +1870,11 @@ class Receiver:
                  max_depth=MAX_PATH_DEPTH, max_frame=MAX_FRAME_PAYLOAD,
                  overwrite="replace", partial_max_age=DEFAULT_PARTIAL_MAX_AGE,
                  quiet=False, auth_backoff=AUTH_BACKOFF, body_min_bytes=BODY_MIN_BYTES,
-                 body_window=BODY_WINDOW):
+                 body_window=BODY_WINDOW, protect=()):
         self.dir = os.path.abspath(os.path.expanduser(dir))
+        #: files no received name may reach (serve: its own config, keys, known_hosts)
+        self.protect = list(protect)
+        self._protected = ()
         self.host = host
         self.port = port
         self.token = token or None
@@ -1999,6 +2040,8 @@ class Receiver:
     # -- internals
 
     def _prepare_dir(self):
+        if os.path.exists(self.dir) and not os.path.isdir(self.dir):
+            raise XferError("%s is a file, not a directory" % self.dir)
         try:
             os.makedirs(self.dir, exist_ok=True)
         except OSError as e:
@@ -2023,6 +2066,7 @@ class Receiver:
                 self._root_fd = os.open(self.dir, os.O_RDONLY | _O_DIRECTORY)
             except OSError as e:
                 raise XferError("cannot open %s: %s" % (self.dir, e.strerror or e)) from None
+        self._protected = _protected_parts(self.dir, self.protect)
 
     def _close_dir(self):
         fd, self._root_fd = self._root_fd, None
@@ -2038,7 +2082,14 @@ class Receiver:
         return usage.free, usage.total
 
     def _split(self, raw):
-        return _split_path(raw, self.portable_names, self.max_path_bytes, self.max_depth)
+        parts = _split_path(raw, self.portable_names, self.max_path_bytes, self.max_depth)
+        if self._protected:
+            key = tuple(_name_key(p) for p in parts)
+            for protected in self._protected:
+                if key[:len(protected)] == protected:
+                    raise UnsafePathError("this server's own configuration; never received",
+                                          "/".join(parts))
+        return parts
 
     def _set_status(self, status):
         self.status = status
@@ -4605,14 +4656,18 @@ def _port_number(value, what="port"):
 # configuration
 #------------------------------------------------------------
 
-def config_paths(environ=None, cwd=None):
-    """Config files searched, highest precedence first (README "Configuration")."""
+def config_paths(environ=None, cwd=None, local=True):
+    """Config files searched, highest precedence first (README "Configuration").
+
+    local=False leaves out the working directory's xfer.ini: serve reads
+    none, since files that senders store may land there.
+    """
     environ = os.environ if environ is None else environ
-    cwd = os.getcwd() if cwd is None else cwd
     paths = []
     if environ.get("XFER_CONFIG"):
         paths.append(environ["XFER_CONFIG"])
-    paths.append(os.path.join(cwd, "xfer.ini"))
+    if local:
+        paths.append(os.path.join(os.getcwd() if cwd is None else cwd, "xfer.ini"))
     paths.append(user_config_path(environ))
     return paths
 
@@ -4642,6 +4697,8 @@ class Config:
         self.sections = {"DEFAULT": {}}
         self.files = []
         self.serverinfo = None   # (host, port, path) from serverinfo.py
+        #: one line each, for the command line to print: e.g. a token others can read
+        self.warnings = []
 
     def get(self, section, key):
         """Return (value, path, lineno) from section, falling back to DEFAULT."""
@@ -4654,6 +4711,12 @@ class Config:
     def value(self, section, key, default=None):
         entry = self.get(section, key)
         return default if entry is None else entry[0]
+
+    def own(self, section, key):
+        """(value, path, lineno) set in section itself, never from DEFAULT, or None."""
+        if section == "DEFAULT":
+            return None
+        return self.sections.get(section, {}).get(key)
 
     def aliases(self):
         return sorted(n for n in self.sections if n not in ("DEFAULT", "serve"))
@@ -4688,14 +4751,16 @@ class Config:
 
 _KNOWN_KEYS = frozenset(["host", "port", "token", "dir", "to", "workers", "max_connections",
                          "max_size", "portable_names", "tls", "tls_cert", "tls_key",
-                         "fingerprint", "no_auth", "overwrite"])
+                         "fingerprint", "no_auth", "overwrite", "allow_home"])
 
 
-def load_config(path=None, environ=None, cwd=None):
+def load_config(path=None, environ=None, cwd=None, local=True):
     """Read the config files and serverinfo.py; return a Config.
 
     path: an explicit file (--config); it must exist.  Otherwise every file
-    of config_paths() that exists is read; earlier files win key by key.
+    of config_paths() that exists is read; earlier files win key by key;
+    $XFER_CONFIG, when set, must exist.  local=False (serve) reads nothing
+    from the working directory: neither xfer.ini nor serverinfo.py.
     Raises ConfigError naming file, line and key.
     """
     environ = os.environ if environ is None else environ
@@ -4706,11 +4771,14 @@ def load_config(path=None, environ=None, cwd=None):
             raise ConfigError("config file not found", path)
         paths = [path]
     else:
-        paths = [p for p in config_paths(environ, cwd) if os.path.isfile(p)]
+        named = environ.get("XFER_CONFIG")
+        if named and not os.path.isfile(named):
+            raise ConfigError("config file not found (set in XFER_CONFIG)", named)
+        paths = [p for p in config_paths(environ, cwd, local) if os.path.isfile(p)]
     for p in paths:
         _read_ini(config, p)
     info = os.path.join(cwd, "serverinfo.py")
-    if os.path.isfile(info):
+    if local and os.path.isfile(info):
         config.serverinfo = _read_serverinfo(info)
     return config
 
@@ -4746,6 +4814,22 @@ def _read_ini(config, path):
                                   path, linenos.get((section, key)), key)
     config.files.append(path)
     config._merge(path, parser, linenos)
+    if "token" in parser.defaults() or any("token" in parser._sections[s]
+                                           for s in parser.sections()):
+        _check_private(config, path)
+
+
+def _check_private(config, path):
+    """Warn when a file holding a token can be read or changed by other users."""
+    if os.name == "nt":
+        return          # no mode bits; the per-user folder is private by default
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return
+    if mode & 0o077:
+        config.warnings.append("%s holds a token and other users can read or change it "
+                               "(mode %04o): chmod 600 %s" % (path, mode, path))
 
 
 def _ini_linenos(text):
@@ -4818,9 +4902,12 @@ def _read_serverinfo(path):
 
 
 def _resolve_target(config, to=None, token=None, environ=None):
-    """Apply flag > environment > config file > serverinfo.py > default.
+    """Apply flag > alias section > environment > [DEFAULT] > serverinfo.py > default.
 
-    Returns (host, port, token).  to may be an alias, HOST or HOST:PORT.
+    An alias's own port and token win over XFER_PORT and XFER_TOKEN: the
+    environment is the default for hosts the config does not know.  Returns
+    a _Target; token_from says where the token came from, for a refusal.
+    to may be an alias, HOST or HOST:PORT.
     """
     environ = os.environ if environ is None else environ
     to = to or environ.get("XFER_HOST") or config.value("DEFAULT", "to")
@@ -4846,6 +4933,8 @@ def _resolve_target(config, to=None, token=None, environ=None):
     else:
         raise ConfigError("no destination: pass --to HOST[:PORT], set XFER_HOST, or set "
                           "to = ALIAS in the config file")
+    if port is None and config.own(section, "port") is not None:
+        port = config.port(section)
     if port is None and environ.get("XFER_PORT"):
         port = _port_number(environ["XFER_PORT"], "XFER_PORT")
     if port is None:
@@ -4855,20 +4944,35 @@ def _resolve_target(config, to=None, token=None, environ=None):
         port = config.serverinfo[1]
     if port is None:
         port = DEFAULT_PORT
-    token = token or environ.get("XFER_TOKEN") or config.value(section, "token")
+    own, default = config.own(section, "token"), config.get("DEFAULT", "token")
+    token, token_from = next(((value, source) for value, source in (
+        (token, "--token"),
+        (own and own[0], own and "alias %s in %s" % (section, own[1])),
+        (environ.get("XFER_TOKEN"), "XFER_TOKEN"),
+        (default and default[0], default and "[DEFAULT] in %s" % default[1]),
+    ) if value), (None, None))
     fallback = False
     if not token and _is_loopback(host):
         # Sending to this machine: use this machine's own server token.  Only
         # for loopback, so the token is never offered to another host.
-        token = config.sections.get("serve", {}).get("token", (None,))[0]
-        fallback = bool(token)
-    fingerprint = config.value(section, "fingerprint")
+        entry = config.sections.get("serve", {}).get("token")
+        if entry:
+            token, token_from = entry[0], "this machine's [serve] token in %s" % entry[1]
+            fallback = True
+    entry = config.get(section, "fingerprint")
+    fingerprint = None
+    if entry is not None:
+        try:
+            fingerprint = _check_fingerprint(entry[0])
+        except ValueError as e:
+            raise ConfigError(str(e), entry[1], entry[2], "fingerprint") from None
     tls = _bool_value(config, section, "tls") or bool(fingerprint)
     return _Target(host, port, token, tls, fingerprint, config.int_value(section, "workers"),
-                   fallback)
+                   fallback, token_from)
 
 
-_Target = collections.namedtuple("_Target", "host port token tls fingerprint workers fallback")
+_Target = collections.namedtuple("_Target",
+                                 "host port token tls fingerprint workers fallback token_from")
 
 
 def _is_loopback(host):
@@ -4989,22 +5093,133 @@ def _new_token():
             return token
 
 
-def _local_addresses():
-    """This machine's non-loopback IPv4 addresses, best effort, no traffic sent."""
+#: A documentation address (TEST-NET-1): connecting a UDP socket to it makes
+#: the system pick the address of its default route, and sends nothing.
+_ROUTE_PROBE = ("192.0.2.1", 9)
+_SIOCGIFADDR = 0x8915     # Linux: an interface's IPv4 address
+
+
+def _interface_addresses():
+    """The IPv4 address of each network interface, read from the kernel (Linux; [] elsewhere)."""
+    if fcntl is None or not sys.platform.startswith("linux") \
+            or not hasattr(socket, "if_nameindex"):
+        return []
     found = []
     try:
-        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET,
-                                       socket.SOCK_STREAM):
-            ip = info[4][0]
-            if not ip.startswith("127.") and ip not in found:
-                found.append(ip)
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    except OSError:
+        return []
+    try:
+        for _, name in socket.if_nameindex():
+            try:
+                ifreq = fcntl.ioctl(s.fileno(), _SIOCGIFADDR,
+                                    struct.pack("256s", name.encode("utf-8")[:15]))
+            except OSError:
+                continue            # no IPv4 address on this interface
+            found.append(socket.inet_ntoa(ifreq[20:24]))   # struct ifreq's sin_addr
     except OSError:
         pass
+    finally:
+        s.close()
     return found
 
 
+def _routed_address():
+    """The address this machine sends from by default, or None; no packet is sent."""
+    try:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    except OSError:
+        return None
+    try:
+        s.connect(_ROUTE_PROBE)     # UDP: chooses a route, sends nothing
+        return s.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        s.close()
+
+
+def _local_addresses():
+    """This machine's LAN (non-loopback) IPv4 addresses, for the pairing line.
+
+    Read from the interfaces where the OS allows (Linux).  Elsewhere: on
+    Windows the addresses its own host name resolves to (answered from the
+    interfaces), everywhere the address of the default route.  Never a DNS,
+    mDNS or any other query: a host name may resolve to 127.0.1.1 (Debian,
+    Raspberry Pi OS) or not at all.  Link-local addresses come last.
+    """
+    candidates = _interface_addresses()
+    if not [ip for ip in candidates if not ip.startswith("127.")]:
+        if os.name == "nt":
+            try:
+                candidates += [info[4][0] for info in socket.getaddrinfo(
+                    socket.gethostname(), None, socket.AF_INET, socket.SOCK_STREAM)]
+            except OSError:
+                pass
+        candidates.append(_routed_address())
+    found = []
+    for ip in candidates:
+        if ip and not ip.startswith(("127.", "0.")) and ip not in found:
+            found.append(ip)
+    return sorted(found, key=lambda ip: ip.startswith("169.254."))
+
+
+def _load_config(args, local=True):
+    """load_config() for a command: its warnings go to stderr, one line each."""
+    config = load_config(args.config, local=local)
+    for line in config.warnings:
+        sys.stderr.write("xfer: warning: %s\n" % line)
+    return config
+
+
+def _within(path, root):
+    """Whether path is root or below it (both absolute and resolved)."""
+    path, root = os.path.normcase(path), os.path.normcase(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _serve_protected(config, settings, tls_cert, tls_key):
+    """The files serve must never let a sender write: the config files it reads
+    and writes, and the known_hosts, key and certificate files beside them."""
+    paths = list(config.files) + [p for p in (tls_cert, tls_key) if p]
+    for ini in (settings, user_config_path()):
+        folder = os.path.dirname(os.path.abspath(ini))
+        paths += [ini] + [os.path.join(folder, n)
+                          for n in ("known_hosts", "xfer-cert.pem", "xfer-key.pem")]
+    unique = []
+    for p in paths:
+        p = os.path.abspath(p)
+        if p not in unique:
+            unique.append(p)
+    return unique
+
+
+def _check_serve_dir(directory, protected, allow_home):
+    """Refuse a DIR through which senders could change this server or this account."""
+    path = os.path.abspath(os.path.expanduser(directory))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError("%s is a file, not a directory" % path)
+    if allow_home:
+        return
+    real = os.path.realpath(path)
+    home = os.path.expanduser("~")
+    if home != "~" and _within(os.path.realpath(home), real):
+        raise ConfigError(
+            "%s is %s: a sender could replace any file there (~/.ssh/authorized_keys, "
+            "xfer's own config); receive into a directory of its own such as ~/incoming, or "
+            "pass --allow-home" % (path, "the home directory" if _within(real, os.path.realpath(
+                home)) else "a parent of the home directory"))
+    for p in protected:
+        if _within(os.path.realpath(p), real):
+            raise ConfigError("%s holds this server's own %s, which a sender could then "
+                              "replace; choose another --dir, or pass --allow-home (names "
+                              "that reach such files are then refused)" % (path, p))
+
+
 def _cmd_serve(args):
-    config = load_config(args.config)
+    # Nothing from the working directory: with the default --dir . files
+    # that senders store land there (README "Security").
+    config = _load_config(args, local=False)
     env = os.environ
     s = "serve"
     directory = args.dir or env.get("XFER_DIR") or config.value(s, "dir") or "."
@@ -5020,6 +5235,11 @@ def _cmd_serve(args):
         if port is None:
             port = DEFAULT_PORT
     settings = _settings_path(args)
+    tls_cert = args.tls_cert or config.value(s, "tls_cert")
+    tls_key = args.tls_key or config.value(s, "tls_key")
+    protected = _serve_protected(config, settings, tls_cert, tls_key)
+    # Before anything is written: a new token, a certificate.
+    _check_serve_dir(directory, protected, args.allow_home or _bool_value(config, s, "allow_home"))
     token = args.token or env.get("XFER_TOKEN")
     token_from = "from --token" if args.token else "from XFER_TOKEN"
     if not token and config.get(s, "token"):
@@ -5032,8 +5252,6 @@ def _cmd_serve(args):
         token = _new_token()
         _save_settings(settings, "serve", {"token": token})
         token_from = "new, kept in %s" % settings
-    tls_cert = args.tls_cert or config.value(s, "tls_cert")
-    tls_key = args.tls_key or config.value(s, "tls_key")
     if not tls_cert and (args.tls or _bool_value(config, s, "tls")):
         tls_cert, tls_key = _ensure_certificate(os.path.dirname(os.path.abspath(settings)))
     max_conn = args.max_connections or config.int_value(s, "max_connections") \
@@ -5067,8 +5285,9 @@ def _cmd_serve(args):
         if as_json or not quiet:
             log(line)
 
-    hooks = _Hooks(args.on_receive, log, args.hook_timeout, note) if args.on_receive \
-        else None
+    # A hook's output follows the line saying its file arrived.
+    hooks = _Hooks(args.on_receive, log, args.hook_timeout, note,
+                   before=lines.write_pending) if args.on_receive else None
 
     def on_file(info):
         if as_json:
@@ -5107,16 +5326,17 @@ def _cmd_serve(args):
                         portable_names=portable,
                         tls_cert=tls_cert, tls_key=tls_key,
                         overwrite=args.overwrite or config.value(s, "overwrite") or "replace",
-                        partial_max_age=args.partial_max_age * 86400)
+                        partial_max_age=args.partial_max_age * 86400, protect=protected)
     banner = token_from if token else None
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt
 
     # Installed before the readiness line, so a supervisor may send SIGTERM
-    # as soon as it has read it.
+    # as soon as it has read it.  SIGINT too: a shell starts a background
+    # job (`serve &`) with SIGINT ignored, and `kill -INT` must still stop it.
     previous = {}
-    for name in ("SIGTERM", "SIGBREAK"):
+    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
         if hasattr(signal, name):
             previous[name] = signal.signal(getattr(signal, name), on_signal)
     status = EXIT_OK
@@ -5210,6 +5430,10 @@ class _Lines:
     def flush(self):
         """Nothing: the thread writes within delay seconds (close() at once)."""
 
+    def write_pending(self):
+        """Write the lines waiting now, from the calling thread."""
+        self._write()
+
     def _run(self):
         while True:
             with self.cv:
@@ -5250,7 +5474,7 @@ class _Hooks:
     fails, or runs past timeout and is killed, is logged; receiving goes on.
     """
 
-    def __init__(self, command, log, timeout=DEFAULT_HOOK_TIMEOUT, note=None):
+    def __init__(self, command, log, timeout=DEFAULT_HOOK_TIMEOUT, note=None, before=None):
         # On Windows a command line is one string that the program parses
         # itself; it is still run directly, not through cmd.exe.
         try:
@@ -5262,6 +5486,7 @@ class _Hooks:
         self.log = log                  # failures
         self.note = note or log         # the rest
         self.timeout = timeout
+        self.before = before        # called before each hook starts
         self.queue = queue.Queue(HOOK_QUEUE)
         self.threads = []
 
@@ -5295,6 +5520,8 @@ class _Hooks:
         else:
             cmd = self.argv + [info.path]
         name = _display(info.relpath)
+        if self.before is not None:
+            self.before()
         try:
             out = sys.stderr.fileno()
         except (AttributeError, ValueError, OSError):
@@ -5329,7 +5556,7 @@ def _print_banner(receiver, token, token_from, bound_host, bound_port):
     """The startup banner: where files go and the one line that pairs a sender."""
     out = ["xfer %s receiving into %s" % (__version__, receiver.dir)]
     if bound_host in ("0.0.0.0", "::", ""):
-        addresses = _local_addresses() or [socket.gethostname()]
+        addresses = _local_addresses() or ["127.0.0.1"]    # loopback only if that is all
     else:
         addresses = [bound_host]
     if token:
@@ -5457,6 +5684,7 @@ class _Track:
         self.to = to                # "host:port", for JSON events
         self.subdir = subdir        # DIR of HOST:DIR
         self.sender = None
+        self.token_from = None      # where its token came from, named if it is refused
         self.jobs = []              # top-level jobs
         self.ended = 0              # files ended, in any state
         self.failed_inputs = 0      # operands that were never queued
@@ -5866,9 +6094,20 @@ def _operand_problem(path, command, recursive):
     return None
 
 
+def _token_source(error, source):
+    """Say in a refused token's error where that token came from; return the error.
+
+    The Sender's errors are the same objects its jobs carry, so the note is
+    added to each once, whichever line prints it first."""
+    if isinstance(error, AuthError) and source and not getattr(error, "token_from", None):
+        error.token_from = source
+        error.args = ("%s (from %s)" % (error, source),)
+    return error
+
+
 def _cmd_send(args):
     """send and send-dir: one Sender per destination, all polled from this thread."""
-    config = load_config(args.config)
+    config = _load_config(args)
     paths = list(args.paths)
     destinations = list(args.to or [])
     if _is_destination(paths[-1]):
@@ -5902,6 +6141,12 @@ def _cmd_send(args):
         track, callbacks = report.track(
             "%s: " % dest if len(destinations) > 1 else "",
             _host_port_text(target.host, target.port), subdir)
+
+        def on_error(job, report_error=callbacks["on_error"], source=target.token_from):
+            _token_source(job.error, source)
+            report_error(job)
+        callbacks["on_error"] = on_error
+        track.token_from = target.token_from
         track.sender = Sender(
             (target.host, target.port), token=target.token,
             workers=args.workers or target.workers or 4, dispatch="poll",
@@ -5953,6 +6198,8 @@ def _send_all(args, paths, tracks, report, mode, spooled):
         report.finish(interrupted=True)
         report.say("xfer: interrupted; sending the same again resumes")
         return EXIT_INTERRUPTED
+    for t in tracks:
+        _token_source(t.sender.error, t.token_from)
     report.finish()
     if len(tracks) == 1 and tracks[0].sender.error is not None:
         return tracks[0].sender.error.exit_code      # finish() printed it
@@ -5962,8 +6209,10 @@ def _send_all(args, paths, tracks, report, mode, spooled):
 def _cmd_bench(args):
     """Measure throughput to a receiver's discard sink (nothing is stored)."""
     server = None
+    source = None           # where the token came from
     if args.to:
-        target = _resolve_target(load_config(args.config), args.to, args.token)
+        target = _resolve_target(_load_config(args), args.to, args.token)
+        source = target.token_from
         tls = args.tls or target.tls or bool(args.fingerprint)
         kwargs = dict(token=target.token, tls=tls,
                       fingerprint=args.fingerprint or target.fingerprint,
@@ -5985,21 +6234,40 @@ def _cmd_bench(args):
         address = ("127.0.0.1", int(line.rsplit(":", 1)[1]))
         kwargs = dict(token=token)
         where = "over loopback to a server in another process"
-    print("xfer %s bench %s, discard sink, sha256 and %s" % (
-        __version__, where, "tags on" if kwargs.get("token") else "no token"))
+    emit = _json_writer(sys.stdout) if args.json else None
+    if emit:
+        emit("bench_started", to=_host_port_text(*address), auth=bool(kwargs.get("token")),
+             tls=bool(kwargs.get("tls")))
+    else:
+        print("xfer %s bench %s, discard sink, sha256 and %s" % (
+            __version__, where, "tags on" if kwargs.get("token") else "no token"))
     worst = [0.0, 0]
     try:
-        seconds = _bench_phase(address, kwargs, args.workers, [("bench/large.bin", args.size)],
-                               worst)
-        print("large file:  %s in %.2f s = %s/s" % (_human(args.size), seconds,
-                                                   _human(args.size / seconds)))
-        files = [("bench/small/%06d" % i, args.file_size) for i in range(args.files)]
-        seconds = _bench_phase(address, kwargs, args.workers, files, worst)
-        print("small files: %d x %s in %.2f s = %.0f files/s (%s/s)" % (
-            args.files, _human(args.file_size), seconds, args.files / seconds,
-            _human(args.files * args.file_size / seconds)))
-        print("poll(): worst %.3f ms over %d calls at up to 60 Hz (dispatch=\"poll\")"
-              % (worst[0] * 1000, worst[1]))
+        phases = (("large", [("bench/large.bin", args.size)]),
+                  ("small", [("bench/small/%06d" % i, args.file_size)
+                             for i in range(args.files)]))
+        for phase, files in phases:
+            try:
+                seconds = _bench_phase(address, kwargs, args.workers, files, worst)
+            except XferError as e:
+                raise _token_source(e, source)
+            size = sum(n for _, n in files)
+            if emit:
+                emit("bench_phase", phase=phase, files=len(files), bytes=size,
+                     seconds=round(seconds, 6), rate=round(size / seconds),
+                     files_per_second=round(len(files) / seconds, 1))
+            elif phase == "large":
+                print("large file:  %s in %.2f s = %s/s" % (_human(size), seconds,
+                                                           _human(size / seconds)))
+            else:
+                print("small files: %d x %s in %.2f s = %.0f files/s (%s/s)" % (
+                    len(files), _human(args.file_size), seconds, len(files) / seconds,
+                    _human(size / seconds)))
+        if emit:
+            emit("bench_done", poll_worst_ms=round(worst[0] * 1000, 3), poll_calls=worst[1])
+        else:
+            print("poll(): worst %.3f ms over %d calls at up to 60 Hz (dispatch=\"poll\")"
+                  % (worst[0] * 1000, worst[1]))
     finally:
         if server is not None:
             server.terminate()
@@ -6038,7 +6306,7 @@ def _bench_phase(address, kwargs, workers, files, worst):
 
 def _cmd_ping(args):
     """Health check: connect, authenticate, PING; one line, exit 0 if all is well."""
-    target = _resolve_target(load_config(args.config), args.host, args.token)
+    target = _resolve_target(_load_config(args), args.host, args.token)
     tls = args.tls or target.tls or bool(args.fingerprint)
     where = _host_port_text(target.host, target.port)
     sender = Sender((target.host, target.port), token=target.token, tls=tls,
@@ -6048,6 +6316,7 @@ def _cmd_ping(args):
     try:
         state = sender.ping()
     except XferError as e:
+        _token_source(e, target.token_from)
         if not args.json:
             raise
         _json_writer(sys.stdout)("ping", to=where, ok=False, error=str(e), exit=e.exit_code)
@@ -6075,6 +6344,13 @@ def _cmd_config(args):
                   "fingerprint": args.fingerprint, "tls": "yes" if args.tls else None}
         if args.name in ("DEFAULT", "serve"):
             raise ConfigError("%r is reserved; choose another alias" % args.name)
+        if os.path.exists(path):
+            old = Config()
+            _read_ini(old, path)
+            if args.name in old.sections:
+                entry = old.own(args.name, "host")
+                print("replacing alias %s (was %s)" % (args.name, _host_port_text(
+                    entry[0] if entry else args.name, old.port(args.name) or DEFAULT_PORT)))
         _save_settings(path, args.name, values)
         print("added %s -> %s in %s" % (args.name, _host_port_text(host, port or DEFAULT_PORT),
                                         path))
@@ -6083,7 +6359,7 @@ def _cmd_config(args):
         _save_settings(path, args.name, remove=True)
         print("removed %s from %s" % (args.name, path))
         return EXIT_OK
-    config = load_config(args.config)
+    config = _load_config(args)
     print("files read (first wins): %s" % (", ".join(config.files) or "none"))
     print("written by 'config add' and 'serve': %s" % path)
     if config.serverinfo is not None:
@@ -6145,6 +6421,13 @@ def _parse_size(text):
     return value
 
 
+def _fingerprint_arg(text):
+    try:
+        return _check_fingerprint(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _size_arg(text):
     try:
         return _parse_size(text)
@@ -6194,6 +6477,9 @@ def _build_parser():
                    % DEFAULT_PORT)
     p.add_argument("--no-auth", action="store_true",
                    help="accept files from anyone who can connect (no token)")
+    p.add_argument("--allow-home", action="store_true",
+                   help="let DIR be the home directory (or hold xfer's own config); names "
+                   "that reach xfer's config, keys or known_hosts are still refused")
     p.add_argument("--tls", action="store_true",
                    help="serve TLS with a self-signed certificate (made with openssl)")
     p.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate")
@@ -6246,7 +6532,7 @@ def _build_parser():
         p.add_argument("--workers", type=_positive_int, metavar="N",
                        help="parallel connections (default 4)")
         p.add_argument("--tls", action="store_true", help="connect with TLS")
-        p.add_argument("--fingerprint", metavar="SHA256",
+        p.add_argument("--fingerprint", metavar="SHA256", type=_fingerprint_arg,
                        help="the server certificate's fingerprint (implies --tls)")
         p.add_argument("--checksum", action="store_true",
                        help="skip a file only if the receiver's copy has the same sha256 "
@@ -6280,7 +6566,8 @@ def _build_parser():
     p.add_argument("host", nargs="?", metavar="HOST[:PORT]",
                    help="server address or config alias (default as for send)")
     p.add_argument("--tls", action="store_true", help="connect with TLS")
-    p.add_argument("--fingerprint", metavar="SHA256", help="pin the server certificate")
+    p.add_argument("--fingerprint", metavar="SHA256", type=_fingerprint_arg,
+                   help="pin the server certificate")
     p.add_argument("--timeout", type=float, metavar="SECONDS", default=DEFAULT_CONNECT_TIMEOUT,
                    help="give up after this long (default %g)" % DEFAULT_CONNECT_TIMEOUT)
     p.set_defaults(func=_cmd_ping)
@@ -6291,7 +6578,8 @@ def _build_parser():
                    help="server to measure (default: one started on loopback)")
     p.add_argument("--workers", type=_positive_int, metavar="N", help="connections (default 4)")
     p.add_argument("--tls", action="store_true", help="connect with TLS")
-    p.add_argument("--fingerprint", metavar="SHA256", help="pin the server certificate")
+    p.add_argument("--fingerprint", metavar="SHA256", type=_fingerprint_arg,
+                   help="pin the server certificate")
     p.add_argument("--size", type=_size_arg, default=256 * 2**20, metavar="SIZE",
                    help="large file size (default 256MiB)")
     p.add_argument("--files", type=_positive_int, default=5000, metavar="N",
@@ -6308,7 +6596,8 @@ def _build_parser():
     c.add_argument("name", metavar="NAME")
     c.add_argument("address", metavar="HOST[:PORT]")
     c.add_argument("--token", help="the server's token")
-    c.add_argument("--fingerprint", metavar="SHA256", help="pin the server's TLS certificate")
+    c.add_argument("--fingerprint", metavar="SHA256", type=_fingerprint_arg,
+                   help="pin the server's TLS certificate")
     c.add_argument("--tls", action="store_true", help="connect with TLS (pin on first use)")
     c = csub.add_parser("remove", help="remove a host alias")
     c.add_argument("name", metavar="NAME")
@@ -6321,6 +6610,11 @@ def main(argv=None):
 
     argv defaults to sys.argv[1:].  Usage errors exit through argparse (2).
     """
+    # pythonw.exe (the Windows recipe in README "Running as a service")
+    # starts a program with sys.stdout and sys.stderr set to None.
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
