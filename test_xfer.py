@@ -1005,6 +1005,20 @@ def _cfg_serve_token(env):
     return xfer.load_config(path, environ={}).value("serve", "token")
 
 
+def _cfg_main(argv, environ, cwd):
+    """Run xfer.main(argv) in this process with exactly environ; return (status, out, err)."""
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with mock.patch.dict(os.environ, environ, clear=True), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = xfer.main(argv)
+    finally:
+        os.chdir(old)
+    return status, out.getvalue(), err.getvalue()
+
+
 def _cfg_stop(proc):
     """Stop a server started by spawn_server; return (stdout, stderr) after its first line."""
     proc.terminate()
@@ -1251,13 +1265,13 @@ class TokenPrecedenceTests(unittest.TestCase):
         ]
         for args, extra, source in cases:
             with self.subTest(source=source):
-                r = run_xfer("send", *args, cwd=self.home, env=dict(self.env, **extra))
-                self.assertEqual(r.returncode, xfer.EXIT_AUTH, r.stderr)
-                self.assertIn("wrong token %s" % source, r.stderr)
-                self.assertNotIn("Traceback", r.stderr)
-        r = run_xfer("ping", "--config", ini, "vm", cwd=self.home, env=self.env)
-        self.assertEqual(r.returncode, xfer.EXIT_AUTH, r.stderr)
-        self.assertIn("wrong token (from alias vm in %s)" % ini, r.stderr)
+                status, _, err = _cfg_main(["send", "--retries", "0"] + args,
+                                           dict(self.env, **extra), self.home)
+                self.assertEqual(status, xfer.EXIT_AUTH, err)
+                self.assertEqual(err, "xfer: error: wrong token %s\n" % source)
+        status, _, err = _cfg_main(["ping", "--config", ini, "vm"], self.env, self.home)
+        self.assertEqual(status, xfer.EXIT_AUTH, err)
+        self.assertEqual(err, "xfer: error: wrong token (from alias vm in %s)\n" % ini)
         # With the alias correctly paired, an exported XFER_TOKEN does not get in the way.
         xfer._save_settings(ini, "vm", {"token": "right"})
         r = run_xfer("send", "--config", ini, f, "vm:", cwd=self.home,
@@ -1371,10 +1385,10 @@ class StartupTests(unittest.TestCase):
         missing = os.path.join(self.home, "nonexistent.ini")
         for argv in (["config", "show"], ["ping", "%s:%d" % (HOST, _free_port())]):
             with self.subTest(argv=argv):
-                r = run_xfer(*argv, cwd=self.home, env=dict(self.env, XFER_CONFIG=missing))
-                self.assertEqual(r.returncode, xfer.EXIT_USAGE, r.stderr)
-                lines = r.stderr.strip().splitlines()
-                self.assertEqual(len(lines), 1, r.stderr)
+                status, _, err = _cfg_main(argv, dict(self.env, XFER_CONFIG=missing), self.home)
+                self.assertEqual(status, xfer.EXIT_USAGE, err)
+                lines = err.strip().splitlines()
+                self.assertEqual(len(lines), 1, err)
                 self.assertIn("XFER_CONFIG", lines[0])
                 self.assertIn(missing, lines[0])
         with self.assertRaises(xfer.ConfigError):
