@@ -395,6 +395,7 @@ class _SendCliCase(unittest.TestCase):
         self.env = isolated_env(self.home)
         self.ini = os.path.join(self.home, "empty.ini")
         write_file(self.ini, b"")
+        os.chmod(self.ini, 0o600)     # tokens go in here: no "others can read" warning
 
     def serve(self, dst):
         """A receiver into dst (in this process: the sender is under test); its HOST:PORT:."""
@@ -1195,6 +1196,44 @@ class SecretFileTests(unittest.TestCase):
         warnings = [line for line in err.splitlines() if "chmod 600" in line]
         self.assertEqual(len(warnings), 1, err)
         self.assertIn(config, warnings[0])
+
+    def test_bench_gives_its_loopback_server_the_token_in_the_environment(self):
+        seen = {}
+
+        def fake_popen(argv, **kw):
+            seen.update(argv=argv, env=kw.get("env"))
+            return types.SimpleNamespace(stdout=io.StringIO(""), kill=lambda: None,
+                                         terminate=lambda: None, wait=lambda: 0)
+        with mock.patch.object(subprocess, "Popen", fake_popen):
+            status, _, err = _cfg_main(["bench", "--files", "1"], self.env, self.home)
+        self.assertEqual(status, xfer.EXIT_FAILED, err)      # the fake server never starts
+        token = seen["env"]["XFER_TOKEN"]
+        self.assertEqual(len(token), 32)
+        self.assertFalse([a for a in seen["argv"] if "token" in a or token in a], seen["argv"])
+
+    @unittest.skipIf(os.name == "nt", "POSIX modes")
+    def test_self_signed_key_is_never_readable_by_others(self):
+        folder = os.path.join(self.home, "cfg")
+        umasks = []
+
+        def fake_openssl(argv, **kw):
+            mask = os.umask(0)
+            os.umask(mask)
+            umasks.append(mask)
+            for path in (argv[argv.index("-keyout") + 1], argv[argv.index("-out") + 1]):
+                with open(path, "w") as f:
+                    f.write("pem")
+            return subprocess.CompletedProcess(argv, 0, "", "")
+        old = os.umask(0o022)
+        try:
+            with mock.patch.object(shutil, "which", return_value="/usr/bin/openssl"), \
+                    mock.patch.object(subprocess, "run", fake_openssl):
+                cert, key = xfer._ensure_certificate(folder)
+            self.assertEqual(os.umask(0o022), 0o022)        # restored afterwards
+        finally:
+            os.umask(old)
+        self.assertEqual(umasks, [0o077])    # the key is private from its first byte
+        self.assertEqual(stat.S_IMODE(os.stat(key).st_mode), 0o600)
 
     @unittest.skipIf(os.name == "nt", "POSIX modes")
     def test_known_hosts_is_created_private(self):

@@ -5072,10 +5072,17 @@ def _ensure_certificate(folder):
                           "to make one: install openssl, or pass --tls-cert FILE --tls-key "
                           "FILE (any PEM certificate and key)")
     os.makedirs(folder, exist_ok=True)
-    proc = subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-days", "3650", "-subj", "/CN=xfer", "-keyout", key, "-out", cert],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    # openssl creates the key with the umask's mode: private from its first
+    # byte, not only after a chmod.  serve calls this before it starts threads.
+    umask = os.umask(0o077)
+    try:
+        proc = subprocess.run(
+            [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-days", "3650", "-subj", "/CN=xfer",
+             "-keyout", key, "-out", cert],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    finally:
+        os.umask(umask)
     if proc.returncode != 0 or not os.path.isfile(cert):
         raise ConfigError("openssl could not make a certificate: %s"
                           % (proc.stderr.strip().splitlines() or ["no output"])[-1])
@@ -6223,13 +6230,17 @@ def _cmd_bench(args):
         import tempfile
         token = _new_token()
         empty = tempfile.mkdtemp(prefix="xfer-bench-")
+        # The token in the environment, not on the command line, where any
+        # local user could read it (README "Security").
         server = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "serve", "--host", "127.0.0.1",
-             "--port", "0", "--dir", empty, "--token=" + token, "-q"],
-            stdout=subprocess.PIPE, universal_newlines=True)
+             "--port", "0", "--dir", empty, "-q"],
+            stdout=subprocess.PIPE, universal_newlines=True,
+            env=dict(os.environ, XFER_TOKEN=token))
         line = server.stdout.readline()
         if not line.startswith("listening on "):
             server.kill()
+            shutil.rmtree(empty, ignore_errors=True)
             raise XferError("the loopback server did not start")
         address = ("127.0.0.1", int(line.rsplit(":", 1)[1]))
         kwargs = dict(token=token)
