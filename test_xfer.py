@@ -1492,6 +1492,35 @@ class StartupTests(unittest.TestCase):
         self.assertNotIn("Traceback", err)
         self.assertIn("stopped:", err)
 
+    @unittest.skipUnless(hasattr(signal, "pthread_sigmask"), "POSIX signal masks")
+    def test_sigterm_received_by_another_thread_stops_the_server(self):
+        # The system may hand a process's signal to any thread; here the main
+        # thread blocks SIGTERM, so another thread must take it.
+        dst = temp_dir(self)
+        wrapper = (
+            "import os, signal, sys\n"
+            "sys.path.insert(0, os.path.dirname(sys.argv[1]))\n"
+            "import xfer\n"
+            "start = xfer.Receiver.start\n"
+            "def start_then_block(self):\n"
+            "    start(self)\n"
+            "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+            "    return self\n"
+            "xfer.Receiver.start = start_then_block\n"
+            "sys.exit(xfer.main(sys.argv[2:]))\n")
+        proc = popen_reaped(self, ["-c", wrapper, XFER, "serve", "--host", HOST, "--port", "0",
+                                   "--dir", dst, "--token", TOKEN], cwd=self.home, env=self.env)
+        lines = queue.Queue()
+        threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+        self.assertTrue(lines.get(timeout=TIMEOUT).startswith("listening on "))
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.fail("SIGTERM taken by another thread did not stop the server")
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertIn("stopped:", err)
+
     def test_bench_json_prints_only_json(self):
         r = run_xfer("bench", "--json", "--size", "64KiB", "--files", "5", "--file-size", "100",
                      cwd=self.home, env=self.env, timeout=60)

@@ -5346,6 +5346,7 @@ def _cmd_serve(args):
     for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
         if hasattr(signal, name):
             previous[name] = signal.signal(getattr(signal, name), on_signal)
+    pause = _SignalPause()
     status = EXIT_OK
     try:
         receiver.start()
@@ -5360,9 +5361,9 @@ def _cmd_serve(args):
                 _print_banner(receiver, token, banner, bound_host, bound_port)
         idle_since = None
         while not args.once:
-            time.sleep(3600)     # a signal or Ctrl-C interrupts this at once
+            pause.wait(3600)     # a signal or Ctrl-C interrupts this at once
         while True:
-            time.sleep(0.1)
+            pause.wait(0.1)
             with once_lock:
                 seen, clean, failed = once["seen"], once["clean"], once["failed"]
             if not seen or receiver.connections:
@@ -5385,6 +5386,7 @@ def _cmd_serve(args):
         if hooks is not None:
             hooks.close()
         lines.close()
+        pause.close()
         for name, handler in previous.items():
             signal.signal(getattr(signal, name), handler)
     if as_json:
@@ -5395,6 +5397,35 @@ def _cmd_serve(args):
             receiver.files_received, "" if receiver.files_received == 1 else "s",
             _human(receiver.bytes_received), receiver.files_failed))
     return status
+
+
+class _SignalPause:
+    """Waits in the main thread that every signal cuts short.
+
+    The system may deliver a signal to any thread.  Python runs the handler
+    in the main thread, but only once that thread is awake: a time.sleep()
+    there could sleep on through a SIGTERM that another thread received.
+    With a wakeup fd, every signal also writes a byte to a socket this waits
+    on.  Main thread only, like signal.signal().
+    """
+
+    def __init__(self):
+        self.r, self.w = socket.socketpair()
+        self.w.setblocking(False)
+        self.previous = signal.set_wakeup_fd(self.w.fileno())
+
+    def wait(self, seconds):
+        """Sleep up to seconds, less if a signal arrives (its handler runs next)."""
+        self.r.settimeout(seconds)
+        try:
+            self.r.recv(512)
+        except OSError:          # socket.timeout: no signal
+            pass
+
+    def close(self):
+        signal.set_wakeup_fd(self.previous)
+        self.r.close()
+        self.w.close()
 
 
 def _json_writer(stream):
