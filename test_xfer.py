@@ -4640,13 +4640,16 @@ class ReceiverLifecycleTests(unittest.TestCase):
         client.send(frames + client.frame(xfer._Msg.PING)[:3])
         self.assertTrue(_hostile_wait_until(
             lambda: any(n.startswith(xfer.PARTIAL_PREFIX) for n in os.listdir(dst))))
+        # The sender goes away: the connection publishes its file as it ends,
+        # then sticks behind the gate, before stop() has begun.
+        client.close()
+        self.assertTrue(_hostile_wait_until(lambda: waited), "the connection never ended")
         stopper = threading.Thread(target=lambda: (receiver.stop(), returned.set()),
                                    daemon=True)
         with mock.patch.object(xfer, "UNWIND_TIMEOUT", 0.2, create=True):
             stopper.start()
             stopper.join(TIMEOUT)
         self.assertFalse(stopper.is_alive(), "stop() waited for a stuck connection")
-        self.assertTrue(_hostile_wait_until(lambda: waited), "the connection never ended")
         after = len(logged)
         gate.set()
         waited[0].join(TIMEOUT)
@@ -4847,9 +4850,10 @@ class ReceiverLifecycleTests(unittest.TestCase):
         client.send(frames + client.frame(xfer._Msg.PING)[:3])
         self.assertTrue(_hostile_wait_until(
             lambda: any(n.startswith(xfer.PARTIAL_PREFIX) for n in os.listdir(dst))))
+        client.close()   # the file is published as the connection ends
+        self.assertTrue(_hostile_wait_until(lambda: waited), "the connection never ended")
         with mock.patch.object(xfer, "UNWIND_TIMEOUT", 0.2, create=True):
             receiver.stop()
-        self.assertTrue(_hostile_wait_until(lambda: waited), "the connection never ended")
         gate.set()
         waited[0].join(TIMEOUT)
         self.assertFalse(waited[0].is_alive())
