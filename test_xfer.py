@@ -7636,7 +7636,7 @@ def _report_ctrl_c(after):
         if isinstance(data, memoryview):
             chunks[0] += 1
             if chunks[0] == 2:
-                link.s._abort.wait(TIMEOUT)
+                link.abort.wait(TIMEOUT)
         return write(link, data)
 
     def interrupting_tick(report):

@@ -3194,6 +3194,232 @@ def _human(n):
 #------------------------------------------------------------
 # sending side
 #------------------------------------------------------------
+# One file's way out, in the order of this section:
+#   _walk_tree   one scandir walk of a tree; each file comes with the one stat
+#                the sender makes of it, used for CHECK and for the FILE header
+#   _Outgoing    the outgoing file: open, read whole (small) or in chunks
+#                (large), the hash, "did it change while it was sent"; it
+#                knows nothing of jobs or connections, so whatever serves a
+#                file (a Sender pushing it, a server answering a pull) reads
+#                it the same way
+#   Job          what a caller holds for each queued file or tree
+#   _Ledger      the counts and endings of a Sender's jobs, shared by its threads
+#   _Link        one connection: a method per message kind (CHECK, MKDIR,
+#                FILE small or large, PING, BYE), one wait helper, and a
+#                reader thread that ends jobs as their answers arrive
+#   _Worker      the loop that feeds one link batches of jobs, reconnecting
+#                and retrying
+#   Sender       the public API; its feeder thread walks trees and hands the
+#                workers jobs in batches; the reconnect schedule
+# Threads: the caller's (queue, poll, close), one feeder, `workers` workers
+# each with the reader thread of its link, and one per ping_async().
+
+def _walk_tree(path, name, cancelled=None):
+    """Yield (kind, path, name, stat or error) for a tree, depth first, lazily.
+
+    kind is "dir" (with None), "file" (with its os.stat_result, following a
+    symlink to a file) or "error" (with the OSError of a directory that
+    cannot be listed).  name is the path below the tree's parent, joined
+    with "/".  Directory entries are never collected into lists (only the
+    pending subdirectories are), so a directory of a million files costs
+    no more memory than one of ten.  Symlinks to directories are not
+    followed.  cancelled, a callable, is asked before each directory.
+    """
+    stack = [(path, name)]
+    while stack:
+        if cancelled is not None and cancelled():
+            return
+        path, name = stack.pop()
+        yield "dir", path, name, None
+        subdirs = []
+        prefix = name + "/"
+        try:
+            with os.scandir(path) as it:
+                for entry in it:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            subdirs.append((entry.path, prefix + entry.name))
+                        elif entry.is_file():
+                            yield "file", entry.path, prefix + entry.name, entry.stat()
+                    except OSError:
+                        continue      # gone meanwhile, or a dangling symlink
+        except OSError as e:
+            yield "error", path, name, e
+        stack.extend(reversed(subdirs))
+
+
+def _tree_totals(path, cancelled=None):
+    """(bytes, files) of what _walk_tree yields for a tree: its size before any is sent."""
+    total = count = 0
+    for kind, _, _, st in _walk_tree(path, "", cancelled):
+        if kind == "file":
+            total += st.st_size
+            count += 1
+    return total, count
+
+
+# Why send refuses a FIFO, device or socket: it has no size to announce, and
+# reading one may never end.
+_NOT_REGULAR = "not a regular file (for a stream, give '-' and pipe it to standard input)"
+
+
+class _Outgoing:
+    """One file on its way out: opened once, read whole or in chunks.
+
+    st is the stat the walk made; the header is built from it, without a
+    second system call.  None (a file queued on its own whose stat failed)
+    stats the opened file.  Attributes: path, size, mtime_ns, mode (st_mode,
+    type bits included).  Use as a context manager; close() closes the file.
+    """
+    __slots__ = ("path", "fd", "size", "mtime_ns", "mode", "_file")
+
+    def __init__(self, path, st=None):
+        self.path = path
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (the sender
+        # refuses it once it sees what it is); reads of regular files ignore it.
+        self.fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_NONBLOCK)
+        self._file = None
+        try:
+            self._take(os.fstat(self.fd) if st is None else st)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _take(self, st):
+        self.size = st.st_size
+        self.mtime_ns = st.st_mtime_ns
+        self.mode = st.st_mode
+
+    def read_all(self):
+        """The whole content of a small file, in one read.
+
+        If the file's size changed since its stat, it is stated again and
+        read as it is now; raises OSError if it changes while it is read,
+        or grew past STREAM_MAX.
+        """
+        data = os.read(self.fd, self.size + 1)
+        if len(data) != self.size:
+            self._take(os.fstat(self.fd))
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            data = os.read(self.fd, self.size + 1) if self.size <= STREAM_MAX else b""
+            if len(data) != self.size:
+                raise OSError(errno.EIO, "it changed while it was read")
+        return data
+
+    def readinto(self, view):
+        """Read the next bytes into view; return how many (0 at the end)."""
+        if self._file is None:
+            self._file = io.FileIO(self.fd, "rb", closefd=False)   # whole chunks: no buffer
+        return self._file.readinto(view)
+
+    def seek(self, offset):
+        os.lseek(self.fd, offset, os.SEEK_SET)
+
+    def changed(self):
+        """True if the file's size or mtime is no longer what was announced."""
+        try:
+            now = os.stat(self.path)
+        except OSError:
+            return True
+        return now.st_mtime_ns != self.mtime_ns or now.st_size != self.size
+
+    def close(self):
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _hash_prefix(f, h, count, buf):
+    """Hash the first count bytes of f (an _Outgoing) into h; leave f just after them."""
+    view = memoryview(buf)
+    f.seek(0)
+    while count:
+        n = f.readinto(view[:min(count, len(view))])
+        if not n:
+            raise OSError(errno.EIO, "the file shrank")
+        h.update(view[:n])
+        count -= n
+
+
+class _Generated:
+    """Incompressible generated bytes standing in for a file (bench).
+
+    open() gives an object read like an _Outgoing.
+    """
+    _block = None
+
+    def __init__(self, size):
+        self.size = size
+        if _Generated._block is None:
+            _Generated._block = os.urandom(CHUNK + 4096)
+
+    def open(self):
+        return _GeneratedReader(self.size, self._block)
+
+
+class _GeneratedReader:
+    mtime_ns = 0
+    mode = stat.S_IFREG | 0o644
+    path = "(generated)"
+
+    def __init__(self, size, block):
+        self.size = size
+        self.left = size
+        self.block = memoryview(block)
+        self.offset = 0
+
+    def readinto(self, view):
+        n = min(len(view), self.left)
+        done = 0
+        while done < n:
+            k = min(n - done, CHUNK)
+            view[done:done + k] = self.block[self.offset:self.offset + k]
+            self.offset = (self.offset + 4093) % 4096     # shift, so chunks differ
+            done += k
+        self.left -= n
+        return n
+
+    def read_all(self):
+        buf = bytearray(self.left)
+        got = self.readinto(memoryview(buf)) if buf else 0
+        return bytes(buf[:got])
+
+    def seek(self, offset):
+        self.left = self.size - offset
+        self.offset = offset % 4096
+
+    def changed(self):
+        return False
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def _wire_name(job):
+    """job.name as the wire carries it: UTF-8 bytes.
+
+    A local name that is not valid UTF-8 (Python decodes it with
+    surrogateescape) has no such bytes; that file alone fails (README
+    "send and send-dir").
+    """
+    try:
+        return job.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise XferError("%s: name is not valid UTF-8; rename it to send it"
+                        % job.path) from None
+
 
 class Job:
     """One file (or one directory tree) queued on a Sender.
@@ -3211,14 +3437,14 @@ class Job:
     has ended.
     """
 
-    def __init__(self, sender, path, name, kind="file", parent=None):
-        self._sender = sender
+    def __init__(self, ledger, path, name, kind="file", parent=None, st=None):
+        self._ledger = ledger
         self.path = path
         self.name = name
         self.kind = kind
         self.parent = parent
         self.source = None      # a _Generated instead of the file at path (bench)
-        self._stat = None       # os.stat_result from the walk, used once by CHECK
+        self._stat = st         # os.stat_result from the walk: the one stat of the file
         self.note = ""          # the receiver's word on success: "replaced", "renamed to ..."
         self.resumed = 0        # bytes not sent again because the receiver had them
         self.digest = None      # sha256 hex of the content sent, once it was sent
@@ -3226,7 +3452,7 @@ class Job:
         self.files_total = 0    # dir jobs: files in the tree (known before any is sent)
         self._epoch = 0         # the Sender's failed connections when it was queued
         self.state = "queued"
-        self.size = 0
+        self.size = 0 if st is None else st.st_size
         self.bytes_done = 0
         self.error = None
         self.attempts = 0
@@ -3253,7 +3479,7 @@ class Job:
 
     def wait(self, timeout=None):
         """Block until the job ends; return True if it has.  Not for a host's main thread."""
-        with self._sender._lock:
+        with self._ledger.lock:
             if self._done:
                 return True
             if self._ended is None:
@@ -3261,27 +3487,805 @@ class Job:
             ended = self._ended
         return ended.wait(timeout)
 
-    def _set_done(self):
-        with self._sender._lock:
-            self._done = True
-            ended = self._ended
-        if ended is not None:
-            ended.set()
-
     def cancel(self):
         """Stop this job as soon as possible; no final file is left on the receiver."""
         self._cancel = True
 
     @property
     def cancelled(self):
-        return self._cancel or (self.parent is not None and self.parent.cancelled)
+        return self._cancel or (self.parent is not None and self.parent._cancel)
 
     def __repr__(self):
         return "<Job %s %r %s %d/%d>" % (self.kind, self.name, self.state,
                                           self.bytes_done, self.size)
 
 
+class _Ledger:
+    """The counts and endings of one Sender's jobs, shared by its threads.
+
+    end() ends a job exactly once: it counts it, wakes its waiters, fires
+    its callback, and ends its tree's job after the tree's last file.
+    Callbacks go through the dispatcher; on_finished(job) is told when a
+    top-level job has ended.
+    """
+
+    def __init__(self, dispatch, on_progress=None, on_done=None, on_error=None,
+                 on_start=None, on_finished=None):
+        self.dispatch = dispatch
+        self.on_progress = on_progress
+        self.on_done = on_done
+        self.on_error = on_error
+        self.on_start = on_start
+        self.on_finished = on_finished
+        self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)   # notified when unfinished drops to 0
+        self.unfinished = 0          # top-level jobs not ended
+        self.files_done = 0
+        self.files_failed = 0
+        self.files_skipped = 0
+        self.files_cancelled = 0
+        self.bytes_sent = 0
+        self.bytes_resumed = 0
+        self.bodies = set()          # large files whose body is being sent
+        self.kept = 0                # bytes of bodies cancelled midway
+
+    def started(self, job):
+        """A file's bytes start to go out (again, after a retry)."""
+        job.state = "sending"
+        if job.started is None:
+            job.started = time.monotonic()
+        if job.kind == "file" and self.on_start is not None:
+            self.dispatch.emit(self.on_start, job)
+
+    def progress(self, job, n):
+        job.bytes_done += n
+        parent = job.parent
+        if parent is not None:
+            with self.lock:
+                parent.bytes_done += n
+            job = parent
+        if self.on_progress is not None:
+            self.dispatch.emit_progress(self.on_progress, job)
+
+    def resize(self, job, size):
+        """The file's size is not what the walk saw: the tree's size follows."""
+        if job.parent is not None:
+            with self.lock:
+                job.parent.size += size - job.size
+        job.size = size
+
+    def add(self, top, n):
+        """n more parts of top's tree are pending (each ends once)."""
+        with self.lock:
+            top._pending += n
+
+    def end(self, job, state, error=None):
+        """End job in state ("done", "skipped", "failed" or "cancelled"), once."""
+        if job._done:
+            return
+        if state == "skipped" and job.kind != "mkdir":
+            self.progress(job, job.size - job.bytes_done)   # already there counts as done
+        parent = job.parent
+        tree_ended = False
+        with self.lock:
+            if job._done:
+                return
+            job.state = state
+            job.error = error
+            job.finished = time.monotonic()
+            if job.kind == "mkdir":
+                if state == "failed":
+                    self.files_failed += 1
+            elif state == "done":
+                self.files_done += 1
+                self.bytes_sent += job.size - job.resumed
+                self.bytes_resumed += job.resumed
+            elif state == "skipped":
+                self.files_skipped += 1
+            elif state == "cancelled":
+                self.files_cancelled += 1
+            else:
+                self.files_failed += 1
+            if parent is not None:
+                if job.kind != "mkdir":
+                    parent.files += 1
+                if error is not None:
+                    parent.failures.append((job.name, error))
+                parent._pending -= 1
+                tree_ended = parent._pending == 0
+            job._done = True
+            ended = job._ended
+        if ended is not None:
+            ended.set()
+        ok = state in ("done", "skipped")
+        if job.kind == "mkdir" and ok:
+            pass                      # a directory made is not news
+        else:
+            if ok and parent is None and self.on_progress is not None:
+                self.dispatch.emit_progress(self.on_progress, job)   # the final 1.0
+            callback = self.on_done if ok else self.on_error
+            if callback is not None:
+                self.dispatch.emit(callback, job)
+        if parent is None:
+            self._finished(job)
+        elif tree_ended:
+            self._end_tree(parent)
+
+    def part_ended(self, top):
+        """A pending part of top's tree that is no job (its walk) has ended."""
+        with self.lock:
+            top._pending -= 1
+            finished = top._pending == 0
+        if finished:
+            self._end_tree(top)
+
+    def _end_tree(self, top):
+        if top.failures:
+            top.state = "cancelled" if top.cancelled else "failed"
+            name, err = top.failures[0]
+            more = len(top.failures) - 1
+            top.error = XferError("%s%s" % (err, " (and %d more)" % more if more else ""))
+        else:
+            top.state = "done"
+        top.finished = time.monotonic()
+        with self.lock:
+            top._done = True
+            ended = top._ended
+        if ended is not None:
+            ended.set()
+        if top.state == "done" and self.on_progress is not None:
+            self.dispatch.emit_progress(self.on_progress, top)   # the final 1.0
+        callback = self.on_done if top.state == "done" else self.on_error
+        if callback is not None:
+            self.dispatch.emit(callback, top)
+        self._finished(top)
+
+    def _finished(self, job):
+        if self.on_finished is not None:
+            self.on_finished(job)
+        with self.idle:
+            self.unfinished -= 1
+            if not self.unfinished:
+                self.idle.notify_all()
+
+    def body_started(self, job):
+        with self.lock:
+            self.bodies.add(job)
+
+    def body_ended(self, job, cut):
+        """job's body is no longer being sent; cut: it stopped before its end."""
+        with self.lock:
+            self.bodies.discard(job)
+            if cut and job.cancelled:
+                self.kept += job.bytes_done
+
+    def bytes_kept(self):
+        with self.lock:
+            return self.kept + sum(j.bytes_done for j in self.bodies if j.cancelled)
+
+
 _STOP = object()
+
+
+class _LinkBroken(Exception):
+    """The connection failed; pending jobs may be retried on a new one."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Link:
+    """One sender connection: one method per message kind, a reader thread for answers.
+
+    The worker thread writes: check() (CHECK, Protocol 4.8) for a batch,
+    then pump() sends each file the receiver needs (mkdir() for MKDIR,
+    _small() or _large() for FILE), bye() at the end; ping() on a link of
+    its own.  The reader thread (_read_loop) takes the answers and ends
+    the jobs through the ledger.  Every wait for an answer is _wait().
+    A failed connection raises _LinkBroken from the worker's calls.
+
+    sock, rfile and seal come from a finished handshake; ledger counts and
+    ends the jobs; peer names the receiver in messages, refuser in its
+    refusals; wanted(job) says whether a job is still to be sent (and ends
+    it if not); abort is set when the Sender is closed without waiting.
+    """
+
+    def __init__(self, sock, rfile, seal, ledger, peer, refuser=None, skip="quick",
+                 discard=False, timeout=DEFAULT_IO_TIMEOUT, wanted=None, abort=None):
+        self.sock = sock
+        self.rfile = rfile
+        self.seal = seal             # tags what this end sends, in the order it goes out
+        self.ledger = ledger
+        self.peer = peer
+        self.refuser = refuser or peer
+        self.skip = skip
+        self.discard = discard
+        self.timeout = timeout
+        self.wanted = wanted or (lambda job: not job.cancelled)
+        self.abort = abort or threading.Event()
+        self.ids = itertools.count(1)
+        self.broken = None
+        self.cv = threading.Condition()
+        self.pending = {}            # id -> job, sent and waiting for its RESULT
+        self.accepts = {}            # id -> (offset, sha256 of that prefix)
+        self.checks = {}             # id -> job, CHECKs without an answer
+        self.answers = {}            # id -> status of answered CHECKs not yet pumped
+        self.asked = collections.deque()   # (job, CHECK id or None) not yet sent
+        self.bye_seen = False
+        self.buf = bytearray(CHUNK)
+        self.wbuf = []               # writes gathered for one sendall
+        self.wlen = 0
+        self.reader = None
+
+    # -- writing and waiting
+
+    def _write(self, data):
+        """Send data; small writes are gathered and go out together.
+
+        A body chunk (a memoryview of the reused buffer) goes out at once.
+        Whoever is about to wait for the receiver calls flush() first.
+        """
+        self.wbuf.append(data)
+        self.wlen += len(data)
+        if self.wlen >= _GATHER or isinstance(data, memoryview):
+            self.flush()
+
+    def flush(self):
+        """Send the gathered writes."""
+        if not self.wbuf:
+            return
+        data = self.wbuf[0] if len(self.wbuf) == 1 else b"".join(self.wbuf)
+        self.wbuf = []
+        self.wlen = 0
+        try:
+            self.sock.sendall(data)
+        except socket.timeout:
+            self._break(ConnectionClosedError("the server stopped reading for %ss"
+                                              % self.timeout))
+            raise _LinkBroken(self.broken) from None
+        except OSError as e:
+            self._break(ConnectionClosedError("connection lost: %s" % (e.strerror or e)))
+            raise _LinkBroken(self.broken) from None
+
+    def _wait(self, ready):
+        """Return once ready() is true, flushing first; raise _LinkBroken if the
+        connection breaks before.  ready() runs under the lock the reader
+        thread holds while it takes answers."""
+        if ready():
+            return
+        self.flush()
+        self._start_reader()
+        with self.cv:
+            while not ready():
+                if self.broken is not None:
+                    raise _LinkBroken(self.broken)
+                self.cv.wait(0.5)
+
+    def _register(self, fid, job):
+        """Wait for room in the window, then count the job as in flight."""
+        pending = self.pending
+        self._wait(lambda: len(pending) < WINDOW)
+        pending[fid] = job
+
+    def _fail_local(self, job, error):
+        """End a job whose request could not be made; nothing of it is on the wire."""
+        if isinstance(error, OSError):
+            error = XferError("%s: %s" % (job.path, error.strerror or error))
+        elif not isinstance(error, XferError):   # a bug: loudly, but this file alone
+            traceback.print_exc()
+            error = XferError("internal error: %r" % error)
+        self.ledger.end(job, "failed", error)
+
+    # -- CHECK: ask about a batch, then send what is needed
+
+    def check(self, jobs):
+        """Queue jobs for sending; CHECK each file (Protocol 4.8) without waiting.
+
+        Identical files end as "skipped" on the reader thread when their
+        answer arrives; pump() sends the others.  A file that cannot be read
+        ends "failed".
+        """
+        self._start_reader()
+        frames = []
+        asked = self.asked
+        ask = self.skip is not None
+        for job in jobs:
+            job.attempts += 1
+            fid = None
+            if ask and job.kind == "file" and job.source is None:
+                try:
+                    fid = self._check_frame(job, frames)
+                except Exception as e:   # nothing of it was counted or written
+                    self._fail_local(job, e)
+                    continue
+            asked.append((job, fid))
+        if frames:
+            self._write(b"".join(frames))
+
+    def _check_frame(self, job, frames):
+        """Append job's CHECK frame to frames; return its id (None: send unasked)."""
+        st = job._stat
+        if st is None:
+            st = job._stat = os.stat(job.path)
+        if not stat.S_ISREG(st.st_mode):
+            return None       # _file() reports it
+        digest, flags = bytes(32), 0
+        if self.skip == "checksum":
+            with open(job.path, "rb") as f:
+                digest = _hash_fd(f.fileno(), self.buf).digest()
+            flags = CF_CHECKSUM
+        fid = next(self.ids)
+        frame = _frame(_Msg.CHECK, _CHECK.pack(fid, st.st_size, st.st_mtime_ns, flags, digest)
+                       + _wire_name(job))
+        # Counted only once the request exists: an answer is then sure to come.
+        self.checks[fid] = job
+        frames.append(self.seal(frame))     # tagged in the order sent
+        return fid
+
+    def pump(self, keep):
+        """Send asked jobs in order, oldest first, until at most keep are left."""
+        asked, answers, wanted = self.asked, self.answers, self.wanted
+        while len(asked) > keep:
+            job, fid = asked[0]
+            needed = True
+            if fid is not None:
+                self._wait(lambda: fid in answers)
+                needed = answers.pop(fid) == ST_NEEDED
+            asked.popleft()
+            if needed and wanted(job):
+                self.send(job)
+        if not keep:
+            self.flush()          # the worker may now wait for more jobs
+
+    def send(self, job):
+        """Send one job on this connection; returns once its bytes are written."""
+        self._start_reader()
+        if job.kind == "mkdir":
+            self.mkdir(job)
+        else:
+            self._file(job)
+
+    # -- MKDIR
+
+    def mkdir(self, job):
+        """Make the directory of a tree's job on the receiver (Protocol 4.6)."""
+        self.ledger.started(job)
+        fid = next(self.ids)
+        try:
+            mode = stat.S_IMODE(os.stat(job.path).st_mode)
+        except OSError:
+            mode = 0o755
+        try:
+            frame = _frame(_Msg.MKDIR, _MKDIR.pack(fid, mode) + _wire_name(job))
+        except Exception as e:
+            self._fail_local(job, e)
+            return
+        self._register(fid, job)
+        self._write(self.seal(frame))
+
+    # -- FILE
+
+    def _file(self, job):
+        """Send a file: whole in one go if small, else announced and streamed."""
+        ledger = self.ledger
+        ledger.started(job)
+        st, job._stat = job._stat, None          # used once: a retry stats again
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            self._not_regular(job, st.st_mode)
+            return
+        try:
+            out = _Outgoing(job.path, st) if job.source is None else job.source.open()
+        except Exception as e:
+            self._fail_local(job, e)
+            return
+        with out:
+            if not stat.S_ISREG(out.mode):
+                self._not_regular(job, out.mode)
+            elif out.size <= STREAM_MAX:
+                self._small(job, out)
+            else:
+                if job.size != out.size:
+                    ledger.resize(job, out.size)
+                self._large(job, out)
+
+    def _not_regular(self, job, mode):
+        if stat.S_ISDIR(mode):
+            error = XferError("%s: is a directory (use send -r or send-dir)" % job.path)
+        else:
+            error = XferError("%s: %s" % (job.path, _NOT_REGULAR))
+        self.ledger.end(job, "failed", error)
+
+    def _header(self, fid, job, out, flags):
+        if self.discard:
+            flags |= FF_DISCARD
+        return _encode_file(fid, out.size, out.mtime_ns, stat.S_IMODE(out.mode), flags,
+                            _wire_name(job))
+
+    def _small(self, job, out):
+        """FILE with FF_STREAM: header, content and TRAILER in one write."""
+        try:
+            data = out.read_all()
+            fid = next(self.ids)
+            header = self._header(fid, job, out, FF_STREAM)
+        except Exception as e:    # nothing is on the wire yet: just end the job
+            self._fail_local(job, e)
+            return
+        size = out.size
+        if job.size != size:      # first sight, or it changed since the walk
+            self.ledger.resize(job, size)
+        digest = hashlib.sha256(data).digest()
+        job.digest = digest.hex()
+        self._register(fid, job)
+        # Counted before the write: once written, the RESULT (and the job's
+        # end) may arrive on the reader thread at any moment.
+        self.ledger.progress(job, size)
+        seal = self.seal
+        self._write(seal(header) + data + seal(_encode_trailer(fid, 0, digest)))
+
+    def _large(self, job, out):
+        """FILE, wait for ACCEPT (resume offset), BODY, the content, TRAILER."""
+        fid = next(self.ids)
+        try:
+            header = self._header(fid, job, out, 0)
+        except Exception as e:
+            self._fail_local(job, e)
+            return
+        self._register(fid, job)
+        self._write(self.seal(header))
+        accepts, pending = self.accepts, self.pending
+        self._wait(lambda: fid in accepts or fid not in pending)
+        accepted = accepts.pop(fid, None)
+        if accepted is None:
+            return  # refused; the RESULT already ended the job
+        offset, prefix = accepted
+        size = out.size
+        h = hashlib.sha256()
+        start = 0
+        if 0 < offset < size:
+            # Resume only from bytes proven equal: hash our own first
+            # offset bytes and compare with the receiver's partial.
+            job.state = "verifying"
+            try:
+                _hash_prefix(out, h, offset, self.buf)
+            except OSError as e:
+                self._abandon(fid, job, "%s: %s" % (job.path, e.strerror or e))
+            job.state = "sending"
+            if hmac.compare_digest(h.digest(), prefix):
+                start = offset
+            else:
+                h = hashlib.sha256()
+                out.seek(0)
+        self._write(self.seal(_frame(_Msg.BODY, _BODY.pack(fid, start))))
+        if start:
+            job.resumed = start
+            self.ledger.progress(job, start)
+        self._body(out, fid, job, size - start, h)
+
+    def _body(self, out, fid, job, count, h):
+        """Stream count bytes of out (already positioned), then the TRAILER."""
+        ledger = self.ledger
+        view = memoryview(self.buf)
+        left = count
+        ledger.body_started(job)
+        try:
+            while left:
+                if job.cancelled or job.done:
+                    # Mid-body there is no way to stop but closing the
+                    # connection; the receiver keeps what it got, to resume.
+                    self._abandon(fid, job, None)
+                try:
+                    n = out.readinto(view[:min(left, CHUNK)])
+                except OSError as e:
+                    self._abandon(fid, job, "%s: %s" % (job.path, e.strerror or e))
+                if not n:
+                    self._abandon(fid, job, "%s shrank while it was sent" % job.path)
+                chunk = view[:n]
+                h.update(chunk)
+                self._write(chunk)
+                left -= n
+                ledger.progress(job, n)
+        finally:
+            ledger.body_ended(job, cut=bool(left))
+        flags = TF_ABORT if out.changed() else 0
+        job.digest = h.hexdigest()
+        self._write(self.seal(_encode_trailer(fid, flags, h.digest())))
+        if flags & TF_ABORT:
+            with self.cv:
+                self.pending.pop(fid, None)
+            ledger.end(job, "failed", XferError("%s changed while it was sent; not "
+                                                "stored, send it again" % job.path))
+
+    def _abandon(self, fid, job, reason):
+        """Give up a file mid-body: close the connection so the receiver discards it."""
+        with self.cv:
+            self.pending.pop(fid, None)
+        if job.cancelled:
+            self.ledger.end(job, "cancelled", XferError("%s: cancelled" % job.name))
+        elif reason is not None:
+            self.ledger.end(job, "failed", XferError(reason))
+        self._break(ConnectionClosedError("file abandoned mid-transfer"))
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        raise _LinkBroken(self.broken)
+
+    # -- PING and BYE
+
+    def ping(self):
+        """PING, read the PONG on this thread (no reader runs); return ping()'s dict."""
+        t0 = time.monotonic()
+        self._write(self.seal(_frame(_Msg.PING)))
+        self.flush()
+        payload = _expect(self.rfile, _Msg.PONG)
+        rtt = time.monotonic() - t0
+        free, total = _PONG.unpack_from(payload)
+        return {"version": payload[_PONG.size:].decode("utf-8", "replace"),
+                "free": free, "total": total, "rtt": rtt}
+
+    def bye(self):
+        """Say BYE and wait for every result; raises _LinkBroken on failure."""
+        self._start_reader()
+        self._write(self.seal(_frame(_Msg.BYE)))
+        self._wait(lambda: self.bye_seen)
+
+    # -- the reader thread
+
+    def _start_reader(self):
+        if self.reader is None:
+            self.reader = threading.Thread(target=self._read_loop, name="xfer-link-reader",
+                                           daemon=True)
+            self.reader.start()
+
+    def _read_loop(self):
+        rfile = self.rfile
+        try:
+            while True:
+                # Answers come in groups: take every frame already received
+                # at once, so the worker is woken once per group, not per file.
+                frames = [rfile.frame(MAX_FRAME_PAYLOAD)]
+                error = None
+                while error is None:
+                    try:
+                        more = rfile.buffered_frame(MAX_FRAME_PAYLOAD)
+                    except XferError as e:    # the frames before it are good
+                        error = e
+                        break
+                    if more is None:
+                        break
+                    frames.append(more)
+                if self._take(frames):
+                    return
+                if error is not None:
+                    raise error
+        except ConnectionClosedError:
+            # Its byte counts are about frames, which tell a person nothing.
+            self._break(ConnectionClosedError("%s closed the connection" % self.peer))
+        except XferError as e:
+            self._break(e)
+        except socket.timeout:
+            self._break(ConnectionClosedError("the server did not answer within %ss"
+                                              % self.timeout))
+        except (OSError, ValueError) as e:
+            self._break(ConnectionClosedError("connection lost: %s"
+                                              % (getattr(e, "strerror", None) or e)))
+
+    def _take(self, frames):
+        """Handle frames from the receiver, in order; True after its BYE."""
+        ended = []                   # (job, status, reason), ended outside the lock
+        bye = False
+        error = None
+        with self.cv:
+            for kind, payload in frames:
+                if kind == _Msg.RESULT:
+                    fid, status, reason = _decode_result(payload)
+                    job = self.pending.pop(fid, None)
+                    if job is None:
+                        job = self.checks.pop(fid, None)
+                        if job is None:
+                            error = ProtocolError("RESULT for unknown request %d" % fid)
+                            break
+                        self.answers[fid] = status
+                        if status == ST_NEEDED:
+                            continue
+                    ended.append((job, status, reason))
+                elif kind == _Msg.ACCEPT:
+                    if len(payload) != _ACCEPT.size:
+                        error = ProtocolError("ACCEPT payload of %d bytes" % len(payload))
+                        break
+                    fid, offset, prefix = _ACCEPT.unpack(payload)
+                    self.accepts[fid] = (offset, prefix)
+                elif kind == _Msg.BYE:
+                    bye = True
+                    break
+                elif kind == _Msg.ERROR:
+                    error = _decode_error(payload)
+                    break
+                else:
+                    error = ProtocolError("unexpected %s" % _msg_name(kind))
+                    break
+            self.cv.notify_all()
+        end = self.ledger.end
+        for job, status, reason in ended:
+            job.note = reason
+            if status == ST_OK:
+                end(job, "done")
+            elif status == ST_SKIPPED:
+                end(job, "skipped")
+            else:
+                end(job, "cancelled" if job.cancelled else "failed",
+                    _error_for(status, reason, self.refuser))
+        if error is not None:
+            raise error
+        if bye:
+            with self.cv:
+                self.bye_seen = True
+                self.cv.notify_all()
+        return bye
+
+    def _break(self, error):
+        with self.cv:
+            if self.broken is None:
+                self.broken = error
+            self.cv.notify_all()
+
+    # -- the end of a link
+
+    def take_pending(self):
+        """Jobs sent or asked about that have not ended, for a new connection."""
+        with self.cv:
+            jobs = list(self.pending.values())
+            self.pending.clear()
+        jobs += [job for job, _ in self.asked]
+        self.asked.clear()
+        return [j for j in jobs if not j.done]
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self.reader is not None and self.reader is not threading.current_thread():
+            self.reader.join(5)
+
+
+class _Worker:
+    """One worker thread: feeds batches of jobs to its link, reconnecting as needed.
+
+    Jobs are asked about in batches of up to CHECK_BATCH (CHECK) and sent
+    once their answers are in, while up to CHECK_AHEAD later jobs are
+    already being asked about: no round trip stalls the stream.
+    """
+
+    def __init__(self, sender, first):
+        self.sender = sender
+        self.first = first
+        self.link = None
+        self.retry = collections.deque()
+
+    def run(self):
+        sender = self.sender
+        if not self.first:
+            sender._wide.wait()
+            if not sender._large:
+                return
+        try:
+            self._loop()
+        finally:
+            if self.link is not None:
+                self.link.close()
+            end = sender._ledger.end
+            for job in self.retry:
+                if job.cancelled:
+                    end(job, "cancelled", XferError("%s: cancelled" % job.name))
+                else:
+                    end(job, "failed", sender.error or XferError("%s: not sent" % job.name))
+
+    def _batch(self, stopping):
+        """(jobs to ask about now, stopping): blocks only when nothing is in flight."""
+        work = self.sender._work
+        link = self.link
+        batch = []
+        if self.retry:
+            # After a broken connection, one job at a time: a file that
+            # breaks connections then fails alone.
+            batch.append(self.retry.popleft())
+        idle = link is None or not link.asked
+        while not stopping and not self.retry and len(batch) < CHECK_BATCH:
+            try:
+                if batch or not idle:
+                    jobs = work.get(block=False)
+                elif link is not None and link.pending:
+                    # Results are due: look up now and then, so a connection
+                    # that breaks meanwhile is noticed and its files retried
+                    # without waiting for work.
+                    jobs = work.get(timeout=0.25)
+                else:
+                    jobs = work.get()
+            except queue.Empty:
+                if batch or not idle or link.broken is not None:
+                    break
+                continue
+            if jobs is _STOP:
+                stopping = True
+            else:
+                batch += jobs
+        wanted = self.sender._still_wanted
+        return [j for j in batch if wanted(j)], stopping
+
+    def _loop(self):
+        sender = self.sender
+        stopping = False
+        while True:
+            batch, stopping = self._batch(stopping)
+            link = self.link
+            if link is not None and link.broken is not None and not link.asked:
+                if link.pending:
+                    # It broke while results were due: send those again.
+                    self._requeue([], link.broken)
+                else:
+                    # It closed while idle (the receiver's idle timeout, or a
+                    # restart): nothing was lost, so a new one costs no retry.
+                    link.close()
+                    self.link = None
+                link = self.link
+            try:
+                if batch:
+                    if link is None:
+                        link = self.link = sender._connect()
+                    link.check(batch)
+                    # A full batch: more are likely queued, so keep asking
+                    # ahead of sending; otherwise send all that was asked.
+                    link.pump(CHECK_AHEAD if len(batch) >= CHECK_BATCH else 0)
+                elif link is not None and link.asked:
+                    link.pump(0)
+                elif stopping:
+                    if link is not None:
+                        link.bye()       # every result is in
+                    return
+            except _LinkBroken as e:
+                self._requeue(batch, e.error)
+            except XferError as e:      # no connection (_connect counted it)
+                for job in batch:
+                    sender._ledger.end(job, "cancelled" if job.cancelled else "failed", e)
+            except Exception as e:   # a bug: fail the jobs loudly, keep the worker
+                traceback.print_exc()
+                error = XferError("internal error: %r" % e)
+                for job in batch:
+                    sender._ledger.end(job, "failed", error)
+                if self.link is not None:
+                    # It may count a request that never went out: never wait
+                    # on it again; what it had in flight goes again.
+                    self._requeue([], error)
+
+    def _requeue(self, batch, error):
+        """After a broken connection: send again, on a new one, what had not ended.
+
+        Not after an answer that failed authentication: someone on the way
+        alters what the receiver says, so nothing sent is known to have
+        arrived, and the files fail instead of being reported sent.
+        """
+        sender = self.sender
+        link, self.link = self.link, None
+        jobs = link.take_pending() if link is not None else []
+        jobs += [j for j in batch if not j.done and j not in jobs]
+        if link is not None:
+            link.close()
+        ledger = sender._ledger
+        if isinstance(error, IntegrityError):
+            # Counted as a failed connection: the jobs queued until now fail too.
+            sender._connect_failed(error, time.monotonic())
+            for j in jobs:
+                ledger.end(j, "cancelled" if j.cancelled else "failed", error)
+            return
+        for j in jobs:
+            if j.attempts <= sender.retries and not j.cancelled:
+                j.state = "queued"
+                ledger.progress(j, -j.bytes_done)
+                self.retry.append(j)
+            else:
+                ledger.end(j, "cancelled" if j.cancelled else "failed", error)
 
 
 class Sender:
@@ -3328,10 +4332,6 @@ class Sender:
         #: be an impostor collecting the files
         self.require_server_auth = require_server_auth
         self.workers = max(1, int(workers))
-        self.on_progress = on_progress
-        self.on_done = on_done
-        self.on_error = on_error
-        self.on_start = on_start
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
         self.timeout = timeout
@@ -3342,6 +4342,9 @@ class Sender:
         self._ping = None            # the last ping_async() job
         self._abort = threading.Event()     # close(wait=False): stop backing off
         self._dispatch = _Dispatcher(dispatch, self)
+        self._ledger = _Ledger(self._dispatch, on_progress, on_done, on_error, on_start,
+                               on_finished=self._top_finished)
+        self._lock = self._ledger.lock
         # Lists of jobs; deep enough that each worker finds a batch waiting.
         self._work = queue.Queue(maxsize=(CHECK_AHEAD // CHECK_BATCH + 1) * self.workers)
         # Workers beyond the first connect only once a large file is queued
@@ -3355,10 +4358,6 @@ class Sender:
         self._top = set()            # top-level jobs not yet ended (for close(wait=False))
         self._closing = False
         self._threads = []
-        self._lock = threading.Lock()
-        self._ids = itertools.count(1)
-        self._unfinished = 0
-        self._idle = threading.Condition(self._lock)
         # After a failed connection: jobs queued before it fail with it
         # (_epoch counts failures), later ones wait for _retry_at.
         self._epoch = 0
@@ -3369,16 +4368,6 @@ class Sender:
         #: the last connection-level failure (unreachable, auth, version);
         #: None again once a connection works
         self.error = None
-        self.files_done = 0
-        self.files_failed = 0
-        self.files_skipped = 0
-        #: files stopped by cancel() or close(wait=False): not failures
-        self.files_cancelled = 0
-        self.bytes_sent = 0
-        #: bytes the receiver already had from an interrupted earlier attempt
-        self.bytes_resumed = 0
-        self._bodies = set()        # large files whose body is being sent
-        self._kept = 0              # bytes of bodies cancelled midway (bytes_kept)
 
     # -- methods for the caller
 
@@ -3398,52 +4387,22 @@ class Sender:
             raise XferError("%s: give a target_name for the root directory" % path)
         name = "/".join(p for p in (_clean_subdir(subdir), base) if p)
         kind = "dir" if os.path.isdir(path) else "file"
-        return self._submit(Job(self, path, name, kind))
-
-    def _submit(self, job):
-        if self._closing:
-            raise XferError("the sender is closed")
-        self._start_threads()
-        self._enqueue(job)
-        return job
-
-    def _enqueue(self, job):
-        """Hand a top-level job to the feeder thread, or raise if close() came first.
-
-        The check and the append are one step under the lock close() takes
-        to append the feeder's stop mark, so no job can land behind it (and
-        stay queued forever).
-        """
-        with self._requests_cv:
-            if self._closing:
-                raise XferError("the sender is closed")
-            with self._lock:
-                self._unfinished += 1
-                job._epoch = self._epoch
-            self._top.add(job)
-            self._requests.append(job)
-            self._requests_cv.notify()
+        return self._submit(Job(self._ledger, path, name, kind))
 
     def poll(self, max_events=None):
         """Run queued callbacks (dispatch="poll") on this thread; never blocks."""
         return self._dispatch.poll(max_events)
 
-    def _queue_generated(self, name, size):
-        """Queue generated bytes under name (bench); returns the Job."""
-        job = Job(self, name, name)
-        job.source = _Generated(size)
-        job.size = size
-        return self._submit(job)
-
     def wait(self, timeout=None):
         """Block until every queued job has ended; return True if they have."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._idle:
-            while self._unfinished:
+        ledger = self._ledger
+        with ledger.idle:
+            while ledger.unfinished:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
-                self._idle.wait(left)
+                ledger.idle.wait(left)
         return True
 
     def close(self, wait=True):
@@ -3478,20 +4437,6 @@ class Sender:
     def __exit__(self, exc_type, *exc):
         self.close(wait=exc_type is None)
 
-    @property
-    def callback_errors(self):
-        return self._dispatch.callback_errors
-
-    @property
-    def bytes_kept(self):
-        """Bytes of large files cancelled midway, which the receiver keeps for a resume.
-
-        As this side counts them (what it handed to the connection); sending
-        such a file again resumes after them.
-        """
-        with self._lock:
-            return self._kept + sum(j.bytes_done for j in self._bodies if j.cancelled)
-
     def ping(self):
         """Connect, authenticate and ask for the server's state.
 
@@ -3499,18 +4444,12 @@ class Sender:
         (seconds for the PING round trip).  Blocks; raises XferError.
         A connection that works clears error, as a job's does.
         """
-        link = _Link(self)
+        link = self._dial()
         self._connected()
         try:
-            t0 = time.monotonic()
-            link._write(link.seal(_frame(_Msg.PING)))
-            link.flush()
-            payload = _expect(link.rfile, _Msg.PONG)
-            rtt = time.monotonic() - t0
-            free, total = _PONG.unpack_from(payload)
-            link.finish()
-            return {"version": payload[_PONG.size:].decode("utf-8", "replace"),
-                    "free": free, "total": total, "rtt": rtt}
+            answer = link.ping()
+            link.bye()
+            return answer
         except _LinkBroken as e:
             raise e.error from None
         finally:
@@ -3531,7 +4470,7 @@ class Sender:
             job = self._ping
             if job is not None and not job.done:
                 return job
-            job = Job(self, None, _host_port_text(self.host, self.port), "ping")
+            job = Job(self._ledger, None, _host_port_text(self.host, self.port), "ping")
             job.state = "sending"
             job.started = time.monotonic()
             self._ping = job
@@ -3539,19 +4478,66 @@ class Sender:
                          daemon=True).start()
         return job
 
-    def _run_ping(self, job):
-        try:
-            job.result = self.ping()
-            job.state = "done"
-        except XferError as e:
-            job.error, job.state = e, "failed"
-        except Exception as e:   # a bug: end the job rather than leave it "sending"
-            traceback.print_exc()
-            job.error, job.state = XferError("internal error: %r" % e), "failed"
-        job.finished = time.monotonic()
-        job._set_done()
+    # -- what the caller reads
 
-    # -- threads
+    @property
+    def callback_errors(self):
+        return self._dispatch.callback_errors
+
+    @property
+    def bytes_kept(self):
+        """Bytes of large files cancelled midway, which the receiver keeps for a resume.
+
+        As this side counts them (what it handed to the connection); sending
+        such a file again resumes after them.
+        """
+        return self._ledger.bytes_kept()
+
+    files_done = property(lambda self: self._ledger.files_done)
+    files_failed = property(lambda self: self._ledger.files_failed)
+    files_skipped = property(lambda self: self._ledger.files_skipped)
+    #: files stopped by cancel() or close(wait=False): not failures
+    files_cancelled = property(lambda self: self._ledger.files_cancelled)
+    bytes_sent = property(lambda self: self._ledger.bytes_sent)
+    #: bytes the receiver already had from an interrupted earlier attempt
+    bytes_resumed = property(lambda self: self._ledger.bytes_resumed)
+
+    # -- queueing and the feeder thread
+
+    def _submit(self, job):
+        if self._closing:
+            raise XferError("the sender is closed")
+        self._start_threads()
+        self._enqueue(job)
+        return job
+
+    def _enqueue(self, job):
+        """Hand a top-level job to the feeder thread, or raise if close() came first.
+
+        The check and the append are one step under the lock close() takes
+        to append the feeder's stop mark, so no job can land behind it (and
+        stay queued forever).
+        """
+        with self._requests_cv:
+            if self._closing:
+                raise XferError("the sender is closed")
+            with self._lock:
+                self._ledger.unfinished += 1
+                job._epoch = self._epoch
+            self._top.add(job)
+            self._requests.append(job)
+            self._requests_cv.notify()
+
+    def _top_finished(self, job):
+        with self._requests_cv:
+            self._top.discard(job)
+
+    def _queue_generated(self, name, size):
+        """Queue generated bytes under name (bench); returns the Job."""
+        job = Job(self._ledger, name, name)
+        job.source = _Generated(size)
+        job.size = size
+        return self._submit(job)
 
     def _start_threads(self):
         # Started under the lock: close(wait=True) joins only started threads.
@@ -3560,7 +4546,7 @@ class Sender:
                 return
             threads = [threading.Thread(target=self._feed, name="xfer-feeder", daemon=True)]
             for i in range(self.workers):
-                threads.append(threading.Thread(target=self._worker, args=(i == 0,),
+                threads.append(threading.Thread(target=_Worker(self, i == 0).run,
                                                 name="xfer-worker-%d" % i, daemon=True))
             for t in threads:
                 t.start()
@@ -3581,14 +4567,14 @@ class Sender:
                 except Exception as e:   # a bug: end the tree's job rather than hang
                     traceback.print_exc()
                     job.failures.append((job.name, XferError("internal error: %r" % e)))
-                    self._child_ended(job)
+                    self._ledger.part_ended(job)
             else:
                 if job.source is None:
                     try:
                         job._stat = os.stat(job.path)
                         job.size = job._stat.st_size
                     except OSError:
-                        pass          # send() reports it
+                        pass          # _Link._file reports it
                 self._put([job])
         for _ in range(self.workers):
             self._work.put(_STOP)
@@ -3596,181 +4582,39 @@ class Sender:
 
     def _put(self, jobs):
         """Queue a list of jobs: a whole batch per hand-over between threads."""
-        if any(job.size > STREAM_MAX for job in jobs):
-            self._large = True
-            self._wide.set()
+        if not self._large:
+            for job in jobs:
+                if job.size > STREAM_MAX:
+                    self._large = True
+                    self._wide.set()
+                    break
         self._work.put(jobs)
 
-    def _tree(self, top):
-        """Yield (kind, path, name, stat or error) for a tree, depth first, lazily.
-
-        kind is "dir", "file" or "error".  Directory entries are never
-        collected into lists (only the pending subdirectories are), so a
-        directory of a million files costs no more memory than one of ten.
-        Symlinks to directories are not followed; symlinks to files are.
-        """
-        stack = [(top.path, top.name)]
-        while stack and not top.cancelled:
-            path, name = stack.pop()
-            yield "dir", path, name, None
-            subdirs = []
-            try:
-                with os.scandir(path) as it:
-                    for entry in it:
-                        child = name + "/" + entry.name
-                        try:
-                            if entry.is_dir(follow_symlinks=False):
-                                subdirs.append((entry.path, child))
-                            elif entry.is_file():
-                                yield "file", entry.path, child, entry.stat()
-                        except OSError:
-                            continue
-            except OSError as e:
-                yield "error", path, name, e
-            stack.extend(reversed(subdirs))
-
-    def _tree_size(self, top):
-        """(bytes, count) of the files _tree yields, added up without yielding each."""
-        total = count = 0
-        stack = [top.path]
-        while stack and not top.cancelled:
-            try:
-                with os.scandir(stack.pop()) as it:
-                    for entry in it:
-                        try:
-                            if entry.is_dir(follow_symlinks=False):
-                                stack.append(entry.path)
-                            elif entry.is_file():
-                                total += entry.stat().st_size
-                                count += 1
-                        except OSError:
-                            continue
-            except OSError:
-                continue
-        return total, count
-
     def _walk(self, top):
-        """Queue the jobs of a tree.  A first pass adds up the sizes, so the
-        tree's job knows its size before any byte is sent and its progress
-        only rises."""
-        top.size, top.files_total = self._tree_size(top)
+        """Queue the jobs of a tree, a batch at a time.  A first walk adds up
+        the sizes, so the tree's job knows its size and files_total before
+        any byte is sent and its progress only rises."""
+        cancelled = lambda: top.cancelled
+        top.size, top.files_total = _tree_totals(top.path, cancelled)
+        ledger = self._ledger
         jobs = []
-        for kind, path, name, extra in self._tree(top):
-            if kind == "dir":
-                self._add_child(top, Job(self, path, name, "mkdir", parent=top), jobs)
-            elif kind == "file":
-                child = Job(self, path, name, "file", parent=top)
-                child.size = extra.st_size
-                child._stat = extra
-                self._add_child(top, child, jobs)
+        for kind, path, name, extra in _walk_tree(top.path, top.name, cancelled):
+            if kind == "file":
+                jobs.append(Job(ledger, path, name, "file", top, extra))
+            elif kind == "dir":
+                jobs.append(Job(ledger, path, name, "mkdir", top))
             else:
-                self._add_child(top, Job(self, path, name, "file", parent=top), jobs,
-                                error=XferError("%s: %s" % (path, extra.strerror or extra)))
+                ledger.add(top, 1)
+                ledger.end(Job(ledger, path, name, "file", top), "failed",
+                           XferError("%s: %s" % (path, extra.strerror or extra)))
             if len(jobs) >= CHECK_BATCH:
+                ledger.add(top, len(jobs))
                 self._put(jobs)
                 jobs = []
         if jobs:
+            ledger.add(top, len(jobs))
             self._put(jobs)
-        self._child_ended(top)   # the walk itself is one of the pending parts
-
-    def _add_child(self, top, child, jobs, error=None):
-        with self._lock:
-            top._pending += 1
-        if error is not None:
-            self._end(child, "failed", error)
-        else:
-            jobs.append(child)
-
-    def _worker(self, first):
-        """Send jobs from the work queue over one connection, reconnecting as needed.
-
-        Jobs are asked about in batches of up to CHECK_BATCH (CHECK) and sent
-        once their answers are in, while up to CHECK_AHEAD later jobs are
-        already being asked about: no round trip stalls the stream.
-        """
-        link = None
-        retry = collections.deque()
-        stopping = False
-        if not first:
-            self._wide.wait()
-            if not self._large:
-                return
-        try:
-            while True:
-                batch = []
-                if retry:
-                    # After a broken connection, one job at a time: a file
-                    # that breaks connections then fails alone.
-                    batch.append(retry.popleft())
-                idle = link is None or not link.asked
-                while not stopping and not retry and len(batch) < CHECK_BATCH:
-                    try:
-                        if batch or not idle:
-                            jobs = self._work.get(block=False)
-                        elif link is not None and link.pending:
-                            # Results are due: look up now and then, so a
-                            # connection that breaks meanwhile is noticed
-                            # and its files retried without waiting for work.
-                            jobs = self._work.get(timeout=0.25)
-                        else:
-                            jobs = self._work.get()
-                    except queue.Empty:
-                        if batch or not idle or link.broken is not None:
-                            break
-                        continue
-                    if jobs is _STOP:
-                        stopping = True
-                    else:
-                        batch += jobs
-                batch = [j for j in batch if self._still_wanted(j)]
-                if link is not None and link.broken is not None and not link.asked:
-                    if link.pending:
-                        # It broke while results were due: send those again.
-                        self._requeue(link, [], link.broken, retry)
-                    else:
-                        # It closed while idle (the receiver's idle timeout,
-                        # or a restart): nothing was lost, so a new one costs
-                        # no retry.
-                        link.close()
-                    link = None
-                try:
-                    if batch:
-                        if link is None:
-                            link = self._connect()
-                        link.ask(batch)
-                        # A full batch: more are likely queued, so keep asking
-                        # ahead of sending; otherwise send all that was asked.
-                        link.pump(CHECK_AHEAD if len(batch) >= CHECK_BATCH else 0)
-                    elif link is not None and link.asked:
-                        link.pump(0)
-                    elif stopping:
-                        if link is not None:
-                            link.finish()       # every result is in
-                        break
-                except _LinkBroken as e:
-                    self._requeue(link, batch, e.error, retry)
-                    link = None
-                except XferError as e:      # no connection (_connect counted it)
-                    for job in batch:
-                        self._end(job, "cancelled" if job.cancelled else "failed", e)
-                except Exception as e:   # a bug: fail the jobs loudly, keep the worker
-                    traceback.print_exc()
-                    error = XferError("internal error: %r" % e)
-                    for job in batch:
-                        self._end(job, "failed", error)
-                    if link is not None:
-                        # It may count a request that never went out: never
-                        # wait on it again; what it had in flight goes again.
-                        self._requeue(link, [], error, retry)
-                        link = None
-        finally:
-            if link is not None:
-                link.close()
-            for job in retry:
-                if job.cancelled:
-                    self._end(job, "cancelled", XferError("%s: cancelled" % job.name))
-                else:
-                    self._end(job, "failed", self.error or XferError("%s: not sent" % job.name))
+        ledger.part_ended(top)   # the walk itself is one of the pending parts
 
     def _still_wanted(self, job):
         """End a job that should not be sent any more; True if it should.
@@ -3780,37 +4624,76 @@ class Sender:
         file.  A job queued after it is sent on a new connection.
         """
         if job.cancelled:
-            self._end(job, "cancelled", XferError("%s: cancelled" % job.name))
+            self._ledger.end(job, "cancelled", XferError("%s: cancelled" % job.name))
             return False
         error = self.error
         if error is not None and (job.parent or job)._epoch < self._epoch:
-            self._end(job, "failed", error)
+            self._ledger.end(job, "failed", error)
             return False
         return True
 
-    def _requeue(self, link, batch, error, retry):
-        """After a broken connection: send again, on a new one, what had not ended.
+    def _run_ping(self, job):
+        try:
+            job.result = self.ping()
+            job.state = "done"
+        except XferError as e:
+            job.error, job.state = e, "failed"
+        except Exception as e:   # a bug: end the job rather than leave it "sending"
+            traceback.print_exc()
+            job.error, job.state = XferError("internal error: %r" % e), "failed"
+        job.finished = time.monotonic()
+        with self._lock:
+            job._done = True
+            ended = job._ended
+        if ended is not None:
+            ended.set()
 
-        Not after an answer that failed authentication: someone on the way
-        alters what the receiver says, so nothing sent is known to have
-        arrived, and the files fail instead of being reported sent.
-        """
-        jobs = link.take_pending()
-        jobs += [j for j in batch if not j.done and j not in jobs]
-        link.close()
-        if isinstance(error, IntegrityError):
-            # Counted as a failed connection: the jobs queued until now fail too.
-            self._connect_failed(error, time.monotonic())
-            for j in jobs:
-                self._end(j, "cancelled" if j.cancelled else "failed", error)
-            return
-        for j in jobs:
-            if j.attempts <= self.retries and not j.cancelled:
-                j.state = "queued"
-                self._progress(j, -j.bytes_done)
-                retry.append(j)
-            else:
-                self._end(j, "cancelled" if j.cancelled else "failed", error)
+    # -- connections and the reconnect schedule
+
+    def _dial(self):
+        """Connect, set up TLS if asked, authenticate; return a _Link."""
+        host, port = self.host, self.port
+        where = _host_port_text(host, port)
+        try:
+            sock = socket.create_connection((host, port), timeout=self.connect_timeout)
+        except socket.gaierror as e:
+            raise ConnectError("cannot resolve %s: %s" % (host, e.strerror)) from None
+        except socket.timeout:
+            raise ConnectError("cannot reach %s:%d: no answer within %ss"
+                               % (host, port, self.connect_timeout)) from None
+        except OSError as e:
+            raise ConnectError("cannot reach %s:%d: %s"
+                               % (host, port, e.strerror or e)) from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(self.handshake_timeout)
+            if self.tls:
+                with self._pin_lock:   # one worker at a time records a new pin
+                    sock, seen, new = _client_tls(sock, host, port, self.fingerprint,
+                                                  self.known_hosts)
+                    self.server_fingerprint = seen
+                    self.fingerprint_new = self.fingerprint_new or new
+                    if new and self.known_hosts:
+                        self.fingerprint = seen
+            rfile = _Reader(sock, 64 * 1024)
+            tags = _client_handshake(sock, rfile, self.token, self.require_server_auth, where)
+            sock.settimeout(self.timeout)
+        except BaseException as e:
+            sock.close()
+            where = "%s:%d" % (host, port)
+            if isinstance(e, ConnectionClosedError):
+                raise ConnectError("%s closed the connection during the handshake"
+                                   % where) from None
+            if isinstance(e, socket.timeout):
+                raise ConnectError("%s did not answer the handshake within %g s"
+                                   % (where, self.handshake_timeout)) from None
+            if isinstance(e, OSError) and not isinstance(e, XferError):
+                raise ConnectError("%s: %s" % (where, e.strerror or e)) from None
+            raise
+        return _Link(sock, rfile, _untagged if tags is None else tags.seal, self._ledger,
+                     _host_port_text(host, port), refuser=self._refuser, skip=self.skip,
+                     discard=self.discard, timeout=self.timeout, wanted=self._still_wanted,
+                     abort=self._abort)
 
     def _connect(self):
         """Open a connection; after a failed one, first wait out RECONNECT_DELAYS.
@@ -3847,7 +4730,7 @@ class Sender:
         attempt = 0
         while True:
             try:
-                link = _Link(self)
+                link = self._dial()
                 self.connected = True
                 return link
             except XferError as e:
@@ -3882,676 +4765,8 @@ class Sender:
         with self._retry_cv:
             self.error = None
             self._down = 0
-            self._retry_at = 0.0
             self._retry_cv.notify_all()
-
-    # -- job bookkeeping (called from worker and link threads)
-
-    def _progress(self, job, n):
-        job.bytes_done += n
-        parent = job.parent
-        if parent is not None:
-            with self._lock:
-                parent.bytes_done += n
-            self._dispatch.emit_progress(self.on_progress, parent)
-        else:
-            self._dispatch.emit_progress(self.on_progress, job)
-
-    def _end(self, job, state, error=None):
-        if job.done:
-            return
-        job.state = state
-        job.error = error
-        job.finished = time.monotonic()
-        if job.kind == "mkdir":
-            if error is not None:
-                with self._lock:
-                    if state == "failed":
-                        self.files_failed += 1
-                    job.parent.failures.append((job.name, error))
-            job._set_done()
-            if error is not None:
-                self._dispatch.emit(self.on_error, job)
-            self._child_ended(job.parent)
-            return
-        if state == "skipped":
-            self._progress(job, job.size - job.bytes_done)   # already there counts as done
-        with self._lock:
-            if state == "done":
-                self.files_done += 1
-                self.bytes_sent += job.size - job.resumed
-                self.bytes_resumed += job.resumed
-            elif state == "skipped":
-                self.files_skipped += 1
-            elif state == "cancelled":
-                self.files_cancelled += 1
-            else:
-                self.files_failed += 1
-        job._set_done()
-        if state in ("done", "skipped") and job.parent is None:
-            self._dispatch.emit_progress(self.on_progress, job)   # the final 1.0
-        if job.parent is None:
-            self._dispatch.emit(self.on_done if state in ("done", "skipped")
-                                else self.on_error, job)
-            self._job_finished(job)
-        else:
-            parent = job.parent
-            with self._lock:
-                parent.files += 1
-                if error is not None:
-                    parent.failures.append((job.name, error))
-            self._dispatch.emit(self.on_done if state in ("done", "skipped")
-                                else self.on_error, job)
-            self._child_ended(parent)
-
-    def _child_ended(self, top):
-        with self._lock:
-            top._pending -= 1
-            finished = top._pending == 0
-        if not finished:
-            return
-        if top.failures:
-            top.state = "cancelled" if top.cancelled else "failed"
-            name, err = top.failures[0]
-            more = len(top.failures) - 1
-            top.error = XferError("%s%s" % (err, " (and %d more)" % more if more else ""))
-        else:
-            top.state = "done"
-        top.finished = time.monotonic()
-        top._set_done()
-        if top.state == "done":
-            self._dispatch.emit_progress(self.on_progress, top)   # the final 1.0
-        self._dispatch.emit(self.on_done if top.state == "done" else self.on_error, top)
-        self._job_finished(top)
-
-    def _job_finished(self, job):
-        with self._requests_cv:
-            self._top.discard(job)
-        with self._idle:
-            self._unfinished -= 1
-            if not self._unfinished:
-                self._idle.notify_all()
-
-
-class _LinkBroken(Exception):
-    """The connection failed; pending jobs may be retried on a new one."""
-
-    def __init__(self, error):
-        super().__init__(str(error))
-        self.error = error
-
-
-class _Link:
-    """One sender connection: writes files, a reader thread collects results."""
-
-    def __init__(self, sender):
-        self.s = sender
-        self.broken = None
-        self.pending = {}            # id -> job
-        self.cv = threading.Condition()
-        self.accepts = {}            # id -> (offset, sha256 of that prefix)
-        self.checks = {}             # id -> job, CHECKs without an answer
-        self.answers = {}            # id -> status of answered CHECKs not yet pumped
-        self.asked = collections.deque()   # (job, CHECK id or None) not yet sent
-        self.bye = False
-        self.buf = bytearray(CHUNK)
-        self.wbuf = []               # writes gathered for one sendall
-        self.wlen = 0
-        self.reader = None
-        try:
-            sock = socket.create_connection((sender.host, sender.port),
-                                            timeout=sender.connect_timeout)
-        except socket.gaierror as e:
-            raise ConnectError("cannot resolve %s: %s" % (sender.host, e.strerror)) from None
-        except socket.timeout:
-            raise ConnectError("cannot reach %s:%d: no answer within %ss"
-                               % (sender.host, sender.port, sender.connect_timeout)) from None
-        except OSError as e:
-            raise ConnectError("cannot reach %s:%d: %s"
-                               % (sender.host, sender.port, e.strerror or e)) from None
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(sender.handshake_timeout)
-            if sender.tls:
-                with sender._pin_lock:   # one worker at a time records a new pin
-                    sock, seen, new = _client_tls(sock, sender.host, sender.port,
-                                                  sender.fingerprint, sender.known_hosts)
-                    sender.server_fingerprint = seen
-                    sender.fingerprint_new = sender.fingerprint_new or new
-                    if new and sender.known_hosts:
-                        sender.fingerprint = seen
-            self.sock = sock
-            self.rfile = _Reader(sock, 64 * 1024)
-            tags = _client_handshake(sock, self.rfile, sender.token, sender.require_server_auth,
-                                     _host_port_text(sender.host, sender.port))
-            # Tags what this end sends, in the order it goes out (Protocol 3.1).
-            self.seal = _untagged if tags is None else tags.seal
-            sock.settimeout(sender.timeout)
-        except BaseException as e:
-            sock.close()
-            where = "%s:%d" % (sender.host, sender.port)
-            if isinstance(e, ConnectionClosedError):
-                raise ConnectError("%s closed the connection during the handshake"
-                                   % where) from None
-            if isinstance(e, socket.timeout):
-                raise ConnectError("%s did not answer the handshake within %g s"
-                                   % (where, sender.handshake_timeout)) from None
-            if isinstance(e, OSError) and not isinstance(e, XferError):
-                raise ConnectError("%s: %s" % (where, e.strerror or e)) from None
-            raise
-
-    def _start_reader(self):
-        if self.reader is None:
-            self.reader = threading.Thread(target=self._read_loop, name="xfer-link-reader",
-                                           daemon=True)
-            self.reader.start()
-
-    def _read_loop(self):
-        rfile = self.rfile
-        try:
-            while True:
-                # Answers come in groups: take every frame already received
-                # at once, so the worker is woken once per group, not per file.
-                frames = [rfile.frame(MAX_FRAME_PAYLOAD)]
-                error = None
-                while error is None:
-                    try:
-                        more = rfile.buffered_frame(MAX_FRAME_PAYLOAD)
-                    except XferError as e:    # the frames before it are good
-                        error = e
-                        break
-                    if more is None:
-                        break
-                    frames.append(more)
-                if self._take(frames):
-                    return
-                if error is not None:
-                    raise error
-        except ConnectionClosedError:
-            # Its byte counts are about frames, which tell a person nothing.
-            self._break(ConnectionClosedError("%s closed the connection"
-                                              % _host_port_text(self.s.host, self.s.port)))
-        except XferError as e:
-            self._break(e)
-        except socket.timeout:
-            self._break(ConnectionClosedError("the server did not answer within %ss"
-                                              % self.s.timeout))
-        except (OSError, ValueError) as e:
-            self._break(ConnectionClosedError("connection lost: %s"
-                                              % (getattr(e, "strerror", None) or e)))
-
-    def _take(self, frames):
-        """Handle frames from the receiver, in order; True after its BYE."""
-        ended = []                   # (job, status, reason), ended outside the lock
-        bye = False
-        error = None
-        with self.cv:
-            for kind, payload in frames:
-                if kind == _Msg.RESULT:
-                    fid, status, reason = _decode_result(payload)
-                    job = self.pending.pop(fid, None)
-                    if job is None:
-                        job = self.checks.pop(fid, None)
-                        if job is None:
-                            error = ProtocolError("RESULT for unknown request %d" % fid)
-                            break
-                        self.answers[fid] = status
-                        if status == ST_NEEDED:
-                            continue
-                    ended.append((job, status, reason))
-                elif kind == _Msg.ACCEPT:
-                    if len(payload) != _ACCEPT.size:
-                        error = ProtocolError("ACCEPT payload of %d bytes" % len(payload))
-                        break
-                    fid, offset, prefix = _ACCEPT.unpack(payload)
-                    self.accepts[fid] = (offset, prefix)
-                elif kind == _Msg.BYE:
-                    bye = True
-                    break
-                elif kind == _Msg.ERROR:
-                    error = _decode_error(payload)
-                    break
-                else:
-                    error = ProtocolError("unexpected %s" % _msg_name(kind))
-                    break
-            self.cv.notify_all()
-        for job, status, reason in ended:
-            self._complete(job, status, reason)
-        if error is not None:
-            raise error
-        if bye:
-            with self.cv:
-                self.bye = True
-                self.cv.notify_all()
-        return bye
-
-    def _break(self, error):
-        with self.cv:
-            if self.broken is None:
-                self.broken = error
-            self.cv.notify_all()
-
-    def _complete(self, job, status, reason):
-        job.note = reason
-        if status == ST_OK:
-            self.s._end(job, "done")
-        elif status == ST_SKIPPED:
-            self.s._end(job, "skipped")
-        else:
-            error = _error_for(status, reason, self.s._refuser)
-            self.s._end(job, "cancelled" if job.cancelled else "failed", error)
-
-    def _check_broken(self):
-        if self.broken is not None:
-            raise _LinkBroken(self.broken)
-
-    def _write(self, data):
-        """Send data; small writes are gathered and go out together.
-
-        A body chunk (a memoryview of the reused buffer) goes out at once.
-        Whoever is about to wait for the receiver calls flush() first.
-        """
-        self.wbuf.append(data)
-        self.wlen += len(data)
-        if self.wlen >= _GATHER or isinstance(data, memoryview):
-            self.flush()
-
-    def flush(self):
-        """Send the gathered writes."""
-        if not self.wbuf:
-            return
-        data = self.wbuf[0] if len(self.wbuf) == 1 else b"".join(self.wbuf)
-        self.wbuf = []
-        self.wlen = 0
-        try:
-            self.sock.sendall(data)
-        except socket.timeout:
-            self._break(ConnectionClosedError("the server stopped reading for %ss"
-                                              % self.s.timeout))
-            self._check_broken()
-        except OSError as e:
-            self._break(ConnectionClosedError("connection lost: %s" % (e.strerror or e)))
-            self._check_broken()
-
-    def _register(self, fid, job):
-        """Wait for room in the window, then count the job as in flight."""
-        if len(self.pending) >= WINDOW:
-            self.flush()
-        with self.cv:
-            while len(self.pending) >= WINDOW and self.broken is None:
-                self.cv.wait(0.5)
-            self._check_broken()
-            self.pending[fid] = job
-
-    def ask(self, jobs):
-        """Queue jobs for sending; CHECK each file (Protocol 4.8) without waiting.
-
-        Identical files end as "skipped" on the reader thread when their
-        answer arrives; pump() sends the others.  A file that cannot be read
-        ends "failed".
-        """
-        self._start_reader()
-        frames = []
-        for job in jobs:
-            job.attempts += 1
-            fid = None
-            if self.s.skip is not None and job.kind == "file" and job.source is None:
-                try:
-                    fid = self._check_frame(job, frames)
-                except Exception as e:   # nothing of it was counted or written
-                    self._fail_local(job, e)
-                    continue
-            self.asked.append((job, fid))
-        if frames:
-            self._write(b"".join(frames))
-
-    def _check_frame(self, job, frames):
-        """Append job's CHECK frame to frames; return its id (None: send unasked)."""
-        # The walk's stat, if fresh: no second system call per file.
-        st, job._stat = job._stat, None
-        if st is None:
-            st = os.stat(job.path)
-        if not stat.S_ISREG(st.st_mode):
-            return None       # send() reports it
-        digest, flags = bytes(32), 0
-        if self.s.skip == "checksum":
-            with open(job.path, "rb") as f:
-                digest = _hash_fd(f.fileno(), self.buf).digest()
-            flags = CF_CHECKSUM
-        fid = next(self.s._ids)
-        frame = _frame(_Msg.CHECK, _CHECK.pack(fid, st.st_size, st.st_mtime_ns, flags, digest)
-                       + _wire_name(job))
-        # Counted only once the request exists: an answer is then sure to come.
-        with self.cv:
-            self.checks[fid] = job
-        frames.append(self.seal(frame))     # tagged in the order sent
-        return fid
-
-    def _fail_local(self, job, error):
-        """End a job whose request could not be made; nothing of it is on the wire."""
-        if isinstance(error, OSError):
-            error = XferError("%s: %s" % (job.path, error.strerror or error))
-        elif not isinstance(error, XferError):   # a bug: loudly, but this file alone
-            traceback.print_exc()
-            error = XferError("internal error: %r" % error)
-        self.s._end(job, "failed", error)
-
-    def pump(self, keep):
-        """Send asked jobs in order, oldest first, until at most keep are left."""
-        while len(self.asked) > keep:
-            job, fid = self.asked[0]
-            if fid is not None:
-                if fid not in self.answers:
-                    self.flush()
-                with self.cv:
-                    while fid not in self.answers and self.broken is None:
-                        self.cv.wait(0.5)
-                    self._check_broken()
-                    needed = self.answers.pop(fid) == ST_NEEDED
-            self.asked.popleft()
-            if (fid is None or needed) and self.s._still_wanted(job):
-                self.send(job)
-        if not keep:
-            self.flush()          # the worker may now wait for more jobs
-
-    def send(self, job):
-        """Send one job on this connection; returns once its bytes are written."""
-        self._start_reader()
-        job.state = "sending"
-        if job.started is None:
-            job.started = time.monotonic()
-        if job.kind == "file":
-            self.s._dispatch.emit(self.s.on_start, job)
-        fid = next(self.s._ids)
-        if job.kind == "mkdir":
-            try:
-                mode = stat.S_IMODE(os.stat(job.path).st_mode)
-            except OSError:
-                mode = 0o755
-            try:
-                frame = _frame(_Msg.MKDIR, _MKDIR.pack(fid, mode) + _wire_name(job))
-            except Exception as e:
-                self._fail_local(job, e)
-                return
-            self._register(fid, job)
-            self._write(self.seal(frame))
-            return
-        try:
-            f, st = _open_source(job)
-        except Exception as e:
-            self._fail_local(job, e)
-            return
-        with f:
-            if stat.S_ISDIR(st.st_mode):
-                self.s._end(job, "failed", XferError("%s: is a directory (use send -r or "
-                                                     "send-dir)" % job.path))
-                return
-            if not stat.S_ISREG(st.st_mode):
-                self.s._end(job, "failed", XferError("%s: %s" % (job.path, _NOT_REGULAR)))
-                return
-            size = st.st_size
-            if job.size != size:      # first sight, or it changed since the walk
-                if job.parent is not None:
-                    with self.s._lock:
-                        job.parent.size += size - job.size
-                job.size = size
-            stream = size <= STREAM_MAX
-            flags = (FF_STREAM if stream else 0) | (FF_DISCARD if self.s.discard else 0)
-            try:
-                header = _encode_file(fid, size, st.st_mtime_ns, stat.S_IMODE(st.st_mode),
-                                      flags, _wire_name(job))
-            except Exception as e:
-                self._fail_local(job, e)
-                return
-            self._register(fid, job)
-            if stream:
-                try:
-                    data = f.read(size)
-                    if len(data) != size:
-                        raise OSError(errno.EIO, "it changed while it was read")
-                except OSError as e:   # nothing is on the wire yet: just end the job
-                    with self.cv:
-                        self.pending.pop(fid, None)
-                    self.s._end(job, "failed", XferError("%s: %s" % (job.path, e.strerror or e)))
-                    return
-                h = hashlib.sha256(data)
-                job.digest = h.hexdigest()
-                # Counted before the write: once written, the RESULT (and the
-                # job's end) may arrive on the reader thread at any moment.
-                self.s._progress(job, size)
-                header = self.seal(header)           # tagged in the order sent
-                self._write(header + data + self.seal(_encode_trailer(fid, 0, h.digest())))
-                return
-            self._write(self.seal(header))
-            accepted = self._wait_accept(fid, job)
-            if accepted is None:
-                return  # refused; the RESULT already ended the job
-            offset, prefix = accepted
-            h = hashlib.sha256()
-            start = 0
-            if 0 < offset < size:
-                # Resume only from bytes proven equal: hash our own first
-                # offset bytes and compare with the receiver's partial.
-                job.state = "verifying"
-                try:
-                    _hash_prefix(f, h, offset, self.buf)
-                except OSError as e:
-                    self._abandon(fid, job, "%s: %s" % (job.path, e.strerror or e))
-                job.state = "sending"
-                if hmac.compare_digest(h.digest(), prefix):
-                    start = offset
-                else:
-                    h = hashlib.sha256()
-                    f.seek(0)
-            self._write(self.seal(_frame(_Msg.BODY, _BODY.pack(fid, start))))
-            if start:
-                job.resumed = start
-                self.s._progress(job, start)
-            self._send_body(f, fid, job, size - start, st, h)
-
-    def _wait_accept(self, fid, job):
-        self.flush()
-        with self.cv:
-            while fid not in self.accepts and fid in self.pending and self.broken is None:
-                self.cv.wait(0.5)
-            self._check_broken()
-            return self.accepts.pop(fid, None)
-
-    def _send_body(self, f, fid, job, count, st, h):
-        """Stream count bytes of f (already positioned), then the TRAILER."""
-        view = memoryview(self.buf)
-        left = count
-        with self.s._lock:
-            self.s._bodies.add(job)
-        try:
-            while left:
-                if job.cancelled or job.done:
-                    # Mid-body there is no way to stop but closing the
-                    # connection; the receiver keeps what it got, to resume.
-                    self._abandon(fid, job, None)
-                    return
-                try:
-                    n = f.readinto(view[:min(left, CHUNK)])
-                except OSError as e:
-                    self._abandon(fid, job, "%s: %s" % (job.path, e.strerror or e))
-                if not n:
-                    self._abandon(fid, job, "%s shrank while it was sent" % job.path)
-                chunk = view[:n]
-                h.update(chunk)
-                self._write(chunk)
-                left -= n
-                self.s._progress(job, n)
-        finally:
-            with self.s._lock:
-                self.s._bodies.discard(job)
-                if left and job.cancelled:
-                    self.s._kept += job.bytes_done
-        flags = 0
-        if job.source is None:
-            try:
-                now = os.stat(job.path)
-                if now.st_mtime_ns != st.st_mtime_ns or now.st_size != st.st_size:
-                    flags = TF_ABORT
-            except OSError:
-                flags = TF_ABORT
-        job.digest = h.hexdigest()
-        self._write(self.seal(_encode_trailer(fid, flags, h.digest())))
-        if flags & TF_ABORT:
-            with self.cv:
-                self.pending.pop(fid, None)
-            self.s._end(job, "failed", XferError("%s changed while it was sent; not "
-                                                 "stored, send it again" % job.path))
-
-    def _abandon(self, fid, job, reason):
-        """Give up a file mid-body: close the connection so the receiver discards it."""
-        with self.cv:
-            self.pending.pop(fid, None)
-        if job.cancelled:
-            self.s._end(job, "cancelled", XferError("%s: cancelled" % job.name))
-        elif reason is not None:
-            self.s._end(job, "failed", XferError(reason))
-        self._break(ConnectionClosedError("file abandoned mid-transfer"))
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        raise _LinkBroken(self.broken)
-
-    def take_pending(self):
-        """Jobs sent or asked about that have not ended, for a new connection."""
-        with self.cv:
-            jobs = list(self.pending.values())
-            self.pending.clear()
-        jobs += [job for job, _ in self.asked]
-        self.asked.clear()
-        return [j for j in jobs if not j.done]
-
-    def finish(self):
-        """Say BYE and wait for every result; raises _LinkBroken on failure."""
-        self._start_reader()
-        self._write(self.seal(_frame(_Msg.BYE)))
-        self.flush()
-        with self.cv:
-            while not self.bye and self.broken is None:
-                self.cv.wait(0.5)
-        if not self.bye:
-            self._check_broken()
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        if self.reader is not None and self.reader is not threading.current_thread():
-            self.reader.join(5)
-
-
-def _hash_prefix(f, h, count, buf):
-    """Hash the first count bytes of f into h; leave f just after them."""
-    view = memoryview(buf)
-    f.seek(0)
-    while count:
-        n = f.readinto(view[:min(count, len(view))])
-        if not n:
-            raise OSError(errno.EIO, "the file shrank")
-        h.update(view[:n])
-        count -= n
-
-
-def _wire_name(job):
-    """job.name as the wire carries it: UTF-8 bytes.
-
-    A local name that is not valid UTF-8 (Python decodes it with
-    surrogateescape) has no such bytes; that file alone fails (README
-    "send and send-dir").
-    """
-    try:
-        return job.name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise XferError("%s: name is not valid UTF-8; rename it to send it"
-                        % job.path) from None
-
-
-# Why send refuses a FIFO, device or socket: it has no size to announce, and
-# reading one may never end.
-_NOT_REGULAR = "not a regular file (for a stream, give '-' and pipe it to standard input)"
-
-
-def _open_source(job):
-    """Open what a file job sends; return (binary file, os.stat_result-like)."""
-    if job.source is not None:
-        return job.source.open(), job.source
-    # O_NONBLOCK: opening a FIFO must not wait for a writer (send() refuses
-    # it once fstat shows what it is); reads of regular files ignore the flag.
-    fd = os.open(job.path, os.O_RDONLY | _O_BINARY | _O_NONBLOCK)
-    try:
-        st = os.fstat(fd)
-        if st.st_size <= STREAM_MAX:
-            return _SmallFile(fd), st
-        return io.FileIO(fd, "rb"), st     # reads are whole chunks: no buffering
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-class _SmallFile:
-    """A file read whole, in one call: no io object, which would stat it again."""
-
-    def __init__(self, fd):
-        self.fd = fd
-
-    def read(self, n):
-        return os.read(self.fd, n)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.fd)
-
-
-class _Generated:
-    """Incompressible generated bytes standing in for a file (bench)."""
-    st_mode = stat.S_IFREG | 0o644
-    st_mtime_ns = 0
-    _block = None
-
-    def __init__(self, size):
-        self.st_size = size
-        if _Generated._block is None:
-            _Generated._block = os.urandom(CHUNK + 4096)
-
-    def open(self):
-        return _GeneratedReader(self.st_size, self._block)
-
-
-class _GeneratedReader:
-    def __init__(self, size, block):
-        self.left = size
-        self.block = memoryview(block)
-        self.offset = 0
-
-    def readinto(self, view):
-        n = min(len(view), self.left)
-        done = 0
-        while done < n:
-            k = min(n - done, CHUNK)
-            view[done:done + k] = self.block[self.offset:self.offset + k]
-            self.offset = (self.offset + 4093) % 4096     # shift, so chunks differ
-            done += k
-        self.left -= n
-        return n
-
-    def read(self, n):
-        buf = bytearray(min(n, self.left))
-        got = self.readinto(memoryview(buf)) if buf else 0
-        return bytes(buf[:got])
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
+            self._retry_at = 0.0
 
 
 def _clean_subdir(subdir):
