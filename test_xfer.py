@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import types
 import unicodedata
 import unittest
@@ -4188,6 +4189,208 @@ class LongLivedSenderTests(unittest.TestCase):
         self.assertIsNone(sender.error)
         self.assertEqual(sha256_file(os.path.join(dst, "f2.bin")), sha256_file(paths[2]))
         self.assertFalse(os.path.exists(os.path.join(dst, "f1.bin")))
+
+
+# ---------------------------------------------------------------------------
+# sending side, part by part: the walker, the outgoing file, the ledger, the
+# link over a socket pair (no Receiver, no patched methods)
+
+def _sending_ledger(events=None):
+    """A _Ledger whose callbacks are queued for poll() and recorded in events."""
+    dispatch = xfer._Dispatcher("poll", None)
+    record = (lambda kind: (lambda job: events.append((kind, job.name)))) \
+        if events is not None else (lambda kind: None)
+    return xfer._Ledger(dispatch, on_done=record("done"), on_error=record("error")), dispatch
+
+
+class SendingSideTests(unittest.TestCase):
+    def _tree(self, root):
+        return _make_tree(root, {"a.txt": b"aa", "sub/b.txt": b"bbb", "sub/deeper/c.txt": b"c"},
+                          dirs=["empty"])
+
+    # -- the tree walker
+
+    def test_walk_tree_yields_each_directory_before_its_files_with_each_files_stat(self):
+        top = self._tree(os.path.join(temp_dir(self), "t"))
+        seen = list(xfer._walk_tree(top, "t"))
+        kinds = [(kind, name) for kind, _, name, _ in seen]
+        self.assertEqual(kinds[0], ("dir", "t"))
+        for kind, path, name, st in seen:
+            if kind == "file":
+                self.assertLess(kinds.index(("dir", name.rpartition("/")[0])),
+                                kinds.index(("file", name)))
+                self.assertEqual((st.st_size, st.st_mtime_ns),
+                                 (os.stat(path).st_size, os.stat(path).st_mtime_ns))
+        self.assertEqual(sorted(n for k, n in kinds if k == "file"),
+                         ["t/a.txt", "t/sub/b.txt", "t/sub/deeper/c.txt"])
+        self.assertEqual(sorted(n for k, n in kinds if k == "dir"),
+                         ["t", "t/empty", "t/sub", "t/sub/deeper"])
+        self.assertEqual(xfer._tree_totals(top), (6, 3))
+
+    @unittest.skipUnless(hasattr(os, "symlink"), "no symlinks")
+    def test_walk_tree_follows_file_symlinks_but_not_directory_symlinks(self):
+        root = temp_dir(self)
+        top = self._tree(os.path.join(root, "t"))
+        try:
+            os.symlink(os.path.join(top, "sub"), os.path.join(top, "loop"))
+            os.symlink(os.path.join(top, "a.txt"), os.path.join(top, "alias.txt"))
+        except (OSError, NotImplementedError) as e:
+            self.skipTest("cannot make symlinks: %s" % e)
+        names = [name for _, _, name, _ in xfer._walk_tree(top, "t")]
+        self.assertIn("t/alias.txt", names)
+        self.assertFalse([n for n in names if n.startswith("t/loop")], names)
+
+    def test_walk_tree_reports_a_directory_it_cannot_list_and_stops_when_cancelled(self):
+        missing = os.path.join(temp_dir(self), "gone")
+        (kind, path, name, error), = [x for x in xfer._walk_tree(missing, "gone")
+                                      if x[0] == "error"]
+        self.assertEqual((path, name), (missing, "gone"))
+        self.assertIsInstance(error, OSError)
+        top = self._tree(os.path.join(temp_dir(self), "t"))
+        self.assertEqual(list(xfer._walk_tree(top, "t", cancelled=lambda: True)), [])
+
+    def test_walk_tree_memory_does_not_grow_with_the_file_count(self):
+        root = temp_dir(self)
+        for count in (30, 450):
+            d = os.path.join(root, "n%d" % count)
+            os.mkdir(d)
+            for i in range(count):
+                open(os.path.join(d, "f%05d" % i), "wb").close()
+        peaks = {}
+        for count in (30, 450):
+            tracemalloc.start()        # started afresh: its peak is this walk's
+            try:
+                base = tracemalloc.get_traced_memory()[0]
+                files = sum(1 for kind, _, _, _ in
+                            xfer._walk_tree(os.path.join(root, "n%d" % count), "n")
+                            if kind == "file")
+                peaks[count] = tracemalloc.get_traced_memory()[1] - base
+            finally:
+                tracemalloc.stop()
+            self.assertEqual(files, count)
+        # 15x the files: a list of entries would take 15x the memory.
+        self.assertLess(peaks[450], 2 * peaks[30] + 64 * 1024, peaks)
+
+    # -- the outgoing file
+
+    def test_outgoing_small_file_is_read_whole_as_its_walk_stat_announced(self):
+        path = write_file(os.path.join(temp_dir(self), "a.bin"), b"x" * 5000)
+        os.chmod(path, 0o640)
+        st = os.stat(path)
+        with xfer._Outgoing(path, st) as out:
+            self.assertEqual((out.size, out.mtime_ns, out.mode), (5000, st.st_mtime_ns,
+                                                                 st.st_mode))
+            self.assertEqual(out.read_all(), b"x" * 5000)
+            self.assertFalse(out.changed())
+        with xfer._Outgoing(path) as out:        # no walk: it stats the opened file
+            self.assertEqual((out.size, out.mode), (5000, st.st_mode))
+
+    def test_outgoing_file_that_grew_since_its_stat_is_read_as_it_is_now(self):
+        path = write_file(os.path.join(temp_dir(self), "a.bin"), b"old")
+        st = os.stat(path)
+        with open(path, "ab") as f:
+            f.write(b" and new")
+        with xfer._Outgoing(path, st) as out:
+            self.assertEqual(out.read_all(), b"old and new")
+            self.assertEqual(out.size, len(b"old and new"))
+
+    def test_outgoing_large_file_reads_in_chunks_resumes_at_an_offset_and_sees_a_change(self):
+        data = os.urandom(3 * 1000 + 17)
+        path = write_file(os.path.join(temp_dir(self), "big.bin"), data)
+        buf = bytearray(1000)
+        with xfer._Outgoing(path, os.stat(path)) as out:
+            h = hashlib.sha256()
+            xfer._hash_prefix(out, h, 1500, buf)
+            self.assertEqual(h.digest(), hashlib.sha256(data[:1500]).digest())
+            rest = bytearray()
+            view = memoryview(buf)
+            while True:
+                n = out.readinto(view)
+                if not n:
+                    break
+                rest += view[:n]
+            self.assertEqual(bytes(rest), data[1500:])
+            st = os.stat(path)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+            self.assertTrue(out.changed())
+
+    # -- the ledger
+
+    def test_ledger_ends_a_tree_once_after_its_walk_and_last_file_counting_each(self):
+        events = []
+        ledger, dispatch = _sending_ledger(events)
+        ledger.unfinished = 1
+        top = xfer.Job(ledger, "/src/t", "t", "dir")
+        files = [xfer.Job(ledger, "/src/t/%d" % i, "t/%d" % i, "file", top) for i in range(3)]
+        ledger.add(top, 3)
+        ledger.end(files[0], "done")
+        ledger.end(files[1], "skipped")
+        ledger.end(files[1], "failed", xfer.XferError("twice"))   # ended once only
+        ledger.part_ended(top)            # the walk is over; one file still pending
+        self.assertFalse(top.done)
+        ledger.end(files[2], "failed", xfer.XferError("t/2: refused"))
+        self.assertTrue(top.done)
+        self.assertEqual(top.state, "failed")
+        self.assertEqual(str(top.error), "t/2: refused")
+        self.assertEqual((ledger.files_done, ledger.files_skipped, ledger.files_failed,
+                          ledger.unfinished), (1, 1, 1, 0))
+        dispatch.poll()
+        self.assertEqual(events, [("done", "t/0"), ("done", "t/1"), ("error", "t/2"),
+                                  ("error", "t")])
+
+    # -- the link, over a socket pair
+
+    def test_link_sends_a_small_file_in_one_write_and_its_result_ends_the_job(self):
+        path = write_file(os.path.join(temp_dir(self), "a.bin"), b"hello")
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        for s in (ours, theirs):
+            s.settimeout(TIMEOUT)
+        ledger, _ = _sending_ledger()
+        ledger.unfinished = 1
+        link = xfer._Link(ours, xfer._Reader(ours), xfer._untagged, ledger, "peer", skip=None)
+        self.addCleanup(link.close)
+        job = xfer.Job(ledger, path, "a.bin", "file", st=os.stat(path))
+        link.check([job])
+        link.pump(0)
+        peer = xfer._Reader(theirs)
+        kind, payload = xfer._read_frame(peer)
+        self.assertEqual(kind, xfer._Msg.FILE)
+        fid, size, _, _, flags, name = xfer._decode_file(payload)
+        self.assertEqual((size, name, flags & xfer.FF_STREAM), (5, b"a.bin", xfer.FF_STREAM))
+        self.assertEqual(xfer._recv_exact(peer, size), b"hello")
+        kind, payload = xfer._read_frame(peer)
+        self.assertEqual(kind, xfer._Msg.TRAILER)
+        self.assertEqual(xfer._decode_trailer(payload), (fid, 0, hashlib.sha256(b"hello").digest()))
+        self.assertEqual(job.bytes_done, 5)
+        self.assertFalse(job.done)
+        theirs.sendall(xfer._encode_result(fid, xfer.ST_OK, "replaced"))
+        self.assertTrue(job.wait(TIMEOUT))
+        self.assertEqual((job.state, job.note, job.digest),
+                         ("done", "replaced", hashlib.sha256(b"hello").hexdigest()))
+
+    def test_link_refuses_to_send_a_directory_or_fifo_without_writing_anything(self):
+        root = temp_dir(self)
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        ledger, _ = _sending_ledger()
+        link = xfer._Link(ours, xfer._Reader(ours), xfer._untagged, ledger, "peer", skip=None)
+        self.addCleanup(link.close)
+        jobs = [xfer.Job(ledger, root, "dir", "file", st=os.stat(root))]
+        if hasattr(os, "mkfifo"):
+            fifo = os.path.join(root, "fifo")
+            os.mkfifo(fifo)
+            jobs.append(xfer.Job(ledger, fifo, "fifo", "file", st=os.stat(fifo)))
+        ledger.unfinished = len(jobs)
+        link.check(jobs)
+        link.pump(0)
+        for job in jobs:
+            self.assertEqual(job.state, "failed")
+        self.assertIn("is a directory", str(jobs[0].error))
+        if len(jobs) > 1:
+            self.assertIn("not a regular file", str(jobs[1].error))
+        theirs.setblocking(False)
+        self.assertRaises(BlockingIOError, theirs.recv, 1)
 
 
 class MiscTests(unittest.TestCase):

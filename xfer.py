@@ -3279,11 +3279,15 @@ class _Outgoing:
         # refuses it once it sees what it is); reads of regular files ignore it.
         self.fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_NONBLOCK)
         self._file = None
-        try:
-            self._take(os.fstat(self.fd) if st is None else st)
-        except BaseException:
-            os.close(self.fd)
-            raise
+        if st is None:
+            try:
+                st = os.fstat(self.fd)
+            except BaseException:
+                os.close(self.fd)
+                raise
+        self.size = st.st_size
+        self.mtime_ns = st.st_mtime_ns
+        self.mode = st.st_mode
 
     def _take(self, st):
         self.size = st.st_size
@@ -3437,33 +3441,39 @@ class Job:
     has ended.
     """
 
+    # Defaults shared by every job, so that making one (a tree makes one per
+    # file) sets only what differs; each is set on the job when it changes.
+    source = None           # a _Generated instead of the file at path (bench)
+    note = ""               # the receiver's word on success: "replaced", "renamed to ..."
+    resumed = 0             # bytes not sent again because the receiver had them
+    digest = None           # sha256 hex of the content sent, once it was sent
+    result = None           # ping jobs: what ping() returns, once answered
+    files_total = 0         # dir jobs: files in the tree (known before any is sent)
+    _epoch = 0              # the Sender's failed connections when it was queued
+    state = "queued"
+    bytes_done = 0
+    error = None
+    attempts = 0
+    started = None
+    finished = None
+    files = 0               # dir jobs: files ended
+    failures = ()           # dir jobs: a list of (name, error) of files that failed
+    _pending = 0            # dir jobs: walk + files not ended
+    _cancel = False         # a flag, not an Event: nothing waits for it
+    _done = False
+    _ended = None           # an Event, made only once someone waits
+
     def __init__(self, ledger, path, name, kind="file", parent=None, st=None):
         self._ledger = ledger
         self.path = path
         self.name = name
         self.kind = kind
         self.parent = parent
-        self.source = None      # a _Generated instead of the file at path (bench)
         self._stat = st         # os.stat_result from the walk: the one stat of the file
-        self.note = ""          # the receiver's word on success: "replaced", "renamed to ..."
-        self.resumed = 0        # bytes not sent again because the receiver had them
-        self.digest = None      # sha256 hex of the content sent, once it was sent
-        self.result = None      # ping jobs: what ping() returns, once answered
-        self.files_total = 0    # dir jobs: files in the tree (known before any is sent)
-        self._epoch = 0         # the Sender's failed connections when it was queued
-        self.state = "queued"
         self.size = 0 if st is None else st.st_size
-        self.bytes_done = 0
-        self.error = None
-        self.attempts = 0
-        self.started = None
-        self.finished = None
-        self.files = 0          # dir jobs: files ended
-        self.failures = []      # dir jobs: (name, error) of files that failed
-        self._pending = 1 if kind == "dir" else 0   # dir jobs: walk + files not ended
-        self._cancel = False    # a flag, not an Event: nothing waits for it
-        self._done = False
-        self._ended = None      # an Event, made only once someone waits
+        if kind == "dir":
+            self.failures = []
+            self._pending = 1   # the walk
 
     @property
     def progress(self):
@@ -3899,7 +3909,7 @@ class _Link:
     def _header(self, fid, job, out, flags):
         if self.discard:
             flags |= FF_DISCARD
-        return _encode_file(fid, out.size, out.mtime_ns, stat.S_IMODE(out.mode), flags,
+        return _encode_file(fid, out.size, out.mtime_ns, out.mode & 0o7777, flags,
                             _wire_name(job))
 
     def _small(self, job, out):
@@ -3916,7 +3926,10 @@ class _Link:
             self.ledger.resize(job, size)
         digest = hashlib.sha256(data).digest()
         job.digest = digest.hex()
-        self._register(fid, job)
+        if len(self.pending) >= WINDOW:
+            self._register(fid, job)
+        else:
+            self.pending[fid] = job
         # Counted before the write: once written, the RESULT (and the job's
         # end) may arrive on the reader thread at any moment.
         self.ledger.progress(job, size)
@@ -4142,6 +4155,11 @@ class _Link:
         return [j for j in jobs if not j.done]
 
     def close(self):
+        try:
+            # shutdown() first: it wakes a reader blocked in recv(), close() does not.
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self.sock.close()
         except OSError:
@@ -4623,11 +4641,12 @@ class Sender:
         receiver that is not there fails a whole run at once, not file by
         file.  A job queued after it is sent on a new connection.
         """
-        if job.cancelled:
+        parent = job.parent
+        if job._cancel or (parent is not None and parent._cancel):
             self._ledger.end(job, "cancelled", XferError("%s: cancelled" % job.name))
             return False
         error = self.error
-        if error is not None and (job.parent or job)._epoch < self._epoch:
+        if error is not None and (parent or job)._epoch < self._epoch:
             self._ledger.end(job, "failed", error)
             return False
         return True
