@@ -7829,8 +7829,8 @@ def _report_ctrl_c(after):
 
     The worker holds before the second body chunk of the first large file
     until the Sender is closed with wait=False (what Ctrl-C does); the
-    KeyboardInterrupt comes from the display loop once the worker holds and
-    `after` files have been sent.
+    SIGINT is raised from the display loop once the worker holds and
+    `after` files have been sent (once: a second Ctrl-C is a different case).
     """
     write, tick = xfer._Link._write, xfer._Report.tick
     chunks = [0]
@@ -7842,9 +7842,13 @@ def _report_ctrl_c(after):
                 link.abort.wait(TIMEOUT)
         return write(link, data)
 
+    raised = [False]
+
     def interrupting_tick(report):
-        if chunks[0] >= 2 and all(t.sender.files_done >= after for t in report.tracks):
-            raise KeyboardInterrupt
+        if (not raised[0] and chunks[0] >= 2
+                and all(t.sender.files_done >= after for t in report.tracks)):
+            raised[0] = True
+            signal.raise_signal(signal.SIGINT)
         return tick(report)
     return (mock.patch.object(xfer._Link, "_write", held_write),
             mock.patch.object(xfer._Report, "tick", interrupting_tick))
@@ -7913,6 +7917,28 @@ class ReportTests(unittest.TestCase):
                          (171, 30, summary["bytes_kept"]))
         for d in (plain_dst, json_dst):
             self.assertEqual(tree_listing(os.path.join(d, "shots")), tree_listing(tree))
+
+    def test_ctrl_c_while_waiting_raises_a_flag_not_an_exception(self):
+        # A KeyboardInterrupt raised wherever the main thread happens to be
+        # can land inside the lock a wait holds, and the cancel path needs
+        # that lock: while send waits, SIGINT must only set a flag.
+        tree = self.tree(os.path.join(temp_dir(self), "shots"))
+        to = "%s:%d" % start_receiver(self, temp_dir(self)).address
+        seen = []
+        write, tick = _report_ctrl_c(after=30)
+
+        def recording_tick(report):
+            seen.append(signal.getsignal(signal.SIGINT))
+            return interrupting_tick(report)
+        with write, tick:
+            interrupting_tick = xfer._Report.tick
+            with mock.patch.object(xfer._Report, "tick", recording_tick), \
+                    mock.patch.object(xfer._Report, "REDRAW", 0.01):
+                status, out, err = self.run_main("send-dir", "--workers", "1", tree, to)
+        self.assertEqual(status, xfer.EXIT_INTERRUPTED, err)
+        self.assertTrue(seen)
+        self.assertNotIn(signal.default_int_handler, seen)
+        self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
 
     # -- error lines
 

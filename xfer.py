@@ -6436,6 +6436,35 @@ def _cmd_send(args):
             os.unlink(spooled)
 
 
+class _CtrlC:
+    """While a command waits for its Senders, Ctrl-C only raises a flag.
+
+    A KeyboardInterrupt raised at an arbitrary point of the main thread can
+    land between a lock's acquire and the block that releases it (inside
+    Condition.wait, for one), and the cancel path that follows needs the
+    same lock.  The wait loop looks at the flag between short waits instead.
+    Outside the main thread, or when SIGINT is ignored (a background job),
+    nothing is installed.
+    """
+
+    def __init__(self):
+        self.pressed = False
+        self._previous = None
+
+    def _press(self, signum, frame):
+        self.pressed = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                self._previous = signal.signal(signal.SIGINT, self._press)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _send_all(args, paths, tracks, report, mode, spooled):
     """Queue every operand on every destination, then report until all have ended."""
     for path in paths:
@@ -6450,16 +6479,13 @@ def _send_all(args, paths, tracks, report, mode, spooled):
             continue
         for t in tracks:
             t.jobs.append(t.sender.queue(path, subdir=t.subdir))
-    try:
+    with _CtrlC() as ctrl_c:
         for t in tracks:
-            while not t.sender.wait(report.REDRAW):
+            while not ctrl_c.pressed and not t.sender.wait(report.REDRAW):
                 for each in tracks:
                     each.sender.poll()
                 report.tick()
-        for t in tracks:
-            t.sender.close()
-            t.sender.poll()
-    except KeyboardInterrupt:
+    if ctrl_c.pressed:
         for t in tracks:
             t.sender.close(wait=False)
         # Let the workers end the cancelled files, so the summary counts them.
@@ -6471,6 +6497,8 @@ def _send_all(args, paths, tracks, report, mode, spooled):
         report.say("xfer: interrupted; sending the same again resumes")
         return EXIT_INTERRUPTED
     for t in tracks:
+        t.sender.close()
+        t.sender.poll()
         _token_source(t.sender.error, t.token_from)
     report.finish()
     if len(tracks) == 1 and tracks[0].sender.error is not None:
