@@ -3214,6 +3214,13 @@ def _human(n):
 # Threads: the caller's (queue, poll, close), one feeder, `workers` workers
 # each with the reader thread of its link, and one per ping_async().
 
+# The feeder hands the workers a tree's jobs in lists of at most this many
+# files or bytes: small files go by the hundred (one queue hop, one wake-up
+# each), large ones one or two at a time, so every worker gets its share.
+_HANDOVER_FILES = CHECK_AHEAD
+_HANDOVER_BYTES = 8 * CHUNK
+
+
 def _walk_tree(path, name, cancelled=None):
     """Yield (kind, path, name, stat or error) for a tree, depth first, lazily.
 
@@ -4181,6 +4188,7 @@ class _Worker:
         self.first = first
         self.link = None
         self.retry = collections.deque()
+        self.spare = []      # jobs taken from the work queue beyond the last batch
 
     def run(self):
         sender = self.sender
@@ -4194,7 +4202,7 @@ class _Worker:
             if self.link is not None:
                 self.link.close()
             end = sender._ledger.end
-            for job in self.retry:
+            for job in list(self.retry) + self.spare:
                 if job.cancelled:
                     end(job, "cancelled", XferError("%s: cancelled" % job.name))
                 else:
@@ -4209,6 +4217,8 @@ class _Worker:
             # After a broken connection, one job at a time: a file that
             # breaks connections then fails alone.
             batch.append(self.retry.popleft())
+        elif self.spare:
+            batch, self.spare = self.spare[:CHECK_BATCH], self.spare[CHECK_BATCH:]
         idle = link is None or not link.asked
         while not stopping and not self.retry and len(batch) < CHECK_BATCH:
             try:
@@ -4229,6 +4239,9 @@ class _Worker:
                 stopping = True
             else:
                 batch += jobs
+                if len(batch) > CHECK_BATCH:
+                    self.spare = batch[CHECK_BATCH:]
+                    batch = batch[:CHECK_BATCH]
         wanted = self.sender._still_wanted
         return [j for j in batch if wanted(j)], stopping
 
@@ -4364,7 +4377,7 @@ class Sender:
                                on_finished=self._top_finished)
         self._lock = self._ledger.lock
         # Lists of jobs; deep enough that each worker finds a batch waiting.
-        self._work = queue.Queue(maxsize=(CHECK_AHEAD // CHECK_BATCH + 1) * self.workers)
+        self._work = queue.Queue(maxsize=2 * self.workers)
         # Workers beyond the first connect only once a large file is queued
         # (_large): small files cost CPU per file, not bandwidth, and more
         # connections only make the receiver's threads take turns.  _wide
@@ -4616,19 +4629,22 @@ class Sender:
         top.size, top.files_total = _tree_totals(top.path, cancelled)
         ledger = self._ledger
         jobs = []
+        size = 0
         for kind, path, name, extra in _walk_tree(top.path, top.name, cancelled):
             if kind == "file":
                 jobs.append(Job(ledger, path, name, "file", top, extra))
+                size += extra.st_size
             elif kind == "dir":
                 jobs.append(Job(ledger, path, name, "mkdir", top))
             else:
                 ledger.add(top, 1)
                 ledger.end(Job(ledger, path, name, "file", top), "failed",
                            XferError("%s: %s" % (path, extra.strerror or extra)))
-            if len(jobs) >= CHECK_BATCH:
+            if len(jobs) >= _HANDOVER_FILES or size >= _HANDOVER_BYTES:
                 ledger.add(top, len(jobs))
                 self._put(jobs)
                 jobs = []
+                size = 0
         if jobs:
             ledger.add(top, len(jobs))
             self._put(jobs)
