@@ -4487,19 +4487,19 @@ class PerformanceTests(unittest.TestCase):
         # synced, so one file's sync cannot stand in for another's.
         dst = temp_dir(self)
         events = []
-        real = {name: getattr(xfer._ReceiveSession, name) for name in ("_seal", "_publish")}
+        real_seal, real_publish = xfer._IncomingFile.seal, xfer._Store.publish
         real_sync, real_count = xfer.Receiver._sync, xfer.Receiver._count_file
 
-        def seal(session, fd, handle, temp, mode, mtime_ns, sync=True):
-            events.append(("seal", temp.rsplit(".", 1)[-1]))
-            return real["_seal"](session, fd, handle, temp, mode, mtime_ns, sync)
+        def seal(incoming, fd):
+            events.append(("seal", incoming.temp.rsplit(".", 1)[-1]))
+            return real_seal(incoming, fd)
 
         def sync(receiver, what, target):
             events.append((what, _life_identity(target)))
             return real_sync(receiver, what, target)
 
-        def publish(session, held):
-            result = real["_publish"](session, held)
+        def publish(store, handle, temp, parts, raw, existed):
+            result = real_publish(store, handle, temp, parts, raw, existed)
             events.append(("publish", result[0]))
             return result
 
@@ -4508,8 +4508,8 @@ class PerformanceTests(unittest.TestCase):
             return real_count(receiver, info, resumed)
 
         names = ["f%02d" % i for i in range(40)]
-        with mock.patch.object(xfer._ReceiveSession, "_seal", seal), \
-                mock.patch.object(xfer._ReceiveSession, "_publish", publish), \
+        with mock.patch.object(xfer._IncomingFile, "seal", seal), \
+                mock.patch.object(xfer._Store, "publish", publish), \
                 mock.patch.object(xfer.Receiver, "_sync", sync), \
                 mock.patch.object(xfer.Receiver, "_count_file", count):
             receiver = start_receiver(self, dst, token="t0k")
@@ -8289,12 +8289,12 @@ class ResilienceTests(unittest.TestCase):
         big = write_file(os.path.join(src, "big.bin"), os.urandom(4 * xfer.CHUNK))
         receiver = start_receiver(self, dst)
         entered, gate = threading.Event(), threading.Event()
-        real = xfer._ReceiveSession._receive_body
+        real = xfer._IncomingFile.receive
 
-        def slow(session, fd, count, digest):
+        def slow(incoming, readinto, count, pace=None):
             entered.set()
             gate.wait(TIMEOUT)
-            return real(session, fd, count, digest)
+            return real(incoming, readinto, count, pace)
         # The seam: the gate opens only once stop() has closed the listener
         # and is waiting for the connections, so the file is still in flight
         # when stop() begins, and stop() is what lets it finish.
@@ -8306,7 +8306,7 @@ class ResilienceTests(unittest.TestCase):
             real_shutdown()
             stopping.set()
         server.shutdown = shutdown
-        with mock.patch.object(xfer._ReceiveSession, "_receive_body", slow):
+        with mock.patch.object(xfer._IncomingFile, "receive", slow):
             sender = xfer.Sender(receiver.address, retries=0)
             self.addCleanup(sender.close, False)
             job = sender.queue(big)
@@ -8651,14 +8651,14 @@ class FaultTests(unittest.TestCase):
                             hold=lambda: receiver.connections == 0)
         entered, gate = threading.Event(), threading.Event()
         self.addCleanup(gate.set)
-        real = xfer._ReceiveSession._commit
+        real = xfer._GroupCommit.commit
 
-        def held(session, *args):
-            if session.group:       # a verified file waits to be made durable
+        def held(commit):
+            if commit.group:        # a verified file waits to be made durable
                 entered.set()
                 gate.wait(TIMEOUT)
-            return real(session, *args)
-        with mock.patch.object(xfer._ReceiveSession, "_commit", held):
+            return real(commit)
+        with mock.patch.object(xfer._GroupCommit, "commit", held):
             sender = xfer.Sender(proxy.address, workers=1, retries=1)
             self.addCleanup(sender.close, False)
             job = sender.queue(path)

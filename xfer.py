@@ -1226,7 +1226,7 @@ class _Dest:
         except FileNotFoundError:
             return None
 
-    def create_temp(self, handle, name):
+    def create_temp(self, handle, name, mode=0o600):
         """Create a new temporary file next to name; return (fd, temp_name)."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY
         # Cut the name by bytes: a 255-byte name plus the prefix must fit.
@@ -1235,8 +1235,8 @@ class _Dest:
             temp = "%s%s%x.%s" % (PARTIAL_PREFIX, self._temp_tag, next(self._temp_ids), keep)
             try:
                 if self.use_dir_fd:
-                    return os.open(temp, flags, 0o600, dir_fd=handle), temp
-                return os.open(os.path.join(handle, temp), flags, 0o600), temp
+                    return os.open(temp, flags, mode, dir_fd=handle), temp
+                return os.open(os.path.join(handle, temp), flags, mode), temp
             except FileExistsError:
                 continue
         raise OSError(errno.EEXIST, "could not create a temporary file")
@@ -1903,6 +1903,9 @@ class Receiver:
                              % (", ".join(OVERWRITE_POLICIES), overwrite))
         self.overwrite = overwrite
         self.partial_max_age = partial_max_age
+        #: the process umask, read by start() where the system tells it
+        #: without changing it (else None: every file gets an fchmod)
+        self.umask = None
         self._stopping = False
         self._claims = {}           # resumable partial -> the session writing it
         self.files_resumed = 0
@@ -1941,6 +1944,7 @@ class Receiver:
         Raises XferError if DIR is unusable or the port cannot be bound.
         """
         self._prepare_dir()
+        self.umask = _current_umask()
         self._stopping = False
         self._dispatch.reopen()
         if self.tls_cert:
@@ -2156,7 +2160,7 @@ class Receiver:
                 now = time.monotonic()
                 if now > deadline or self._stopping:   # stop() waits for this thread
                     return False
-                if now - holder.rfile.last >= CLAIM_SILENCE:
+                if holder.silent_for() >= CLAIM_SILENCE:
                     holder.cut()
                 self._idle.wait(0.05)
 
@@ -2204,6 +2208,19 @@ class Receiver:
         with self._lock:
             self.files_failed += 1
 
+    def _session_open(self):
+        with self._lock:
+            self.connections += 1
+
+    def _session_closed(self, info):
+        """A connection ended; info is its SessionInfo (None: it never
+        finished the handshake, so on_session does not hear of it)."""
+        with self._lock:
+            self.connections -= 1
+            self._idle.notify_all()
+        if info is not None:
+            self._dispatch.emit(self.on_session, info)
+
     def _sync(self, what, target):
         """Make target durable: the one way the receiving side syncs, so that a
         test can see what is synced, and when.
@@ -2220,6 +2237,18 @@ class Receiver:
             _sync_directory(target)
         else:
             raise ValueError("unknown sync %r" % (what,))
+
+
+def _current_umask():
+    """The process umask, read without setting it (Linux /proc), or None."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _last_written(st, now, windows=(os.name == "nt")):
@@ -2243,8 +2272,28 @@ class _Drop(Exception):
     """End this connection quietly (already reported)."""
 
 
+# The receiving side in the order a file's bytes meet it:
+#
+#   _ReceiveSession   one connection: handshake, then a loop that reads a
+#                     frame and calls the handler of its kind; holds the
+#                     answers back so they go out (and files are synced)
+#                     in groups
+#   _Store            the destination: names checked (path rules), every
+#                     overwrite and name policy, temporary files, publish
+#   _IncomingFile     one file: admitted by the store, written to a
+#                     temporary file and hashed, verified, sealed; returns
+#                     a verdict.  Takes bytes or a readinto() source, so it
+#                     needs no socket
+#   _GroupCommit      the files sealed since the last commit: made durable,
+#                     published, counted and reported, each exactly once
+#
+# A part reaches the Receiver through a few methods only: _split (name
+# rules), _disk_usage, _sync (every sync), _claim/_unclaim (resumable
+# partials), _count_file/_count_failure, _log, and _session_open/_session_closed.
+
+
 class _ReceiveSession:
-    """One connection on the receiver: handshake, then files until BYE."""
+    """One connection on the receiver: handshake, then requests until BYE."""
 
     def __init__(self, receiver, sock, address):
         self.r = receiver
@@ -2253,24 +2302,22 @@ class _ReceiveSession:
         self.peer = _peer_text(address)
         self.rfile = None
         self.seal = _untagged      # tags what this end sends, once keyed (Protocol 3.1)
-        self.dest = _Dest(receiver.dir, root_fd=receiver._root_fd)
-        self.buf = bytearray(CHUNK)
+        self.store = _Store(receiver, _Dest(receiver.dir, root_fd=receiver._root_fd),
+                            claims=self)
+        self.commit = _GroupCommit(self.store, receiver, self.peer)
+        self.buf = self.store.buf
         self.started = time.monotonic()
-        self.files = self.bytes = self.skipped = self.failed = self.dirs = 0
         self.clean = False      # ended with BYE
-        # Answers not sent yet, in request order: RESULT bytes, or a _Held
-        # file whose RESULT the group commit decides (see _flush).
+        # Answers not sent yet, in request order: RESULT bytes, or an entry
+        # (_IncomingFile, _NewDir) whose RESULT the group commit decides.
         self.out = []
-        self.group = []            # the _Held files in out, not yet committed
-        self.made = []             # the _HeldDir directories (MKDIR) in out, likewise
-        # Directories whose new entry could not be synced: path -> error.
-        # Nothing below them is acknowledged on this connection.
-        self.undurable = {}
-        self.body_path = b""       # the file whose body is being read, for messages
+        self.handlers = {_Msg.FILE: self._on_file, _Msg.CHECK: self._on_check,
+                         _Msg.MKDIR: self._on_mkdir, _Msg.PING: self._on_ping}
+
+    # -- lifecycle
 
     def run(self):
-        with self.r._lock:
-            self.r.connections += 1
+        self.r._session_open()
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -2294,20 +2341,36 @@ class _ReceiveSession:
         finally:
             # Files verified before the connection failed are stored all
             # the same; their sender will find them identical next time.
-            self._commit()
-            self.dest.close()
+            self.commit.commit()
+            self.store.close()
             try:
                 if self.sock is not self.raw_sock:
                     self.sock.close()
             except OSError:
                 pass
-            with self.r._lock:
-                self.r.connections -= 1
-                self.r._idle.notify_all()
-            if self._handshake_done:
-                self.r._dispatch.emit(self.r.on_session, SessionInfo(
-                    self.peer, self.files, self.bytes, self.skipped, self.failed, self.dirs,
-                    self.clean, time.monotonic() - self.started))
+            c = self.commit
+            self.r._session_closed(SessionInfo(
+                self.peer, c.files, c.bytes, c.skipped, c.failed, c.dirs, self.clean,
+                time.monotonic() - self.started) if self._handshake_done else None)
+
+    def cut(self):
+        """End this connection from another thread: its reads fail at once."""
+        try:
+            self.raw_sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def silent_for(self):
+        """Seconds since bytes last arrived (a claim's holder: _Receiver._claim)."""
+        return time.monotonic() - self.rfile.last
+
+    def claim(self, key):
+        return self.r._claim(key, self)
+
+    def unclaim(self, key):
+        self.r._unclaim(key)
+
+    # -- answers
 
     def _send(self, frame):
         """Send one frame after every answer held back."""
@@ -2327,15 +2390,22 @@ class _ReceiveSession:
         so many go out in one write and files are synced in groups.  Each
         frame is tagged as it goes out, in the order it goes out.
         """
-        self._commit()
+        self.commit.commit()
         out, self.out = self.out, []
         seal = self.seal
-        frames = [seal(a if isinstance(a, bytes) else a.answer) for a in out]
+        frames = [seal(a if a.__class__ is bytes else a.answer) for a in out]
         if frame:
             frames.append(seal(frame))
         self.sock.sendall(b"".join(frames))
 
-    # -- handshake (Protocol 4.1)
+    def _refuse(self, fid, raw, code, reason):
+        self.out.append(self.commit.refusal(fid, raw, code, reason))
+
+    # -- handshake, the server's half (Protocol 4.1; the client's: _client_keys)
+
+    _handshake_done = False
+    _preface_sent = False
+    _expired = False            # the handshake deadline passed
 
     def _handshake(self):
         # The handshake has one absolute deadline that nothing the peer
@@ -2355,10 +2425,6 @@ class _ReceiveSession:
         finally:
             timer.cancel()
 
-    _handshake_done = False
-    _preface_sent = False
-    _expired = False            # the handshake deadline passed
-
     def _handshake_expired(self):
         if not self._handshake_done:
             self._expired = True    # before the cut: the reads that fail ask
@@ -2369,30 +2435,24 @@ class _ReceiveSession:
                     % (self.peer, self.r.handshake_timeout))
         raise _Drop()
 
-    def cut(self):
-        """End this connection from another thread: its reads fail at once."""
-        try:
-            self.raw_sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
     def _start_tls(self):
         """Tell TLS from plain xfer by the first byte (Protocol 2), and wrap if TLS."""
         first = self.sock.recv(1, socket.MSG_PEEK)
         if not first:
             raise _Drop()
+        tls = self.r._tls
         if first == b"\x16":                  # a TLS record: handshake
-            if self.r._tls is None:
+            if tls is None:
                 self.r._log("%s: dropped: the client speaks TLS, this server is plain "
                             "(start it with --tls)" % self.peer)
                 raise _Drop()
             try:
-                self.sock = self.r._tls.wrap_socket(self.sock, server_side=True)
+                self.sock = tls.wrap_socket(self.sock, server_side=True)
             except (ssl.SSLError, OSError) as e:
                 self.r._log("%s: dropped: TLS handshake failed: %s"
                             % (self.peer, getattr(e, "reason", None) or e))
                 raise _Drop() from None
-        elif self.r._tls is not None:
+        elif tls is not None:
             self.r._log("%s: refused: plain connection to a TLS server" % self.peer)
             self._send_quietly(_PREFACE.pack(MAGIC, PROTOCOL_VERSION, 0) + _encode_error(
                 ST_TLS_REQUIRED, "this server requires TLS: send with --tls, or pin its "
@@ -2400,8 +2460,55 @@ class _ReceiveSession:
             raise _Drop()
 
     def _handshake_steps(self):
-        server_flags = PF_AUTH_REQUIRED if self.r.token else 0
-        server_preface = _PREFACE.pack(MAGIC, PROTOCOL_VERSION, server_flags)
+        """Preface, HELLO both ways, AUTH checked, AUTH_OK; keys the session."""
+        token = self.r.token
+        server_preface = _PREFACE.pack(MAGIC, PROTOCOL_VERSION,
+                                       PF_AUTH_REQUIRED if token else 0)
+        head = self._read_client_preface()
+        client_nonce = _expect(self.rfile, _Msg.HELLO, _HANDSHAKE_FRAME_MAX)
+        if len(client_nonce) != _NONCE_SIZE:
+            raise ProtocolError("HELLO nonce of %d bytes, expected %d"
+                                % (len(client_nonce), _NONCE_SIZE))
+        server_nonce = secrets.token_bytes(_NONCE_SIZE)
+        self._preface_sent = True
+        self._send(server_preface + _frame(_Msg.HELLO, server_nonce))
+        if self.rfile.at_end():
+            # A sender hangs up here when it lacks what the server's flags
+            # ask for: a token, or (having one) a server that asks for it.
+            if self._expired:
+                self._timed_out()
+            if token:
+                self.r._log('%s: refused: the sender has no token (it needs this server\'s '
+                            'token: see "pairing")' % self.peer)
+            else:
+                self.r._log("%s: dropped: the sender hung up in the handshake (with a token "
+                            "for this address it refuses a server that asks for none)"
+                            % self.peer)
+            raise _Drop()
+        proof = _expect(self.rfile, _Msg.AUTH, _HANDSHAKE_FRAME_MAX)
+        if not token:
+            self._send(_frame(_Msg.AUTH_OK, b""))
+            self._handshake_done = True
+            return
+        transcript = _transcript(head, client_nonce, server_preface, server_nonce)
+        want = _auth_mac(token, b"xfer client", transcript)
+        wait = self.r._auth.check(self.address, self.peer,
+                                  lambda: hmac.compare_digest(proof, want))
+        if wait is None:
+            self._send_quietly(_encode_error(ST_AUTH_FAILED, "wrong token"))
+            raise _Drop()
+        if wait:
+            self._send_quietly(_encode_error(ST_BUSY, _backoff_reason(self.address, wait)))
+            raise _Drop()
+        key = _auth_mac(token, b"xfer session", transcript)
+        self._send(_frame(_Msg.AUTH_OK, _auth_mac(token, b"xfer server", transcript)))
+        # Every later frame, both ways, is tagged (Protocol 3.1).
+        self.rfile.tags, outgoing = _session_tags(key, server=True)
+        self.seal = outgoing.seal
+        self._handshake_done = True
+
+    def _read_client_preface(self):
+        """The client's 8-byte preface (Protocol 2); refuses another version."""
         head = self.rfile.read(_PREFACE.size)
         if not MAGIC.startswith(head[:len(MAGIC)]):
             self.r._log("%s: refused: not an xfer client (first bytes %r)"
@@ -2425,74 +2532,29 @@ class _ReceiveSession:
             raise _Drop()
         if flags:
             raise ProtocolError("the client set reserved preface flags 0x%04x" % flags)
-        client_nonce = _expect(self.rfile, _Msg.HELLO, _HANDSHAKE_FRAME_MAX)
-        if len(client_nonce) != _NONCE_SIZE:
-            raise ProtocolError("HELLO nonce of %d bytes, expected %d"
-                                % (len(client_nonce), _NONCE_SIZE))
-        server_nonce = secrets.token_bytes(_NONCE_SIZE)
-        self._preface_sent = True
-        self._send(server_preface + _frame(_Msg.HELLO, server_nonce))
-        if self.rfile.at_end():
-            # A sender hangs up here when it lacks what the server's flags
-            # ask for: a token, or (having one) a server that asks for it.
-            if self._expired:
-                self._timed_out()
-            if self.r.token:
-                self.r._log('%s: refused: the sender has no token (it needs this server\'s '
-                            'token: see "pairing")' % self.peer)
-            else:
-                self.r._log("%s: dropped: the sender hung up in the handshake (with a token "
-                            "for this address it refuses a server that asks for none)"
-                            % self.peer)
-            raise _Drop()
-        proof = _expect(self.rfile, _Msg.AUTH, _HANDSHAKE_FRAME_MAX)
-        if self.r.token:
-            transcript = _transcript(head, client_nonce, server_preface, server_nonce)
-            want = _auth_mac(self.r.token, b"xfer client", transcript)
-            wait = self.r._auth.check(self.address, self.peer,
-                                      lambda: hmac.compare_digest(proof, want))
-            if wait is None:
-                self._send_quietly(_encode_error(ST_AUTH_FAILED, "wrong token"))
-                raise _Drop()
-            if wait:
-                self._send_quietly(_encode_error(ST_BUSY,
-                                                 _backoff_reason(self.address, wait)))
-                raise _Drop()
-            key = _auth_mac(self.r.token, b"xfer session", transcript)
-            self._send(_frame(_Msg.AUTH_OK, _auth_mac(self.r.token, b"xfer server",
-                                                      transcript)))
-            # Every later frame, both ways, is tagged (Protocol 3.1).
-            self.rfile.tags, outgoing = _session_tags(key, server=True)
-            self.seal = outgoing.seal
-        else:
-            self._send(_frame(_Msg.AUTH_OK, b""))
-        self._handshake_done = True
+        return head
 
-    # -- after the handshake
+    # -- requests (Protocol 4): one handler per kind
 
     def _loop(self):
+        rfile, handlers, store = self.rfile, self.handlers, self.store
+        limit = self.r.max_frame
         while True:
             # Send what is held before waiting: the sender may be waiting too.
             # A short pause first lets a group grow when requests arrive in
             # bursts, as they do over a real link.
-            if self.out and not self.rfile.ready(_HOLD_PAUSE):
+            if self.out and not rfile.ready(_HOLD_PAUSE):
                 self._flush()
             if self.r._stopping:
                 # Between requests, so a file in flight is finished first.
                 self._send(_encode_error(ST_SHUTDOWN, "the server is shutting down"))
                 raise _Drop()
-            if (len(self.out) >= _HOLD_MAX
-                    or len(self.dest.retired) + len(self.dest.created) > _HOLD_DIRS):
+            if len(self.out) >= _HOLD_MAX or store.open_dirs() > _HOLD_DIRS:
                 self._flush()
-            kind, payload = self.rfile.frame(self.r.max_frame)
-            if kind == _Msg.FILE:
-                self._on_file(payload)
-            elif kind == _Msg.CHECK:
-                self._on_check(payload)
-            elif kind == _Msg.MKDIR:
-                self._on_mkdir(payload)
-            elif kind == _Msg.PING:
-                self._on_ping(payload)
+            kind, payload = rfile.frame(limit)
+            handler = handlers.get(kind)
+            if handler is not None:
+                handler(payload)
             elif kind == _Msg.BYE:
                 self.clean = True
                 self._send(_frame(_Msg.BYE))
@@ -2513,172 +2575,71 @@ class _ReceiveSession:
         fid, mode = _MKDIR.unpack_from(payload)
         raw = payload[_MKDIR.size:]
         try:
-            parts = self.r._split(raw)
-            self.dest.makedirs(parts, raw)
+            made = self.store.makedirs(fid, raw)
         except (XferError, OSError) as e:
             self._refuse(fid, raw, *_failure(raw, e))
             return
         # Answered by the group commit, once what was created is durable.
-        made = _HeldDir(fid, raw, parts)
         self.out.append(made)
-        self.made.append(made)
-
-    def _refuse(self, fid, raw, code, reason):
-        self.out.append(self._refusal(fid, raw, code, reason))
-
-    def _refusal(self, fid, raw, code, reason):
-        """The RESULT for a file not stored; a failure is counted and logged."""
-        if code == ST_SKIPPED:
-            self.skipped += 1
-        else:
-            self.failed += 1
-            self.r._count_failure()
-            self.r._log("%s: refused %s: %s" % (self.peer, _display(raw), reason))
-        return _encode_result(fid, code, reason)
+        self.commit.hold_dir(made)
 
     def _on_check(self, payload):
         """CHECK (Protocol 4.8): is this file already here?  Answer, store nothing."""
         fid, size, mtime_ns, flags, digest, raw = _decode_check(payload)
         try:
-            parts = self.r._split(raw)
-            try:
-                handle = self.dest.parent(parts, raw, create=False)
-            except FileNotFoundError:
-                self.out.append(_encode_result(fid, ST_NEEDED))
-                return
-            st = self._existing(handle, parts[-1], raw)
-            verdict = self._verdict(st, handle, parts[-1], raw, size, mtime_ns,
-                                    digest if flags & CF_CHECKSUM else None)
+            verdict = self.store.check(raw, size, mtime_ns,
+                                       digest if flags & CF_CHECKSUM else None)
         except (XferError, OSError) as e:
-            self._refuse(fid, raw, *_failure(raw, e))
-            return
+            verdict = _failure(raw, e)
         if verdict is None:
             self.out.append(_encode_result(fid, ST_NEEDED))
         else:
             self._refuse(fid, raw, *verdict)
 
-    def _verdict(self, st, handle, name, raw, size, mtime_ns, digest):
-        """None if the file should be sent, else (status, reason) for RESULT."""
-        if st is None:
-            return None
-        if st.st_size == size:
-            if digest is None:
-                same = abs(st.st_mtime_ns - mtime_ns) < 1000    # microsecond precision
-            else:
-                same = hmac.compare_digest(self._digest_of(handle, name), digest)
-            if same:
-                return ST_SKIPPED, "identical"
-        return self._policy_refusal(raw)
-
-    def _policy_refusal(self, raw):
-        """The overwrite policy's answer for a file whose name is taken, or None."""
-        policy = self.r.overwrite
-        if policy == "skip":
-            return ST_SKIPPED, "exists; not replaced (the receiver's policy)"
-        if policy == "fail":
-            return ST_CONFLICT, "%s: exists (the receiver refuses to replace files)" % (
-                _display(raw))
-        return None
-
-    def _digest_of(self, handle, name):
-        fd = self.dest.open_existing(handle, name)
-        try:
-            return _hash_fd(fd, self.buf).digest()
-        finally:
-            os.close(fd)
-
-    def _existing(self, handle, name, raw):
-        """lstat of the final name; refuses what may never be replaced."""
-        st = self.dest.lstat(handle, name)
-        if st is None:
-            return None
-        if stat.S_ISDIR(st.st_mode):
-            raise RemoteError("%s: a directory of that name exists" % _display(raw),
-                              ST_CONFLICT)
-        if stat.S_ISLNK(st.st_mode) or _is_reparse(st):
-            raise UnsafePathError("refusing to replace a symlink", raw)
-        if not stat.S_ISREG(st.st_mode):
-            raise RemoteError("%s: a special file of that name exists" % _display(raw),
-                              ST_CONFLICT)
-        if self.r.case_insensitive:
-            self._check_same_name(handle, name, raw)
-        return st
-
     def _on_file(self, payload):
-        started = time.monotonic()
+        """FILE (Protocol 4.2-4.3): admit, ACCEPT unless streamed, body, TRAILER."""
         fid, size, mtime_ns, mode, flags, raw = _decode_file(payload)
-        self.body_path = raw
-        stream = bool(flags & FF_STREAM)
+        stream = flags & FF_STREAM
         if flags & FF_DISCARD:
             self._discard(fid, size, stream, raw)
             return
-        part = None
+        incoming = _IncomingFile(self.store, fid, raw, size, mtime_ns, mode, stream)
         try:
-            parts, handle, existed = self._admit(raw, size, stream)
-            part = self._partial(handle, parts, size, mtime_ns, resumable=not stream)
+            incoming.admit(resumable=not stream)
         except (XferError, OSError) as e:
-            code, reason = _failure(raw, e)
             if stream:             # at most STREAM_MAX bytes (_decode_file)
-                self._drain(size)
+                self._drain(raw, size)
                 self._read_trailer(fid)
-            self._refuse(fid, raw, code, reason)
+            self._refuse(fid, raw, *_failure(raw, e))
             return
-        failure = None
-        keep = False            # keep the partial for a later resume
         try:
-            digest = hashlib.sha256()
             start = 0
             if not stream:
-                self._send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, part.offset, part.prefix)))
-                start = self._read_body_start(fid, part.offset)
-                if start:
-                    digest = part.hasher
-                else:
-                    os.ftruncate(part.fd, 0)
-                os.lseek(part.fd, start, os.SEEK_SET)
-            keep = part.resumable
-            write_error = self._receive_body(part.fd, size - start, digest)
-            keep = False
+                self._send(_frame(_Msg.ACCEPT,
+                                  _ACCEPT.pack(fid, incoming.offset, incoming.prefix)))
+                start = self._read_body_start(fid, incoming.offset)
+            incoming.begin(start)
+            incoming.receive(self.rfile.readinto, size - start,
+                             _Pace(self.r, raw, size - start))
             trailer_flags, their_digest = self._read_trailer(fid)
-            if trailer_flags & TF_ABORT:
-                failure = (ST_ABORTED, "%s: the sender gave it up" % _display(raw))
-            elif write_error is not None:
-                failure = _failure(raw, write_error)
-            elif not hmac.compare_digest(digest.digest(), their_digest):
-                failure = (ST_INTEGRITY, "%s: sha256 mismatch, file discarded" % _display(raw))
-            else:
-                fd, part.fd = part.fd, None      # _seal closes it, whatever happens
-                # A small file's data is synced with its group (_commit).
-                later = stream and self.r._syncfs is not None and self.dest.use_dir_fd
-                try:
-                    self._seal(fd, handle, part.temp, mode, mtime_ns, sync=not later)
-                except OSError as e:
-                    failure = _failure(raw, e)
-            if failure is None:
-                # Durable but not yet in place: held for the group commit,
-                # which renames it and syncs its directory.  No descriptor
-                # stays open while it waits.
-                held = _Held(fid, raw, parts, handle, part.temp, size, existed, started,
-                             digest.hexdigest(), part.offset if start else 0)
-                held.unsynced = later
-                part.temp = None                 # the held file owns it now
-                self.out.append(held)
-                self.group.append(held)
-                if part.claim is not None:
-                    # A resumable partial's name is reserved only until
-                    # _release: publish it before another connection may
-                    # take that name.
-                    self._commit()
+            failure = incoming.finish(their_digest, aborted=trailer_flags & TF_ABORT)
         except BaseException:
             # The connection failed mid-file.  A large file's partial stays,
             # stamped with the source's mtime, for the next attempt to resume.
-            self._release(part, handle, keep=keep, mtime_ns=mtime_ns)
+            incoming.close(keep=incoming.in_body)
             raise
-        self._release(part, handle, keep=False)
         if failure is not None:
             # The temp went before the answer, so a client that looks right
             # after a refusal never sees it.
             self._refuse(fid, raw, *failure)
+            return
+        self.out.append(incoming)
+        self.commit.hold(incoming)
+        if incoming.claim is not None:
+            # A resumable partial's name is reserved only until its claim
+            # goes: publish it before another connection may take that name.
+            self.commit.commit()
+            incoming.close()
 
     def _read_body_start(self, fid, offset):
         """BODY (Protocol 4.3): where the sender starts, 0 or the offered offset."""
@@ -2691,71 +2652,23 @@ class _ReceiveSession:
                                 % (bid, start, fid, offset))
         return start
 
-    def _partial(self, handle, parts, size, mtime_ns, resumable):
-        """Open the temporary file for a file; for a large one, the resumable partial."""
-        name = parts[-1]
-        if resumable:
-            key = hashlib.sha256("/".join(parts).encode("utf-8")).hexdigest()[:16]
-            temp = "%s%s.%s" % (PARTIAL_PREFIX, key, _cut(name, 100))
-            claim = (self.dest.dir_id(handle), temp)
-            if self.r._claim(claim, self):
-                try:
-                    fd, st = self.dest.open_partial(handle, temp)
-                except BaseException:
-                    self.r._unclaim(claim)
-                    raise
-                part = _Part(fd, temp, claim)
-                # A partial kept when its connection dropped carries the
-                # source's mtime; one left by a receiver that was killed
-                # carries the time of its last write, later than the mtime
-                # of the file it was receiving.  Either may be resumed; the
-                # sender still proves the prefix equal before it is reused.
-                if 0 < st.st_size < size and st.st_mtime_ns >= mtime_ns:
-                    part.hasher = _hash_fd(fd, self.buf)
-                    part.offset = st.st_size
-                    part.prefix = part.hasher.digest()
-                return part
-        fd, temp = self.dest.create_temp(handle, name)
-        part = _Part(fd, temp, None)
-        part.resumable = False
-        return part
-
-    def _release(self, part, handle, keep, mtime_ns=0):
-        """Close a partial; keep it for a resume, or remove it."""
-        if part is None:
-            return
-        # A kept partial carries the source's mtime (what a resume compares)
-        # and, as its access time, when it was kept (what the start-up sweep
-        # counts from on Windows: _last_written).
-        times = (time.time_ns(), mtime_ns)
-        try:
-            if part.fd is not None:
-                if keep:
-                    try:
-                        os.utime(part.fd, ns=times) if os.utime in os.supports_fd else None
-                    except OSError:
-                        keep = False
-                os.close(part.fd)
-                part.fd = None
-            if not keep:
-                if part.temp is not None:
-                    self.dest.remove(handle, part.temp)
-            elif os.utime not in os.supports_fd:
-                try:
-                    os.utime(os.path.join(handle, part.temp), ns=times)
-                except OSError:
-                    self.dest.remove(handle, part.temp)
-        finally:
-            if part.claim is not None:
-                self.r._unclaim(part.claim)
+    def _read_trailer(self, fid):
+        """TRAILER (Protocol 4.3): (flags, sha256).  Its tag binds it to its FILE."""
+        kind, payload = self.rfile.frame(MAX_FRAME_PAYLOAD)
+        if kind != _Msg.TRAILER:
+            raise ProtocolError("expected TRAILER, got %s" % _msg_name(kind))
+        tid, flags, digest = _decode_trailer(payload)
+        if tid != fid:
+            raise ProtocolError("TRAILER for file %d while receiving file %d" % (tid, fid))
+        return flags, digest
 
     def _discard(self, fid, size, stream, raw):
         """A benchmark file: receive and verify it like any other, store nothing."""
         try:
-            self.r._split(raw)
+            self.store.split(raw)
         except XferError as e:
             if stream:
-                self._drain(size)
+                self._drain(raw, size)
                 self._read_trailer(fid)
                 self._refuse(fid, raw, e.code, str(e))
                 return
@@ -2764,7 +2677,7 @@ class _ReceiveSession:
         if not stream:
             self._send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, 0, bytes(32))))
             self._read_body_start(fid, 0)
-        digest = self._drain(size, hashlib.sha256())
+        digest = self._drain(raw, size, hashlib.sha256())
         _, their_digest = self._read_trailer(fid)
         if not hmac.compare_digest(digest.digest(), their_digest):
             self.out.append(_encode_result(fid, ST_INTEGRITY, "%s: sha256 mismatch"
@@ -2772,32 +2685,83 @@ class _ReceiveSession:
             return
         self.out.append(_encode_result(fid, ST_OK))
 
-    def _admit(self, raw, size, stream=False):
-        """Validate a FILE header; return (parts, parent handle, existed) or raise.
+    def _drain(self, raw, size, digest=None):
+        """Read and drop size bytes of a body (hashing them into digest, if given)."""
+        view = memoryview(self.buf)
+        pace = _Pace(self.r, raw, size)
+        while size:
+            n = self.rfile.readinto(view[:min(size, CHUNK)])
+            if not n:
+                raise ConnectionClosedError("connection closed inside a file body")
+            if digest is not None:
+                digest.update(view[:n])
+            size -= n
+            pace.check(size)
+        return digest
 
-        A streamed file's body arrives whatever the answer, so under the
-        "replace" policy its name is looked at only once, right before the
-        rename (_publish), which refuses what may not be replaced.
+
+class _Store:
+    """The destination directory as the receiving parts see it: the name
+    rules, every overwrite and name policy, and the files below DIR (a
+    _Dest, which never leaves it).  One per connection or upload: it caches
+    parent directories and the last name it split.
+
+    rules is what decides (a Receiver): _split(raw) for the name rules,
+    overwrite, max_size, case_insensitive, fsync, _syncfs, _disk_usage()
+    and _sync(what, target), the one way anything is synced.  claims, if
+    given, reserves resumable partials (claim(key) -> bool, unclaim(key));
+    without it every file is written to a fresh temporary file.
+    """
+
+    def __init__(self, rules, dest, claims=None):
+        self.rules = rules
+        self.dest = dest
+        self.claims = claims
+        self.buf = bytearray(CHUNK)
+        self.overwrite = rules.overwrite
+        self.sync = rules._sync
+        # A small file's data is synced with its group, one syncfs() for all.
+        self.group_sync = bool(rules.fsync and rules._syncfs is not None
+                               and dest.use_dir_fd)
+        self.umask = getattr(rules, "umask", None) if os.name != "nt" else None
+        self._split_memo = (None, None)
+
+    def close(self):
+        self.dest.close()
+
+    def open_dirs(self):
+        """Directory handles kept open for the next group commit."""
+        return len(self.dest.retired) + len(self.dest.created)
+
+    # -- names
+
+    def split(self, raw):
+        """The components of raw, by the receiver's name rules (UnsafePathError).
+
+        A CHECK and then a FILE name the same path: it is split once.
         """
-        parts = self.r._split(raw)
-        if self.r.max_size is not None and size > self.r.max_size:
-            raise RemoteError("%s: %d bytes exceeds the receiver's limit of %d"
-                              % (_display(raw), size, self.r.max_size), ST_TOO_LARGE)
-        if size > 1 << 20:
-            free = self.r._disk_usage()[0]
-            if size > free:
-                raise RemoteError("%s: not enough space: need %s, have %s"
-                                  % (_display(raw), _human(size), _human(free)), ST_NO_SPACE)
-        handle = self.dest.parent(parts, raw)
-        if stream and self.r.overwrite == "replace":
-            return parts, handle, False
-        existed = self._existing(handle, parts[-1], raw) is not None
-        if existed:
-            refusal = self._policy_refusal(raw)
-            if refusal is not None:
-                raise _error_for(*refusal) if refusal[0] != ST_SKIPPED else \
-                    RemoteError(refusal[1], ST_SKIPPED)
-        return parts, handle, existed
+        last, parts = self._split_memo
+        if raw != last:
+            parts = tuple(self.rules._split(raw))
+            self._split_memo = (raw, parts)
+        return list(parts)
+
+    def existing(self, handle, name, raw):
+        """lstat of the final name, or None; refuses what may never be replaced."""
+        st = self.dest.lstat(handle, name)
+        if st is None:
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            raise RemoteError("%s: a directory of that name exists" % _display(raw),
+                              ST_CONFLICT)
+        if stat.S_ISLNK(st.st_mode) or _is_reparse(st):
+            raise UnsafePathError("refusing to replace a symlink", raw)
+        if not stat.S_ISREG(st.st_mode):
+            raise RemoteError("%s: a special file of that name exists" % _display(raw),
+                              ST_CONFLICT)
+        if self.rules.case_insensitive:
+            self._check_same_name(handle, name, raw)
+        return st
 
     def _check_same_name(self, handle, name, raw):
         """On a case-insensitive filesystem, refuse a name that only matches an
@@ -2814,21 +2778,276 @@ class _ReceiveSession:
                 raise RemoteError("%s: differs only by case or Unicode form from the "
                                   "existing %s" % (_display(raw), _display(other)), ST_CONFLICT)
 
-    def _receive_body(self, fd, count, digest):
-        """Copy count bytes from the socket into fd, hashing them into digest.
+    def policy_refusal(self, raw):
+        """The overwrite policy's answer for a file whose name is taken, or None."""
+        policy = self.overwrite
+        if policy == "skip":
+            return ST_SKIPPED, "exists; not replaced (the receiver's policy)"
+        if policy == "fail":
+            return ST_CONFLICT, "%s: exists (the receiver refuses to replace files)" % (
+                _display(raw))
+        return None
 
-        Returns None, or the OSError if writing failed; the rest is then
-        drained so the stream stays in step.  A large body is hashed on a
-        helper thread while the next chunk is received and this one written:
-        hashlib, recv and write all release the GIL, so they overlap.
+    # -- questions before a body
+
+    def check(self, raw, size, mtime_ns, digest=None):
+        """CHECK: None if the file should be sent, else (status, reason)."""
+        parts = self.split(raw)
+        try:
+            handle = self.dest.parent(parts, raw, create=False)
+        except FileNotFoundError:
+            return None
+        name = parts[-1]
+        st = self.existing(handle, name, raw)
+        if st is None:
+            return None
+        if st.st_size == size:
+            if digest is None:
+                same = abs(st.st_mtime_ns - mtime_ns) < 1000    # microsecond precision
+            else:
+                same = hmac.compare_digest(self._digest_of(handle, name), digest)
+            if same:
+                return ST_SKIPPED, "identical"
+        return self.policy_refusal(raw)
+
+    def _digest_of(self, handle, name):
+        fd = self.dest.open_existing(handle, name)
+        try:
+            return _hash_fd(fd, self.buf).digest()
+        finally:
+            os.close(fd)
+
+    def admit(self, raw, size, stream=False):
+        """Validate a file before its body; return (parts, parent handle, existed)
+        or raise XferError (ST_SKIPPED under the "skip" policy) or OSError.
+
+        Limits come before any byte is written.  A streamed file's body
+        arrives whatever the answer, so under the "replace" policy its name
+        is looked at only once, right before the rename (publish), which
+        refuses what may not be replaced.
+        """
+        parts = self.split(raw)
+        rules = self.rules
+        if rules.max_size is not None and size > rules.max_size:
+            raise RemoteError("%s: %d bytes exceeds the receiver's limit of %d"
+                              % (_display(raw), size, rules.max_size), ST_TOO_LARGE)
+        if size > 1 << 20:
+            free = rules._disk_usage()[0]
+            if size > free:
+                raise RemoteError("%s: not enough space: need %s, have %s"
+                                  % (_display(raw), _human(size), _human(free)), ST_NO_SPACE)
+        handle = self.dest.parent(parts, raw)
+        if stream and self.overwrite == "replace":
+            return parts, handle, False
+        existed = self.existing(handle, parts[-1], raw) is not None
+        if existed:
+            refusal = self.policy_refusal(raw)
+            if refusal is not None:
+                raise _error_for(*refusal) if refusal[0] != ST_SKIPPED else \
+                    RemoteError(refusal[1], ST_SKIPPED)
+        return parts, handle, existed
+
+    def makedirs(self, fid, raw):
+        """MKDIR: create every directory of raw; the _NewDir to commit."""
+        parts = self.split(raw)
+        self.dest.makedirs(parts, raw)
+        return _NewDir(fid, raw, parts)
+
+    # -- temporary files
+
+    def create_mode(self, mode):
+        """(mode to create a temporary file with, True if that is its final mode).
+
+        Where the umask is known (read when the receiver starts) and leaves
+        the sender's permission bits alone, a temp is created with them and
+        needs no fchmod; else it is created 0600 and sealed with fchmod.
+        """
+        perm = stat.S_IMODE(mode) & 0o777     # never setuid, setgid or sticky
+        umask = self.umask
+        if umask is not None and not perm & umask and perm & 0o600 == 0o600:
+            return perm, True
+        return 0o600, False
+
+    def open_partial(self, handle, parts, size, mtime_ns):
+        """A resumable partial for a large file, reserved for this connection:
+        (fd, temp name, claim key, offset, prefix hasher) or None if another
+        connection keeps it (the caller then writes a temporary file)."""
+        if self.claims is None:
+            return None
+        name = parts[-1]
+        key = hashlib.sha256("/".join(parts).encode("utf-8")).hexdigest()[:16]
+        temp = "%s%s.%s" % (PARTIAL_PREFIX, key, _cut(name, 100))
+        claim = (self.dest.dir_id(handle), temp)
+        if not self.claims.claim(claim):
+            return None
+        try:
+            fd, st = self.dest.open_partial(handle, temp)
+        except BaseException:
+            self.claims.unclaim(claim)
+            raise
+        # A partial kept when its connection dropped carries the source's
+        # mtime; one left by a receiver that was killed carries the time of
+        # its last write, later than the mtime of the file it was receiving.
+        # Either may be resumed; the sender still proves the prefix equal
+        # before it is reused.
+        if 0 < st.st_size < size and st.st_mtime_ns >= mtime_ns:
+            return fd, temp, claim, st.st_size, _hash_fd(fd, self.buf)
+        return fd, temp, claim, 0, None
+
+    def release(self, handle, fd, temp, claim, keep=False, mtime_ns=0):
+        """Close a temporary file; keep it for a resume, or remove it."""
+        # A kept partial carries the source's mtime (what a resume compares)
+        # and, as its access time, when it was kept (what the start-up sweep
+        # counts from on Windows: _last_written).
+        times = (time.time_ns(), mtime_ns)
+        try:
+            if fd is not None:
+                if keep:
+                    try:
+                        os.utime(fd, ns=times) if _UTIME_FD else None
+                    except OSError:
+                        keep = False
+                os.close(fd)
+            if not keep:
+                if temp is not None:
+                    self.dest.remove(handle, temp)
+            elif not _UTIME_FD:
+                try:
+                    os.utime(os.path.join(handle, temp), ns=times)
+                except OSError:
+                    self.dest.remove(handle, temp)
+        finally:
+            if claim is not None:
+                self.claims.unclaim(claim)
+
+    # -- publishing (called by the group commit)
+
+    def publish(self, handle, temp, parts, raw, existed):
+        """Rename a sealed temp file into place, its directory not yet synced.
+
+        Returns (final name or None if the policy skipped it, note for RESULT);
+        the temp is gone either way, unless it raises.
+        """
+        name = parts[-1]
+        # Check again right before the rename: a directory or symlink may
+        # have appeared under the final name while the body was arriving.
+        existed = self.existing(handle, name, raw) is not None or existed
+        policy = self.overwrite
+        final = self.dest.publish(handle, temp, name, policy, sync=False, path=raw)
+        if final is None:
+            self.dest.remove(handle, temp)
+            return None, "exists; not replaced (the receiver's policy)"
+        if final != name:
+            return final, "renamed to %s" % final
+        return final, "replaced" if existed and policy == "replace" else ""
+
+
+_UTIME_FD = os.utime in os.supports_fd
+
+
+class _IncomingFile:
+    """One file arriving: admitted by the store, written to a temporary file
+    while hashed, verified against the sender's digest, sealed (synced, mode
+    and mtime set).  finish() gives the verdict; a file that passes then
+    waits in the group commit, which publishes it and sets its answer.
+
+    Knows nothing of sockets: the body comes from write(bytes) calls or
+    from receive(readinto, count), so a push session, a pull client or an
+    HTTP upload can all end in the same store.
+    """
+    __slots__ = ("store", "fid", "raw", "size", "mtime_ns", "mode", "stream",
+                 "started", "parts", "handle", "existed", "fd", "temp", "claim",
+                 "offset", "prefix", "hasher", "resumed", "in_body", "final_mode",
+                 "write_error", "digest", "unsynced", "final", "note", "failure",
+                 "answer")
+
+    def __init__(self, store, fid, raw, size, mtime_ns, mode, stream=True):
+        self.store = store
+        self.fid = fid
+        self.raw = raw
+        self.size = size
+        self.mtime_ns = mtime_ns
+        self.mode = mode
+        self.stream = stream
+        self.started = time.monotonic()
+        self.parts = self.handle = self.fd = self.temp = self.claim = None
+        self.hasher = self.write_error = self.digest = None
+        self.existed = self.in_body = self.unsynced = self.final_mode = False
+        self.offset = self.resumed = 0
+        self.prefix = _NO_PREFIX
+        self.final = self.note = self.failure = None
+        self.answer = b""
+
+    def admit(self, resumable=False):
+        """Check the name, limits and policy, and open the temporary file
+        (resumable: a large file's partial, which a later try may resume
+        from offset, whose sha256 is prefix).  Raises XferError or OSError."""
+        store = self.store
+        self.parts, self.handle, self.existed = store.admit(self.raw, self.size, self.stream)
+        if resumable:
+            got = store.open_partial(self.handle, self.parts, self.size, self.mtime_ns)
+            if got is not None:
+                self.fd, self.temp, self.claim, self.offset, self.hasher = got
+                if self.hasher is not None:
+                    self.prefix = self.hasher.digest()
+                return
+        mode, self.final_mode = store.create_mode(self.mode)
+        self.fd, self.temp = store.dest.create_temp(self.handle, self.parts[-1], mode)
+
+    def begin(self, start=0):
+        """The body starts at start: 0, or the offset offered for a resume."""
+        if start:
+            self.resumed = start
+        else:
+            self.hasher = None
+            if self.claim is not None:
+                os.ftruncate(self.fd, 0)
+        if self.claim is not None:
+            os.lseek(self.fd, start, os.SEEK_SET)
+        if self.hasher is None:
+            self.hasher = hashlib.sha256()
+        # From here a connection lost keeps a resumable partial.
+        self.in_body = self.claim is not None
+
+    def write(self, data):
+        """Hash and write one piece of the body.  A write error is kept for
+        finish(); later pieces are hashed, not written, so the caller stays
+        in step with its source."""
+        self.hasher.update(data)
+        if self.write_error is None:
+            fd = self.fd
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            except OSError as e:
+                self.write_error = e
+
+    def receive(self, readinto, count, pace=None):
+        """Read count bytes of body from readinto(view) (0: the source ended).
+
+        A large body is hashed on a helper thread while the next chunk is
+        received and this one written: hashlib, recv and write all release
+        the GIL, so they overlap.
         """
         if count < _HASH_BEHIND_MIN:
-            view = memoryview(self.buf)
-            return self._copy_body(fd, count, lambda: view, digest.update)
+            view = memoryview(self.store.buf)
+            write = self.write
+            while count:
+                n = readinto(view[:count] if count < CHUNK else view)
+                if not n:
+                    raise ConnectionClosedError(
+                        "connection closed with %d bytes of a file to go" % count)
+                write(view[:n])
+                count -= n
+                if pace is not None:
+                    pace.check(count)
+            self.in_body = False
+            return
         free = queue.Queue()        # buffers whose bytes are hashed, to receive into
-        for buf in (self.buf, bytearray(CHUNK), bytearray(CHUNK)):
+        for buf in (self.store.buf, bytearray(CHUNK), bytearray(CHUNK)):
             free.put(buf)
         todo = queue.Queue()        # chunks to hash, in order
+        digest = self.hasher
 
         def hash_behind():
             while True:
@@ -2840,113 +3059,187 @@ class _ReceiveSession:
 
         helper = threading.Thread(target=hash_behind, name="xfer-hash", daemon=True)
         helper.start()
+        fd = self.fd
         try:
-            return self._copy_body(fd, count, lambda: memoryview(free.get()), todo.put)
+            while count:
+                view = memoryview(free.get())
+                n = readinto(view[:min(count, CHUNK)])
+                if not n:
+                    raise ConnectionClosedError(
+                        "connection closed with %d bytes of a file to go" % count)
+                chunk = view[:n]
+                todo.put(chunk)
+                if self.write_error is None:
+                    try:
+                        while chunk:
+                            chunk = chunk[os.write(fd, chunk):]
+                    except OSError as e:
+                        self.write_error = e
+                count -= n
+                if pace is not None:
+                    pace.check(count)
         finally:
             todo.put(None)
             helper.join()
+        self.in_body = False
 
-    def _copy_body(self, fd, count, next_view, hash_chunk):
-        """The loop of _receive_body: receive into next_view(), hash, write."""
-        left = count
-        write_error = None
-        readinto = self.rfile.readinto
-        pace = _Pace(self.r, self.body_path, count)
-        while left:
-            view = next_view()
-            n = readinto(view[:min(left, CHUNK)])
-            if not n:
-                raise ConnectionClosedError("connection closed with %d bytes of a file to go"
-                                            % left)
-            chunk = view[:n]
-            hash_chunk(chunk)
-            if write_error is None:
-                try:
-                    while chunk:
-                        w = os.write(fd, chunk)
-                        chunk = chunk[w:]
-                except OSError as e:
-                    write_error = e
-            left -= n
-            pace.check(left)
-        return write_error
+    def finish(self, their_digest, aborted=False):
+        """The verdict once the body is in: None if the file is verified and
+        sealed (ready for the group commit), else (status, reason) for its
+        RESULT, the temporary file already gone."""
+        self.in_body = False
+        raw = self.raw
+        if aborted:
+            failure = (ST_ABORTED, "%s: the sender gave it up" % _display(raw))
+        elif self.write_error is not None:
+            failure = _failure(raw, self.write_error)
+        elif not hmac.compare_digest(self.hasher.digest(), their_digest):
+            failure = (ST_INTEGRITY, "%s: sha256 mismatch, file discarded" % _display(raw))
+        else:
+            fd, self.fd = self.fd, None          # seal closes it, whatever happens
+            self.unsynced = self.stream and self.store.group_sync
+            try:
+                self.seal(fd)
+            except OSError as e:
+                failure = _failure(raw, e)
+            else:
+                self.digest = self.hasher.hexdigest()
+                self.hasher = None
+                # Durable but not yet in place: the group commit renames it
+                # and syncs its directory.  No descriptor stays open while it
+                # waits.  A resumable partial stays claimed until close().
+                return None
+        self.close(keep=False)
+        self.failure = failure
+        return failure
 
-    def _drain(self, size, digest=None):
-        """Read and drop size bytes of a body (hashing them into digest, if given)."""
-        view = memoryview(self.buf)
-        pace = _Pace(self.r, self.body_path, size)
-        while size:
-            n = self.rfile.readinto(view[:min(size, CHUNK)])
-            if not n:
-                raise ConnectionClosedError("connection closed inside a file body")
-            if digest is not None:
-                digest.update(view[:n])
-            size -= n
-            pace.check(size)
-        return digest
+    def seal(self, fd):
+        """Sync the data (unless its group's commit does), set mode and mtime;
+        close fd."""
+        store = self.store
+        mtime_ns = self.mtime_ns
+        try:
+            if store.rules.fsync and not self.unsynced:
+                store.sync("data", fd)
+            if os.name != "nt" and not self.final_mode:
+                os.fchmod(fd, stat.S_IMODE(self.mode) & 0o777)
+            if _UTIME_FD:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+        finally:
+            os.close(fd)
+        if not _UTIME_FD:
+            path = os.path.join(self.handle, self.temp)
+            os.utime(path, ns=(mtime_ns, mtime_ns))
+            if os.name == "nt" and not self.mode & 0o200:
+                os.chmod(path, stat.S_IREAD)
 
-    def _read_trailer(self, fid):
-        """TRAILER (Protocol 4.3): (flags, sha256).  Its tag binds it to its FILE."""
-        kind, payload = self.rfile.frame(MAX_FRAME_PAYLOAD)
-        if kind != _Msg.TRAILER:
-            raise ProtocolError("expected TRAILER, got %s" % _msg_name(kind))
-        tid, flags, digest = _decode_trailer(payload)
-        if tid != fid:
-            raise ProtocolError("TRAILER for file %d while receiving file %d" % (tid, fid))
-        return flags, digest
+    def close(self, keep=False):
+        """Let go of the temporary file and of its claim: keep it (a partial
+        for a resume) or remove it (if the group commit has not published it)."""
+        fd, self.fd = self.fd, None
+        claim, self.claim = self.claim, None
+        temp, self.temp = self.temp, None
+        if fd is not None or claim is not None or temp is not None:
+            self.store.release(self.handle, fd, temp, claim, keep=keep,
+                               mtime_ns=self.mtime_ns)
 
-    def _commit(self):
-        """Make the held files durable, move them into place and count them
-        (group commit).
+    def fail(self, error):
+        self.failure = _failure(self.raw, error)
 
-        Each file's data is made durable (by _seal, or here with one syncfs()
-        for the group); all are renamed, then each directory is synced once,
-        those renamed into and the parents of the directories created since
-        the last commit (MKDIR, or a file's new parents) alike: a file or
-        directory is acknowledged only when its data and its name, and the
-        names of the new directories on its way, are durable, as if it had
-        been finished alone.  Sets each file's and directory's answer.
 
-        The one place a received file is published, so also the one place it
-        is counted and reported (on_file), whether its answer is then sent
-        (_flush) or the connection has already failed (run's teardown).
-        Counted before the answer goes out, so the counters include a file
-        by the time its sender hears that it arrived.
+_NO_PREFIX = bytes(32)
+
+
+class _NewDir:
+    """A directory made (MKDIR), its answer waiting for the group commit."""
+    __slots__ = ("fid", "raw", "parts", "answer")
+
+    def __init__(self, fid, raw, parts):
+        self.fid = fid
+        self.raw = raw
+        self.parts = parts
+        self.answer = b""
+
+
+class _GroupCommit:
+    """The files sealed (and directories made) since the last commit: made
+    durable, published and counted together, each exactly once.
+
+    tally is what counts and reports (a Receiver): _count_file(info,
+    resumed), _count_failure() and _log(line).  The counters here are one
+    connection's (SessionInfo).
+    """
+
+    def __init__(self, store, tally, peer):
+        self.store = store
+        self.tally = tally
+        self.peer = peer
+        self.group = []            # _IncomingFile entries, sealed, not yet published
+        self.made = []             # _NewDir entries, likewise
+        # Directories whose new entry could not be synced: path -> error.
+        # Nothing below them is acknowledged on this connection.
+        self.undurable = {}
+        self.files = self.bytes = self.skipped = self.failed = self.dirs = 0
+        if os.sep == "/":
+            self._root = store.dest.root.rstrip("/") + "/"
+
+    def hold(self, incoming):
+        self.group.append(incoming)
+
+    def hold_dir(self, made):
+        self.made.append(made)
+
+    def refusal(self, fid, raw, code, reason):
+        """The RESULT for a file not stored; a failure is counted and logged."""
+        if code == ST_SKIPPED:
+            self.skipped += 1
+        else:
+            self.failed += 1
+            self.tally._count_failure()
+            self.tally._log("%s: refused %s: %s" % (self.peer, _display(raw), reason))
+        return _encode_result(fid, code, reason)
+
+    def commit(self):
+        """Make the held files durable, move them into place and count them.
+
+        Each file's data is made durable (by its seal, or here with one
+        syncfs() for the group); all are renamed, then each directory is
+        synced once, those renamed into and the parents of the directories
+        created since the last commit (MKDIR, or a file's new parents)
+        alike: a file or directory is acknowledged only when its data and
+        its name, and the names of the new directories on its way, are
+        durable, as if it had been finished alone.  Sets each file's and
+        directory's answer.
+
+        The one place a received file is published, so also the one place
+        it is counted and reported (on_file), whether its answer is then
+        sent or the connection has already failed.  Counted before the
+        answer goes out, so the counters include a file by the time its
+        sender hears that it arrived.
         """
         group, self.group = self.group, []
+        made, self.made = self.made, []
+        store, dest = self.store, self.store.dest
+        if not group and not made and not dest.created:
+            dest.release()
+            return
         self._sync_data([held for held in group if held.unsynced])
         published = []
         for held in group:
             if held.failure is not None:          # its data could not be synced
-                self.dest.remove(held.handle, held.temp)
+                temp, held.temp = held.temp, None
+                dest.remove(held.handle, temp)
                 continue
+            temp, held.temp = held.temp, None
             try:
-                held.final, held.note = self._publish(held)
+                held.final, held.note = store.publish(held.handle, temp, held.parts,
+                                                      held.raw, held.existed)
                 if held.final is not None:
                     published.append(held)
             except (XferError, OSError) as e:
                 held.fail(e)
-                if held.temp is not None:
-                    self.dest.remove(held.handle, held.temp)
-        made, self.made = self.made, []
-        # One sync per directory, whether it got files, new directories or both.
-        dir_ids = {handle: self.dest.dir_id(handle)
-                   for handle in dict.fromkeys(held.handle for held in published)}
-        targets = {key: handle for handle, key in dir_ids.items()}
-        created = self.dest.created
-        for key, (handle, _) in created.items():
-            targets.setdefault(key, handle)
-        failed_dirs = {}                # dir_id -> error
-        for key, handle in targets.items():
-            try:
-                self.r._sync("directory", handle)
-            except OSError as e:
-                failed_dirs[key] = e
-        for key, (_, children) in created.items():
-            if key in failed_dirs:
-                for child in children:
-                    self.undurable[child] = failed_dirs[key]
-        self.dest.forget_created()
+                dest.remove(held.handle, temp)
+        failed_dirs, dir_ids = self._sync_dirs(published)
         for held in group:
             if held.failure is None:
                 error = failed_dirs.get(dir_ids.get(held.handle)) \
@@ -2954,27 +3247,56 @@ class _ReceiveSession:
                 if error is not None:
                     held.fail(error)
             if held.failure is not None:
-                held.answer = self._refusal(held.fid, held.raw, *held.failure)
+                held.answer = self.refusal(held.fid, held.raw, *held.failure)
             elif held.final is None:             # the policy said skip after all
                 self.skipped += 1
                 held.answer = _encode_result(held.fid, ST_SKIPPED, held.note)
             else:
-                held.parts[-1] = held.final
-                held.answer = _encode_result(held.fid, ST_OK, held.note)
-                self.files += 1
-                self.bytes += held.size
-                self.r._count_file(FileInfo(
-                    self.dest.final_path(held.parts), "/".join(held.parts), held.size,
-                    self.peer, time.monotonic() - held.started, held.digest), held.resumed)
+                self._count(held)
         for directory in made:
             error = self._undurable(directory.parts)
             if error is not None:
-                directory.answer = self._refusal(directory.fid, directory.raw,
-                                                 *_failure(directory.raw, error))
+                directory.answer = self.refusal(directory.fid, directory.raw,
+                                                *_failure(directory.raw, error))
             else:
                 self.dirs += 1
                 directory.answer = _encode_result(directory.fid, ST_OK)
-        self.dest.release()
+        dest.release()
+
+    def _count(self, held):
+        parts = held.parts
+        parts[-1] = held.final
+        held.answer = _encode_result(held.fid, ST_OK, held.note)
+        self.files += 1
+        self.bytes += held.size
+        relpath = "/".join(parts)
+        path = self._root + relpath if os.sep == "/" else self.store.dest.final_path(parts)
+        self.tally._count_file(FileInfo(path, relpath, held.size, self.peer,
+                                        time.monotonic() - held.started, held.digest),
+                               held.resumed)
+
+    def _sync_dirs(self, published):
+        """Sync each directory once: those files were renamed into and the
+        parents of directories created; ({dir_id: error}, {handle: dir_id})."""
+        dest = self.store.dest
+        dir_ids = {handle: dest.dir_id(handle)
+                   for handle in dict.fromkeys(held.handle for held in published)}
+        targets = {key: handle for handle, key in dir_ids.items()}
+        created = dest.created
+        for key, (handle, _) in created.items():
+            targets.setdefault(key, handle)
+        failed_dirs = {}
+        for key, handle in targets.items():
+            try:
+                self.store.sync("directory", handle)
+            except OSError as e:
+                failed_dirs[key] = e
+        for key, (_, children) in created.items():
+            if key in failed_dirs:
+                for child in children:
+                    self.undurable[child] = failed_dirs[key]
+        dest.forget_created()
+        return failed_dirs, dir_ids
 
     def _undurable(self, dirs):
         """The error that kept a directory on the way to dirs from being
@@ -2996,98 +3318,12 @@ class _ReceiveSession:
                 failed[handle] = e
         for handles in devices.values():
             try:
-                self.r._sync("filesystem", handles[0])
+                self.store.sync("filesystem", handles[0])
             except OSError as e:
                 failed.update(dict.fromkeys(handles, e))
         for held in group:
             if held.handle in failed:
                 held.fail(failed[held.handle])
-
-    def _seal(self, fd, handle, temp, mode, mtime_ns, sync=True):
-        """Sync a verified temp file's data (unless sync is false: its group's
-        commit does), set its mode and mtime; close fd."""
-        perm = stat.S_IMODE(mode) & 0o777     # never setuid, setgid or sticky
-        try:
-            if self.r.fsync and sync:
-                self.r._sync("data", fd)
-            if os.name != "nt":
-                os.fchmod(fd, perm)
-            if os.utime in os.supports_fd:
-                os.utime(fd, ns=(mtime_ns, mtime_ns))
-        finally:
-            os.close(fd)
-        if os.utime not in os.supports_fd:
-            path = os.path.join(handle, temp)
-            os.utime(path, ns=(mtime_ns, mtime_ns))
-            if os.name == "nt" and not perm & 0o200:
-                os.chmod(path, stat.S_IREAD)
-
-    def _publish(self, held):
-        """Rename a sealed temp file into place, its directory not yet synced.
-
-        Returns (final name or None if the policy skipped it, note for RESULT).
-        """
-        name = held.parts[-1]
-        # Check again right before the rename: a directory or symlink may
-        # have appeared under the final name while the body was arriving.
-        existed = self._existing(held.handle, name, held.raw) is not None or held.existed
-        policy = self.r.overwrite
-        final = self.dest.publish(held.handle, held.temp, name, policy, sync=False,
-                                  path=held.raw)
-        temp, held.temp = held.temp, None
-        if final is None:
-            self.dest.remove(held.handle, temp)
-            return None, "exists; not replaced (the receiver's policy)"
-        if final != name:
-            return final, "renamed to %s" % final
-        return final, "replaced" if existed and policy == "replace" else ""
-
-
-class _Held:
-    """A verified file waiting for the group commit (its data already synced, or
-    left to the group's syncfs), and then its answer."""
-
-    def __init__(self, fid, raw, parts, handle, temp, size, existed, started, digest,
-                 resumed):
-        self.fid = fid
-        self.raw = raw
-        self.parts = parts
-        self.handle = handle
-        self.temp = temp
-        self.size = size
-        self.existed = existed
-        self.started = started
-        self.digest = digest
-        self.resumed = resumed
-        self.final = self.note = self.failure = None
-        self.answer = b""
-        self.unsynced = False     # its data awaits the group's syncfs()
-
-    def fail(self, error):
-        self.failure = _failure(self.raw, error)
-
-
-class _HeldDir:
-    """A directory made (MKDIR), its answer waiting for the group commit."""
-
-    def __init__(self, fid, raw, parts):
-        self.fid = fid
-        self.raw = raw
-        self.parts = parts
-        self.answer = b""
-
-
-class _Part:
-    """A temporary file being written: fd, name, and what a resume may reuse."""
-
-    def __init__(self, fd, temp, claim):
-        self.fd = fd
-        self.temp = temp
-        self.claim = claim
-        self.resumable = claim is not None
-        self.offset = 0
-        self.prefix = bytes(32)
-        self.hasher = None
 
 
 class _Pace:
