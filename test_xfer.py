@@ -5159,6 +5159,260 @@ def _sec_option(args, name):
 
 
 #------------------------------------------------------------
+# the receiving parts without a socket: store, incoming file, group commit
+#------------------------------------------------------------
+
+class _PartsRules(xfer.Receiver):
+    """A Receiver that is never started: the rules and the tally the receiving
+    parts are built with.  It records what they ask of it."""
+
+    def __init__(self, directory, **kw):
+        kw.setdefault("fsync", False)
+        super().__init__(directory, **kw)
+        self.umask = xfer._current_umask()
+        self.splits, self.files, self.logged = [], [], []
+        self.on_file = self.files.append
+        self.log = self.logged.append
+
+    def _split(self, raw):
+        self.splits.append(raw)
+        return super()._split(raw)
+
+
+def _parts_umask():
+    """The umask, read without changing it (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+class _CountingDest(xfer._Dest):
+    """A _Dest that counts its lstat calls (what publish looks at)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.lstats = []
+
+    def lstat(self, handle, name):
+        self.lstats.append(name)
+        return super().lstat(handle, name)
+
+
+class ReceivingPartsTests(unittest.TestCase):
+    """_Store, _IncomingFile and _GroupCommit driven directly, as a pull client
+    or an HTTP upload would drive them: bytes in, a verdict out, published
+    and counted by the commit."""
+
+    def _parts(self, **kw):
+        dst = temp_dir(self)
+        rules = _PartsRules(dst, **kw)
+        dest = _CountingDest(dst, use_dir_fd=xfer._HAVE_DIR_FD)
+        store = xfer._Store(rules, dest)
+        self.addCleanup(store.close)
+        return dst, rules, store, xfer._GroupCommit(store, rules, "upload")
+
+    def _incoming(self, store, raw, data, mode=0o644, mtime_ns=1_500_000_000 * 10**9,
+                  fid=7):
+        incoming = xfer._IncomingFile(store, fid, raw, len(data), mtime_ns, mode)
+        incoming.admit()
+        incoming.begin()
+        return incoming
+
+    def test_bytes_written_to_an_incoming_file_are_published_and_counted_once(self):
+        dst, rules, store, commit = self._parts()
+        data = b"hello, world\n" * 100
+        incoming = self._incoming(store, b"d/e/hello.txt", data, mode=0o640)
+        for i in range(0, len(data), 100):
+            incoming.write(data[i:i + 100])
+        self.assertIsNone(incoming.finish(hashlib.sha256(data).digest()))
+        commit.hold(incoming)
+        # Sealed, not yet published: only the temporary file is there.
+        self.assertFalse(os.path.exists(os.path.join(dst, "d", "e", "hello.txt")))
+        self.assertEqual(len(_embed_partials(dst)), 1)
+        commit.commit()
+        commit.commit()             # nothing held any more: nothing counted again
+        path = os.path.join(dst, "d", "e", "hello.txt")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), data)
+        st = os.stat(path)
+        self.assertEqual(st.st_mtime_ns, 1_500_000_000 * 10**9)
+        if os.name != "nt":
+            self.assertEqual(stat.S_IMODE(st.st_mode), 0o640)
+        self.assertEqual([info.relpath for info in rules.files], ["d/e/hello.txt"])
+        self.assertEqual(rules.files[0].digest, hashlib.sha256(data).hexdigest())
+        self.assertEqual(rules.files[0].path, path)
+        self.assertEqual((commit.files, commit.bytes, rules.files_received), (1, len(data), 1))
+        self.assertEqual(incoming.answer, xfer._encode_result(7, xfer.ST_OK))
+        self.assertEqual(_embed_partials(dst), [])
+
+    def test_wrong_digest_is_the_verdict_and_leaves_nothing_behind(self):
+        dst, rules, store, commit = self._parts()
+        incoming = self._incoming(store, b"bad.bin", b"abc")
+        incoming.write(b"abc")
+        code, reason = incoming.finish(hashlib.sha256(b"abd").digest())
+        self.assertEqual(code, xfer.ST_INTEGRITY)
+        self.assertIn("bad.bin", reason)
+        commit.commit()
+        self.assertEqual(tree_listing(dst), [])
+        self.assertEqual(rules.files, [])
+
+    def test_an_aborted_file_is_refused_as_aborted(self):
+        dst, rules, store, commit = self._parts()
+        incoming = self._incoming(store, b"gone.bin", b"abc")
+        incoming.write(b"ab")
+        code, _ = incoming.finish(hashlib.sha256(b"abc").digest(), aborted=True)
+        self.assertEqual(code, xfer.ST_ABORTED)
+        self.assertEqual(tree_listing(dst), [])
+
+    def test_a_large_body_from_a_readinto_source_is_hashed_beside_the_copy(self):
+        dst, rules, store, commit = self._parts()
+        data = os.urandom(xfer._HASH_BEHIND_MIN + 12345)
+        incoming = self._incoming(store, b"big.bin", data)
+        incoming.receive(io.BytesIO(data).readinto, len(data))
+        self.assertIsNone(incoming.finish(hashlib.sha256(data).digest()))
+        commit.hold(incoming)
+        commit.commit()
+        self.assertEqual(sha256_file(os.path.join(dst, "big.bin")),
+                         hashlib.sha256(data).hexdigest())
+
+    def test_a_source_that_ends_early_raises_and_the_temp_goes_on_close(self):
+        dst, rules, store, commit = self._parts()
+        for size in (100, xfer._HASH_BEHIND_MIN + 1):
+            with self.subTest(size=size):
+                incoming = self._incoming(store, b"short.bin", bytes(size))
+                with self.assertRaises(xfer.ConnectionClosedError):
+                    incoming.receive(io.BytesIO(bytes(size - 1)).readinto, size)
+                incoming.close()
+                self.assertEqual(tree_listing(dst), [])
+
+    def test_store_admits_by_name_rules_limits_and_overwrite_policy(self):
+        for policy, code in (("skip", xfer.ST_SKIPPED), ("fail", xfer.ST_CONFLICT)):
+            with self.subTest(policy=policy):
+                dst, rules, store, commit = self._parts(overwrite=policy, max_size=10)
+                write_file(os.path.join(dst, "taken"), b"old")
+                with self.assertRaises(xfer.RemoteError) as caught:
+                    store.admit(b"taken", 3)
+                self.assertEqual(caught.exception.code, code)
+                with self.assertRaises(xfer.RemoteError) as caught:
+                    store.admit(b"free", 11)
+                self.assertEqual(caught.exception.code, xfer.ST_TOO_LARGE)
+                with self.assertRaises(xfer.UnsafePathError):
+                    store.admit(b"../escape", 3)
+                parts, _, existed = store.admit(b"free", 10)
+                self.assertEqual((parts, existed), (["free"], False))
+                with open(os.path.join(dst, "taken"), "rb") as f:
+                    self.assertEqual(f.read(), b"old")
+
+    def test_a_checked_path_is_split_once_for_its_file(self):
+        dst, rules, store, commit = self._parts()
+        self.assertIsNone(store.check(b"a/b.txt", 3, 0))
+        incoming = self._incoming(store, b"a/b.txt", b"abc")
+        self.assertEqual(rules.splits, [b"a/b.txt"])
+        incoming.write(b"abc")
+        self.assertIsNone(incoming.finish(hashlib.sha256(b"abc").digest()))
+        commit.hold(incoming)
+        commit.commit()
+        self.assertEqual([info.relpath for info in rules.files], ["a/b.txt"])
+        # A second file of the same name is split anew: nothing is kept
+        # for it once its FILE took the first split.
+        store.admit(b"a/b.txt", 3)
+        self.assertEqual(rules.splits, [b"a/b.txt", b"a/b.txt"])
+
+    def test_a_checked_file_has_its_path_split_once_on_a_live_receiver(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        tree = os.path.join(src, "t")
+        write_file(os.path.join(tree, "sub", "one.txt"), b"one")
+        splits = []
+
+        class Counting(xfer.Receiver):
+            def _split(self, raw):
+                splits.append(raw)
+                return super()._split(raw)
+        receiver = Counting(dst, host=HOST, port=0)
+        receiver.start()
+        self.addCleanup(receiver.stop)
+        for job in send_files(receiver.address, [tree]):
+            self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(splits.count(b"t/sub/one.txt"), 1, splits)
+
+    @unittest.skipIf(getattr(xfer, "_load_noreplace", lambda: None)() is None
+                     or not xfer._HAVE_DIR_FD,
+                     "no rename that refuses to replace here")
+    def test_publishing_under_a_free_name_looks_at_it_in_no_extra_call(self):
+        dst, rules, store, commit = self._parts()
+        incoming = self._incoming(store, b"new.txt", b"abc")
+        incoming.write(b"abc")
+        self.assertIsNone(incoming.finish(hashlib.sha256(b"abc").digest()))
+        commit.hold(incoming)
+        commit.commit()
+        self.assertEqual(store.dest.lstats, [])
+        self.assertEqual(incoming.answer, xfer._encode_result(7, xfer.ST_OK))
+        # A name taken by then is looked at, and the answer says so.
+        incoming = self._incoming(store, b"new.txt", b"abcd")
+        incoming.write(b"abcd")
+        self.assertIsNone(incoming.finish(hashlib.sha256(b"abcd").digest()))
+        commit.hold(incoming)
+        commit.commit()
+        self.assertIn("new.txt", store.dest.lstats)
+        self.assertEqual(incoming.answer, xfer._encode_result(7, xfer.ST_OK, "replaced"))
+        with open(os.path.join(dst, "new.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"abcd")
+
+    @unittest.skipUnless(hasattr(os, "symlink") and os.name != "nt", "POSIX symlinks")
+    def test_what_appeared_under_the_name_during_the_body_is_never_replaced(self):
+        dst, rules, store, commit = self._parts()
+        outside = write_file(os.path.join(temp_dir(self), "outside"), b"keep")
+        for name, make, code in (
+                (b"link", lambda p: os.symlink(outside, p), xfer.ST_BAD_PATH),
+                (b"dir", os.mkdir, xfer.ST_CONFLICT)):
+            with self.subTest(name=name):
+                incoming = self._incoming(store, name, b"new")
+                incoming.write(b"new")
+                self.assertIsNone(incoming.finish(hashlib.sha256(b"new").digest()))
+                make(os.path.join(dst, name.decode()))
+                commit.hold(incoming)
+                commit.commit()
+                status, _ = xfer._decode_result(incoming.answer[xfer._FRAME.size:])[1:]
+                self.assertEqual(status, code)
+        with open(outside, "rb") as f:
+            self.assertEqual(f.read(), b"keep")
+        self.assertEqual(sorted(tree_listing(dst)), ["dir", "link"])
+        self.assertEqual(rules.files, [])
+        self.assertEqual(rules.files_failed, 2)
+
+    @unittest.skipIf(os.name == "nt", "POSIX permission bits")
+    def test_a_file_created_with_its_final_mode_is_sealed_without_fchmod(self):
+        umask = _parts_umask()
+        if umask is None:
+            self.skipTest("the umask cannot be read without changing it here")
+        src, dst = temp_dir(self), temp_dir(self)
+        wanted = 0o644 & ~umask | 0o600         # what the umask leaves alone
+        narrowed = 0o666 if umask & 0o066 else None   # what it would narrow
+        paths = {write_file(os.path.join(src, "plain.txt"), b"p"): wanted,
+                 write_file(os.path.join(src, "setuid.sh"), b"s"): 0o4700 | wanted}
+        if narrowed is not None:
+            paths[write_file(os.path.join(src, "wide.txt"), b"w")] = narrowed
+        for path, mode in paths.items():
+            os.chmod(path, mode)
+        receiver = start_receiver(self, dst)
+        real, chmodded = os.fchmod, []
+
+        def fchmod(fd, mode):
+            chmodded.append(mode)
+            return real(fd, mode)
+        with mock.patch.object(xfer.os, "fchmod", fchmod):
+            for job in send_files(receiver.address, list(paths)):
+                self.assertEqual(job.state, "done", job.error)
+        for path, mode in paths.items():
+            got = stat.S_IMODE(os.stat(os.path.join(dst, os.path.basename(path))).st_mode)
+            self.assertEqual(got, mode & 0o777, path)     # never setuid
+        # Only the file whose mode the umask would narrow needed an fchmod.
+        self.assertEqual(chmodded, [] if narrowed is None else [narrowed])
+
+
+#------------------------------------------------------------
 # TLS: pinning, trust on first use, plain/TLS mismatches
 #------------------------------------------------------------
 

@@ -1033,6 +1033,35 @@ def _load_syncfs():
     return syncfs
 
 
+def _load_noreplace():
+    """renameat2(RENAME_NOREPLACE) as a function (dir_fd, src, dst) that renames
+    within one directory and fails with EEXIST if dst is taken, in one system
+    call; None where the system lacks it (not Linux, or a C library before it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        call = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, ImportError, OSError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                     ctypes.c_uint]
+    call.restype = ctypes.c_int
+    utf8 = sys.getfilesystemencoding().lower().replace("-", "") == "utf8"
+
+    def encode(name):       # os.fsencode, without its checks where the names are UTF-8
+        return name.encode("utf-8", "surrogateescape") if utf8 else os.fsencode(name)
+
+    def rename_noreplace(dir_fd, src, dst):
+        if call(dir_fd, encode(src), dir_fd, encode(dst), 1) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), dst)
+    return rename_noreplace
+
+
+_NOREPLACE = []         # [_load_noreplace()] once a _Dest has asked
+
+
 def _full_fsync(fd):
     if sys.platform == "darwin" and hasattr(os, "F_FULLFSYNC"):
         import fcntl
@@ -1080,6 +1109,9 @@ class _Dest:
         # Temporary names: a random tag per connection and a counter.
         self._temp_tag = secrets.token_hex(4)
         self._temp_ids = itertools.count()
+        if use_dir_fd and not _NOREPLACE:
+            _NOREPLACE.append(_load_noreplace())
+        self._noreplace = _NOREPLACE[0] if use_dir_fd else None
 
     def close(self):
         self.release()
@@ -1230,7 +1262,7 @@ class _Dest:
         """Create a new temporary file next to name; return (fd, temp_name)."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY
         # Cut the name by bytes: a 255-byte name plus the prefix must fit.
-        keep = _cut(name, 100)
+        keep = name if len(name) <= 25 else _cut(name, 100)
         for _ in range(10):
             temp = "%s%s%x.%s" % (PARTIAL_PREFIX, self._temp_tag, next(self._temp_ids), keep)
             try:
@@ -1315,6 +1347,24 @@ class _Dest:
                               % _display(path or name), ST_CONFLICT)
         raise RemoteError("%s: no free name for a renamed copy" % _display(path or name),
                           ST_CONFLICT)
+
+    def rename_new(self, handle, temp, name):
+        """Rename temp to name in one system call if nothing has that name;
+        True if done, False if the name is taken or this system cannot say
+        so in the same call (the caller then looks first: publish)."""
+        noreplace = self._noreplace
+        if noreplace is None:
+            return False
+        try:
+            noreplace(handle, temp, name)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
+                self._noreplace = None      # not on this filesystem
+                return False
+            raise
 
     def _rename(self, handle, temp, name, replace):
         if self.use_dir_fd:
@@ -2537,7 +2587,7 @@ class _ReceiveSession:
     # -- requests (Protocol 4): one handler per kind
 
     def _loop(self):
-        rfile, handlers, store = self.rfile, self.handlers, self.store
+        rfile, handlers, dest = self.rfile, self.handlers, self.store.dest
         limit = self.r.max_frame
         while True:
             # Send what is held before waiting: the sender may be waiting too.
@@ -2549,7 +2599,7 @@ class _ReceiveSession:
                 # Between requests, so a file in flight is finished first.
                 self._send(_encode_error(ST_SHUTDOWN, "the server is shutting down"))
                 raise _Drop()
-            if len(self.out) >= _HOLD_MAX or store.open_dirs() > _HOLD_DIRS:
+            if len(self.out) >= _HOLD_MAX or len(dest.retired) + len(dest.created) > _HOLD_DIRS:
                 self._flush()
             kind, payload = rfile.frame(limit)
             handler = handlers.get(kind)
@@ -2724,27 +2774,28 @@ class _Store:
         self.group_sync = bool(rules.fsync and rules._syncfs is not None
                                and dest.use_dir_fd)
         self.umask = getattr(rules, "umask", None) if os.name != "nt" else None
-        self._split_memo = (None, None)
+        # Names a CHECK found needed, split, for the FILE that follows.
+        self._needed = {}
 
     def close(self):
         self.dest.close()
 
-    def open_dirs(self):
-        """Directory handles kept open for the next group commit."""
-        return len(self.dest.retired) + len(self.dest.created)
-
     # -- names
 
     def split(self, raw):
-        """The components of raw, by the receiver's name rules (UnsafePathError).
+        """The components of raw (a list of its own), by the receiver's name
+        rules (UnsafePathError).  A path a CHECK found needed is split once,
+        for the CHECK, and its FILE takes those components."""
+        parts = self._needed.pop(raw, None)
+        if parts is None:
+            parts = self.rules._split(raw)
+        return parts
 
-        A CHECK and then a FILE name the same path: it is split once.
-        """
-        last, parts = self._split_memo
-        if raw != last:
-            parts = tuple(self.rules._split(raw))
-            self._split_memo = (raw, parts)
-        return list(parts)
+    def _keep_split(self, raw, parts):
+        needed = self._needed
+        if len(needed) >= _NEEDED_MAX:
+            del needed[next(iter(needed))]      # the oldest: its FILE never came
+        needed[raw] = list(parts)
 
     def existing(self, handle, name, raw):
         """lstat of the final name, or None; refuses what may never be replaced."""
@@ -2796,10 +2847,12 @@ class _Store:
         try:
             handle = self.dest.parent(parts, raw, create=False)
         except FileNotFoundError:
+            self._keep_split(raw, parts)
             return None
         name = parts[-1]
         st = self.existing(handle, name, raw)
         if st is None:
+            self._keep_split(raw, parts)
             return None
         if st.st_size == size:
             if digest is None:
@@ -2929,10 +2982,13 @@ class _Store:
         the temp is gone either way, unless it raises.
         """
         name = parts[-1]
+        policy = self.overwrite
+        if self.dest.rename_new(handle, temp, name):
+            # Nothing had the name, so there was nothing to refuse or keep.
+            return name, "replaced" if existed and policy == "replace" else ""
         # Check again right before the rename: a directory or symlink may
         # have appeared under the final name while the body was arriving.
         existed = self.existing(handle, name, raw) is not None or existed
-        policy = self.overwrite
         final = self.dest.publish(handle, temp, name, policy, sync=False, path=raw)
         if final is None:
             self.dest.remove(handle, temp)
@@ -2943,6 +2999,8 @@ class _Store:
 
 
 _UTIME_FD = os.utime in os.supports_fd
+#: Receiver: paths a CHECK found needed whose components it keeps for their FILE.
+_NEEDED_MAX = 2 * CHECK_AHEAD
 
 
 class _IncomingFile:
