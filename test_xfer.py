@@ -5337,6 +5337,16 @@ class ReceivingPartsTests(unittest.TestCase):
             self.assertEqual(job.state, "done", job.error)
         self.assertEqual(splits.count(b"t/sub/one.txt"), 1, splits)
 
+    def test_paths_kept_between_check_and_file_are_bounded(self):
+        dst, rules, store, commit = self._parts()
+        for i in range(xfer._NEEDED_MAX + 50):
+            self.assertIsNone(store.check(b"n%d" % i, 1, 0))
+        long_name = b"/".join([b"x" * 200] * 4)
+        self.assertIsNone(store.check(long_name, 1, 0))
+        self.assertEqual(len(store._needed), xfer._NEEDED_MAX)
+        self.assertNotIn(long_name, store._needed)
+        self.assertNotIn(b"n0", store._needed)          # the oldest went first
+
     @unittest.skipIf(getattr(xfer, "_load_noreplace", lambda: None)() is None
                      or not xfer._HAVE_DIR_FD,
                      "no rename that refuses to replace here")

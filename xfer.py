@@ -2411,7 +2411,7 @@ class _ReceiveSession:
             pass
 
     def silent_for(self):
-        """Seconds since bytes last arrived (a claim's holder: _Receiver._claim)."""
+        """Seconds since bytes last arrived (asked of a claim's holder: Receiver._claim)."""
         return time.monotonic() - self.rfile.last
 
     def claim(self, key):
@@ -2792,6 +2792,8 @@ class _Store:
         return parts
 
     def _keep_split(self, raw, parts):
+        if len(raw) > _NEEDED_PATH_MAX:
+            return          # split again rather than hold a long path
         needed = self._needed
         if len(needed) >= _NEEDED_MAX:
             del needed[next(iter(needed))]      # the oldest: its FILE never came
@@ -2999,8 +3001,10 @@ class _Store:
 
 
 _UTIME_FD = os.utime in os.supports_fd
-#: Receiver: paths a CHECK found needed whose components it keeps for their FILE.
+#: Receiver: paths a CHECK found needed whose components it keeps for their FILE
+#: (at most this many, each at most _NEEDED_PATH_MAX bytes long).
 _NEEDED_MAX = 2 * CHECK_AHEAD
+_NEEDED_PATH_MAX = 512
 
 
 class _IncomingFile:
@@ -3013,11 +3017,14 @@ class _IncomingFile:
     from receive(readinto, count), so a push session, a pull client or an
     HTTP upload can all end in the same store.
     """
-    __slots__ = ("store", "fid", "raw", "size", "mtime_ns", "mode", "stream",
-                 "started", "parts", "handle", "existed", "fd", "temp", "claim",
-                 "offset", "prefix", "hasher", "resumed", "in_body", "final_mode",
-                 "write_error", "digest", "unsynced", "final", "note", "failure",
-                 "answer")
+    # Defaults, so that a new file sets only what its header says.
+    parts = handle = fd = temp = claim = None
+    hasher = write_error = digest = None
+    existed = in_body = unsynced = final_mode = False
+    offset = resumed = 0
+    prefix = bytes(32)          # the sha256 of a resumable prefix (none: zeros)
+    final = note = failure = None
+    answer = b""
 
     def __init__(self, store, fid, raw, size, mtime_ns, mode, stream=True):
         self.store = store
@@ -3028,13 +3035,6 @@ class _IncomingFile:
         self.mode = mode
         self.stream = stream
         self.started = time.monotonic()
-        self.parts = self.handle = self.fd = self.temp = self.claim = None
-        self.hasher = self.write_error = self.digest = None
-        self.existed = self.in_body = self.unsynced = self.final_mode = False
-        self.offset = self.resumed = 0
-        self.prefix = _NO_PREFIX
-        self.final = self.note = self.failure = None
-        self.answer = b""
 
     def admit(self, resumable=False):
         """Check the name, limits and policy, and open the temporary file
@@ -3204,8 +3204,6 @@ class _IncomingFile:
     def fail(self, error):
         self.failure = _failure(self.raw, error)
 
-
-_NO_PREFIX = bytes(32)
 
 
 class _NewDir:
