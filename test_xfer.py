@@ -4338,6 +4338,24 @@ class SendingSideTests(unittest.TestCase):
         self.assertEqual(events, [("done", "t/0"), ("done", "t/1"), ("error", "t/2"),
                                   ("error", "t")])
 
+    # -- the hand-over to the workers
+
+    def test_large_files_of_one_tree_are_spread_over_several_workers(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        size = 2 * 1024 * 1024 + 1          # each over a hand-over's bytes
+        data = os.urandom(size)
+        top = _make_tree(os.path.join(src, "big"), {"%d.bin" % i: data for i in range(4)})
+        sessions = []
+        receiver = start_receiver(self, dst, fsync=False,
+                                  on_session=lambda info: sessions.append(info.files))
+        with xfer.Sender(receiver.address, workers=4) as sender:
+            job = sender.queue(top)
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(sender.files_done, 4)
+        receiver.stop()
+        # One worker taking the whole tree would make one session of 4.
+        self.assertGreaterEqual(len([n for n in sessions if n]), 2, sessions)
+
     # -- the link, over a socket pair
 
     def test_link_sends_a_small_file_in_one_write_and_its_result_ends_the_job(self):

@@ -3507,8 +3507,9 @@ def _human(n):
 # each with the reader thread of its link, and one per ping_async().
 
 # The feeder hands the workers a tree's jobs in lists of at most this many
-# files or bytes: small files go by the hundred (one queue hop, one wake-up
-# each), large ones one or two at a time, so every worker gets its share.
+# files or bytes, and a worker takes no more than that at once: small files
+# go by the hundred (one queue hop, one wake-up each), large ones one or two
+# at a time, so every worker gets its share.
 _HANDOVER_FILES = CHECK_AHEAD
 _HANDOVER_BYTES = 8 * CHUNK
 
@@ -4512,7 +4513,11 @@ class _Worker:
         elif self.spare:
             batch, self.spare = self.spare[:CHECK_BATCH], self.spare[CHECK_BATCH:]
         idle = link is None or not link.asked
-        while not stopping and not self.retry and len(batch) < CHECK_BATCH:
+        # Up to CHECK_BATCH files, or _HANDOVER_BYTES: the next large file
+        # is left to a worker that is free.
+        size = sum(j.size for j in batch)
+        while (not stopping and not self.retry and len(batch) < CHECK_BATCH
+               and size < _HANDOVER_BYTES):
             try:
                 if batch or not idle:
                     jobs = work.get(block=False)
@@ -4531,6 +4536,7 @@ class _Worker:
                 stopping = True
             else:
                 batch += jobs
+                size += sum(j.size for j in jobs)
                 if len(batch) > CHECK_BATCH:
                     self.spare = batch[CHECK_BATCH:]
                     batch = batch[:CHECK_BATCH]
