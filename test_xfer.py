@@ -789,6 +789,9 @@ class ConfigTests(unittest.TestCase):
                         "APPDATA": self.home, "HOME": self.home}
         user = xfer.user_config_path(self.environ)
         self.assertTrue(os.path.abspath(user).startswith(self.home), user)
+        # The files a user keeps: no command reads any from the working directory.
+        self.user_ini = user
+        self.user_info = os.path.join(os.path.dirname(user), "serverinfo.py")
 
     def env(self, **extra):
         e = dict(self.environ)
@@ -810,7 +813,7 @@ class ConfigTests(unittest.TestCase):
         return tuple(xfer._resolve_target(config, to, token, environ))[:3]
 
     def test_alias_section(self):
-        self.write(os.path.join(self.cwd, "xfer.ini"),
+        self.write(self.user_ini,
                    "[DEFAULT]\nport = 1111\ntoken = default-token\n\n"
                    "[pi]\nhost = 192.168.7.7\nport = 2222\ntoken = pi-token\n")
         self.assertEqual(self.resolve("pi"), ("192.168.7.7", 2222, "pi-token"))
@@ -818,8 +821,8 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual(self.resolve("otherhost"), ("otherhost", 1111, "default-token"))
 
     def test_port_precedence(self):
-        ini = os.path.join(self.cwd, "xfer.ini")
-        info = os.path.join(self.cwd, "serverinfo.py")
+        ini = self.user_ini
+        info = self.user_info
         self.write(ini, "[DEFAULT]\nport = 3333\n")
         self.write(info, 'SERVER = ("10.1.1.1", 4444)\n')
         with self.subTest("flag"):
@@ -839,8 +842,8 @@ class ConfigTests(unittest.TestCase):
             self.assertEqual(self.resolve("10.1.1.1")[:2], ("10.1.1.1", xfer.DEFAULT_PORT))
 
     def test_host_precedence(self):
-        ini = os.path.join(self.cwd, "xfer.ini")
-        info = os.path.join(self.cwd, "serverinfo.py")
+        ini = self.user_ini
+        info = self.user_info
         self.write(ini, "[DEFAULT]\nto = cfg-host\n")
         self.write(info, 'SERVER = ("info-host", 4444)\n')
         with self.subTest("flag"):
@@ -858,7 +861,7 @@ class ConfigTests(unittest.TestCase):
                 self.resolve(None)
 
     def test_token_precedence(self):
-        ini = os.path.join(self.cwd, "xfer.ini")
+        ini = self.user_ini
         self.write(ini, "[DEFAULT]\ntoken = cfg-token\n")
         with self.subTest("flag"):
             self.assertEqual(self.resolve("h", "flag-token", XFER_TOKEN="env-token")[2],
@@ -873,25 +876,22 @@ class ConfigTests(unittest.TestCase):
 
     def test_search_order_key_by_key(self):
         explicit = self.write(os.path.join(self.home, "explicit.ini"),
-                              "[DEFAULT]\nport = 1001\n")
-        self.write(os.path.join(self.cwd, "xfer.ini"),
-                   "[DEFAULT]\nport = 1002\ntoken = cwd-token\n")
+                              "[DEFAULT]\nport = 1001\ntoken = explicit-token\n")
+        planted = self.write(os.path.join(self.cwd, "xfer.ini"),
+                             "[DEFAULT]\nport = 1002\ntoken = cwd-token\n")
         user = self.write(xfer.user_config_path(self.environ),
                           "[DEFAULT]\nport = 1003\ntoken = user-token\nworkers = 7\n"
                           "[nas]\nhost = 10.9.9.9\n")
         config = self.load(XFER_CONFIG=explicit)
         self.assertEqual(config.port("DEFAULT"), 1001)
-        self.assertEqual(config.value("DEFAULT", "token"), "cwd-token")
+        self.assertEqual(config.value("DEFAULT", "token"), "explicit-token")
         self.assertEqual(config.int_value("DEFAULT", "workers"), 7)
         self.assertEqual(config.value("nas", "host"), "10.9.9.9")
-        self.assertEqual(config.files, [explicit, os.path.join(self.cwd, "xfer.ini"), user])
-        config = self.load()   # without XFER_CONFIG, ./xfer.ini comes first
-        self.assertEqual(config.port("DEFAULT"), 1002)
-        self.assertEqual(config.value("DEFAULT", "token"), "cwd-token")
-        os.unlink(os.path.join(self.cwd, "xfer.ini"))
-        config = self.load()
+        self.assertEqual(config.files, [explicit, user])
+        config = self.load()   # ./xfer.ini is never read
         self.assertEqual(config.port("DEFAULT"), 1003)
         self.assertEqual(config.value("DEFAULT", "token"), "user-token")
+        self.assertNotIn(planted, config.files)
 
     def test_explicit_missing_file(self):
         missing = os.path.join(self.cwd, "nope.ini")
@@ -931,21 +931,21 @@ class ConfigTests(unittest.TestCase):
         self.assertIn("abc", str(e))
 
     def test_serverinfo_tuple(self):
-        self.write(os.path.join(self.cwd, "serverinfo.py"),
+        self.write(self.user_info,
                    '# legacy\nSERVER = ("192.168.1.20", 5001)\n')
         config = self.load()
         self.assertEqual(config.serverinfo[:2], ("192.168.1.20", 5001))
         self.assertEqual(self.resolve(None)[:2], ("192.168.1.20", 5001))
 
     def test_serverinfo_separate_assignments(self):
-        self.write(os.path.join(self.cwd, "serverinfo.py"),
+        self.write(self.user_info,
                    'ip = "192.168.1.21"\nport = 5002\n')
         self.assertEqual(self.resolve(None)[:2], ("192.168.1.21", 5002))
 
     def test_serverinfo_is_not_executed(self):
         pwned = os.path.join(self.cwd, "PWNED")
         pwned2 = os.path.join(self.cwd, "PWNED2")
-        self.write(os.path.join(self.cwd, "serverinfo.py"),
+        self.write(self.user_info,
                    "open(%r, 'w').write('x')\n"
                    "import os\n"
                    "os.system('echo > ' + %r)\n"
@@ -956,7 +956,7 @@ class ConfigTests(unittest.TestCase):
         self.assertFalse(os.path.exists(pwned2))
 
     def test_alias_with_port(self):
-        self.write(os.path.join(self.cwd, "xfer.ini"),
+        self.write(self.user_ini,
                    "[pi]\nhost = 192.168.7.8\nport = 2222\ntoken = pi-token\n")
         self.assertEqual(self.resolve("pi:2000"), ("192.168.7.8", 2000, "pi-token"))
 
@@ -1079,10 +1079,9 @@ class ServeDirSafetyTests(unittest.TestCase):
         write_file(os.path.join(cwd, "serverinfo.py"), b"not ( python\n")
         environ = {"XDG_CONFIG_HOME": os.path.join(self.home, ".config"), "HOME": self.home,
                    "APPDATA": self.home}
-        self.assertIn(os.path.join(cwd, "xfer.ini"), xfer.config_paths(environ, cwd))
-        self.assertNotIn(os.path.join(cwd, "xfer.ini"),
-                         xfer.config_paths(environ, cwd, local=False))
-        config = xfer.load_config(environ=environ, cwd=cwd, local=False)
+        self.assertIn(os.path.join(cwd, "xfer.ini"), xfer.config_paths(environ, cwd, local=True))
+        self.assertNotIn(os.path.join(cwd, "xfer.ini"), xfer.config_paths(environ, cwd))
+        config = xfer.load_config(environ=environ, cwd=cwd, serverinfo=False)
         self.assertEqual(config.files, [])
         self.assertIsNone(config.serverinfo)
 
@@ -1785,11 +1784,13 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual(r.returncode, xfer.EXIT_AUTH, r.stderr)
         self.assertIn("wrong token (from XFER_TOKEN)", r.stderr)
 
-    def test_to_alias_from_ini_in_cwd(self):
+    def test_to_alias_from_user_ini(self):
         src, dst = temp_dir(self), temp_dir(self)
         p = write_file(os.path.join(src, "via-alias.txt"), b"alias")
         _, port = self.serve(dst)
-        with open(os.path.join(self.cwd, "xfer.ini"), "w") as f:
+        user = xfer.user_config_path(self.env)
+        os.makedirs(os.path.dirname(user))
+        with open(user, "w") as f:
             f.write("[DEFAULT]\nport = %d\n\n[box]\nhost = %s\nport = %d\ntoken = %s\n"
                     % (_free_port(), HOST, port, TOKEN))
         r = self.xfer("send", "--to", "box", "--token", TOKEN, p)
@@ -8501,6 +8502,79 @@ class ReadmeSyncTests(unittest.TestCase):
         frame = xfer._FRAME.size + xfer._FILE.size + len(b"hello.txt")
         self.assertEqual(example[4][2 * frame:2 * frame + 8], file_tag)
         self.assertEqual(example[5][20:28], result_tag)
+
+
+#------------------------------------------------------------
+# shared pieces: status table, addresses, settings, start-up
+#------------------------------------------------------------
+
+class SharedPiecesTests(unittest.TestCase):
+    """The pieces every command shares, and what none of them reads."""
+
+    def setUp(self):
+        self.home = temp_dir(self)
+        self.env = isolated_env(self.home)
+
+    def planted(self):
+        """A directory that received files: a planted xfer.ini and serverinfo.py that
+        point at a listener here (one that counts connections), with a token."""
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind((HOST, 0))
+        listener.listen(4)
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        inbox = temp_dir(self)
+        write_file(os.path.join(inbox, "xfer.ini"),
+                   ("[DEFAULT]\nto = %s:%d\ntoken = planted-token\n" % (HOST, port)).encode())
+        write_file(os.path.join(inbox, "serverinfo.py"),
+                   ('SERVER = ("%s", %d)\n' % (HOST, port)).encode())
+        os.chmod(os.path.join(inbox, "xfer.ini"), 0o600)
+        return inbox, listener
+
+    def assert_untouched(self, listener):
+        with self.assertRaises(BlockingIOError):
+            listener.accept()[0].close()
+
+    def test_no_command_reads_config_from_the_working_directory(self):
+        inbox, listener = self.planted()
+        write_file(os.path.join(inbox, "a.txt"), b"a")
+        for argv in (["ping"], ["send", "a.txt"], ["send-dir", "."]):
+            with self.subTest(argv=argv):
+                r = run_xfer(*argv, cwd=inbox, env=self.env)
+                self.assertEqual(r.returncode, xfer.EXIT_USAGE, r.stderr)
+                self.assertIn("no destination", r.stderr)
+        self.assert_untouched(listener)
+        self.assertEqual(xfer.load_config(environ=self.env, cwd=inbox).files, [])
+        self.assertIsNone(xfer.load_config(environ=self.env, cwd=inbox).serverinfo)
+        self.assertNotIn(os.path.join(inbox, "xfer.ini"), xfer.config_paths(self.env, inbox))
+
+    def test_planted_token_is_not_offered_to_the_real_destination(self):
+        inbox, listener = self.planted()
+        write_file(os.path.join(inbox, "a.txt"), b"a")
+        dst = temp_dir(self)
+        receiver = start_receiver(self, dst, token=TOKEN)
+        r = run_xfer("send", "--token", TOKEN, "a.txt", "%s:%d:" % receiver.address,
+                     cwd=inbox, env=self.env)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(os.listdir(dst), ["a.txt"])
+        config = xfer.load_config(environ=self.env, cwd=inbox)
+        self.assertIsNone(config.value("DEFAULT", "token"))
+        self.assert_untouched(listener)
+
+    def test_serverinfo_is_read_from_the_user_folder_or_an_explicit_path(self):
+        folder = os.path.dirname(xfer.user_config_path(self.env))
+        write_file(os.path.join(folder, "serverinfo.py"), b'SERVER = ("10.1.2.3", 4567)\n')
+        config = xfer.load_config(environ=self.env, cwd=temp_dir(self))
+        self.assertEqual(config.serverinfo[:2], ("10.1.2.3", 4567))
+        self.assertEqual(xfer._resolve_target(config, None, None, self.env)[:2],
+                         ("10.1.2.3", 4567))
+        explicit = write_file(os.path.join(temp_dir(self), "serverinfo.py"),
+                              b'SERVER = ("10.7.7.7", 7777)\n')
+        for config in (xfer.load_config(path=explicit, environ=self.env),
+                       xfer.load_config(environ=dict(self.env, XFER_CONFIG=explicit))):
+            self.assertEqual(config.serverinfo[:2], ("10.7.7.7", 7777))
+            self.assertEqual(config.files, [])
 
 
 class ResilienceTests(unittest.TestCase):

@@ -5204,11 +5204,13 @@ def _port_number(value, what="port"):
 # configuration
 #------------------------------------------------------------
 
-def config_paths(environ=None, cwd=None, local=True):
+def config_paths(environ=None, cwd=None, local=False):
     """Config files searched, highest precedence first (README "Configuration").
 
-    local=False leaves out the working directory's xfer.ini: serve reads
-    none, since files that senders store may land there.
+    No command reads one from the working directory: someone who runs send
+    inside a directory that received files must not be redirected by a
+    planted xfer.ini (README "Security").  local=True, a library caller's
+    explicit choice, adds cwd's xfer.ini after $XFER_CONFIG.
     """
     environ = os.environ if environ is None else environ
     paths = []
@@ -5302,17 +5304,18 @@ _KNOWN_KEYS = frozenset(["host", "port", "token", "dir", "to", "workers", "max_c
                          "fingerprint", "no_auth", "overwrite", "allow_home"])
 
 
-def load_config(path=None, environ=None, cwd=None, local=True):
+def load_config(path=None, environ=None, cwd=None, local=False, serverinfo=True):
     """Read the config files and serverinfo.py; return a Config.
 
     path: an explicit file (--config); it must exist.  Otherwise every file
     of config_paths() that exists is read; earlier files win key by key;
-    $XFER_CONFIG, when set, must exist.  local=False (serve) reads nothing
-    from the working directory: neither xfer.ini nor serverinfo.py.
+    $XFER_CONFIG, when set, must exist.  A path or $XFER_CONFIG ending in
+    ".py" is a legacy serverinfo.py; otherwise serverinfo.py is read from
+    the per-user folder (beside its xfer.ini), never from the working
+    directory unless local=True.  serverinfo=False (serve) reads none.
     Raises ConfigError naming file, line and key.
     """
     environ = os.environ if environ is None else environ
-    cwd = os.getcwd() if cwd is None else cwd
     config = Config()
     if path is not None:
         if not os.path.isfile(path):
@@ -5324,11 +5327,22 @@ def load_config(path=None, environ=None, cwd=None, local=True):
             raise ConfigError("config file not found (set in XFER_CONFIG)", named)
         paths = [p for p in config_paths(environ, cwd, local) if os.path.isfile(p)]
     for p in paths:
-        _read_ini(config, p)
-    info = os.path.join(cwd, "serverinfo.py")
-    if local and os.path.isfile(info):
-        config.serverinfo = _read_serverinfo(info)
+        if not p.endswith(".py"):
+            _read_ini(config, p)
+    infos = [p for p in paths if p.endswith(".py")]
+    if path is None:
+        if local:
+            infos.append(os.path.join(os.getcwd() if cwd is None else cwd, "serverinfo.py"))
+        infos.append(_user_serverinfo_path(environ))
+    infos = [p for p in infos if os.path.isfile(p)]
+    if serverinfo and infos:
+        config.serverinfo = _read_serverinfo(infos[0])
     return config
+
+
+def _user_serverinfo_path(environ=None):
+    """The legacy serverinfo.py read beside the per-user config file."""
+    return os.path.join(os.path.dirname(user_config_path(environ)), "serverinfo.py")
 
 
 def _read_ini(config, path):
@@ -5719,9 +5733,9 @@ def _local_addresses():
     return sorted(found, key=lambda ip: ip.startswith("169.254."))
 
 
-def _load_config(args, local=True):
+def _load_config(args, serverinfo=True):
     """load_config() for a command: its warnings go to stderr, one line each."""
-    config = load_config(args.config, local=local)
+    config = load_config(args.config, serverinfo=serverinfo)
     for line in config.warnings:
         sys.stderr.write("xfer: warning: %s\n" % line)
     return config
@@ -5740,7 +5754,8 @@ def _serve_protected(config, settings, tls_cert, tls_key):
     for ini in (settings, user_config_path()):
         folder = os.path.dirname(os.path.abspath(ini))
         paths += [ini] + [os.path.join(folder, n)
-                          for n in ("known_hosts", "xfer-cert.pem", "xfer-key.pem")]
+                          for n in ("known_hosts", "xfer-cert.pem", "xfer-key.pem",
+                                    "serverinfo.py")]
     unique = []
     for p in paths:
         p = os.path.abspath(p)
@@ -5772,9 +5787,9 @@ def _check_serve_dir(directory, protected, allow_home):
 
 
 def _cmd_serve(args):
-    # Nothing from the working directory: with the default --dir . files
-    # that senders store land there (README "Security").
-    config = _load_config(args, local=False)
+    # Nothing from the working directory (no command reads any): with the
+    # default --dir . files that senders store land there (README "Security").
+    config = _load_config(args, serverinfo=False)
     env = os.environ
     s = "serve"
     directory = args.dir or env.get("XFER_DIR") or config.value(s, "dir") or "."
