@@ -8408,6 +8408,15 @@ class ReadmeSyncTests(unittest.TestCase):
         self.assertIn("Protocol version %d." % xfer.PROTOCOL_VERSION, readme)
         self.assertIn("| `_TAG_SIZE` | %d |" % xfer._TAG_SIZE, readme)
 
+    def test_status_codes_match_the_table(self):
+        section = self.readme().split("#### 4.4 RESULT and status codes", 1)[1]
+        section = section.split("\n#### ", 1)[0]
+        rows = re.findall(r"^\| (\d+) \| (ST_[A-Z_]+) \| (.*?) \|", section, re.M)
+        self.assertEqual([(int(code), name) for code, name, _ in rows],
+                         [(row.code, row.name) for row in xfer._STATUSES])
+        self.assertEqual({int(code) for code, _, meaning in rows if "(transient)" in meaning},
+                         {row.code for row in xfer._STATUSES if row.transient})
+
     def example(self):
         """Protocol 6 as [(direction, bytes)], runs of one direction joined."""
         section = self.readme().split("### 6. Example session", 1)[1]
@@ -8535,6 +8544,38 @@ class SharedPiecesTests(unittest.TestCase):
     def assert_untouched(self, listener):
         with self.assertRaises(BlockingIOError):
             listener.accept()[0].close()
+
+    def test_status_table_defines_every_status_constant(self):
+        constants = {name: value for name, value in vars(xfer).items()
+                     if name.startswith("ST_") and isinstance(value, int)}
+        table = {row.name: row.code for row in xfer._STATUSES}
+        self.assertEqual(table, constants)
+        self.assertEqual(len({row.code for row in xfer._STATUSES}), len(xfer._STATUSES))
+
+    def test_error_for_follows_the_status_table(self):
+        for row in xfer._STATUSES:
+            with self.subTest(status=row.name):
+                error = xfer._error_for(row.code, "why", host="pi:22598")
+                self.assertIs(type(error), row.error or xfer.RemoteError)
+                self.assertEqual(error.code, row.code)
+                self.assertEqual(error.transient, row.transient)
+                self.assertEqual(error.exit_code, row.exit_code)
+                self.assertIn("why", str(error))
+        # A code this version does not know: a RemoteError, not transient.
+        error = xfer._error_for(99, "new")
+        self.assertIs(type(error), xfer.RemoteError)
+        self.assertFalse(error.transient)
+
+    def test_each_error_class_code_maps_back_to_that_class(self):
+        # What a receiver raises travels as its class's code; a sender turns
+        # that code back into the same class (or a subclass of it).
+        by_code = {row.code: row for row in xfer._STATUSES}
+        for cls in (xfer.XferError, xfer.AuthError, xfer.ProtocolError,
+                    xfer.VersionMismatchError, xfer.UnsafePathError, xfer.IntegrityError):
+            with self.subTest(cls=cls.__name__):
+                code = cls.code if "code" in vars(cls) else \
+                    inspect.signature(cls).parameters["code"].default
+                self.assertTrue(issubclass(by_code[code].error or xfer.RemoteError, cls))
 
     def test_no_command_reads_config_from_the_working_directory(self):
         inbox, listener = self.planted()

@@ -187,6 +187,13 @@ EXIT_AUTH = 4          # wrong or missing token
 EXIT_PROTOCOL = 5      # the peer speaks another protocol or version
 EXIT_INTERRUPTED = 130 # Ctrl-C
 
+# Wire status codes (Protocol 4.4); _STATUSES below says what each means to a sender.
+ST_OK, ST_SKIPPED, ST_NEEDED = 0, 1, 2
+ST_BAD_PATH, ST_CONFLICT, ST_TOO_LARGE, ST_NO_SPACE = 10, 11, 12, 13
+ST_INTEGRITY, ST_IO, ST_ABORTED = 14, 15, 16
+ST_PROTOCOL, ST_VERSION, ST_AUTH_REQUIRED, ST_AUTH_FAILED = 20, 21, 22, 23
+ST_BUSY, ST_TIMEOUT, ST_SHUTDOWN, ST_TLS_REQUIRED = 24, 25, 26, 27
+
 
 class XferError(Exception):
     """Base class for every error xfer raises on purpose.
@@ -196,7 +203,7 @@ class XferError(Exception):
     """
     exit_code = EXIT_FAILED
     #: wire status code (Protocol 4.4) used when the receiver reports it
-    code = 15
+    code = ST_IO
     #: whether a fresh connection may succeed where this one failed
     transient = False
 
@@ -227,18 +234,18 @@ class ConnectError(XferError, ConnectionError):
 class AuthError(XferError):
     """The token was wrong or missing."""
     exit_code = EXIT_AUTH
-    code = 23
+    code = ST_AUTH_FAILED
 
 
 class ProtocolError(XferError):
     """The peer sent something this version does not understand."""
     exit_code = EXIT_PROTOCOL
-    code = 20
+    code = ST_PROTOCOL
 
 
 class VersionMismatchError(ProtocolError):
     """The peer speaks another protocol version."""
-    code = 21
+    code = ST_VERSION
 
 
 class ConnectionClosedError(ProtocolError, ConnectionError):
@@ -254,7 +261,7 @@ class RemoteError(XferError):
     host, when set, is the receiver that said it, and str() starts with it.
     """
 
-    def __init__(self, reason, code=15, host=None):
+    def __init__(self, reason, code=ST_IO, host=None):
         self.code = code
         self.reason = reason
         self.host = host
@@ -268,7 +275,7 @@ class RemoteError(XferError):
 class UnsafePathError(RemoteError):
     """A path would leave the destination or is not a safe name there."""
 
-    def __init__(self, reason, path=None, code=10, host=None):
+    def __init__(self, reason, path=None, code=ST_BAD_PATH, host=None):
         self.path = path
         if path is not None:
             reason = "%s: %s" % (_display(path), reason)
@@ -278,40 +285,61 @@ class UnsafePathError(RemoteError):
 class IntegrityError(RemoteError):
     """The data received does not match its digest or MAC."""
 
-    def __init__(self, reason, code=14, host=None):
+    def __init__(self, reason, code=ST_INTEGRITY, host=None):
         super().__init__(reason, code, host)
 
 
-# Wire status codes (Protocol 4.4) and the class a sender raises for each.
-ST_OK, ST_SKIPPED, ST_NEEDED = 0, 1, 2
-ST_BAD_PATH, ST_CONFLICT, ST_TOO_LARGE, ST_NO_SPACE = 10, 11, 12, 13
-ST_INTEGRITY, ST_IO, ST_ABORTED = 14, 15, 16
-ST_PROTOCOL, ST_VERSION, ST_AUTH_REQUIRED, ST_AUTH_FAILED = 20, 21, 22, 23
-ST_BUSY, ST_TIMEOUT, ST_SHUTDOWN, ST_TLS_REQUIRED = 24, 25, 26, 27
-_TRANSIENT_CODES = frozenset({ST_BUSY, ST_TIMEOUT, ST_SHUTDOWN})
+
+
+class _Status(collections.namedtuple("_Status", "code name error transient")):
+    """One wire status: what a sender raises for it, and whether a fresh
+    connection may succeed where this one got it."""
+
+    @property
+    def exit_code(self):
+        return (self.error or RemoteError).exit_code
+
+
+# The one table of wire statuses (Protocol 4.4, whose Code and Name columns a
+# test compares with it).  error None: not an error (RemoteError if a peer
+# sends it as one).  A code missing here, from a newer peer, is a RemoteError.
+_STATUSES = tuple(_Status(*row) for row in (
+    (ST_OK,            "ST_OK",            None,                 False),
+    (ST_SKIPPED,       "ST_SKIPPED",       None,                 False),
+    (ST_NEEDED,        "ST_NEEDED",        None,                 False),
+    (ST_BAD_PATH,      "ST_BAD_PATH",      UnsafePathError,      False),
+    (ST_CONFLICT,      "ST_CONFLICT",      RemoteError,          False),
+    (ST_TOO_LARGE,     "ST_TOO_LARGE",     RemoteError,          False),
+    (ST_NO_SPACE,      "ST_NO_SPACE",      RemoteError,          False),
+    (ST_INTEGRITY,     "ST_INTEGRITY",     IntegrityError,       False),
+    (ST_IO,            "ST_IO",            RemoteError,          False),
+    (ST_ABORTED,       "ST_ABORTED",       RemoteError,          False),
+    (ST_PROTOCOL,      "ST_PROTOCOL",      ProtocolError,        False),
+    (ST_VERSION,       "ST_VERSION",       VersionMismatchError, False),
+    (ST_AUTH_REQUIRED, "ST_AUTH_REQUIRED", AuthError,            False),
+    (ST_AUTH_FAILED,   "ST_AUTH_FAILED",   AuthError,            False),
+    (ST_BUSY,          "ST_BUSY",          RemoteError,          True),
+    (ST_TIMEOUT,       "ST_TIMEOUT",       RemoteError,          True),
+    (ST_SHUTDOWN,      "ST_SHUTDOWN",      RemoteError,          True),
+    (ST_TLS_REQUIRED,  "ST_TLS_REQUIRED",  ProtocolError,        False),
+))
+_STATUS_BY_CODE = {row.code: row for row in _STATUSES}
+_TRANSIENT_CODES = frozenset(row.code for row in _STATUSES if row.transient)
 
 
 def _error_for(code, reason, host=None):
-    """Build the exception a sender raises for a receiver status.
+    """Build the exception a sender raises for a receiver status (_STATUSES).
 
     host names the receiver in a file's refusal, so that it does not read
     like a local error (RESULT); connection-level errors go without it.
     """
-    if code == ST_BAD_PATH:
-        return UnsafePathError(reason, host=host)
-    if code == ST_INTEGRITY:
-        return IntegrityError(reason, host=host)
-    if code in (ST_AUTH_REQUIRED, ST_AUTH_FAILED):
-        err = AuthError(reason)
-        err.code = code
-        return err
-    if code == ST_VERSION:
-        return VersionMismatchError(reason)
-    if code in (ST_PROTOCOL, ST_TLS_REQUIRED):
-        err = ProtocolError(reason)
-        err.code = code
-        return err
-    return RemoteError(reason, code, host)
+    row = _STATUS_BY_CODE.get(code)
+    cls = (row and row.error) or RemoteError
+    if issubclass(cls, RemoteError):
+        return cls(reason, code=code, host=host)
+    err = cls(reason)
+    err.code = code
+    return err
 
 
 #------------------------------------------------------------
