@@ -5137,29 +5137,13 @@ def _clean_subdir(subdir):
 
 
 def _parse_target(to, port=None):
-    """Split "HOST", "HOST:PORT", "[V6]:PORT" or (host, port) into (host, port)."""
+    """Sender's address: (host, port) or text for _parse_address(); port is
+    the default when the text gives none."""
     if isinstance(to, (tuple, list)):
         host, p = to[0], to[1]
         return host, int(p)
-    to = str(to).strip()
-    if not to:
-        raise ConfigError("empty destination")
-    host, p = to, None
-    if to.startswith("["):
-        end = to.find("]")
-        if end < 0:
-            raise ConfigError("bad address %r: missing ']'" % to)
-        host, rest = to[1:end], to[end + 1:]
-        if rest.startswith(":") and rest[1:]:
-            p = rest[1:]
-        elif rest:
-            raise ConfigError("bad address %r" % to)
-    elif to.count(":") == 1:
-        host, p = to.split(":")
-        p = p or None
-    if p is None:
-        p = port if port is not None else DEFAULT_PORT
-    return host, _port_number(p, "port")
+    host, p, _ = _parse_address(to)
+    return host, p if p is not None else port if port is not None else DEFAULT_PORT
 
 
 def _is_destination(operand):
@@ -5175,34 +5159,44 @@ def _is_destination(operand):
     return bool(colon and head and len(head) > 1 and "/" not in head and "\\" not in head)
 
 
-def _split_destination(text):
-    """Split HOST[:PORT][:DIR] into ("HOST[:PORT]", DIR or "").
+_Address = collections.namedtuple("_Address", "host port subdir")
 
-    HOST is an alias, a name, an IPv4 address, or "[V6]" (a bare IPv6
-    address without a port or DIR is taken whole).  PORT is all digits;
-    a directory whose name is all digits is written "HOST:2024/".
+
+def _parse_address(text, dirs=False):
+    """The one address parser: an _Address (host, port or None, DIR or "").
+
+    Every command reads an address through it (README "Destinations"):
+    HOST[:PORT] (ping, config add, a Sender's to), and with dirs=True
+    HOST[:PORT][:DIR] (--to and the last HOST: operand of send).  HOST is an
+    alias, a name, an IPv4 address or "[V6]" (brackets dropped); a bare IPv6
+    address is taken whole, with no PORT or DIR.  PORT is all digits; a
+    directory whose name is all digits is written "HOST:2024/".
     """
+    what = "destination" if dirs else "address"
+    text = str(text).strip()
+    if not text:
+        raise ConfigError("empty %s" % what)
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
-            raise ConfigError("bad destination %r: missing ']'" % text)
-        host, rest = text[:end + 1], text[end + 1:]
+            raise ConfigError("bad %s %r: missing ']'" % (what, text))
+        host, rest = text[1:end], text[end + 1:]
         if rest and not rest.startswith(":"):
-            raise ConfigError("bad destination %r" % text)
-        rest = rest[1:]
+            raise ConfigError("bad %s %r" % (what, text))
+        shown, rest = text[:end + 1], rest[1:]
+    elif text.count(":") > 1 and (not dirs or _is_ip(text)):
+        return _Address(text, None, "")
     else:
-        try:
-            ipaddress.ip_address(text.partition("%")[0])
-            return text, ""
-        except ValueError:
-            pass
         host, _, rest = text.partition(":")
+        shown = host
+    if not host:
+        raise ConfigError("bad %s %r: no host" % (what, text))
+    if not dirs:
+        return _Address(host, _port_number(rest, "port") if rest else None, "")
     port, colon, subdir = rest.partition(":")
     if not (port.isdigit() and (colon or not subdir)):
         port, subdir = "", rest
-    if not host or host == "[]":
-        raise ConfigError("bad destination %r: no host" % text)
-    where = host + (":" + port if port else "") + ":"
+    where = shown + (":" + port if port else "") + ":"
     if subdir.startswith(("/", "\\")):
         raise ConfigError("%s: DIR is relative to the receiver's directory (its serve --dir), "
                           "never absolute; write %s%s" % (text, where, subdir.lstrip("/\\")))
@@ -5215,7 +5209,16 @@ def _split_destination(text):
     if ".." in parts:
         raise ConfigError("bad destination %r: '..' would leave the receiver's "
                           "directory" % text)
-    return host + (":" + port if port else ""), "/".join(parts)
+    return _Address(host, _port_number(port, "port") if port else None, "/".join(parts))
+
+
+def _is_ip(text):
+    """Whether text is an IP address literal (an IPv6 one may carry a %zone)."""
+    try:
+        ipaddress.ip_address(text.partition("%")[0])
+        return True
+    except ValueError:
+        return False
 
 
 def _port_number(value, what="port"):
@@ -5497,27 +5500,18 @@ def _resolve_target(config, to=None, token=None, environ=None):
     An alias's own port and token win over XFER_PORT and XFER_TOKEN: the
     environment is the default for hosts the config does not know.  Returns
     a _Target; token_from says where the token came from, for a refusal.
-    to may be an alias, HOST or HOST:PORT.
+    to may be an alias, HOST or HOST:PORT (text or an _Address).
     """
     environ = os.environ if environ is None else environ
     to = to or environ.get("XFER_HOST") or config.value("DEFAULT", "to")
     section = "DEFAULT"
     host = port = None
     if to:
-        if to in config.sections and to not in ("DEFAULT", "serve"):
-            section = to
+        host, port, _ = to if isinstance(to, _Address) else _parse_address(to)
+        if host in config.aliases():
+            section = host
             entry = config.get(section, "host")
-            host = entry[0] if entry else to
-        else:
-            alias, _, rest = to.rpartition(":")
-            if alias in config.aliases() and rest.isdigit():
-                section = alias
-                entry = config.get(section, "host")
-                host = entry[0] if entry else alias
-                port = _port_number(rest)
-            else:
-                host, explicit = _split_host_port(to)
-                port = explicit
+            host = entry[0] if entry else section
     elif config.serverinfo is not None:
         host = config.serverinfo[0]
     else:
@@ -5584,17 +5578,6 @@ def _bool_value(config, section, key):
     if value in ("0", "no", "false", "off", ""):
         return False
     raise ConfigError("must be yes or no, not %r" % entry[0], entry[1], entry[2], key)
-
-
-def _split_host_port(text):
-    """(host, port or None) from HOST, HOST:PORT or [V6]:PORT."""
-    if text.startswith("[") and text.endswith("]"):
-        return text[1:-1], None
-    if text.endswith(":") and text.count(":") == 1:
-        return text[:-1], None
-    if text.startswith("[") or text.count(":") == 1:
-        return _parse_target(text)
-    return text, None
 
 
 #------------------------------------------------------------
@@ -6630,15 +6613,10 @@ def _without_user(config, dest):
     return rest
 
 
-def _check_resolvable(config, to, host):
-    """Fail at once, listing the aliases, if to is neither an alias nor a known host."""
-    if not to or to in config.aliases() or to.rpartition(":")[0] in config.aliases():
+def _check_resolvable(config, address, host):
+    """Fail at once, listing the aliases, if address is neither an alias nor a known host."""
+    if address is None or address.host in config.aliases() or _is_ip(host):
         return
-    try:
-        ipaddress.ip_address(host.partition("%")[0])
-        return
-    except ValueError:
-        pass
     try:
         socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
@@ -6763,9 +6741,10 @@ def _cmd_send(args):
     report = _Report(mode, args.verbose)
     tracks = []
     for dest in destinations or [None]:
-        to, subdir = _split_destination(_without_user(config, dest)) if dest else (None, "")
-        target = _resolve_target(config, to, args.token)
-        _check_resolvable(config, to, target.host)
+        address = _parse_address(_without_user(config, dest), dirs=True) if dest else None
+        subdir = address.subdir if address else ""
+        target = _resolve_target(config, address, args.token)
+        _check_resolvable(config, address, target.host)
         tls = args.tls or target.tls or bool(args.fingerprint)
         track, callbacks = report.track(
             "%s: " % dest if len(destinations) > 1 else "",
@@ -7000,7 +6979,7 @@ def _mask(token):
 def _cmd_config(args):
     path = _settings_path(args)
     if args.action == "add":
-        host, port = _split_host_port(args.address)
+        host, port, _ = _parse_address(args.address)
         values = {"host": host, "port": port, "token": args.token,
                   "fingerprint": args.fingerprint, "tls": "yes" if args.tls else None}
         if args.name in ("DEFAULT", "serve"):
