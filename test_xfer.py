@@ -723,8 +723,8 @@ class SendScpHabitTests(_SendCliCase):
         self.assertEqual(tree_listing(dst), [])
         for text in ("pi:/", "pi:\\x", "pi:~", "pi:~ana/x", "pi:22598:/x"):
             with self.subTest(text=text), self.assertRaises(xfer.ConfigError):
-                xfer._split_destination(text)
-        self.assertEqual(xfer._split_destination("pi:a/~b/"), ("pi", "a/~b"))
+                xfer._parse_address(text, dirs=True)
+        self.assertEqual(xfer._parse_address("pi:a/~b/", dirs=True), ("pi", None, "a/~b"))
 
     def test_destination_without_colon_gets_a_did_you_mean(self):
         f = write_file(os.path.join(temp_dir(self), "a.tif"), b"tif")
@@ -965,8 +965,7 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual(self.resolve("[fe80::2]:22598")[:2], ("fe80::2", 22598))
 
     def test_ipv6_literal_without_port(self):
-        # BUG in xfer._split_host_port: "[::1]" without a port passes port=-1
-        # to _parse_target, which rejects it ("port must be ... not -1").
+        # "[::1]" without a port: the default port, not an error.
         self.assertEqual(self.resolve("[::1]")[:2], ("::1", xfer.DEFAULT_PORT))
 
 
@@ -7723,29 +7722,30 @@ class EverydayTests(unittest.TestCase):
                 self.assertIs(xfer._is_destination(operand), expected)
 
     def test_split_destination_table(self):
+        # (host, port or None, DIR)
         table = [
-            ("pi", ("pi", "")), ("pi:", ("pi", "")),
-            ("pi:renders/today/", ("pi", "renders/today")),
-            ("pi:renders\\today", ("pi", "renders/today")),
-            ("pi:./a/./b/", ("pi", "a/b")),
-            ("pi:2024/", ("pi", "2024")), ("pi:2024", ("pi:2024", "")),
-            ("pi:2024:", ("pi:2024", "")),
-            ("pi:22598:renders", ("pi:22598", "renders")),
-            ("10.0.0.7:9000:out/", ("10.0.0.7:9000", "out")),
-            ("[::1]:9000:a/b", ("[::1]:9000", "a/b")), ("[::1]", ("[::1]", "")),
-            ("[::1]:9000", ("[::1]:9000", "")),
-            ("::1", ("::1", "")), ("fe80::1", ("fe80::1", "")),
+            ("pi", ("pi", None, "")), ("pi:", ("pi", None, "")),
+            ("pi:renders/today/", ("pi", None, "renders/today")),
+            ("pi:renders\\today", ("pi", None, "renders/today")),
+            ("pi:./a/./b/", ("pi", None, "a/b")),
+            ("pi:2024/", ("pi", None, "2024")), ("pi:2024", ("pi", 2024, "")),
+            ("pi:2024:", ("pi", 2024, "")),
+            ("pi:22598:renders", ("pi", 22598, "renders")),
+            ("10.0.0.7:9000:out/", ("10.0.0.7", 9000, "out")),
+            ("[::1]:9000:a/b", ("::1", 9000, "a/b")), ("[::1]", ("::1", None, "")),
+            ("[::1]:9000", ("::1", 9000, "")),
+            ("::1", ("::1", None, "")), ("fe80::1", ("fe80::1", None, "")),
         ]
         for text, expected in table:
             with self.subTest(text=text):
-                self.assertEqual(xfer._split_destination(text), expected)
+                self.assertEqual(xfer._parse_address(text, dirs=True), expected)
         for bad in ("pi:../x", "pi:a/../../x", "pi:22598:..", "[::1]:9000:../up",
                     ":9000", "[::1", "[::1]x"):
             with self.subTest(bad=bad):
                 with self.assertRaises(xfer.ConfigError):
-                    xfer._split_destination(bad)
+                    xfer._parse_address(bad, dirs=True)
         # what the split yields is an address Sender understands
-        self.assertEqual(xfer._parse_target(xfer._split_destination("[::1]:9000:a")[0]),
+        self.assertEqual(xfer._parse_target(xfer._parse_address("[::1]:9000:a", dirs=True)[:2]),
                          ("::1", 9000))
 
     def test_scp_like_destination_end_to_end(self):
@@ -8576,6 +8576,134 @@ class SharedPiecesTests(unittest.TestCase):
                 code = cls.code if "code" in vars(cls) else \
                     inspect.signature(cls).parameters["code"].default
                 self.assertTrue(issubclass(by_code[code].error or xfer.RemoteError, cls))
+
+    def test_every_command_reads_an_address_the_same_way(self):
+        # (text, host, port): the port is None where the text gives none.
+        table = [("pi", "pi", None), ("pi:7000", "pi", 7000), ("pi:", "pi", None),
+                 ("10.0.0.7:9000", "10.0.0.7", 9000), ("[::1]:9000", "::1", 9000),
+                 ("[::1]", "::1", None), ("[::1]:", "::1", None), ("fe80::1", "fe80::1", None)]
+        ini = os.path.join(self.home, "aliases.ini")
+        for text, host, port in table:
+            with self.subTest(text=text):
+                self.assertEqual(xfer._parse_address(text)[:2], (host, port))
+                self.assertEqual(xfer._parse_address(text, dirs=True), (host, port, ""))
+                sender = xfer.Sender(text, port=1234)
+                self.addCleanup(sender.close)
+                self.assertEqual((sender.host, sender.port), (host, port or 1234))
+                target = xfer._resolve_target(xfer.Config(), text, None, {})
+                self.assertEqual((target.host, target.port), (host, port or xfer.DEFAULT_PORT))
+                with mock.patch.dict(os.environ, self.env, clear=True), \
+                        contextlib.redirect_stdout(io.StringIO()):
+                    status = xfer.main(["config", "--config", ini, "add", "a", text])
+                self.assertEqual(status, 0)
+                config = xfer.load_config(path=ini, environ={})
+                self.assertEqual((config.value("a", "host"), config.port("a")), (host, port))
+
+    def test_send_ping_and_bench_connect_with_the_same_options(self):
+        # One setup for the token, TLS, its pin and known_hosts, whichever command.
+        ini = write_file(os.path.join(self.home, "x.ini"),
+                         b"[serve]\ntoken = own-server-token\n[box]\nhost = 127.0.0.1\n"
+                         b"port = 4000\ntls = yes\n")
+        os.chmod(ini, 0o600)
+        pin = "ab:" * 31 + "ab"
+        seen = {}
+
+        class Recorder:
+            def __init__(self, to, **kwargs):
+                seen[command] = (to, {k: kwargs.get(k) for k in (
+                    "token", "tls", "fingerprint", "known_hosts", "require_server_auth")})
+                raise xfer.XferError("recorded")
+
+        src = write_file(os.path.join(self.home, "a.txt"), b"a")
+        for command, argv in (("send", ["send", "--config", ini, src, "box:"]),
+                              ("ping", ["ping", "--config", ini, "box"]),
+                              ("bench", ["bench", "--config", ini, "--to", "box"])):
+            with mock.patch.object(xfer, "Sender", Recorder), \
+                    mock.patch.dict(os.environ, self.env, clear=True), \
+                    contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                self.assertEqual(xfer.main(argv + ["--fingerprint", pin]), 1)
+        self.assertEqual(sorted(seen), ["bench", "ping", "send"])
+        expected = (("127.0.0.1", 4000), dict(
+            token="own-server-token", tls=True, fingerprint=pin, require_server_auth=False,
+            known_hosts=os.path.join(self.home, "known_hosts")))
+        for command, got in seen.items():
+            with self.subTest(command=command):
+                self.assertEqual(got, expected)
+
+    def test_serve_settings_follow_flag_environment_config_default(self):
+        ini = write_file(os.path.join(self.home, "x.ini"),
+                         b"[DEFAULT]\nport = 1001\n[serve]\nport = 1002\ntoken = kept\n"
+                         b"dir = from-config\n")
+        os.chmod(ini, 0o600)
+        parser = xfer._build_parser()
+
+        def settings(*argv, **environ):
+            args = parser.parse_args(["serve", "--config", ini] + list(argv))
+            return xfer._serve_settings(args, xfer.load_config(ini, environ=environ), environ)
+
+        self.assertEqual(settings("--port", "1004", XFER_PORT="1003").port, 1004)
+        self.assertEqual(settings(XFER_PORT="1003").port, 1003)
+        self.assertEqual(settings().port, 1002)
+        s = settings("--token", "flag", XFER_TOKEN="env")
+        self.assertEqual((s.token, s.token_from), ("flag", "from --token"))
+        s = settings(XFER_TOKEN="env")
+        self.assertEqual((s.token, s.token_from), ("env", "from XFER_TOKEN"))
+        s = settings()
+        self.assertEqual((s.token, s.token_from), ("kept", "kept in %s" % ini))
+        self.assertEqual(settings(XFER_DIR="from-env").dir, "from-env")
+        self.assertEqual(settings("--dir", "flag", XFER_DIR="from-env").dir, "flag")
+        self.assertEqual(settings().dir, "from-config")
+        with self.assertRaises(xfer.ConfigError) as cm:
+            settings(XFER_PORT="nope")
+        self.assertIn("XFER_PORT", str(cm.exception))
+
+    def test_send_serve_ping_and_bench_events_come_from_one_json_writer(self):
+        streams = []
+        real = xfer._json_writer
+
+        def writer(stream):
+            streams.append(stream)
+            return real(stream)
+
+        out = io.StringIO()
+        with mock.patch.object(xfer, "_json_writer", writer):
+            report = xfer._Report("json", out=out, err=io.StringIO())
+            report.track("", "pi:22598")
+            report.input_error("missing.txt", "No such file or directory")
+        self.assertEqual(streams, [out])
+        (event,) = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual(list(event)[:3], ["event", "time", "to"])
+        self.assertEqual(event["event"], "file_failed")
+
+    # Modules a command imports only when it uses them (README "Performance").
+    LAZY = ("argparse", "ast", "configparser", "json", "shlex", "subprocess", "ipaddress",
+            "signal", "unicodedata", "ssl", "tempfile", "shutil", "traceback")
+
+    def imported(self, *argv):
+        """The LAZY modules that `python3 -X importtime ARGV` imports beyond a bare start."""
+        def names(*args):
+            r = subprocess.run([sys.executable, "-X", "importtime"] + list(args),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               universal_newlines=True, cwd=self.home, env=self.env,
+                               timeout=TIMEOUT)
+            return {line.rsplit("|", 1)[1].strip() for line in r.stderr.splitlines()
+                    if line.startswith("import time:") and "|" in line}
+        got = names(*argv) - names("-c", "pass")
+        if "encodings.idna" in got:
+            got.discard("unicodedata")  # socket's host name codec brings it, not xfer
+        return sorted(got & set(self.LAZY))
+
+    def test_import_xfer_and_version_import_no_command_modules(self):
+        env = dict(self.env, PYTHONPATH=os.path.dirname(XFER))
+        self.env = env
+        self.assertEqual(self.imported("-c", "import xfer"), [])
+        self.assertEqual(self.imported(XFER, "--version"), ["argparse"])
+
+    def test_ping_imports_only_what_it_uses(self):
+        receiver = start_receiver(self, temp_dir(self), token=TOKEN)
+        self.env["XFER_TOKEN"] = TOKEN
+        self.assertEqual(self.imported(XFER, "ping", "%s:%d" % receiver.address), ["argparse"])
 
     def test_no_command_reads_config_from_the_working_directory(self):
         inbox, listener = self.planted()

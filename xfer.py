@@ -18,46 +18,72 @@ point there.  Standard library only; Python 3.8+; Linux, macOS, Windows.
 """
 from __future__ import annotations
 
-import argparse
-import ast
 import collections
-import configparser
+import contextlib
 import errno
 import hashlib
 import hmac
 import io
-import ipaddress
 import itertools
-import json
 import math
 import os
 import queue
 import re
 import secrets
 import selectors
-import shlex
-import shutil
-import signal
 import socket
 import socketserver
 import stat
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import traceback
-import unicodedata
 
-try:
-    import ssl
-except ImportError:  # Python built without OpenSSL: TLS is unavailable, the rest works
-    ssl = None
 try:
     import fcntl
 except ImportError:  # Windows: the banner finds its addresses another way
     fcntl = None
+
+
+class _Lazy:
+    """A module imported when first used, then bound in its place.
+
+    `import xfer` and a command's start-up load only what they use: the CLI
+    parser, the config reader, JSON, TLS, signals, subprocesses and the
+    rest come in with the first function that needs them (README
+    "Performance")."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        module = __import__(self._name)
+        globals()[self._name] = module
+        return getattr(module, attr)
+
+
+argparse = _Lazy("argparse")
+ast = _Lazy("ast")
+configparser = _Lazy("configparser")
+ipaddress = _Lazy("ipaddress")
+json = _Lazy("json")
+shlex = _Lazy("shlex")
+shutil = _Lazy("shutil")
+signal = _Lazy("signal")
+ssl = _Lazy("ssl")
+subprocess = _Lazy("subprocess")
+tempfile = _Lazy("tempfile")
+traceback = _Lazy("traceback")
+unicodedata = _Lazy("unicodedata")
+
+
+def _require_ssl():
+    """Raise ConfigError on a Python built without OpenSSL (TLS is then unavailable)."""
+    try:
+        __import__("ssl")
+    except ImportError:
+        raise ConfigError("this Python has no ssl module, so TLS is unavailable") from None
+
 
 __version__ = "0.1.0"
 __all__ = [
@@ -803,8 +829,7 @@ def _check_fingerprint(text):
 
 def _server_tls_context(cert, key):
     """An ssl.SSLContext serving cert/key, TLS 1.2 or newer."""
-    if ssl is None:
-        raise ConfigError("this Python has no ssl module, so TLS is unavailable")
+    _require_ssl()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -835,8 +860,7 @@ def _client_tls(sock, host, port, fingerprint, known_hosts):
     known_hosts the channel is encrypted but the server is not pinned.
     Returns (ssl socket, fingerprint seen, newly trusted?).
     """
-    if ssl is None:
-        raise ConfigError("this Python has no ssl module, so TLS is unavailable")
+    _require_ssl()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE    # the pin below replaces CA trust on a LAN
@@ -5494,47 +5518,131 @@ def _read_serverinfo(path):
     return host, port, path
 
 
-def _resolve_target(config, to=None, token=None, environ=None):
-    """Apply flag > alias section > environment > [DEFAULT] > serverinfo.py > default.
+class _Setting(collections.namedtuple("_Setting", "value level name path")):
+    """A resolved setting and where it came from: level is "flag", "alias",
+    "environment", "config", "serverinfo" or "default"; name is the flag, the
+    variable or the section; path the file, if any."""
 
-    An alias's own port and token win over XFER_PORT and XFER_TOKEN: the
-    environment is the default for hosts the config does not know.  Returns
-    a _Target; token_from says where the token came from, for a refusal.
-    to may be an alias, HOST or HOST:PORT (text or an _Address).
+    def source(self):
+        """Where, in words: "--token", "XFER_TOKEN", "alias vm in FILE", "[DEFAULT] in FILE"."""
+        if self.level == "alias":
+            return "alias %s in %s" % (self.name, self.path)
+        if self.level == "config":
+            return "[%s] in %s" % (self.name, self.path)
+        return self.name
+
+
+class _Settings:
+    """The one precedence every command's settings follow, first found wins
+    (README "Environment variables and precedence"):
+
+        flag > alias's own section > environment > config section
+             > serverinfo.py > built-in default
+
+    send, send-dir, ping and bench read the section [DEFAULT]; the alias
+    (the section --to names) comes before the environment, which is the
+    default for hosts the config does not know.  serve has no alias and
+    reads [serve] (falling back to [DEFAULT] key by key, except where own).
+    Only the host and its port have a serverinfo.py level.
     """
-    environ = os.environ if environ is None else environ
-    to = to or environ.get("XFER_HOST") or config.value("DEFAULT", "to")
-    section = "DEFAULT"
-    host = port = None
-    if to:
-        host, port, _ = to if isinstance(to, _Address) else _parse_address(to)
-        if host in config.aliases():
-            section = host
-            entry = config.get(section, "host")
-            host = entry[0] if entry else section
-    elif config.serverinfo is not None:
-        host = config.serverinfo[0]
-    else:
+
+    def __init__(self, config, environ=None, section="DEFAULT", alias=None):
+        self.config = config
+        self.environ = os.environ if environ is None else environ
+        self.section = section
+        self.alias = alias
+
+    def find(self, key, flag=None, flag_name=None, env=None, parse=None, own=False,
+             serverinfo=None, default=None):
+        """The _Setting that wins for key.
+
+        flag: the command-line value (None, False or "" when not given).
+        parse(text, what) checks text read from the environment or a file;
+        its error names the variable, or the file, line and key.  own: read
+        the config section itself, never its [DEFAULT] fallback.
+        """
+        if flag is not None and flag is not False and flag != "":
+            return _Setting(flag, "flag", flag_name or "--" + key.replace("_", "-"), None)
+        if self.alias is not None:
+            entry = self.config.own(self.alias, key)
+            if entry is not None:
+                return _Setting(self._parsed(entry, key, parse), "alias", self.alias, entry[1])
+        if env and self.environ.get(env):
+            value = self.environ[env]
+            return _Setting(parse(value, env) if parse else value, "environment", env, None)
+        if own:
+            entry = self.config.sections.get(self.section, {}).get(key)
+        else:
+            entry = self.config.get(self.section, key)
+        if entry is not None:
+            return _Setting(self._parsed(entry, key, parse), "config", self.section, entry[1])
+        if serverinfo is not None:
+            return _Setting(serverinfo, "serverinfo", "serverinfo.py",
+                            self.config.serverinfo[2])
+        return _Setting(default, "default", None, None)
+
+    @staticmethod
+    def _parsed(entry, key, parse):
+        value, path, lineno = entry
+        if parse is None:
+            return value
+        try:
+            return parse(value, key)
+        except (ConfigError, ValueError) as e:
+            raise ConfigError(str(e), path, lineno, key) from None
+
+
+def _whole_number(text, what):
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("must be a whole number, not %r" % text) from None
+
+
+def _yes_no(text, what):
+    value = text.strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off", ""):
+        return False
+    raise ValueError("must be yes or no, not %r" % text)
+
+
+def _fingerprint_value(text, what):
+    return _check_fingerprint(text)
+
+
+def _size_value(text, what):
+    return _parse_size(text)
+
+
+def _resolve_target(config, to=None, token=None, environ=None, tls=False, fingerprint=None,
+                    workers=None):
+    """Resolve a client command's destination through _Settings: a _Target.
+
+    to, token, tls, fingerprint and workers are the command-line flags.
+    token_from says where the token came from, for a refusal.  to may be an
+    alias, HOST or HOST:PORT (text or an _Address).
+    """
+    base = _Settings(config, environ)
+    info = config.serverinfo
+    to = base.find("to", flag=to, flag_name="--to", env="XFER_HOST",
+                   serverinfo=info and info[0]).value
+    if not to:
         raise ConfigError("no destination: pass --to HOST[:PORT], set XFER_HOST, or set "
                           "to = ALIAS in the config file")
-    if port is None and config.own(section, "port") is not None:
-        port = config.port(section)
-    if port is None and environ.get("XFER_PORT"):
-        port = _port_number(environ["XFER_PORT"], "XFER_PORT")
-    if port is None:
-        port = config.port(section)
-    if port is None and config.serverinfo is not None and config.serverinfo[1] is not None \
-            and host == config.serverinfo[0]:
-        port = config.serverinfo[1]
-    if port is None:
-        port = DEFAULT_PORT
-    own, default = config.own(section, "token"), config.get("DEFAULT", "token")
-    token, token_from = next(((value, source) for value, source in (
-        (token, "--token"),
-        (own and own[0], own and "alias %s in %s" % (section, own[1])),
-        (environ.get("XFER_TOKEN"), "XFER_TOKEN"),
-        (default and default[0], default and "[DEFAULT] in %s" % default[1]),
-    ) if value), (None, None))
+    host, port, _ = to if isinstance(to, _Address) else _parse_address(to)
+    alias = None
+    if host in config.aliases():
+        alias = host
+        entry = config.get(alias, "host")
+        host = entry[0] if entry else alias
+    settings = _Settings(config, environ, alias=alias)
+    port = settings.find("port", flag=port, env="XFER_PORT", parse=_port_number,
+                         serverinfo=info[1] if info and host == info[0] else None,
+                         default=DEFAULT_PORT).value
+    found = settings.find("token", flag=token, env="XFER_TOKEN")
+    token, token_from = found.value, found.value and found.source()
     fallback = False
     if not token and _is_loopback(host):
         # Sending to this machine: use this machine's own server token.  Only
@@ -5543,16 +5651,19 @@ def _resolve_target(config, to=None, token=None, environ=None):
         if entry:
             token, token_from = entry[0], "this machine's [serve] token in %s" % entry[1]
             fallback = True
-    entry = config.get(section, "fingerprint")
-    fingerprint = None
-    if entry is not None:
-        try:
-            fingerprint = _check_fingerprint(entry[0])
-        except ValueError as e:
-            raise ConfigError(str(e), entry[1], entry[2], "fingerprint") from None
-    tls = _bool_value(config, section, "tls") or bool(fingerprint)
-    return _Target(host, port, token, tls, fingerprint, config.int_value(section, "workers"),
-                   fallback, token_from)
+    fingerprint = settings.find("fingerprint", flag=fingerprint,
+                                parse=_fingerprint_value).value
+    tls = settings.find("tls", flag=tls, parse=_yes_no).value or bool(fingerprint)
+    workers = settings.find("workers", flag=workers, parse=_whole_number).value
+    return _Target(host, port, token, tls, fingerprint, workers, fallback, token_from)
+
+
+def _connection_options(args, target):
+    """Sender keywords for a resolved target: the token, TLS, its pin and the
+    known_hosts file, the same for send, send-dir, ping and bench."""
+    return dict(token=target.token, tls=target.tls, fingerprint=target.fingerprint,
+                known_hosts=_known_hosts_path(args) if target.tls else None,
+                require_server_auth=not target.fallback)
 
 
 _Target = collections.namedtuple("_Target",
@@ -5566,18 +5677,6 @@ def _is_loopback(host):
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _bool_value(config, section, key):
-    entry = config.get(section, key)
-    if entry is None:
-        return False
-    value = entry[0].strip().lower()
-    if value in ("1", "yes", "true", "on"):
-        return True
-    if value in ("0", "no", "false", "off", ""):
-        return False
-    raise ConfigError("must be yes or no, not %r" % entry[0], entry[1], entry[2], key)
 
 
 #------------------------------------------------------------
@@ -5797,179 +5896,236 @@ def _check_serve_dir(directory, protected, allow_home):
                               "that reach such files are then refused)" % (path, p))
 
 
-def _cmd_serve(args):
-    # Nothing from the working directory (no command reads any): with the
-    # default --dir . files that senders store land there (README "Security").
-    config = _load_config(args, serverinfo=False)
-    env = os.environ
-    s = "serve"
-    directory = args.dir or env.get("XFER_DIR") or config.value(s, "dir") or "."
-    # The listen address comes from [serve] only: a [DEFAULT] host is where
-    # senders send to, not an address of this machine.
-    host = args.host or config.sections.get(s, {}).get("host", (None,))[0] or "0.0.0.0"
-    if args.port is not None:
-        port = args.port
-    elif env.get("XFER_PORT"):
-        port = _port_number(env["XFER_PORT"], "XFER_PORT")
-    else:
-        port = config.port(s)
-        if port is None:
-            port = DEFAULT_PORT
-    settings = _settings_path(args)
-    tls_cert = args.tls_cert or config.value(s, "tls_cert")
-    tls_key = args.tls_key or config.value(s, "tls_key")
-    protected = _serve_protected(config, settings, tls_cert, tls_key)
-    # Before anything is written: a new token, a certificate.
-    _check_serve_dir(directory, protected, args.allow_home or _bool_value(config, s, "allow_home"))
-    token = args.token or env.get("XFER_TOKEN")
-    token_from = "from --token" if args.token else "from XFER_TOKEN"
-    if not token and config.get(s, "token"):
-        value, path, _ = config.get(s, "token")
-        token, token_from = value, "kept in %s" % path
-    no_auth = args.no_auth or _bool_value(config, s, "no_auth")
-    if no_auth:
-        token = None
-    elif not token:
-        token = _new_token()
-        _save_settings(settings, "serve", {"token": token})
-        token_from = "new, kept in %s" % settings
-    if not tls_cert and (args.tls or _bool_value(config, s, "tls")):
-        tls_cert, tls_key = _ensure_certificate(os.path.dirname(os.path.abspath(settings)))
-    max_conn = args.max_connections or config.int_value(s, "max_connections") \
-        or DEFAULT_MAX_CONNECTIONS
-    max_size = args.max_size
-    if max_size is None and config.get(s, "max_size"):
-        value, path, lineno = config.get(s, "max_size")
-        try:
-            max_size = _parse_size(value)
-        except ValueError as e:
-            raise ConfigError(str(e), path, lineno, "max_size") from None
-    portable = True if (args.portable_names or _bool_value(config, s, "portable_names")) \
-        else None
-    quiet, as_json = args.quiet, args.json
-    lines = _Lines(sys.stdout if as_json else sys.stderr)
-    emit = _json_writer(lines)
-    stamp = [0, ""]     # the time of day, formatted once a second
+_ServeSettings = collections.namedtuple("_ServeSettings", (
+    "dir host port token token_from no_auth tls tls_cert tls_key allow_home max_connections "
+    "max_size portable overwrite settings protected"))
 
-    def log(line):
+
+def _serve_settings(args, config, environ=None):
+    """serve's settings through _Settings: flag > environment > [serve] (then
+    [DEFAULT]) > default; no alias and no serverinfo.py (README "serve")."""
+    settings = _Settings(config, environ, section="serve")
+    find = settings.find
+    token = find("token", flag=args.token, env="XFER_TOKEN")
+    token_from = None
+    if token.value:
+        token_from = "kept in %s" % token.path if token.level == "config" \
+            else "from %s" % token.name
+    tls_cert = find("tls_cert", flag=args.tls_cert).value
+    tls_key = find("tls_key", flag=args.tls_key).value
+    path = _settings_path(args)
+    return _ServeSettings(
+        dir=find("dir", flag=args.dir, env="XFER_DIR", default=".").value,
+        # The listen address comes from [serve] only: a [DEFAULT] host is
+        # where senders send to, not an address of this machine.
+        host=find("host", flag=args.host, own=True, default="0.0.0.0").value,
+        port=find("port", flag=args.port, env="XFER_PORT", parse=_port_number,
+                  default=DEFAULT_PORT).value,
+        token=token.value, token_from=token_from,
+        no_auth=find("no_auth", flag=args.no_auth, parse=_yes_no).value,
+        tls=find("tls", flag=args.tls, parse=_yes_no).value,
+        tls_cert=tls_cert, tls_key=tls_key,
+        allow_home=find("allow_home", flag=args.allow_home, parse=_yes_no).value,
+        max_connections=find("max_connections", flag=args.max_connections,
+                             parse=_whole_number).value or DEFAULT_MAX_CONNECTIONS,
+        max_size=find("max_size", flag=args.max_size, parse=_size_value).value,
+        portable=True if find("portable_names", flag=args.portable_names,
+                              parse=_yes_no).value else None,
+        overwrite=find("overwrite", flag=args.overwrite).value or "replace",
+        settings=path, protected=_serve_protected(config, path, tls_cert, tls_key))
+
+
+def _serve_token(opts):
+    """The token serve requires and the banner's note on it; a new one is saved."""
+    if opts.no_auth:
+        return None, None
+    if opts.token:
+        return opts.token, opts.token_from
+    token = _new_token()
+    _save_settings(opts.settings, "serve", {"token": token})
+    return token, "new, kept in %s" % opts.settings
+
+
+class _ServeOutput:
+    """What serve prints: the prose log on stderr, or JSON events on stdout
+    (--json), both through one _Lines, so a burst costs one write."""
+
+    def __init__(self, quiet, as_json):
+        self.quiet, self.as_json = quiet, as_json
+        self.lines = _Lines(sys.stdout if as_json else sys.stderr)
+        self.emit = _json_writer(self.lines)
+        self.hooks = None
+        self._stamp = (0, "")     # the time of day, formatted once a second
+
+    def log(self, line):
         """Refusals and errors: written even with -q."""
-        if as_json:
-            emit("log", message=line)
-        else:
-            now = int(time.time())
-            if now != stamp[0]:
-                stamp[:] = now, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-            lines.write("%s %s\n" % (stamp[1], line))
+        if self.as_json:
+            self.emit("log", message=line)
+            return
+        now = int(time.time())
+        if now != self._stamp[0]:
+            self._stamp = now, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        self.lines.write("%s %s\n" % (self._stamp[1], line))
 
-    def note(line):
+    def note(self, line):
         """Everything else (received files, stopping, stopped): not with -q."""
-        if as_json or not quiet:
-            log(line)
+        if self.as_json or not self.quiet:
+            self.log(line)
 
-    # A hook's output follows the line saying its file arrived.
-    hooks = _Hooks(args.on_receive, log, args.hook_timeout, note,
-                   before=lines.write_pending) if args.on_receive else None
-
-    def on_file(info):
-        if as_json:
-            emit("file_received", peer=info.peer, path=info.path, relpath=info.relpath,
-                 bytes=info.size, seconds=round(info.seconds, 6), digest=info.digest)
-        elif not quiet:     # a notice: formatted only when it is written
+    def on_file(self, info):
+        if self.as_json:
+            self.emit("file_received", peer=info.peer, path=info.path, relpath=info.relpath,
+                      bytes=info.size, seconds=round(info.seconds, 6), digest=info.digest)
+        elif not self.quiet:     # a notice: formatted only when it is written
             rate = info.size / info.seconds if info.seconds > 0 else 0.0
-            log("%s: received %s (%s, %s/s)" % (info.peer, _display(info.relpath),
-                                                _human(info.size), _human(rate)))
-        if hooks is not None:
-            hooks.submit(info)
+            self.log("%s: received %s (%s, %s/s)" % (info.peer, _display(info.relpath),
+                                                     _human(info.size), _human(rate)))
+        if self.hooks is not None:   # a hook's output follows the line saying its file arrived
+            self.hooks.submit(info)
 
-    # serve --once: the first sender is done when none of its connections is
-    # left open and none has come back for a moment (a sender opens several,
-    # and reconnects after a broken one).  on_session runs on each
-    # connection's thread, so the tally is read and written under a lock.
-    once = {"seen": False, "clean": True, "failed": 0}
-    once_lock = threading.Lock()
+    def on_session(self, info):
+        if self.as_json:
+            self.emit("session_ended", peer=info.peer, files=info.files, bytes=info.bytes,
+                      skipped=info.skipped, failed=info.failed, dirs=info.dirs,
+                      clean=info.clean, seconds=round(info.seconds, 3))
 
-    def on_session(info):
-        if as_json:
-            emit("session_ended", peer=info.peer, files=info.files, bytes=info.bytes,
-                 skipped=info.skipped, failed=info.failed, dirs=info.dirs, clean=info.clean,
-                 seconds=round(info.seconds, 3))
+    def listening(self, receiver, token, token_from):
+        bound_host, bound_port = receiver.address[:2]
+        if self.as_json:
+            self.emit("listening", address=_host_port_text(bound_host, bound_port),
+                      dir=receiver.dir, auth=bool(token), fingerprint=receiver.fingerprint)
+            return
+        sys.stdout.write("listening on %s\n" % _host_port_text(bound_host, bound_port))
+        sys.stdout.flush()
+        if not self.quiet:
+            _print_banner(receiver, token, token_from if token else None, bound_host,
+                          bound_port)
+
+    def stopped(self, receiver):
+        if self.as_json:
+            self.emit("stopped", files=receiver.files_received,
+                      bytes=receiver.bytes_received, failed=receiver.files_failed)
+        else:
+            self.note("stopped: %d file%s received (%s), %d failed" % (
+                receiver.files_received, "" if receiver.files_received == 1 else "s",
+                _human(receiver.bytes_received), receiver.files_failed))
+
+    def close(self):
+        if self.hooks is not None:
+            self.hooks.close()
+        self.lines.close()
+
+
+class _Once:
+    """serve --once: the first sender is done when none of its connections is
+    left open and none has come back for a moment (a sender opens several,
+    and reconnects after a broken one).  saw() runs on each connection's
+    thread, so the tally is read and written under a lock."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.seen, self.clean, self.failed = False, True, 0
+        self.idle_since = None
+
+    def saw(self, info):
         if info.files or info.skipped or info.failed or info.dirs or not info.clean:
-            clean, failed = info.clean, info.failed
-            with once_lock:
-                once.update(seen=True, clean=clean, failed=once["failed"] + failed)
+            with self.lock:
+                self.seen, self.clean = True, info.clean
+                self.failed += info.failed
 
-    receiver = Receiver(directory, host=host, port=port, token=token, on_file=on_file,
-                        on_session=on_session, quiet=quiet and not as_json,
-                        log=log, max_connections=max_conn, max_size=max_size,
-                        idle_timeout=args.idle_timeout,
-                        handshake_timeout=args.handshake_timeout,
-                        max_path_bytes=args.max_path, max_depth=args.max_depth,
-                        portable_names=portable,
-                        tls_cert=tls_cert, tls_key=tls_key,
-                        overwrite=args.overwrite or config.value(s, "overwrite") or "replace",
-                        partial_max_age=args.partial_max_age * 86400, protect=protected)
-    banner = token_from if token else None
+    def finished(self, receiver):
+        """None while the sender may still be at work, else the exit status."""
+        with self.lock:
+            seen, clean, failed = self.seen, self.clean, self.failed
+        if not seen or receiver.connections:
+            self.idle_since = None
+            return None
+        now = time.monotonic()
+        self.idle_since = self.idle_since or now
+        if now - self.idle_since < (ONCE_LINGER if clean else ONCE_RETRY_LINGER):
+            return None
+        return EXIT_FAILED if failed or not clean else EXIT_OK
 
+
+@contextlib.contextmanager
+def _stop_signals():
+    """SIGINT, SIGTERM (and Windows' SIGBREAK) raise KeyboardInterrupt in the
+    main thread while this lasts; yields a _SignalPause to wait on.
+
+    Installed before the readiness line, so a supervisor may send SIGTERM as
+    soon as it has read it.  SIGINT too: a shell starts a background job
+    (`serve &`) with SIGINT ignored, and `kill -INT` must still stop it.
+    """
     def on_signal(signum, frame):
         raise KeyboardInterrupt
 
-    # Installed before the readiness line, so a supervisor may send SIGTERM
-    # as soon as it has read it.  SIGINT too: a shell starts a background
-    # job (`serve &`) with SIGINT ignored, and `kill -INT` must still stop it.
     previous = {}
     for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
         if hasattr(signal, name):
             previous[name] = signal.signal(getattr(signal, name), on_signal)
     pause = _SignalPause()
-    status = EXIT_OK
     try:
-        receiver.start()
-        bound_host, bound_port = receiver.address[:2]
-        if as_json:
-            emit("listening", address=_host_port_text(bound_host, bound_port),
-                 dir=receiver.dir, auth=bool(token), fingerprint=receiver.fingerprint)
-        else:
-            sys.stdout.write("listening on %s\n" % _host_port_text(bound_host, bound_port))
-            sys.stdout.flush()
-            if not quiet:
-                _print_banner(receiver, token, banner, bound_host, bound_port)
-        idle_since = None
-        while not args.once:
-            pause.wait(3600)     # a signal or Ctrl-C interrupts this at once
-        while True:
-            pause.wait(0.1)
-            with once_lock:
-                seen, clean, failed = once["seen"], once["clean"], once["failed"]
-            if not seen or receiver.connections:
-                idle_since = None
-                continue
-            now = time.monotonic()
-            idle_since = idle_since or now
-            if now - idle_since >= (ONCE_LINGER if clean else ONCE_RETRY_LINGER):
-                if failed or not clean:
-                    status = EXIT_FAILED
-                break
-    except KeyboardInterrupt:
-        status = EXIT_INTERRUPTED if args.once else EXIT_OK
-        if receiver.connections and args.grace > 0:
-            note("stopping: letting %d connection%s finish (at most %s)"
-                % (receiver.connections, "" if receiver.connections == 1 else "s",
-                   _duration(args.grace)))
+        yield pause
     finally:
-        receiver.stop(grace=args.grace)
-        if hooks is not None:
-            hooks.close()
-        lines.close()
         pause.close()
         for name, handler in previous.items():
             signal.signal(getattr(signal, name), handler)
-    if as_json:
-        emit("stopped", files=receiver.files_received, bytes=receiver.bytes_received,
-             failed=receiver.files_failed)
-    else:
-        note("stopped: %d file%s received (%s), %d failed" % (
-            receiver.files_received, "" if receiver.files_received == 1 else "s",
-            _human(receiver.bytes_received), receiver.files_failed))
+
+
+def _cmd_serve(args):
+    """serve: resolve the settings, check DIR, build the Receiver, print the
+    banner, run until a signal (or --once's end), print the summary."""
+    # Nothing from the working directory (no command reads any): with the
+    # default --dir . files that senders store land there (README "Security").
+    opts = _serve_settings(args, _load_config(args, serverinfo=False))
+    # Before anything is written: a new token, a certificate.
+    _check_serve_dir(opts.dir, opts.protected, opts.allow_home)
+    token, token_from = _serve_token(opts)
+    tls_cert, tls_key = opts.tls_cert, opts.tls_key
+    if not tls_cert and opts.tls:
+        tls_cert, tls_key = _ensure_certificate(os.path.dirname(os.path.abspath(opts.settings)))
+    out = _ServeOutput(args.quiet, args.json)
+    if args.on_receive:
+        out.hooks = _Hooks(args.on_receive, out.log, args.hook_timeout, out.note,
+                           before=out.lines.write_pending)
+    once = _Once()
+
+    def on_session(info):
+        out.on_session(info)
+        once.saw(info)
+
+    receiver = Receiver(opts.dir, host=opts.host, port=opts.port, token=token,
+                        on_file=out.on_file, on_session=on_session,
+                        quiet=args.quiet and not args.json, log=out.log,
+                        max_connections=opts.max_connections, max_size=opts.max_size,
+                        idle_timeout=args.idle_timeout,
+                        handshake_timeout=args.handshake_timeout,
+                        max_path_bytes=args.max_path, max_depth=args.max_depth,
+                        portable_names=opts.portable, tls_cert=tls_cert, tls_key=tls_key,
+                        overwrite=opts.overwrite, partial_max_age=args.partial_max_age * 86400,
+                        protect=opts.protected)
+    status = EXIT_OK
+    with _stop_signals() as pause:
+        try:
+            receiver.start()
+            out.listening(receiver, token, token_from)
+            while not args.once:
+                pause.wait(3600)     # a signal or Ctrl-C interrupts this at once
+            while True:
+                pause.wait(0.1)
+                status = once.finished(receiver)
+                if status is not None:
+                    break
+        except KeyboardInterrupt:
+            status = EXIT_INTERRUPTED if args.once else EXIT_OK
+            if receiver.connections and args.grace > 0:
+                out.note("stopping: letting %d connection%s finish (at most %s)"
+                         % (receiver.connections, "" if receiver.connections == 1 else "s",
+                            _duration(args.grace)))
+        finally:
+            receiver.stop(grace=args.grace)
+            out.close()
+    out.stopped(receiver)
     return status
 
 
@@ -6384,6 +6540,7 @@ class _Report:
         self.verbose = verbose and mode in ("live", "plain")
         self.err = err or sys.stderr
         self.out = out or sys.stdout
+        self.emit = _json_writer(self.out) if mode == "json" else None
         self.width = width or (lambda: _terminal_width(self.err))
         self.tracks = []
         self.drawn = 0              # lines of the live display on screen
@@ -6468,10 +6625,7 @@ class _Report:
 
     def _event(self, name, t, **fields):
         if self.mode == "json":
-            event = collections.OrderedDict(event=name, time=round(time.time(), 3), to=t.to)
-            event.update(fields)
-            self.out.write(json.dumps(event) + "\n")
-            self.out.flush()
+            self.emit(name, to=t.to, **fields)
 
     def say(self, line, stream=None):
         """Print a line that stays, above the live display."""
@@ -6743,9 +6897,9 @@ def _cmd_send(args):
     for dest in destinations or [None]:
         address = _parse_address(_without_user(config, dest), dirs=True) if dest else None
         subdir = address.subdir if address else ""
-        target = _resolve_target(config, address, args.token)
+        target = _resolve_target(config, address, args.token, tls=args.tls,
+                                 fingerprint=args.fingerprint, workers=args.workers)
         _check_resolvable(config, address, target.host)
-        tls = args.tls or target.tls or bool(args.fingerprint)
         track, callbacks = report.track(
             "%s: " % dest if len(destinations) > 1 else "",
             _host_port_text(target.host, target.port), subdir)
@@ -6756,13 +6910,10 @@ def _cmd_send(args):
         callbacks["on_error"] = on_error
         track.token_from = target.token_from
         track.sender = Sender(
-            (target.host, target.port), token=target.token,
-            workers=args.workers or target.workers or 4, dispatch="poll",
-            tls=tls, fingerprint=args.fingerprint or target.fingerprint,
-            known_hosts=_known_hosts_path(args) if tls else None,
+            (target.host, target.port), workers=target.workers or 4, dispatch="poll",
             skip=None if args.force else ("checksum" if args.checksum else "quick"),
-            retries=max(0, args.retries), require_server_auth=not target.fallback,
-            **dict(callbacks, **_timeouts(args.timeout)))
+            retries=max(0, args.retries), **dict(callbacks, **_timeouts(args.timeout),
+                                                 **_connection_options(args, target)))
         tracks.append(track)
     spooled = _spool_stdin() if "-" in paths else None
     try:
@@ -6847,12 +6998,10 @@ def _cmd_bench(args):
     server = None
     source = None           # where the token came from
     if args.to:
-        target = _resolve_target(_load_config(args), args.to, args.token)
+        target = _resolve_target(_load_config(args), args.to, args.token, tls=args.tls,
+                                 fingerprint=args.fingerprint)
         source = target.token_from
-        tls = args.tls or target.tls or bool(args.fingerprint)
-        kwargs = dict(token=target.token, tls=tls,
-                      fingerprint=args.fingerprint or target.fingerprint,
-                      known_hosts=_known_hosts_path(args) if tls else None)
+        kwargs = _connection_options(args, target)
         address = (target.host, target.port)
         where = "to %s" % _host_port_text(*address)
     else:
@@ -6946,13 +7095,12 @@ def _bench_phase(address, kwargs, workers, files, worst):
 
 def _cmd_ping(args):
     """Health check: connect, authenticate, PING; one line, exit 0 if all is well."""
-    target = _resolve_target(_load_config(args), args.host, args.token)
-    tls = args.tls or target.tls or bool(args.fingerprint)
+    target = _resolve_target(_load_config(args), args.host, args.token, tls=args.tls,
+                             fingerprint=args.fingerprint)
+    tls = target.tls
     where = _host_port_text(target.host, target.port)
-    sender = Sender((target.host, target.port), token=target.token, tls=tls,
-                    fingerprint=args.fingerprint or target.fingerprint,
-                    known_hosts=_known_hosts_path(args) if tls else None,
-                    require_server_auth=not target.fallback, **_timeouts(args.timeout))
+    sender = Sender((target.host, target.port), **dict(_connection_options(args, target),
+                                                      **_timeouts(args.timeout)))
     try:
         state = sender.ping()
     except XferError as e:
@@ -7075,28 +7223,31 @@ def _size_arg(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser; made with intermixed=True, its options may follow its
-    operands, as scp and rsync allow (send a.tif -v pi:)."""
+def _parser_class():
+    """_Parser, an ArgumentParser; made with intermixed=True, its options may
+    follow its operands, as scp and rsync allow (send a.tif -v pi:).  Defined
+    on first use, so that only a command line imports argparse."""
 
-    def __init__(self, *args, intermixed=False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.intermixed = intermixed
-        self._mixing = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        # parse_known_intermixed_args calls parse_known_args itself, twice.
-        if not self.intermixed or self._mixing:
-            return super().parse_known_args(args, namespace)
-        self._mixing = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
+    class _Parser(argparse.ArgumentParser):
+        def __init__(self, *args, intermixed=False, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.intermixed = intermixed
             self._mixing = False
+
+        def parse_known_args(self, args=None, namespace=None):
+            # parse_known_intermixed_args calls parse_known_args itself, twice.
+            if not self.intermixed or self._mixing:
+                return super().parse_known_args(args, namespace)
+            self._mixing = True
+            try:
+                return self.parse_known_intermixed_args(args, namespace)
+            finally:
+                self._mixing = False
+    return _Parser
 
 
 def _build_parser():
-    parser = _Parser(
+    parser = _parser_class()(
         prog="xfer", description="Move files between machines on a local network.")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
