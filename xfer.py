@@ -15,6 +15,41 @@ Library (README "Python API"):
 Public names are listed in __all__.  The wire format is specified byte by
 byte in README.md, section "Protocol"; comments of the form "(Protocol 3.2)"
 point there.  Standard library only; Python 3.8+; Linux, macOS, Windows.
+
+Threads: who starts each, and what it does.
+    the caller's       main(), Receiver.start()/stop(), Sender.queue()/poll()/
+                       close(); with dispatch="poll" every callback runs here,
+                       inside poll(); serve's main thread waits for a signal
+    xfer-receiver      Receiver.start(): accepts connections (_Server); refuses
+                       one over the cap or backing off, at once, itself
+    xfer-connection    _Server, one per connection: _ReceiveSession, the
+                       handshake, then each request in order until BYE
+    xfer-hash          a connection, while a large body arrives: hashes the
+                       chunks already read, beside the copy
+    xfer-sweep         Receiver.start(), once: deletes stale partial files
+    xfer-feeder        Sender, at the first queue(): walks trees (_walk_tree)
+                       and hands the workers jobs in batches
+    xfer-worker-N      Sender, `workers` of them: a _Worker drives one _Link
+                       (connect, handshake, CHECK, MKDIR, FILE; reconnects)
+    xfer-link-reader   each _Link: reads the answers and ends their jobs
+    xfer-ping          Sender.ping(): one connection, PING, PONG
+    xfer-log           serve: writes its log in batches (_Lines)
+    xfer-hook          serve --on-receive: runs the hooks (HOOK_WORKERS)
+
+Data path of one file, send to published name (README "Protocol" 4):
+    _cmd_send: _parse_address, _resolve_target (_Settings), Sender.queue
+    -> xfer-feeder: _walk_tree stats each file once -> xfer-worker: _Link
+    sends CHECK (skip what the receiver has), then FILE: a small file
+    (<= STREAM_MAX) streams at once, read whole by _Outgoing; a large one
+    waits for ACCEPT (its resume offset), then its body in chunks; then
+    TRAILER with the sha256
+    -> xfer-connection: _ReceiveSession._on_file admits the path (_split_path,
+    _Dest, the overwrite policy), writes a .xfer-part.* partial, hashes the
+    body (xfer-hash for a large one), checks the TRAILER, and holds the file
+    -> the group commit (_commit) syncs the held files, renames each to its
+    final name, syncs their directories, then sends each RESULT; on_file
+    -> xfer-link-reader: the RESULT ends the Job (_Ledger); on_done runs
+    through the _Dispatcher; send's _Report prints it.
 """
 from __future__ import annotations
 
