@@ -43,11 +43,15 @@ Data path of one file, send to published name (README "Protocol" 4):
     (<= STREAM_MAX) streams at once, read whole by _Outgoing; a large one
     waits for ACCEPT (its resume offset), then its body in chunks; then
     TRAILER with the sha256
-    -> xfer-connection: _ReceiveSession._on_file admits the path (_split_path,
-    _Dest, the overwrite policy), writes a .xfer-part.* partial, hashes the
-    body (xfer-hash for a large one), checks the TRAILER, and holds the file
-    -> the group commit (_commit) syncs the held files, renames each to its
-    final name, syncs their directories, then sends each RESULT; on_file
+    -> xfer-connection: _ReceiveSession._on_file hands it to an _IncomingFile:
+    the _Store admits the name (path rules, the overwrite policy), a
+    .xfer-part.* temporary file takes the body as it is hashed (beside the
+    copy on xfer-hash for a large one), the TRAILER's sha256 is checked and
+    the file sealed
+    -> _GroupCommit, when no request is waiting or the group is full: syncs
+    the sealed files, publishes each under its final name (_Store), syncs
+    their directories, counts and reports each once (on_file), and then
+    their RESULTs go out in one write
     -> xfer-link-reader: the RESULT ends the Job (_Ledger); on_done runs
     through the _Dispatcher; send's _Report prints it.
 """
