@@ -5967,6 +5967,30 @@ class RefusalReasonTests(unittest.TestCase):
             "xfer: error: %s:one: one/a.tif: permission denied on the receiver" % to,
             "xfer: error: %s:two: two/a.tif: permission denied on the receiver" % to], err)
 
+    def test_sizes_in_refusals_and_drops_are_human_and_name_the_file(self):
+        # "3000000 bytes exceeds ... 2000000" and "connection closed with
+        # 1210056704 bytes of a file to go" read as raw counts, the second
+        # without a name.
+        logged = []
+        receiver = start_receiver(self, self.dst, max_size=2000000, log=logged.append)
+        client = _HostileClient(receiver.address)
+        self.addCleanup(client.close)
+        status, reason = client.send_file("renders/big.tif", b"x", stream=False,
+                                          size=3000000)
+        self.assertEqual(status, xfer.ST_TOO_LARGE)
+        self.assertEqual(reason, "renders/big.tif: 3.0 MB is over the receiver's "
+                                 "limit of 2.0 MB")
+        fid, (header, body, fixed) = client.file_bytes(b"renders/cut.tif", b"y" * 3000,
+                                                       stream=False, size=1500000)
+        client.send(client.frame(xfer._Msg.FILE, header))
+        self.assertEqual(client.read_frame()[0], xfer._Msg.ACCEPT)
+        client.send(client.frame(xfer._Msg.BODY, xfer._BODY.pack(fid, 0)) + body)
+        client.close()
+        self.assertTrue(_hostile_wait_until(lambda: any("cut.tif" in line for line in logged)),
+                        logged)
+        (line,) = [line for line in logged if "cut.tif" in line]
+        self.assertIn("renders/cut.tif: connection closed with 1.5 MB still to come", line)
+
     def test_short_preface_then_eof_is_connection_closed(self):
         for data in (b"X", b"XF", b"XFER", b"XFER\x00\x01"):
             with self.subTest(data=data):

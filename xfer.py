@@ -2975,8 +2975,11 @@ class _Store:
         parts = self.split(raw)
         rules = self.rules
         if rules.max_size is not None and size > rules.max_size:
-            raise RemoteError("%s: %d bytes exceeds the receiver's limit of %d"
-                              % (_display(raw), size, rules.max_size), ST_TOO_LARGE)
+            have, limit = _human(size), _human(rules.max_size)
+            if have == limit:       # too close to tell apart when rounded
+                have, limit = "{:,} bytes".format(size), "{:,} bytes".format(rules.max_size)
+            raise RemoteError("%s: %s is over the receiver's limit of %s"
+                              % (_display(raw), have, limit), ST_TOO_LARGE)
         if size > 1 << 20:
             free = rules._disk_usage()[0]
             if size > free:
@@ -3185,7 +3188,8 @@ class _IncomingFile:
                 n = readinto(view[:count] if count < CHUNK else view)
                 if not n:
                     raise ConnectionClosedError(
-                        "connection closed with %d bytes of a file to go" % count)
+                        "%s: connection closed with %s still to come"
+                        % (_display(self.raw), _human(count)))
                 write(view[:n])
                 count -= n
                 if pace is not None:
@@ -3215,7 +3219,8 @@ class _IncomingFile:
                 n = readinto(view[:min(count, CHUNK)])
                 if not n:
                     raise ConnectionClosedError(
-                        "connection closed with %d bytes of a file to go" % count)
+                        "%s: connection closed with %s still to come"
+                        % (_display(self.raw), _human(count)))
                 chunk = view[:n]
                 todo.put(chunk)
                 if self.write_error is None:
