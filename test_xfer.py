@@ -8417,6 +8417,248 @@ class ReportTests(unittest.TestCase):
         self.assertTrue(report.status_line(ok, 100.0, 200).startswith("pi1:  37%  1.5 MB"))
 
 
+def _watch_until(watch, seen, predicate, timeout=TIMEOUT):
+    """Collect watch's events into seen until predicate(seen) holds; bounded."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while time.monotonic() < deadline:
+        seen.extend(watch.poll())
+        if predicate(seen):
+            return True
+        pause.wait(0.01)
+    return predicate(seen)
+
+
+def _watch_sent(seen, name=None):
+    return [e for e in seen if e.kind == "sent" and (name is None or e.name == name)]
+
+
+class WatchFolderTests(unittest.TestCase):
+    """Sender.watch() and send-dir --watch: each new or changed file sent once complete."""
+
+    SETTLE = 0.2
+
+    def watch(self, sender, src, **kw):
+        kw.setdefault("settle", self.SETTLE)
+        kw.setdefault("interval", 0.02)
+        watch = sender.watch(src, **kw)
+        self.addCleanup(watch.stop)
+        return watch
+
+    def test_file_written_slowly_arrives_once_complete_never_partial(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        arrived = []
+        receiver = start_receiver(self, dst, on_file=arrived.append)
+        sender = xfer.Sender(receiver.address)
+        self.addCleanup(sender.close, False)
+        # Ten chunks over two seconds: each pause is shorter than settle.
+        watch = self.watch(sender, src, settle=0.6)
+        chunks = [os.urandom(30000) for _ in range(10)]
+        path = os.path.join(src, "slow.exr")
+        final = os.path.join(dst, os.path.basename(src), "slow.exr")
+        written = threading.Event()
+        pace = threading.Event()
+
+        def writer():
+            with open(path, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                    f.flush()
+                    pace.wait(0.2)
+            written.set()
+        threading.Thread(target=writer, daemon=True).start()
+        whole = b"".join(chunks)
+        seen = []
+        deadline = time.monotonic() + TIMEOUT
+        while not _watch_sent(seen) and time.monotonic() < deadline:
+            seen.extend(watch.poll())
+            if os.path.exists(final):
+                with open(final, "rb") as f:
+                    self.assertEqual(f.read(), whole, "a partial version under the final name")
+            pace.wait(0.01)
+        self.assertTrue(written.is_set())
+        self.assertTrue(_watch_sent(seen), seen)
+        with open(final, "rb") as f:
+            self.assertEqual(f.read(), whole)
+        looks = watch.looks
+        _watch_until(watch, seen, lambda s: watch.looks >= looks + 5)
+        self.assertEqual(len(_watch_sent(seen)), 1)
+        self.assertEqual([i.relpath for i in arrived], [os.path.basename(src) + "/slow.exr"])
+
+    def test_300_frames_at_60_per_second_arrive_within_settle_plus_one_second_none_twice(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        arrived = collections.defaultdict(list)
+        lock = threading.Lock()
+
+        def on_file(info):
+            with lock:
+                arrived[info.relpath.rsplit("/", 1)[-1]].append(time.time())
+        receiver = start_receiver(self, dst, on_file=on_file)
+        sender = xfer.Sender(receiver.address)
+        self.addCleanup(sender.close, False)
+        watch = self.watch(sender, src)
+        written = {}
+        pace = threading.Event()
+        start = time.monotonic()
+        for i in range(300):
+            name = "frame.%04d.exr" % i
+            write_file(os.path.join(src, name), os.urandom(2000))
+            written[name] = time.time()
+            pace.wait(max(0.0, start + (i + 1) / 60.0 - time.monotonic()))
+        seen = []
+        self.assertTrue(_watch_until(watch, seen, lambda s: len(_watch_sent(s)) >= 300),
+                        "%d of 300 sent" % len(_watch_sent(seen)))
+        with lock:
+            self.assertEqual(sorted(arrived), sorted(written))
+            twice = [n for n, times in arrived.items() if len(times) > 1]
+            late = [(n, round(arrived[n][0] - t, 3)) for n, t in written.items()
+                    if arrived[n][0] - t > self.SETTLE + 1.0]
+        self.assertEqual(twice, [])
+        self.assertEqual(late, [])
+        self.assertEqual(watch.files_sent, 300)
+
+    def test_appended_file_is_sent_again_and_unchanged_file_never_resent_across_restart(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        receiver = start_receiver(self, dst)
+        path = write_file(os.path.join(src, "log.bin"), b"first part\n")
+        write_file(os.path.join(src, "still.bin"), b"never changes")
+        sender = xfer.Sender(receiver.address)
+        self.addCleanup(sender.close, False)
+        watch = self.watch(sender, src, rescan=0.1)
+        seen = []
+        self.assertTrue(_watch_until(watch, seen, lambda s: len(_watch_sent(s)) == 2), seen)
+        with open(path, "ab") as f:
+            f.write(b"appended\n")
+        self.assertTrue(_watch_until(watch, seen, lambda s: len(_watch_sent(s, "log.bin")) == 2),
+                        seen)
+        with open(os.path.join(dst, os.path.basename(src), "log.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"first part\nappended\n")
+        self.assertEqual(receiver.files_received, 3)
+        watch.stop()
+        sender.close()
+        # A new watcher (a restart): the receiver's CHECK says it has both.
+        again = xfer.Sender(receiver.address)
+        self.addCleanup(again.close, False)
+        watch = self.watch(again, src, rescan=0.1)
+        seen = []
+        self.assertTrue(_watch_until(watch, seen, lambda s: len(_watch_sent(s)) == 2), seen)
+        self.assertEqual(sorted(e.job.state for e in _watch_sent(seen)), ["skipped", "skipped"])
+        self.assertEqual(watch.files_sent, 0)
+        self.assertEqual(receiver.files_received, 3)
+
+    def test_receiver_stopped_five_seconds_and_restarted_everything_written_meanwhile_arrives(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        # A quicker reconnect schedule: the outage is what is tested, not the wait.
+        patch = mock.patch.object(xfer, "RECONNECT_DELAYS", (0.1, 0.2, 0.4))
+        patch.start()
+        self.addCleanup(patch.stop)
+        receiver = xfer.Receiver(dst, host=HOST, port=0)
+        receiver.start()
+        self.addCleanup(receiver.stop)
+        address = receiver.address
+        sender = xfer.Sender(address, retries=0)
+        self.addCleanup(sender.close, False)
+        write_file(os.path.join(src, "before.bin"), b"before")
+        watch = self.watch(sender, src)
+        seen = []
+        self.assertTrue(_watch_until(watch, seen, lambda s: _watch_sent(s, "before.bin")))
+        receiver.stop()
+        stopped = time.monotonic()
+        names = ["during%d.bin" % i for i in range(3)]
+        for name in names:
+            write_file(os.path.join(src, name), name.encode() * 1000)
+        self.assertTrue(_watch_until(watch, seen, lambda s: any(e.kind == "waiting" for e in s)),
+                        seen)
+        self.assertIsNotNone(watch.waiting)
+        _watch_until(watch, seen, lambda s: time.monotonic() - stopped >= 5.0)
+        self.assertFalse(watch.stopped)
+        write_file(os.path.join(src, "late.bin"), b"late")
+        restarted = xfer.Receiver(dst, host=HOST, port=address[1])
+        restarted.start()
+        self.addCleanup(restarted.stop)
+        self.assertTrue(_watch_until(
+            watch, seen, lambda s: {e.name for e in _watch_sent(s)} >= set(names + ["late.bin"])),
+            seen)
+        self.assertIn("back", [e.kind for e in seen])
+        self.assertIsNone(watch.waiting)
+        self.assertFalse(watch.stopped)
+        for name in names:
+            with open(os.path.join(dst, os.path.basename(src), name), "rb") as f:
+                self.assertEqual(f.read(), name.encode() * 1000)
+        self.assertEqual([e for e in seen if e.kind == "failed"], [])
+
+    def test_temp_names_ignored_and_a_rename_into_the_folder_sent_once(self):
+        src, dst, elsewhere = temp_dir(self), temp_dir(self), temp_dir(self)
+        receiver = start_receiver(self, dst)
+        sender = xfer.Sender(receiver.address)
+        self.addCleanup(sender.close, False)
+        watch = self.watch(sender, src, exclude=["*.log"])
+        for name in ("render.tmp", "frame.exr.part", "~draft.txt", ".~lock.shot.ods#",
+                     ".hidden", "notes.log"):
+            write_file(os.path.join(src, name), b"not for sending")
+        write_file(os.path.join(src, ".cache", "inside.bin"), b"in a hidden folder")
+        # Written under a temporary name, then renamed: sent once, as the final name.
+        part = write_file(os.path.join(src, "shot.exr.part"), b"frame data" * 100)
+        os.replace(part, os.path.join(src, "shot.exr"))
+        moved = write_file(os.path.join(elsewhere, "moved.exr"), b"moved in")
+        os.utime(moved, (1500000000, 1500000000))
+        os.replace(moved, os.path.join(src, "moved.exr"))
+        seen = []
+        self.assertTrue(_watch_until(watch, seen, lambda s: len(_watch_sent(s)) >= 2), seen)
+        looks = watch.looks
+        _watch_until(watch, seen, lambda s: watch.looks >= looks + 5)
+        self.assertEqual(sorted(e.name for e in _watch_sent(seen)), ["moved.exr", "shot.exr"])
+        self.assertEqual(tree_listing(dst), [os.path.basename(src),
+                                             os.path.basename(src) + "/moved.exr",
+                                             os.path.basename(src) + "/shot.exr"])
+
+    def _cli_watch(self, sig):
+        home = temp_dir(self)
+        src, dst = temp_dir(self), temp_dir(self)
+        receiver = start_receiver(self, dst, token=TOKEN)
+        write_file(os.path.join(src, "first.bin"), b"first")
+        proc = popen_reaped(self, [XFER, "send-dir", "--watch", "--json", "--settle", "0.2",
+                                   "--token", TOKEN, src, "%s:%d:" % receiver.address],
+                            env=isolated_env(home))
+        events = queue.Queue()
+        threading.Thread(target=lambda: [events.put(json.loads(line)) for line in proc.stdout],
+                         daemon=True).start()
+        got = []
+
+        def until(predicate):
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline and not predicate():
+                try:
+                    got.append(events.get(timeout=0.1))
+                except queue.Empty:
+                    if proc.poll() is not None and events.empty():
+                        break
+            return predicate()
+        self.assertTrue(until(lambda: any(e["event"] == "file_done" for e in got)),
+                        (got, proc.stderr.read() if proc.poll() is not None else ""))
+        write_file(os.path.join(src, "second.bin"), b"second")
+        self.assertTrue(until(lambda: sum(e["event"] == "file_done" for e in got) == 2), got)
+        proc.send_signal(sig)
+        status = proc.wait(TIMEOUT)
+        until(lambda: any(e["event"] == "summary" for e in got))
+        kinds = [e["event"] for e in got]
+        self.assertEqual(kinds[0], "watch_started")
+        self.assertIn("file_pending", kinds)
+        summary = [e for e in got if e["event"] == "summary"]
+        self.assertEqual(len(summary), 1, got)
+        self.assertEqual(summary[0]["files_sent"], 2)
+        self.assertNotIn("Traceback", proc.stderr.read())
+        return status
+
+    @unittest.skipIf(os.name == "nt", "no SIGTERM for a child on Windows")
+    def test_cli_sigterm_exits_0_after_a_summary(self):
+        self.assertEqual(self._cli_watch(signal.SIGTERM), 0)
+
+    @unittest.skipIf(os.name == "nt", "no SIGINT for a child on Windows")
+    def test_cli_ctrl_c_exits_130_after_a_summary(self):
+        self.assertEqual(self._cli_watch(signal.SIGINT), 130)
+
+
 class ReadmeSyncTests(unittest.TestCase):
     @staticmethod
     def readme():

@@ -60,6 +60,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fnmatch
 import hashlib
 import hmac
 import io
@@ -128,7 +129,7 @@ __version__ = "0.1.0"
 __all__ = [
     # library API
     "Sender", "Receiver", "Job", "FileInfo", "SessionInfo", "load_config", "Config", "main",
-    "config_paths", "user_config_path", "cert_fingerprint",
+    "config_paths", "user_config_path", "cert_fingerprint", "Watch", "WatchEvent",
     # errors
     "XferError", "ConfigError", "ConnectError", "AuthError", "ProtocolError",
     "VersionMismatchError", "ConnectionClosedError", "RemoteError",
@@ -239,6 +240,24 @@ CHECK_AHEAD = 4 * CHECK_BATCH
 #: send and send-dir: on Ctrl-C, seconds the workers get to end the
 #: cancelled files, so the summary counts them (a stuck one is not waited for).
 CANCEL_GRACE = 0.5
+#: Names a watch never sends: what renderers and editors write under until
+#: a file is complete (and then rename), and hidden names (the receiver's
+#: own partial files start with a dot too).  README "Watching a folder".
+WATCH_IGNORE = ("*.tmp", "*.part", "~*", ".~lock*", ".*")
+#: Watch default: seconds a file's size and mtime must stay the same
+#: before it counts as complete.
+DEFAULT_SETTLE = 1.0
+#: Watch default: seconds between looks.  A look stats each directory and
+#: each file not yet sent, and lists only the directories that changed.
+WATCH_INTERVAL = 0.5
+#: Watch default: seconds between looks that stat every file, for a file
+#: changed in place (its directory's mtime does not move when it is).
+WATCH_RESCAN = 10.0
+#: Watch: a directory modified this recently (seconds) is listed on every
+#: look: where timestamps are coarse, a second change may not move its mtime.
+_WATCH_RECENT = 2.0
+#: Watch: events kept for poll() at most; the oldest go first.
+WATCH_EVENTS_MAX = 10000
 
 #------------------------------------------------------------
 # errors and exit statuses
@@ -4818,6 +4837,21 @@ class Sender:
         """Run queued callbacks (dispatch="poll") on this thread; never blocks."""
         return self._dispatch.poll(max_events)
 
+    def watch(self, path, subdir=None, settle=DEFAULT_SETTLE, interval=WATCH_INTERVAL,
+              rescan=WATCH_RESCAN, include=(), exclude=()):
+        """Watch a folder: send its files, then each new or changed one once it
+        is complete; return a Watch at once (README "Watching a folder").
+
+        Files land at [subdir/]NAME/... as queue() puts a tree.  settle: seconds
+        a file's size and mtime must stay the same; interval: seconds between
+        looks; rescan: seconds between looks that stat every file.  include
+        and exclude: fnmatch patterns, on the name or the path below the
+        folder; WATCH_IGNORE is always excluded.
+        """
+        if self._closing:
+            raise XferError("the sender is closed")
+        return Watch(self, path, subdir, settle, interval, rescan, include, exclude)
+
     def wait(self, timeout=None):
         """Block until every queued job has ended; return True if they have."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -5297,6 +5331,332 @@ def _port_number(value, what="port"):
     if not 0 <= n <= 65535:
         raise ConfigError("%s must be a number from 0 to 65535, not %r" % (what, value))
     return n
+
+
+#------------------------------------------------------------
+# watching a folder
+#------------------------------------------------------------
+
+class WatchEvent(collections.namedtuple("WatchEvent", "kind name job error time")):
+    """What a Watch reports through poll().
+
+    kind is one of "started" (always first: name is the folder),
+    "pending" (name is new, changed or to be sent again, and waits to be
+    complete, or for the receiver), "queued" (handed to the Sender: job is its Job), "sent" (job
+    ended "done" or "skipped": the receiver has this version), "changed"
+    (it changed while it was sent; it goes again once complete), "failed"
+    (error says why; not tried again until it changes), "waiting" (the
+    receiver cannot be reached: error says why; files wait for it) and
+    "back" (it answers again).  name is the file's path below the watched
+    folder with "/" between parts; time is a time.time() value.
+    """
+    __slots__ = ()
+
+
+class Watch:
+    """A folder a Sender watches: see Sender.watch() and README "Watching a folder".
+
+    A thread of its own looks at the folder every interval seconds and
+    queues on the Sender each file that is new or changed once it is
+    complete.  poll() returns what happened and never blocks; stop() ends
+    it.  Read-only, from any thread: files_sent, files_skipped,
+    files_failed, bytes_sent, pending (files seen and not yet sent), last
+    (the name of the last file sent) and last_time (its time.time()),
+    waiting (the error while the receiver cannot be reached, else None),
+    looks (how many looks are done), stopped (True once stop() has finished).
+    """
+
+    def __init__(self, sender, path, subdir=None, settle=DEFAULT_SETTLE,
+                 interval=WATCH_INTERVAL, rescan=WATCH_RESCAN, include=(), exclude=()):
+        self.sender = sender
+        self.path = os.path.abspath(os.fspath(path))
+        if not os.path.isdir(self.path):
+            raise XferError("%s: not a directory" % path)
+        base = os.path.basename(self.path)
+        if not base:
+            raise XferError("%s: watch a folder, not the root directory" % path)
+        #: where the folder lands on the receiver, as send-dir puts it
+        self.name = "/".join(p for p in (_clean_subdir(subdir), base) if p)
+        self.settle = max(0.0, float(settle))
+        self.interval = max(0.01, float(interval))
+        self.rescan = max(self.interval, float(rescan))
+        self.include = tuple(include or ())
+        self.exclude = WATCH_IGNORE + tuple(exclude or ())
+        self.files_sent = 0
+        self.files_skipped = 0
+        self.files_failed = 0
+        self.bytes_sent = 0
+        self.last = None
+        self.last_time = None
+        self.waiting = None
+        self.stopped = False
+        self.looks = 0
+        self._events = collections.deque(maxlen=WATCH_EVENTS_MAX)
+        self._seen = {}       # name -> ((size, mtime_ns), monotonic time first seen so)
+        self._have = {}       # name -> (size, mtime_ns) sent, or failed: not tried again
+        self._pending = set() # names seen, not yet sent, not in flight
+        self._flight = {}     # name -> (Job, (size, mtime_ns) judged complete)
+        self._dirs = {}       # dir name ("" for the folder) -> [mtime_ns, files, subdirs]
+        self._ping = None
+        self._next_ping = 0.0
+        self._pings = 0
+        self._stop = threading.Event()
+        self._ended = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="xfer-watch", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self):
+        return len(self._pending) + len(self._flight)
+
+    def poll(self, max_events=None):
+        """Return the WatchEvents since the last call (at most max_events); never blocks."""
+        events = []
+        while self._events and (max_events is None or len(events) < max_events):
+            try:
+                events.append(self._events.popleft())
+            except IndexError:
+                break
+        return events
+
+    def stop(self, wait=True):
+        """Stop watching: nothing more is queued, and files queued but not started
+        are cancelled.  A file in flight finishes (its event still comes through
+        poll()).  wait=True blocks until it has; wait=False returns at once.
+        Safe to call more than once."""
+        self._stop.set()
+        if wait and self._thread is not threading.current_thread():
+            self._ended.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def __repr__(self):
+        return "<Watch %r %d sent %d pending>" % (self.path, self.files_sent, self.pending)
+
+    # -- the watching thread
+
+    def _run(self):
+        try:
+            rescan_at = 0.0
+            self._emit("started", self.path)
+            while not self._stop.is_set():
+                now = time.monotonic()
+                full = now >= rescan_at
+                if full:
+                    rescan_at = now + self.rescan
+                try:
+                    self._collect()
+                    self._look(full)
+                    self._check_peer()
+                    self._queue_complete()
+                except XferError:
+                    break                   # the Sender was closed
+                except Exception:           # a bug: say so, keep watching
+                    traceback.print_exc()
+                self.looks += 1
+                self._stop.wait(self.interval)
+            for job, _ in list(self._flight.values()):
+                if job.state == "queued":
+                    job.cancel()
+            while self._flight:
+                self._collect()
+                if self._flight:
+                    self._ended.wait(0.05)
+        finally:
+            self.stopped = True
+            self._ended.set()
+
+    def _emit(self, kind, name, job=None, error=None):
+        self._events.append(WatchEvent(kind, name, job, error, time.time()))
+
+    def _local(self, name):
+        return os.path.join(self.path, *name.split("/")) if name else self.path
+
+    def _wanted(self, name, is_dir=False, path=None):
+        for pattern in self.exclude:
+            if fnmatch.fnmatch(name, pattern) or (path and fnmatch.fnmatch(path, pattern)):
+                return False
+        if is_dir or not self.include:
+            return True
+        return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(path, p) for p in self.include)
+
+    def _look(self, full):
+        """Stat the directories (each, or every file on a full look) and the
+        files not yet sent; list the directories that changed."""
+        wall = time.time()
+        observed = set()
+        if full:
+            stack = [""]
+        else:
+            stack = []
+            for name in list(self._dirs):
+                try:
+                    st = os.stat(self._local(name))
+                except OSError:
+                    self._forget_dir(name)
+                    continue
+                entry = self._dirs.get(name)
+                if (entry is not None and entry[0] == st.st_mtime_ns
+                        and wall - st.st_mtime_ns / 1e9 >= _WATCH_RECENT):
+                    continue
+                stack.append(name)
+        while stack:
+            name = stack.pop()
+            stack.extend(self._list(name, full, observed))
+        for name in list(self._pending):
+            if name in observed:
+                continue
+            try:
+                self._observe(name, os.stat(self._local(name)))
+            except OSError:
+                self._forget(name)
+
+    def _list(self, top, full, observed):
+        """List one directory: note new and (full) all files, forget the gone;
+        return the subdirectories to list now."""
+        try:
+            st = os.stat(self._local(top))
+            entries = []
+            with os.scandir(self._local(top)) as it:
+                for entry in it:
+                    entries.append(entry)
+        except OSError:
+            self._forget_dir(top)
+            return []
+        old = self._dirs.get(top) or [0, set(), set()]
+        files, subdirs = set(), set()
+        for entry in entries:
+            name = top + "/" + entry.name if top else entry.name
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if self._wanted(entry.name, True, name):
+                        subdirs.add(entry.name)
+                    continue
+                if not entry.is_file() or not self._wanted(entry.name, False, name):
+                    continue
+                files.add(entry.name)
+                if full or entry.name not in old[1] or name in self._pending:
+                    self._observe(name, entry.stat())
+                    observed.add(name)
+            except OSError:
+                continue
+        for gone in old[1] - files:
+            self._forget(top + "/" + gone if top else gone)
+        for gone in old[2] - subdirs:
+            self._forget_dir(top + "/" + gone if top else gone)
+        self._dirs[top] = [st.st_mtime_ns, files, subdirs]
+        return [top + "/" + d if top else d for d in (subdirs if full else subdirs - old[2])]
+
+    def _observe(self, name, st):
+        key = (st.st_size, st.st_mtime_ns)
+        seen = self._seen.get(name)
+        if seen is None or seen[0] != key:
+            self._seen[name] = (key, time.monotonic())
+        if name not in self._flight and name not in self._pending and self._have.get(name) != key:
+            self._pending.add(name)
+            self._emit("pending", name)
+
+    def _forget(self, name):
+        """A file went away: deletions are not sent; a new file of that name is new."""
+        self._seen.pop(name, None)
+        self._have.pop(name, None)
+        self._pending.discard(name)
+
+    def _forget_dir(self, top):
+        entry = self._dirs.pop(top, None)
+        if entry is None:
+            return
+        for name in entry[1]:
+            self._forget(top + "/" + name if top else name)
+        for sub in entry[2]:
+            self._forget_dir(top + "/" + sub if top else sub)
+
+    def _queue_complete(self):
+        """Queue each pending file that is complete: its size and mtime have
+        stayed the same for settle seconds (by its mtime, or as seen here when
+        that lies in the future)."""
+        now, wall = time.monotonic(), time.time()
+        if self.waiting is not None:
+            return
+        for name in list(self._pending):
+            key, since = self._seen[name]
+            if now - since < self.settle and wall - key[1] / 1e9 < self.settle:
+                continue
+            job = self.sender.queue(self._local(name), target_name=name, subdir=self.name)
+            self._pending.discard(name)
+            self._flight[name] = (job, key)
+            self._emit("queued", name, job)
+
+    def _collect(self):
+        """Take in the files the Sender has ended."""
+        for name, (job, key) in list(self._flight.items()):
+            if not job.done:
+                continue
+            del self._flight[name]
+            try:
+                st = os.stat(self._local(name))
+                changed = (st.st_size, st.st_mtime_ns) != key
+            except OSError:
+                st, changed = None, False       # gone since: deletions are not sent
+            if changed:
+                # It was written to while it was sent: what arrived may be
+                # torn (a trailer abort stored nothing); it goes again once
+                # it settles.
+                self._emit("changed", name, job, job.error)
+                self._observe(name, st)
+            elif job.state in ("done", "skipped"):
+                self._have[name] = key
+                if job.state == "done":
+                    self.files_sent += 1
+                    self.bytes_sent += job.size - job.resumed
+                    self.last, self.last_time = name, time.time()
+                else:
+                    self.files_skipped += 1
+                self._emit("sent", name, job)
+            elif job.state == "cancelled" or self._unreachable(job.error):
+                if st is not None:
+                    self._observe(name, st)
+                if job.state != "cancelled":
+                    self._wait_for_peer(job.error)
+            else:
+                self._have[name] = key
+                self.files_failed += 1
+                self._emit("failed", name, job, job.error)
+
+    def _unreachable(self, error):
+        """True if error is about the connection, not the file: it goes again."""
+        return (self.sender.error is not None or isinstance(error, ConnectionError)
+                or getattr(error, "transient", False))
+
+    def _wait_for_peer(self, error):
+        if self.waiting is None:
+            self.waiting = self.sender.error or error
+            self._pings = 0
+            self._next_ping = time.monotonic() + RECONNECT_DELAYS[0]
+            self._emit("waiting", None, error=self.waiting)
+
+    def _check_peer(self):
+        """While waiting: ping on the RECONNECT_DELAYS schedule until it answers."""
+        if self.waiting is None:
+            return
+        job = self._ping
+        if job is not None and job.done:
+            self._ping = None
+            if job.state == "done":
+                self.waiting = None
+                self._emit("back", None)
+                return
+            self.waiting = job.error or self.waiting
+        now = time.monotonic()
+        if self._ping is None and now >= self._next_ping:
+            self._ping = self.sender.ping_async()
+            self._next_ping = now + RECONNECT_DELAYS[min(self._pings,
+                                                         len(RECONNECT_DELAYS) - 1)]
+            self._pings += 1
 
 
 #------------------------------------------------------------
@@ -6740,7 +7100,10 @@ class _Report:
 
     def _draw(self, now):
         width = self.width()
-        lines = [self.status_line(t, now, width) for t in self.tracks]
+        self._show([self.status_line(t, now, width) for t in self.tracks])
+
+    def _show(self, lines):
+        """Put lines on screen in place of the live display's last ones."""
         up = "\x1b[%dF" % self.drawn if self.drawn else "\r"
         self.err.write(up + "".join(line + "\x1b[K\n" for line in lines))
         self.err.flush()
@@ -6956,9 +7319,14 @@ def _cmd_send(args):
         track.sender = Sender(
             (target.host, target.port), workers=target.workers or 4, dispatch="poll",
             skip=None if args.force else ("checksum" if args.checksum else "quick"),
-            retries=max(0, args.retries), **dict(callbacks, **_timeouts(args.timeout),
-                                                 **_connection_options(args, target)))
+            retries=max(0, args.retries),
+            # A watch reports its own files: one that failed for want of
+            # the receiver is not an error, it waits for it.
+            **dict({} if getattr(args, "watch", False) else callbacks,
+                   **_timeouts(args.timeout), **_connection_options(args, target)))
         tracks.append(track)
+    if getattr(args, "watch", False):
+        return _watch_all(args, paths, tracks, report)
     spooled = _spool_stdin() if "-" in paths else None
     try:
         return _send_all(args, paths, tracks, report, mode, spooled)
@@ -7035,6 +7403,158 @@ def _send_all(args, paths, tracks, report, mode, spooled):
     if len(tracks) == 1 and tracks[0].sender.error is not None:
         return tracks[0].sender.error.exit_code      # finish() printed it
     return EXIT_FAILED if any(t.failed or t.sender.error for t in tracks) else EXIT_OK
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised on the main thread: stop as Ctrl-C does, but exit 0."""
+
+
+def _watch_all(args, paths, tracks, report):
+    """send-dir --watch: watch every DIR for every destination until SIGTERM or Ctrl-C."""
+    if "-" in paths:
+        raise ConfigError("send-dir --watch watches folders; '-' (standard input) is not one")
+    for path in paths:
+        why = _operand_problem(path, args.command, False)
+        if why:
+            raise XferError("%s: %s" % (path, why))
+    view = _WatchView(report)
+    for t in tracks:
+        for path in paths:
+            view.add(t, path, t.sender.watch(path, subdir=t.subdir, settle=args.settle,
+                                             include=args.include, exclude=args.exclude))
+
+    def on_sigterm(signum, frame):
+        raise _Terminated
+
+    previous = {}
+    for name in ("SIGTERM", "SIGBREAK"):
+        if hasattr(signal, name):
+            previous[name] = signal.signal(getattr(signal, name), on_sigterm)
+    try:
+        try:
+            while True:
+                view.tick()
+                time.sleep(report.REDRAW)     # a signal interrupts this at once
+        except KeyboardInterrupt as e:
+            status = EXIT_OK if isinstance(e, _Terminated) else EXIT_INTERRUPTED
+        try:
+            # Nothing new is queued; the file in flight finishes first.
+            for w in view.watches():
+                w.stop(wait=False)
+            while not all(w.stopped for w in view.watches()):
+                view.tick()
+                time.sleep(0.05)
+            for t in tracks:
+                t.sender.close()
+        except KeyboardInterrupt:           # again: give up on it too
+            for t in tracks:
+                t.sender.close(wait=False)
+            for w in view.watches():
+                w.stop()
+        view.tick()
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+    view.finish()
+    return status
+
+
+class _WatchView:
+    """What send-dir --watch prints, on the main thread: a live line per folder
+    and destination, lines for waits and errors, JSON events, the summaries."""
+
+    def __init__(self, report):
+        self.report = report
+        self.rows = []              # (track, DIR as given, Watch)
+        self.started = time.monotonic()
+
+    def add(self, track, path, watch):
+        self.rows.append((track, path, watch))
+
+    def watches(self):
+        return [w for _, _, w in self.rows]
+
+    def tick(self):
+        r = self.report
+        for t, path, w in self.rows:
+            t.sender.poll()
+            for event in w.poll():
+                self._event(t, path, w, event)
+        now = time.monotonic()
+        if r.mode == "live" and now - r.last_draw >= r.REDRAW:
+            r.last_draw = now
+            width = r.width()
+            r._show([self.line(t, path, w, width) for t, path, w in self.rows])
+
+    def line(self, t, path, w, width):
+        """The live line: watching DIR: N sent, M pending, last: NAME, HH:MM:SS."""
+        text = "%swatching %s: " % (t.label, _display(path))
+        waiting = w.waiting or t.sender.error
+        if waiting is not None:
+            text += "waiting for %s (%s), " % (t.to, _display(getattr(waiting, "reason", None)
+                                                              or str(waiting)))
+        text += "%d sent, %d pending" % (w.files_sent, w.pending)
+        if w.last is not None:
+            text += ", last: %s, %s" % (_display(w.last),
+                                        time.strftime("%H:%M:%S", time.localtime(w.last_time)))
+        return _fit(text, width - 1)
+
+    def _event(self, t, path, w, e):
+        r = self.report
+        name = w.name + "/" + e.name if e.name else w.name
+        if e.kind == "started":
+            r._event("watch_started", t, dir=w.path, lands=w.name)
+            if r.mode == "plain":
+                r.say("%swatching %s, sending to %s" % (t.label, _display(path), t.to))
+        elif e.kind == "pending":
+            r._event("file_pending", t, path=name)
+        elif e.kind == "changed":       # a "pending" follows
+            if r.verbose:
+                r.say("%s%s changed while it was sent; it goes again once complete"
+                      % (t.label, _display(name)))
+        elif e.kind == "sent":
+            job = e.job
+            r._event("file_done", t, path=name, bytes=job.size,
+                     seconds=round(job.finished - job.started if job.started else 0.0, 6),
+                     digest=job.digest, skipped=job.state == "skipped", resumed=job.resumed,
+                     note=job.note or None)
+            if r.verbose:
+                r.say("%s%s %s (%s)" % (t.label, "skipped" if job.state == "skipped" else "sent",
+                                        _display(name), _human(job.size)))
+        elif e.kind == "failed":
+            r._event("file_failed", t, path=name, reason=str(e.error),
+                     exit=getattr(e.error, "exit_code", EXIT_FAILED))
+            r.error(t, str(e.error))
+        elif e.kind == "waiting":
+            r._event("waiting", t, reason=str(e.error))
+            if r.mode != "json":
+                r.say("xfer: %swaiting for %s: %s" % (t.label, t.to, _display(str(e.error))))
+        elif e.kind == "back":
+            r._event("connected", t)
+            if r.mode != "json":
+                r.say("xfer: %s%s answers again" % (t.label, t.to))
+
+    def finish(self):
+        r = self.report
+        r._clear()
+        seconds = time.monotonic() - self.started
+        for t, path, w in self.rows:
+            if r.mode == "json":
+                r._event("summary", t, dir=w.path, files_sent=w.files_sent,
+                         files_skipped=w.files_skipped, files_failed=w.files_failed,
+                         files_pending=w.pending, bytes_sent=w.bytes_sent,
+                         seconds=round(seconds, 3), ok=not w.files_failed)
+            elif r.mode != "quiet":
+                line = "%sstopped watching %s after %s: sent %d file%s (%s)" % (
+                    t.label, _display(path), _clock(seconds), w.files_sent,
+                    "" if w.files_sent == 1 else "s", _human(w.bytes_sent))
+                if w.files_skipped:
+                    line += ", %d already there" % w.files_skipped
+                if w.files_failed:
+                    line += ", %d FAILED" % w.files_failed
+                if w.pending:
+                    line += ", %d not sent yet" % w.pending
+                r.say(line, r.out)
 
 
 def _cmd_bench(args):
@@ -7390,6 +7910,18 @@ def _build_parser():
                            "'stdin')")
         else:
             p.set_defaults(name=None)
+            p.add_argument("--watch", action="store_true",
+                           help="keep running: send each new or changed file once it is "
+                           "complete, until SIGTERM or Ctrl-C")
+            p.add_argument("--settle", type=_seconds_arg, metavar="SECONDS",
+                           default=DEFAULT_SETTLE,
+                           help="--watch: a file is complete once its size and time stay "
+                           "the same this long (default %g)" % DEFAULT_SETTLE)
+            p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                           help="--watch: never send names matching PATTERN (again for "
+                           "more); %s are never sent" % ", ".join(WATCH_IGNORE))
+            p.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                           help="--watch: send only names matching PATTERN (again for more)")
         p.add_argument("paths", nargs="+", metavar=what,
                        help="%ss to send ('-' for standard input); a last HOST:[DIR] is the "
                        "destination" % what if name == "send" else
