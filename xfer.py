@@ -5353,6 +5353,17 @@ class WatchEvent(collections.namedtuple("WatchEvent", "kind name job error time"
     __slots__ = ()
 
 
+def _name_patterns(patterns):
+    """Two compiled expressions for fnmatch patterns: one for those matched
+    against a base name, one for those with a "/", matched against the path
+    below the folder.  Either matches nothing when it has no pattern."""
+    names, paths = [], []
+    for pattern in patterns:
+        (paths if "/" in pattern else names).append(
+            "(?:%s)" % fnmatch.translate(os.path.normcase(pattern)))
+    return tuple(re.compile("|".join(group) if group else "(?!)") for group in (names, paths))
+
+
 class Watch:
     """A folder a Sender watches: see Sender.watch() and README "Watching a folder".
 
@@ -5382,6 +5393,8 @@ class Watch:
         self.rescan = max(self.interval, float(rescan))
         self.include = tuple(include or ())
         self.exclude = WATCH_IGNORE + tuple(exclude or ())
+        self._skip = _name_patterns(self.exclude)
+        self._only = _name_patterns(self.include)
         self.files_sent = 0
         self.files_skipped = 0
         self.files_failed = 0
@@ -5476,13 +5489,13 @@ class Watch:
     def _local(self, name):
         return os.path.join(self.path, *name.split("/")) if name else self.path
 
-    def _wanted(self, name, is_dir=False, path=None):
-        for pattern in self.exclude:
-            if fnmatch.fnmatch(name, pattern) or (path and fnmatch.fnmatch(path, pattern)):
-                return False
-        if is_dir or not self.include:
-            return True
-        return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(path, p) for p in self.include)
+    def _wanted(self, name, is_dir, path):
+        """Whether a name found in a look is watched (exclude, then include)."""
+        name, path = os.path.normcase(name), os.path.normcase(path)
+        if self._skip[0].match(name) or self._skip[1].match(path):
+            return False
+        return (is_dir or not self.include or self._only[0].match(name) is not None
+                or self._only[1].match(path) is not None)
 
     def _look(self, full):
         """Stat the directories (each, or every file on a full look) and the
@@ -5533,10 +5546,11 @@ class Watch:
             name = top + "/" + entry.name if top else entry.name
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    if self._wanted(entry.name, True, name):
+                    if entry.name in old[2] or self._wanted(entry.name, True, name):
                         subdirs.add(entry.name)
                     continue
-                if not entry.is_file() or not self._wanted(entry.name, False, name):
+                if not entry.is_file() or (entry.name not in old[1]
+                                           and not self._wanted(entry.name, False, name)):
                     continue
                 files.add(entry.name)
                 if full or entry.name not in old[1] or name in self._pending:
@@ -7434,7 +7448,7 @@ def _watch_all(args, paths, tracks, report):
         try:
             while True:
                 view.tick()
-                time.sleep(report.REDRAW)     # a signal interrupts this at once
+                time.sleep(view.PAUSE)        # a signal interrupts this at once
         except KeyboardInterrupt as e:
             status = EXIT_OK if isinstance(e, _Terminated) else EXIT_INTERRUPTED
         try:
@@ -7463,6 +7477,8 @@ class _WatchView:
     """What send-dir --watch prints, on the main thread: a live line per folder
     and destination, lines for waits and errors, JSON events, the summaries."""
 
+    PAUSE = 0.25        # seconds between looks at the watches (and redraws)
+
     def __init__(self, report):
         self.report = report
         self.rows = []              # (track, DIR as given, Watch)
@@ -7481,7 +7497,7 @@ class _WatchView:
             for event in w.poll():
                 self._event(t, path, w, event)
         now = time.monotonic()
-        if r.mode == "live" and now - r.last_draw >= r.REDRAW:
+        if r.mode == "live" and now - r.last_draw >= self.PAUSE:
             r.last_draw = now
             width = r.width()
             r._show([self.line(t, path, w, width) for t, path, w in self.rows])
