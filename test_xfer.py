@@ -8612,6 +8612,43 @@ class WatchFolderTests(unittest.TestCase):
                                              os.path.basename(src) + "/moved.exr",
                                              os.path.basename(src) + "/shot.exr"])
 
+    def test_touchdesigner_render_watch_recipe_sends_frames_rendered_after_start(self):
+        with open(os.path.join(os.path.dirname(XFER), "README.md"), encoding="utf-8") as f:
+            blocks = re.findall(r"^```python\n(.*?)^```", f.read(), re.M | re.S)
+        code = [b for b in blocks if b.startswith('# Text DAT "renderwatch"')]
+        self.assertEqual(len(code), 1)
+        folder, there = temp_dir(self), temp_dir(self)
+        status, printed = types.SimpleNamespace(Xferstatus=""), []
+        ns = {"project": types.SimpleNamespace(folder=folder),
+              "parent": lambda: types.SimpleNamespace(par=status),
+              "debug": lambda *args: printed.append(args)}
+        exec(compile(code[0], "README renderwatch", "exec"), ns)
+        other = start_receiver(self, there, token="the-receivers-token")
+        ns["SEND_TO"] = "%s:%d" % other.address
+        real_watch = xfer.Sender.watch
+
+        def quick_watch(sender, path, **kw):
+            kw.update(settle=self.SETTLE, interval=0.02)    # the suite stays fast
+            return real_watch(sender, path, **kw)
+        with mock.patch.object(xfer.Sender, "watch", quick_watch):
+            ns["start"]()
+        self.addCleanup(ns["stop"])
+        frame = threading.Event()
+        for i in range(5):
+            write_file(os.path.join(folder, "renders", "beauty.%04d.exr" % i), b"px" * 500)
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and other.files_received < 5:
+            ns["frame"]()
+            frame.wait(1 / 60)
+        while time.monotonic() < deadline and "5 sent" not in status.Xferstatus:
+            ns["frame"]()
+            frame.wait(1 / 60)
+        self.assertEqual(sorted(os.listdir(os.path.join(there, "renders"))),
+                         ["beauty.%04d.exr" % i for i in range(5)])
+        self.assertIn("renders: 5 sent, 0 pending", status.Xferstatus)
+        self.assertEqual(printed, [])
+        ns["stop"]()
+
     def _cli_watch(self, sig):
         home = temp_dir(self)
         src, dst = temp_dir(self), temp_dir(self)

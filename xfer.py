@@ -5649,7 +5649,7 @@ class Watch:
     def _wait_for_peer(self, error):
         if self.waiting is None:
             self.waiting = self.sender.error or error
-            self._pings = 0
+            self._pings = 1
             self._next_ping = time.monotonic() + RECONNECT_DELAYS[0]
             self._emit("waiting", None, error=self.waiting)
 
