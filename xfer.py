@@ -7507,12 +7507,13 @@ class _WatchView:
         text = "%swatching %s: " % (t.label, _display(path))
         waiting = w.waiting or t.sender.error
         if waiting is not None:
-            text += "waiting for %s (%s), " % (t.to, _display(getattr(waiting, "reason", None)
-                                                              or str(waiting)))
+            text += "waiting for %s, " % t.to
         text += "%d sent, %d pending" % (w.files_sent, w.pending)
         if w.last is not None:
             text += ", last: %s, %s" % (_display(w.last),
                                         time.strftime("%H:%M:%S", time.localtime(w.last_time)))
+        if waiting is not None:         # last: the part a narrow terminal cuts
+            text += " (%s)" % _display(str(waiting))
         return _fit(text, width - 1)
 
     def _event(self, t, path, w, e):
@@ -7526,7 +7527,7 @@ class _WatchView:
             r._event("file_pending", t, path=name)
         elif e.kind == "changed":       # a "pending" follows
             if r.verbose:
-                r.say("%s%s changed while it was sent; it goes again once complete"
+                r.say("%s%s changed before it was stored; it goes again once complete"
                       % (t.label, _display(name)))
         elif e.kind == "sent":
             job = e.job
