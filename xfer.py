@@ -7419,10 +7419,6 @@ def _send_all(args, paths, tracks, report, mode, spooled):
     return EXIT_FAILED if any(t.failed or t.sender.error for t in tracks) else EXIT_OK
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised on the main thread: stop as Ctrl-C does, but exit 0."""
-
-
 def _watch_all(args, paths, tracks, report):
     """send-dir --watch: watch every DIR for every destination until SIGTERM or Ctrl-C."""
     if "-" in paths:
@@ -7436,39 +7432,38 @@ def _watch_all(args, paths, tracks, report):
         for path in paths:
             view.add(t, path, t.sender.watch(path, subdir=t.subdir, settle=args.settle,
                                              include=args.include, exclude=args.exclude))
-
-    def on_sigterm(signum, frame):
-        raise _Terminated
-
+    # The signals only raise a flag, as for send (_CtrlC): a KeyboardInterrupt
+    # could land inside a lock that stopping needs.
+    signals = []
     previous = {}
-    for name in ("SIGTERM", "SIGBREAK"):
-        if hasattr(signal, name):
-            previous[name] = signal.signal(getattr(signal, name), on_sigterm)
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+            number = getattr(signal, name, None)
+            if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+                previous[number] = signal.signal(number, lambda n, frame: signals.append(n))
     try:
-        try:
-            while True:
-                view.tick()
-                time.sleep(view.PAUSE)        # a signal interrupts this at once
-        except KeyboardInterrupt as e:
-            status = EXIT_OK if isinstance(e, _Terminated) else EXIT_INTERRUPTED
-        try:
-            # Nothing new is queued; the file in flight finishes first.
-            for w in view.watches():
-                w.stop(wait=False)
-            while not all(w.stopped for w in view.watches()):
-                view.tick()
-                time.sleep(0.05)
-            for t in tracks:
-                t.sender.close()
-        except KeyboardInterrupt:           # again: give up on it too
-            for t in tracks:
-                t.sender.close(wait=False)
-            for w in view.watches():
-                w.stop()
+        while not signals:
+            view.tick()
+            time.sleep(view.PAUSE)
+        status = EXIT_INTERRUPTED if signals[0] == signal.SIGINT else EXIT_OK
+        # Nothing new is queued; the file in flight finishes first, unless
+        # a second signal gives up on it too.
+        for w in view.watches():
+            w.stop(wait=False)
+        given_up = False
+        while not all(w.stopped for w in view.watches()):
+            if len(signals) > 1 and not given_up:
+                given_up = True
+                for t in tracks:
+                    t.sender.close(wait=False)
+            view.tick()
+            time.sleep(0.05)
+        for t in tracks:
+            t.sender.close(wait=not given_up)
         view.tick()
     finally:
-        for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     view.finish()
     return status
 
