@@ -8612,6 +8612,51 @@ class WatchFolderTests(unittest.TestCase):
                                              os.path.basename(src) + "/moved.exr",
                                              os.path.basename(src) + "/shot.exr"])
 
+    def test_inotify_a_file_its_writer_holds_open_is_sent_once_closed(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        receiver = start_receiver(self, dst)
+        sender = xfer.Sender(receiver.address)
+        self.addCleanup(sender.close, False)
+        watch = self.watch(sender, src)
+        if watch._notify is None:
+            self.skipTest("no inotify here: completeness is settle time alone")
+        seen = []
+        _watch_until(watch, seen, lambda s: watch.looks >= 2)
+        path = os.path.join(src, "held.exr")
+        with open(path, "wb") as f:
+            f.write(b"first half ")
+            f.flush()
+            # Unchanged for well over settle, but still open for writing.
+            looks = watch.looks
+            self.assertTrue(_watch_until(watch, seen, lambda s: watch.looks >= looks + 3 and
+                                         time.time() - os.stat(path).st_mtime
+                                         >= 3 * self.SETTLE))
+            self.assertEqual(_watch_sent(seen), [])
+            f.write(b"second half")
+        self.assertTrue(_watch_until(watch, seen, lambda s: _watch_sent(s)), seen)
+        with open(os.path.join(dst, os.path.basename(src), "held.exr"), "rb") as f:
+            self.assertEqual(f.read(), b"first half second half")
+        self.assertEqual(receiver.files_received, 1)
+
+    def test_without_inotify_new_and_changed_in_place_files_are_still_sent(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        receiver = start_receiver(self, dst)
+        sender = xfer.Sender(receiver.address)
+        self.addCleanup(sender.close, False)
+        write_file(os.path.join(src, "old.bin"), b"old")
+        with mock.patch.object(xfer._Inotify, "open", classmethod(lambda cls: None)):
+            watch = self.watch(sender, src, rescan=0.1)
+        self.assertIsNone(watch._notify)
+        seen = []
+        self.assertTrue(_watch_until(watch, seen, lambda s: _watch_sent(s, "old.bin")), seen)
+        write_file(os.path.join(src, "sub", "new.bin"), b"new")
+        with open(os.path.join(src, "old.bin"), "ab") as f:
+            f.write(b" and more")
+        self.assertTrue(_watch_until(watch, seen, lambda s: _watch_sent(s, "sub/new.bin")
+                                     and len(_watch_sent(s, "old.bin")) == 2), seen)
+        with open(os.path.join(dst, os.path.basename(src), "old.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"old and more")
+
     def test_touchdesigner_render_watch_recipe_sends_frames_rendered_after_start(self):
         with open(os.path.join(os.path.dirname(XFER), "README.md"), encoding="utf-8") as f:
             blocks = re.findall(r"^```python\n(.*?)^```", f.read(), re.M | re.S)

@@ -256,6 +256,12 @@ WATCH_RESCAN = 10.0
 #: Watch: a directory modified this recently (seconds) is listed on every
 #: look: where timestamps are coarse, a second change may not move its mtime.
 _WATCH_RECENT = 2.0
+#: Watch with inotify (Linux): seconds between looks that stat every file,
+#: a safety net only: inotify reports changes in place as they happen.
+WATCH_RESCAN_NOTIFIED = 60.0
+#: Watch with inotify: a file a writer has open (modified, not yet closed)
+#: is complete only once it is closed, or unchanged this many seconds.
+WATCH_OPEN_MAX = 60.0
 #: Watch: events kept for poll() at most; the oldest go first.
 WATCH_EVENTS_MAX = 10000
 
@@ -5364,6 +5370,110 @@ def _name_patterns(patterns):
     return tuple(re.compile("|".join(group) if group else "(?!)") for group in (names, paths))
 
 
+class _Inotify:
+    """Linux inotify through ctypes: which directories and files changed, and
+    which files a writer has open (modified since their last close).
+
+    A fast path only: open() gives None on other systems or without libc,
+    and add() False when the kernel refuses a watch (its per-user limit);
+    the Watch then polls as it does everywhere else.  Events are read
+    without blocking at each look; a lost event (the kernel's queue
+    overflowed) asks for a full look.
+    """
+
+    # IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO,
+    # IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF (<sys/inotify.h>)
+    MASK = 0x2 | 0x4 | 0x8 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800
+    MODIFY, CLOSE_WRITE, Q_OVERFLOW, IGNORED = 0x2, 0x8, 0x4000, 0x8000
+    GONE = 0x40 | 0x200             # moved away or deleted
+    LISTED = GONE | 0x80 | 0x100    # ... or moved in or created
+    _EVENT = struct.Struct("=iIII")  # wd, mask, cookie, len; then len bytes of name
+
+    @classmethod
+    def open(cls):
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            import ctypes
+            import ctypes.util
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except (OSError, AttributeError, ImportError):
+            return None
+        return cls(libc, ctypes, fd) if fd >= 0 else None
+
+    def __init__(self, libc, ctypes, fd):
+        self._libc = libc
+        self._ctypes = ctypes
+        self.fd = fd
+        self.writing = set()    # files modified and not closed since
+        self._dirs = {}         # watch descriptor -> directory name below the folder
+        self._wds = {}          # and back
+
+    def add(self, name, path):
+        """Watch one directory; False if the kernel refuses (the caller polls)."""
+        if name in self._wds:
+            return True
+        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(path), self.MASK)
+        if wd < 0:
+            # Gone already: its parent's listing forgets it.
+            return self._ctypes.get_errno() in (errno.ENOENT, errno.ENOTDIR)
+        self._dirs[wd] = name
+        self._wds[name] = wd
+        return True
+
+    def remove(self, name):
+        wd = self._wds.pop(name, None)
+        if wd is not None and self._dirs.get(wd) == name:   # not moved to another name
+            del self._dirs[wd]
+            self._libc.inotify_rm_watch(self.fd, wd)
+
+    def read(self):
+        """(directories to list, files to stat, lost) since the last call."""
+        dirs, files, lost = set(), set(), False
+        while True:
+            try:
+                data = os.read(self.fd, 64 * 1024)
+            except BlockingIOError:
+                break
+            except OSError:
+                lost = True
+                break
+            offset = 0
+            while offset + self._EVENT.size <= len(data):
+                wd, mask, _, size = self._EVENT.unpack_from(data, offset)
+                offset += self._EVENT.size
+                raw = data[offset:offset + size].rstrip(b"\0")
+                offset += size
+                if mask & self.Q_OVERFLOW:
+                    lost = True
+                top = self._dirs.get(wd)
+                if mask & self.IGNORED and top is not None:
+                    del self._dirs[wd]
+                    if self._wds.get(top) == wd:
+                        del self._wds[top]
+                if top is None:
+                    continue
+                if not raw or mask & self.LISTED:
+                    dirs.add(top)           # names came or went: list it
+                if not raw:
+                    continue
+                name = os.fsdecode(raw)
+                name = top + "/" + name if top else name
+                files.add(name)
+                if mask & self.MODIFY:
+                    self.writing.add(name)
+                elif mask & (self.CLOSE_WRITE | self.GONE):
+                    self.writing.discard(name)
+        return dirs, files, lost
+
+    def close(self):
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
 class Watch:
     """A folder a Sender watches: see Sender.watch() and README "Watching a folder".
 
@@ -5413,6 +5523,7 @@ class Watch:
         self._ping = None
         self._next_ping = 0.0
         self._pings = 0
+        self._notify = _Inotify.open()
         self._stop = threading.Event()
         self._ended = threading.Event()
         self._thread = threading.Thread(target=self._run, name="xfer-watch", daemon=True)
@@ -5460,7 +5571,8 @@ class Watch:
                 now = time.monotonic()
                 full = now >= rescan_at
                 if full:
-                    rescan_at = now + self.rescan
+                    rescan_at = now + (self.rescan if self._notify is None
+                                       else max(self.rescan, WATCH_RESCAN_NOTIFIED))
                 try:
                     self._collect()
                     self._look(full)
@@ -5480,6 +5592,8 @@ class Watch:
                 if self._flight:
                     self._ended.wait(0.05)
         finally:
+            if self._notify is not None:
+                self._notify.close()
             self.stopped = True
             self._ended.set()
 
@@ -5502,8 +5616,22 @@ class Watch:
         files not yet sent; list the directories that changed."""
         wall = time.time()
         observed = set()
+        if self._notify is not None:
+            dirs, files, lost = self._notify.read()
+            full = full or lost
         if full:
             stack = [""]
+        elif self._notify is not None:
+            stack = [name for name in dirs if name in self._dirs]
+            for name in files:
+                top, _, base = name.rpartition("/")
+                entry = self._dirs.get(top)
+                if entry is not None and base in entry[1]:
+                    try:
+                        self._observe(name, os.stat(self._local(name)))
+                        observed.add(name)
+                    except OSError:
+                        self._forget(name)
         else:
             stack = []
             for name in list(self._dirs):
@@ -5531,6 +5659,9 @@ class Watch:
     def _list(self, top, full, observed):
         """List one directory: note new and (full) all files, forget the gone;
         return the subdirectories to list now."""
+        if self._notify is not None and not self._notify.add(top, self._local(top)):
+            self._notify.close()            # the kernel's limit: poll from now on
+            self._notify = None
         try:
             st = os.stat(self._local(top))
             entries = []
@@ -5553,7 +5684,8 @@ class Watch:
                                            and not self._wanted(entry.name, False, name)):
                     continue
                 files.add(entry.name)
-                if full or entry.name not in old[1] or name in self._pending:
+                if full or entry.name not in old[1] or (name in self._pending
+                                                         and name not in observed):
                     self._observe(name, entry.stat())
                     observed.add(name)
             except OSError:
@@ -5582,6 +5714,8 @@ class Watch:
 
     def _forget_dir(self, top):
         entry = self._dirs.pop(top, None)
+        if self._notify is not None:
+            self._notify.remove(top)
         if entry is None:
             return
         for name in entry[1]:
@@ -5600,6 +5734,9 @@ class Watch:
             key, since = self._seen[name]
             if now - since < self.settle and wall - key[1] / 1e9 < self.settle:
                 continue
+            if (self._notify is not None and name in self._notify.writing
+                    and now - since < WATCH_OPEN_MAX):
+                continue                    # a writer has it open
             job = self.sender.queue(self._local(name), target_name=name, subdir=self.name)
             self._pending.discard(name)
             self._flight[name] = (job, key)
@@ -5616,7 +5753,9 @@ class Watch:
                 changed = (st.st_size, st.st_mtime_ns) != key
             except OSError:
                 st, changed = None, False       # gone since: deletions are not sent
-            if changed:
+            if st is None and job.state not in ("done", "skipped"):
+                self._forget(name)              # it failed for being gone
+            elif changed:
                 # It was written to while it was sent: what arrived may be
                 # torn (a trailer abort stored nothing); it goes again once
                 # it settles.
