@@ -33,6 +33,8 @@ Threads: who starts each, and what it does.
                        (connect, handshake, CHECK, MKDIR, FILE; reconnects)
     xfer-link-reader   each _Link: reads the answers and ends their jobs
     xfer-ping          Sender.ping(): one connection, PING, PONG
+    xfer-watch         Sender.watch(), one per Watch: looks at the folder,
+                       queues each file once complete, collects the outcomes
     xfer-log           serve: writes its log in batches (_Lines)
     xfer-hook          serve --on-receive: runs the hooks (HOOK_WORKERS)
 
@@ -60,7 +62,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import fnmatch
 import hashlib
 import hmac
 import io
@@ -105,6 +106,7 @@ class _Lazy:
 argparse = _Lazy("argparse")
 ast = _Lazy("ast")
 configparser = _Lazy("configparser")
+fnmatch = _Lazy("fnmatch")
 ipaddress = _Lazy("ipaddress")
 json = _Lazy("json")
 shlex = _Lazy("shlex")
