@@ -7255,7 +7255,8 @@ class FixesTests(unittest.TestCase):
         result = run_xfer("send", "--to", "127.0.0.1:%d" % port, src, cwd=home,
                           env=isolated_env(home))
         self.assertEqual(result.returncode, xfer.EXIT_FAILED, result.stderr)
-        self.assertIn("limit of 1000", result.stderr)
+        # 1k is 1000 bytes; refusals show sizes in human units.
+        self.assertIn("limit of %s" % xfer._human(1000), result.stderr)
 
 
 #------------------------------------------------------------
