@@ -4411,6 +4411,438 @@ class SendingSideTests(unittest.TestCase):
         self.assertRaises(BlockingIOError, theirs.recv, 1)
 
 
+#------------------------------------------------------------
+# get and ls: reading the server's DIR
+#------------------------------------------------------------
+
+_PULL_TOKEN = "pull-test-token"
+
+
+def _pull_server(test, directory, **kw):
+    kw.setdefault("token", _PULL_TOKEN)
+    kw.setdefault("allow_get", True)
+    return start_receiver(test, directory, **kw)
+
+
+def _pull_sender(address, **kw):
+    kw.setdefault("token", _PULL_TOKEN)
+    return xfer.Sender(address, timeout=5.0, **kw)
+
+
+def _pull_fetch(address, remote, local, **kw):
+    """fetch() with a report of every event: (files, failed, events)."""
+    events = []
+    sender = _pull_sender(address, **{k: v for k, v in kw.items() if k in ("skip",)})
+    got, failed = sender.fetch(remote, local, kw.get("overwrite", "replace"),
+                               lambda *e: events.append(e))
+    return got, failed, events
+
+
+class _PullStandIn:
+    """A hostile server written from README "Protocol": it completes the
+    handshake with the token, reads the GET, answers with what the test
+    scripts (answer(tags, path) -> bytes), and says BYE if asked."""
+
+    def __init__(self, test, answer, token=_PULL_TOKEN, hangup=False):
+        self.answer = answer
+        self.hangup = hangup
+        self.token = token.encode()
+        self.listener = socket.socket()
+        self.listener.bind((HOST, 0))
+        self.listener.listen(1)
+        self.address = self.listener.getsockname()[:2]
+        self.asked = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        test.addCleanup(self.listener.close)
+
+    def _read(self, rfile, tagged):
+        head = rfile.read(5)
+        if len(head) != 5:
+            return None
+        kind, length = struct.unpack("!BI", head)
+        payload = rfile.read(length)
+        if tagged:
+            rfile.read(16)
+        return kind, payload
+
+    def _serve(self):
+        conn, _ = self.listener.accept()
+        conn.settimeout(TIMEOUT)
+        rfile = conn.makefile("rb")
+        try:
+            client_preface = rfile.read(8)
+            _, client_nonce = self._read(rfile, False)
+            server_preface = b"XFER" + struct.pack("!HH", 2, 1)
+            server_nonce = os.urandom(32)
+            conn.sendall(server_preface + struct.pack("!BI", 1, 32) + server_nonce)
+            self._read(rfile, False)                      # AUTH, not checked
+            transcript = client_preface + client_nonce + server_preface + server_nonce
+            mac = lambda label: hmac.new(self.token, label + b"\0" + transcript,
+                                         hashlib.sha256).digest()
+            conn.sendall(struct.pack("!BI", 3, 32) + mac(b"xfer server"))
+            tags = _HostileTags(mac(b"xfer session"), b"xfer s2c")
+            kind, payload = self._read(rfile, True)
+            self.asked.append((kind, payload[5:]))
+            conn.sendall(self.answer(tags, payload[5:].decode()))
+            if self.hangup:
+                conn.shutdown(socket.SHUT_WR)
+            while True:
+                got = self._read(rfile, True)
+                if got is None:
+                    break
+                if got[0] == 0x22:
+                    frame = struct.pack("!BI", 0x22, 0)
+                    conn.sendall(frame + tags.tag(frame))
+                    break
+        except OSError:
+            pass
+        finally:
+            rfile.close()
+            conn.close()
+
+
+def _pull_frame(tags, kind, payload):
+    frame = struct.pack("!BI", kind, len(payload)) + payload
+    return frame + tags.tag(frame)
+
+
+def _pull_file(tags, name, body, size=None, digest=None, fid=1, flags=0x01,
+               mtime_ns=1600000000 * 10**9, mode=0o644, trailer=True):
+    """FILE (streamed), the body, TRAILER: as a server sends them (Protocol 4.9)."""
+    size = len(body) if size is None else size
+    out = _pull_frame(tags, 0x10, struct.pack("!IQqIB", fid, size, mtime_ns, mode, flags)
+                      + name.encode()) + body
+    if trailer:
+        out += _pull_frame(tags, 0x12, struct.pack(
+            "!IB32s", fid, 0, digest or hashlib.sha256(body).digest()))
+    return out
+
+
+def _pull_done(tags, fid=1, status=0):
+    return _pull_frame(tags, 0x1A, struct.pack("!IB", fid, status))
+
+
+class PullTests(unittest.TestCase):
+    """get and ls: a server that opts in serves DIR read-only, and the client
+    receiving it defends itself as any receiver does."""
+
+    def setUp(self):
+        self.root = temp_dir(self)
+        self.srv = os.path.join(self.root, "srv")
+        self.local = os.path.join(self.root, "local")
+        os.makedirs(self.srv)
+        os.makedirs(self.local)
+
+    def serve(self, **kw):
+        return _pull_server(self, self.srv, **kw).address
+
+    def test_get_file_keeps_content_mtime_and_mode(self):
+        path = write_file(os.path.join(self.srv, "photo.jpg"), os.urandom(3000))
+        os.chmod(path, 0o640)
+        os.utime(path, ns=(1500000000 * 10**9, 1500000000 * 10**9 + 123456789))
+        got, failed, _ = _pull_fetch(self.serve(), "photo.jpg", self.local)
+        out = os.path.join(self.local, "photo.jpg")
+        self.assertEqual((failed, [i.relpath for i in got]), (0, ["photo.jpg"]))
+        self.assertEqual(sha256_file(out), sha256_file(path))
+        st = os.stat(out)
+        self.assertEqual(st.st_mtime_ns, 1500000000 * 10**9 + 123456789)
+        if os.name != "nt":
+            self.assertEqual(stat.S_IMODE(st.st_mode), 0o640)
+        self.assertEqual(os.listdir(self.local), ["photo.jpg"])     # no temp left
+
+    def test_get_tree_keeps_structure_empty_dirs_and_large_files(self):
+        write_file(os.path.join(self.srv, "show", "a.txt"), b"a")
+        big = write_file(os.path.join(self.srv, "show", "sub", "big.bin"),
+                         os.urandom(xfer.STREAM_MAX * 3 + 17))
+        os.makedirs(os.path.join(self.srv, "show", "sub", "empty"))
+        got, failed, _ = _pull_fetch(self.serve(), "show", self.local)
+        self.assertEqual(failed, 0)
+        self.assertEqual(tree_listing(self.local),
+                         ["show", "show/a.txt", "show/sub", "show/sub/big.bin",
+                          "show/sub/empty"])
+        self.assertEqual(sha256_file(os.path.join(self.local, "show", "sub", "big.bin")),
+                         sha256_file(big))
+
+    def test_get_whole_dir_and_several_operands_on_one_connection(self):
+        write_file(os.path.join(self.srv, "a.txt"), b"a")
+        write_file(os.path.join(self.srv, "d", "b.txt"), b"b")
+        address = self.serve()
+        got, failed, _ = _pull_fetch(address, ["a.txt", "d/b.txt"], self.local)
+        self.assertEqual(sorted(i.relpath for i in got), ["a.txt", "b.txt"])
+        other = os.path.join(self.root, "all")
+        got, failed, _ = _pull_fetch(address, "", other)
+        self.assertEqual(tree_listing(other), ["a.txt", "d", "d/b.txt"])
+
+    def test_get_refused_without_allow_get_says_how_to_allow_it(self):
+        write_file(os.path.join(self.srv, "a.txt"), b"a")
+        address = self.serve(allow_get=False)
+        with self.assertRaises(xfer.RemoteError) as caught:
+            _pull_fetch(address, "a.txt", self.local)
+        self.assertEqual(caught.exception.code, xfer.ST_DENIED)
+        self.assertIn("--allow-get", str(caught.exception))
+        self.assertNotIn("\n", str(caught.exception))
+        with self.assertRaises(xfer.RemoteError):
+            _pull_sender(address).listing("", on_entry=lambda *e: None)
+        self.assertEqual(os.listdir(self.local), [])
+
+    def test_symlink_out_of_dir_is_not_followed(self):
+        outside = os.path.join(self.root, "secret")
+        write_file(os.path.join(outside, "key.txt"), b"secret")
+        os.makedirs(os.path.join(self.srv, "tree"))
+        write_file(os.path.join(self.srv, "tree", "ok.txt"), b"ok")
+        try:
+            os.symlink(os.path.join(outside, "key.txt"), os.path.join(self.srv, "tree", "f"))
+            os.symlink(outside, os.path.join(self.srv, "tree", "d"))
+            os.symlink(outside, os.path.join(self.srv, "out"))
+        except (OSError, NotImplementedError):
+            self.skipTest("no symlinks here")
+        address = self.serve()
+        got, failed, events = _pull_fetch(address, "tree", self.local)
+        self.assertEqual(tree_listing(self.local), ["tree", "tree/ok.txt"])
+        self.assertEqual(failed, 0)
+        self.assertEqual(sum(1 for e in events if e[0] == "skipped"), 2)
+        with self.assertRaises(xfer.UnsafePathError):
+            _pull_fetch(address, "out/key.txt", self.local)
+        with self.assertRaises(xfer.UnsafePathError):
+            _pull_fetch(address, "out", self.local)
+        self.assertNotIn("key.txt", str(tree_listing(self.local)))
+
+    @unittest.skipUnless(hasattr(os, "mkfifo"), "no FIFOs here")
+    def test_fifo_in_dir_is_skipped_without_a_hang(self):
+        write_file(os.path.join(self.srv, "t", "a.txt"), b"a")
+        os.mkfifo(os.path.join(self.srv, "t", "pipe"))
+        address = self.serve()
+        got, failed, _ = _pull_fetch(address, "t", self.local)
+        self.assertEqual(([i.relpath for i in got], failed), (["t/a.txt"], 0))
+        got, failed, events = _pull_fetch(address, "t/pipe", self.local)
+        self.assertEqual((got, failed), ([], 1))
+        self.assertIn("special file", events[0][2][1])
+        self.assertEqual(tree_listing(self.local), ["t", "t/a.txt"])
+
+    def test_partial_files_are_never_listed_or_served(self):
+        write_file(os.path.join(self.srv, "a.txt"), b"a")
+        write_file(os.path.join(self.srv, xfer.PARTIAL_PREFIX + "0123.a.txt"), b"half")
+        address = self.serve()
+        entries = []
+        _pull_sender(address).listing("", True, lambda *e: entries.append(e[-1]))
+        self.assertEqual(entries, ["a.txt"])
+        _pull_fetch(address, "", self.local)
+        self.assertEqual(os.listdir(self.local), ["a.txt"])
+        with self.assertRaises(xfer.UnsafePathError):
+            _pull_fetch(address, xfer.PARTIAL_PREFIX + "0123.a.txt", self.local)
+
+    def test_ls_one_level_and_recursive(self):
+        write_file(os.path.join(self.srv, "a.txt"), b"abc")
+        write_file(os.path.join(self.srv, "d", "b.txt"), b"b")
+        os.makedirs(os.path.join(self.srv, "d", "e"))
+        address = self.serve()
+        flat, deep = [], []
+        _pull_sender(address).listing("", False, lambda *e: flat.append((e[0], e[1], e[-1])))
+        _pull_sender(address).listing("", True, lambda *e: deep.append((e[0], e[-1])))
+        self.assertEqual(sorted(flat), [("dir", 0, "d"), ("file", 3, "a.txt")])
+        self.assertEqual(sorted(deep), [("dir", "d"), ("dir", "d/e"), ("file", "a.txt"),
+                                        ("file", "d/b.txt")])
+
+    def test_large_listing_streams_in_bounded_frames(self):
+        names = ["f%05d-%s" % (i, "x" * 60) for i in range(1500)]
+        for name in names:
+            open(os.path.join(self.srv, name), "wb").close()
+        address = self.serve()
+        sizes = []
+        real = xfer._Reader.frame
+
+        def frame(reader, limit):
+            got = real(reader, limit)
+            sizes.append(len(got[1]))
+            return got
+        entries = []
+        with mock.patch.object(xfer._Reader, "frame", frame):
+            _pull_sender(address).listing("", False, lambda *e: entries.append(e[-1]))
+        self.assertEqual(sorted(entries), names)
+        self.assertGreater(len(sizes), 3)       # several ENTRIES frames, each bounded
+        self.assertLessEqual(max(sizes), xfer.MAX_FRAME_PAYLOAD)
+
+    def test_ls_and_get_from_the_command_line(self):
+        write_file(os.path.join(self.srv, "pics", "p.jpg"), b"jpg")
+        host, port = self.serve()
+        env = isolated_env(self.root)
+        env["XFER_TOKEN"] = _PULL_TOKEN
+        where = "%s:%d:" % (host, port)
+        done = run_xfer("ls", "-R", "--json", where, env=env, cwd=self.root)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        events = [json.loads(line) for line in done.stdout.splitlines()]
+        self.assertEqual(sorted(e["path"] for e in events), ["pics", "pics/p.jpg"])
+        done = run_xfer("get", where + "pics", "local", env=env, cwd=self.root)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(tree_listing(self.local), ["pics", "pics/p.jpg"])
+        done = run_xfer("get", where + "nothing", "local", env=env, cwd=self.root)
+        self.assertNotEqual(done.returncode, 0)
+        self.assertNotIn("Traceback", done.stderr)
+
+    def test_serve_refuses_get_unless_allowed_on_the_command_line(self):
+        write_file(os.path.join(self.srv, "a.txt"), b"a")
+        env = isolated_env(self.root)
+        proc = popen_reaped(self, [XFER, "serve", "--dir", self.srv, "--host", HOST,
+                                   "--port", "0", "--no-auth", "-q"], env=env)
+        line = proc.stdout.readline()
+        port = int(line.rsplit(":", 1)[1])
+        done = run_xfer("get", "%s:%d:a.txt" % (HOST, port), self.local, env=env)
+        self.assertEqual(done.returncode, xfer.EXIT_FAILED)
+        errors = [l for l in done.stderr.splitlines() if l]
+        self.assertEqual(len(errors), 1, done.stderr)
+        self.assertIn("--allow-get", errors[0])
+        self.assertIn("allow_get = yes", errors[0])
+        self.assertEqual(os.listdir(self.local), [])
+
+    def test_files_already_there_are_skipped(self):
+        path = write_file(os.path.join(self.srv, "a.txt"), b"same")
+        address = self.serve()
+        _pull_fetch(address, "a.txt", self.local)
+        got, failed, events = _pull_fetch(address, "a.txt", self.local)
+        self.assertEqual((got, failed), ([], 0))
+        self.assertEqual([e[0] for e in events], ["skipped"])
+        os.utime(path, ns=(10**18, 10**18))
+        got, failed, events = _pull_fetch(address, "a.txt", self.local)
+        self.assertEqual([i.relpath for i in got], ["a.txt"])
+
+    def test_overwrite_policy_applies_on_the_client(self):
+        write_file(os.path.join(self.srv, "a.txt"), b"server")
+        write_file(os.path.join(self.local, "a.txt"), b"local copy")
+        address = self.serve()
+        got, failed, _ = _pull_fetch(address, "a.txt", self.local, overwrite="fail")
+        self.assertEqual(failed, 1)
+        with open(os.path.join(self.local, "a.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"local copy")
+        got, failed, _ = _pull_fetch(address, "a.txt", self.local, overwrite="rename")
+        self.assertEqual(sorted(os.listdir(self.local)), ["a (1).txt", "a.txt"])
+
+    def test_interrupted_get_resumes_from_a_verified_prefix(self):
+        data = os.urandom(xfer.STREAM_MAX * 8)
+        write_file(os.path.join(self.srv, "big.bin"), data)
+        os.utime(os.path.join(self.srv, "big.bin"), ns=(10**18, 10**18))
+        # What an interrupted get leaves: a partial of the first half.
+        key = hashlib.sha256(b"big.bin").hexdigest()[:16]
+        partial = write_file(os.path.join(self.local, "%s%s.big.bin"
+                                          % (xfer.PARTIAL_PREFIX, key)), data[:len(data) // 2])
+        os.utime(partial, ns=(10**18, 10**18))
+        receiver = _pull_server(self, self.srv)
+        got, failed, _ = _pull_fetch(receiver.address, "big.bin", self.local)
+        self.assertEqual(failed, 0)
+        with open(os.path.join(self.local, "big.bin"), "rb") as f:
+            self.assertEqual(f.read(), data)
+        self.assertEqual(os.listdir(self.local), ["big.bin"])
+
+    def test_embedding_get_and_list_return_jobs(self):
+        write_file(os.path.join(self.srv, "a.txt"), b"a")
+        address = self.serve()
+        sender = _pull_sender(address)
+        job = sender.get("a.txt", self.local)
+        listing = sender.list("")
+        self.assertTrue(job.wait(TIMEOUT) is not False)
+        self.assertTrue(_hostile_wait_until(lambda: job.done and listing.done))
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual([i.relpath for i in job.result], ["a.txt"])
+        self.assertEqual([e[-1] for e in listing.result], ["a.txt"])
+
+    # -- the client defends itself against a hostile server
+
+    def hostile(self, answer, hangup=False):
+        server = _PullStandIn(self, answer, hangup=hangup)
+        events = []
+        sender = _pull_sender(server.address)
+        error = None
+        try:
+            got, failed = sender.fetch("pics", self.local, report=lambda *e: events.append(e))
+        except xfer.XferError as e:
+            error, got, failed = e, [], None
+        server.thread.join(TIMEOUT)
+        self.assertEqual(os.listdir(self.root), ["srv", "local"] if os.listdir(
+            self.root)[0] == "srv" else ["local", "srv"])       # nothing beside LOCAL_DIR
+        self.assertFalse([n for n in tree_listing(self.local)
+                          if xfer.PARTIAL_PREFIX in n])           # no temp left over
+        failures = [e for e in events if e[0] == "failed"]
+        self.assertTrue(error is not None or failed, "the get did not fail")
+        return error, failures
+
+    def test_hostile_dotdot_name_is_refused(self):
+        error, failures = self.hostile(lambda tags, path: _pull_file(
+            tags, "pics/../../x", b"evil") + _pull_done(tags))
+        self.assertEqual(len(failures), 1)
+        self.assertEqual(failures[0][2][0], xfer.ST_BAD_PATH)
+        self.assertEqual(os.listdir(self.local), [])
+
+    def test_hostile_absolute_name_is_refused(self):
+        error, failures = self.hostile(lambda tags, path: _pull_file(
+            tags, "/etc/x", b"evil") + _pull_done(tags))
+        self.assertEqual([f[2][0] for f in failures], [xfer.ST_BAD_PATH])
+        self.assertEqual(os.listdir(self.local), [])
+
+    def test_hostile_name_not_asked_for_is_refused(self):
+        error, failures = self.hostile(lambda tags, path: _pull_file(
+            tags, ".bashrc", b"evil") + _pull_file(tags, "pics-other/x", b"evil", fid=2)
+            + _pull_file(tags, "pics/ok.txt", b"fine", fid=3) + _pull_done(tags))
+        self.assertEqual(len(failures), 2)
+        self.assertIn("not below the path asked for", failures[0][2][1])
+        self.assertEqual(tree_listing(self.local), ["pics", "pics/ok.txt"])
+
+    def test_hostile_body_longer_than_announced(self):
+        def answer(tags, path):
+            return (_pull_frame(tags, 0x10, struct.pack("!IQqIB", 1, 3, 0, 0o644, 1)
+                                + b"pics/a") + b"12345"
+                    + _pull_frame(tags, 0x12, struct.pack(
+                        "!IB32s", 1, 0, hashlib.sha256(b"123").digest())) + _pull_done(tags))
+        error, failures = self.hostile(answer, hangup=True)
+        self.assertIsInstance(error, xfer.XferError)
+        self.assertEqual(len(failures), 1)
+        self.assertEqual(tree_listing(self.local), ["pics"])
+
+    def test_hostile_body_shorter_than_announced(self):
+        error, failures = self.hostile(lambda tags, path: _pull_file(
+            tags, "pics/a", b"12", size=100, trailer=False), hangup=True)
+        self.assertIsInstance(error, xfer.XferError)
+        self.assertEqual(len(failures), 1)
+        self.assertEqual(tree_listing(self.local), ["pics"])
+
+    def test_hostile_wrong_digest(self):
+        error, failures = self.hostile(lambda tags, path: _pull_file(
+            tags, "pics/a", b"data", digest=bytes(32)) + _pull_done(tags))
+        self.assertEqual([f[2][0] for f in failures], [xfer.ST_INTEGRITY])
+        self.assertEqual(tree_listing(self.local), ["pics"])
+
+    def test_hostile_wrong_tag(self):
+        def answer(tags, path):
+            out = bytearray(_pull_file(tags, "pics/a", b"data") + _pull_done(tags))
+            out[-1] ^= 1                   # the DONE's tag
+            frame_end = 5 + xfer._FILE.size + len(b"pics/a")
+            out[frame_end] ^= 1            # the FILE's tag
+            return bytes(out)
+        error, failures = self.hostile(answer)
+        self.assertIsInstance(error, xfer.IntegrityError)
+        self.assertEqual(os.listdir(self.local), [])
+
+    def test_hostile_huge_declared_size_refused_before_allocation(self):
+        error, failures = self.hostile(lambda tags, path: _pull_frame(
+            tags, 0x10, struct.pack("!IQqIB", 1, 2**62, 0, 0o644, 0) + b"pics/huge")
+            + _pull_done(tags))
+        self.assertEqual([f[2][0] for f in failures], [xfer.ST_NO_SPACE])
+        self.assertEqual(tree_listing(self.local), [])
+
+    def test_hostile_huge_streamed_size_is_a_protocol_error(self):
+        error, failures = self.hostile(lambda tags, path: _pull_frame(
+            tags, 0x10, struct.pack("!IQqIB", 1, 2**40, 0, 0o644, 1) + b"pics/huge"),
+            hangup=True)
+        self.assertIsInstance(error, xfer.ProtocolError)
+        self.assertEqual(os.listdir(self.local), [])
+
+    def test_older_server_says_it_does_not_support_get(self):
+        server = _PullStandIn(self, lambda tags, path: _pull_frame(
+            tags, 0x7F, struct.pack("!B", xfer.ST_PROTOCOL) + b"unexpected unknown message"))
+        with self.assertRaises(xfer.ProtocolError) as caught:
+            _pull_sender(server.address).fetch("pics", self.local)
+        self.assertIn("does not support get", str(caught.exception))
+
+
 class MiscTests(unittest.TestCase):
     def test_all_lists_every_public_name(self):
         public = set()

@@ -282,7 +282,7 @@ EXIT_INTERRUPTED = 130 # Ctrl-C
 # Wire status codes (Protocol 4.4); _STATUSES below says what each means to a sender.
 ST_OK, ST_SKIPPED, ST_NEEDED = 0, 1, 2
 ST_BAD_PATH, ST_CONFLICT, ST_TOO_LARGE, ST_NO_SPACE = 10, 11, 12, 13
-ST_INTEGRITY, ST_IO, ST_ABORTED = 14, 15, 16
+ST_INTEGRITY, ST_IO, ST_ABORTED, ST_DENIED = 14, 15, 16, 17
 ST_PROTOCOL, ST_VERSION, ST_AUTH_REQUIRED, ST_AUTH_FAILED = 20, 21, 22, 23
 ST_BUSY, ST_TIMEOUT, ST_SHUTDOWN, ST_TLS_REQUIRED = 24, 25, 26, 27
 
@@ -406,6 +406,7 @@ _STATUSES = tuple(_Status(*row) for row in (
     (ST_INTEGRITY,     "ST_INTEGRITY",     IntegrityError,       False),
     (ST_IO,            "ST_IO",            RemoteError,          False),
     (ST_ABORTED,       "ST_ABORTED",       RemoteError,          False),
+    (ST_DENIED,        "ST_DENIED",        RemoteError,          False),
     (ST_PROTOCOL,      "ST_PROTOCOL",      ProtocolError,        False),
     (ST_VERSION,       "ST_VERSION",       VersionMismatchError, False),
     (ST_AUTH_REQUIRED, "ST_AUTH_REQUIRED", AuthError,            False),
@@ -456,6 +457,10 @@ _RESULT = struct.Struct("!IB")         # id, status; reason follows    (4.4)
 _MKDIR = struct.Struct("!II")          # id, mode; path follows        (4.5)
 _PONG = struct.Struct("!QQ")           # free bytes, total bytes; version text follows (4.6)
 _ERROR = struct.Struct("!B")           # status; reason follows        (4.7)
+_GET = struct.Struct("!IB")            # id, flags; path follows       (4.9)
+_LIST = struct.Struct("!IB")           # id, flags; path follows       (4.10)
+_ENTRY = struct.Struct("!BQqIH")       # type, size, mtime_ns, mode, name length (4.10)
+_DONE = struct.Struct("!IB")           # id, status; reason follows    (4.9)
 
 # Flags.  Reserved bits are sent as 0, and a set one is refused on receipt
 # (ST_PROTOCOL), so that a later version can give them a meaning.
@@ -470,6 +475,10 @@ _FF_KNOWN = FF_STREAM | FF_DISCARD
 CF_CHECKSUM = 0x01     # compare content digests, not size and mtime
 # TRAILER flags.
 TF_ABORT = 0x01        # the sender gives this file up; discard it
+# LIST flags.
+LF_RECURSIVE = 0x01    # the whole tree below the path, not one directory
+# LIST entry types.
+ET_FILE, ET_DIR, ET_LINK, ET_OTHER = 0, 1, 2, 3
 
 
 class _Msg:
@@ -484,6 +493,10 @@ class _Msg:
     MKDIR = 0x14
     CHECK = 0x15
     BODY = 0x16
+    GET = 0x17
+    LIST = 0x18
+    ENTRIES = 0x19
+    DONE = 0x1A
     PING = 0x20
     PONG = 0x21
     BYE = 0x22
@@ -2038,8 +2051,10 @@ class Receiver:
                  max_depth=MAX_PATH_DEPTH, max_frame=MAX_FRAME_PAYLOAD,
                  overwrite="replace", partial_max_age=DEFAULT_PARTIAL_MAX_AGE,
                  quiet=False, auth_backoff=AUTH_BACKOFF, body_min_bytes=BODY_MIN_BYTES,
-                 body_window=BODY_WINDOW, protect=()):
+                 body_window=BODY_WINDOW, protect=(), allow_get=False):
         self.dir = os.path.abspath(os.path.expanduser(dir))
+        #: clients with the token may read DIR (get, ls), read-only
+        self.allow_get = allow_get
         #: files no received name may reach (serve: its own config, keys, known_hosts)
         self.protect = list(protect)
         self._protected = ()
@@ -2480,7 +2495,8 @@ class _ReceiveSession:
         # (_IncomingFile, _NewDir) whose RESULT the group commit decides.
         self.out = []
         self.handlers = {_Msg.FILE: self._on_file, _Msg.CHECK: self._on_check,
-                         _Msg.MKDIR: self._on_mkdir, _Msg.PING: self._on_ping}
+                         _Msg.MKDIR: self._on_mkdir, _Msg.PING: self._on_ping,
+                         _Msg.GET: self._on_get, _Msg.LIST: self._on_list}
 
     # -- lifecycle
 
@@ -2809,6 +2825,143 @@ class _ReceiveSession:
             self.commit.commit()
             incoming.close()
 
+    # -- reading DIR: GET and LIST (Protocol 4.9, 4.10)
+
+    def _read_request(self, payload, known):
+        """(id, flags, path) of a GET or LIST; None once its refusal is said."""
+        if len(payload) < _GET.size:
+            raise ProtocolError("GET or LIST payload of %d bytes is too short" % len(payload))
+        fid, flags = _GET.unpack_from(payload)
+        if flags & ~known:
+            raise ProtocolError("request %d sets reserved flags 0x%02x" % (fid, flags & ~known))
+        raw = payload[_GET.size:]
+        self._flush()
+        if not self.r.allow_get:
+            self.r._log("%s: refused to read %s: reading is not allowed"
+                        % (self.peer, _display(raw) or "DIR"))
+            self._send(_frame(_Msg.DONE, _DONE.pack(fid, ST_DENIED) + (
+                "this server does not let clients read its directory: start it with "
+                "serve --allow-get (or allow_get = yes in [serve])").encode()))
+            return None
+        return fid, flags, raw
+
+    def _served(self, raw):
+        """(local path, lstat, name the client gets) of a path below DIR.
+
+        Every component is looked at with lstat: a symlink anywhere on the way
+        is refused, not followed, so nothing outside DIR is ever reached."""
+        path, name = self.r.dir, ""
+        if raw not in (b"", b"."):
+            parts = self.r._split(raw)
+            for part in parts:
+                path = os.path.join(path, part)
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode) or _is_reparse(st):
+                    raise UnsafePathError("a symlink; never followed", raw)
+            name = parts[-1]
+        return path, os.lstat(path), name
+
+    def _done(self, fid, code=ST_OK, reason=""):
+        self._send(_frame(_Msg.DONE, _DONE.pack(fid, code)
+                          + reason.encode("utf-8", "replace")[:4000]))
+
+    def _on_get(self, payload):
+        """GET: the file or tree at a path below DIR, flowing to the client as
+        MKDIR, FILE, body and TRAILER frames, then DONE."""
+        request = self._read_request(payload, 0)
+        if request is None:
+            return
+        fid, _, raw = request
+        try:
+            path, st, name = self._served(raw)
+        except FileNotFoundError:
+            self._done(fid, ST_BAD_PATH, "%s: no such file or directory" % _display(raw))
+            return
+        except (XferError, OSError) as e:
+            self._done(fid, *_failure(raw, e))
+            return
+        out = _GetWriter(self)
+        walk_tree = stat.S_ISDIR(st.st_mode)
+        if walk_tree:
+            walk = _walk_tree(path, name, served=True)
+        else:
+            walk = iter([("file" if stat.S_ISREG(st.st_mode) else "other", path, name, st)])
+        for kind, path, name, st in walk:
+            if kind == "dir":
+                if name:
+                    out.frame(_frame(_Msg.MKDIR, _MKDIR.pack(fid, 0o777) + name.encode(
+                        "utf-8", "surrogateescape")))
+                continue
+            wire = name.encode("utf-8", "surrogateescape")
+            if kind == "file":
+                failure = out.file(path, st, wire)
+            elif kind == "other":
+                # In a tree, skipped as send-dir skips them; named alone, refused.
+                failure = (ST_SKIPPED if walk_tree else ST_CONFLICT,
+                           "%s: a symlink or special file; not served" % _display(name))
+            else:
+                failure = _failure(wire, st)
+            if failure is not None:
+                out.frame(_encode_result(fid, *failure))
+        out.flush()
+        self._done(fid)
+
+    def _on_list(self, payload):
+        """LIST: the entries of a directory below DIR (of its tree with
+        LF_RECURSIVE), in ENTRIES frames of at most MAX_FRAME_PAYLOAD, then DONE."""
+        request = self._read_request(payload, LF_RECURSIVE)
+        if request is None:
+            return
+        fid, flags, raw = request
+        try:
+            path, st, name = self._served(raw)
+        except FileNotFoundError:
+            self._done(fid, ST_BAD_PATH, "%s: no such file or directory" % _display(raw))
+            return
+        except (XferError, OSError) as e:
+            self._done(fid, *_failure(raw, e))
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            entries = iter([("file" if stat.S_ISREG(st.st_mode) else "other", path, name, st)])
+        elif flags & LF_RECURSIVE:
+            entries = _walk_tree(path, "", served=True)
+        else:
+            entries = _list_dir(path)
+        head = struct.pack("!I", fid)
+        chunk, size, frames = [head], len(head), []
+        for kind, entry_path, entry_name, entry_st in entries:
+            if kind == "dir":
+                if not entry_name:
+                    continue
+                try:
+                    entry_st = os.lstat(entry_path)
+                except OSError:
+                    continue
+                kind = ET_DIR
+            elif kind == "file":
+                kind = ET_FILE
+            elif kind == "other":
+                kind = ET_LINK if stat.S_ISLNK(entry_st.st_mode) else ET_OTHER
+            else:
+                continue        # a directory that cannot be listed: left out
+            wire = entry_name.encode("utf-8", "surrogateescape")
+            entry = _ENTRY.pack(kind, entry_st.st_size if kind == ET_FILE else 0,
+                                entry_st.st_mtime_ns, stat.S_IMODE(entry_st.st_mode),
+                                len(wire)) + wire
+            if size + len(entry) > MAX_FRAME_PAYLOAD:
+                frames.append(self.seal(_frame(_Msg.ENTRIES, b"".join(chunk))))
+                chunk, size = [head], len(head)
+                if len(frames) >= 4:        # streamed: never the whole listing at once
+                    self.sock.sendall(b"".join(frames))
+                    frames = []
+            chunk.append(entry)
+            size += len(entry)
+        if len(chunk) > 1:
+            frames.append(self.seal(_frame(_Msg.ENTRIES, b"".join(chunk))))
+        if frames:
+            self.sock.sendall(b"".join(frames))
+        self._done(fid)
+
     def _read_body_start(self, fid, offset):
         """BODY (Protocol 4.3): where the sender starts, 0 or the offered offset."""
         payload = _expect(self.rfile, _Msg.BODY)
@@ -2866,6 +3019,138 @@ class _ReceiveSession:
             size -= n
             pace.check(size)
         return digest
+
+
+def _list_dir(path):
+    """One directory's entries as _walk_tree(served=True) yields them: its
+    subdirectories as "dir", nothing followed, partial files left out."""
+    with os.scandir(path) as it:
+        for entry in it:
+            if entry.name.startswith(PARTIAL_PREFIX):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    yield "dir", entry.path, entry.name, None
+                else:
+                    kind = "file" if entry.is_file(follow_symlinks=False) else "other"
+                    yield kind, entry.path, entry.name, entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+
+
+class _GetWriter:
+    """The server's half of a GET: its frames and bodies, gathered into few
+    writes, each frame tagged in the order it goes out (Protocol 4.9).
+
+    A file is read through _Outgoing (opened without following a symlink)
+    and checked again after it was read: one that changed while it was read
+    goes out with TF_ABORT, so the client discards it, never stores it torn.
+    """
+
+    def __init__(self, session):
+        self.session = session
+        self.seal = session.seal
+        self.sock = session.sock
+        self.parts = []
+        self.size = 0
+        self.ids = itertools.count(1)
+
+    def frame(self, frame):
+        self.write(self.seal(frame))
+
+    def write(self, data):
+        self.parts.append(data)
+        self.size += len(data)
+        if self.size >= _GATHER:
+            self.flush()
+
+    def flush(self):
+        if self.parts:
+            data, self.parts, self.size = b"".join(self.parts), [], 0
+            self.sock.sendall(data)
+
+    def file(self, path, st, wire):
+        """Send one file; None, or (status, reason) for a file not sent."""
+        fid = next(self.ids)
+        try:
+            f = _Outgoing(path, st, nofollow=True)
+        except OSError as e:
+            return _failure(wire, e)
+        with f:
+            try:
+                now = os.fstat(f.fd)
+                if not stat.S_ISREG(now.st_mode) or (now.st_ino, now.st_dev) != (
+                        st.st_ino, st.st_dev):
+                    return ST_CONFLICT, "%s: replaced while being served" % _display(wire)
+                if f.size <= STREAM_MAX:
+                    data = f.read_all()
+                    digest = hashlib.sha256(data).digest()
+                    self.frame(_encode_file(fid, f.size, f.mtime_ns, stat.S_IMODE(f.mode),
+                                            FF_STREAM, wire))
+                    self.write(data)
+                    changed = f.changed()
+                    self.frame(_encode_trailer(fid, TF_ABORT if changed else 0, digest))
+                    return (ST_ABORTED, "%s: changed while it was read; not sent"
+                            % _display(wire)) if changed else None
+            except OSError as e:
+                return _failure(wire, e)
+            return self._large(f, fid, wire)
+
+    def _large(self, f, fid, wire):
+        """A file over STREAM_MAX: FILE, the client's ACCEPT (or refusal),
+        BODY from 0 or the verified offset, the body, TRAILER."""
+        session = self.session
+        self.frame(_encode_file(fid, f.size, f.mtime_ns, stat.S_IMODE(f.mode), 0, wire))
+        self.flush()
+        kind, payload = session.rfile.frame(MAX_FRAME_PAYLOAD)
+        if kind == _Msg.RESULT:
+            rid, status, _ = _decode_result(payload)
+            if rid != fid:
+                raise ProtocolError("RESULT for file %d while sending file %d" % (rid, fid))
+            return None         # the client skips or refuses it, and says so itself
+        if kind != _Msg.ACCEPT or len(payload) != _ACCEPT.size:
+            raise ProtocolError("expected ACCEPT, got %s" % _msg_name(kind))
+        aid, offset, prefix = _ACCEPT.unpack(payload)
+        if aid != fid or offset >= f.size:
+            raise ProtocolError("ACCEPT for file %d at %d; expected file %d below %d"
+                                % (aid, offset, fid, f.size))
+        h = hashlib.sha256()
+        buf = session.buf
+        start = 0
+        if offset:
+            try:
+                _hash_prefix(f, h, offset, buf)
+                same = hmac.compare_digest(h.digest(), prefix)
+            except OSError:
+                same = False
+            if same:
+                start = offset
+            else:
+                h = hashlib.sha256()
+                f.seek(0)
+        self.frame(_frame(_Msg.BODY, _BODY.pack(fid, start)))
+        self.flush()
+        view = memoryview(buf)
+        left = f.size - start
+        short = False
+        while left:
+            n = 0
+            if not short:
+                try:
+                    n = f.readinto(view[:min(left, CHUNK)])
+                except OSError:
+                    n = 0
+            if not n:               # it shrank: the count is kept, the file given up
+                short = True
+                n = min(left, CHUNK)
+                view[:n] = bytes(n)
+            h.update(view[:n])
+            self.sock.sendall(view[:n])
+            left -= n
+        changed = short or f.changed()
+        self.frame(_encode_trailer(fid, TF_ABORT if changed else 0, h.digest()))
+        return (ST_ABORTED, "%s: changed while it was read; not sent"
+                % _display(wire)) if changed else None
 
 
 class _Store:
@@ -3637,7 +3922,7 @@ _HANDOVER_FILES = CHECK_AHEAD
 _HANDOVER_BYTES = 8 * CHUNK
 
 
-def _walk_tree(path, name, cancelled=None):
+def _walk_tree(path, name, cancelled=None, served=False):
     """Yield (kind, path, name, stat or error) for a tree, depth first, lazily.
 
     kind is "dir" (with None), "file" (with its os.stat_result, following a
@@ -3647,6 +3932,10 @@ def _walk_tree(path, name, cancelled=None):
     pending subdirectories are), so a directory of a million files costs
     no more memory than one of ten.  Symlinks to directories are not
     followed.  cancelled, a callable, is asked before each directory.
+
+    served (a tree a server offers to get and ls): no symlink is followed,
+    a symlink or special file is yielded as "other" with its lstat, and the
+    receiver's own partial files are left out.
     """
     stack = [(path, name)]
     while stack:
@@ -3655,13 +3944,20 @@ def _walk_tree(path, name, cancelled=None):
         path, name = stack.pop()
         yield "dir", path, name, None
         subdirs = []
-        prefix = name + "/"
+        prefix = name + "/" if name else ""
         try:
             with os.scandir(path) as it:
                 for entry in it:
                     try:
                         if entry.is_dir(follow_symlinks=False):
-                            subdirs.append((entry.path, prefix + entry.name))
+                            if not (served and entry.name.startswith(PARTIAL_PREFIX)):
+                                subdirs.append((entry.path, prefix + entry.name))
+                        elif served:
+                            if entry.name.startswith(PARTIAL_PREFIX):
+                                continue
+                            kind = "file" if entry.is_file(follow_symlinks=False) else "other"
+                            yield kind, entry.path, prefix + entry.name, entry.stat(
+                                follow_symlinks=False)
                         elif entry.is_file():
                             yield "file", entry.path, prefix + entry.name, entry.stat()
                     except OSError:
@@ -3696,11 +3992,13 @@ class _Outgoing:
     """
     __slots__ = ("path", "fd", "size", "mtime_ns", "mode", "_file")
 
-    def __init__(self, path, st=None):
+    def __init__(self, path, st=None, nofollow=False):
         self.path = path
         # O_NONBLOCK: opening a FIFO must not wait for a writer (the sender
         # refuses it once it sees what it is); reads of regular files ignore it.
-        self.fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_NONBLOCK)
+        # nofollow (a server's get): a symlink put in a file's place is not opened.
+        self.fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_NONBLOCK
+                          | (_O_NOFOLLOW if nofollow else 0))
         self._file = None
         if st is None:
             try:
@@ -4904,6 +5202,117 @@ class Sender:
     def __exit__(self, exc_type, *exc):
         self.close(wait=exc_type is None)
 
+    def fetch(self, remote_paths, local_dir=".", overwrite="replace", report=None):
+        """get, blocking: copy each remote path (a file or a tree below the
+        server's DIR) into local_dir on one connection.  report(event, name,
+        detail) is told of each file (_Pull).  Returns (files, failed);
+        raises XferError if the connection fails or the server refuses."""
+        if isinstance(remote_paths, str):
+            remote_paths = [remote_paths]
+        rules = _LocalRules(local_dir, overwrite=overwrite)
+        got = []
+
+        def tell(event, raw, detail):
+            if event == "got":
+                got.append(detail)
+            if report is not None:
+                report(event, raw.decode("utf-8", "replace"), detail)
+
+        try:
+            link = self._dial()
+            self._connected()
+            pull = _Pull(link, rules, tell, skip=self.skip)
+            try:
+                for remote in remote_paths:
+                    error = pull.get(remote)
+                    if error is not None:
+                        raise error
+                link.sock.sendall(link.seal(_frame(_Msg.BYE)))
+                _expect(link.rfile, _Msg.BYE)
+            except socket.timeout:
+                raise XferError("%s: no answer within %g s" % (link.peer, self.timeout)) \
+                    from None
+            except OSError as e:
+                if isinstance(e, XferError):
+                    raise
+                raise XferError("%s: connection lost: %s" % (link.peer, e.strerror or e)) \
+                    from None
+            finally:
+                try:
+                    pull.close()
+                finally:
+                    link.close()
+        finally:
+            rules._close_dir()
+        return got, pull.failed
+
+    def listing(self, remote_path="", recursive=False, on_entry=None):
+        """ls, blocking: on_entry(type, size, mtime_ns, mode, name) for each
+        entry of a directory below the server's DIR, as it arrives (type is
+        "file", "dir", "link" or "other").  Raises XferError."""
+        names = {ET_FILE: "file", ET_DIR: "dir", ET_LINK: "link", ET_OTHER: "other"}
+        link = self._dial()
+        self._connected()
+        try:
+            link.sock.sendall(link.seal(_frame(_Msg.LIST, _LIST.pack(
+                1, LF_RECURSIVE if recursive else 0) + remote_path.encode("utf-8"))))
+            error = _list_entries(link.rfile, 1, lambda t, *rest: on_entry(
+                names.get(t, "other"), *rest))
+            if error is not None:
+                raise error
+            link.sock.sendall(link.seal(_frame(_Msg.BYE)))
+            _expect(link.rfile, _Msg.BYE)
+        finally:
+            link.close()
+
+    def get(self, remote_path, local_dir=".", overwrite="replace"):
+        """Start a get on a thread of its own and return its Job at once.
+
+        The job is "sending" while files arrive, then "done" with result the
+        list of FileInfo of the files stored, or "failed" with error set (a
+        file that failed makes the job fail too).  Never blocks; poll
+        job.done, or wait()."""
+        def run():
+            got, failed = self.fetch(remote_path, local_dir, overwrite)
+            if failed:
+                raise XferError("%d file%s of %s did not arrive" % (
+                    failed, "" if failed == 1 else "s", remote_path))
+            return got
+        return self._side_job(run, remote_path, "get")
+
+    def list(self, remote_path="", recursive=False):
+        """Start an ls on a thread of its own and return its Job at once: "done"
+        with result a list of (type, size, mtime_ns, mode, name)."""
+        def run():
+            entries = []
+            self.listing(remote_path, recursive, lambda *e: entries.append(e))
+            return entries
+        return self._side_job(run, remote_path, "list")
+
+    def _side_job(self, run, name, kind):
+        job = Job(self._ledger, None, name, kind)
+        job.state = "sending"
+        job.started = time.monotonic()
+
+        def body():
+            try:
+                job.result = run()
+                job.state = "done"
+            except XferError as e:
+                job.error, job.state = e, "failed"
+            except Exception as e:   # a bug: end the job rather than leave it "sending"
+                traceback.print_exc()
+                job.error, job.state = XferError("internal error: %r" % e), "failed"
+            job.finished = time.monotonic()
+            with self._lock:
+                job._done = True
+                ended = job._ended
+            if ended is not None:
+                ended.set()
+
+        threading.Thread(target=body, name="xfer-" + kind, daemon=True).start()
+        return job
+
     def ping(self):
         """Connect, authenticate and ask for the server's state.
 
@@ -5238,6 +5647,266 @@ class Sender:
             self._down = 0
             self._retry_cv.notify_all()
             self._retry_at = 0.0
+
+
+class _LocalRules(Receiver):
+    """LOCAL_DIR as a get sees it: a Receiver that is never started, so the
+    client applies the very name rules, limits, overwrite policy, temporary
+    files and durable publish that a server applies to what it is sent."""
+
+    def __init__(self, local_dir, overwrite="replace", fsync=True, max_size=None):
+        Receiver.__init__(self, local_dir, overwrite=overwrite, fsync=fsync,
+                          max_size=max_size, partial_max_age=None)
+        self._prepare_dir()
+        self.umask = _current_umask()
+        self.got = []           # FileInfo of each file published, in order
+        self._held = set()
+
+    # _Store's claims: one connection writes LOCAL_DIR, so a partial is its own.
+    def claim(self, key):
+        if key in self._held:
+            return False
+        self._held.add(key)
+        return True
+
+    def unclaim(self, key):
+        self._held.discard(key)
+
+    def _count_file(self, info, resumed=0):
+        Receiver._count_file(self, info, resumed)
+        self.got.append(info)
+
+    def _log(self, line):
+        pass                    # the client reports each failure itself
+
+
+class _Pull:
+    """The client's half of get (Protocol 4.9): it is the receiver now, and
+    defends itself as one.  Every name the server sends passes the local
+    name rules and must lie below the path asked for (nothing else is
+    taken: a server cannot plant a file it was not asked for); each file
+    goes through _IncomingFile into a _Store of LOCAL_DIR, verified, then
+    published durably by the _GroupCommit.
+
+    report(event, name, detail) is told of each file: "got" (FileInfo),
+    "skipped" (reason) or "failed" ((status, reason))."""
+
+    def __init__(self, link, rules, report, skip="quick"):
+        self.link = link
+        self.rfile = link.rfile
+        self.seal = link.seal
+        self.sock = link.sock
+        self.rules = rules
+        self.report = report
+        self.skip = skip
+        self.store = _Store(rules, _Dest(rules.dir, root_fd=rules._root_fd), claims=rules)
+        self.commit = _GroupCommit(self.store, rules, link.peer)
+        self.held = []
+        self.ids = itertools.count(1)
+        self.failed = 0
+
+    def close(self):
+        try:
+            self._commit()
+        finally:
+            self.store.close()
+
+    def _send(self, frame):
+        self.sock.sendall(self.seal(frame))
+
+    def get(self, remote):
+        """One GET: returns when its DONE arrives; raises XferError if the
+        connection cannot go on."""
+        raw = remote.encode("utf-8", "surrogateescape")
+        fid = next(self.ids)
+        self._send(_frame(_Msg.GET, _GET.pack(fid, 0) + raw))
+        self.base = b"" if raw in (b"", b".") else raw.rstrip(b"/").rsplit(b"/", 1)[-1]
+        current = None
+        try:
+            while True:
+                kind, payload = self.rfile.frame(MAX_FRAME_PAYLOAD)
+                if kind == _Msg.FILE:
+                    current = payload[_FILE.size:]
+                    self._file(payload)
+                    current = None
+                elif kind == _Msg.MKDIR:
+                    self._mkdir(payload)
+                elif kind == _Msg.RESULT:       # an entry the server did not send
+                    _, status, reason = _decode_result(payload)
+                    if status == ST_SKIPPED:
+                        self.report("skipped", b"", reason)
+                    else:
+                        self._failed(b"", (status, reason))
+                elif kind == _Msg.DONE:
+                    self._commit()
+                    return _decode_done(payload, fid)
+                elif kind == _Msg.ERROR:
+                    raise _unsupported(_decode_error(payload), "get")
+                else:
+                    raise ProtocolError("unexpected %s in the answer to GET"
+                                        % _msg_name(kind))
+        except (XferError, OSError) as e:
+            if current is not None:
+                self._failed(current, _failure(current, e))
+            raise
+
+    def _asked(self, raw):
+        base = self.base
+        return not base or raw == base or raw.startswith(base + b"/")
+
+    def _mkdir(self, payload):
+        if len(payload) < _MKDIR.size:
+            raise ProtocolError("MKDIR payload of %d bytes is too short" % len(payload))
+        fid, _ = _MKDIR.unpack_from(payload)
+        raw = payload[_MKDIR.size:]
+        try:
+            if not self._asked(raw):
+                raise UnsafePathError("not below the path asked for; refused", raw)
+            self.commit.hold_dir(self.store.makedirs(fid, raw))
+        except (XferError, OSError) as e:
+            self._failed(raw, _failure(raw, e))
+
+    def _file(self, payload):
+        fid, size, mtime_ns, mode, flags, raw = _decode_file(payload)
+        if flags & FF_DISCARD:
+            raise ProtocolError("FILE %d from the server sets FF_DISCARD" % fid)
+        stream = bool(flags & FF_STREAM)
+        incoming = _IncomingFile(self.store, fid, raw, size, mtime_ns, mode, stream)
+        refusal = None
+        try:
+            if not self._asked(raw):
+                raise UnsafePathError("not below the path asked for; refused", raw)
+            if self.skip is not None:
+                refusal = self.store.check(raw, size, mtime_ns)
+            if refusal is None:
+                incoming.admit(resumable=not stream)
+        except (XferError, OSError) as e:
+            refusal = _failure(raw, e)
+        if refusal is not None:
+            if stream:          # at most STREAM_MAX bytes (_decode_file): read, dropped
+                self._drain(size)
+                self._trailer(fid)
+            else:
+                self._send(_encode_result(fid, *refusal))
+            if refusal[0] == ST_SKIPPED:
+                self.report("skipped", raw, refusal[1])
+            else:
+                self._failed(raw, refusal)
+            return
+        try:
+            start = 0
+            if not stream:
+                self._send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, incoming.offset,
+                                                             incoming.prefix)))
+                start = self._body_start(fid, incoming.offset)
+            incoming.begin(start)
+            incoming.receive(self.rfile.readinto, size - start)
+            trailer_flags, digest = self._trailer(fid)
+            failure = incoming.finish(digest, aborted=trailer_flags & TF_ABORT)
+        except BaseException:
+            # A large file's partial stays for the next get to resume.
+            incoming.close(keep=incoming.in_body)
+            raise
+        if failure is not None:
+            if failure[0] == ST_ABORTED:
+                failure = (ST_ABORTED, "%s: changed on the server while it was sent; "
+                           "not stored (get it again)" % _display(raw))
+            self._failed(raw, failure)
+            return
+        self.commit.hold(incoming)
+        self.held.append(incoming)
+        if incoming.claim is not None or len(self.held) >= _HOLD_MAX:
+            self._commit()
+
+    def _commit(self):
+        self.commit.commit()
+        held, self.held = self.held, []
+        for incoming in held:
+            incoming.close()
+            if incoming.failure is not None:
+                self._failed(incoming.raw, incoming.failure)
+            elif incoming.final is None:
+                self.report("skipped", incoming.raw, incoming.note)
+        got, self.rules.got = self.rules.got, []
+        for info in got:
+            self.report("got", info.relpath.encode("utf-8", "surrogateescape"), info)
+
+    def _failed(self, raw, failure):
+        self.failed += 1
+        self.report("failed", raw, failure)
+
+    def _drain(self, size):
+        view = memoryview(self.store.buf)
+        while size:
+            n = self.rfile.readinto(view[:min(size, CHUNK)])
+            if not n:
+                raise ConnectionClosedError("connection closed inside a file body")
+            size -= n
+
+    def _body_start(self, fid, offset):
+        payload = _expect(self.rfile, _Msg.BODY)
+        if len(payload) != _BODY.size:
+            raise ProtocolError("BODY payload of %d bytes" % len(payload))
+        bid, start = _BODY.unpack(payload)
+        if bid != fid or start not in (0, offset):
+            raise ProtocolError("BODY for file %d at %d; expected file %d at 0 or %d"
+                                % (bid, start, fid, offset))
+        return start
+
+    def _trailer(self, fid):
+        kind, payload = self.rfile.frame(MAX_FRAME_PAYLOAD)
+        if kind != _Msg.TRAILER:
+            raise ProtocolError("expected TRAILER, got %s" % _msg_name(kind))
+        tid, flags, digest = _decode_trailer(payload)
+        if tid != fid:
+            raise ProtocolError("TRAILER for file %d while receiving file %d" % (tid, fid))
+        return flags, digest
+
+
+def _decode_done(payload, fid):
+    """DONE (Protocol 4.9): None, or the error that ended the request."""
+    if len(payload) < _DONE.size:
+        raise ProtocolError("DONE payload of %d bytes is too short" % len(payload))
+    did, status = _DONE.unpack_from(payload)
+    if did != fid:
+        raise ProtocolError("DONE for request %d while waiting for %d" % (did, fid))
+    if status == ST_OK:
+        return None
+    return _error_for(status, payload[_DONE.size:].decode("utf-8", "replace"))
+
+
+def _unsupported(error, what):
+    """An ERROR answering GET or LIST: from a server older than them, ST_PROTOCOL."""
+    if getattr(error, "code", None) == ST_PROTOCOL:
+        return ProtocolError("the server does not support %s (upgrade xfer on the server): "
+                             "%s" % (what, error))
+    return error
+
+
+def _list_entries(rfile, fid, on_entry):
+    """Read LIST's answer (Protocol 4.10): on_entry(type, size, mtime_ns, mode,
+    name) for each entry, as each frame arrives; the DONE's error or None."""
+    while True:
+        kind, payload = rfile.frame(MAX_FRAME_PAYLOAD)
+        if kind == _Msg.DONE:
+            return _decode_done(payload, fid)
+        if kind == _Msg.ERROR:
+            raise _unsupported(_decode_error(payload), "ls")
+        if kind != _Msg.ENTRIES or len(payload) < 4:
+            raise ProtocolError("unexpected %s in the answer to LIST" % _msg_name(kind))
+        if struct.unpack_from("!I", payload)[0] != fid:
+            raise ProtocolError("ENTRIES for another request")
+        at, end = 4, len(payload)
+        while at < end:
+            if end - at < _ENTRY.size:
+                raise ProtocolError("ENTRIES frame ends inside an entry")
+            etype, size, mtime_ns, mode, length = _ENTRY.unpack_from(payload, at)
+            at += _ENTRY.size
+            if at + length > end:
+                raise ProtocolError("ENTRIES frame ends inside a name")
+            on_entry(etype, size, mtime_ns, mode,
+                     payload[at:at + length].decode("utf-8", "replace"))
+            at += length
 
 
 def _clean_subdir(subdir):
@@ -5915,7 +6584,7 @@ class Config:
 
 _KNOWN_KEYS = frozenset(["host", "port", "token", "dir", "to", "workers", "max_connections",
                          "max_size", "portable_names", "tls", "tls_cert", "tls_key",
-                         "fingerprint", "no_auth", "overwrite", "allow_home"])
+                         "fingerprint", "no_auth", "overwrite", "allow_home", "allow_get"])
 
 
 def load_config(path=None, environ=None, cwd=None, local=False, serverinfo=True):
@@ -6456,7 +7125,7 @@ def _check_serve_dir(directory, protected, allow_home):
 
 
 _ServeSettings = collections.namedtuple("_ServeSettings", (
-    "dir host port token token_from no_auth tls tls_cert tls_key allow_home max_connections "
+    "dir host port token token_from no_auth tls tls_cert tls_key allow_home allow_get max_connections "
     "max_size portable overwrite settings protected"))
 
 
@@ -6485,6 +7154,7 @@ def _serve_settings(args, config, environ=None):
         tls=find("tls", flag=args.tls, parse=_yes_no).value,
         tls_cert=tls_cert, tls_key=tls_key,
         allow_home=find("allow_home", flag=args.allow_home, parse=_yes_no).value,
+        allow_get=bool(find("allow_get", flag=args.allow_get, parse=_yes_no).value),
         max_connections=find("max_connections", flag=args.max_connections,
                              parse=_whole_number).value or DEFAULT_MAX_CONNECTIONS,
         max_size=find("max_size", flag=args.max_size, parse=_size_value).value,
@@ -6662,7 +7332,7 @@ def _cmd_serve(args):
                         max_path_bytes=args.max_path, max_depth=args.max_depth,
                         portable_names=opts.portable, tls_cert=tls_cert, tls_key=tls_key,
                         overwrite=opts.overwrite, partial_max_age=args.partial_max_age * 86400,
-                        protect=opts.protected)
+                        protect=opts.protected, allow_get=opts.allow_get)
     status = EXIT_OK
     with _stop_signals() as pause:
         try:
@@ -7837,6 +8507,121 @@ def _cmd_ping(args):
     return EXIT_OK
 
 
+def _remote_operands(config, operands, what):
+    """HOST:PATH operands of one host: (host text, [remote path, ...])."""
+    hosts, paths = set(), []
+    for operand in operands:
+        if not _is_destination(operand):
+            raise ConfigError("%s: %s takes HOST:PATH (a path below the server's DIR)"
+                              % (operand, what))
+        address = _parse_address(_without_user(config, operand), dirs=True)
+        hosts.add((address.host, address.port))
+        paths.append(address.subdir)
+    if len(hosts) > 1:
+        raise ConfigError("%s: every HOST:PATH must name the same host" % what)
+    host, port = hosts.pop()
+    return _Address(host, port, ""), paths
+
+
+def _pull_sender(args, config, address):
+    target = _resolve_target(config, address, args.token, tls=args.tls,
+                             fingerprint=args.fingerprint)
+    _check_resolvable(config, address, target.host)
+    skip = None if getattr(args, "force", False) else (
+        "checksum" if getattr(args, "checksum", False) else "quick")
+    sender = Sender((target.host, target.port), skip=skip,
+                    retries=max(0, getattr(args, "retries", 3)),
+                    **dict(_timeouts(args.timeout), **_connection_options(args, target)))
+    return sender, target
+
+
+def _cmd_get(args):
+    """get: copy files and trees from the server's DIR into LOCAL_DIR."""
+    config = _load_config(args)
+    operands = list(args.paths)
+    local_dir = "."
+    if len(operands) > 1 and not _is_destination(operands[-1]):
+        local_dir = operands.pop()
+    address, remotes = _remote_operands(config, operands, "get")
+    sender, target = _pull_sender(args, config, address)
+    where = _host_port_text(target.host, target.port)
+    emit = _json_writer(sys.stdout) if args.json else None
+    totals = {"files": 0, "bytes": 0, "skipped": 0}
+
+    def report(event, name, detail):
+        if event == "got":
+            totals["files"] += 1
+            totals["bytes"] += detail.size
+            if emit:
+                emit("file_received", direction="get", peer=where, path=detail.path,
+                     relpath=detail.relpath, bytes=detail.size, digest=detail.digest)
+            elif args.verbose and not args.quiet:
+                sys.stderr.write("got %s (%s)\n" % (_display(detail.relpath),
+                                                     _human(detail.size)))
+        elif event == "skipped":
+            totals["skipped"] += 1
+            if emit:
+                emit("file_skipped", direction="get", peer=where, relpath=name,
+                     reason=detail)
+            elif args.verbose and not args.quiet:
+                sys.stderr.write("skipped %s\n" % _display(
+                    "%s: %s" % (name, detail) if name else detail))
+        else:
+            code, reason = detail
+            if emit:
+                emit("file_failed", direction="get", peer=where, relpath=name,
+                     status=_STATUS_BY_CODE[code].name if code in _STATUS_BY_CODE else code,
+                     error=reason)
+            else:
+                sys.stderr.write("xfer: get: %s: %s\n" % (where, _display(reason)))
+
+    try:
+        _, failed = sender.fetch(remotes, local_dir, args.overwrite or "replace", report)
+    except XferError as e:
+        _token_source(e, target.token_from)
+        if not emit:
+            raise
+        emit("done", direction="get", ok=False, error=str(e), exit=e.exit_code, **totals)
+        return e.exit_code
+    if emit:
+        emit("done", direction="get", ok=not failed, failed=failed, **totals)
+    elif not args.quiet:
+        sys.stderr.write("got %d file%s (%s) from %s%s%s\n" % (
+            totals["files"], "" if totals["files"] == 1 else "s", _human(totals["bytes"]),
+            where, ", %d skipped" % totals["skipped"] if totals["skipped"] else "",
+            ", %d failed" % failed if failed else ""))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+_ENTRY_LETTERS = {"file": "-", "dir": "d", "link": "l", "other": "?"}
+
+
+def _cmd_ls(args):
+    """ls: list a directory of the server's DIR, like ls -l; streamed."""
+    config = _load_config(args)
+    address, remotes = _remote_operands(config, [args.path], "ls")
+    sender, target = _pull_sender(args, config, address)
+    emit = _json_writer(sys.stdout) if args.json else None
+    out = sys.stdout
+
+    def on_entry(kind, size, mtime_ns, mode, name):
+        if emit:
+            emit("entry", type=kind, size=size, mtime=mtime_ns / 1e9,
+                 mode="%04o" % mode, path=name)
+            return
+        out.write("%s%s %12s %s %s%s\n" % (
+            _ENTRY_LETTERS[kind], stat.filemode(mode)[1:], "{:,}".format(size),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime_ns / 1e9)),
+            _display(name), "/" if kind == "dir" else ""))
+
+    try:
+        sender.listing(remotes[0], args.recursive, on_entry)
+    except XferError as e:
+        _token_source(e, target.token_from)
+        raise
+    return EXIT_OK
+
+
 def _mask(token):
     return token[:4] + "*" * 8 if token else "(none)"
 
@@ -7985,6 +8770,8 @@ def _build_parser():
                    % DEFAULT_PORT)
     p.add_argument("--no-auth", action="store_true",
                    help="accept files from anyone who can connect (no token)")
+    p.add_argument("--allow-get", action="store_true",
+                   help="let clients with the token read DIR (get, ls), read-only")
     p.add_argument("--allow-home", action="store_true",
                    help="let DIR be the home directory (or hold xfer's own config); names "
                    "that reach xfer's config, keys or known_hosts are still refused")
@@ -8080,6 +8867,42 @@ def _build_parser():
                        "destination" % what if name == "send" else
                        "%ss to send; a last HOST:[DIR] is the destination" % what)
         p.set_defaults(func=_cmd_send)
+
+    p = sub.add_parser("get", parents=[common], intermixed=True,
+                       help="copy files and trees from the server's directory")
+    p.add_argument("--tls", action="store_true", help="connect with TLS")
+    p.add_argument("--fingerprint", metavar="SHA256", type=_fingerprint_arg,
+                   help="the server certificate's fingerprint (implies --tls)")
+    p.add_argument("--checksum", action="store_true",
+                   help="skip a file only if the local copy has the same sha256 "
+                   "(default: same size and modification time)")
+    p.add_argument("--force", action="store_true",
+                   help="copy every file, even one LOCAL_DIR already has")
+    p.add_argument("--overwrite", choices=OVERWRITE_POLICIES,
+                   help="when a local name is taken: replace it atomically (default), "
+                   "rename the new one 'NAME (1).EXT', skip it, or fail")
+    p.add_argument("--retries", type=int, metavar="N", default=3,
+                   help="tries again after a transient failure (default 3)")
+    p.add_argument("--timeout", type=_seconds_arg, metavar="SECONDS",
+                   help="give up on a server silent this long (default as for send)")
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="accepted for send's sake; get uses one connection")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per file")
+    p.add_argument("paths", nargs="+", metavar="HOST:PATH",
+                   help="what to copy, below the server's DIR; a last plain path is "
+                   "LOCAL_DIR (default .)")
+    p.set_defaults(func=_cmd_get)
+
+    p = sub.add_parser("ls", parents=[common],
+                       help="list a directory of the server's directory")
+    p.add_argument("path", metavar="HOST:[PATH]")
+    p.add_argument("-R", "--recursive", action="store_true", help="the whole tree")
+    p.add_argument("--tls", action="store_true", help="connect with TLS")
+    p.add_argument("--fingerprint", metavar="SHA256", type=_fingerprint_arg,
+                   help="pin the server certificate")
+    p.add_argument("--timeout", type=_seconds_arg, metavar="SECONDS",
+                   help="give up on a server silent this long")
+    p.set_defaults(func=_cmd_ls)
 
     p = sub.add_parser("ping", parents=[common],
                        help="check that a server is up and the token works")
