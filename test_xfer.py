@@ -4745,6 +4745,33 @@ class PullTests(unittest.TestCase):
         self.assertEqual([i.relpath for i in job.result], ["a.txt"])
         self.assertEqual([e[-1] for e in listing.result], ["a.txt"])
 
+    def test_readme_list_example_is_what_the_server_sends(self):
+        with open(os.path.join(os.path.dirname(XFER), "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        block = readme.split("#### 4.10 LIST and ENTRIES", 1)[1].split("### 5.", 1)[0]
+        example = block.split("```")[3]
+        sent = {"C->S": b"", "S->C": b""}
+        side = None
+        for line in example.strip().splitlines():
+            head, _, rest = line.partition("  ")
+            if head in sent:
+                side = head
+            else:
+                rest = line
+            hexes = re.match(r"\s*((?:[0-9a-f]{2,}\s)+)", rest + " ")
+            sent[side] += bytes.fromhex(hexes.group(1).replace(" ", ""))
+        path = write_file(os.path.join(self.srv, "a.txt"), b"abc")
+        os.chmod(path, 0o644)
+        os.utime(path, ns=(1700000000 * 10**9, 1700000000 * 10**9))
+        client = _HostileClient(self.serve(token=None))
+        self.addCleanup(client.close)
+        client.send(sent["C->S"])
+        answer = b""
+        for _ in range(2):
+            kind, payload = client.read_frame()
+            answer += xfer._FRAME.pack(kind, len(payload)) + payload
+        self.assertEqual(answer.hex(), sent["S->C"].hex())
+
     # -- the client defends itself against a hostile server
 
     def hostile(self, answer, hangup=False):

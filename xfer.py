@@ -5,6 +5,8 @@ Command line:
     python3 xfer.py serve [--dir DIR] [--host ADDR] [--port N] [--once] [--on-receive CMD]
     python3 xfer.py send [--to HOST[:PORT][:DIR]]... [--json] FILE... [HOST[:PORT]:[DIR]]
     python3 xfer.py send-dir [--to HOST[:PORT][:DIR]]... [--json] DIR... [HOST[:PORT]:[DIR]]
+    python3 xfer.py get HOST[:PORT]:PATH... [LOCAL_DIR]     (serve --allow-get)
+    python3 xfer.py ls [-R] HOST[:PORT]:[PATH]
     python3 xfer.py ping [HOST[:PORT]]
 
 Library (README "Python API"):
@@ -35,6 +37,8 @@ Threads: who starts each, and what it does.
     xfer-ping          Sender.ping(): one connection, PING, PONG
     xfer-watch         Sender.watch(), one per Watch: looks at the folder,
                        queues each file once complete, collects the outcomes
+    xfer-get, -list    Sender.get()/list(): one connection, GET or LIST; the
+                       files arrive through _Pull into a _Store of LOCAL_DIR
     xfer-log           serve: writes its log in batches (_Lines)
     xfer-hook          serve --on-receive: runs the hooks (HOOK_WORKERS)
 
@@ -7125,8 +7129,8 @@ def _check_serve_dir(directory, protected, allow_home):
 
 
 _ServeSettings = collections.namedtuple("_ServeSettings", (
-    "dir host port token token_from no_auth tls tls_cert tls_key allow_home allow_get max_connections "
-    "max_size portable overwrite settings protected"))
+    "dir host port token token_from no_auth tls tls_cert tls_key allow_home allow_get "
+    "max_connections max_size portable overwrite settings protected"))
 
 
 def _serve_settings(args, config, environ=None):
@@ -8527,8 +8531,7 @@ def _pull_sender(args, config, address):
     target = _resolve_target(config, address, args.token, tls=args.tls,
                              fingerprint=args.fingerprint)
     _check_resolvable(config, address, target.host)
-    skip = None if getattr(args, "force", False) else (
-        "checksum" if getattr(args, "checksum", False) else "quick")
+    skip = None if getattr(args, "force", False) else "quick"
     sender = Sender((target.host, target.port), skip=skip,
                     retries=max(0, getattr(args, "retries", 3)),
                     **dict(_timeouts(args.timeout), **_connection_options(args, target)))
@@ -8873,11 +8876,9 @@ def _build_parser():
     p.add_argument("--tls", action="store_true", help="connect with TLS")
     p.add_argument("--fingerprint", metavar="SHA256", type=_fingerprint_arg,
                    help="the server certificate's fingerprint (implies --tls)")
-    p.add_argument("--checksum", action="store_true",
-                   help="skip a file only if the local copy has the same sha256 "
-                   "(default: same size and modification time)")
     p.add_argument("--force", action="store_true",
-                   help="copy every file, even one LOCAL_DIR already has")
+                   help="copy every file, even one LOCAL_DIR already has (default: skip "
+                   "those of the same size and modification time)")
     p.add_argument("--overwrite", choices=OVERWRITE_POLICIES,
                    help="when a local name is taken: replace it atomically (default), "
                    "rename the new one 'NAME (1).EXT', skip it, or fail")
