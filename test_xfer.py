@@ -4727,8 +4727,15 @@ class PullTests(unittest.TestCase):
                                           % (xfer.PARTIAL_PREFIX, key)), data[:len(data) // 2])
         os.utime(partial, ns=(10**18, 10**18))
         receiver = _pull_server(self, self.srv)
-        got, failed, _ = _pull_fetch(receiver.address, "big.bin", self.local)
-        self.assertEqual(failed, 0)
+        starts = []
+        real = xfer._IncomingFile.begin
+
+        def begin(incoming, start=0):
+            starts.append(start)
+            return real(incoming, start)
+        with mock.patch.object(xfer._IncomingFile, "begin", begin):
+            got, failed, _ = _pull_fetch(receiver.address, "big.bin", self.local)
+        self.assertEqual((failed, starts), (0, [len(data) // 2]))
         with open(os.path.join(self.local, "big.bin"), "rb") as f:
             self.assertEqual(f.read(), data)
         self.assertEqual(os.listdir(self.local), ["big.bin"])
@@ -4771,6 +4778,30 @@ class PullTests(unittest.TestCase):
             kind, payload = client.read_frame()
             answer += xfer._FRAME.pack(kind, len(payload)) + payload
         self.assertEqual(answer.hex(), sent["S->C"].hex())
+
+    def test_file_changed_while_read_is_reported_never_stored(self):
+        write_file(os.path.join(self.srv, "t", "small.txt"), b"small")
+        write_file(os.path.join(self.srv, "t", "large.bin"), os.urandom(xfer.STREAM_MAX * 2))
+        address = self.serve()
+        with mock.patch.object(xfer._Outgoing, "changed", lambda f: True):
+            got, failed, events = _pull_fetch(address, "t", self.local)
+        self.assertEqual((got, failed), ([], 2))
+        self.assertEqual({e[2][0] for e in events if e[0] == "failed"}, {xfer.ST_ABORTED})
+        self.assertEqual(tree_listing(self.local), ["t"])
+
+    def test_hostile_server_on_the_command_line_one_line_per_file(self):
+        server = _PullStandIn(self, lambda tags, path: _pull_file(
+            tags, "../x", b"evil") + _pull_file(tags, "/etc/x", b"evil", fid=2)
+            + _pull_done(tags))
+        env = isolated_env(self.root)
+        env["XFER_TOKEN"] = _PULL_TOKEN
+        done = run_xfer("get", "%s:%d:pics" % server.address, "local", env=env, cwd=self.root)
+        self.assertEqual(done.returncode, xfer.EXIT_FAILED)
+        lines = done.stderr.splitlines()
+        self.assertEqual(len([l for l in lines if l.startswith("xfer: get:")]), 2, done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+        self.assertEqual(sorted(os.listdir(self.root)), ["local", "srv"])
+        self.assertEqual(os.listdir(self.local), [])
 
     # -- the client defends itself against a hostile server
 

@@ -3092,10 +3092,9 @@ class _GetWriter:
                     self.frame(_encode_file(fid, f.size, f.mtime_ns, stat.S_IMODE(f.mode),
                                             FF_STREAM, wire))
                     self.write(data)
-                    changed = f.changed()
-                    self.frame(_encode_trailer(fid, TF_ABORT if changed else 0, digest))
-                    return (ST_ABORTED, "%s: changed while it was read; not sent"
-                            % _display(wire)) if changed else None
+                    # The client reports a file given up (TF_ABORT) itself.
+                    self.frame(_encode_trailer(fid, TF_ABORT if f.changed() else 0, digest))
+                    return None
             except OSError as e:
                 return _failure(wire, e)
             return self._large(f, fid, wire)
@@ -3153,8 +3152,7 @@ class _GetWriter:
             left -= n
         changed = short or f.changed()
         self.frame(_encode_trailer(fid, TF_ABORT if changed else 0, h.digest()))
-        return (ST_ABORTED, "%s: changed while it was read; not sent"
-                % _display(wire)) if changed else None
+        return None
 
 
 class _Store:
