@@ -490,6 +490,9 @@ class _Msg:
     HELLO = 0x01
     AUTH = 0x02
     AUTH_OK = 0x03
+    PAIR = 0x04
+    CONFIRM = 0x05
+    PAIRED = 0x06
     FILE = 0x10
     ACCEPT = 0x11
     TRAILER = 0x12
@@ -855,8 +858,9 @@ def _client_handshake(sock, rfile, token, require_server_auth=False, peer="the s
     return outgoing
 
 
-def _client_keys(sock, rfile, token, require_server_auth):
-    """The client's handshake messages (Protocol 4.1); the session key, b"" without auth."""
+def _client_hello(sock, rfile):
+    """Send the client's preface and HELLO, read the server's (Protocol 4.1);
+    return (server flags, transcript)."""
     client_preface = _PREFACE.pack(MAGIC, PROTOCOL_VERSION, 0)
     client_nonce = secrets.token_bytes(_NONCE_SIZE)
     sock.sendall(client_preface + _frame(_Msg.HELLO, client_nonce))
@@ -869,6 +873,12 @@ def _client_keys(sock, rfile, token, require_server_auth):
         raise ProtocolError("expected HELLO, got %s" % _msg_name(kind))
     server_nonce = payload
     transcript = _transcript(client_preface, client_nonce, server_preface, server_nonce)
+    return flags, transcript
+
+
+def _client_keys(sock, rfile, token, require_server_auth):
+    """The client's handshake messages (Protocol 4.1); the session key, b"" without auth."""
+    flags, transcript = _client_hello(sock, rfile)
     if flags & PF_AUTH_REQUIRED:
         if not token:
             raise AuthError("this server requires a token: pass --token, set XFER_TOKEN "
@@ -1034,6 +1044,441 @@ def _remember_fingerprint(path, hostport, fingerprint):
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write("%s %s\n" % (hostport, fingerprint))
+
+
+#------------------------------------------------------------
+# pairing (PAKE; Protocol 4.9)
+#------------------------------------------------------------
+# SPAKE2 (RFC 9382) over P-256 with SHA-256, HKDF-SHA256 and HMAC-SHA256,
+# the RFC's suite "P256-SHA256-HKDF-HMAC", in pure Python.  The client is
+# the RFC's A, the server its B.  Python's integers do not run in constant
+# time, so the scalar multiplications may leak timing; the secrets they use
+# (x, y) live for one pairing, and every comparison of a MAC uses
+# hmac.compare_digest.
+
+_P256_P = 2**256 - 2**224 + 2**192 + 2**96 - 1
+_P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_P256_B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B
+_P256_G = (0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
+           0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5)
+# RFC 9382 section 6: M and N for P-256, in SEC1 compressed form.
+_SPAKE2_M = bytes.fromhex("02886e2f97ace46e55ba9dd7242579f2993b64e16ef3dcab95afd497333d8fa12f")
+_SPAKE2_N = bytes.fromhex("03d8bbd6c639c62937b04d997f38c3770719c629d7014d49a24b4f98baa1292b49")
+
+
+def _p256_on_curve(point):
+    x, y = point
+    p = _P256_P
+    return 0 <= x < p and 0 <= y < p and (y * y - (x * x * x - 3 * x + _P256_B)) % p == 0
+
+
+def _p256_decode(data):
+    """A point from its SEC1 encoding (compressed or not); ValueError if it is
+    not on the curve.  The identity has no encoding here, and P-256's
+    cofactor is 1: every point on the curve is in the group."""
+    p = _P256_P
+    if len(data) == 33 and data[0] in (2, 3):
+        x = int.from_bytes(data[1:], "big")
+        if x >= p:
+            raise ValueError("point coordinate out of range")
+        y = pow((x * x * x - 3 * x + _P256_B) % p, (p + 1) // 4, p)   # p = 3 mod 4
+        if (y * y - (x * x * x - 3 * x + _P256_B)) % p:
+            raise ValueError("not a point on P-256")
+        if y & 1 != data[0] & 1:
+            y = p - y
+        return x, y
+    if len(data) == 65 and data[0] == 4:
+        point = int.from_bytes(data[1:33], "big"), int.from_bytes(data[33:], "big")
+        if not _p256_on_curve(point):
+            raise ValueError("not a point on P-256")
+        return point
+    raise ValueError("not a SEC1 point encoding (%d bytes)" % len(data))
+
+
+def _p256_encode(point, compressed=False):
+    x, y = point
+    if compressed:
+        return bytes([2 + (y & 1)]) + x.to_bytes(32, "big")
+    return b"\x04" + x.to_bytes(32, "big") + y.to_bytes(32, "big")
+
+
+# Points in Jacobian coordinates (X, Y, Z), affine (X/Z^2, Y/Z^3); Z = 0 is
+# the identity.  a = -3 on P-256.
+
+def _jac_double(pt):
+    x, y, z = pt
+    p = _P256_P
+    if not y or not z:
+        return (1, 1, 0)
+    zz = z * z % p
+    m = 3 * (x - zz) * (x + zz) % p
+    yy = y * y % p
+    s = 4 * x * yy % p
+    x3 = (m * m - 2 * s) % p
+    return x3, (m * (s - x3) - 8 * yy * yy) % p, 2 * y * z % p
+
+
+def _jac_add(a, b):
+    if not a[2]:
+        return b
+    if not b[2]:
+        return a
+    p = _P256_P
+    x1, y1, z1 = a
+    x2, y2, z2 = b
+    z1z1, z2z2 = z1 * z1 % p, z2 * z2 % p
+    u1, u2 = x1 * z2z2 % p, x2 * z1z1 % p
+    s1, s2 = y1 * z2 * z2z2 % p, y2 * z1 * z1z1 % p
+    h, r = (u2 - u1) % p, (s2 - s1) % p
+    if not h:
+        return _jac_double(a) if not r else (1, 1, 0)
+    hh = h * h % p
+    hhh = h * hh % p
+    v = u1 * hh % p
+    x3 = (r * r - hhh - 2 * v) % p
+    return x3, (r * (v - x3) - s1 * hhh) % p, z1 * z2 * h % p
+
+
+def _p256_mul(k, point):
+    """k * point (affine in, Jacobian out), k reduced mod the group order.
+
+    Four bits at a time from a table of 0..15 times point: 256 doublings
+    and at most 64 additions."""
+    k %= _P256_N
+    table = [(1, 1, 0), (point[0], point[1], 1)]
+    for _ in range(14):
+        table.append(_jac_add(table[-1], table[1]))
+    acc = (1, 1, 0)
+    for shift in range(252, -4, -4):
+        for _ in range(4):
+            acc = _jac_double(acc)
+        digit = (k >> shift) & 15
+        if digit:
+            acc = _jac_add(acc, table[digit])
+    return acc
+
+
+def _p256_affine(pt):
+    """Affine (x, y) of a Jacobian point; None for the identity."""
+    x, y, z = pt
+    if not z:
+        return None
+    p = _P256_P
+    zi = pow(z, -1, p)
+    zi2 = zi * zi % p
+    return x * zi2 % p, y * zi2 * zi % p
+
+
+def _jac_neg(pt):
+    return pt[0], (-pt[1]) % _P256_P, pt[2]
+
+
+def _hkdf_sha256(ikm, info, length, salt=b""):
+    """HKDF (RFC 5869) with SHA-256."""
+    prk = hmac.new(salt or bytes(32), ikm, hashlib.sha256).digest()
+    out, block = b"", b""
+    for i in range(1, -(-length // 32) + 1):
+        block = hmac.new(prk, block + info + bytes([i]), hashlib.sha256).digest()
+        out += block
+    return out[:length]
+
+
+def _spake2_share(w, secret, client):
+    """pA = x*G + w*M (client, RFC 9382's A) or pB = y*G + w*N (server, B); affine."""
+    mask = _p256_decode(_SPAKE2_M if client else _SPAKE2_N)
+    return _p256_affine(_jac_add(_p256_mul(secret, _P256_G), _p256_mul(w, mask)))
+
+
+def _spake2_key(w, secret, peer_share, client):
+    """K = x*(pB - w*N) (client) or y*(pA - w*M) (server); ValueError if it is
+    the identity, which only a share built to cancel the mask gives."""
+    mask = _p256_decode(_SPAKE2_N if client else _SPAKE2_M)
+    unmasked = _jac_add((peer_share[0], peer_share[1], 1), _jac_neg(_p256_mul(w, mask)))
+    key = _p256_affine(_p256_mul(secret, _p256_affine(unmasked) or (0, 0))) \
+        if unmasked[2] else None
+    if key is None:
+        raise ValueError("the peer's share gives the identity")
+    return key
+
+
+def _spake2_schedule(id_a, id_b, pa, pb, k, w, aad=b""):
+    """RFC 9382 section 4: (Ke, cA, cB) from the transcript TT.
+
+    TT = len(A) A len(B) B len(pA) pA len(pB) pB len(K) K len(w) w, each
+    length 8 bytes little-endian, points uncompressed, w big-endian in 32
+    bytes.  Hash(TT) = Ke || Ka; KcA || KcB = HKDF(Ka, "ConfirmationKeys" ||
+    AAD); cA = HMAC(KcA, TT), cB = HMAC(KcB, TT).
+    """
+    tt = b""
+    for part in (id_a, id_b, _p256_encode(pa), _p256_encode(pb), _p256_encode(k),
+                 w.to_bytes(32, "big")):
+        tt += len(part).to_bytes(8, "little") + part
+    digest = hashlib.sha256(tt).digest()
+    ke, ka = digest[:16], digest[16:]
+    kc = _hkdf_sha256(ka, b"ConfirmationKeys" + aad, 32)
+    return (ke, hmac.new(kc[:16], tt, hashlib.sha256).digest(),
+            hmac.new(kc[16:], tt, hashlib.sha256).digest())
+
+
+_CODE_WORDS = tuple("""
+    acorn amber anchor apple apron arrow aspen atlas autumn badge bagel bamboo banjo barley
+    basket beach beacon beaver bench berry bicycle birch biscuit bison blanket bloom boat
+    bottle branch bread breeze brick bridge brook bucket butter button cabin cactus camel
+    candle canoe canyon carpet carrot castle cedar cello chalk cherry chess cider circle cliff
+    clock cloud clover cobalt cocoa coffee comet compass copper coral cotton cradle crayon
+    cricket crystal cubby daisy dance delta desert diamond dinner dolphin donkey dragon dream
+    drum dune eagle echo elbow ember engine falcon feather fender fern fiddle field fig finch
+    flame flute forest fossil fox frost garden garlic gecko ginger glacier globe goose grape
+    gravel guitar hammer harbor harvest hazel heron hickory honey horizon igloo island ivory
+    jacket jasmine jelly jigsaw jungle kayak kettle kitten ladder lagoon lantern lemon lilac
+    lily linen lizard lobster locket lotus magnet mango maple marble meadow melon meteor mint
+    mirror mitten monkey moose mosaic motor muffin mustard napkin nectar needle nickel noodle
+    nutmeg oak oasis ocean olive onion orange orbit orchid otter owl oyster paddle panda paper
+    parrot peach peanut pebble pencil pepper piano pickle pillow pine planet plum pocket pony
+    poppy potato pretzel puzzle quartz quill rabbit radish rain raven ribbon river robin rocket
+    saddle salmon sandal saturn scarf shadow shell silver sketch sleigh snow socket spoon
+    spruce squash star stone sugar summer sunset swan table tango teapot thimble thunder tiger
+    timber toast tomato topaz tractor tulip tunnel turtle umbrella valley velvet violet violin
+    wagon walnut walrus whale willow window winter wizard yogurt zebra zipper
+""".split())
+#: A pairing code is open for this many seconds, for this many tries (the
+#: one that succeeds uses it up); then serve shows a new one on request.
+PAIRING_LIFETIME = 600.0
+PAIRING_TRIES = 3
+_CODE_NUMBERS = 99                     # the code's number: 1 to 99
+_CODE_KDF_ROUNDS = 10000               # PBKDF2-HMAC-SHA256 rounds, code -> w (Protocol 4.9)
+_CODE_KDF_SALT = b"xfer pairing code"
+_SPAKE2_A, _SPAKE2_B = b"xfer client", b"xfer server"   # RFC 9382 identities
+_SHARE_SIZE = 33                       # a compressed P-256 point
+_CONFIRM_SIZE = 32
+
+
+def _new_code():
+    """A random pairing code: a number and two words, e.g. "7-castle-river"
+    (99 * 256 * 256 codes, 22.6 bits)."""
+    words = [_CODE_WORDS[secrets.randbelow(len(_CODE_WORDS))] for _ in range(2)]
+    return "-".join([str(1 + secrets.randbelow(_CODE_NUMBERS))] + words)
+
+
+def _normalize_code(text):
+    """The canonical form of a typed code (case, spaces and dashes forgiven);
+    ConfigError, naming the part, if it cannot be one."""
+    parts = [p for p in re.split(r"[\s\-_.]+", text.strip().lower()) if p]
+    problem = None
+    if len(parts) != 3 or not parts[0].isdigit():
+        problem = "a pairing code is a number and two words, like 7-castle-river"
+    elif not 1 <= int(parts[0]) <= _CODE_NUMBERS:
+        problem = "its number is from 1 to %d" % _CODE_NUMBERS
+    else:
+        unknown = [p for p in parts[1:] if p not in _CODE_WORDS]
+        if unknown:
+            problem = "%r is not one of the words serve uses; check the spelling" % unknown[0]
+    if problem:
+        raise ConfigError("not a pairing code: %r: %s" % (text, problem))
+    return "%d-%s-%s" % (int(parts[0]), parts[1], parts[2])
+
+
+def _code_scalar(code):
+    """w = PBKDF2-HMAC-SHA256(code, salt, rounds, 40 bytes) mod the group order
+    (RFC 9382 section 3.2: 64 bits more than the order, so the bias is tiny)."""
+    stretched = hashlib.pbkdf2_hmac("sha256", code.encode("utf-8"), _CODE_KDF_SALT,
+                                    _CODE_KDF_ROUNDS, 40)
+    return int.from_bytes(stretched, "big") % _P256_N
+
+
+def _pairing_keys(ke):
+    """(cipher key, MAC key) for the PAIRED secret, from SPAKE2's Ke."""
+    return (_hkdf_sha256(ke, b"xfer pairing cipher", 32),
+            _hkdf_sha256(ke, b"xfer pairing mac", 32))
+
+
+def _keystream(key, length):
+    """HMAC-SHA256(key, block number "!Q") for blocks 0, 1, ...: length bytes."""
+    return b"".join(hmac.new(key, struct.pack("!Q", i), hashlib.sha256).digest()
+                    for i in range(-(-length // 32)))[:length]
+
+
+def _seal(ke, plaintext):
+    """Encrypt-then-MAC under a key used for this one message (Protocol 4.9)."""
+    cipher_key, mac_key = _pairing_keys(ke)
+    body = bytes(a ^ b for a, b in zip(plaintext, _keystream(cipher_key, len(plaintext))))
+    return body + hmac.new(mac_key, body, hashlib.sha256).digest()
+
+
+def _unseal(ke, sealed):
+    cipher_key, mac_key = _pairing_keys(ke)
+    body, mac = sealed[:-32], sealed[-32:]
+    if len(sealed) < 32 or not hmac.compare_digest(
+            mac, hmac.new(mac_key, body, hashlib.sha256).digest()):
+        raise IntegrityError("the server's pairing answer failed authentication (altered "
+                             "on the way)")
+    return bytes(a ^ b for a, b in zip(body, _keystream(cipher_key, len(body))))
+
+
+class _PairingCode:
+    """A receiver's one open pairing code: its lifetime, its tries, one use.
+
+    A try is counted when a PAIR arrives, before the server answers it, so
+    parallel guesses count too; the try whose confirmation is right uses the
+    code up.  clock is the seam for tests of the lifetime.
+    """
+
+    def __init__(self, log=None, clock=time.monotonic):
+        self.log = log or (lambda line: None)
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.code = self.w = None
+        self.expires = 0.0
+        self.tries = 0
+        self.serial = 0             # which code a try belongs to
+        self.ended = None           # why the last code ended, once logged
+
+    def open(self, code=None, lifetime=PAIRING_LIFETIME, tries=PAIRING_TRIES):
+        code = _normalize_code(code) if code else _new_code()
+        w = _code_scalar(code)
+        with self.lock:
+            self.code, self.w = code, w
+            self.expires = self.clock() + lifetime
+            self.tries = tries
+            self.serial += 1
+            self.ended = None
+        return code
+
+    def close(self):
+        with self.lock:
+            self.code = self.w = None
+
+    def current(self):
+        """The open code, or None."""
+        with self.lock:
+            self._expire()
+            return self.code
+
+    def _expire(self):
+        if self.code is not None and self.clock() >= self.expires:
+            self.code = self.w = None
+            self.ended = "expired"
+            self.log("pairing code expired; %s" % _NEW_CODE_HINT)
+
+    def begin(self):
+        """Count a try; return (serial, w), or raise AuthError saying why not."""
+        with self.lock:
+            self._expire()
+            if self.code is None:
+                why = {"expired": "the pairing code has expired (a code lasts %s)"
+                       % _duration(PAIRING_LIFETIME),
+                       "used": "the pairing code has been used",
+                       "burned": "the pairing code was given up after %d wrong tries"
+                       % PAIRING_TRIES}.get(self.ended, "no pairing code is open")
+                raise AuthError("%s on this server: ask for a new one there (%s)"
+                                % (why, _NEW_CODE_HINT))
+            self.tries -= 1
+            return self.serial, self.w, self.tries
+
+    def failed(self, serial):
+        """A wrong confirmation for a try of code serial: burn it after the last."""
+        with self.lock:
+            if serial == self.serial and self.code is not None and self.tries <= 0:
+                self.code = self.w = None
+                self.ended = "burned"
+                burned = True
+            else:
+                burned = False
+        if burned:
+            self.log("pairing code given up after %d wrong tries; %s"
+                     % (PAIRING_TRIES, _NEW_CODE_HINT))
+
+    def use(self, serial):
+        """Use the code up for a right try; False if it ended meanwhile."""
+        with self.lock:
+            self._expire()
+            if serial != self.serial or self.code is None:
+                return False
+            self.code = self.w = None
+            self.ended = "used"
+            return True
+
+
+_NEW_CODE_HINT = "press Enter in serve's terminal for a new one"
+
+
+def _client_pair(sock, rfile, code, w=None):
+    """The client's pairing exchange on a connected socket (Protocol 4.9).
+
+    Returns (token, fingerprint or None, server name).  AuthError for a
+    wrong code (the server says so) or a server that cannot prove it knows
+    the code; nothing is learned from a server that fails.
+    """
+    w = _code_scalar(code) if w is None else w
+    flags, transcript = _client_hello(sock, rfile)
+    if not flags & PF_AUTH_REQUIRED:
+        raise AuthError("the server runs without a token (--no-auth): there is nothing to "
+                        "pair; send to it directly")
+    x = 1 + secrets.randbelow(_P256_N - 1)
+    pa = _spake2_share(w, x, client=True)
+    sock.sendall(_frame(_Msg.PAIR, _p256_encode(pa, compressed=True)))
+    payload = _expect(rfile, _Msg.PAIR)
+    try:
+        if len(payload) != _SHARE_SIZE:
+            raise ValueError("%d bytes" % len(payload))
+        pb = _p256_decode(payload)
+        k = _spake2_key(w, x, pb, client=True)
+    except ValueError as e:
+        raise ProtocolError("the server's PAIR share is not a valid point (%s)" % e) from None
+    ke, confirm_a, confirm_b = _spake2_schedule(_SPAKE2_A, _SPAKE2_B, pa, pb, k, w, transcript)
+    sock.sendall(_frame(_Msg.CONFIRM, confirm_a))
+    payload = _expect(rfile, _Msg.PAIRED)
+    if not hmac.compare_digest(payload[:_CONFIRM_SIZE], confirm_b):
+        raise AuthError("the server could not prove it knows the pairing code")
+    fields = _unseal(ke, payload[_CONFIRM_SIZE:]).split(b"\0")
+    if len(fields) != 3 or not fields[0]:
+        raise ProtocolError("the server's pairing answer has %d fields, not 3" % len(fields))
+    token, fingerprint, name = (f.decode("utf-8", "replace") for f in fields)
+    return token, fingerprint or None, name
+
+
+def _pair(host, port, code, tls=False, timeout=DEFAULT_HANDSHAKE_TIMEOUT):
+    """Pair with the server at host:port using code; return (token, fingerprint, name).
+
+    Plain first unless tls; a server that requires TLS is asked again over
+    TLS, whose certificate must then be the one it vouches for under the
+    key the code gave (so TLS needs no pin of its own here).
+    """
+    code = _normalize_code(code)
+    w = _code_scalar(code)
+    where = _host_port_text(host, port)
+    for over_tls in ((True,) if tls else (False, True)):
+        try:
+            sock = socket.create_connection((host, port), timeout)
+        except OSError as e:
+            raise ConnectError("cannot connect to %s: %s" % (where, e.strerror or e)) from None
+        try:
+            sock.settimeout(timeout)
+            seen = None
+            if over_tls:
+                sock, seen, _ = _client_tls(sock, host, port, None, None)
+            try:
+                token, fingerprint, name = _client_pair(sock, _Reader(sock), code, w)
+            except ProtocolError as e:
+                if e.code == ST_TLS_REQUIRED and not over_tls:
+                    continue
+                raise
+            if seen is not None and not (fingerprint and _same_fingerprint(seen, fingerprint)):
+                raise AuthError("the TLS certificate of %s is not the one the server vouched "
+                                "for under the pairing code: someone may be intercepting the "
+                                "connection" % where)
+            return token, fingerprint, name
+        except XferError:
+            raise
+        except socket.timeout:
+            raise ConnectError("%s did not finish the pairing exchange within %g s"
+                               % (where, timeout)) from None
+        except OSError as e:
+            raise ConnectError("%s: connection lost while pairing: %s"
+                               % (where, e.strerror or e)) from None
+        finally:
+            sock.close()
+    raise ProtocolError("%s requires TLS, and refused it" % where)
 
 
 #------------------------------------------------------------
@@ -1797,8 +2242,9 @@ class _AuthGuard:
                 self.pending.add(address)
             return left
 
-    def check(self, address, peer, right):
-        """Judge a token proof from address: right() says if it is correct.
+    def check(self, address, peer, right, what="token"):
+        """Judge a proof from address (of a token, or a pairing code's
+        confirmation): right() says if it is correct.
 
         Returns 0 if it is, None if it is wrong (logged and counted), else
         the seconds the address must still wait (right() is not called).
@@ -1814,7 +2260,7 @@ class _AuthGuard:
                 self.addresses.pop(address, None)
                 self.pending.discard(address)
                 return 0
-            line = self._failed(address, peer, now)
+            line = self._failed(address, peer, now, what)
         if line:
             self.log(line)
         return None
@@ -1826,7 +2272,7 @@ class _AuthGuard:
         if line:
             self.log(line)
 
-    def _failed(self, address, peer, now):
+    def _failed(self, address, peer, now, what="token"):
         entry = self.addresses.pop(address, None)
         if entry is None:
             while len(self.addresses) >= self.max_addresses:
@@ -1840,7 +2286,7 @@ class _AuthGuard:
         if entry[3] is None or (not entry[4] and not entry[5]
                                 and now - entry[3] >= self.interval):
             entry[3] = now
-            return "%s: refused: wrong token" % (peer or address)
+            return "%s: refused: wrong %s" % (peer or address, what)
         entry[4] += 1
         self.pending.add(address)
         return None
@@ -1938,6 +2384,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         # Runs between polls of the serving loop (at most poll_interval apart).
         super().service_actions()
         self.receiver._auth.tick()
+        self.receiver._pairing.current()        # logs a code's expiry
 
     def process_request(self, request, client_address):
         # Admission happens before authentication (RECEIVER-DEFENSES 1): a
@@ -2055,10 +2502,16 @@ class Receiver:
                  max_depth=MAX_PATH_DEPTH, max_frame=MAX_FRAME_PAYLOAD,
                  overwrite="replace", partial_max_age=DEFAULT_PARTIAL_MAX_AGE,
                  quiet=False, auth_backoff=AUTH_BACKOFF, body_min_bytes=BODY_MIN_BYTES,
-                 body_window=BODY_WINDOW, protect=(), allow_get=False):
+                 body_window=BODY_WINDOW, protect=(), allow_get=False, name=None,
+                 discovery=False):
         self.dir = os.path.abspath(os.path.expanduser(dir))
         #: clients with the token may read DIR (get, ls), read-only
         self.allow_get = allow_get
+        #: the name discovery answers and pairing hands out (default: the host name)
+        self.name = _server_name(name)
+        #: answer discovery queries on UDP at the same port (README "find")
+        self.discovery = discovery
+        self._discovery = None
         #: files no received name may reach (serve: its own config, keys, known_hosts)
         self.protect = list(protect)
         self._protected = ()
@@ -2072,6 +2525,7 @@ class Receiver:
         #: log refusals and errors only, no notices (serve -q)
         self.quiet = quiet
         self._auth = _AuthGuard(auth_backoff, self._log)
+        self._pairing = _PairingCode(self._note)
         #: a body slower than body_min_bytes per body_window seconds is
         #: dropped (body_window None: never)
         self.body_min_bytes = int(body_min_bytes)
@@ -2150,6 +2604,12 @@ class Receiver:
             raise XferError("cannot listen on %s:%s: %s" % (self.host, self.port,
                                                              e.strerror or e)) from None
         self.address = self._server.server_address[:2]
+        if self.discovery:
+            try:
+                self._discovery = _Discovery(self, self.address)
+            except OSError as e:
+                self._log("discovery off: cannot listen on UDP port %d: %s"
+                          % (self.address[1], e.strerror or e))
         self._thread = threading.Thread(target=self._serve, args=(self._server,),
                                         name="xfer-receiver", daemon=True)
         self._thread.start()
@@ -2190,6 +2650,9 @@ class Receiver:
         except OSError:
             pass
         server.shutdown()
+        discovery, self._discovery = self._discovery, None
+        if discovery is not None:
+            discovery.stop()
         deadline = time.monotonic() + grace
         with self._idle:
             while self.connections and time.monotonic() < deadline:
@@ -2217,6 +2680,23 @@ class Receiver:
     def poll(self, max_events=None):
         """Run queued callbacks (dispatch="poll") on this thread; never blocks."""
         return self._dispatch.poll(max_events)
+
+    def open_pairing(self, code=None, lifetime=PAIRING_LIFETIME):
+        """Open a new pairing code (replacing any open one) and return it.
+
+        It is valid for lifetime seconds and PAIRING_TRIES tries; the right
+        one uses it up (README "Pairing").  Needs a token: pairing hands it
+        to the sender.  Thread-safe.
+        """
+        if not self.token:
+            raise XferError("pairing needs a token: a server without one (--no-auth) has "
+                            "nothing to hand out")
+        return self._pairing.open(code, lifetime)
+
+    @property
+    def pairing_code(self):
+        """The open pairing code, or None (expired, used or given up)."""
+        return self._pairing.current()
 
     def __enter__(self):
         return self.start()
@@ -2317,6 +2797,12 @@ class Receiver:
                          + _encode_error(ST_BUSY, reason))
         except OSError:
             pass
+
+    def _discover_answer(self, nonce):
+        """This server's answer to a discovery query (Protocol 7): no secret."""
+        flags = ((DF_PAIRING if self.token and self._pairing.current() else 0)
+                 | (DF_TLS if self._tls is not None else 0) | (DF_AUTH if self.token else 0))
+        return _discover_answer(nonce, self.address[1], flags, self.name)
 
     def _count_file(self, info, resumed=0):
         with self._lock:
@@ -2673,12 +3159,16 @@ class _ReceiveSession:
                             "for this address it refuses a server that asks for none)"
                             % self.peer)
             raise _Drop()
-        proof = _expect(self.rfile, _Msg.AUTH, _HANDSHAKE_FRAME_MAX)
+        kind, proof = self.rfile.frame(_HANDSHAKE_FRAME_MAX)
+        transcript = _transcript(head, client_nonce, server_preface, server_nonce)
+        if kind == _Msg.PAIR:
+            self._pair(proof, transcript)     # ends the connection
+        if kind != _Msg.AUTH:
+            raise ProtocolError("expected AUTH, got %s" % _msg_name(kind))
         if not token:
             self._send(_frame(_Msg.AUTH_OK, b""))
             self._handshake_done = True
             return
-        transcript = _transcript(head, client_nonce, server_preface, server_nonce)
         want = _auth_mac(token, b"xfer client", transcript)
         wait = self.r._auth.check(self.address, self.peer,
                                   lambda: hmac.compare_digest(proof, want))
@@ -2721,6 +3211,60 @@ class _ReceiveSession:
         if flags:
             raise ProtocolError("the client set reserved preface flags 0x%04x" % flags)
         return head
+
+    def _pair(self, share, transcript):
+        """The server's side of pairing (Protocol 4.9), in place of AUTH.
+
+        A try is counted before the share is answered; a wrong confirmation
+        counts against the address like a wrong token (_AuthGuard).  Ends
+        the connection (_Drop) whatever happens."""
+        def refuse(status, reason):
+            self._send_quietly(_encode_error(status, reason))
+            raise _Drop()
+        if not self.r.token:
+            refuse(ST_AUTH_FAILED, "this server runs without a token (--no-auth): there is "
+                   "nothing to pair")
+        wait = self.r._auth.wait(self.address, count=True)
+        if wait:
+            refuse(ST_BUSY, _backoff_reason(self.address, wait))
+        try:
+            if len(share) != _SHARE_SIZE:
+                raise ValueError("%d bytes" % len(share))
+            pa = _p256_decode(share)
+        except ValueError as e:
+            raise ProtocolError("PAIR share is not a compressed P-256 point (%s)" % e) from None
+        try:
+            serial, w, left = self.r._pairing.begin()
+        except AuthError as e:
+            self.r._log("%s: refused pairing: %s" % (self.peer, e))
+            refuse(ST_AUTH_FAILED, str(e))
+        y = 1 + secrets.randbelow(_P256_N - 1)
+        pb = _spake2_share(w, y, client=False)
+        try:
+            k = _spake2_key(w, y, pa, client=False)
+        except ValueError as e:
+            raise ProtocolError("PAIR share refused: %s" % e) from None
+        ke, confirm_a, confirm_b = _spake2_schedule(_SPAKE2_A, _SPAKE2_B, pa, pb, k, w,
+                                                    transcript)
+        self._send(_frame(_Msg.PAIR, _p256_encode(pb, compressed=True)))
+        confirm = _expect(self.rfile, _Msg.CONFIRM, _HANDSHAKE_FRAME_MAX)
+        verdict = self.r._auth.check(self.address, self.peer,
+                                     lambda: hmac.compare_digest(confirm, confirm_a),
+                                     what="pairing code (%d %s left)"
+                                     % (left, "try" if left == 1 else "tries"))
+        if verdict is None:
+            self.r._pairing.failed(serial)
+            refuse(ST_AUTH_FAILED, "wrong pairing code")
+        if verdict:
+            refuse(ST_BUSY, _backoff_reason(self.address, verdict))
+        if not self.r._pairing.use(serial):
+            refuse(ST_AUTH_FAILED, "the pairing code was used up meanwhile; ask for a new one")
+        secret = b"\0".join(field.encode("utf-8") for field in (
+            self.r.token, self.r.fingerprint or "", self.r.name))
+        self._send(_frame(_Msg.PAIRED, confirm_b + _seal(ke, secret)))
+        self.r._note("%s: paired as %s; the pairing code is used up (%s)"
+                     % (self.peer, self.r.name, _NEW_CODE_HINT))
+        raise _Drop()
 
     # -- requests (Protocol 4): one handler per kind
 
@@ -6483,6 +7027,199 @@ class Watch:
             self._next_ping = now + RECONNECT_DELAYS[min(self._pings,
                                                          len(RECONNECT_DELAYS) - 1)]
             self._pings += 1
+
+
+#------------------------------------------------------------
+# discovery (Protocol 7)
+#------------------------------------------------------------
+# Query and answer over UDP on the server's port number.  A server answers
+# queries and never announces itself.  An answer is never longer than the
+# query it answers, so a forged source address gains an attacker nothing.
+
+_DISCOVER_MAGIC = b"XFRD"
+_DISCOVER_HEAD = struct.Struct("!4sBH16s")   # magic, kind, version, nonce   (Protocol 7)
+_DISCOVER_ANSWER = struct.Struct("!HB")      # TCP port, flags; name NUL version follow
+_DISCOVER_SIZE = 128                         # a query's exact size, zero padded
+_DQ_QUERY, _DQ_ANSWER = 0x01, 0x02
+DF_PAIRING = 0x01       # a pairing code is open
+DF_TLS = 0x02           # the server requires TLS
+DF_AUTH = 0x04          # the server requires a token
+_DF_KNOWN = DF_PAIRING | DF_TLS | DF_AUTH
+_NAME_MAX = 63          # bytes of the server's name in an answer
+#: find, pair and --code: seconds to wait for answers (to broadcasts: all of it)
+DISCOVER_WAIT = 1.0
+
+
+def _server_name(text=None):
+    """An alias-shaped name for this machine: its host name, lower case,
+    letters, digits, '-' and '_' only; "server" if nothing is left."""
+    text = socket.gethostname().split(".")[0] if text is None else text
+    name = "".join(c for c in text.lower() if c.isalnum() or c in "-_")
+    name = name.encode("utf-8")[:_NAME_MAX].decode("utf-8", "ignore")
+    return "server" if name in ("", "serve", "default") else name
+
+
+def _discover_query(nonce):
+    return _DISCOVER_HEAD.pack(_DISCOVER_MAGIC, _DQ_QUERY, PROTOCOL_VERSION,
+                               nonce).ljust(_DISCOVER_SIZE, b"\0")
+
+
+def _discover_answer(nonce, port, flags, name):
+    answer = (_DISCOVER_HEAD.pack(_DISCOVER_MAGIC, _DQ_ANSWER, PROTOCOL_VERSION, nonce)
+              + _DISCOVER_ANSWER.pack(port, flags)
+              + name.encode("utf-8")[:_NAME_MAX] + b"\0" + __version__.encode("ascii"))
+    return answer[:_DISCOVER_SIZE]
+
+
+def _read_answer(data, nonce):
+    """(version, port, flags, name, version text) from an answer to nonce, or None."""
+    head = _DISCOVER_HEAD.size + _DISCOVER_ANSWER.size
+    if len(data) < head or len(data) > _DISCOVER_SIZE:
+        return None
+    magic, kind, version, got = _DISCOVER_HEAD.unpack_from(data)
+    if magic != _DISCOVER_MAGIC or kind != _DQ_ANSWER or got != nonce:
+        return None
+    port, flags = _DISCOVER_ANSWER.unpack_from(data, _DISCOVER_HEAD.size)
+    name, _, text = data[head:].partition(b"\0")
+    return (version, port, flags & _DF_KNOWN, name.decode("utf-8", "replace"),
+            text.decode("utf-8", "replace"))
+
+
+class _Discovery:
+    """The receiver's discovery responder: a thread answering queries on UDP."""
+
+    def __init__(self, receiver, address):
+        self.receiver = receiver
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET6 and address[0] in ("::", ""):
+                try:    # answer IPv4 queries too where the system allows
+                    self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                except (OSError, AttributeError):
+                    pass
+            self.sock.bind(address[:2])
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.settimeout(0.1)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="xfer-discovery", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stopping:
+            try:
+                data, peer = self.sock.recvfrom(2048)
+            except socket.timeout:
+                continue
+            except OSError:
+                if self.stopping:
+                    return
+                continue
+            if len(data) != _DISCOVER_SIZE or not peer[1]:
+                continue
+            magic, kind, _, nonce = _DISCOVER_HEAD.unpack_from(data)
+            if magic != _DISCOVER_MAGIC or kind != _DQ_QUERY:
+                continue
+            try:
+                self.sock.sendto(self.receiver._discover_answer(nonce), peer)
+            except OSError:
+                pass
+
+    def stop(self):
+        self.stopping = True
+        self.thread.join(1.0)
+        self.sock.close()
+
+
+def _discover_targets(environ=None, port=DEFAULT_PORT):
+    """Where find, pair and --code send a query: the addresses in
+    XFER_DISCOVER_ADDR (HOST[:PORT], comma separated) if set, else the IPv4
+    broadcast address and IPv6 all-nodes link-local multicast (ff02::1) on
+    each interface.  Returns ([(family, sockaddr)], broadcast?)."""
+    environ = os.environ if environ is None else environ
+    spec = environ.get("XFER_DISCOVER_ADDR", "").strip()
+    targets = []
+    if spec:
+        for item in spec.split(","):
+            host, p = _parse_target(item.strip(), port)
+            try:
+                infos = socket.getaddrinfo(host, p, 0, socket.SOCK_DGRAM)
+            except socket.gaierror as e:
+                raise ConfigError("XFER_DISCOVER_ADDR: cannot resolve %s: %s"
+                                  % (host, e.strerror)) from None
+            targets.append((infos[0][0], infos[0][4]))
+        return targets, False
+    targets.append((socket.AF_INET, ("255.255.255.255", port)))
+    if socket.has_ipv6 and hasattr(socket, "if_nameindex"):
+        try:
+            for index, name in socket.if_nameindex():
+                if name != "lo":
+                    targets.append((socket.AF_INET6, ("ff02::1", port, 0, index)))
+        except OSError:
+            pass
+    return targets, True
+
+
+def _discover(wait=DISCOVER_WAIT, port=DEFAULT_PORT, environ=None):
+    """Ask the LAN which xfer servers there are; a list of dicts, one per answer.
+
+    Keys: name, host, port, version, protocol, pairing, tls, auth.  Waits up
+    to wait seconds (for XFER_DISCOVER_ADDR, only until each address has
+    answered).  Answers carry no secret, and nothing in them is trusted
+    beyond choosing where to connect.
+    """
+    targets, broadcast = _discover_targets(environ, port)
+    nonce = secrets.token_bytes(16)
+    query = _discover_query(nonce)
+    socks = {}
+    selector = _Selector()
+    try:
+        for family, sockaddr in targets:
+            sock = socks.get(family)
+            if sock is None:
+                try:
+                    sock = socks[family] = socket.socket(family, socket.SOCK_DGRAM)
+                except OSError:
+                    continue
+                if broadcast and family == socket.AF_INET:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+                sock.setblocking(False)
+                selector.register(sock, selectors.EVENT_READ)
+            try:
+                sock.sendto(query, sockaddr)
+            except OSError:
+                pass
+        found, answered = [], set()
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or (not broadcast and len(answered) >= len(targets)):
+                break
+            for key, _ in selector.select(left):
+                try:
+                    data, peer = key.fileobj.recvfrom(2048)
+                except OSError:
+                    continue
+                answer = _read_answer(data, nonce)
+                if answer is None:
+                    continue
+                protocol, tcp_port, flags, name, version = answer
+                host = peer[0]
+                if host.startswith("::ffff:"):     # IPv4 through a dual-stack socket
+                    host = host[7:]
+                answered.add(peer[:2])
+                entry = dict(name=name, host=host, port=tcp_port, version=version,
+                             protocol=protocol, pairing=bool(flags & DF_PAIRING),
+                             tls=bool(flags & DF_TLS), auth=bool(flags & DF_AUTH))
+                if all((e["host"], e["port"]) != (host, tcp_port) for e in found):
+                    found.append(entry)
+        return found
+    finally:
+        selector.close()
+        for sock in socks.values():
+            sock.close()
 
 
 #------------------------------------------------------------
