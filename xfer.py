@@ -1370,8 +1370,7 @@ class _PairingCode:
                        "used": "the pairing code has been used",
                        "burned": "the pairing code was given up after %d wrong tries"
                        % PAIRING_TRIES}.get(self.ended, "no pairing code is open")
-                raise AuthError("%s on this server: ask for a new one there (%s)"
-                                % (why, _NEW_CODE_HINT))
+                raise AuthError("%s on this server: %s" % (why, _NEW_CODE_HINT))
             self.tries -= 1
             return self.serial, self.w, self.tries
 
@@ -7865,7 +7864,7 @@ def _check_serve_dir(directory, protected, allow_home):
 
 _ServeSettings = collections.namedtuple("_ServeSettings", (
     "dir host port token token_from no_auth tls tls_cert tls_key allow_home allow_get "
-    "max_connections max_size portable overwrite settings protected"))
+    "max_connections max_size portable overwrite settings protected no_discovery"))
 
 
 def _serve_settings(args, config, environ=None):
@@ -7900,7 +7899,8 @@ def _serve_settings(args, config, environ=None):
         portable=True if find("portable_names", flag=args.portable_names,
                               parse=_yes_no).value else None,
         overwrite=find("overwrite", flag=args.overwrite).value or "replace",
-        settings=path, protected=_serve_protected(config, path, tls_cert, tls_key))
+        settings=path, protected=_serve_protected(config, path, tls_cert, tls_key),
+        no_discovery=find("no_discovery", flag=args.no_discovery, parse=_yes_no).value)
 
 
 def _serve_token(opts):
@@ -7959,15 +7959,20 @@ class _ServeOutput:
 
     def listening(self, receiver, token, token_from):
         bound_host, bound_port = receiver.address[:2]
+        # A code nobody sees (-q) would only be a target.
+        pairing = _ServePairing(receiver, self.emit if self.as_json else None) \
+            if token and (self.as_json or not self.quiet) else None
         if self.as_json:
             self.emit("listening", address=_host_port_text(bound_host, bound_port),
                       dir=receiver.dir, auth=bool(token), fingerprint=receiver.fingerprint)
-            return
-        sys.stdout.write("listening on %s\n" % _host_port_text(bound_host, bound_port))
-        sys.stdout.flush()
-        if not self.quiet:
+        else:
+            sys.stdout.write("listening on %s\n" % _host_port_text(bound_host, bound_port))
+            sys.stdout.flush()
+        if pairing is not None:
+            pairing.start()
+        if not self.as_json and not self.quiet:
             _print_banner(receiver, token, token_from if token else None, bound_host,
-                          bound_port)
+                          bound_port, pairing and pairing.code)
 
     def stopped(self, receiver):
         if self.as_json:
@@ -8071,7 +8076,8 @@ def _cmd_serve(args):
                         max_path_bytes=args.max_path, max_depth=args.max_depth,
                         portable_names=opts.portable, tls_cert=tls_cert, tls_key=tls_key,
                         overwrite=opts.overwrite, partial_max_age=args.partial_max_age * 86400,
-                        protect=opts.protected, allow_get=opts.allow_get)
+                        protect=opts.protected, allow_get=opts.allow_get,
+                        discovery=not opts.no_discovery)
     status = EXIT_OK
     with _stop_signals() as pause:
         try:
@@ -8288,13 +8294,15 @@ class _Hooks:
             t.join()
 
 
-def _print_banner(receiver, token, token_from, bound_host, bound_port):
-    """The startup banner: where files go and the one line that pairs a sender."""
+def _print_banner(receiver, token, token_from, bound_host, bound_port, code=None):
+    """The startup banner: where files go, the pairing code and the command
+    that pairs a sender, and the line that pairs one by hand."""
     out = ["xfer %s receiving into %s" % (__version__, receiver.dir)]
     if bound_host in ("0.0.0.0", "::", ""):
         addresses = _local_addresses() or ["127.0.0.1"]    # loopback only if that is all
     else:
         addresses = [bound_host]
+    where = _host_port_text(addresses[0], bound_port)
     if token:
         out.append("token required (%s)" % token_from)
     else:
@@ -8302,24 +8310,81 @@ def _print_banner(receiver, token, token_from, bound_host, bound_port):
                    % (bound_port, receiver.dir))
     if receiver.fingerprint:
         out.append("TLS certificate fingerprint %s" % receiver.fingerprint)
+    name = _server_name(getattr(receiver, "name", None))
+    if code:
+        # Discovery finds a server on the standard port; elsewhere the
+        # sender needs the address too.
+        found = getattr(receiver, "_discovery", None) is not None and bound_port == DEFAULT_PORT
+        out.append("pairing code: %s (%s)" % (code, _CODE_TERMS))
+        out.append("to pair a sending machine, run this there:")
+        out.append("  python3 xfer.py pair %s%s" % (code, "" if found else " " + where))
+        out.append("or, to pair it by hand or from a script:")
+    elif token or receiver.fingerprint:
+        out.append("to pair a sending machine, run this there:")
     if token or receiver.fingerprint:
-        name = "".join(c for c in socket.gethostname().split(".")[0].lower()
-                       if c.isalnum() or c in "-_")
-        if name in ("", "serve", "default"):     # not usable as an alias
-            name = "server"
-        line = "  python3 xfer.py config add %s %s" % (
-            name, _host_port_text(addresses[0], bound_port))
+        line = "  python3 xfer.py config add %s %s" % (name, where)
         if token:
             line += (" --token=" if token.startswith("-") else " --token ") + token
         if receiver.fingerprint:
             line += " --fingerprint " + receiver.fingerprint
-        out.append("to pair a sending machine, run this there:")
         out.append(line)
-        out.append("then send with:  python3 xfer.py send --to %s FILE..." % name)
+        out.append("then send with:  python3 xfer.py send FILE... %s:" % name)
     if len(addresses) > 1:
         out.append("addresses: %s" % ", ".join(addresses))
     sys.stdout.write("".join(line + "\n" for line in out))
     sys.stdout.flush()
+
+
+_CODE_TERMS = "valid %d minutes, for one pairing; press Enter here for a new one" % (
+    PAIRING_LIFETIME // 60)
+
+
+class _ServePairing:
+    """serve's pairing code: opened at start, a new one when Enter is pressed.
+
+    Standard input is read only where that cannot stop serve: not from a
+    terminal whose foreground is another job (`serve &` would be stopped
+    by SIGTTIN); a terminal that later puts serve in the background makes
+    the read fail (SIGTTIN ignored) and the key does nothing more.
+    """
+
+    def __init__(self, receiver, emit=None):
+        self.receiver = receiver
+        self.emit = emit
+        self.code = receiver.open_pairing()
+
+    def start(self):
+        if self.emit is not None:
+            self.emit("pairing_code", code=self.code, seconds=PAIRING_LIFETIME)
+        stdin = sys.stdin
+        try:
+            if stdin is None or stdin.closed:
+                return
+            if stdin.isatty():
+                if hasattr(os, "tcgetpgrp") and os.tcgetpgrp(stdin.fileno()) != os.getpgrp():
+                    return
+                if hasattr(signal, "SIGTTIN"):
+                    signal.signal(signal.SIGTTIN, signal.SIG_IGN)
+        except (OSError, ValueError):
+            return
+        threading.Thread(target=self._read, args=(stdin,), name="xfer-pairing-key",
+                         daemon=True).start()
+
+    def _read(self, stdin):
+        try:
+            while stdin.readline():
+                self.renew()
+        except (OSError, ValueError):
+            pass
+
+    def renew(self):
+        self.code = code = self.receiver.open_pairing()
+        if self.emit is not None:
+            self.emit("pairing_code", code=code, seconds=PAIRING_LIFETIME)
+        else:
+            sys.stdout.write("pairing code: %s (%s)\n  python3 xfer.py pair %s\n"
+                             % (code, _CODE_TERMS, code))
+            sys.stdout.flush()
 
 
 def _terminal_width(stream):
@@ -8863,14 +8928,18 @@ def _cmd_send(args):
         mode = "quiet"
     else:
         mode = "live" if _enable_ansi(sys.stderr) else "plain"
+    paired = _pair_for_send(args, config, destinations) if args.code else None
     report = _Report(mode, args.verbose)
     tracks = []
     for dest in destinations or [None]:
         address = _parse_address(_without_user(config, dest), dirs=True) if dest else None
         subdir = address.subdir if address else ""
-        target = _resolve_target(config, address, args.token, tls=args.tls,
-                                 fingerprint=args.fingerprint, workers=args.workers)
-        _check_resolvable(config, address, target.host)
+        if paired is not None:
+            target = paired
+        else:
+            target = _resolve_target(config, address, args.token, tls=args.tls,
+                                     fingerprint=args.fingerprint, workers=args.workers)
+            _check_resolvable(config, address, target.host)
         track, callbacks = report.track(
             "%s: " % dest if len(destinations) > 1 else "",
             _host_port_text(target.host, target.port), subdir)
@@ -8926,6 +8995,20 @@ class _CtrlC:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def _pair_for_send(args, config, destinations):
+    """send --code: pair with the destination, or the one server on the LAN
+    with a code open; a _Target with what pairing gave, saved nowhere."""
+    if len(destinations) > 1:
+        raise ConfigError("--code pairs with one server: give at most one destination")
+    to = _parse_address(_without_user(config, destinations[0]), dirs=True) if destinations \
+        else None
+    host, port, tls = _pairing_server(config, to)
+    token, fingerprint, _ = _pair(host, port, args.code, tls=tls,
+                                  timeout=args.timeout or DEFAULT_HANDSHAKE_TIMEOUT)
+    return _Target(host, port, token, bool(fingerprint), fingerprint, args.workers, False,
+                   "the pairing code")
 
 
 def _send_all(args, paths, tracks, report, mode, spooled):
@@ -9360,28 +9443,140 @@ def _cmd_ls(args):
     return EXIT_OK
 
 
+def _discovery_scope(environ=None):
+    """Where a query went, for a message: XFER_DISCOVER_ADDR or the broadcast."""
+    environ = os.environ if environ is None else environ
+    spec = environ.get("XFER_DISCOVER_ADDR")
+    return "XFER_DISCOVER_ADDR=%s" % spec if spec else "a broadcast on the LAN"
+
+
+def _pairing_server(config, to, port=DEFAULT_PORT):
+    """(host, port, tls) of the server to pair with: to (HOST[:PORT] or an
+    alias) if given, else the one server on the LAN with a code open."""
+    if to:
+        address = to if isinstance(to, _Address) else _parse_address(to)
+        if address.host in config.aliases():
+            target = _resolve_target(config, address)
+            return target.host, target.port, target.tls
+        return address.host, address.port or DEFAULT_PORT, False
+    found = _discover(port=port)
+    open_ = [entry for entry in found if entry["pairing"]]
+    if not open_ and found:
+        raise AuthError("no pairing code is open on %s (asked %s): %s" % (", ".join(
+            "%s at %s" % (e["name"], _host_port_text(e["host"], e["port"])) for e in found),
+            _discovery_scope(), _NEW_CODE_HINT))
+    if not open_:
+        raise ConnectError("no xfer server answered (asked %s); give its address: "
+                           "python3 xfer.py pair CODE HOST[:PORT]" % _discovery_scope())
+    if len(open_) > 1:
+        raise ConfigError("%d servers have a pairing code open (%s); say which: python3 "
+                          "xfer.py pair CODE HOST[:PORT]" % (len(open_), ", ".join(
+                              "%s at %s" % (e["name"], _host_port_text(e["host"], e["port"]))
+                              for e in open_)))
+    entry = open_[0]
+    return entry["host"], entry["port"], entry["tls"]
+
+
+def _alias_for(config, host, port):
+    """The alias already saved for host:port, or None."""
+    for alias in config.aliases():
+        entry = config.get(alias, "host")
+        if (entry[0] if entry else alias) == host and (config.port(alias) or DEFAULT_PORT) == port:
+            return alias
+    return None
+
+
+def _cmd_pair(args):
+    """pair CODE [HOST]: the pairing exchange, then an alias in the per-user config."""
+    code = _normalize_code(args.code)
+    path = _settings_path(args)
+    config = _load_config(args)
+    if args.name is not None:
+        if args.name in ("DEFAULT", "serve") or _server_name(args.name) != args.name:
+            raise ConfigError("--name %r: an alias is lower-case letters, digits, '-' and '_' "
+                              "(not DEFAULT or serve)" % args.name)
+        taken = _saved_alias(path, args.name)
+        if taken is not None:
+            raise ConfigError("alias %s already names %s in %s; choose another --name, or "
+                              "remove it first: python3 xfer.py config remove %s"
+                              % (args.name, _host_port_text(*taken), path, args.name))
+    host, port, tls = _pairing_server(config, args.host)
+    token, fingerprint, name = _pair(host, port, code, tls=tls, timeout=args.timeout)
+    alias = args.name or _server_name(name)
+    taken = _saved_alias(path, alias)
+    if taken is not None and taken != (host, port) and args.name is None:
+        # The code is used up: keep what it gave under a free name.
+        base = alias
+        alias = next("%s-%d" % (base, n) for n in itertools.count(2)
+                     if _saved_alias(path, "%s-%d" % (base, n)) is None)
+        print("alias %s already names %s; saving this server as %s"
+              % (base, _host_port_text(*taken), alias))
+    _save_alias(path, alias, host, port, token, fingerprint, bool(fingerprint))
+    if not args.quiet:
+        print("paired with %s%s; send with:  python3 xfer.py send FILE... %s:"
+              % (name, " (TLS, certificate pinned)" if fingerprint else "", alias))
+    return EXIT_OK
+
+
+def _cmd_find(args):
+    """find: the servers that answer a discovery query, one line each."""
+    config = _load_config(args)
+    found = _discover(wait=args.wait, port=args.port)
+    if args.json:
+        write = _json_writer(sys.stdout)
+        for e in found:
+            write("server", name=e["name"], address=_host_port_text(e["host"], e["port"]),
+                  version=e["version"], pairing=e["pairing"], tls=e["tls"], auth=e["auth"],
+                  alias=_alias_for(config, e["host"], e["port"]))
+    elif not args.quiet:
+        for e in found:
+            alias = _alias_for(config, e["host"], e["port"])
+            print("%-16s %-24s xfer %s%s%s%s%s" % (
+                e["name"], _host_port_text(e["host"], e["port"]), e["version"],
+                "" if e["protocol"] == PROTOCOL_VERSION else
+                " (protocol %d, this one speaks %d)" % (e["protocol"], PROTOCOL_VERSION),
+                ", TLS" if e["tls"] else "", ", pairing code open" if e["pairing"] else "",
+                ", alias %s" % alias if alias else ""))
+    if not found:
+        raise ConnectError("no xfer server answered within %g s (asked %s)"
+                           % (args.wait, _discovery_scope()))
+    return EXIT_OK
+
+
 def _mask(token):
     return token[:4] + "*" * 8 if token else "(none)"
+
+
+def _saved_alias(path, name):
+    """(host, port) of alias name in the file at path, or None."""
+    if not os.path.exists(path):
+        return None
+    old = Config()
+    _read_ini(old, path)
+    if name not in old.sections:
+        return None
+    entry = old.own(name, "host")
+    return entry[0] if entry else name, old.port(name) or DEFAULT_PORT
+
+
+def _save_alias(path, name, host, port, token=None, fingerprint=None, tls=False):
+    """Save alias name -> host:port (config add, pair), saying if it replaces one."""
+    values = {"host": host, "port": port, "token": token,
+              "fingerprint": fingerprint, "tls": "yes" if tls else None}
+    if name in ("DEFAULT", "serve"):
+        raise ConfigError("%r is reserved; choose another alias" % name)
+    old = _saved_alias(path, name)
+    if old is not None:
+        print("replacing alias %s (was %s)" % (name, _host_port_text(*old)))
+    _save_settings(path, name, values)
+    print("added %s -> %s in %s" % (name, _host_port_text(host, port or DEFAULT_PORT), path))
 
 
 def _cmd_config(args):
     path = _settings_path(args)
     if args.action == "add":
         host, port, _ = _parse_address(args.address)
-        values = {"host": host, "port": port, "token": args.token,
-                  "fingerprint": args.fingerprint, "tls": "yes" if args.tls else None}
-        if args.name in ("DEFAULT", "serve"):
-            raise ConfigError("%r is reserved; choose another alias" % args.name)
-        if os.path.exists(path):
-            old = Config()
-            _read_ini(old, path)
-            if args.name in old.sections:
-                entry = old.own(args.name, "host")
-                print("replacing alias %s (was %s)" % (args.name, _host_port_text(
-                    entry[0] if entry else args.name, old.port(args.name) or DEFAULT_PORT)))
-        _save_settings(path, args.name, values)
-        print("added %s -> %s in %s" % (args.name, _host_port_text(host, port or DEFAULT_PORT),
-                                        path))
+        _save_alias(path, args.name, host, port, args.token, args.fingerprint, args.tls)
         return EXIT_OK
     if args.action == "remove":
         _save_settings(path, args.name, remove=True)
@@ -9550,6 +9745,8 @@ def _build_parser():
     p.add_argument("--on-receive", metavar="CMD",
                    help="run CMD FINAL_PATH for every file received and verified "
                    "(README \"Hooks\")")
+    p.add_argument("--no-discovery", action="store_true",
+                   help="answer no discovery queries (find, pair without HOST)")
     p.add_argument("--hook-timeout", type=float, metavar="SECONDS", default=DEFAULT_HOOK_TIMEOUT,
                    help="stop a hook still running after this long (default %g)"
                    % DEFAULT_HOOK_TIMEOUT)
@@ -9580,6 +9777,9 @@ def _build_parser():
                        % (DEFAULT_CONNECT_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
                           DEFAULT_IO_TIMEOUT))
         p.add_argument("-v", "--verbose", action="store_true", help="one line per file")
+        p.add_argument("--code", metavar="CODE",
+                       help="pair with the server showing this pairing code and send to it, "
+                       "saving nothing (a one-off copy)")
         if name == "send":
             p.add_argument("-r", "--recursive", action="store_true",
                            help="send a directory operand as a tree, as send-dir does")
@@ -9650,6 +9850,25 @@ def _build_parser():
     p.add_argument("--timeout", type=float, metavar="SECONDS", default=DEFAULT_CONNECT_TIMEOUT,
                    help="give up after this long (default %g)" % DEFAULT_CONNECT_TIMEOUT)
     p.set_defaults(func=_cmd_ping)
+
+    p = sub.add_parser("pair", parents=[common],
+                       help="pair with a server using the code its banner shows")
+    p.add_argument("code", metavar="CODE", help="the pairing code, e.g. 7-castle-river")
+    p.add_argument("host", nargs="?", metavar="HOST[:PORT]",
+                   help="the server (default: the one on the LAN with a code open)")
+    p.add_argument("--name", metavar="ALIAS",
+                   help="alias to save it as (default: the server's own name)")
+    p.add_argument("--timeout", type=_seconds_arg, metavar="SECONDS",
+                   default=DEFAULT_HANDSHAKE_TIMEOUT,
+                   help="give up after this long (default %g)" % DEFAULT_HANDSHAKE_TIMEOUT)
+    p.set_defaults(func=_cmd_pair)
+
+    p = sub.add_parser("find", parents=[common], help="list the xfer servers on the LAN")
+    p.add_argument("--port", type=_port_arg, default=DEFAULT_PORT,
+                   help="port the servers listen on (default %d)" % DEFAULT_PORT)
+    p.add_argument("--wait", type=_seconds_arg, metavar="SECONDS", default=DISCOVER_WAIT,
+                   help="how long to wait for answers (default %g)" % DISCOVER_WAIT)
+    p.set_defaults(func=_cmd_find)
 
     p = sub.add_parser("bench", parents=[common],
                        help="measure throughput to a server's discard sink")
