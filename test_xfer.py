@@ -9232,6 +9232,471 @@ class WatchFolderTests(unittest.TestCase):
         self.assertEqual(self._cli_watch(signal.SIGINT), 130)
 
 
+#------------------------------------------------------------
+# pairing: SPAKE2 (RFC 9382), codes, pair, send --code; discovery
+#------------------------------------------------------------
+
+# RFC 9382 Appendix B, the P256-SHA256-HKDF-HMAC vectors: identities A and
+# B, w, x, pA, y, pB, K, Ke, confirmation MACs cA and cB (AAD empty).
+_RFC9382_VECTORS = [
+    ("server", "client",
+     "2ee57912099d31560b3a44b1184b9b4866e904c49d12ac5042c97dca461b1a5f",
+     "43dd0fd7215bdcb482879fca3220c6a968e66d70b1356cac18bb26c84a78d729",
+     "04a56fa807caaa53a4d28dbb9853b9815c61a411118a6fe516a8798434751470"
+     "f9010153ac33d0d5f2047ffdb1a3e42c9b4e6be662766e1eeb4116988ede5f912c",
+     "dcb60106f276b02606d8ef0a328c02e4b629f84f89786af5befb0bc75b6e66be",
+     "0406557e482bd03097ad0cbaa5df82115460d951e3451962f1eaf4367a420676"
+     "d09857ccbc522686c83d1852abfa8ed6e4a1155cf8f1543ceca528afb591a1e0b7",
+     "0412af7e89717850671913e6b469ace67bd90a4df8ce45c2af19010175e37eed"
+     "69f75897996d539356e2fa6a406d528501f907e04d97515fbe83db277b715d3325",
+     "0e0672dc86f8e45565d338b0540abe69",
+     "58ad4aa88e0b60d5061eb6b5dd93e80d9c4f00d127c65b3b35b1b5281fee38f0",
+     "d3e2e547f1ae04f2dbdbf0fc4b79f8ecff2dff314b5d32fe9fcef2fb26dc459b"),
+    ("", "client",
+     "0548d8729f730589e579b0475a582c1608138ddf7054b73b5381c7e883e2efae",
+     "403abbe3b1b4b9ba17e3032849759d723939a27a27b9d921c500edde18ed654b",
+     "04a897b769e681c62ac1c2357319a3d363f610839c4477720d24cbe32f5fd85f"
+     "44fb92ba966578c1b712be6962498834078262caa5b441ecfa9d4a9485720e918a",
+     "903023b6598908936ea7c929bd761af6039577a9c3f9581064187c3049d87065",
+     "04e0f816fd1c35e22065d5556215c097e799390d16661c386e0ecc84593974a6"
+     "1b881a8c82327687d0501862970c64565560cb5671f696048050ca66ca5f8cc7fc",
+     "048f83ec9f6e4f87cc6f9dc740bdc2769725f923364f01c84148c049a39a735e"
+     "bda82eac03e00112fd6a5710682767cff5361f7e819e53d8d3c3a2922e0d837aa6",
+     "642f05c473c2cd79909f9a841e2f30a7",
+     "47d29e6666af1b7dd450d571233085d7a9866e4d49d2645e2df975489521232b",
+     "3313c5cefc361d27fb16847a91c2a73b766ffa90a4839122a9b70a2f6bd1d6df"),
+    ("server", "",
+     "626e0cdc7b14c9db3e52a0b1b3a768c98e37852d5db30febe0497b14eae8c254",
+     "07adb3db6bc623d3399726bfdbfd3d15a58ea776ab8a308b00392621291f9633",
+     "04f88fb71c99bfffaea370966b7eb99cd4be0ff1a7d335caac4211c4afd855e2"
+     "e15a873b298503ad8ba1d9cbb9a392d2ba309b48bfd7879aefd0f2cea6009763b0",
+     "b6a4fc8dbb629d4ba51d6f91ed1532cf87adec98f25dd153a75accafafedec16",
+     "040c269d6be017dccb15182ac6bfcd9e2a14de019dd587eaf4bdfd353f031101"
+     "e7cca177f8eb362a6e83e7d5e729c0732e1b528879c086f39ba0f31a9661bd34db",
+     "0445ee233b8ecb51ebd6e7da3f307e88a1616bae2166121221fdc0dadb986afa"
+     "f3ec8a988dc9c626fa3b99f58a7ca7c9b844bb3e8dd9554aafc5b53813504c1cbe",
+     "005184ff460da2ce59062c87733c299c",
+     "bc9f9bbe99f26d0b2260e6456e05a86196a3307ec6663a18bf6ac825736533b2",
+     "c2370e1bf813b086dff0d834e74425a06e6390f48f5411900276dcccc5a297ec"),
+    ("", "",
+     "7bf46c454b4c1b25799527d896508afd5fc62ef4ec59db1efb49113063d70cca",
+     "8cef65df64bb2d0f83540c53632de911b5b24b3eab6cc74a97609fd659e95473",
+     "04a65b367a3f613cf9f0654b1b28a1e3a8a40387956c8ba6063e8658563890f4"
+     "6ca1ef6a676598889fc28de2950ab8120b79a5ef1ea4c9f44bc98f585634b46d66",
+     "d7a66f64074a84652d8d623a92e20c9675c61cb5b4f6a0063e4648a2fdc02d53",
+     "04589f13218822710d98d8b2123a079041052d9941b9cf88c6617ddb2fcc0494"
+     "662eea8ba6b64692dc318250030c6af045cb738bc81ba35b043c3dcb46adf6f58d",
+     "041a3c03d51b452537ca2a1fea6110353c6d5ed483c4f0f86f4492ca3f378d40"
+     "a994b4477f93c64d928edbbcd3e85a7c709b7ea73ee97986ce3d1438e135543772",
+     "fc6374762ba5cf11f4b2caa08b2cd1b9",
+     "dfb4db8d48ae5a675963ea5e6c19d98d4ea028d8e898dad96ea19a80ade95dca",
+     "d0f0609d1613138d354f7e95f19fb556bf52d751947241e8c7118df5ef0ae175"),
+]
+
+
+class Spake2Tests(unittest.TestCase):
+    def test_rfc9382_p256_vectors(self):
+        for a, b, w, x, pa, y, pb, k, ke, ca, cb in _RFC9382_VECTORS:
+            with self.subTest(A=a, B=b):
+                w, x, y = int(w, 16), int(x, 16), int(y, 16)
+                share_a = xfer._spake2_share(w, x, client=True)
+                share_b = xfer._spake2_share(w, y, client=False)
+                self.assertEqual(xfer._p256_encode(share_a).hex(), pa)
+                self.assertEqual(xfer._p256_encode(share_b).hex(), pb)
+                key_a = xfer._spake2_key(w, x, share_b, client=True)
+                key_b = xfer._spake2_key(w, y, share_a, client=False)
+                self.assertEqual(xfer._p256_encode(key_a).hex(), k)
+                self.assertEqual(key_a, key_b)
+                got = xfer._spake2_schedule(a.encode(), b.encode(), share_a, share_b, key_a, w)
+                self.assertEqual([v.hex() for v in got], [ke, ca, cb])
+
+    def test_points_are_checked_before_use(self):
+        g = xfer._p256_encode(xfer._P256_G)
+        self.assertEqual(xfer._p256_decode(g), xfer._P256_G)
+        self.assertEqual(xfer._p256_decode(xfer._p256_encode(xfer._P256_G, True)),
+                         xfer._P256_G)
+        off_curve = g[:-1] + bytes([g[-1] ^ 1])
+        no_root = None
+        for x in range(1, 50):      # an x with no point on the curve
+            try:
+                xfer._p256_decode(b"\x02" + x.to_bytes(32, "big"))
+            except ValueError:
+                no_root = b"\x02" + x.to_bytes(32, "big")
+                break
+        for bad in (off_curve, no_root, b"\x00", b"\x02" + b"\xff" * 32, g[:33], b""):
+            with self.subTest(bad=bad.hex()):
+                with self.assertRaises(ValueError):
+                    xfer._p256_decode(bad)
+        # A share built to cancel the mask gives the identity: refused.
+        w = 12345
+        cancel = xfer._p256_affine(xfer._p256_mul(w, xfer._p256_decode(xfer._SPAKE2_M)))
+        with self.assertRaises(ValueError):
+            xfer._spake2_key(w, 99, cancel, client=False)
+
+    def test_codes_are_normalized_and_typos_named(self):
+        self.assertEqual(xfer._normalize_code(" 07 Castle  RIVER "), "7-castle-river")
+        self.assertEqual(xfer._normalize_code("7-castle-river"), "7-castle-river")
+        for bad, part in (("7-castel-river", "castel"), ("castle-river", "number"),
+                          ("0-castle-river", "1 to"), ("7-castle", "number")):
+            with self.subTest(bad=bad):
+                with self.assertRaises(xfer.ConfigError) as cm:
+                    xfer._normalize_code(bad)
+                self.assertIn(part, str(cm.exception))
+        for _ in range(20):
+            code = xfer._new_code()
+            self.assertEqual(xfer._normalize_code(code), code)
+        self.assertEqual(len(set(xfer._CODE_WORDS)), 256)
+
+    def test_the_sealed_secret_opens_only_unaltered(self):
+        ke = bytes(range(16))
+        sealed = xfer._seal(ke, b"token\0\0studio")
+        self.assertNotIn(b"token", sealed)
+        self.assertEqual(xfer._unseal(ke, sealed), b"token\0\0studio")
+        for i in (0, len(sealed) - 1):
+            bad = bytearray(sealed)
+            bad[i] ^= 1
+            with self.assertRaises(xfer.IntegrityError):
+                xfer._unseal(ke, bytes(bad))
+        with self.assertRaises(xfer.IntegrityError):
+            xfer._unseal(bytes(16), sealed)
+
+
+class _PairFlip:
+    """A proxy on 127.0.0.1 that flips one byte at offset in one direction."""
+
+    def __init__(self, test, upstream, direction, offset):
+        self.direction, self.offset = direction, offset
+        self.listener = socket.socket()
+        self.listener.bind((HOST, 0))
+        self.listener.listen(2)
+        self.address = self.listener.getsockname()[:2]
+        self.upstream = upstream
+        self.socks = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+        test.addCleanup(self.close)
+
+    def _accept(self):
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        server = socket.create_connection(self.upstream, timeout=TIMEOUT)
+        self.socks += [client, server]
+        for src, dst, name in ((client, server, "c2s"), (server, client, "s2c")):
+            threading.Thread(target=self._pump, args=(src, dst, name), daemon=True).start()
+
+    def _pump(self, src, dst, name):
+        seen = 0
+        try:
+            while True:
+                data = bytearray(src.recv(65536))
+                if not data:
+                    break
+                if name == self.direction and seen <= self.offset < seen + len(data):
+                    data[self.offset - seen] ^= 0x01
+                seen += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        for s in self.socks:
+            s.close()
+
+
+def _pair_serve(test, env, directory, *args):
+    """Start serve (stdin a pipe); return (proc, port, next_line(predicate))."""
+    proc = subprocess.Popen([sys.executable, "-u", XFER, "serve", "--host", HOST, "--port",
+                             "0", "--dir", directory] + list(args), env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    lines = queue.Queue()
+
+    def reader():
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+
+    def cleanup():
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=TIMEOUT)
+        thread.join(TIMEOUT)
+    test.addCleanup(cleanup)
+
+    def next_line(predicate):
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                test.fail("serve ended or printed nothing that matched")
+            if predicate(line):
+                return line
+    first = next_line(lambda line: True)
+    test.assertTrue(first.startswith("listening on "), first)
+    return proc, int(first.rsplit(":", 1)[1]), next_line
+
+
+def _banner_code(next_line):
+    return next_line(lambda line: line.startswith("pairing code: ")).split()[2]
+
+
+class CodePairingTests(unittest.TestCase):
+    TOKEN = "pairing-test-token"
+
+    def receiver(self, **kw):
+        self.logs = []
+        kw.setdefault("token", self.TOKEN)
+        kw.setdefault("discovery", True)
+        return start_receiver(self, temp_dir(self), log=self.logs.append, name="studio", **kw)
+
+    def machine(self, port):
+        """A sending machine's environment: no config, discovery to port on 127.0.0.1."""
+        home = temp_dir(self)
+        env = isolated_env(home)
+        env["XFER_DISCOVER_ADDR"] = "%s:%d" % (HOST, port)
+        return env, os.path.join(home, ".config", "xfer", "xfer.ini")
+
+    def test_pair_with_the_banners_code_then_send_without_a_token(self):
+        env_server = isolated_env(temp_dir(self))
+        dst = temp_dir(self)
+        _, port, next_line = _pair_serve(self, env_server, dst)
+        code = _banner_code(next_line)
+        self.assertIn("python3 xfer.py pair %s" % code, next_line(lambda line: "xfer.py pair " in line))
+        env, ini = self.machine(port)
+        result = run_xfer("pair", code, env=env, cwd=temp_dir(self))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("send with:", result.stdout)
+        self.assertEqual(oct(os.stat(ini).st_mode & 0o777), "0o600")
+        config = xfer.load_config(ini, environ={})
+        alias = config.aliases()[0]
+        self.assertEqual(config.value(alias, "port"), str(port))
+        src = os.path.join(temp_dir(self), "a.tif")
+        write_file(src, b"paired bytes")
+        result = run_xfer("send", src, alias + ":", env=env, cwd=temp_dir(self))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        with open(os.path.join(dst, "a.tif"), "rb") as f:
+            self.assertEqual(f.read(), b"paired bytes")
+
+    def test_enter_on_serve_shows_a_new_code(self):
+        proc, _, next_line = _pair_serve(self, isolated_env(temp_dir(self)), temp_dir(self))
+        first = _banner_code(next_line)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        second = _banner_code(next_line)
+        self.assertNotEqual(first, second)
+        self.assertIn("press Enter", next_line(lambda line: True) + xfer._CODE_TERMS)
+
+    def test_wrong_code_is_refused_in_one_line_and_nothing_is_saved(self):
+        receiver = self.receiver()
+        code = receiver.open_pairing()
+        wrong = "1-acorn-amber" if code != "1-acorn-amber" else "2-acorn-amber"
+        env, ini = self.machine(receiver.address[1])
+        status, out, err = _cfg_main(["pair", wrong, "%s:%d" % receiver.address], env,
+                                     temp_dir(self))
+        self.assertEqual(status, xfer.EXIT_AUTH)
+        self.assertEqual((out, err), ("", "xfer: error: wrong pairing code\n"))
+        self.assertFalse(os.path.exists(ini))
+        self.assertEqual(receiver.pairing_code, code)     # two tries left
+        self.assertIn("127.0.0.1", "".join(self.logs))
+        self.assertIn("wrong pairing code (2 tries left)", "\n".join(self.logs))
+
+    def test_three_wrong_tries_burn_the_code(self):
+        receiver = self.receiver(auth_backoff=(0.0,))
+        code = receiver.open_pairing()
+        wrong = [c for c in ("1-acorn-amber", "2-acorn-amber", "3-acorn-amber", "4-acorn-amber")
+                 if c != code][:3]
+        for guess in wrong:
+            with self.assertRaises(xfer.AuthError) as cm:
+                xfer._pair(HOST, receiver.address[1], guess)
+            self.assertEqual(str(cm.exception), "wrong pairing code")
+        self.assertIsNone(receiver.pairing_code)
+        with self.assertRaises(xfer.AuthError) as cm:
+            xfer._pair(HOST, receiver.address[1], code)
+        self.assertIn("given up after 3 wrong tries", str(cm.exception))
+        self.assertIn("press Enter", str(cm.exception))
+        fresh = receiver.open_pairing()
+        self.assertEqual(xfer._pair(HOST, receiver.address[1], fresh)[0], self.TOKEN)
+
+    def test_wrong_codes_count_against_the_address_like_wrong_tokens(self):
+        receiver = self.receiver(auth_backoff=(30.0,))
+        code = receiver.open_pairing()
+        with self.assertRaises(xfer.AuthError):
+            xfer._pair(HOST, receiver.address[1], "1-acorn-amber" if code != "1-acorn-amber"
+                       else "2-acorn-amber")
+        with self.assertRaises(xfer.RemoteError) as cm:     # refused before any PAKE
+            xfer._pair(HOST, receiver.address[1], code)
+        self.assertEqual(cm.exception.code, xfer.ST_BUSY)
+        self.assertEqual(receiver.pairing_code, code)
+
+    def test_an_expired_code_is_refused(self):
+        receiver = self.receiver()
+        now = [1000.0]
+        receiver._pairing.clock = lambda: now[0]
+        code = receiver.open_pairing(lifetime=600)
+        now[0] += 599
+        self.assertEqual(receiver.pairing_code, code)
+        now[0] += 1
+        with self.assertRaises(xfer.AuthError) as cm:
+            xfer._pair(HOST, receiver.address[1], code)
+        self.assertIn("expired", str(cm.exception))
+        self.assertIsNone(receiver.pairing_code)
+        self.assertIn("pairing code expired", "\n".join(self.logs))
+
+    def test_a_code_pairs_once(self):
+        receiver = self.receiver()
+        code = receiver.open_pairing()
+        self.assertEqual(xfer._pair(HOST, receiver.address[1], code),
+                         (self.TOKEN, None, "studio"))
+        with self.assertRaises(xfer.AuthError) as cm:
+            xfer._pair(HOST, receiver.address[1], code)
+        self.assertIn("has been used", str(cm.exception))
+
+    def test_a_transcript_tampered_with_fails_both_sides(self):
+        # Offsets in each direction: the preface (8), HELLO (5 + 32 nonce),
+        # then PAIR (5 + 33 share) and, from the client, CONFIRM.
+        for direction, offset, what in (("c2s", 20, "client nonce"),
+                                        ("s2c", 20, "server nonce"),
+                                        ("s2c", 60, "server share"),
+                                        ("c2s", 60, "client share"),
+                                        ("c2s", 90, "client confirmation"),
+                                        ("s2c", 90, "server confirmation")):
+            with self.subTest(what):
+                receiver = self.receiver(discovery=False)
+                code = receiver.open_pairing()
+                proxy = _PairFlip(self, receiver.address, direction, offset)
+                with self.assertRaises((xfer.AuthError, xfer.ProtocolError)):
+                    xfer._pair(HOST, proxy.address[1], code)
+                receiver.stop()
+                # The server handed out nothing, except when only its last
+                # message was altered, which the client then refuses.
+                paired = [line for line in self.logs if "paired as" in line]
+                self.assertEqual(len(paired), 1 if what == "server confirmation" else 0,
+                                 self.logs)
+
+    def test_send_code_copies_once_and_saves_nothing(self):
+        receiver = self.receiver()
+        code = receiver.open_pairing()
+        env, ini = self.machine(receiver.address[1])
+        src = os.path.join(temp_dir(self), "one-off.bin")
+        write_file(src, b"x" * 1000)
+        result = run_xfer("send", "--code", code, src, env=env, cwd=temp_dir(self))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(sha256_file(os.path.join(receiver.dir, "one-off.bin")),
+                         sha256_file(src))
+        self.assertFalse(os.path.exists(ini))
+        self.assertIsNone(receiver.pairing_code)
+
+    def test_pair_refuses_to_reuse_a_taken_alias(self):
+        receiver = self.receiver()
+        code = receiver.open_pairing()
+        env, ini = self.machine(receiver.address[1])
+        cwd = temp_dir(self)
+        self.assertEqual(_cfg_main(["config", "add", "studio", "10.9.9.9", "--token", "t"],
+                                   env, cwd)[0], 0)
+        status, _, err = _cfg_main(["pair", code, "--name", "studio"], env, cwd)
+        self.assertEqual(status, xfer.EXIT_USAGE)
+        self.assertIn("alias studio already names 10.9.9.9", err)
+        self.assertEqual(receiver.pairing_code, code)      # refused before connecting
+        status, out, err = _cfg_main(["pair", code], env, cwd)   # the server's name is taken
+        self.assertEqual(status, 0, err)
+        self.assertIn("saving this server as studio-2", out)
+        config = xfer.load_config(ini, environ={})
+        self.assertEqual(config.value("studio", "host"), "10.9.9.9")
+        self.assertEqual(config.value("studio-2", "token"), self.TOKEN)
+
+    @unittest.skipIf(xfer.ssl is None, "no ssl module")
+    def test_pairing_with_a_tls_server_pins_the_certificate_it_vouches_for(self):
+        certs = _sec_certs(self)
+        receiver = self.receiver(tls_cert=certs["cert1"], tls_key=certs["key1"])
+        code = receiver.open_pairing()
+        token, fingerprint, _ = xfer._pair(HOST, receiver.address[1], code)
+        self.assertEqual(token, self.TOKEN)
+        self.assertEqual(fingerprint, receiver.fingerprint)
+
+
+class DiscoveryTests(unittest.TestCase):
+    def env(self, *receivers):
+        env = isolated_env(temp_dir(self))
+        env["XFER_DISCOVER_ADDR"] = ",".join(
+            xfer._host_port_text(r.address[0], r.address[1]) for r in receivers)
+        return env
+
+    def test_find_lists_servers_on_ipv4_and_ipv6_loopback(self):
+        servers = [start_receiver(self, temp_dir(self), token="t4", discovery=True,
+                                  name="four")]
+        try:
+            servers.append(xfer.Receiver(temp_dir(self), host="::1", port=0, token="t6",
+                                         discovery=True, name="six").start())
+            self.addCleanup(servers[-1].stop)
+        except xfer.XferError as e:
+            self.skipTest("no IPv6 loopback: %s" % e)
+        servers[1].open_pairing()
+        result = run_xfer("find", "--json", env=self.env(*servers))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        found = {e["server"]: e for e in map(json.loads, result.stdout.splitlines())}
+        self.assertEqual(sorted(found), ["four", "six"])
+        self.assertEqual(found["four"]["address"], "127.0.0.1:%d" % servers[0].address[1])
+        self.assertEqual(found["six"]["address"], "[::1]:%d" % servers[1].address[1])
+        self.assertEqual((found["four"]["pairing"], found["six"]["pairing"]), (False, True))
+        self.assertEqual(found["six"]["version"], xfer.__version__)
+        status, out, _ = _cfg_main(["find"], self.env(*servers), temp_dir(self))
+        self.assertEqual(status, 0)
+        self.assertIn("pairing code open", out)
+
+    def test_answers_carry_no_secret_and_are_never_longer_than_the_query(self):
+        receiver = start_receiver(self, temp_dir(self), token="secret-token-x", discovery=True)
+        code = receiver.open_pairing()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.settimeout(TIMEOUT)
+        nonce = bytes(range(16))
+        query = xfer._discover_query(nonce)
+        sock.sendto(query[:-1], receiver.address)           # malformed: not answered
+        sock.sendto(query, receiver.address)
+        answer, _ = sock.recvfrom(4096)
+        self.assertLessEqual(len(answer), len(query))
+        self.assertEqual(xfer._read_answer(answer, nonce)[:3],
+                         (xfer.PROTOCOL_VERSION, receiver.address[1],
+                          xfer.DF_PAIRING | xfer.DF_AUTH))
+        for secret in (b"secret-token-x", code.encode()):
+            self.assertNotIn(secret, answer)
+
+    def test_serve_no_discovery_answers_nothing(self):
+        env = isolated_env(temp_dir(self))
+        proc, port = spawn_server(self, "--dir", temp_dir(self), "--no-discovery", "-q",
+                                  env=env)
+        with mock.patch.dict(os.environ, {"XFER_DISCOVER_ADDR": "%s:%d" % (HOST, port)}):
+            self.assertEqual(xfer._discover(wait=0.5), [])
+        receiver = start_receiver(self, temp_dir(self), token="t", discovery=True)
+        with mock.patch.dict(os.environ, {"XFER_DISCOVER_ADDR": "%s:%d" % receiver.address}):
+            self.assertEqual([e["port"] for e in xfer._discover(wait=TIMEOUT)],
+                             [receiver.address[1]])
+
+    def test_pair_without_host_finds_the_server_with_a_code_open(self):
+        receiver = start_receiver(self, temp_dir(self), token="t", discovery=True, name="pi")
+        receiver.open_pairing()
+        env, cwd = self.env(receiver), temp_dir(self)
+        status, _, err = _cfg_main(["pair", "1-acorn-amber"], env, cwd)
+        self.assertEqual(status, xfer.EXIT_AUTH, err)      # found it; the code is wrong
+        self.assertEqual(err, "xfer: error: wrong pairing code\n")
+        env["XFER_DISCOVER_ADDR"] = "%s:%d" % (HOST, _free_port())
+        status, _, err = _cfg_main(["pair", "1-acorn-amber"], env, cwd)
+        self.assertEqual(status, xfer.EXIT_CONNECT)
+        self.assertIn("no xfer server answered", err)
+        self.assertEqual(len(err.splitlines()), 1)
+
+
 class ReadmeSyncTests(unittest.TestCase):
     @staticmethod
     def readme():

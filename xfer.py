@@ -7165,59 +7165,69 @@ def _discover(wait=DISCOVER_WAIT, port=DEFAULT_PORT, environ=None):
     """Ask the LAN which xfer servers there are; a list of dicts, one per answer.
 
     Keys: name, host, port, version, protocol, pairing, tls, auth.  Waits up
-    to wait seconds (for XFER_DISCOVER_ADDR, only until each address has
-    answered).  Answers carry no secret, and nothing in them is trusted
-    beyond choosing where to connect.
+    to wait seconds; for the addresses of XFER_DISCOVER_ADDR only until each
+    has answered or refused (a connected socket hears the ICMP refusal).
+    Answers carry no secret, and nothing in them is trusted beyond choosing
+    where to connect.
     """
     targets, broadcast = _discover_targets(environ, port)
     nonce = secrets.token_bytes(16)
     query = _discover_query(nonce)
-    socks = {}
     selector = _Selector()
+    socks = []
     try:
         for family, sockaddr in targets:
-            sock = socks.get(family)
-            if sock is None:
-                try:
-                    sock = socks[family] = socket.socket(family, socket.SOCK_DGRAM)
-                except OSError:
-                    continue
-                if broadcast and family == socket.AF_INET:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-                sock.setblocking(False)
-                selector.register(sock, selectors.EVENT_READ)
             try:
-                sock.sendto(query, sockaddr)
+                sock = socket.socket(family, socket.SOCK_DGRAM)
             except OSError:
-                pass
-        found, answered = [], set()
+                continue
+            socks.append(sock)
+            try:
+                if broadcast:
+                    if family == socket.AF_INET:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+                    sock.sendto(query, sockaddr)
+                else:
+                    sock.connect(sockaddr)
+                    sock.send(query)
+            except OSError:
+                continue
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+        found = []
+        pending = len(selector.get_map())
         deadline = time.monotonic() + wait
-        while True:
+        while pending:
             left = deadline - time.monotonic()
-            if left <= 0 or (not broadcast and len(answered) >= len(targets)):
+            if left <= 0:
                 break
             for key, _ in selector.select(left):
                 try:
                     data, peer = key.fileobj.recvfrom(2048)
-                except OSError:
+                except BlockingIOError:
+                    continue
+                except OSError:             # refused: nothing listens there
+                    selector.unregister(key.fileobj)
+                    pending -= 1
                     continue
                 answer = _read_answer(data, nonce)
                 if answer is None:
                     continue
+                if not broadcast:
+                    selector.unregister(key.fileobj)
+                    pending -= 1
                 protocol, tcp_port, flags, name, version = answer
                 host = peer[0]
                 if host.startswith("::ffff:"):     # IPv4 through a dual-stack socket
                     host = host[7:]
-                answered.add(peer[:2])
-                entry = dict(name=name, host=host, port=tcp_port, version=version,
-                             protocol=protocol, pairing=bool(flags & DF_PAIRING),
-                             tls=bool(flags & DF_TLS), auth=bool(flags & DF_AUTH))
                 if all((e["host"], e["port"]) != (host, tcp_port) for e in found):
-                    found.append(entry)
+                    found.append(dict(name=name, host=host, port=tcp_port, version=version,
+                                      protocol=protocol, pairing=bool(flags & DF_PAIRING),
+                                      tls=bool(flags & DF_TLS), auth=bool(flags & DF_AUTH)))
         return found
     finally:
         selector.close()
-        for sock in socks.values():
+        for sock in socks:
             sock.close()
 
 
@@ -9525,7 +9535,7 @@ def _cmd_find(args):
     if args.json:
         write = _json_writer(sys.stdout)
         for e in found:
-            write("server", name=e["name"], address=_host_port_text(e["host"], e["port"]),
+            write("server", server=e["name"], address=_host_port_text(e["host"], e["port"]),
                   version=e["version"], pairing=e["pairing"], tls=e["tls"], auth=e["auth"],
                   alias=_alias_for(config, e["host"], e["port"]))
     elif not args.quiet:
