@@ -9673,9 +9673,16 @@ class DiscoveryTests(unittest.TestCase):
             self.assertNotIn(secret, answer)
 
     def test_serve_no_discovery_answers_nothing(self):
-        env = isolated_env(temp_dir(self))
+        home = temp_dir(self)
+        env = isolated_env(home)
         proc, port = spawn_server(self, "--dir", temp_dir(self), "--no-discovery", "-q",
                                   env=env)
+        with mock.patch.dict(os.environ, {"XFER_DISCOVER_ADDR": "%s:%d" % (HOST, port)}):
+            self.assertEqual(xfer._discover(wait=0.5), [])
+        # The config key does the same.
+        write_file(os.path.join(home, ".config", "xfer", "xfer.ini"),
+                   b"[serve]\nno_discovery = yes\n")
+        proc, port = spawn_server(self, "--dir", temp_dir(self), "-q", env=env)
         with mock.patch.dict(os.environ, {"XFER_DISCOVER_ADDR": "%s:%d" % (HOST, port)}):
             self.assertEqual(xfer._discover(wait=0.5), [])
         receiver = start_receiver(self, temp_dir(self), token="t", discovery=True)
@@ -9815,6 +9822,104 @@ class ReadmeSyncTests(unittest.TestCase):
         frame = xfer._FRAME.size + xfer._FILE.size + len(b"hello.txt")
         self.assertEqual(example[4][2 * frame:2 * frame + 8], file_tag)
         self.assertEqual(example[5][20:28], result_tag)
+
+
+    # -- the example pairing (Protocol 8)
+
+    PAIR_CODE, PAIR_X, PAIR_Y = "7-castle-river", int("11" * 32, 16), int("22" * 32, 16)
+
+    def live_pairing(self):
+        """The example pairing against a real Receiver: the client's messages
+        built here with xfer's functions, the server's read from it; the
+        server's nonce and its secret y fixed."""
+        token, code = "example-token", self.PAIR_CODE
+        client_nonce, server_nonce = bytes(range(32)), bytes(range(32, 64))
+        real_token_bytes, real_randbelow = xfer.secrets.token_bytes, xfer.secrets.randbelow
+        messages = []
+
+        def note(direction, data):
+            if messages and messages[-1][0] == direction:
+                messages[-1][1] += data
+            else:
+                messages.append([direction, data])
+        with mock.patch.object(xfer.secrets, "token_bytes", lambda n=32: server_nonce
+                               if n == xfer._NONCE_SIZE else real_token_bytes(n)), \
+                mock.patch.object(xfer.secrets, "randbelow", lambda n: self.PAIR_Y - 1
+                                  if n == xfer._P256_N - 1 else real_randbelow(n)):
+            receiver = start_receiver(self, temp_dir(self), token=token, name="studio")
+            receiver.open_pairing(code)
+            sock = raw_connect(receiver.address)
+            self.addCleanup(sock.close)
+            rfile = sock.makefile("rb")
+            self.addCleanup(rfile.close)
+
+            def send(data):
+                note("C->S", data)
+                sock.sendall(data)
+
+            def recv(n):
+                data = rfile.read(n)
+                self.assertEqual(len(data), n, data)
+                note("S->C", data)
+                return data
+            w = xfer._code_scalar(code)
+            preface = xfer._PREFACE.pack(xfer.MAGIC, xfer.PROTOCOL_VERSION, 0)
+            send(preface + xfer._frame(xfer._Msg.HELLO, client_nonce))
+            transcript = preface + client_nonce + recv(xfer._PREFACE.size) + server_nonce
+            recv(xfer._FRAME.size + xfer._NONCE_SIZE)
+            pa = xfer._spake2_share(w, self.PAIR_X, client=True)
+            send(xfer._frame(xfer._Msg.PAIR, xfer._p256_encode(pa, compressed=True)))
+            pb = xfer._p256_decode(recv(xfer._FRAME.size + xfer._SHARE_SIZE)[5:])
+            k = xfer._spake2_key(w, self.PAIR_X, pb, client=True)
+            ke, ca, cb = xfer._spake2_schedule(b"xfer client", b"xfer server", pa, pb, k, w,
+                                               transcript)
+            send(xfer._frame(xfer._Msg.CONFIRM, ca))
+            head = recv(xfer._FRAME.size)
+            paired = recv(xfer._FRAME.unpack(head)[1])
+            self.assertEqual(rfile.read(), b"")
+        self.assertEqual(paired[:32], cb)
+        self.assertEqual(xfer._unseal(ke, paired[32:]), b"example-token\0\0studio")
+        return [tuple(m) for m in messages], dict(w=w, pa=pa, pb=pb, k=k, ke=ke)
+
+    def example_pairing(self):
+        section = self.readme().split("### 8. Example pairing", 1)[1]
+        block = section.split("```\n", 2)[1]
+        messages = []
+        for line in block.splitlines():
+            head, rest = line[:6].strip(), line[6:].strip()
+            if head in ("C->S", "S->C") and (not messages or messages[-1][0] != head):
+                messages.append([head, b""])
+            column = re.split(r"\s{2,}", rest, 1)[0]
+            if messages and re.fullmatch(r"[0-9a-f]+( [0-9a-f]+)*", column):
+                messages[-1][1] += bytes.fromhex(column.replace(" ", ""))
+        return [tuple(m) for m in messages]
+
+    def test_example_pairing_is_what_the_code_sends(self):
+        live, values = self.live_pairing()
+        self.assertEqual([d for d, _ in live], ["C->S", "S->C"] * 3)
+        self.assertEqual(self.example_pairing(), live)
+        readme = self.readme().split("### 8. Example pairing", 1)[1]
+        self.assertIn("w = `%064x`" % values["w"], readme)
+        self.assertIn("Ke =\n`%s`" % values["ke"].hex(), readme)
+        whole = self.readme()
+        for name in ("_DISCOVER_HEAD", "_DISCOVER_ANSWER"):
+            self.assertRegex(whole, r'%s\s+= "%s"' % (name, re.escape(getattr(xfer, name).format)))
+        self.assertIn("exactly %d bytes (`_DISCOVER_SIZE`)" % xfer._DISCOVER_SIZE, whole)
+
+    def test_pairing_check_snippet_prints_the_example_values(self):
+        readme = self.readme().split("### 8. Example pairing", 1)[1]
+        code = re.search(r"To check a pairing implementation against it:\n\n```python\n(.*?)```",
+                         readme, re.S).group(1)
+        printed = re.search(r"^prints `([0-9a-f ]+)`\.$", readme, re.M).group(1)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "README snippet", "exec"), {})
+        self.assertEqual(out.getvalue().strip(), printed)
+        live = [data.hex() for _, data in self.live_pairing()[0]]
+        w_prefix, confirm_a, confirm_b, secret_mac = printed.split()
+        self.assertEqual(live[4][10:18], confirm_a)          # CONFIRM payload
+        self.assertEqual(live[5][10:18], confirm_b)          # PAIRED: cB first
+        self.assertEqual(live[5][-64:-56], secret_mac)       # and the MAC last
 
 
 #------------------------------------------------------------
@@ -10054,7 +10159,6 @@ class SharedPiecesTests(unittest.TestCase):
                        xfer.load_config(environ=dict(self.env, XFER_CONFIG=explicit))):
             self.assertEqual(config.serverinfo[:2], ("10.7.7.7", 7777))
             self.assertEqual(config.files, [])
-
 
 class ResilienceTests(unittest.TestCase):
     def _tree(self, root, n=40):

@@ -1047,7 +1047,7 @@ def _remember_fingerprint(path, hostport, fingerprint):
 
 
 #------------------------------------------------------------
-# pairing (PAKE; Protocol 4.9)
+# pairing (PAKE; Protocol 4.11)
 #------------------------------------------------------------
 # SPAKE2 (RFC 9382) over P-256 with SHA-256, HKDF-SHA256 and HMAC-SHA256,
 # the RFC's suite "P256-SHA256-HKDF-HMAC", in pure Python.  The client is
@@ -1246,7 +1246,7 @@ _CODE_WORDS = tuple("""
 PAIRING_LIFETIME = 600.0
 PAIRING_TRIES = 3
 _CODE_NUMBERS = 99                     # the code's number: 1 to 99
-_CODE_KDF_ROUNDS = 10000               # PBKDF2-HMAC-SHA256 rounds, code -> w (Protocol 4.9)
+_CODE_KDF_ROUNDS = 10000               # PBKDF2-HMAC-SHA256 rounds, code -> w (Protocol 4.11)
 _CODE_KDF_SALT = b"xfer pairing code"
 _SPAKE2_A, _SPAKE2_B = b"xfer client", b"xfer server"   # RFC 9382 identities
 _SHARE_SIZE = 33                       # a compressed P-256 point
@@ -1299,7 +1299,7 @@ def _keystream(key, length):
 
 
 def _seal(ke, plaintext):
-    """Encrypt-then-MAC under a key used for this one message (Protocol 4.9)."""
+    """Encrypt-then-MAC under a key used for this one message (Protocol 4.11)."""
     cipher_key, mac_key = _pairing_keys(ke)
     body = bytes(a ^ b for a, b in zip(plaintext, _keystream(cipher_key, len(plaintext))))
     return body + hmac.new(mac_key, body, hashlib.sha256).digest()
@@ -1402,7 +1402,7 @@ _NEW_CODE_HINT = "press Enter in serve's terminal for a new one"
 
 
 def _client_pair(sock, rfile, code, w=None):
-    """The client's pairing exchange on a connected socket (Protocol 4.9).
+    """The client's pairing exchange on a connected socket (Protocol 4.11).
 
     Returns (token, fingerprint or None, server name).  AuthError for a
     wrong code (the server says so) or a server that cannot prove it knows
@@ -3212,7 +3212,7 @@ class _ReceiveSession:
         return head
 
     def _pair(self, share, transcript):
-        """The server's side of pairing (Protocol 4.9), in place of AUTH.
+        """The server's side of pairing (Protocol 4.11), in place of AUTH.
 
         A try is counted before the share is answered; a wrong confirmation
         counts against the address like a wrong token (_AuthGuard).  Ends
@@ -7332,7 +7332,8 @@ class Config:
 
 _KNOWN_KEYS = frozenset(["host", "port", "token", "dir", "to", "workers", "max_connections",
                          "max_size", "portable_names", "tls", "tls_cert", "tls_key",
-                         "fingerprint", "no_auth", "overwrite", "allow_home", "allow_get"])
+                         "fingerprint", "no_auth", "overwrite", "allow_home", "allow_get",
+                         "no_discovery"])
 
 
 def load_config(path=None, environ=None, cwd=None, local=False, serverinfo=True):
