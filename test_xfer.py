@@ -9489,13 +9489,16 @@ class CodePairingTests(unittest.TestCase):
             self.assertEqual(f.read(), b"paired bytes")
 
     def test_enter_on_serve_shows_a_new_code(self):
-        proc, _, next_line = _pair_serve(self, isolated_env(temp_dir(self)), temp_dir(self))
+        proc, port, next_line = _pair_serve(self, isolated_env(temp_dir(self)), temp_dir(self))
         first = _banner_code(next_line)
         proc.stdin.write("\n")
         proc.stdin.flush()
         second = _banner_code(next_line)
         self.assertNotEqual(first, second)
-        self.assertIn("press Enter", next_line(lambda line: True) + xfer._CODE_TERMS)
+        self.assertEqual(next_line(lambda line: True), "  python3 xfer.py pair %s" % second)
+        with self.assertRaises(xfer.AuthError):          # the new code replaced the old
+            xfer._pair(HOST, port, first)
+        self.assertTrue(xfer._pair(HOST, port, second)[0])
 
     def test_wrong_code_is_refused_in_one_line_and_nothing_is_saved(self):
         receiver = self.receiver()
