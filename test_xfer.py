@@ -9826,7 +9826,6 @@ class ReadmeSyncTests(unittest.TestCase):
         self.assertEqual(example[4][2 * frame:2 * frame + 8], file_tag)
         self.assertEqual(example[5][20:28], result_tag)
 
-
     # -- the example pairing (Protocol 8)
 
     PAIR_CODE, PAIR_X, PAIR_Y = "7-castle-river", int("11" * 32, 16), int("22" * 32, 16)
@@ -10162,6 +10161,7 @@ class SharedPiecesTests(unittest.TestCase):
                        xfer.load_config(environ=dict(self.env, XFER_CONFIG=explicit))):
             self.assertEqual(config.serverinfo[:2], ("10.7.7.7", 7777))
             self.assertEqual(config.files, [])
+
 
 class ResilienceTests(unittest.TestCase):
     def _tree(self, root, n=40):
