@@ -9600,6 +9600,20 @@ class CodePairingTests(unittest.TestCase):
         self.assertFalse(os.path.exists(ini))
         self.assertIsNone(receiver.pairing_code)
 
+    def test_get_code_pairs_and_copies_from_the_server(self):
+        receiver = self.receiver(allow_get=True)
+        write_file(os.path.join(receiver.dir, "there.txt"), b"from the server")
+        code = receiver.open_pairing()
+        env, ini = self.machine(receiver.address[1])
+        local = temp_dir(self)
+        status, _, err = _cfg_main(["get", "--code", code, "%s:%d:there.txt" % receiver.address,
+                                    local], env, temp_dir(self))
+        self.assertEqual(status, 0, err)
+        with open(os.path.join(local, "there.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"from the server")
+        self.assertFalse(os.path.exists(ini))
+        self.assertIsNone(receiver.pairing_code)
+
     def test_pair_refuses_to_reuse_a_taken_alias(self):
         receiver = self.receiver()
         code = receiver.open_pairing()

@@ -9013,8 +9013,9 @@ def _pair_for_send(args, config, destinations):
     with a code open; a _Target with what pairing gave, saved nowhere."""
     if len(destinations) > 1:
         raise ConfigError("--code pairs with one server: give at most one destination")
-    to = _parse_address(_without_user(config, destinations[0]), dirs=True) if destinations \
-        else None
+    to = destinations[0] if destinations else None
+    if to is not None and not isinstance(to, _Address):
+        to = _parse_address(_without_user(config, to), dirs=True)
     host, port, tls = _pairing_server(config, to)
     token, fingerprint, _ = _pair(host, port, args.code, tls=tls,
                                   timeout=args.timeout or DEFAULT_HANDSHAKE_TIMEOUT)
@@ -9357,9 +9358,12 @@ def _remote_operands(config, operands, what):
 
 
 def _pull_sender(args, config, address):
-    target = _resolve_target(config, address, args.token, tls=args.tls,
-                             fingerprint=args.fingerprint)
-    _check_resolvable(config, address, target.host)
+    if getattr(args, "code", None):
+        target = _pair_for_send(args, config, [address])
+    else:
+        target = _resolve_target(config, address, args.token, tls=args.tls,
+                                 fingerprint=args.fingerprint)
+        _check_resolvable(config, address, target.host)
     skip = None if getattr(args, "force", False) else "quick"
     sender = Sender((target.host, target.port), skip=skip,
                     retries=max(0, getattr(args, "retries", 3)),
@@ -9835,6 +9839,8 @@ def _build_parser():
     p.add_argument("--workers", type=_positive_int, metavar="N",
                    help="accepted for send's sake; get uses one connection")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per file")
+    p.add_argument("--code", metavar="CODE",
+                   help="pair with HOST using the pairing code it shows, saving nothing")
     p.add_argument("paths", nargs="+", metavar="HOST:PATH",
                    help="what to copy, below the server's DIR; a last plain path is "
                    "LOCAL_DIR (default .)")
