@@ -4644,6 +4644,21 @@ class PullTests(unittest.TestCase):
         self.assertEqual(sorted(deep), [("dir", "d"), ("dir", "d/e"), ("file", "a.txt"),
                                         ("file", "d/b.txt")])
 
+    def test_unreadable_directory_is_one_refusal_and_the_server_goes_on(self):
+        os.makedirs(os.path.join(self.srv, "locked"))
+        address = self.serve()
+
+        def unreadable(path):
+            raise PermissionError(errno.EACCES, "Permission denied")
+            yield           # a generator, as _list_dir is
+        with mock.patch.object(xfer, "_list_dir", unreadable):
+            with self.assertRaises(xfer.RemoteError) as caught:
+                _pull_sender(address).listing("locked", on_entry=lambda *e: None)
+        self.assertIn("locked", str(caught.exception))
+        entries = []
+        _pull_sender(address).listing("", on_entry=lambda *e: entries.append(e[-1]))
+        self.assertEqual(entries, ["locked"])
+
     def test_large_listing_streams_in_bounded_frames(self):
         names = ["f%05d-%s" % (i, "x" * 60) for i in range(1500)]
         for name in names:

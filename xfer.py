@@ -3474,6 +3474,17 @@ class _ReceiveSession:
             entries = _walk_tree(path, "", served=True)
         else:
             entries = _list_dir(path)
+        try:
+            self._send_entries(fid, entries)
+        except OSError as e:
+            if isinstance(e, (socket.timeout, ConnectionError)):
+                raise
+            self._done(fid, *_failure(raw, e))     # the directory cannot be read
+            return
+        self._done(fid)
+
+    def _send_entries(self, fid, entries):
+        """ENTRIES frames for (kind, path, name, stat) entries, sent as they fill."""
         head = struct.pack("!I", fid)
         chunk, size, frames = [head], len(head), []
         for kind, entry_path, entry_name, entry_st in entries:
@@ -3507,7 +3518,6 @@ class _ReceiveSession:
             frames.append(self.seal(_frame(_Msg.ENTRIES, b"".join(chunk))))
         if frames:
             self.sock.sendall(b"".join(frames))
-        self._done(fid)
 
     def _read_body_start(self, fid, offset):
         """BODY (Protocol 4.3): where the sender starts, 0 or the offered offset."""
