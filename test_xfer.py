@@ -5,6 +5,7 @@ readiness lines, Events, or results that mean "the file is durably in place".
 """
 
 import ast
+import atexit
 import collections
 import concurrent.futures
 import contextlib
@@ -42,6 +43,15 @@ import xfer
 HOST = "127.0.0.1"
 TIMEOUT = 20.0   # hang detector only, never a wait
 XFER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xfer.py")
+
+#: A child runs `xfer.main()` from bytecode this suite caches, so each start
+#: does not compile the whole script again (a script given by path never is):
+#: that was most of the suite's CPU.  `python3 xfer.py` itself is run by
+#: SmokeTests and wherever a test is about the script.
+_PYCACHE = tempfile.mkdtemp(prefix="xfer-test-pycache-")
+atexit.register(shutil.rmtree, _PYCACHE, True)
+XFER_CMD = [sys.executable, "-c", "import sys; sys.path[0] = %r; import xfer; "
+            "sys.exit(xfer.main())" % os.path.dirname(XFER)]
 
 
 #------------------------------------------------------------
@@ -102,21 +112,26 @@ def isolated_env(home):
     for key in list(env):
         if key.startswith("XFER_"):
             del env[key]
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.update(HOME=home, USERPROFILE=home, APPDATA=home,
-               XDG_CONFIG_HOME=os.path.join(home, ".config"), PYTHONIOENCODING="utf-8")
+               XDG_CONFIG_HOME=os.path.join(home, ".config"), PYTHONIOENCODING="utf-8",
+               PYTHONPYCACHEPREFIX=_PYCACHE)
     return env
 
 
 def run_xfer(*args, cwd=None, env=None, timeout=TIMEOUT):
     """Run xfer.py in a subprocess to completion; return CompletedProcess."""
-    return subprocess.run([sys.executable, XFER] + list(args), cwd=cwd, env=env,
+    return subprocess.run(XFER_CMD + list(args), cwd=cwd, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=timeout)
 
 
 def popen_reaped(test, argv, cwd=None, env=None):
     """Start `python3 -u ARGV` with text pipes; killed and reaped when the test ends."""
-    proc = subprocess.Popen([sys.executable, "-u"] + list(argv), cwd=cwd, env=env,
+    argv = list(argv)
+    if argv[:1] == [XFER]:
+        argv[:1] = XFER_CMD[1:]
+    proc = subprocess.Popen([sys.executable, "-u"] + argv, cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             universal_newlines=True)
 
@@ -170,6 +185,13 @@ def recv_until_closed(sock):
 #------------------------------------------------------------
 
 class SmokeTests(unittest.TestCase):
+    def test_the_script_runs_as_python3_xfer_py(self):
+        # The rest of the suite starts children through XFER_CMD.
+        r = subprocess.run([sys.executable, XFER, "--version"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn(xfer.__version__, r.stdout)
+
     def test_send_one_file(self):
         src, dst = temp_dir(self), temp_dir(self)
         path = write_file(os.path.join(src, "a.bin"), os.urandom(1000))
@@ -405,7 +427,7 @@ class _SendCliCase(unittest.TestCase):
 
     def xfer(self, *args, input=None, timeout=TIMEOUT):
         """xfer.py in a subprocess; input (bytes) is piped to its stdin."""
-        r = subprocess.run([sys.executable, XFER] + list(args), cwd=self.cwd, env=self.env,
+        r = subprocess.run(XFER_CMD + list(args), cwd=self.cwd, env=self.env,
                            input=input, stdin=None if input is not None else subprocess.DEVNULL,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
         r.stdout = r.stdout.decode("utf-8", "replace")
@@ -6174,7 +6196,7 @@ class PairingTests(unittest.TestCase):
         return port, _sec_banner(self, proc, done)
 
     def xfer(self, env, *args):
-        return _sec_run([sys.executable, XFER] + list(args), env, self.cwd)
+        return _sec_run(XFER_CMD + list(args), env, self.cwd)
 
     def assertExit(self, result, code):
         self.assertEqual(result.returncode, code,
