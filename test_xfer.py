@@ -9758,6 +9758,74 @@ class DiscoveryTests(unittest.TestCase):
         self.assertEqual(len(err.splitlines()), 1)
 
 
+    def test_find_broadcasts_across_a_network_namespace_pair(self):
+        # A real broadcast (no XFER_DISCOVER_ADDR), sent only inside two
+        # namespaces this test makes: their only links are lo and a veth pair
+        # between them, so the query cannot reach a real interface.
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            self.skipTest("needs root to create network namespaces")
+        ip = shutil.which("ip")
+        if ip is None:
+            self.skipTest("needs iproute2's ip")
+        ns = ["xfer-test-%d-a" % os.getpid(), "xfer-test-%d-b" % os.getpid()]
+
+        def run_ip(*args):
+            return subprocess.run([ip] + list(args), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, universal_newlines=True,
+                                  timeout=TIMEOUT)
+        for name in ns:         # deleting a namespace removes its end of the veth
+            self.addCleanup(run_ip, "netns", "delete", name)
+        for name in ns:
+            made = run_ip("netns", "add", name)
+            if made.returncode != 0:
+                self.skipTest("ip netns add failed: %s" % made.stderr.strip())
+        # Both ends are created inside the namespaces, never in this one.
+        for args in (["link", "add", "xfer0", "netns", ns[0], "type", "veth",
+                      "peer", "name", "xfer0", "netns", ns[1]],
+                     ["-n", ns[0], "addr", "add", "10.219.77.1/24", "dev", "xfer0"],
+                     ["-n", ns[1], "addr", "add", "10.219.77.2/24", "dev", "xfer0"],
+                     ["-n", ns[0], "link", "set", "lo", "up"],
+                     ["-n", ns[1], "link", "set", "lo", "up"],
+                     ["-n", ns[0], "link", "set", "xfer0", "up"],
+                     ["-n", ns[1], "link", "set", "xfer0", "up"],
+                     # 255.255.255.255 leaves by the default route, as on a LAN
+                     # with a gateway; without one the send is unreachable.
+                     ["-n", ns[1], "route", "add", "default", "dev", "xfer0"]):
+            done = run_ip(*args)
+            self.assertEqual(done.returncode, 0, "ip %s: %s" % (" ".join(args), done.stderr))
+        env = isolated_env(temp_dir(self))
+        self.assertNotIn("XFER_DISCOVER_ADDR", env)
+        server = subprocess.Popen(
+            [ip, "netns", "exec", ns[0]] + XFER_CMD[:1] + ["-u"] + XFER_CMD[1:]
+            + ["serve", "--dir", temp_dir(self), "--host", "0.0.0.0", "--port", "0",
+               "--no-auth"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, start_new_session=True)
+
+        def stop_server():      # registered after the namespaces, so it runs first
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)
+            server.communicate(timeout=TIMEOUT)
+        self.addCleanup(stop_server)
+        lines = queue.Queue()
+        threading.Thread(target=lambda: lines.put(server.stdout.readline()),
+                         daemon=True).start()
+        try:
+            line = lines.get(timeout=TIMEOUT)
+        except queue.Empty:
+            line = ""
+        self.assertTrue(line.startswith("listening on "), line)
+        port = int(line.rsplit(":", 1)[1])
+        result = subprocess.run(
+            [ip, "netns", "exec", ns[1]] + XFER_CMD
+            + ["find", "--json", "--port", str(port), "--wait", "0.5"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, timeout=TIMEOUT)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        found = [json.loads(text) for text in result.stdout.splitlines()]
+        self.assertEqual([(e["server"], e["address"]) for e in found],
+                         [(xfer._server_name(), "10.219.77.1:%d" % port)])
+
 class ReadmeSyncTests(unittest.TestCase):
     @staticmethod
     def readme():
