@@ -75,6 +75,29 @@ def start_receiver(test, directory, **kw):
     return receiver
 
 
+def wait_until(predicate, timeout=TIMEOUT):
+    """Wait (bounded) until predicate() is true; return whether it became true.
+
+    Polls with a growing Event().wait backoff: the condition is checked
+    between waits, so this ends as soon as the other side has done its work.
+    """
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    delay = 0.001
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        pause.wait(delay)
+        delay = min(delay * 2, 0.05)
+    return True
+
+
+def partials(root):
+    """Every temporary (PARTIAL_PREFIX) file left below root, as paths below it."""
+    return [p for p in tree_listing(root)
+            if p.rsplit("/", 1)[-1].startswith(xfer.PARTIAL_PREFIX)]
+
+
 def write_file(path, data):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "wb") as f:
@@ -1820,27 +1843,9 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual(os.listdir(dst), ["via-alias.txt"])
 
 
-
 #------------------------------------------------------------
 # hostile-client helpers
 #------------------------------------------------------------
-
-def _hostile_wait_until(predicate, timeout=TIMEOUT):
-    """Wait (bounded) until predicate() is true; return whether it became true.
-
-    Polls with a growing Event().wait backoff: the condition is checked
-    between waits, so this ends as soon as the server has done its work.
-    """
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    delay = 0.001
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        pause.wait(delay)
-        delay = min(delay * 2, 0.05)
-    return True
-
 
 def _hostile_symlink(test, target, link, target_is_directory=False):
     """os.symlink, or skip the test where symlinks are not permitted."""
@@ -1848,12 +1853,6 @@ def _hostile_symlink(test, target, link, target_is_directory=False):
         os.symlink(target, link, target_is_directory=target_is_directory)
     except (OSError, NotImplementedError, AttributeError) as e:
         test.skipTest("symlinks not permitted here: %s" % e)
-
-
-def _hostile_partials(root):
-    """Every leftover temporary file below root."""
-    return [p for p in tree_listing(root)
-            if p.rsplit("/", 1)[-1].startswith(xfer.PARTIAL_PREFIX)]
 
 
 _hostile_names = itertools.count(1)
@@ -2633,7 +2632,7 @@ class ProtocolV2Tests(unittest.TestCase):
                 reason = client.expect_error(self, xfer.ST_PROTOCOL)
                 self.assertIn("reserved", reason)
         self.assertEqual(tree_listing(self.dst), [])
-        self.assertEqual(_hostile_partials(self.dst), [])
+        self.assertEqual(partials(self.dst), [])
         _hostile_still_serves(self, receiver, self.dst, token=self.TOKEN)
 
     def test_streamed_file_over_stream_max_is_refused_without_waiting_for_its_body(self):
@@ -2714,7 +2713,7 @@ class ProtocolV2Tests(unittest.TestCase):
         self.assertIn("version 1", reason)
         self.assertIn("version %d" % xfer.PROTOCOL_VERSION, reason)
         self.assertIn("upgrade xfer on the sending machine", reason)
-        self.assertTrue(_hostile_wait_until(lambda: any("upgrade" in l for l in lines)), lines)
+        self.assertTrue(wait_until(lambda: any("upgrade" in l for l in lines)), lines)
         _hostile_still_serves(self, receiver, self.dst, token=self.TOKEN)
 
     def test_newer_client_is_told_to_upgrade_the_receiver(self):
@@ -2980,7 +2979,7 @@ class PathSafetyTests(unittest.TestCase):
                 d.publish(handle, temp, "f")
                 with open(os.path.join(dest, "new", "deeper", "f"), "rb") as f:
                     self.assertEqual(f.read(), b"hello")
-                self.assertEqual(_hostile_partials(dest), [])
+                self.assertEqual(partials(dest), [])
 
     def test_dest_create_temp_refuses_planted_symlink(self):
         for use_dir_fd in self._modes():
@@ -3291,7 +3290,7 @@ class ServerRobustnessTests(unittest.TestCase):
                 started = time.monotonic()
                 self.assertEqual(client.read_to_eof(), b"")
                 self.assertLess(time.monotonic() - started, 4.0)
-        self.assertTrue(_hostile_wait_until(lambda: receiver.connections == 0))
+        self.assertTrue(wait_until(lambda: receiver.connections == 0))
         _hostile_still_serves(self, receiver, self.dst)
 
     def test_idle_client_dropped_after_idle_timeout(self):
@@ -3302,7 +3301,7 @@ class ServerRobustnessTests(unittest.TestCase):
         started = time.monotonic()
         self.assertEqual(client.read_to_eof(), b"")   # ... then silent, and dropped
         self.assertLess(time.monotonic() - started, 4.0)
-        self.assertTrue(_hostile_wait_until(lambda: receiver.connections == 0))
+        self.assertTrue(wait_until(lambda: receiver.connections == 0))
         _hostile_still_serves(self, receiver, self.dst)
 
     def test_busy_cap_refuses_extra_connection(self):
@@ -3320,7 +3319,7 @@ class ServerRobustnessTests(unittest.TestCase):
         status, reason = holder.send_file("held.txt", b"held")
         self.assertEqual(status, xfer.ST_OK, reason)
         holder.bye()
-        self.assertTrue(_hostile_wait_until(lambda: receiver.connections == 0))
+        self.assertTrue(wait_until(lambda: receiver.connections == 0))
         _hostile_still_serves(self, receiver, self.dst)
 
     @unittest.skipUnless(sys.platform.startswith("linux"), "needs all of 127.0.0.0/8")
@@ -3343,7 +3342,7 @@ class ServerRobustnessTests(unittest.TestCase):
         other.bye()
         for client in held:
             client.bye()
-        self.assertTrue(_hostile_wait_until(lambda: receiver.connections == 0))
+        self.assertTrue(wait_until(lambda: receiver.connections == 0))
         _hostile_still_serves(self, receiver, self.dst)
 
     def test_oversized_auth_frame_refused_promptly(self):
@@ -3409,20 +3408,20 @@ class ServerRobustnessTests(unittest.TestCase):
                     client.send(client.frame(xfer._Msg.BODY, xfer._BODY.pack(1, 0)))
                 client.send(os.urandom(size // 4))
                 # the receiver is now writing a temporary file ...
-                self.assertTrue(_hostile_wait_until(lambda: _hostile_partials(self.dst)),
+                self.assertTrue(wait_until(lambda: partials(self.dst)),
                                 "no temporary file appeared")
                 if how == "reset":
                     client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                            struct.pack("ii", 1, 0))
                 client.close()
                 # ... and drops it once it notices the connection is gone.
-                self.assertTrue(_hostile_wait_until(lambda: receiver.connections == 0),
+                self.assertTrue(wait_until(lambda: receiver.connections == 0),
                                 "the receiver still holds the connection")
                 # Nothing under a final name; a large (not streamed) file keeps
                 # its partial for a resume, a streamed one leaves nothing.
-                partials = _hostile_partials(self.dst)
-                self.assertEqual(len(partials), 0 if stream else 1, partials)
-                for p in partials:
+                left = partials(self.dst)
+                self.assertEqual(len(left), 0 if stream else 1, left)
+                for p in left:
                     os.unlink(os.path.join(self.dst, p))
                 self.assertEqual(tree_listing(self.dst), ["keep.bin"])
                 with open(os.path.join(self.dst, "keep.bin"), "rb") as f:
@@ -3441,24 +3440,6 @@ class ServerRobustnessTests(unittest.TestCase):
         st = os.lstat(os.path.join(self.dst, "suid"))
         self.assertTrue(stat.S_ISREG(st.st_mode))
         self.assertEqual(st.st_mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX), 0)
-
-
-
-def _embed_wait_for(predicate, timeout=TIMEOUT):
-    """Re-check predicate with a short Event backoff until it holds or timeout passes."""
-    backoff = threading.Event()
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        backoff.wait(0.01)
-    return True
-
-
-def _embed_partials(root):
-    """Every temporary (PARTIAL_PREFIX) file left below root."""
-    return [name for _, _, files in os.walk(root) for name in files
-            if name.startswith(xfer.PARTIAL_PREFIX)]
 
 
 def _embed_gate_write(body_chunk=2):
@@ -3644,11 +3625,11 @@ class EmbeddingTests(unittest.TestCase):
             gate.set()
             self.assertTrue(job.wait(TIMEOUT))
         self.assertEqual(job.state, "cancelled", job.error)
-        self.assertTrue(_embed_wait_for(lambda: receiver.connections == 0),
+        self.assertTrue(wait_until(lambda: receiver.connections == 0),
                         "the receiver kept the abandoned connection")
         self.assertFalse(os.path.exists(os.path.join(dst, "big.bin")))
         # A large file cut off mid-body keeps one partial, for a resume.
-        self.assertEqual(len(_embed_partials(dst)), 1)
+        self.assertEqual(len(partials(dst)), 1)
         job2 = sender.queue(small)
         self.assertTrue(job2.wait(TIMEOUT))
         self.assertEqual(job2.state, "done", job2.error)
@@ -3660,7 +3641,7 @@ class EmbeddingTests(unittest.TestCase):
         self.assertGreater(job3.resumed, 0)
         self.assertLess(job3.resumed, job3.size)
         # The receiver counts the file just after its answer went out.
-        self.assertTrue(_embed_wait_for(lambda: receiver.bytes_resumed == job3.resumed),
+        self.assertTrue(wait_until(lambda: receiver.bytes_resumed == job3.resumed),
                         "receiver counted %d resumed bytes" % receiver.bytes_resumed)
         self.assertEqual(sha256_file(os.path.join(dst, "big.bin")), sha256_file(big))
         self.assertEqual(tree_listing(dst), ["after.bin", "big.bin"])
@@ -3692,7 +3673,7 @@ class EmbeddingTests(unittest.TestCase):
             later = [sender.queue(p) for p in paths[3:]]
             self.assertTrue(sender.wait(TIMEOUT))
             # Each error is counted, then reported on stderr: wait for all twelve reports.
-            self.assertTrue(_embed_wait_for(
+            self.assertTrue(wait_until(
                 lambda: err.getvalue().count("RuntimeError: on_") >= 12))
         for job in first + later:
             self.assertEqual(job.state, "done", job.error)
@@ -3834,7 +3815,7 @@ class EmbeddingTests(unittest.TestCase):
             self.assertEqual(sha256_file(os.path.join(dst, os.path.basename(path))),
                              sha256_file(path))
         # Every session has ended, so every on_file is queued; none has run.
-        self.assertTrue(_embed_wait_for(lambda: receiver.connections == 0))
+        self.assertTrue(wait_until(lambda: receiver.connections == 0))
         self.assertEqual(received, [])
         self.assertEqual(receiver.files_received, 5)
         ran = receiver.poll()
@@ -3964,7 +3945,7 @@ class LongLivedSenderTests(unittest.TestCase):
         done = []
         with xfer.Sender(receiver.address, dispatch="poll", on_done=done.append) as sender:
             jobs = [sender.queue(p) for p in paths]
-        self.assertTrue(_embed_wait_for(lambda: receiver.files_received == 7))
+        self.assertTrue(wait_until(lambda: receiver.files_received == 7))
         # Seven on_file calls queued (a host stalled); each poll runs at most three.
         self.assertEqual([receiver.poll(max_events=3) for _ in range(4)], [3, 3, 1, 0])
         self.assertEqual(sorted(i.relpath for i in received),
@@ -4784,7 +4765,7 @@ class PullTests(unittest.TestCase):
         job = sender.get("a.txt", self.local)
         listing = sender.list("")
         self.assertTrue(job.wait(TIMEOUT) is not False)
-        self.assertTrue(_hostile_wait_until(lambda: job.done and listing.done))
+        self.assertTrue(wait_until(lambda: job.done and listing.done))
         self.assertEqual(job.state, "done", job.error)
         self.assertEqual([i.relpath for i in job.result], ["a.txt"])
         self.assertEqual([e[-1] for e in listing.result], ["a.txt"])
@@ -5090,7 +5071,7 @@ class PerformanceTests(unittest.TestCase):
                 self.assertEqual(f.read(), name.encode())
         # Grouped: fewer directory syncs than files.
         self.assertLess(events.count(("directory", folder)), len(names))
-        self.assertEqual(_embed_partials(dst), [])
+        self.assertEqual(partials(dst), [])
 
     def test_held_answers_keep_request_order(self):
         # CHECK, FILE, MKDIR and a refused FILE, all written at once: the
@@ -5177,7 +5158,7 @@ class PerformanceTests(unittest.TestCase):
                 later = [sender.queue(large)]
                 self.assertTrue(held.wait(TIMEOUT), "no worker reached the gate")
                 later += [sender.queue(large2)] + [sender.queue(p) for p in small]
-                self.assertTrue(_hostile_wait_until(lambda: later[1].done))
+                self.assertTrue(wait_until(lambda: later[1].done))
                 gate.set()
         for job in jobs + later[:2]:
             self.assertEqual(job.state, "done", job.error)
@@ -5363,7 +5344,7 @@ class ReceiverLifecycleTests(unittest.TestCase):
         receiver.stop()
         returned.set()
         # Had it run after stop() returned, it would say so (True) here.
-        _hostile_wait_until(lambda: late, timeout=2.0)
+        wait_until(lambda: late, timeout=2.0)
         self.assertEqual(late, [False], "on_session must run before stop() returns")
 
     def test_stop_drops_the_callbacks_of_a_connection_that_outlives_it(self):
@@ -5386,12 +5367,12 @@ class ReceiverLifecycleTests(unittest.TestCase):
         # A held file whose answer is not sent yet: it is published (and
         # would be reported) only as the connection ends, behind the gate.
         client.send(frames + client.frame(xfer._Msg.PING)[:3])
-        self.assertTrue(_hostile_wait_until(
+        self.assertTrue(wait_until(
             lambda: any(n.startswith(xfer.PARTIAL_PREFIX) for n in os.listdir(dst))))
         # The sender goes away: the connection publishes its file as it ends,
         # then sticks behind the gate, before stop() has begun.
         client.close()
-        self.assertTrue(_hostile_wait_until(lambda: waited), "the connection never ended")
+        self.assertTrue(wait_until(lambda: waited), "the connection never ended")
         stopper = threading.Thread(target=lambda: (receiver.stop(), returned.set()),
                                    daemon=True)
         with mock.patch.object(xfer, "UNWIND_TIMEOUT", 0.2, create=True):
@@ -5435,7 +5416,7 @@ class ReceiverLifecycleTests(unittest.TestCase):
         broken = xfer.SessionInfo("127.0.0.1:2", 0, 0, 0, 1, 0, True, 0.1)
 
         def end_sessions():
-            if not _hostile_wait_until(lambda: started and started[0].status == "listening"):
+            if not wait_until(lambda: started and started[0].status == "listening"):
                 return
             on_session = started[0].on_session
             pausing = threading.Thread(target=on_session, args=(clean,), daemon=True)
@@ -5474,7 +5455,7 @@ class ReceiverLifecycleTests(unittest.TestCase):
         self.addCleanup(client.close)
         self.assertEqual(client.send_file("before.txt", b"before"), (xfer.ST_OK, ""))
         client.bye()
-        self.assertTrue(_hostile_wait_until(lambda: sessions))
+        self.assertTrue(wait_until(lambda: sessions))
         os.symlink(second, link + ".new", target_is_directory=True)
         os.replace(link + ".new", link)
         client = _HostileClient(receiver.address)
@@ -5596,10 +5577,10 @@ class ReceiverLifecycleTests(unittest.TestCase):
         self.addCleanup(gate.set)
         waited = self._held_teardown(gate, TIMEOUT)
         client.send(frames + client.frame(xfer._Msg.PING)[:3])
-        self.assertTrue(_hostile_wait_until(
+        self.assertTrue(wait_until(
             lambda: any(n.startswith(xfer.PARTIAL_PREFIX) for n in os.listdir(dst))))
         client.close()   # the file is published as the connection ends
-        self.assertTrue(_hostile_wait_until(lambda: waited), "the connection never ended")
+        self.assertTrue(wait_until(lambda: waited), "the connection never ended")
         with mock.patch.object(xfer, "UNWIND_TIMEOUT", 0.2, create=True):
             receiver.stop()
         gate.set()
@@ -5607,17 +5588,6 @@ class ReceiverLifecycleTests(unittest.TestCase):
         self.assertFalse(waited[0].is_alive())
         receiver.poll()
         self.assertEqual(calls, ["listening", "on_file", "stopped"])
-
-
-def _sec_wait_until(predicate, timeout=TIMEOUT):
-    """Check predicate between short Event waits, for at most timeout seconds."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        pause.wait(0.01)
-    return True
 
 
 def _sec_certs(test):
@@ -5632,12 +5602,6 @@ def _sec_certs(test):
 
 def _sec_fingerprint(pem):
     return xfer.cert_fingerprint(ssl.PEM_cert_to_DER_cert(pem))
-
-
-def _sec_partials(root):
-    """Leftover temporary files anywhere below root."""
-    return [p for p in tree_listing(root)
-            if p.rsplit("/", 1)[-1].startswith(xfer.PARTIAL_PREFIX)]
 
 
 def _sec_user_config(env):
@@ -5775,7 +5739,7 @@ class ReceivingPartsTests(unittest.TestCase):
         commit.hold(incoming)
         # Sealed, not yet published: only the temporary file is there.
         self.assertFalse(os.path.exists(os.path.join(dst, "d", "e", "hello.txt")))
-        self.assertEqual(len(_embed_partials(dst)), 1)
+        self.assertEqual(len(partials(dst)), 1)
         commit.commit()
         commit.commit()             # nothing held any more: nothing counted again
         path = os.path.join(dst, "d", "e", "hello.txt")
@@ -5790,7 +5754,7 @@ class ReceivingPartsTests(unittest.TestCase):
         self.assertEqual(rules.files[0].path, path)
         self.assertEqual((commit.files, commit.bytes, rules.files_received), (1, len(data), 1))
         self.assertEqual(incoming.answer, xfer._encode_result(7, xfer.ST_OK))
-        self.assertEqual(_embed_partials(dst), [])
+        self.assertEqual(partials(dst), [])
 
     def test_wrong_digest_is_the_verdict_and_leaves_nothing_behind(self):
         dst, rules, store, commit = self._parts()
@@ -6148,7 +6112,7 @@ class TLSTests(unittest.TestCase):
                                               max_connections=10, max_per_address=1)
                 holder = raw_connect(receiver.address)
                 self.addCleanup(holder.close)
-                self.assertTrue(_sec_wait_until(lambda: receiver.connections >= 1))
+                self.assertTrue(wait_until(lambda: receiver.connections >= 1))
                 sender = xfer.Sender(receiver.address, token=self.TOKEN, timeout=TIMEOUT,
                                      fingerprint=receiver.fingerprint)
                 try:
@@ -6382,7 +6346,7 @@ def _rlog_wait_for_line(lines, pattern, timeout=TIMEOUT):
     def seen():
         found[:] = [line for line in list(lines) if re.search(pattern, line)]
         return bool(found)
-    return found[0] if _hostile_wait_until(seen, timeout) else None
+    return found[0] if wait_until(seen, timeout) else None
 
 
 def _rlog_no_space(*args):
@@ -6477,7 +6441,7 @@ class RefusalReasonTests(unittest.TestCase):
                              "the receiver" % name)
         self.assertTrue(any("refused locked/a.tif: locked/a.tif: permission denied on the "
                             "receiver" in line for line in logs), logs)
-        self.assertEqual(_hostile_partials(self.dst), [])
+        self.assertEqual(partials(self.dst), [])
         _hostile_still_serves(self, receiver, self.dst)
 
     def test_fan_out_names_the_destination_once(self):
@@ -6513,7 +6477,7 @@ class RefusalReasonTests(unittest.TestCase):
         self.assertEqual(client.read_frame()[0], xfer._Msg.ACCEPT)
         client.send(client.frame(xfer._Msg.BODY, xfer._BODY.pack(fid, 0)) + body)
         client.close()
-        self.assertTrue(_hostile_wait_until(lambda: any("cut.tif" in line for line in logged)),
+        self.assertTrue(wait_until(lambda: any("cut.tif" in line for line in logged)),
                         logged)
         (line,) = [line for line in logged if "cut.tif" in line]
         self.assertIn("renders/cut.tif: connection closed with 1.5 MB still to come", line)
@@ -6603,7 +6567,7 @@ class ServeLogTests(unittest.TestCase):
         # partials are not logged, refusals still are.
         part = write_file(os.path.join(self.dst, xfer.PARTIAL_PREFIX + "old.x"), b"x")
         receiver, logs = self.receiver(quiet=True, partial_max_age=0)
-        self.assertTrue(_hostile_wait_until(lambda: not os.path.exists(part)))
+        self.assertTrue(wait_until(lambda: not os.path.exists(part)))
         sock = raw_connect(receiver.address)
         self.addCleanup(sock.close)
         sock.sendall(b"SSH-2.0-OpenSSH\r\n")
@@ -6631,7 +6595,7 @@ class ServeLogTests(unittest.TestCase):
         recv_until_closed(sock)
         sock.close()
         # The two refusals are the proof that -q prints at all; then stop.
-        self.assertTrue(_hostile_wait_until(lambda: len(lines) >= 2), lines)
+        self.assertTrue(wait_until(lambda: len(lines) >= 2), lines)
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=TIMEOUT)
         reader.join(TIMEOUT)
@@ -6764,7 +6728,7 @@ class AbuseLimitTests(unittest.TestCase):
                     total += int(match.group(1))
             return total
         # Summed up without waiting for stop(): the serving loop writes it.
-        self.assertTrue(_hostile_wait_until(lambda: counted() == 20), logs)
+        self.assertTrue(wait_until(lambda: counted() == 20), logs)
         self.assertTrue([l for l in logs if "more wrong-token" in l], logs)
         # At most a line and a summary per interval, however many tries.
         self.assertLessEqual(len(logs), 2 * (int(elapsed / interval) + 2), logs)
@@ -6806,9 +6770,9 @@ class AbuseLimitTests(unittest.TestCase):
         self.assertEqual(got[0], xfer._Msg.ERROR, got)
         self.assertEqual(xfer._ERROR.unpack_from(got[1])[0], xfer.ST_TIMEOUT)
         self.assertIn("slow.bin: receiving too slowly", got[1].decode("utf-8", "replace"))
-        self.assertTrue(_hostile_wait_until(lambda: receiver.connections == 0))
+        self.assertTrue(wait_until(lambda: receiver.connections == 0))
         self.assertIsNotNone(_rlog_wait_for_line(logs, "too slowly"), logs)
-        (partial,) = _hostile_partials(self.dst)
+        (partial,) = partials(self.dst)
         self.assertGreaterEqual(os.path.getsize(os.path.join(self.dst, partial)), 300000)
         # The sender resumes from the bytes kept.
         (job,) = send_files(receiver.address, [path], token="s3cret")
@@ -6924,7 +6888,7 @@ class LimitTests(unittest.TestCase):
         receiver = start_receiver(self, self.dst, max_connections=10, max_per_address=1)
         holder = raw_connect(receiver.address)
         self.addCleanup(holder.close)
-        self.assertTrue(_sec_wait_until(lambda: receiver.connections >= 1),
+        self.assertTrue(wait_until(lambda: receiver.connections >= 1),
                         "the first connection was never accepted")
         for _ in range(2):   # refusals do not leak per-address slots either way
             extra = raw_connect(receiver.address)
@@ -6941,7 +6905,7 @@ class LimitTests(unittest.TestCase):
             self.assertEqual(payload[0], xfer.ST_BUSY)
             self.assertIn("from 127.0.0.1", payload[1:].decode("utf-8"))
         holder.close()
-        self.assertTrue(_sec_wait_until(lambda: receiver.connections == 0))
+        self.assertTrue(wait_until(lambda: receiver.connections == 0))
         (job,) = self.send(receiver, [self.file("after.txt", 100)])
         self.assertEqual(job.state, "done", job.error)
 
@@ -7353,13 +7317,13 @@ class PartialSweepTests(unittest.TestCase):
         got = client.read_frame()
         self.assertEqual(got[0], xfer._Msg.ACCEPT, got)
         client.send(client.frame(xfer._Msg.BODY, xfer._BODY.pack(1, 0)) + b"x" * (size // 2))
-        self.assertTrue(_hostile_wait_until(
-            lambda: _hostile_partials(dst) and os.path.getsize(
-                os.path.join(dst, _hostile_partials(dst)[0])) == size // 2))
+        self.assertTrue(wait_until(
+            lambda: partials(dst) and os.path.getsize(
+                os.path.join(dst, partials(dst)[0])) == size // 2))
         client.close()
-        self.assertTrue(_hostile_wait_until(lambda: receiver.connections == 0))
+        self.assertTrue(wait_until(lambda: receiver.connections == 0))
         receiver.stop()
-        (name,) = _hostile_partials(dst)
+        (name,) = partials(dst)
         path = os.path.join(dst, name)
         self.assertEqual(os.stat(path).st_mtime_ns, int(mtime * 1e9))   # the source's
         return path
@@ -7374,7 +7338,7 @@ class PartialSweepTests(unittest.TestCase):
                 self.assertTrue(os.path.exists(path), "swept although just written")
                 logged = self.sweep(dst, shift=2 * self.DAY, max_age=self.DAY)
                 self.assertEqual(logged, ["removed 1 partial file older than 1 day"])
-                self.assertEqual(_hostile_partials(dst), [])
+                self.assertEqual(partials(dst), [])
 
     def test_last_written_rule_per_os(self):
         now = 1800000000.0
@@ -7683,10 +7647,10 @@ class FuzzTests(unittest.TestCase):
             self.fail("uncaught exceptions in the receiver (BUG):\n" + "\n".join(internal[:5]))
         self.assertTrue(receiver._thread.is_alive())
         self.assertEqual(receiver.status, "listening")
-        self.assertTrue(_sec_wait_until(lambda: receiver.connections == 0),
+        self.assertTrue(wait_until(lambda: receiver.connections == 0),
                         "connections never returned to 0: %d" % receiver.connections)
         self.assertEqual(os.listdir(outer), ["dest"], "something was written outside DIR")
-        self.assertEqual(_sec_partials(dest), [], "temporary files left behind")
+        self.assertEqual(partials(dest), [], "temporary files left behind")
         # The receiver still does its job.
         good = write_file(os.path.join(temp_dir(self), "good-after-fuzz.bin"),
                           os.urandom(3000))
@@ -8461,7 +8425,7 @@ class EverydayTests(unittest.TestCase):
 
         def result(name):
             path = os.path.join(results, name)
-            self.assertTrue(_hostile_wait_until(lambda: os.path.exists(path)),
+            self.assertTrue(wait_until(lambda: os.path.exists(path)),
                             "no hook result %s" % name)
             with open(path) as f:
                 return json.load(f)
@@ -8624,7 +8588,7 @@ class EverydayTests(unittest.TestCase):
                  write_file(os.path.join(src, "b.bin"), os.urandom(300000))]
         jobs = send_files(receiver.address, paths, workers=1)
         self.assertEqual([j.state for j in jobs], ["done", "done"])
-        self.assertTrue(_hostile_wait_until(lambda: sessions))
+        self.assertTrue(wait_until(lambda: sessions))
         (info,) = sessions
         self.assertIsInstance(info, xfer.SessionInfo)
         self.assertEqual((info.files, info.bytes, info.skipped, info.failed, info.clean),
@@ -8640,7 +8604,7 @@ class EverydayTests(unittest.TestCase):
         self.assertEqual(kind, xfer._Msg.ACCEPT)
         client.send(client.frame(xfer._Msg.BODY, xfer._BODY.pack(fid, 0)) + b"x" * 1000)
         client.close()
-        self.assertTrue(_hostile_wait_until(lambda: len(sessions) == 2))
+        self.assertTrue(wait_until(lambda: len(sessions) == 2))
         broken = sessions[1]
         self.assertEqual((broken.files, broken.bytes, broken.clean), (0, 0, False))
         self.assertFalse(os.path.exists(os.path.join(dst, "dropped.bin")))
@@ -8740,7 +8704,7 @@ class ReportTests(unittest.TestCase):
         self.assertGreater(summary["bytes_kept"], 0)
         # Sending again resumes from exactly the bytes reported kept.
         for r in receivers:
-            self.assertTrue(_hostile_wait_until(lambda: r.connections == 0))
+            self.assertTrue(wait_until(lambda: r.connections == 0))
         status, out, err = self.run_main("send-dir", tree, to[0])
         self.assertEqual(status, xfer.EXIT_OK, err)
         self.assertRegex(out, r"^sent 171 files, .*, %s resumed, 30 skipped\n$"
@@ -8896,7 +8860,7 @@ class ReportTests(unittest.TestCase):
             job.cancel()
             gate.set()
             self.assertTrue(job.wait(TIMEOUT))
-        self.assertTrue(_hostile_wait_until(lambda: receiver.connections == 0))
+        self.assertTrue(wait_until(lambda: receiver.connections == 0))
         hashing, proceed = threading.Event(), threading.Event()
         self.addCleanup(proceed.set)
         real_hash = xfer._hash_prefix
@@ -10430,7 +10394,6 @@ class ResilienceTests(unittest.TestCase):
         self.assertEqual([n for n in os.listdir(dst) if n.startswith(xfer.PARTIAL_PREFIX)], [])
 
 
-
 #------------------------------------------------------------
 # faults and load
 #------------------------------------------------------------
@@ -10494,7 +10457,7 @@ class _FaultProxy:
 
     def _serve(self, client, index):
         if index and self.hold is not None:
-            _hostile_wait_until(self.hold)
+            wait_until(self.hold)
         try:
             upstream = self._track(socket.create_connection(self.upstream, timeout=TIMEOUT))
         except OSError:
@@ -10725,7 +10688,7 @@ class FaultTests(unittest.TestCase):
             job = sender.queue(path)
             self.assertTrue(entered.wait(TIMEOUT), "the file never reached the receiver")
             proxy.cut_first()
-            self.assertTrue(_hostile_wait_until(lambda: len(proxy.counts) == 2),
+            self.assertTrue(wait_until(lambda: len(proxy.counts) == 2),
                             "the sender did not notice the lost connection")
             gate.set()
             self.assertTrue(job.wait(TIMEOUT))
@@ -10749,7 +10712,7 @@ class FaultTests(unittest.TestCase):
             self.addCleanup(sender.close, False)
             job = sender.queue(big)
             self.assertTrue(held.wait(TIMEOUT), "the sender never reached the gate")
-            self.assertTrue(_hostile_wait_until(
+            self.assertTrue(wait_until(
                 lambda: _fault_partial_size(dst) >= 4 * xfer.CHUNK),
                 "the server never wrote the first chunks")
             proc.kill()
@@ -10819,13 +10782,13 @@ class FaultTests(unittest.TestCase):
         def leftover_threads():
             return [t for t in threading.enumerate()
                     if t not in threads_before and t.is_alive()]
-        self.assertTrue(_hostile_wait_until(lambda: not leftover_threads()),
+        self.assertTrue(wait_until(lambda: not leftover_threads()),
                         "threads left running: %s" % leftover_threads())
 
         def fds():
             gc_collect()
             return len(os.listdir(fd_dir))
-        self.assertTrue(_hostile_wait_until(lambda: fds() <= fds_before),
+        self.assertTrue(wait_until(lambda: fds() <= fds_before),
                         "%d file descriptors open before, %d after" % (fds_before, fds()))
 
     def test_send_dir_of_2000_small_files_then_rerun_skips_them_all(self):
@@ -10888,7 +10851,7 @@ class FaultTests(unittest.TestCase):
                                 cwd=os.path.dirname(XFER), env=env, universal_newlines=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
-        ok = _hostile_wait_until(lambda: _fault_partial_size(dst) >= 4 * xfer.CHUNK
+        ok = wait_until(lambda: _fault_partial_size(dst) >= 4 * xfer.CHUNK
                                  or proc.poll() is not None)
         self.assertTrue(ok and proc.poll() is None, "the child never got mid-file")
         t0 = time.monotonic()
@@ -10901,7 +10864,7 @@ class FaultTests(unittest.TestCase):
         self.assertRegex(out, r"^sent 0 files, 0 B in [0-9.]+ s \(0 B/s\), 1 interrupted, "
                               r"1\.0 MB kept for resume\n$")
         self.assertFalse(os.path.exists(os.path.join(dst, "big.bin")))
-        self.assertTrue(_hostile_wait_until(lambda: receiver.connections == 0))
+        self.assertTrue(wait_until(lambda: receiver.connections == 0))
         r = run_xfer("send", "--to", to, "--token", TOKEN, big,
                      cwd=os.path.dirname(XFER), env=env)
         self.assertEqual(r.returncode, 0, r.stderr)
@@ -10923,7 +10886,7 @@ class FaultTests(unittest.TestCase):
         self.assertTrue(job.wait(TIMEOUT))
         self.assertEqual(job.state, "done", job.error)
         # The receiver drops the silent connection and the sender's reader sees it.
-        self.assertTrue(_hostile_wait_until(lambda: receiver.connections == 0 and not any(
+        self.assertTrue(wait_until(lambda: receiver.connections == 0 and not any(
             t.name == "xfer-link-reader" and t.is_alive() for t in threading.enumerate())))
         job = sender.queue(later)
         self.assertTrue(job.wait(TIMEOUT))
@@ -10956,7 +10919,7 @@ class FaultTests(unittest.TestCase):
         logged = []
         with mock.patch.object(xfer, "time", Clock()):
             start_receiver(self, dst, partial_max_age=day / 2, log=logged.append)
-            self.assertTrue(_hostile_wait_until(lambda: logged),
+            self.assertTrue(wait_until(lambda: logged),
                             "the start-up sweep removed nothing")
         self.assertEqual(logged, ["removed 2 partial files older than 12 hours"])
         self.assertEqual(tree_listing(dst), sorted(["sub", "old.bin"]))
@@ -10977,7 +10940,7 @@ class FaultTests(unittest.TestCase):
             self.assertTrue(held.wait(TIMEOUT), "the sender never reached the gate")
             # The server has taken the connection and is writing the file
             # (written bytes may still sit in its accept queue otherwise).
-            self.assertTrue(_hostile_wait_until(lambda: _fault_partial_size(dst) > 0),
+            self.assertTrue(wait_until(lambda: _fault_partial_size(dst) > 0),
                             "the server never started writing the file")
             proc.send_signal(signal.SIGTERM)
             self.assertTrue(self._wait_line(lines, "stopping", seen), "".join(seen))
