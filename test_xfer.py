@@ -7071,13 +7071,6 @@ class LimitTests(unittest.TestCase):
 
 
 #------------------------------------------------------------
-# fuzzing a live receiver
-#------------------------------------------------------------
-# Each case is a function of its own seed: to replay one, call
-# _sec_fuzz_case(random.Random(SEED), ...) with the seed from the failure
-# message (XFER_FUZZ_SEED=N fixes the master seed of a whole run).
-
-#------------------------------------------------------------
 # name rules, the rename policy, partial files, the suite itself
 #------------------------------------------------------------
 
@@ -7377,6 +7370,13 @@ class TestSuiteShapeTests(unittest.TestCase):
         self.assertIn("__main__", ast.dump(last.test))
         self.assertEqual(calls[0].lineno, last.body[-1].lineno)
 
+
+#------------------------------------------------------------
+# fuzzing a live receiver
+#------------------------------------------------------------
+# Each case is a function of its own seed: to replay one, call
+# _sec_fuzz_case(random.Random(SEED), ...) with the seed from the failure
+# message (XFER_FUZZ_SEED=N fixes the master seed of a whole run).
 
 def _sec_fuzz_bytes(rng, n):
     return rng.getrandbits(8 * n).to_bytes(n, "big") if n else b""
