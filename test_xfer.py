@@ -9723,6 +9723,15 @@ class DiscoveryTests(unittest.TestCase):
 
 
     def test_find_broadcasts_across_a_network_namespace_pair(self):
+        # 255.255.255.255 leaves by the default route, as on a LAN with a gateway.
+        self._find_across_namespaces(default_route=True)
+
+    def test_find_broadcasts_on_a_link_without_a_default_route(self):
+        # An isolated switch or a direct cable: no gateway, so 255.255.255.255
+        # is unreachable and only the link's own broadcast address gets there.
+        self._find_across_namespaces(default_route=False)
+
+    def _find_across_namespaces(self, default_route):
         # A real broadcast (no XFER_DISCOVER_ADDR), sent only inside two
         # namespaces this test makes: their only links are lo and a veth pair
         # between them, so the query cannot reach a real interface.
@@ -9750,15 +9759,30 @@ class DiscoveryTests(unittest.TestCase):
                      ["-n", ns[1], "addr", "add", "10.219.77.2/24", "dev", "xfer0"],
                      ["-n", ns[0], "link", "set", "lo", "up"],
                      ["-n", ns[1], "link", "set", "lo", "up"],
-                     ["-n", ns[0], "link", "set", "xfer0", "up"],
-                     ["-n", ns[1], "link", "set", "xfer0", "up"],
-                     # 255.255.255.255 leaves by the default route, as on a LAN
-                     # with a gateway; without one the send is unreachable.
-                     ["-n", ns[1], "route", "add", "default", "dev", "xfer0"]):
+                     ["-n", ns[0], "link", "set", "xfer0", "up"]):
             done = run_ip(*args)
             self.assertEqual(done.returncode, 0, "ip %s: %s" % (" ".join(args), done.stderr))
         env = isolated_env(temp_dir(self))
         self.assertNotIn("XFER_DISCOVER_ADDR", env)
+
+        def find(port):
+            return subprocess.run(
+                [ip, "netns", "exec", ns[1]] + XFER_CMD
+                + ["find", "--json", "--port", str(port), "--wait", "0.5"],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                universal_newlines=True, timeout=TIMEOUT)
+        if not default_route:
+            # B's link still down: no target is reachable, and the error says why.
+            result = find(xfer.DEFAULT_PORT)
+            self.assertEqual(result.returncode, xfer.EXIT_CONNECT, result.stderr)
+            self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+            self.assertIn("could not be sent (255.255.255.255: ", result.stderr)
+            self.assertIn("10.219.77.255: ", result.stderr)
+        for args in [["-n", ns[1], "link", "set", "xfer0", "up"]] + (
+                [["-n", ns[1], "route", "add", "default", "dev", "xfer0"]]
+                if default_route else []):
+            done = run_ip(*args)
+            self.assertEqual(done.returncode, 0, "ip %s: %s" % (" ".join(args), done.stderr))
         server = subprocess.Popen(
             [ip, "netns", "exec", ns[0]] + XFER_CMD[:1] + ["-u"] + XFER_CMD[1:]
             + ["serve", "--dir", temp_dir(self), "--host", "0.0.0.0", "--port", "0",
@@ -9780,11 +9804,7 @@ class DiscoveryTests(unittest.TestCase):
             line = ""
         self.assertTrue(line.startswith("listening on "), line)
         port = int(line.rsplit(":", 1)[1])
-        result = subprocess.run(
-            [ip, "netns", "exec", ns[1]] + XFER_CMD
-            + ["find", "--json", "--port", str(port), "--wait", "0.5"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            universal_newlines=True, timeout=TIMEOUT)
+        result = find(port)
         self.assertEqual(result.returncode, 0, result.stderr)
         found = [json.loads(text) for text in result.stdout.splitlines()]
         self.assertEqual([(e["server"], e["address"]) for e in found],

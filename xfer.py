@@ -7145,8 +7145,10 @@ class _Discovery:
 def _discover_targets(environ=None, port=DEFAULT_PORT):
     """Where find, pair and --code send a query: the addresses in
     XFER_DISCOVER_ADDR (HOST[:PORT], comma separated) if set, else the IPv4
-    broadcast address and IPv6 all-nodes link-local multicast (ff02::1) on
-    each interface.  Returns ([(family, sockaddr)], broadcast?)."""
+    limited broadcast (255.255.255.255, which leaves by the default route
+    only), the directed broadcast address of each IPv4 interface, and IPv6
+    all-nodes link-local multicast (ff02::1) on each interface.
+    Returns ([(family, sockaddr)], broadcast?)."""
     environ = os.environ if environ is None else environ
     spec = environ.get("XFER_DISCOVER_ADDR", "").strip()
     targets = []
@@ -7161,6 +7163,7 @@ def _discover_targets(environ=None, port=DEFAULT_PORT):
             targets.append((infos[0][0], infos[0][4]))
         return targets, False
     targets.append((socket.AF_INET, ("255.255.255.255", port)))
+    targets.extend((socket.AF_INET, (address, port)) for address in _interface_broadcasts())
     if socket.has_ipv6 and hasattr(socket, "if_nameindex"):
         try:
             for index, name in socket.if_nameindex():
@@ -7185,14 +7188,12 @@ def _discover(wait=DISCOVER_WAIT, port=DEFAULT_PORT, environ=None):
     query = _discover_query(nonce)
     selector = _Selector()
     socks = []
+    failed = []         # (address, reason) of each target the query could not go to
     try:
         for family, sockaddr in targets:
             try:
                 sock = socket.socket(family, socket.SOCK_DGRAM)
-            except OSError:
-                continue
-            socks.append(sock)
-            try:
+                socks.append(sock)
                 if broadcast:
                     if family == socket.AF_INET:
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
@@ -7200,10 +7201,18 @@ def _discover(wait=DISCOVER_WAIT, port=DEFAULT_PORT, environ=None):
                 else:
                     sock.connect(sockaddr)
                     sock.send(query)
-            except OSError:
+            except OSError as e:        # one target failing must not hide the others
+                failed.append((sockaddr[0], e.strerror or str(e)))
                 continue
             sock.setblocking(False)
             selector.register(sock, selectors.EVENT_READ)
+        if failed and not selector.get_map():
+            reasons = []
+            for address, reason in failed:
+                if (address, reason) not in reasons:
+                    reasons.append((address, reason))
+            raise ConnectError("the discovery query could not be sent (%s)" % ", ".join(
+                "%s: %s" % item for item in reasons))
         found = []
         pending = len(selector.get_map())
         deadline = time.monotonic() + wait
@@ -7763,10 +7772,19 @@ def _new_token():
 #: the system pick the address of its default route, and sends nothing.
 _ROUTE_PROBE = ("192.0.2.1", 9)
 _SIOCGIFADDR = 0x8915     # Linux: an interface's IPv4 address
+_SIOCGIFBRDADDR = 0x8919  # Linux: an interface's IPv4 broadcast address
+_SIOCGIFNETMASK = 0x891b  # Linux: an interface's IPv4 netmask
 
 
-def _interface_addresses():
-    """The IPv4 address of each network interface, read from the kernel (Linux; [] elsewhere)."""
+def _ifreq_address(s, request, name):
+    """The 4 address bytes an SIOCGIF* ioctl returns for interface name (OSError if none)."""
+    ifreq = fcntl.ioctl(s.fileno(), request, struct.pack("256s", name.encode("utf-8")[:15]))
+    return ifreq[20:24]     # struct ifreq's sin_addr
+
+
+def _interface_ipv4(fields):
+    """For each network interface with an IPv4 address, the tuple of the
+    SIOCGIF* ioctls in fields, read from the kernel (Linux; [] elsewhere)."""
     if fcntl is None or not sys.platform.startswith("linux") \
             or not hasattr(socket, "if_nameindex"):
         return []
@@ -7778,15 +7796,38 @@ def _interface_addresses():
     try:
         for _, name in socket.if_nameindex():
             try:
-                ifreq = fcntl.ioctl(s.fileno(), _SIOCGIFADDR,
-                                    struct.pack("256s", name.encode("utf-8")[:15]))
+                found.append(tuple(_ifreq_address(s, request, name) for request in fields))
             except OSError:
                 continue            # no IPv4 address on this interface
-            found.append(socket.inet_ntoa(ifreq[20:24]))   # struct ifreq's sin_addr
     except OSError:
         pass
     finally:
         s.close()
+    return found
+
+
+def _interface_addresses():
+    """The IPv4 address of each network interface, read from the kernel (Linux; [] elsewhere)."""
+    return [socket.inet_ntoa(address) for address, in _interface_ipv4((_SIOCGIFADDR,))]
+
+
+def _interface_broadcasts():
+    """The directed broadcast address of each IPv4 interface but loopback (Linux; [] elsewhere).
+
+    Unlike 255.255.255.255, which leaves only by the default route (and not
+    at all without one), each of these leaves by its own interface."""
+    found = []
+    for address, mask, broadcast in _interface_ipv4(
+            (_SIOCGIFADDR, _SIOCGIFNETMASK, _SIOCGIFBRDADDR)):
+        if address[0] == 127:
+            continue
+        if broadcast == bytes(4):           # none configured: the subnet's own
+            broadcast = bytes(a | (~m & 0xff) for a, m in zip(address, mask))
+        if broadcast == address:            # a /32: nobody else on that link
+            continue
+        text = socket.inet_ntoa(broadcast)
+        if text not in found:
+            found.append(text)
     return found
 
 
