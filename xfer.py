@@ -801,6 +801,29 @@ def _decode_trailer(payload):
     return fid, flags, digest
 
 
+def _read_body_start(rfile, fid, offset):
+    """BODY (Protocol 4.3): where the sender starts, 0 or the offered offset."""
+    payload = _expect(rfile, _Msg.BODY)
+    if len(payload) != _BODY.size:
+        raise ProtocolError("BODY payload of %d bytes" % len(payload))
+    bid, start = _BODY.unpack(payload)
+    if bid != fid or start not in (0, offset):
+        raise ProtocolError("BODY for file %d at %d; expected file %d at 0 or %d"
+                            % (bid, start, fid, offset))
+    return start
+
+
+def _read_trailer(rfile, fid):
+    """TRAILER (Protocol 4.3): (flags, sha256).  Its tag binds it to its FILE."""
+    kind, payload = rfile.frame(MAX_FRAME_PAYLOAD)
+    if kind != _Msg.TRAILER:
+        raise ProtocolError("expected TRAILER, got %s" % _msg_name(kind))
+    tid, flags, digest = _decode_trailer(payload)
+    if tid != fid:
+        raise ProtocolError("TRAILER for file %d while receiving file %d" % (tid, fid))
+    return flags, digest
+
+
 def _decode_check(payload):
     if len(payload) < _CHECK.size:
         raise ProtocolError("CHECK payload of %d bytes is too short" % len(payload))
@@ -3340,7 +3363,7 @@ class _ReceiveSession:
         except (XferError, OSError) as e:
             if stream:             # at most STREAM_MAX bytes (_decode_file)
                 self._drain(raw, size)
-                self._read_trailer(fid)
+                _read_trailer(self.rfile, fid)
             self._refuse(fid, raw, *_failure(raw, e))
             return
         try:
@@ -3348,11 +3371,11 @@ class _ReceiveSession:
             if not stream:
                 self._send(_frame(_Msg.ACCEPT,
                                   _ACCEPT.pack(fid, incoming.offset, incoming.prefix)))
-                start = self._read_body_start(fid, incoming.offset)
+                start = _read_body_start(self.rfile, fid, incoming.offset)
             incoming.begin(start)
             incoming.receive(self.rfile.readinto, size - start,
                              _Pace(self.r, raw, size - start))
-            trailer_flags, their_digest = self._read_trailer(fid)
+            trailer_flags, their_digest = _read_trailer(self.rfile, fid)
             failure = incoming.finish(their_digest, aborted=trailer_flags & TF_ABORT)
         except BaseException:
             # The connection failed mid-file.  A large file's partial stays,
@@ -3519,27 +3542,6 @@ class _ReceiveSession:
         if frames:
             self.sock.sendall(b"".join(frames))
 
-    def _read_body_start(self, fid, offset):
-        """BODY (Protocol 4.3): where the sender starts, 0 or the offered offset."""
-        payload = _expect(self.rfile, _Msg.BODY)
-        if len(payload) != _BODY.size:
-            raise ProtocolError("BODY payload of %d bytes" % len(payload))
-        bid, start = _BODY.unpack(payload)
-        if bid != fid or start not in (0, offset):
-            raise ProtocolError("BODY for file %d at %d; expected file %d at 0 or %d"
-                                % (bid, start, fid, offset))
-        return start
-
-    def _read_trailer(self, fid):
-        """TRAILER (Protocol 4.3): (flags, sha256).  Its tag binds it to its FILE."""
-        kind, payload = self.rfile.frame(MAX_FRAME_PAYLOAD)
-        if kind != _Msg.TRAILER:
-            raise ProtocolError("expected TRAILER, got %s" % _msg_name(kind))
-        tid, flags, digest = _decode_trailer(payload)
-        if tid != fid:
-            raise ProtocolError("TRAILER for file %d while receiving file %d" % (tid, fid))
-        return flags, digest
-
     def _discard(self, fid, size, stream, raw):
         """A benchmark file: receive and verify it like any other, store nothing."""
         try:
@@ -3547,16 +3549,16 @@ class _ReceiveSession:
         except XferError as e:
             if stream:
                 self._drain(raw, size)
-                self._read_trailer(fid)
+                _read_trailer(self.rfile, fid)
                 self._refuse(fid, raw, e.code, str(e))
                 return
             self._refuse(fid, raw, e.code, str(e))
             raise _Drop() from None
         if not stream:
             self._send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, 0, bytes(32))))
-            self._read_body_start(fid, 0)
+            _read_body_start(self.rfile, fid, 0)
         digest = self._drain(raw, size, hashlib.sha256())
-        _, their_digest = self._read_trailer(fid)
+        _, their_digest = _read_trailer(self.rfile, fid)
         if not hmac.compare_digest(digest.digest(), their_digest):
             self.out.append(_encode_result(fid, ST_INTEGRITY, "%s: sha256 mismatch"
                                            % _display(raw)))
@@ -6340,7 +6342,7 @@ class _Pull:
         if refusal is not None:
             if stream:          # at most STREAM_MAX bytes (_decode_file): read, dropped
                 self._drain(size)
-                self._trailer(fid)
+                _read_trailer(self.rfile, fid)
             else:
                 self._send(_encode_result(fid, *refusal))
             if refusal[0] == ST_SKIPPED:
@@ -6353,10 +6355,10 @@ class _Pull:
             if not stream:
                 self._send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, incoming.offset,
                                                              incoming.prefix)))
-                start = self._body_start(fid, incoming.offset)
+                start = _read_body_start(self.rfile, fid, incoming.offset)
             incoming.begin(start)
             incoming.receive(self.rfile.readinto, size - start)
-            trailer_flags, digest = self._trailer(fid)
+            trailer_flags, digest = _read_trailer(self.rfile, fid)
             failure = incoming.finish(digest, aborted=trailer_flags & TF_ABORT)
         except BaseException:
             # A large file's partial stays for the next get to resume.
@@ -6398,24 +6400,6 @@ class _Pull:
                 raise ConnectionClosedError("connection closed inside a file body")
             size -= n
 
-    def _body_start(self, fid, offset):
-        payload = _expect(self.rfile, _Msg.BODY)
-        if len(payload) != _BODY.size:
-            raise ProtocolError("BODY payload of %d bytes" % len(payload))
-        bid, start = _BODY.unpack(payload)
-        if bid != fid or start not in (0, offset):
-            raise ProtocolError("BODY for file %d at %d; expected file %d at 0 or %d"
-                                % (bid, start, fid, offset))
-        return start
-
-    def _trailer(self, fid):
-        kind, payload = self.rfile.frame(MAX_FRAME_PAYLOAD)
-        if kind != _Msg.TRAILER:
-            raise ProtocolError("expected TRAILER, got %s" % _msg_name(kind))
-        tid, flags, digest = _decode_trailer(payload)
-        if tid != fid:
-            raise ProtocolError("TRAILER for file %d while receiving file %d" % (tid, fid))
-        return flags, digest
 
 
 def _decode_done(payload, fid):
