@@ -7357,7 +7357,7 @@ class PartialSweepTests(unittest.TestCase):
 
 class TestSuiteShapeTests(unittest.TestCase):
     def test_python3_test_xfer_py_runs_the_whole_suite(self):
-        # One unittest.main(), as the file's last statement: another one
+        # One call of unittest.main, as the file's last statement: another one
         # earlier would run only the classes above it and exit.
         with open(os.path.abspath(__file__), encoding="utf-8") as f:
             tree = ast.parse(f.read())
