@@ -5850,7 +5850,11 @@ class Sender:
         job = Job(self._ledger, None, name, kind)
         job.state = "sending"
         job.started = time.monotonic()
+        self._start_side(job, run)
+        return job
 
+    def _start_side(self, job, run):
+        """Run run() on a thread of its own: its result, or its error, ends job."""
         def body():
             try:
                 job.result = run()
@@ -5867,8 +5871,7 @@ class Sender:
             if ended is not None:
                 ended.set()
 
-        threading.Thread(target=body, name="xfer-" + kind, daemon=True).start()
-        return job
+        threading.Thread(target=body, name="xfer-" + job.kind, daemon=True).start()
 
     def ping(self):
         """Connect, authenticate and ask for the server's state.
@@ -5907,8 +5910,7 @@ class Sender:
             job.state = "sending"
             job.started = time.monotonic()
             self._ping = job
-        threading.Thread(target=self._run_ping, args=(job,), name="xfer-ping",
-                         daemon=True).start()
+        self._start_side(job, self.ping)
         return job
 
     # -- what the caller reads
@@ -6068,22 +6070,6 @@ class Sender:
             self._ledger.end(job, "failed", error)
             return False
         return True
-
-    def _run_ping(self, job):
-        try:
-            job.result = self.ping()
-            job.state = "done"
-        except XferError as e:
-            job.error, job.state = e, "failed"
-        except Exception as e:   # a bug: end the job rather than leave it "sending"
-            traceback.print_exc()
-            job.error, job.state = XferError("internal error: %r" % e), "failed"
-        job.finished = time.monotonic()
-        with self._lock:
-            job._done = True
-            ended = job._ended
-        if ended is not None:
-            ended.set()
 
     # -- connections and the reconnect schedule
 
