@@ -3431,6 +3431,23 @@ class _ReceiveSession:
             name = parts[-1]
         return path, os.lstat(path), name
 
+    def _served_request(self, payload, known_flags):
+        """A GET or LIST: (id, flags, raw path, path, stat, name) of what it
+        names below DIR, or None once the refusal has been answered with DONE."""
+        request = self._read_request(payload, known_flags)
+        if request is None:
+            return None
+        fid, flags, raw = request
+        try:
+            path, st, name = self._served(raw)
+        except FileNotFoundError:
+            self._done(fid, ST_BAD_PATH, "%s: no such file or directory" % _display(raw))
+            return None
+        except (XferError, OSError) as e:
+            self._done(fid, *_failure(raw, e))
+            return None
+        return fid, flags, raw, path, st, name
+
     def _done(self, fid, code=ST_OK, reason=""):
         self._send(_frame(_Msg.DONE, _DONE.pack(fid, code)
                           + reason.encode("utf-8", "replace")[:4000]))
@@ -3438,18 +3455,10 @@ class _ReceiveSession:
     def _on_get(self, payload):
         """GET: the file or tree at a path below DIR, flowing to the client as
         MKDIR, FILE, body and TRAILER frames, then DONE."""
-        request = self._read_request(payload, 0)
+        request = self._served_request(payload, 0)
         if request is None:
             return
-        fid, _, raw = request
-        try:
-            path, st, name = self._served(raw)
-        except FileNotFoundError:
-            self._done(fid, ST_BAD_PATH, "%s: no such file or directory" % _display(raw))
-            return
-        except (XferError, OSError) as e:
-            self._done(fid, *_failure(raw, e))
-            return
+        fid, _, _, path, st, name = request
         out = _GetWriter(self)
         walk_tree = stat.S_ISDIR(st.st_mode)
         if walk_tree:
@@ -3479,18 +3488,10 @@ class _ReceiveSession:
     def _on_list(self, payload):
         """LIST: the entries of a directory below DIR (of its tree with
         LF_RECURSIVE), in ENTRIES frames of at most MAX_FRAME_PAYLOAD, then DONE."""
-        request = self._read_request(payload, LF_RECURSIVE)
+        request = self._served_request(payload, LF_RECURSIVE)
         if request is None:
             return
-        fid, flags, raw = request
-        try:
-            path, st, name = self._served(raw)
-        except FileNotFoundError:
-            self._done(fid, ST_BAD_PATH, "%s: no such file or directory" % _display(raw))
-            return
-        except (XferError, OSError) as e:
-            self._done(fid, *_failure(raw, e))
-            return
+        fid, flags, raw, path, st, name = request
         if not stat.S_ISDIR(st.st_mode):
             entries = iter([("file" if stat.S_ISREG(st.st_mode) else "other", path, name, st)])
         elif flags & LF_RECURSIVE:
