@@ -6590,6 +6590,9 @@ class ServeLogTests(unittest.TestCase):
         with xfer.Sender((HOST, port), retries=0) as sender:
             with self.assertRaises(xfer.AuthError):
                 sender.ping()
+        # The server logs a refusal after answering it: wait for the line,
+        # so the two refusals are logged in the order they were made.
+        self.assertTrue(wait_until(lambda: len(lines) >= 1), lines)
         sock = raw_connect((HOST, port))
         sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
         recv_until_closed(sock)
