@@ -556,13 +556,25 @@ class SendNameEncodingTests(_SendCliCase):
         # Any failure while a request is being built, not only a bad name:
         # the file fails, the connection never waits for an answer to a
         # request that was never sent, and the other files arrive.
-        real_frame = xfer._frame
+        # Each file's part of a request is encoded on its own: its CHECKS
+        # entry, its BATCH entry; MKDIR is a frame of its own.
+        real_frame, real_check, real_entry = xfer._frame, xfer._checks_entry, xfer._batch_entry
 
         def frame(kind, payload=b"", *args, **kw):
-            if bytes(payload).endswith((b"boom.txt", b"/boomdir")):
+            if bytes(payload).endswith(b"/boomdir"):
                 raise RuntimeError("encoder bug")
             return real_frame(kind, payload, *args, **kw)
-        for skip in ("quick", None):      # CHECK first, or FILE and MKDIR at once
+
+        def check_entry(size, mtime_ns, name, digest=None):
+            if name == b"boom.txt":
+                raise RuntimeError("encoder bug")
+            return real_check(size, mtime_ns, name, digest)
+
+        def batch_entry(size, mtime_ns, mode, flags, digest, path):
+            if path.endswith(b"boom.txt"):
+                raise RuntimeError("encoder bug")
+            return real_entry(size, mtime_ns, mode, flags, digest, path)
+        for skip in ("quick", None):      # CHECKS first, or BATCH and MKDIR at once
             with self.subTest(skip=skip):
                 src, dst = temp_dir(self), temp_dir(self)
                 top = _make_tree(os.path.join(src, "tree"), {
@@ -572,6 +584,8 @@ class SendNameEncodingTests(_SendCliCase):
                 sender = xfer.Sender(receiver.address, timeout=TIMEOUT, skip=skip)
                 self.addCleanup(sender.close, False)
                 with mock.patch.object(xfer, "_frame", frame), \
+                        mock.patch.object(xfer, "_checks_entry", check_entry), \
+                        mock.patch.object(xfer, "_batch_entry", batch_entry), \
                         contextlib.redirect_stderr(io.StringIO()):
                     one = sender.queue(os.path.join(top, "boom.txt"))
                     tree = sender.queue(top)
@@ -2545,16 +2559,18 @@ class ProtocolV2Tests(unittest.TestCase):
     def test_result_flipped_to_ok_by_a_man_in_the_middle_fails_the_file(self):
         receiver = start_receiver(self, self.dst, token=self.TOKEN, max_size=100)
 
+        # The file is small: a BATCH, answered by RESULTS; its one entry's
+        # status is byte 6, after the first id and the count.
         def flip(index, n, kind, payload, tag):
-            if kind == xfer._Msg.RESULT and payload[4] == xfer.ST_TOO_LARGE:
-                payload = payload[:4] + bytes([xfer.ST_OK])
+            if kind == xfer._Msg.RESULTS and payload[6] == xfer.ST_TOO_LARGE:
+                payload = payload[:6] + bytes([xfer.ST_OK]) + payload[7:]
             return xfer._FRAME.pack(kind, len(payload)) + payload + tag
 
         mitm = _ProtoMitm(self, receiver.address, flip)
         path = write_file(os.path.join(self.src, "big.txt"), b"x" * 1000)
         with xfer.Sender(mitm.address, token=self.TOKEN, retries=0) as sender:
             job = sender.queue(path)
-        self.assertTrue(any(k == xfer._Msg.RESULT and p[4] == xfer.ST_TOO_LARGE
+        self.assertTrue(any(k == xfer._Msg.RESULTS and p[6] == xfer.ST_TOO_LARGE
                             for k, p, _ in mitm.frames[0]), "the refusal never passed")
         self.assertEqual(job.state, "failed")
         self.assertIsInstance(job.error, xfer.IntegrityError)
@@ -3709,18 +3725,25 @@ class EmbeddingTests(unittest.TestCase):
         receiver = start_receiver(self, dst, token=token, on_file=on_file)
 
         # sha256 mismatch: the sender announces a wrong digest for badsha.bin
-        # (sent with ACCEPT) and badsmall.bin (streamed).
-        real_trailer = xfer._encode_trailer
+        # (sent with ACCEPT, in its TRAILER) and badsmall.bin (in a BATCH).
+        real_trailer, real_entry = xfer._encode_trailer, xfer._batch_entry
         bad = {bytes.fromhex(sha256_file(p)) for p in (badsha, badsmall)}
         corrupted = []
 
-        def bad_digest_trailer(fid, flags, digest):
+        def flipped(digest):
             if digest in bad:
                 corrupted.append(digest)
                 digest = bytes(b ^ 0xFF for b in digest)
-            return real_trailer(fid, flags, digest)
+            return digest
 
-        with mock.patch.object(xfer, "_encode_trailer", bad_digest_trailer):
+        def bad_digest_trailer(fid, flags, digest):
+            return real_trailer(fid, flags, flipped(digest))
+
+        def bad_digest_entry(size, mtime_ns, mode, flags, digest, path):
+            return real_entry(size, mtime_ns, mode, flags, flipped(digest), path)
+
+        with mock.patch.object(xfer, "_encode_trailer", bad_digest_trailer), \
+                mock.patch.object(xfer, "_batch_entry", bad_digest_entry):
             with xfer.Sender(receiver.address, token=token, workers=1) as sender:
                 jobs = [sender.queue(p) for p in good + [badsha, badsmall, last]]
                 self.assertTrue(sender.wait(TIMEOUT))
@@ -4361,34 +4384,38 @@ class SendingSideTests(unittest.TestCase):
 
     # -- the link, over a socket pair
 
-    def test_link_sends_a_small_file_in_one_write_and_its_result_ends_the_job(self):
-        path = write_file(os.path.join(temp_dir(self), "a.bin"), b"hello")
+    def test_link_sends_small_files_in_one_batch_and_one_results_ends_their_jobs(self):
+        root = temp_dir(self)
+        paths = [write_file(os.path.join(root, name), data)
+                 for name, data in (("a.bin", b"hello"), ("b.bin", b"world!"))]
         ours, theirs = socket.socketpair()
         self.addCleanup(theirs.close)
         for s in (ours, theirs):
             s.settimeout(TIMEOUT)
         ledger, _ = _sending_ledger()
-        ledger.unfinished = 1
+        ledger.unfinished = 2
         link = xfer._Link(ours, xfer._Reader(ours), xfer._untagged, ledger, "peer", skip=None)
         self.addCleanup(link.close)
-        job = xfer.Job(ledger, path, "a.bin", "file", st=os.stat(path))
-        link.check([job])
+        jobs = [xfer.Job(ledger, path, os.path.basename(path), "file", st=os.stat(path))
+                for path in paths]
+        link.check(jobs)
         link.pump(0)
         peer = xfer._Reader(theirs)
         kind, payload = xfer._read_frame(peer)
-        self.assertEqual(kind, xfer._Msg.FILE)
-        fid, size, _, _, flags, name = xfer._decode_file(payload)
-        self.assertEqual((size, name, flags & xfer.FF_STREAM), (5, b"a.bin", xfer.FF_STREAM))
-        self.assertEqual(xfer._recv_exact(peer, size), b"hello")
-        kind, payload = xfer._read_frame(peer)
-        self.assertEqual(kind, xfer._Msg.TRAILER)
-        self.assertEqual(xfer._decode_trailer(payload), (fid, 0, hashlib.sha256(b"hello").digest()))
-        self.assertEqual(job.bytes_done, 5)
-        self.assertFalse(job.done)
-        theirs.sendall(xfer._encode_result(fid, xfer.ST_OK, "replaced"))
-        self.assertTrue(job.wait(TIMEOUT))
-        self.assertEqual((job.state, job.note, job.digest),
-                         ("done", "replaced", hashlib.sha256(b"hello").hexdigest()))
+        self.assertEqual(kind, xfer._Msg.BATCH)
+        first, entries = xfer._decode_batch(payload)
+        self.assertEqual([(e[0], e[4], e[5]) for e in entries],
+                         [(5, hashlib.sha256(b"hello").digest(), b"a.bin"),
+                          (6, hashlib.sha256(b"world!").digest(), b"b.bin")])
+        self.assertEqual(xfer._recv_exact(peer, 11), b"helloworld!")     # the bodies, in order
+        self.assertEqual([j.bytes_done for j in jobs], [5, 6])
+        self.assertFalse(any(j.done for j in jobs))
+        (answer,) = xfer._encode_results(first, [(xfer.ST_OK, "replaced"), (xfer.ST_OK, "")])
+        theirs.sendall(answer)
+        for job in jobs:
+            self.assertTrue(job.wait(TIMEOUT))
+        self.assertEqual([(j.state, j.note) for j in jobs], [("done", "replaced"), ("done", "")])
+        self.assertEqual(jobs[0].digest, hashlib.sha256(b"hello").hexdigest())
 
     def test_link_refuses_to_send_a_directory_or_fifo_without_writing_anything(self):
         root = temp_dir(self)
@@ -4976,11 +5003,11 @@ class BenchTests(unittest.TestCase):
     def test_discard_sink_still_checks_the_digest(self):
         dst = temp_dir(self)
         receiver = start_receiver(self, dst)
-        real = xfer._encode_trailer
+        real = xfer._batch_entry
 
-        def corrupt(fid, flags, digest):
-            return real(fid, flags, bytes(32))
-        with mock.patch.object(xfer, "_encode_trailer", corrupt):
+        def corrupt(size, mtime_ns, mode, flags, digest, path):
+            return real(size, mtime_ns, mode, flags, bytes(32), path)
+        with mock.patch.object(xfer, "_batch_entry", corrupt):
             with xfer.Sender(receiver.address, discard=True) as sender:
                 job = sender._queue_generated("bench/a", 1000)
         self.assertEqual(job.state, "failed")
@@ -4995,6 +5022,291 @@ class BenchTests(unittest.TestCase):
         self.assertRegex(proc.stdout, r"small files: 30 x .* files/s")
         self.assertRegex(proc.stdout, r"poll\(\): worst [0-9.]+ ms")
         self.assertNotIn("Traceback", proc.stderr)
+
+
+def _batch_bytes(client, files, first=None):
+    """A BATCH and its bodies as the client sends them; files are (path, data)
+    or (path, data, overrides) with size, digest, flags, mode, mtime_ns.
+    Returns (first id, bytes)."""
+    entries, bodies = [], []
+    for item in files:
+        raw, data = item[0], item[1]
+        over = item[2] if len(item) > 2 else {}
+        raw = raw.encode("utf-8") if isinstance(raw, str) else raw
+        digest = over.get("digest", hashlib.sha256(data).digest())
+        entries.append(xfer._BATCH_ENTRY.pack(
+            over.get("size", len(data)), over.get("mtime_ns", 1500000000 * 10**9),
+            over.get("mode", 0o644), over.get("flags", 0), digest, len(raw)) + raw)
+        bodies.append(data)
+    ids = [next(client.ids) for _ in files]
+    first = ids[0] if first is None else first
+    frame = client.frame(xfer._Msg.BATCH, xfer._BATCH.pack(first, len(files)) + b"".join(entries))
+    return first, frame + b"".join(bodies)
+
+
+def _read_results(client):
+    """The next frame, which must be RESULTS: (first id, [(status, reason)])."""
+    got = client.read_frame()
+    if got is None or got[0] != xfer._Msg.RESULTS:
+        raise AssertionError("expected RESULTS, got %r" % (got,))
+    payload = got[1]
+    first, count = xfer._RESULTS.unpack_from(payload)
+    offset, verdicts = xfer._RESULTS.size, []
+    for _ in range(count):
+        status, length = xfer._RESULTS_ENTRY.unpack_from(payload, offset)
+        offset += xfer._RESULTS_ENTRY.size
+        verdicts.append((status, payload[offset:offset + length].decode("utf-8")))
+        offset += length
+    if offset != len(payload):
+        raise AssertionError("RESULTS with %d bytes after its entries" % (len(payload) - offset))
+    return first, verdicts
+
+
+def _checks_frame(client, directory, names, sizes=None, flags=0, digests=None, first=None):
+    """A CHECKS frame about names in directory; returns (first id, bytes)."""
+    entries = []
+    for i, name in enumerate(names):
+        name = name.encode("utf-8") if isinstance(name, str) else name
+        digest = digests[i] if digests else b""
+        size = sizes[i] if sizes else 1
+        entries.append(xfer._CHECKS_ENTRY.pack(size, 10**18, len(name)) + digest + name)
+    ids = [next(client.ids) for _ in names]
+    first = ids[0] if first is None else first
+    directory = directory.encode("utf-8") if isinstance(directory, str) else directory
+    return first, client.frame(xfer._Msg.CHECKS, xfer._CHECKS.pack(
+        first, len(names), flags, len(directory)) + directory + b"".join(entries))
+
+
+class BatchTests(unittest.TestCase):
+    """BATCH and RESULTS (Protocol 4.12, 4.13): many small files per frame
+    and per answer, every guarantee of a file sent alone kept."""
+    TOKEN = "batch-token"
+
+    def setUp(self):
+        self.dst = temp_dir(self)
+
+    def client(self, receiver, token=TOKEN):
+        client = _HostileClient(receiver.address, token=token)
+        self.addCleanup(client.close)
+        return client
+
+    def test_batch_of_files_arrives_with_one_results_answer(self):
+        receiver = start_receiver(self, self.dst, token=self.TOKEN)
+        client = self.client(receiver)
+        files = [("d/f%d.txt" % i, b"body %d\n" % i, {"mode": 0o640 + i % 2,
+                                                      "mtime_ns": (1500000000 + i) * 10**9})
+                 for i in range(5)]
+        first, data = _batch_bytes(client, files)
+        client.send(data)
+        self.assertEqual(_read_results(client), (first, [(xfer.ST_OK, "")] * 5))
+        # Counted before the answer went out: ST_OK means stored and durable.
+        self.assertEqual(receiver.files_received, 5)
+        client.ping()                # the next frame is read where it should be
+        client.bye()
+        for i, (name, body, over) in enumerate(files):
+            path = os.path.join(self.dst, name)
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(), body)
+            st = os.stat(path)
+            self.assertEqual(st.st_mtime_ns, over["mtime_ns"])
+            umask = _parts_umask()
+            if os.name != "nt" and umask is not None:
+                self.assertEqual(stat.S_IMODE(st.st_mode), over["mode"] & ~umask)
+        self.assertEqual(partials(self.dst), [])
+
+    def test_refused_entries_leave_the_others_stored_and_the_stream_in_step(self):
+        write_file(os.path.join(self.dst, "taken.txt"), b"old")
+        receiver = start_receiver(self, self.dst, token=self.TOKEN, overwrite="fail")
+        client = self.client(receiver)
+        files = [("a.txt", b"a"), ("../escape.txt", b"no"), ("b.txt", b"b"),
+                 ("bad.txt", b"tampered", {"digest": bytes(32)}), ("taken.txt", b"new"),
+                 ("c.txt", b"c")]
+        first, data = _batch_bytes(client, files)
+        client.send(data)
+        got_first, verdicts = _read_results(client)
+        self.assertEqual(got_first, first)
+        self.assertEqual([v[0] for v in verdicts],
+                         [xfer.ST_OK, xfer.ST_BAD_PATH, xfer.ST_OK, xfer.ST_INTEGRITY,
+                          xfer.ST_CONFLICT, xfer.ST_OK])
+        # Each refusal names its file first.
+        for (name, *_), (status, reason) in zip(files, verdicts):
+            if status != xfer.ST_OK:
+                self.assertTrue(reason.startswith(name), reason)
+        self.assertEqual(client.send_file("after.txt", b"after")[0], xfer.ST_OK)
+        client.bye()
+        self.assertEqual(tree_listing(self.dst), ["a.txt", "after.txt", "b.txt", "c.txt",
+                                                  "taken.txt"])
+        with open(os.path.join(self.dst, "taken.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"old")
+        self.assertEqual(partials(self.dst), [])
+        self.assertEqual(receiver.files_failed, 3)
+
+    def test_batch_over_a_limit_is_refused_before_a_body_is_read(self):
+        receiver = start_receiver(self, self.dst, token=self.TOKEN)
+        small = b"x"
+        cases = {
+            "1 to %d allowed" % xfer.BATCH_FILES:
+                [("f%d" % i, small) for i in range(xfer.BATCH_FILES + 1)],
+            "over SMALL_MAX": [("big", small, {"size": xfer.SMALL_MAX + 1})],
+            "over BATCH_BYTES": [("f%d" % i, small, {"size": xfer.SMALL_MAX})
+                                 for i in range(xfer.BATCH_BYTES // xfer.SMALL_MAX + 1)],
+            "reserved flags": [("f", small, {"flags": 0x80})],
+        }
+        for what, files in cases.items():
+            with self.subTest(what=what):
+                client = self.client(receiver)
+                _, data = _batch_bytes(client, files)
+                head = data[:-sum(len(f[1]) for f in files)]
+                client.send(head)         # the header alone: no body byte follows
+                reason = client.expect_error(self, xfer.ST_PROTOCOL)
+                self.assertIn(what, reason)
+        self.assertEqual(tree_listing(self.dst), [])
+        self.assertEqual(partials(self.dst), [])
+        _hostile_still_serves(self, receiver, self.dst, token=self.TOKEN)
+
+    def test_batch_with_a_wrong_tag_stores_nothing(self):
+        receiver = start_receiver(self, self.dst, token=self.TOKEN)
+        client = self.client(receiver)
+        _, data = _batch_bytes(client, [("a.txt", b"a"), ("b.txt", b"b")])
+        head = len(data) - 2 - _HostileTags.SIZE    # the tag's first byte
+        data = data[:head] + bytes([data[head] ^ 0x01]) + data[head + 1:]
+        client.send(data)
+        self.assertIn("failed authentication", client.expect_error(self, xfer.ST_PROTOCOL))
+        self.assertEqual(tree_listing(self.dst), [])
+        self.assertEqual(partials(self.dst), [])
+        client = self.client(receiver)      # the same batch, its tag intact
+        first, data = _batch_bytes(client, [("a.txt", b"a"), ("b.txt", b"b")])
+        client.send(data)
+        self.assertEqual(_read_results(client), (first, [(xfer.ST_OK, "")] * 2))
+
+    def test_sender_sends_small_files_in_batches_each_answered_once(self):
+        src = temp_dir(self)
+        files = {"t/d%d/f%02d" % (i % 2, i): b"%d" % i for i in range(60)}
+        tree = _make_tree(os.path.join(src, "t"), {k[2:]: v for k, v in files.items()})
+        receiver = start_receiver(self, self.dst, token=self.TOKEN, fsync=False)
+        mitm = _ProtoMitm(self, receiver.address)
+        with xfer.Sender(mitm.address, token=self.TOKEN, workers=1) as sender:
+            job = sender.queue(tree)
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual(sender.files_done, 60)
+        kinds = collections.Counter(kind for frames in mitm.frames for kind, _, _ in frames)
+        # One RESULTS per batch, not one RESULT per file: the RESULTs left
+        # answer the MKDIRs (the tree and its two directories).
+        self.assertEqual(kinds[xfer._Msg.RESULT], 3)
+        self.assertGreaterEqual(kinds[xfer._Msg.RESULTS], 1)
+        self.assertLess(kinds[xfer._Msg.RESULTS], 10)
+        for rel, body in files.items():
+            with open(os.path.join(self.dst, rel), "rb") as f:
+                self.assertEqual(f.read(), body)
+
+    def test_a_file_refused_in_a_batch_fails_alone(self):
+        src = temp_dir(self)
+        paths = [write_file(os.path.join(src, "f%d.txt" % i), b"new %d" % i) for i in range(6)]
+        write_file(os.path.join(self.dst, "f3.txt"), b"old")
+        receiver = start_receiver(self, self.dst, token=self.TOKEN, overwrite="fail")
+        done, failed = [], []
+        with xfer.Sender(receiver.address, token=self.TOKEN, on_done=done.append,
+                         on_error=failed.append, skip=None) as sender:
+            jobs = [sender.queue(p) for p in paths]
+        self.assertEqual([j.state for j in jobs], ["done"] * 3 + ["failed"] + ["done"] * 2)
+        self.assertEqual(failed, [jobs[3]])
+        self.assertEqual(sorted(done, key=jobs.index), jobs[:3] + jobs[4:])
+        self.assertIn("f3.txt: exists", str(jobs[3].error))
+        self.assertEqual(receiver.files_received, 5)
+
+
+class CheckByDirectoryTests(unittest.TestCase):
+    """CHECKS (Protocol 4.14): one question about many files of one directory."""
+
+    def setUp(self):
+        self.dst = temp_dir(self)
+
+    def client(self, receiver):
+        client = _HostileClient(receiver.address)
+        self.addCleanup(client.close)
+        return client
+
+    def test_rerun_asks_by_directory_and_sends_nothing(self):
+        src = temp_dir(self)
+        files = {"d%d/f%02d" % (i % 2, i): b"%d" % i for i in range(80)}
+        tree = _make_tree(os.path.join(src, "t"), files)
+        asked = collections.Counter()
+        real_check, real_checks = xfer._ReceiveSession._on_check, xfer._ReceiveSession._on_checks
+
+        def on_check(session, payload):
+            asked["CHECK"] += 1
+            return real_check(session, payload)
+
+        def on_checks(session, payload):
+            asked["CHECKS"] += 1
+            return real_checks(session, payload)
+        receiver = start_receiver(self, self.dst, fsync=False)
+        with xfer.Sender(receiver.address, workers=1) as sender:
+            sender.queue(tree)
+        self.assertEqual(sender.files_done, 80)
+        with mock.patch.object(xfer._ReceiveSession, "_on_check", on_check), \
+                mock.patch.object(xfer._ReceiveSession, "_on_checks", on_checks):
+            with xfer.Sender(receiver.address, workers=1) as sender:
+                job = sender.queue(tree)
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual((sender.files_done, sender.files_skipped), (0, 80))
+        self.assertEqual(asked["CHECK"], 0)
+        # Two directories: a few questions each, not one per file.
+        self.assertGreaterEqual(asked["CHECKS"], 2)
+        self.assertLessEqual(asked["CHECKS"], 8)
+
+    def test_checks_answers_each_name_in_one_results(self):
+        os.makedirs(os.path.join(self.dst, "d"))
+        write_file(os.path.join(self.dst, "d", "same"), b"x")
+        os.utime(os.path.join(self.dst, "d", "same"), ns=(10**18, 10**18))
+        write_file(os.path.join(self.dst, "d", "other"), b"xy")
+        receiver = start_receiver(self, self.dst)
+        client = self.client(receiver)
+        first, data = _checks_frame(client, "d", ["same", "other", "new", "a/b", "..", "",
+                                                  ".xfer-part.x"], sizes=[1, 1, 1, 1, 1, 1, 1])
+        client.send(data)
+        got_first, verdicts = _read_results(client)
+        self.assertEqual(got_first, first)
+        self.assertEqual([v[0] for v in verdicts],
+                         [xfer.ST_SKIPPED, xfer.ST_NEEDED, xfer.ST_NEEDED]
+                         + [xfer.ST_BAD_PATH] * 4)
+        self.assertEqual(verdicts[0][1], "identical")
+        self.assertTrue(verdicts[3][1].startswith("d/a/b"), verdicts[3][1])
+        # A directory outside DIR: every name refused.
+        first, data = _checks_frame(client, "../up", ["x", "y"])
+        client.send(data)
+        self.assertEqual([v[0] for v in _read_results(client)[1]], [xfer.ST_BAD_PATH] * 2)
+        client.bye()
+        self.assertEqual(tree_listing(self.dst), ["d", "d/other", "d/same"])
+
+    def test_checks_compares_digests_with_the_checksum_flag(self):
+        write_file(os.path.join(self.dst, "a"), b"content")
+        write_file(os.path.join(self.dst, "b"), b"CONTENT")
+        receiver = start_receiver(self, self.dst)
+        client = self.client(receiver)
+        digest = hashlib.sha256(b"content").digest()
+        _, data = _checks_frame(client, "", ["a", "b"], sizes=[7, 7], flags=xfer.CF_CHECKSUM,
+                                digests=[digest, digest])
+        client.send(data)
+        self.assertEqual([v[0] for v in _read_results(client)[1]],
+                         [xfer.ST_SKIPPED, xfer.ST_NEEDED])
+        client.bye()
+
+    def test_hostile_checks_end_the_connection(self):
+        receiver = start_receiver(self, self.dst)
+        cases = {
+            "1 to %d allowed" % xfer.BATCH_FILES: lambda c: _checks_frame(
+                c, "d", ["n%d" % i for i in range(xfer.BATCH_FILES + 1)]),
+            "reserved flags": lambda c: _checks_frame(c, "d", ["n"], flags=0x80),
+            "ends inside its entries": lambda c: (0, c.frame(xfer._Msg.CHECKS, xfer._CHECKS.pack(
+                1, 2, 0, 1) + b"d" + xfer._CHECKS_ENTRY.pack(1, 1, 1) + b"n")),
+        }
+        for what, make in cases.items():
+            with self.subTest(what=what):
+                client = self.client(receiver)
+                client.send(make(client)[1])
+                self.assertIn(what, client.expect_error(self, xfer.ST_PROTOCOL))
+        _hostile_still_serves(self, receiver, self.dst)
 
 
 def _perf_stream_frames(client, raw, data, mtime_ns=1500000000 * 10**9):
@@ -5753,7 +6065,7 @@ class ReceivingPartsTests(unittest.TestCase):
         self.assertEqual(rules.files[0].digest, hashlib.sha256(data).hexdigest())
         self.assertEqual(rules.files[0].path, path)
         self.assertEqual((commit.files, commit.bytes, rules.files_received), (1, len(data), 1))
-        self.assertEqual(incoming.answer, xfer._encode_result(7, xfer.ST_OK))
+        self.assertEqual(incoming.verdict, (xfer.ST_OK, ""))
         self.assertEqual(partials(dst), [])
 
     def test_wrong_digest_is_the_verdict_and_leaves_nothing_behind(self):
@@ -5867,7 +6179,7 @@ class ReceivingPartsTests(unittest.TestCase):
         commit.hold(incoming)
         commit.commit()
         self.assertEqual(store.dest.lstats, [])
-        self.assertEqual(incoming.answer, xfer._encode_result(7, xfer.ST_OK))
+        self.assertEqual(incoming.verdict, (xfer.ST_OK, ""))
         # A name taken by then is looked at, and the answer says so.
         incoming = self._incoming(store, b"new.txt", b"abcd")
         incoming.write(b"abcd")
@@ -5875,7 +6187,7 @@ class ReceivingPartsTests(unittest.TestCase):
         commit.hold(incoming)
         commit.commit()
         self.assertIn("new.txt", store.dest.lstats)
-        self.assertEqual(incoming.answer, xfer._encode_result(7, xfer.ST_OK, "replaced"))
+        self.assertEqual(incoming.verdict, (xfer.ST_OK, "replaced"))
         with open(os.path.join(dst, "new.txt"), "rb") as f:
             self.assertEqual(f.read(), b"abcd")
 
@@ -5893,7 +6205,7 @@ class ReceivingPartsTests(unittest.TestCase):
                 make(os.path.join(dst, name.decode()))
                 commit.hold(incoming)
                 commit.commit()
-                status, _ = xfer._decode_result(incoming.answer[xfer._FRAME.size:])[1:]
+                status, _ = incoming.verdict
                 self.assertEqual(status, code)
         with open(outside, "rb") as f:
             self.assertEqual(f.read(), b"keep")
@@ -10286,13 +10598,14 @@ class ResilienceTests(unittest.TestCase):
             sender.queue(tree)
         self.assertEqual((sender.files_done, sender.files_skipped), (40, 0))
         write_file(os.path.join(tree, "d1", "f01"), b"changed")
-        with mock.patch.object(xfer._ReceiveSession, "_on_file",
-                               autospec=True, side_effect=xfer._ReceiveSession._on_file) as on_file:
+        # _sink takes every body, whether a FILE or a BATCH brought it.
+        with mock.patch.object(xfer._ReceiveSession, "_sink",
+                               autospec=True, side_effect=xfer._ReceiveSession._sink) as sink:
             with xfer.Sender(receiver.address) as sender:
                 job = sender.queue(tree)
         self.assertEqual(job.state, "done", job.error)
         self.assertEqual((sender.files_done, sender.files_skipped), (1, 39))
-        self.assertEqual(on_file.call_count, 1)       # only the changed file's content moved
+        self.assertEqual(sink.call_count, 1)          # only the changed file's content moved
         with open(os.path.join(dst, "t", "d1", "f01"), "rb") as f:
             self.assertEqual(f.read(), b"changed")
 

@@ -162,6 +162,14 @@ MAX_PATH_DEPTH = 64
 MAX_FRAME_PAYLOAD = 64 * 1024
 #: Files up to this size are sent without waiting for the receiver's ACCEPT.
 STREAM_MAX = 256 * 1024
+#: Files up to this size travel many to a BATCH frame (Protocol 4.12), their
+#: bodies concatenated after it; larger ones go one by one as FILE, with ACCEPT
+#: (and resume).  The sizes a FILE may stream without ACCEPT, the same.
+SMALL_MAX = STREAM_MAX
+#: Most bytes of body one BATCH carries, and most files one BATCH or CHECKS
+#: asks about; a receiver refuses a batch over either before reading a body.
+BATCH_BYTES = 1024 * 1024
+BATCH_FILES = 128
 #: Files a sender keeps in flight on one connection before waiting for results.
 WINDOW = 256
 #: Chunk size for file bodies on both ends.
@@ -465,6 +473,12 @@ _GET = struct.Struct("!IB")            # id, flags; path follows       (4.9)
 _LIST = struct.Struct("!IB")           # id, flags; path follows       (4.10)
 _ENTRY = struct.Struct("!BQqIH")       # type, size, mtime_ns, mode, name length (4.10)
 _DONE = struct.Struct("!IB")           # id, status; reason follows    (4.9)
+_BATCH = struct.Struct("!IH")          # first id, count; the entries follow (4.12)
+_BATCH_ENTRY = struct.Struct("!QqIB32sH")  # size, mtime_ns, mode, flags, sha256, path length
+_RESULTS = struct.Struct("!IH")        # first id, count; the entries follow (4.13)
+_RESULTS_ENTRY = struct.Struct("!BH")  # status, reason length; the reason follows
+_CHECKS = struct.Struct("!IHBH")       # first id, count, flags, directory length (4.14)
+_CHECKS_ENTRY = struct.Struct("!QqH")  # size, mtime_ns, name length; sha256 (CF_CHECKSUM), name
 
 # Flags.  Reserved bits are sent as 0, and a set one is refused on receipt
 # (ST_PROTOCOL), so that a later version can give them a meaning.
@@ -475,6 +489,8 @@ _PF_KNOWN = PF_AUTH_REQUIRED
 FF_STREAM = 0x01       # the body follows the header at once, no ACCEPT
 FF_DISCARD = 0x02      # verify the body, then throw it away (benchmarks)
 _FF_KNOWN = FF_STREAM | FF_DISCARD
+# BATCH entry flags: FILE's FF_DISCARD; FF_STREAM has no meaning there.
+_BF_KNOWN = FF_DISCARD
 # CHECK flags.
 CF_CHECKSUM = 0x01     # compare content digests, not size and mtime
 # TRAILER flags.
@@ -504,6 +520,9 @@ class _Msg:
     LIST = 0x18
     ENTRIES = 0x19
     DONE = 0x1A
+    BATCH = 0x1B
+    RESULTS = 0x1C
+    CHECKS = 0x1D
     PING = 0x20
     PONG = 0x21
     BYE = 0x22
@@ -855,6 +874,136 @@ def _decode_error(payload):
         return ProtocolError("ERROR payload is empty")
     (status,) = _ERROR.unpack_from(payload)
     return _error_for(status, payload[_ERROR.size:].decode("utf-8", "replace"))
+
+
+# Many small files per frame and per answer (Protocol 4.12-4.14).  A BATCH
+# lists the headers of up to BATCH_FILES files, ids first, first + 1, ...,
+# and their bodies follow it as raw bytes; one tag covers every header and
+# digest.  A run of answers travels as one RESULTS; a CHECKS asks about many
+# files of one directory.  None of them says which end sends it: a server
+# serving a pull can send BATCH too.
+
+def _batch_entry(size, mtime_ns, mode, flags, digest, path):
+    """One file's entry in a BATCH; path is its UTF-8 bytes."""
+    return _BATCH_ENTRY.pack(size, mtime_ns, mode, flags, digest, len(path)) + path
+
+
+def _encode_batch(first, entries):
+    """A BATCH frame for the files of entries (_batch_entry), ids from first."""
+    return _frame(_Msg.BATCH, _BATCH.pack(first, len(entries)) + b"".join(entries))
+
+
+def _decode_batch(payload):
+    """BATCH: (first id, [(size, mtime_ns, mode, flags, sha256, path)]).
+
+    Every limit is checked here, before a byte of any body is read: the
+    count, each size and their sum (Protocol 5)."""
+    if len(payload) < _BATCH.size:
+        raise ProtocolError("BATCH payload of %d bytes is too short" % len(payload))
+    first, count = _BATCH.unpack_from(payload)
+    if not 0 < count <= BATCH_FILES or first + count > 1 << 32:
+        raise ProtocolError("BATCH %d of %d files; 1 to %d allowed"
+                            % (first, count, BATCH_FILES))
+    unpack, fixed, end = _BATCH_ENTRY.unpack_from, _BATCH_ENTRY.size, len(payload)
+    offset, total, entries = _BATCH.size, 0, []
+    for _ in range(count):
+        if offset + fixed > end:
+            raise ProtocolError("BATCH %d ends inside its entries" % first)
+        size, mtime_ns, mode, flags, digest, length = unpack(payload, offset)
+        offset += fixed + length
+        if offset > end:
+            raise ProtocolError("BATCH %d ends inside a path" % first)
+        if flags & ~_BF_KNOWN:
+            raise ProtocolError("BATCH %d sets reserved flags 0x%02x" % (first, flags & ~_BF_KNOWN))
+        if size > SMALL_MAX:
+            raise ProtocolError("BATCH %d holds a file of %d bytes, over SMALL_MAX (%d)"
+                                % (first, size, SMALL_MAX))
+        total += size
+        entries.append((size, mtime_ns, mode, flags, digest, payload[offset - length:offset]))
+    if offset != end:
+        raise ProtocolError("BATCH %d has %d bytes after its entries" % (first, end - offset))
+    if total > BATCH_BYTES:
+        raise ProtocolError("BATCH %d carries %d bytes, over BATCH_BYTES (%d)"
+                            % (first, total, BATCH_BYTES))
+    return first, entries
+
+
+def _encode_results(first, verdicts):
+    """RESULTS frames answering ids first, first + 1, ... with a (status,
+    reason) each: one frame, or as many as MAX_FRAME_PAYLOAD needs."""
+    frames, parts, size = [], [], _RESULTS.size
+    for status, reason in verdicts:
+        text = reason.encode("utf-8", "replace")[:4000] if reason else b""
+        if size + _RESULTS_ENTRY.size + len(text) > MAX_FRAME_PAYLOAD:
+            frames.append(_frame(_Msg.RESULTS, _RESULTS.pack(first, len(parts))
+                                 + b"".join(parts)))
+            first += len(parts)
+            parts, size = [], _RESULTS.size
+        parts.append(_RESULTS_ENTRY.pack(status, len(text)) + text)
+        size += _RESULTS_ENTRY.size + len(text)
+    frames.append(_frame(_Msg.RESULTS, _RESULTS.pack(first, len(parts)) + b"".join(parts)))
+    return frames
+
+
+def _decode_results(payload):
+    """RESULTS: (first id, [(status, reason)])."""
+    if len(payload) < _RESULTS.size:
+        raise ProtocolError("RESULTS payload of %d bytes is too short" % len(payload))
+    first, count = _RESULTS.unpack_from(payload)
+    unpack, fixed, end = _RESULTS_ENTRY.unpack_from, _RESULTS_ENTRY.size, len(payload)
+    offset, verdicts = _RESULTS.size, []
+    for _ in range(count):
+        if offset + fixed > end:
+            raise ProtocolError("RESULTS %d ends inside its entries" % first)
+        status, length = unpack(payload, offset)
+        offset += fixed + length
+        if offset > end:
+            raise ProtocolError("RESULTS %d ends inside a reason" % first)
+        verdicts.append((status, payload[offset - length:offset].decode("utf-8", "replace")))
+    if offset != end:
+        raise ProtocolError("RESULTS %d has %d bytes after its entries" % (first, end - offset))
+    return first, verdicts
+
+
+def _checks_entry(size, mtime_ns, name, digest=None):
+    """One file's entry in a CHECKS; name is its UTF-8 bytes, digest given
+    with CF_CHECKSUM."""
+    return _CHECKS_ENTRY.pack(size, mtime_ns, len(name)) + (digest or b"") + name
+
+
+def _encode_checks(first, flags, directory, entries):
+    """A CHECKS frame about the files of one directory (_checks_entry)."""
+    return _frame(_Msg.CHECKS, _CHECKS.pack(first, len(entries), flags, len(directory))
+                  + directory + b"".join(entries))
+
+
+def _decode_checks(payload):
+    """CHECKS: (first id, directory, [(size, mtime_ns, sha256 or None, name)])."""
+    if len(payload) < _CHECKS.size:
+        raise ProtocolError("CHECKS payload of %d bytes is too short" % len(payload))
+    first, count, flags, length = _CHECKS.unpack_from(payload)
+    if flags & ~CF_CHECKSUM:
+        raise ProtocolError("CHECKS %d sets reserved flags 0x%02x" % (first, flags & ~CF_CHECKSUM))
+    if not 0 < count <= BATCH_FILES or first + count > 1 << 32:
+        raise ProtocolError("CHECKS %d of %d files; 1 to %d allowed"
+                            % (first, count, BATCH_FILES))
+    digest_size = 32 if flags & CF_CHECKSUM else 0
+    unpack, fixed, end = _CHECKS_ENTRY.unpack_from, _CHECKS_ENTRY.size, len(payload)
+    offset = _CHECKS.size + length
+    directory = payload[_CHECKS.size:offset]
+    entries = []
+    for _ in range(count):
+        if offset + fixed > end:
+            raise ProtocolError("CHECKS %d ends inside its entries" % first)
+        size, mtime_ns, length = unpack(payload, offset)
+        offset += fixed + digest_size + length
+        if offset > end:
+            raise ProtocolError("CHECKS %d ends inside a name" % first)
+        digest = payload[offset - length - digest_size:offset - length] if digest_size else None
+        entries.append((size, mtime_ns, digest, payload[offset - length:offset]))
+    if offset != end:
+        raise ProtocolError("CHECKS %d has %d bytes after its entries" % (first, end - offset))
+    return first, directory, entries
 
 
 #------------------------------------------------------------
@@ -2987,6 +3136,26 @@ class _Drop(Exception):
 # partials), _count_file/_count_failure, _log, and _session_open/_session_closed.
 
 
+# Verdicts that need no words.
+_OK, _NEEDED = (ST_OK, ""), (ST_NEEDED, "")
+
+
+class _Answers:
+    """The answer to a BATCH or CHECKS: RESULTS for ids first, first + 1, ...
+
+    Each item is a (status, reason), or a file held for the group commit,
+    which sets its verdict before the answer goes out."""
+    __slots__ = ("first", "items")
+
+    def __init__(self, first, items):
+        self.first = first
+        self.items = items
+
+    def frames(self):
+        return _encode_results(self.first, [item if item.__class__ is tuple else item.verdict
+                                            for item in self.items])
+
+
 class _ReceiveSession:
     """One connection on the receiver: handshake, then requests until BYE."""
 
@@ -3006,7 +3175,8 @@ class _ReceiveSession:
         # Answers not sent yet, in request order: RESULT bytes, or an entry
         # (_IncomingFile, _NewDir) whose RESULT the group commit decides.
         self.out = []
-        self.handlers = {_Msg.FILE: self._on_file, _Msg.CHECK: self._on_check,
+        self.handlers = {_Msg.BATCH: self._on_batch, _Msg.FILE: self._on_file,
+                         _Msg.CHECKS: self._on_checks, _Msg.CHECK: self._on_check,
                          _Msg.MKDIR: self._on_mkdir, _Msg.PING: self._on_ping,
                          _Msg.GET: self._on_get, _Msg.LIST: self._on_list}
 
@@ -3089,13 +3259,20 @@ class _ReceiveSession:
         self.commit.commit()
         out, self.out = self.out, []
         seal = self.seal
-        frames = [seal(a if a.__class__ is bytes else a.answer) for a in out]
+        frames = []
+        for a in out:
+            if a.__class__ is bytes:
+                frames.append(seal(a))
+            elif a.__class__ is _Answers:
+                frames.extend(map(seal, a.frames()))
+            else:                               # a file or directory the commit answered
+                frames.append(seal(_encode_result(a.fid, *a.verdict)))
         if frame:
             frames.append(seal(frame))
         self.sock.sendall(b"".join(frames))
 
     def _refuse(self, fid, raw, code, reason):
-        self.out.append(self.commit.refusal(fid, raw, code, reason))
+        self.out.append(_encode_result(fid, *self.commit.refusal(raw, code, reason)))
 
     # -- handshake, the server's half (Protocol 4.1; the client's: _client_keys)
 
@@ -3303,7 +3480,8 @@ class _ReceiveSession:
                 # Between requests, so a file in flight is finished first.
                 self._send(_encode_error(ST_SHUTDOWN, "the server is shutting down"))
                 raise _Drop()
-            if len(self.out) >= _HOLD_MAX or len(dest.retired) + len(dest.created) > _HOLD_DIRS:
+            if (len(self.out) >= _HOLD_MAX or len(self.commit.group) >= _HOLD_MAX
+                    or len(dest.retired) + len(dest.created) > _HOLD_DIRS):
                 self._flush()
             kind, payload = rfile.frame(limit)
             handler = handlers.get(kind)
@@ -3337,63 +3515,116 @@ class _ReceiveSession:
         self.out.append(made)
         self.commit.hold_dir(made)
 
+    def _on_checks(self, payload):
+        """CHECKS (Protocol 4.14): CHECK for many files of one directory, all
+        answered in one RESULTS."""
+        first, directory, entries = _decode_checks(payload)
+        prefix = directory + b"/" if directory else b""
+        check = self._check
+        self.out.append(_Answers(first, [
+            check(prefix + name, size, mtime_ns, digest) if b"/" not in name
+            else self.commit.refusal(prefix + name, ST_BAD_PATH, "%s: a name in CHECKS "
+                                     "holds a '/'" % _display(prefix + name))
+            for size, mtime_ns, digest, name in entries]))
+
     def _on_check(self, payload):
         """CHECK (Protocol 4.8): is this file already here?  Answer, store nothing."""
         fid, size, mtime_ns, flags, digest, raw = _decode_check(payload)
+        verdict = self._check(raw, size, mtime_ns, digest if flags & CF_CHECKSUM else None)
+        self.out.append(_encode_result(fid, *verdict))
+
+    def _check(self, raw, size, mtime_ns, digest):
+        """One file's answer to CHECK: (ST_NEEDED, "") or (status, reason),
+        a refusal counted as one."""
         try:
-            verdict = self.store.check(raw, size, mtime_ns,
-                                       digest if flags & CF_CHECKSUM else None)
+            verdict = self.store.check(raw, size, mtime_ns, digest)
         except (XferError, OSError) as e:
             verdict = _failure(raw, e)
         if verdict is None:
-            self.out.append(_encode_result(fid, ST_NEEDED))
-        else:
-            self._refuse(fid, raw, *verdict)
+            return _NEEDED
+        return self.commit.refusal(raw, *verdict)
+
+    def _on_batch(self, payload):
+        """BATCH (Protocol 4.12): the files' bodies follow, each stored or
+        refused on its own (a refused one is read and dropped); one RESULTS
+        answers them all, after the group commit made the stored ones durable."""
+        first, entries = _decode_batch(payload)      # every limit, before a body byte
+        readinto, items, fid = self.rfile.readinto, [], first
+        left = sum(entry[0] for entry in entries)
+        pace = _Pace(self.r, b"BATCH %d" % first, left)
+        for size, mtime_ns, mode, flags, digest, raw in entries:
+            left -= size
+            pace.base = left
+            sink = self._sink(fid, raw, size, mtime_ns, mode, flags, stream=True)
+            try:
+                sink.begin()
+                sink.receive(readinto, size, pace)
+                failure = sink.finish(digest)
+            except BaseException:
+                sink.close()
+                raise
+            items.append(self._settle(raw, sink, failure))
+            fid += 1
+        self.out.append(_Answers(first, items))
 
     def _on_file(self, payload):
         """FILE (Protocol 4.2-4.3): admit, ACCEPT unless streamed, body, TRAILER."""
         fid, size, mtime_ns, mode, flags, raw = _decode_file(payload)
         stream = flags & FF_STREAM
-        if flags & FF_DISCARD:
-            self._discard(fid, size, stream, raw)
-            return
-        incoming = _IncomingFile(self.store, fid, raw, size, mtime_ns, mode, stream)
-        try:
-            incoming.admit(resumable=not stream)
-        except (XferError, OSError) as e:
-            if stream:             # at most STREAM_MAX bytes (_decode_file)
-                self._drain(raw, size)
-                _read_trailer(self.rfile, fid)
-            self._refuse(fid, raw, *_failure(raw, e))
+        sink = self._sink(fid, raw, size, mtime_ns, mode, flags, stream)
+        if not stream and sink.failure is not None:
+            self._refuse(fid, raw, *sink.failure)     # before its body: no ACCEPT
             return
         try:
             start = 0
             if not stream:
-                self._send(_frame(_Msg.ACCEPT,
-                                  _ACCEPT.pack(fid, incoming.offset, incoming.prefix)))
-                start = _read_body_start(self.rfile, fid, incoming.offset)
-            incoming.begin(start)
-            incoming.receive(self.rfile.readinto, size - start,
-                             _Pace(self.r, raw, size - start))
+                self._send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, sink.offset, sink.prefix)))
+                start = _read_body_start(self.rfile, fid, sink.offset)
+            sink.begin(start)
+            sink.receive(self.rfile.readinto, size - start, _Pace(self.r, raw, size - start))
             trailer_flags, their_digest = _read_trailer(self.rfile, fid)
-            failure = incoming.finish(their_digest, aborted=trailer_flags & TF_ABORT)
+            failure = sink.finish(their_digest, aborted=trailer_flags & TF_ABORT)
         except BaseException:
             # The connection failed mid-file.  A large file's partial stays,
             # stamped with the source's mtime, for the next attempt to resume.
-            incoming.close(keep=incoming.in_body)
+            sink.close(keep=sink.in_body)
             raise
-        if failure is not None:
-            # The temp went before the answer, so a client that looks right
-            # after a refusal never sees it.
-            self._refuse(fid, raw, *failure)
-            return
-        self.out.append(incoming)
-        self.commit.hold(incoming)
-        if incoming.claim is not None:
+        verdict = self._settle(raw, sink, failure)
+        self.out.append(verdict if verdict is sink else _encode_result(fid, *verdict))
+        if sink.claim is not None:
             # A resumable partial's name is reserved only until its claim
             # goes: publish it before another connection may take that name.
             self.commit.commit()
-            incoming.close()
+            sink.close()
+
+    def _sink(self, fid, raw, size, mtime_ns, mode, flags, stream):
+        """Where a file's body goes: an _IncomingFile the store admitted, or a
+        _Drain that reads and drops it (refused, or FF_DISCARD: verified only).
+        The one way a body is refused, whatever message brought it."""
+        if flags & FF_DISCARD:
+            try:
+                self.store.split(raw)
+            except XferError as e:
+                return _Drain(self.store, raw, _failure(raw, e))
+            return _Drain(self.store, raw)
+        incoming = _IncomingFile(self.store, fid, raw, size, mtime_ns, mode, stream)
+        try:
+            incoming.admit(resumable=not stream)
+        except (XferError, OSError) as e:
+            return _Drain(self.store, raw, _failure(raw, e))
+        return incoming
+
+    def _settle(self, raw, sink, failure):
+        """A file whose body is in: its (status, reason) now, or the sink
+        itself, held for the group commit, which decides (and answers) later."""
+        if failure is not None:
+            # The temp went before the answer, so a client that looks right
+            # after a refusal never sees it.
+            return self.commit.refusal(raw, *failure)
+        if sink.__class__ is _Drain:
+            return _OK                  # verified and dropped (FF_DISCARD)
+        self.commit.hold(sink)
+        return sink
 
     # -- reading DIR: GET and LIST (Protocol 4.9, 4.10)
 
@@ -3542,43 +3773,6 @@ class _ReceiveSession:
             frames.append(self.seal(_frame(_Msg.ENTRIES, b"".join(chunk))))
         if frames:
             self.sock.sendall(b"".join(frames))
-
-    def _discard(self, fid, size, stream, raw):
-        """A benchmark file: receive and verify it like any other, store nothing."""
-        try:
-            self.store.split(raw)
-        except XferError as e:
-            if stream:
-                self._drain(raw, size)
-                _read_trailer(self.rfile, fid)
-                self._refuse(fid, raw, e.code, str(e))
-                return
-            self._refuse(fid, raw, e.code, str(e))
-            raise _Drop() from None
-        if not stream:
-            self._send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, 0, bytes(32))))
-            _read_body_start(self.rfile, fid, 0)
-        digest = self._drain(raw, size, hashlib.sha256())
-        _, their_digest = _read_trailer(self.rfile, fid)
-        if not hmac.compare_digest(digest.digest(), their_digest):
-            self.out.append(_encode_result(fid, ST_INTEGRITY, "%s: sha256 mismatch"
-                                           % _display(raw)))
-            return
-        self.out.append(_encode_result(fid, ST_OK))
-
-    def _drain(self, raw, size, digest=None):
-        """Read and drop size bytes of a body (hashing them into digest, if given)."""
-        view = memoryview(self.buf)
-        pace = _Pace(self.r, raw, size)
-        while size:
-            n = self.rfile.readinto(view[:min(size, CHUNK)])
-            if not n:
-                raise ConnectionClosedError("connection closed inside a file body")
-            if digest is not None:
-                digest.update(view[:n])
-            size -= n
-            pace.check(size)
-        return digest
 
 
 def _list_dir(path):
@@ -3987,8 +4181,7 @@ class _IncomingFile:
     existed = in_body = unsynced = final_mode = False
     offset = resumed = 0
     prefix = bytes(32)          # the sha256 of a resumable prefix (none: zeros)
-    final = note = failure = None
-    answer = b""
+    final = note = failure = verdict = None
 
     def __init__(self, store, fid, raw, size, mtime_ns, mode, stream=True):
         self.store = store
@@ -4052,18 +4245,7 @@ class _IncomingFile:
         the GIL, so they overlap.
         """
         if count < _HASH_BEHIND_MIN:
-            view = memoryview(self.store.buf)
-            write = self.write
-            while count:
-                n = readinto(view[:count] if count < CHUNK else view)
-                if not n:
-                    raise ConnectionClosedError(
-                        "%s: connection closed with %s still to come"
-                        % (_display(self.raw), _human(count)))
-                write(view[:n])
-                count -= n
-                if pace is not None:
-                    pace.check(count)
+            _take_body(readinto, count, self.store.buf, self.write, self.raw, pace)
             self.in_body = False
             return
         free = queue.Queue()        # buffers whose bytes are hashed, to receive into
@@ -4172,15 +4354,69 @@ class _IncomingFile:
 
 
 
+class _Drain:
+    """A body that is not stored: read and dropped, so that the stream stays
+    in step.  Refused (failure given), the refusal is its verdict; else
+    (FF_DISCARD) it is hashed and verified like any file.  Read like an
+    _IncomingFile, so a refused body is drained the same way whichever
+    message brought it (FILE, BATCH)."""
+    __slots__ = ("store", "raw", "failure", "hasher")
+    offset, prefix, claim, in_body = 0, bytes(32), None, False
+
+    def __init__(self, store, raw, failure=None):
+        self.store = store
+        self.raw = raw
+        self.failure = failure
+        self.hasher = None
+
+    def begin(self, start=0):
+        if self.failure is None:
+            self.hasher = hashlib.sha256()
+
+    def receive(self, readinto, count, pace=None):
+        take = self.hasher.update if self.hasher is not None else _ignore
+        _take_body(readinto, count, self.store.buf, take, self.raw, pace)
+
+    def finish(self, their_digest, aborted=False):
+        if self.failure is not None:
+            return self.failure
+        if aborted:
+            return ST_ABORTED, "%s: the sender gave it up" % _display(self.raw)
+        if not hmac.compare_digest(self.hasher.digest(), their_digest):
+            return ST_INTEGRITY, "%s: sha256 mismatch" % _display(self.raw)
+        return None
+
+    def close(self, keep=False):
+        pass
+
+
+def _ignore(data):
+    pass
+
+
+def _take_body(readinto, count, buf, take, raw, pace=None):
+    """Read count bytes of a body through buf, handing each piece to take()."""
+    view = memoryview(buf)
+    while count:
+        n = readinto(view[:count] if count < CHUNK else view)
+        if not n:
+            raise ConnectionClosedError("%s: connection closed with %s still to come"
+                                        % (_display(raw), _human(count)))
+        take(view[:n])
+        count -= n
+        if pace is not None:
+            pace.check(count)
+
+
 class _NewDir:
     """A directory made (MKDIR), its answer waiting for the group commit."""
-    __slots__ = ("fid", "raw", "parts", "answer")
+    __slots__ = ("fid", "raw", "parts", "verdict")
 
     def __init__(self, fid, raw, parts):
         self.fid = fid
         self.raw = raw
         self.parts = parts
-        self.answer = b""
+        self.verdict = None
 
 
 class _GroupCommit:
@@ -4211,15 +4447,16 @@ class _GroupCommit:
     def hold_dir(self, made):
         self.made.append(made)
 
-    def refusal(self, fid, raw, code, reason):
-        """The RESULT for a file not stored; a failure is counted and logged."""
+    def refusal(self, raw, code, reason):
+        """The verdict (code, reason) for a file not stored; a failure is
+        counted and logged."""
         if code == ST_SKIPPED:
             self.skipped += 1
         else:
             self.failed += 1
             self.tally._count_failure()
             self.tally._log("%s: refused %s: %s" % (self.peer, _display(raw), reason))
-        return _encode_result(fid, code, reason)
+        return code, reason
 
     def commit(self):
         """Make the held files durable, move them into place and count them.
@@ -4231,7 +4468,7 @@ class _GroupCommit:
         alike: a file or directory is acknowledged only when its data and
         its name, and the names of the new directories on its way, are
         durable, as if it had been finished alone.  Sets each file's and
-        directory's answer.
+        directory's verdict, (status, reason).
 
         The one place a received file is published, so also the one place
         it is counted and reported (on_file), whether its answer is then
@@ -4269,26 +4506,25 @@ class _GroupCommit:
                 if error is not None:
                     held.fail(error)
             if held.failure is not None:
-                held.answer = self.refusal(held.fid, held.raw, *held.failure)
+                held.verdict = self.refusal(held.raw, *held.failure)
             elif held.final is None:             # the policy said skip after all
                 self.skipped += 1
-                held.answer = _encode_result(held.fid, ST_SKIPPED, held.note)
+                held.verdict = ST_SKIPPED, held.note
             else:
                 self._count(held)
         for directory in made:
             error = self._undurable(directory.parts)
             if error is not None:
-                directory.answer = self.refusal(directory.fid, directory.raw,
-                                                *_failure(directory.raw, error))
+                directory.verdict = self.refusal(directory.raw, *_failure(directory.raw, error))
             else:
                 self.dirs += 1
-                directory.answer = _encode_result(directory.fid, ST_OK)
+                directory.verdict = _OK
         dest.release()
 
     def _count(self, held):
         parts = held.parts
         parts[-1] = held.final
-        held.answer = _encode_result(held.fid, ST_OK, held.note)
+        held.verdict = ST_OK, held.note
         self.files += 1
         self.bytes += held.size
         relpath = "/".join(parts)
@@ -4355,7 +4591,7 @@ class _Pace:
     The idle timeout alone is reset by every byte, so a sender trickling
     one byte a second would hold its connection (and its thread) for ever.
     """
-    __slots__ = ("window", "least", "raw", "mark", "mark_left")
+    __slots__ = ("window", "least", "raw", "mark", "mark_left", "base")
 
     def __init__(self, receiver, raw, left):
         self.window = receiver.body_window
@@ -4363,14 +4599,16 @@ class _Pace:
         self.raw = raw
         self.mark = time.monotonic()
         self.mark_left = left
+        self.base = 0           # a BATCH: the bytes of its bodies after this one
 
     def check(self, left):
-        """Called after each chunk with the bytes still to come."""
+        """Called after each chunk with the bytes of this body still to come."""
         if not self.window:
             return
         now = time.monotonic()
         if now - self.mark < self.window:
             return
+        left += self.base
         got = self.mark_left - left
         if got < min(self.least, self.mark_left):
             raise RemoteError("%s: receiving too slowly: %s in %g s, the receiver needs %s "
@@ -4967,11 +5205,13 @@ class _LinkBroken(Exception):
 class _Link:
     """One sender connection: one method per message kind, a reader thread for answers.
 
-    The worker thread writes: check() (CHECK, Protocol 4.8) for a batch,
-    then pump() sends each file the receiver needs (mkdir() for MKDIR,
-    _small() or _large() for FILE), bye() at the end; ping() on a link of
-    its own.  The reader thread (_read_loop) takes the answers and ends
-    the jobs through the ledger.  Every wait for an answer is _wait().
+    The worker thread writes: check() (CHECKS, Protocol 4.14) for a batch
+    of jobs, then pump() sends each file the receiver needs (mkdir() for
+    MKDIR, _batched() gathers small files into a BATCH, _large() sends
+    FILE), bye() at the end; ping() on a link of its own.  The reader
+    thread (_read_loop) takes the answers (RESULTS for many files at once)
+    and ends the jobs through the ledger.  Every wait for an answer is
+    _wait(), which first sends the BATCH being gathered.
     A failed connection raises _LinkBroken from the worker's calls.
 
     sock, rfile and seal come from a finished handshake; ledger counts and
@@ -4993,7 +5233,7 @@ class _Link:
         self.timeout = timeout
         self.wanted = wanted or (lambda job: not job.cancelled)
         self.abort = abort or threading.Event()
-        self.ids = itertools.count(1)
+        self.last_id = 0             # request ids count from 1 (_new_ids)
         self.broken = None
         self.cv = threading.Condition()
         self.pending = {}            # id -> job, sent and waiting for its RESULT
@@ -5001,6 +5241,11 @@ class _Link:
         self.checks = {}             # id -> job, CHECKs without an answer
         self.answers = {}            # id -> status of answered CHECKs not yet pumped
         self.asked = collections.deque()   # (job, CHECK id or None) not yet sent
+        # The BATCH being gathered (Protocol 4.12): its jobs, their entries
+        # and bodies; ids are given when it goes out (send_batch).
+        self.batch, self.entries, self.bodies = [], [], []
+        self.batch_bytes = 0
+        self.batch_head = _BATCH.size
         self.bye_seen = False
         self.buf = bytearray(CHUNK)
         self.wbuf = []               # writes gathered for one sendall
@@ -5038,11 +5283,12 @@ class _Link:
             raise _LinkBroken(self.broken) from None
 
     def _wait(self, ready):
-        """Return once ready() is true, flushing first; raise _LinkBroken if the
-        connection breaks before.  ready() runs under the lock the reader
-        thread holds while it takes answers."""
+        """Return once ready() is true, sending the gathered BATCH and writes
+        first; raise _LinkBroken if the connection breaks before.  ready()
+        runs under the lock the reader thread holds while it takes answers."""
         if ready():
             return
+        self.send_batch()
         self.flush()
         self._start_reader()
         with self.cv:
@@ -5050,6 +5296,12 @@ class _Link:
                 if self.broken is not None:
                     raise _LinkBroken(self.broken)
                 self.cv.wait(0.5)
+
+    def _new_ids(self, n=1):
+        """The first of n consecutive new request ids (only the worker asks)."""
+        first = self.last_id + 1
+        self.last_id += n
+        return first
 
     def _register(self, fid, job):
         """Wait for room in the window, then count the job as in flight."""
@@ -5066,51 +5318,70 @@ class _Link:
             error = XferError("internal error: %r" % error)
         self.ledger.end(job, "failed", error)
 
-    # -- CHECK: ask about a batch, then send what is needed
+    # -- CHECKS: ask about a batch, then send what is needed
 
     def check(self, jobs):
-        """Queue jobs for sending; CHECK each file (Protocol 4.8) without waiting.
+        """Queue jobs for sending; ask about their files without waiting: one
+        CHECKS (Protocol 4.14) per run of files in one directory.
 
         Identical files end as "skipped" on the reader thread when their
         answer arrives; pump() sends the others.  A file that cannot be read
         ends "failed".
         """
         self._start_reader()
-        frames = []
+        frames, group, directory = [], [], None
         asked = self.asked
         ask = self.skip is not None
         for job in jobs:
             job.attempts += 1
-            fid = None
+            entry = None
             if ask and job.kind == "file" and job.source is None:
                 try:
-                    fid = self._check_frame(job, frames)
+                    entry = self._check_entry(job)
                 except Exception as e:   # nothing of it was counted or written
                     self._fail_local(job, e)
                     continue
-            asked.append((job, fid))
+            if entry is None or (group and (entry[0] != directory
+                                            or len(group) >= BATCH_FILES)):
+                self._ask(directory, group, frames)
+                group = []
+            if entry is None:
+                asked.append((job, None))
+            else:
+                directory = entry[0]
+                group.append((job, entry[1]))
+        self._ask(directory, group, frames)
         if frames:
             self._write(b"".join(frames))
 
-    def _check_frame(self, job, frames):
-        """Append job's CHECK frame to frames; return its id (None: send unasked)."""
+    def _check_entry(self, job):
+        """(directory, CHECKS entry) for a job's file; None: send it unasked."""
         st = job._stat
         if st is None:
             st = job._stat = os.stat(job.path)
         if not stat.S_ISREG(st.st_mode):
             return None       # _file() reports it
-        digest, flags = bytes(32), 0
+        digest = None
         if self.skip == "checksum":
             with open(job.path, "rb") as f:
                 digest = _hash_fd(f.fileno(), self.buf).digest()
-            flags = CF_CHECKSUM
-        fid = next(self.ids)
-        frame = _frame(_Msg.CHECK, _CHECK.pack(fid, st.st_size, st.st_mtime_ns, flags, digest)
-                       + _wire_name(job))
-        # Counted only once the request exists: an answer is then sure to come.
-        self.checks[fid] = job
-        frames.append(self.seal(frame))     # tagged in the order sent
-        return fid
+        directory, _, name = _wire_name(job).rpartition(b"/")
+        return directory, _checks_entry(st.st_size, st.st_mtime_ns, name, digest)
+
+    def _ask(self, directory, group, frames):
+        """Append the CHECKS frame about group, (job, entry) pairs of one
+        directory, to frames."""
+        if not group:
+            return
+        first = self._new_ids(len(group))
+        checks, asked = self.checks, self.asked
+        for fid, (job, _) in enumerate(group, first):
+            # Counted only once the request exists: an answer is then sure to come.
+            checks[fid] = job
+            asked.append((job, fid))
+        flags = CF_CHECKSUM if self.skip == "checksum" else 0
+        frames.append(self.seal(_encode_checks(first, flags, directory,
+                                               [entry for _, entry in group])))
 
     def pump(self, keep):
         """Send asked jobs in order, oldest first, until at most keep are left."""
@@ -5125,6 +5396,7 @@ class _Link:
             if needed and wanted(job):
                 self.send(job)
         if not keep:
+            self.send_batch()
             self.flush()          # the worker may now wait for more jobs
 
     def send(self, job):
@@ -5140,7 +5412,7 @@ class _Link:
     def mkdir(self, job):
         """Make the directory of a tree's job on the receiver (Protocol 4.6)."""
         self.ledger.started(job)
-        fid = next(self.ids)
+        fid = self._new_ids()
         try:
             mode = stat.S_IMODE(os.stat(job.path).st_mode)
         except OSError:
@@ -5156,7 +5428,7 @@ class _Link:
     # -- FILE
 
     def _file(self, job):
-        """Send a file: whole in one go if small, else announced and streamed."""
+        """Send a file: in a BATCH if small, else announced and streamed."""
         ledger = self.ledger
         ledger.started(job)
         st, job._stat = job._stat, None          # used once: a retry stats again
@@ -5171,8 +5443,8 @@ class _Link:
         with out:
             if not stat.S_ISREG(out.mode):
                 self._not_regular(job, out.mode)
-            elif out.size <= STREAM_MAX:
-                self._small(job, out)
+            elif out.size <= SMALL_MAX:
+                self._batched(job, out)
             else:
                 if job.size != out.size:
                     ledger.resize(job, out.size)
@@ -5191,33 +5463,60 @@ class _Link:
         return _encode_file(fid, out.size, out.mtime_ns, out.mode & 0o7777, flags,
                             _wire_name(job))
 
-    def _small(self, job, out):
-        """FILE with FF_STREAM: header, content and TRAILER in one write."""
+    def _batched(self, job, out):
+        """Add a small file to the BATCH being gathered (Protocol 4.12): its
+        content read whole and hashed now; it goes out once the BATCH is
+        full, or before the worker waits (_wait) or sends a large file."""
         try:
             data = out.read_all()
-            fid = next(self.ids)
-            header = self._header(fid, job, out, FF_STREAM)
+            digest = hashlib.sha256(data).digest()
+            entry = _batch_entry(len(data), out.mtime_ns, out.mode & 0o7777,
+                                 FF_DISCARD if self.discard else 0, digest, _wire_name(job))
         except Exception as e:    # nothing is on the wire yet: just end the job
             self._fail_local(job, e)
             return
-        size = out.size
+        size = len(data)
         if job.size != size:      # first sight, or it changed since the walk
             self.ledger.resize(job, size)
-        digest = hashlib.sha256(data).digest()
         job.digest = digest.hex()
-        if len(self.pending) >= WINDOW:
-            self._register(fid, job)
-        else:
-            self.pending[fid] = job
-        # Counted before the write: once written, the RESULT (and the job's
+        batch = self.batch
+        if batch and (len(batch) >= BATCH_FILES or self.batch_bytes + size > BATCH_BYTES
+                      or self.batch_head + len(entry) > MAX_FRAME_PAYLOAD):
+            self.send_batch()
+        pending = self.pending
+        if len(pending) + len(batch) >= WINDOW:
+            self._wait(lambda: len(pending) + len(self.batch) < WINDOW)
+        self.batch.append(job)
+        self.entries.append(entry)
+        self.bodies.append(data)
+        self.batch_bytes += size
+        self.batch_head += len(entry)
+        # Counted before the write: once written, the RESULTS (and the job's
         # end) may arrive on the reader thread at any moment.
         self.ledger.progress(job, size)
-        seal = self.seal
-        self._write(seal(header) + data + seal(_encode_trailer(fid, 0, digest)))
+
+    def send_batch(self):
+        """Send the gathered BATCH, its bodies after it; its files count as in
+        flight (within WINDOW: _batched made room)."""
+        jobs = self.batch
+        if not jobs:
+            return
+        first = self.last_id + 1
+        frame = _encode_batch(first, self.entries)
+        self._new_ids(len(jobs))
+        pending = self.pending
+        for fid, job in enumerate(jobs, first):
+            pending[fid] = job
+        frame = self.seal(frame)
+        bodies = self.bodies
+        self.batch, self.entries, self.bodies = [], [], []
+        self.batch_bytes, self.batch_head = 0, _BATCH.size
+        self._write(frame + b"".join(bodies))
 
     def _large(self, job, out):
         """FILE, wait for ACCEPT (resume offset), BODY, the content, TRAILER."""
-        fid = next(self.ids)
+        self.send_batch()         # the files queued before it go before it
+        fid = self._new_ids()
         try:
             header = self._header(fid, job, out, 0)
         except Exception as e:
@@ -5319,6 +5618,7 @@ class _Link:
     def bye(self):
         """Say BYE and wait for every result; raises _LinkBroken on failure."""
         self._start_reader()
+        self.send_batch()
         self._write(self.seal(_frame(_Msg.BYE)))
         self._wait(lambda: self.bye_seen)
 
@@ -5370,18 +5670,19 @@ class _Link:
         error = None
         with self.cv:
             for kind, payload in frames:
-                if kind == _Msg.RESULT:
-                    fid, status, reason = _decode_result(payload)
-                    job = self.pending.pop(fid, None)
-                    if job is None:
-                        job = self.checks.pop(fid, None)
-                        if job is None:
-                            error = ProtocolError("RESULT for unknown request %d" % fid)
+                if kind == _Msg.RESULTS:
+                    first, verdicts = _decode_results(payload)
+                    for fid, (status, reason) in enumerate(verdicts, first):
+                        if not self._answered(fid, status, reason, ended):
+                            error = ProtocolError("RESULTS for unknown request %d" % fid)
                             break
-                        self.answers[fid] = status
-                        if status == ST_NEEDED:
-                            continue
-                    ended.append((job, status, reason))
+                    if error is not None:
+                        break
+                elif kind == _Msg.RESULT:
+                    fid, status, reason = _decode_result(payload)
+                    if not self._answered(fid, status, reason, ended):
+                        error = ProtocolError("RESULT for unknown request %d" % fid)
+                        break
                 elif kind == _Msg.ACCEPT:
                     if len(payload) != _ACCEPT.size:
                         error = ProtocolError("ACCEPT payload of %d bytes" % len(payload))
@@ -5416,6 +5717,21 @@ class _Link:
                 self.cv.notify_all()
         return bye
 
+    def _answered(self, fid, status, reason, ended):
+        """Take one answer (a RESULT, or one of a RESULTS), under the lock: a
+        sent file's or directory's goes to ended, a CHECK's to answers.
+        False if no request of that id waits for one."""
+        job = self.pending.pop(fid, None)
+        if job is None:
+            job = self.checks.pop(fid, None)
+            if job is None:
+                return False
+            self.answers[fid] = status
+            if status == ST_NEEDED:
+                return True
+        ended.append((job, status, reason))
+        return True
+
     def _break(self, error):
         with self.cv:
             if self.broken is None:
@@ -5429,8 +5745,9 @@ class _Link:
         with self.cv:
             jobs = list(self.pending.values())
             self.pending.clear()
-        jobs += [job for job, _ in self.asked]
+        jobs += [job for job, _ in self.asked] + self.batch
         self.asked.clear()
+        self.batch, self.entries, self.bodies = [], [], []
         return [j for j in jobs if not j.done]
 
     def close(self):
