@@ -10136,12 +10136,26 @@ class ReadmeSyncTests(unittest.TestCase):
 
     def test_protocol_struct_formats_match_the_code(self):
         readme = self.readme()
-        found = re.findall(r'^(_[A-Z]+)\s*=\s*"(![A-Za-z0-9]+)"', readme, re.M)
+        found = re.findall(r'^(_[A-Z_]+?)\s*=\s*"(![A-Za-z0-9]+)"', readme, re.M)
         self.assertGreaterEqual(len(found), 10)
+        names = [name for name, _ in found]
+        for name in ("_BATCH", "_BATCH_ENTRY", "_RESULTS", "_RESULTS_ENTRY", "_CHECKS",
+                     "_CHECKS_ENTRY"):
+            self.assertIn(name, names)
         for name, fmt in found:
             self.assertEqual(getattr(xfer, name).format, fmt, name)
         self.assertIn("Protocol version %d." % xfer.PROTOCOL_VERSION, readme)
         self.assertIn("| `_TAG_SIZE` | %d |" % xfer._TAG_SIZE, readme)
+
+    def test_message_kinds_and_limits_match_the_code(self):
+        section = self.readme().split("### 3. Frames", 1)[1].split("#### 3.1", 1)[0]
+        kinds = re.findall(r"^\| 0x([0-9A-F]{2}) \| ([A-Z_]+) \|", section, re.M)
+        self.assertEqual({int(code, 16): name for code, name in kinds}, xfer._MSG_NAMES)
+        limits = self.readme().split("### 5. Limits", 1)[1].split("\n### ", 1)[0]
+        rows = re.findall(r"^\| `([A-Z_]+)` \| (\d+) \|", limits, re.M)
+        self.assertGreaterEqual(len(rows), 12)
+        for name, value in rows:
+            self.assertEqual(getattr(xfer, name), int(value), name)
 
     def test_status_codes_match_the_table(self):
         section = self.readme().split("#### 4.4 RESULT and status codes", 1)[1]

@@ -45,20 +45,24 @@ Threads: who starts each, and what it does.
 Data path of one file, send to published name (README "Protocol" 4):
     _cmd_send: _parse_address, _resolve_target (_Settings), Sender.queue
     -> xfer-feeder: _walk_tree stats each file once -> xfer-worker: _Link
-    sends CHECK (skip what the receiver has), then FILE: a small file
-    (<= STREAM_MAX) streams at once, read whole by _Outgoing; a large one
-    waits for ACCEPT (its resume offset), then its body in chunks; then
-    TRAILER with the sha256
-    -> xfer-connection: _ReceiveSession._on_file hands it to an _IncomingFile:
-    the _Store admits the name (path rules, the overwrite policy), a
-    .xfer-part.* temporary file takes the body as it is hashed (beside the
-    copy on xfer-hash for a large one), the TRAILER's sha256 is checked and
-    the file sealed
+    asks with CHECKS, one per run of files of a directory (skip what the
+    receiver has), then sends: a small file (<= SMALL_MAX), read whole and
+    hashed by _Link._batched, joins the BATCH being gathered, which goes out
+    (one frame of headers and digests, then the bodies) when it is full or
+    before the worker would wait; a large one goes as FILE, waits for ACCEPT
+    (its resume offset), then its body in chunks and TRAILER with the sha256
+    -> xfer-connection: _ReceiveSession._on_batch (or _on_file) hands each
+    body to _sink: an _IncomingFile the _Store admits (path rules, the
+    overwrite policy), a .xfer-part.* temporary file taking the body as it
+    is hashed (beside the copy on xfer-hash for a large one), the sha256
+    checked and the file sealed; or a _Drain that reads and drops a refused
+    body, so the stream stays in step
     -> _GroupCommit, when no request is waiting or the group is full: syncs
     the sealed files, publishes each under its final name (_Store), syncs
-    their directories, counts and reports each once (on_file), and then
-    their RESULTs go out in one write
-    -> xfer-link-reader: the RESULT ends the Job (_Ledger); on_done runs
+    their directories, counts and reports each once (on_file), and sets each
+    file's verdict; then the answers go out in one write: one RESULTS per
+    BATCH or CHECKS, one RESULT per FILE
+    -> xfer-link-reader: each answer ends its Job (_Ledger); on_done runs
     through the _Dispatcher; send's _Report prints it.
 """
 from __future__ import annotations
@@ -3127,9 +3131,12 @@ class _Drop(Exception):
 #   _IncomingFile     one file: admitted by the store, written to a
 #                     temporary file and hashed, verified, sealed; returns
 #                     a verdict.  Takes bytes or a readinto() source, so it
-#                     needs no socket
+#                     needs no socket.  _Drain reads a refused (or discarded)
+#                     body the same way, storing nothing
 #   _GroupCommit      the files sealed since the last commit: made durable,
-#                     published, counted and reported, each exactly once
+#                     published, counted and reported, each exactly once;
+#                     sets each one's verdict, which _Answers (a BATCH's or
+#                     CHECKS's RESULTS) or a RESULT then carries
 #
 # A part reaches the Receiver through a few methods only: _split (name
 # rules), _disk_usage, _sync (every sync), _claim/_unclaim (resumable
@@ -4700,9 +4707,10 @@ def _human(n):
 #                it the same way
 #   Job          what a caller holds for each queued file or tree
 #   _Ledger      the counts and endings of a Sender's jobs, shared by its threads
-#   _Link        one connection: a method per message kind (CHECK, MKDIR,
-#                FILE small or large, PING, BYE), one wait helper, and a
-#                reader thread that ends jobs as their answers arrive
+#   _Link        one connection: a method per message kind (CHECKS, MKDIR,
+#                BATCH for small files, FILE for large ones, PING, BYE), one
+#                wait helper, and a reader thread that ends jobs as their
+#                answers (RESULTS, RESULT) arrive
 #   _Worker      the loop that feeds one link batches of jobs, reconnecting
 #                and retrying
 #   Sender       the public API; its feeder thread walks trees and hands the
