@@ -7673,6 +7673,48 @@ class PartialSweepTests(unittest.TestCase):
                 self.assertEqual(xfer._last_written(stat_result, now, windows), want)
 
 
+class TidyTests(unittest.TestCase):
+    # -- signals
+
+    def test_commands_hear_stop_signals_through_one_installer(self):
+        # serve, send, send-dir, watch and get: one class installs and
+        # restores the handlers (the SIGTTIN ignore of serve's pairing key
+        # is no stop signal).
+        with open(xfer.__file__, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        owners = set()
+        for top in tree.body:
+            for node in ast.walk(top):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr in ("signal", "set_wakeup_fd")
+                        and isinstance(node.func.value, ast.Name)
+                        and node.func.value.id == "signal"
+                        and "SIGTTIN" not in ast.dump(node.args[0])):
+                    owners.add(top.name)
+        self.assertEqual(owners, {"_Signals"})
+
+    def test_get_interrupted_exits_130_through_the_installer(self):
+        calls = []
+        real = xfer._Signals.__init__
+
+        def recording(stop, *args, **kw):
+            calls.append((args, kw))
+            real(stop, *args, **kw)
+
+        def interrupted_fetch(sender, *args, **kw):
+            signal.raise_signal(signal.SIGINT)
+            self.fail("the signal did not stop get")
+        home = temp_dir(self)
+        with mock.patch.object(xfer._Signals, "__init__", recording), \
+                mock.patch.object(xfer.Sender, "fetch", interrupted_fetch), \
+                mock.patch.dict(os.environ, isolated_env(home), clear=True), \
+                contextlib.redirect_stderr(io.StringIO()) as err:
+            status = xfer.main(["get", "--token", "t" * 24, "%s:1:a.txt" % HOST, home])
+        self.assertEqual(status, xfer.EXIT_INTERRUPTED, err.getvalue())
+        self.assertEqual(len(calls), 1)
+        self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+
+
 class TestSuiteShapeTests(unittest.TestCase):
     def test_python3_test_xfer_py_runs_the_whole_suite(self):
         # One call of unittest.main, as the file's last statement: another one

@@ -8378,29 +8378,82 @@ class _Once:
         return EXIT_FAILED if failed or not clean else EXIT_OK
 
 
-@contextlib.contextmanager
-def _stop_signals():
-    """SIGINT, SIGTERM (and Windows' SIGBREAK) raise KeyboardInterrupt in the
-    main thread while this lasts; yields a _SignalPause to wait on.
+class _Signals:
+    """How every command hears SIGINT, SIGTERM and (Windows) SIGBREAK.
 
-    Installed before the readiness line, so a supervisor may send SIGTERM as
-    soon as it has read it.  SIGINT too: a shell starts a background job
-    (`serve &`) with SIGINT ignored, and `kill -INT` must still stop it.
+    While installed (a `with` block, in the main thread; elsewhere nothing
+    is), each signal named only records itself in `received` and cuts
+    wait() short.  The command's main thread looks at `received` between
+    waits: a KeyboardInterrupt raised wherever that thread happens to be
+    can land between a lock's acquire and the block that releases it
+    (inside Condition.wait, for one), and stopping needs the same lock.
+    A command that waits in one blocking call instead (get) passes
+    interrupt=True: the first signal then raises KeyboardInterrupt there,
+    and the call unwinds through its finally blocks.
+
+    A signal the process ignores stays ignored (a shell starts a background
+    job with SIGINT ignored), unless even_ignored: serve stops on
+    `kill -INT` however it was started.
+
+    The system may deliver a signal to any thread.  Python runs the handler
+    in the main thread, but only once that thread is awake: a time.sleep()
+    there could sleep on through a SIGTERM that another thread received.
+    With a wakeup fd, every signal also writes a byte to the socket that
+    wait() waits on.
     """
-    def on_signal(signum, frame):
-        raise KeyboardInterrupt
 
-    previous = {}
-    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
-        if hasattr(signal, name):
-            previous[name] = signal.signal(getattr(signal, name), on_signal)
-    pause = _SignalPause()
-    try:
-        yield pause
-    finally:
-        pause.close()
-        for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
+    STOP = ("SIGINT", "SIGTERM", "SIGBREAK")
+
+    def __init__(self, names=STOP, even_ignored=False, interrupt=False):
+        self.names = names
+        self.even_ignored = even_ignored
+        self.interrupt = interrupt
+        self.received = []          # signal numbers, in the order they came
+        self._previous = {}
+        self._wakeup = None         # (reading socket, writing socket, previous fd)
+
+    def _on_signal(self, signum, frame):
+        self.received.append(signum)
+        if self.interrupt and len(self.received) == 1:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in self.names:
+            number = getattr(signal, name, None)
+            if number is not None and (self.even_ignored
+                                       or signal.getsignal(number) is not signal.SIG_IGN):
+                self._previous[number] = signal.signal(number, self._on_signal)
+        r, w = socket.socketpair()
+        w.setblocking(False)
+        self._wakeup = (r, w, signal.set_wakeup_fd(w.fileno()))
+        return self
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        if self._wakeup is not None:
+            r, w, previous = self._wakeup
+            signal.set_wakeup_fd(previous)
+            r.close()
+            w.close()
+
+    def exit_status(self):
+        """EXIT_INTERRUPTED if Ctrl-C (SIGINT) came first, else EXIT_OK (SIGTERM, Ctrl-Break)."""
+        return EXIT_INTERRUPTED if self.received[0] == signal.SIGINT else EXIT_OK
+
+    def wait(self, seconds):
+        """Sleep up to seconds, less if a signal arrives (its handler runs next)."""
+        if self._wakeup is None:
+            time.sleep(seconds)
+            return
+        r = self._wakeup[0]
+        r.settimeout(seconds)
+        try:
+            r.recv(512)
+        except OSError:          # socket.timeout: no signal
+            pass
 
 
 def _cmd_serve(args):
@@ -8436,58 +8489,28 @@ def _cmd_serve(args):
                         overwrite=opts.overwrite, partial_max_age=args.partial_max_age * 86400,
                         protect=opts.protected, allow_get=opts.allow_get,
                         discovery=not opts.no_discovery)
-    status = EXIT_OK
-    with _stop_signals() as pause:
+    status = None
+    # Installed before the readiness line, so a supervisor may send SIGTERM
+    # as soon as it has read it.
+    with _Signals(even_ignored=True) as stop:
         try:
             receiver.start()
             out.listening(receiver, token, token_from)
-            while not args.once:
-                pause.wait(3600)     # a signal or Ctrl-C interrupts this at once
-            while True:
-                pause.wait(0.1)
-                status = once.finished(receiver)
-                if status is not None:
-                    break
-        except KeyboardInterrupt:
-            status = EXIT_INTERRUPTED if args.once else EXIT_OK
-            if receiver.connections and args.grace > 0:
-                out.note("stopping: letting %d connection%s finish (at most %s)"
-                         % (receiver.connections, "" if receiver.connections == 1 else "s",
-                            _duration(args.grace)))
+            while not stop.received and status is None:
+                stop.wait(0.1 if args.once else 3600)   # a signal cuts this short
+                if args.once:
+                    status = once.finished(receiver)
+            if stop.received:
+                status = EXIT_INTERRUPTED if args.once else EXIT_OK
+                if receiver.connections and args.grace > 0:
+                    out.note("stopping: letting %d connection%s finish (at most %s)"
+                             % (receiver.connections, "" if receiver.connections == 1 else "s",
+                                _duration(args.grace)))
         finally:
             receiver.stop(grace=args.grace)
             out.close()
     out.stopped(receiver)
     return status
-
-
-class _SignalPause:
-    """Waits in the main thread that every signal cuts short.
-
-    The system may deliver a signal to any thread.  Python runs the handler
-    in the main thread, but only once that thread is awake: a time.sleep()
-    there could sleep on through a SIGTERM that another thread received.
-    With a wakeup fd, every signal also writes a byte to a socket this waits
-    on.  Main thread only, like signal.signal().
-    """
-
-    def __init__(self):
-        self.r, self.w = socket.socketpair()
-        self.w.setblocking(False)
-        self.previous = signal.set_wakeup_fd(self.w.fileno())
-
-    def wait(self, seconds):
-        """Sleep up to seconds, less if a signal arrives (its handler runs next)."""
-        self.r.settimeout(seconds)
-        try:
-            self.r.recv(512)
-        except OSError:          # socket.timeout: no signal
-            pass
-
-    def close(self):
-        signal.set_wakeup_fd(self.previous)
-        self.r.close()
-        self.w.close()
 
 
 def _json_writer(stream):
@@ -9326,35 +9349,6 @@ def _cmd_send(args):
             os.unlink(spooled)
 
 
-class _CtrlC:
-    """While a command waits for its Senders, Ctrl-C only raises a flag.
-
-    A KeyboardInterrupt raised at an arbitrary point of the main thread can
-    land between a lock's acquire and the block that releases it (inside
-    Condition.wait, for one), and the cancel path that follows needs the
-    same lock.  The wait loop looks at the flag between short waits instead.
-    Outside the main thread, or when SIGINT is ignored (a background job),
-    nothing is installed.
-    """
-
-    def __init__(self):
-        self.pressed = False
-        self._previous = None
-
-    def _press(self, signum, frame):
-        self.pressed = True
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-                self._previous = signal.signal(signal.SIGINT, self._press)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
 def _pair_for_send(args, config, destinations):
     """send --code: pair with the destination, or the one server on the LAN
     with a code open; a _Target with what pairing gave, saved nowhere."""
@@ -9384,13 +9378,13 @@ def _send_all(args, paths, tracks, report, mode, spooled):
             continue
         for t in tracks:
             t.jobs.append(t.sender.queue(path, subdir=t.subdir))
-    with _CtrlC() as ctrl_c:
+    with _Signals(("SIGINT",)) as stop:
         for t in tracks:
-            while not ctrl_c.pressed and not t.sender.wait(report.REDRAW):
+            while not stop.received and not t.sender.wait(report.REDRAW):
                 for each in tracks:
                     each.sender.poll()
                 report.tick()
-    if ctrl_c.pressed:
+    if stop.received:
         for t in tracks:
             t.sender.close(wait=False)
         # Let the workers end the cancelled files, so the summary counts them.
@@ -9424,38 +9418,26 @@ def _watch_all(args, paths, tracks, report):
         for path in paths:
             view.add(t, path, t.sender.watch(path, subdir=t.subdir, settle=args.settle,
                                              include=args.include, exclude=args.exclude))
-    # The signals only raise a flag, as for send (_CtrlC): a KeyboardInterrupt
-    # could land inside a lock that stopping needs.
-    signals = []
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
-            number = getattr(signal, name, None)
-            if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
-                previous[number] = signal.signal(number, lambda n, frame: signals.append(n))
-    try:
-        while not signals:
+    with _Signals() as stop:
+        while not stop.received:
             view.tick()
-            time.sleep(view.PAUSE)
-        status = EXIT_INTERRUPTED if signals[0] == signal.SIGINT else EXIT_OK
+            stop.wait(view.PAUSE)
+        status = stop.exit_status()
         # Nothing new is queued; the file in flight finishes first, unless
         # a second signal gives up on it too.
         for w in view.watches():
             w.stop(wait=False)
         given_up = False
         while not all(w.stopped for w in view.watches()):
-            if len(signals) > 1 and not given_up:
+            if len(stop.received) > 1 and not given_up:
                 given_up = True
                 for t in tracks:
                     t.sender.close(wait=False)
             view.tick()
-            time.sleep(0.05)
+            stop.wait(0.05)
         for t in tracks:
             t.sender.close(wait=not given_up)
         view.tick()
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
     view.finish()
     return status
 
@@ -9759,7 +9741,8 @@ def _cmd_get(args):
                 sys.stderr.write("xfer: get: %s: %s\n" % (where, _display(reason)))
 
     try:
-        _, failed = sender.fetch(remotes, local_dir, args.overwrite or "replace", report)
+        with _Signals(("SIGINT",), interrupt=True):
+            _, failed = sender.fetch(remotes, local_dir, args.overwrite or "replace", report)
     except XferError as e:
         _token_source(e, target.token_from)
         if not emit:
