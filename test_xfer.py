@@ -10208,9 +10208,10 @@ class ReadmeSyncTests(unittest.TestCase):
         self.assertEqual({int(code) for code, _, meaning in rows if "(transient)" in meaning},
                          {row.code for row in xfer._STATUSES if row.transient})
 
-    def example(self):
-        """Protocol 6 as [(direction, bytes)], runs of one direction joined."""
-        section = self.readme().split("### 6. Example session", 1)[1]
+    def readme_session(self, heading):
+        """The session under README heading as [(direction, bytes)], runs of one
+        direction joined."""
+        section = self.readme().split(heading, 1)[1]
         block = section.split("```\n", 2)[1]
         messages = []
         for line in block.splitlines():
@@ -10218,16 +10219,30 @@ class ReadmeSyncTests(unittest.TestCase):
             if head in ("C->S", "S->C") and (not messages or messages[-1][0] != head):
                 messages.append([head, b""])
             column = re.split(r"\s{2,}", rest, 1)[0]
-            if re.fullmatch(r"[0-9a-f]+( [0-9a-f]+)*", column):
+            if messages and re.fullmatch(r"[0-9a-f]+( [0-9a-f]+)*", column):
                 messages[-1][1] += bytes.fromhex(column.replace(" ", ""))
         return [tuple(m) for m in messages]
 
-    def live_example(self):
-        """The example session against a real Receiver: what the client sends is
-        built with xfer's own encoders and tags, what the server sends is read."""
-        token, body = "example-token", b"hello, xfer\n"
-        client_nonce, server_nonce = bytes(range(32)), bytes(range(32, 64))
-        real_token_bytes = xfer.secrets.token_bytes
+    def example(self):
+        """Protocol 6 as [(direction, bytes)]."""
+        return self.readme_session("### 6. Example session")
+
+    CLIENT_NONCE, SERVER_NONCE = bytes(range(32)), bytes(range(32, 64))
+
+    def fixed_server_nonce(self):
+        """A patch under which a Receiver's handshake nonce is SERVER_NONCE."""
+        real = xfer.secrets.token_bytes
+        return mock.patch.object(xfer.secrets, "token_bytes", lambda n=32: self.SERVER_NONCE
+                                 if n == xfer._NONCE_SIZE else real(n))
+
+    def recorder(self, receiver):
+        """A raw connection to receiver whose bytes are recorded both ways:
+        .send(data), .recv(n) (exactly n bytes), .rfile, and .messages as
+        [direction, bytes] runs."""
+        sock = raw_connect(receiver.address)
+        self.addCleanup(sock.close)
+        rfile = sock.makefile("rb")
+        self.addCleanup(rfile.close)
         messages = []
 
         def note(direction, data):
@@ -10236,27 +10251,29 @@ class ReadmeSyncTests(unittest.TestCase):
             else:
                 messages.append([direction, data])
 
-        with mock.patch.object(xfer.secrets, "token_bytes", lambda n=32: server_nonce
-                               if n == xfer._NONCE_SIZE else real_token_bytes(n)):
+        def send(data):
+            note("C->S", data)
+            sock.sendall(data)
+
+        def recv(n):
+            data = rfile.read(n)
+            self.assertEqual(len(data), n, data)
+            note("S->C", data)
+            return data
+        return types.SimpleNamespace(send=send, recv=recv, rfile=rfile, messages=messages)
+
+    def live_example(self):
+        """The example session against a real Receiver: what the client sends is
+        built with xfer's own encoders and tags, what the server sends is read."""
+        token, body = "example-token", b"hello, xfer\n"
+        with self.fixed_server_nonce():
             receiver = start_receiver(self, temp_dir(self), token=token)
-            sock = raw_connect(receiver.address)
-            self.addCleanup(sock.close)
-            rfile = sock.makefile("rb")
-            self.addCleanup(rfile.close)
-
-            def send(data):
-                note("C->S", data)
-                sock.sendall(data)
-
-            def recv(n):
-                data = rfile.read(n)
-                self.assertEqual(len(data), n, data)
-                note("S->C", data)
-                return data
-
+            link = self.recorder(receiver)
+            send, recv = link.send, link.recv
             preface = xfer._PREFACE.pack(xfer.MAGIC, xfer.PROTOCOL_VERSION, 0)
-            send(preface + xfer._frame(xfer._Msg.HELLO, client_nonce))
-            transcript = preface + client_nonce + recv(xfer._PREFACE.size) + server_nonce
+            send(preface + xfer._frame(xfer._Msg.HELLO, self.CLIENT_NONCE))
+            transcript = preface + self.CLIENT_NONCE + recv(xfer._PREFACE.size) \
+                + self.SERVER_NONCE
             recv(xfer._FRAME.size + xfer._NONCE_SIZE)
             send(xfer._frame(xfer._Msg.AUTH, xfer._auth_mac(token, b"xfer client", transcript)))
             recv(xfer._FRAME.size + 32)
@@ -10268,8 +10285,8 @@ class ReadmeSyncTests(unittest.TestCase):
             recv(xfer._FRAME.size + xfer._RESULT.size + xfer._TAG_SIZE)
             send(out.seal(xfer._frame(xfer._Msg.BYE)))
             recv(xfer._FRAME.size + xfer._TAG_SIZE)
-            self.assertEqual(rfile.read(), b"")
-        return [tuple(m) for m in messages], key
+            self.assertEqual(link.rfile.read(), b"")
+        return [tuple(m) for m in link.messages], key
 
     def test_example_session_is_what_the_code_sends(self):
         live, key = self.live_example()
@@ -10312,39 +10329,19 @@ class ReadmeSyncTests(unittest.TestCase):
         built here with xfer's functions, the server's read from it; the
         server's nonce and its secret y fixed."""
         token, code = "example-token", self.PAIR_CODE
-        client_nonce, server_nonce = bytes(range(32)), bytes(range(32, 64))
-        real_token_bytes, real_randbelow = xfer.secrets.token_bytes, xfer.secrets.randbelow
-        messages = []
-
-        def note(direction, data):
-            if messages and messages[-1][0] == direction:
-                messages[-1][1] += data
-            else:
-                messages.append([direction, data])
-        with mock.patch.object(xfer.secrets, "token_bytes", lambda n=32: server_nonce
-                               if n == xfer._NONCE_SIZE else real_token_bytes(n)), \
+        real_randbelow = xfer.secrets.randbelow
+        with self.fixed_server_nonce(), \
                 mock.patch.object(xfer.secrets, "randbelow", lambda n: self.PAIR_Y - 1
                                   if n == xfer._P256_N - 1 else real_randbelow(n)):
             receiver = start_receiver(self, temp_dir(self), token=token, name="studio")
             receiver.open_pairing(code)
-            sock = raw_connect(receiver.address)
-            self.addCleanup(sock.close)
-            rfile = sock.makefile("rb")
-            self.addCleanup(rfile.close)
-
-            def send(data):
-                note("C->S", data)
-                sock.sendall(data)
-
-            def recv(n):
-                data = rfile.read(n)
-                self.assertEqual(len(data), n, data)
-                note("S->C", data)
-                return data
+            link = self.recorder(receiver)
+            send, recv = link.send, link.recv
             w = xfer._code_scalar(code)
             preface = xfer._PREFACE.pack(xfer.MAGIC, xfer.PROTOCOL_VERSION, 0)
-            send(preface + xfer._frame(xfer._Msg.HELLO, client_nonce))
-            transcript = preface + client_nonce + recv(xfer._PREFACE.size) + server_nonce
+            send(preface + xfer._frame(xfer._Msg.HELLO, self.CLIENT_NONCE))
+            transcript = preface + self.CLIENT_NONCE + recv(xfer._PREFACE.size) \
+                + self.SERVER_NONCE
             recv(xfer._FRAME.size + xfer._NONCE_SIZE)
             pa = xfer._spake2_share(w, self.PAIR_X, client=True)
             send(xfer._frame(xfer._Msg.PAIR, xfer._p256_encode(pa, compressed=True)))
@@ -10355,23 +10352,14 @@ class ReadmeSyncTests(unittest.TestCase):
             send(xfer._frame(xfer._Msg.CONFIRM, ca))
             head = recv(xfer._FRAME.size)
             paired = recv(xfer._FRAME.unpack(head)[1])
-            self.assertEqual(rfile.read(), b"")
+            self.assertEqual(link.rfile.read(), b"")
         self.assertEqual(paired[:32], cb)
         self.assertEqual(xfer._unseal(ke, paired[32:]), b"example-token\0\0studio")
-        return [tuple(m) for m in messages], dict(w=w, pa=pa, pb=pb, k=k, ke=ke)
+        return [tuple(m) for m in link.messages], dict(w=w, pa=pa, pb=pb, k=k, ke=ke)
 
     def example_pairing(self):
-        section = self.readme().split("### 8. Example pairing", 1)[1]
-        block = section.split("```\n", 2)[1]
-        messages = []
-        for line in block.splitlines():
-            head, rest = line[:6].strip(), line[6:].strip()
-            if head in ("C->S", "S->C") and (not messages or messages[-1][0] != head):
-                messages.append([head, b""])
-            column = re.split(r"\s{2,}", rest, 1)[0]
-            if messages and re.fullmatch(r"[0-9a-f]+( [0-9a-f]+)*", column):
-                messages[-1][1] += bytes.fromhex(column.replace(" ", ""))
-        return [tuple(m) for m in messages]
+        """Protocol 8 as [(direction, bytes)]."""
+        return self.readme_session("### 8. Example pairing")
 
     def test_example_pairing_is_what_the_code_sends(self):
         live, values = self.live_pairing()
