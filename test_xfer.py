@@ -7714,6 +7714,30 @@ class TidyTests(unittest.TestCase):
         self.assertEqual(len(calls), 1)
         self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
 
+    # -- the back-off
+
+    def test_backoff_after_a_wrong_pairing_code_says_pairing_code_not_token(self):
+        receiver = start_receiver(self, temp_dir(self), token="t" * 24, auth_backoff=(30.0,),
+                                  log=lambda line: None)
+        code = receiver.open_pairing()
+        with self.assertRaises(xfer.AuthError):
+            xfer._pair(HOST, receiver.address[1], "1-acorn-amber" if code != "1-acorn-amber"
+                       else "2-acorn-amber")
+        # Refused at accept, and (admitted before the back-off) in the handshake.
+        with self.assertRaises(xfer.RemoteError) as at_accept:
+            xfer._pair(HOST, receiver.address[1], code)
+        guard = receiver._auth
+        wait = guard.wait(HOST)
+        for reason in (lambda: str(at_accept.exception), lambda: guard.refusal(HOST, wait)):
+            self.assertIn("too many wrong pairing codes from 127.0.0.1: try again in", reason())
+            self.assertNotIn("token", reason())
+        guard.failed(HOST)                       # then a wrong token from the same address
+        self.assertIn("too many wrong pairing codes and tokens from 127.0.0.1",
+                      guard.refusal(HOST, wait))
+        guard.succeeded(HOST)
+        guard.failed(HOST)
+        self.assertIn("too many wrong tokens from 127.0.0.1", guard.refusal(HOST, wait))
+
 
 class TestSuiteShapeTests(unittest.TestCase):
     def test_python3_test_xfer_py_runs_the_whole_suite(self):

@@ -2395,7 +2395,8 @@ class _AuthGuard:
         self.forget = forget
         self.lock = threading.Lock()
         # address -> [wrong tokens in a row, may try again at, last wrong at,
-        #             logged at, wrong not logged, refused not logged];
+        #             logged at, wrong not logged, refused not logged,
+        #             what was wrong: the nouns in the order first seen];
         # least recently failed first.
         self.addresses = collections.OrderedDict()
         self.pending = set()        # addresses with something not logged yet
@@ -2417,9 +2418,18 @@ class _AuthGuard:
                 self.pending.add(address)
             return left
 
-    def check(self, address, peer, right, what="token"):
-        """Judge a proof from address (of a token, or a pairing code's
-        confirmation): right() says if it is correct.
+    def refusal(self, address, wait):
+        """The reason an address backing off is refused: what it got wrong."""
+        with self.lock:
+            entry = self.addresses.get(address)
+            nouns = entry[6] if entry is not None else ["token"]
+        return "too many wrong %s from %s: try again in %d s" % (
+            " and ".join(noun + "s" for noun in nouns), address, math.ceil(wait))
+
+    def check(self, address, peer, right, what="token", detail=""):
+        """Judge a proof from address (of a token, or with what="pairing code"
+        a code's confirmation): right() says if it is correct; detail follows
+        what in the log line.
 
         Returns 0 if it is, None if it is wrong (logged and counted), else
         the seconds the address must still wait (right() is not called).
@@ -2435,7 +2445,7 @@ class _AuthGuard:
                 self.addresses.pop(address, None)
                 self.pending.discard(address)
                 return 0
-            line = self._failed(address, peer, now, what)
+            line = self._failed(address, peer, now, what, detail)
         if line:
             self.log(line)
         return None
@@ -2447,21 +2457,23 @@ class _AuthGuard:
         if line:
             self.log(line)
 
-    def _failed(self, address, peer, now, what="token"):
+    def _failed(self, address, peer, now, what="token", detail=""):
         entry = self.addresses.pop(address, None)
         if entry is None:
             while len(self.addresses) >= self.max_addresses:
                 old, _ = self.addresses.popitem(last=False)
                 self.pending.discard(old)
-            entry = [0, now, now, None, 0, 0]
+            entry = [0, now, now, None, 0, 0, []]
         self.addresses[address] = entry           # now the most recent
         entry[0] += 1
         entry[1] = now + self.schedule[min(entry[0], len(self.schedule)) - 1]
         entry[2] = now
+        if what not in entry[6]:
+            entry[6].append(what)
         if entry[3] is None or (not entry[4] and not entry[5]
                                 and now - entry[3] >= self.interval):
             entry[3] = now
-            return "%s: refused: wrong %s" % (peer or address, what)
+            return "%s: refused: wrong %s%s" % (peer or address, what, detail)
         entry[4] += 1
         self.pending.add(address)
         return None
@@ -2497,10 +2509,6 @@ class _AuthGuard:
                 self.pending.discard(address)
         for line in lines:
             self.log(line)
-
-
-def _backoff_reason(address, wait):
-    return "too many wrong tokens from %s: try again in %d s" % (address, math.ceil(wait))
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -2570,7 +2578,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
         wait = self.receiver._auth.wait(peer, count=True) if self.receiver.token else 0
         if wait:
             self.receiver._refuse_busy(request, client_address,
-                                       reason=_backoff_reason(peer, wait))
+                                       reason=self.receiver._auth.refusal(peer, wait))
             self.shutdown_request(request)
             return
         with self._active_lock:
@@ -3382,7 +3390,7 @@ class _ReceiveSession:
             self._send_quietly(_encode_error(ST_AUTH_FAILED, "wrong token"))
             raise _Drop()
         if wait:
-            self._send_quietly(_encode_error(ST_BUSY, _backoff_reason(self.address, wait)))
+            self._send_quietly(_encode_error(ST_BUSY, self.r._auth.refusal(self.address, wait)))
             raise _Drop()
         key = _auth_mac(token, b"xfer session", transcript)
         self._send(_frame(_Msg.AUTH_OK, _auth_mac(token, b"xfer server", transcript)))
@@ -3432,7 +3440,7 @@ class _ReceiveSession:
                    "nothing to pair")
         wait = self.r._auth.wait(self.address, count=True)
         if wait:
-            refuse(ST_BUSY, _backoff_reason(self.address, wait))
+            refuse(ST_BUSY, self.r._auth.refusal(self.address, wait))
         try:
             if len(share) != _SHARE_SIZE:
                 raise ValueError("%d bytes" % len(share))
@@ -3456,13 +3464,13 @@ class _ReceiveSession:
         confirm = _expect(self.rfile, _Msg.CONFIRM, _HANDSHAKE_FRAME_MAX)
         verdict = self.r._auth.check(self.address, self.peer,
                                      lambda: hmac.compare_digest(confirm, confirm_a),
-                                     what="pairing code (%d %s left)"
+                                     what="pairing code", detail=" (%d %s left)"
                                      % (left, "try" if left == 1 else "tries"))
         if verdict is None:
             self.r._pairing.failed(serial)
             refuse(ST_AUTH_FAILED, "wrong pairing code")
         if verdict:
-            refuse(ST_BUSY, _backoff_reason(self.address, verdict))
+            refuse(ST_BUSY, self.r._auth.refusal(self.address, verdict))
         if not self.r._pairing.use(serial):
             refuse(ST_AUTH_FAILED, "the pairing code was used up meanwhile; ask for a new one")
         secret = b"\0".join(field.encode("utf-8") for field in (
