@@ -7674,6 +7674,13 @@ class PartialSweepTests(unittest.TestCase):
 
 
 class TidyTests(unittest.TestCase):
+    def main(self, *argv):
+        """xfer.main(argv) in this process with no user config: (status, stderr)."""
+        with mock.patch.dict(os.environ, isolated_env(temp_dir(self)), clear=True), \
+                contextlib.redirect_stderr(io.StringIO()) as err:
+            status = xfer.main(list(argv))
+        return status, err.getvalue()
+
     # -- signals
 
     def test_commands_hear_stop_signals_through_one_installer(self):
@@ -7704,13 +7711,11 @@ class TidyTests(unittest.TestCase):
         def interrupted_fetch(sender, *args, **kw):
             signal.raise_signal(signal.SIGINT)
             self.fail("the signal did not stop get")
-        home = temp_dir(self)
         with mock.patch.object(xfer._Signals, "__init__", recording), \
-                mock.patch.object(xfer.Sender, "fetch", interrupted_fetch), \
-                mock.patch.dict(os.environ, isolated_env(home), clear=True), \
-                contextlib.redirect_stderr(io.StringIO()) as err:
-            status = xfer.main(["get", "--token", "t" * 24, "%s:1:a.txt" % HOST, home])
-        self.assertEqual(status, xfer.EXIT_INTERRUPTED, err.getvalue())
+                mock.patch.object(xfer.Sender, "fetch", interrupted_fetch):
+            status, err = self.main("get", "--token", "t" * 24, "%s:1:a.txt" % HOST,
+                                    temp_dir(self))
+        self.assertEqual(status, xfer.EXIT_INTERRUPTED, err)
         self.assertEqual(len(calls), 1)
         self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
 
@@ -7737,6 +7742,26 @@ class TidyTests(unittest.TestCase):
         guard.succeeded(HOST)
         guard.failed(HOST)
         self.assertIn("too many wrong tokens from 127.0.0.1", guard.refusal(HOST, wait))
+
+    # -- watching a folder
+
+    def test_watch_interval_option_reaches_the_watch_and_is_checked(self):
+        seen = []
+
+        def watch(sender, path, **kw):
+            seen.append(kw["interval"])
+            raise xfer.XferError("watched")
+        src = temp_dir(self)
+        with mock.patch.object(xfer.Sender, "watch", watch):
+            for extra in (["--interval", "2.5"], []):
+                status, err = self.main("send-dir", "--watch", "--token", "t" * 24,
+                                        *extra + [src, "%s:1:" % HOST])
+                self.assertEqual((status, err), (1, "xfer: error: watched\n"))
+        self.assertEqual(seen, [2.5, xfer.WATCH_INTERVAL])
+        for bad in ("0", "-1", "soon"):
+            with self.subTest(interval=bad), self.assertRaises(SystemExit) as cm:
+                self.main("send-dir", "--watch", "--interval", bad, src, "%s:1:" % HOST)
+            self.assertEqual(cm.exception.code, xfer.EXIT_USAGE)
 
 
 class TestSuiteShapeTests(unittest.TestCase):

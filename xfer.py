@@ -9425,7 +9425,8 @@ def _watch_all(args, paths, tracks, report):
     for t in tracks:
         for path in paths:
             view.add(t, path, t.sender.watch(path, subdir=t.subdir, settle=args.settle,
-                                             include=args.include, exclude=args.exclude))
+                                             interval=args.interval, include=args.include,
+                                             exclude=args.exclude))
     with _Signals() as stop:
         while not stop.received:
             view.tick()
@@ -10148,6 +10149,10 @@ def _build_parser():
                            default=DEFAULT_SETTLE,
                            help="--watch: a file is complete once its size and time stay "
                            "the same this long (default %g)" % DEFAULT_SETTLE)
+            p.add_argument("--interval", type=_seconds_arg, metavar="SECONDS",
+                           default=WATCH_INTERVAL,
+                           help="--watch: look at the folder this often (default %g)"
+                           % WATCH_INTERVAL)
             p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                            help="--watch: never send names matching PATTERN (again for "
                            "more); %s are never sent" % ", ".join(WATCH_IGNORE))
