@@ -7763,6 +7763,38 @@ class TidyTests(unittest.TestCase):
                 self.main("send-dir", "--watch", "--interval", bad, src, "%s:1:" % HOST)
             self.assertEqual(cm.exception.code, xfer.EXIT_USAGE)
 
+    def test_watch_queues_its_first_pass_as_one_tree_job(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        names = ["a.exr", "sub/b.exr", "sub/deeper/c.exr", "d.exr"]
+        for name in names:
+            write_file(os.path.join(src, name), name.encode() * 100)
+        write_file(os.path.join(src, "e.tmp"), b"never sent")
+        receiver = start_receiver(self, dst)
+        sender = xfer.Sender(receiver.address)
+        self.addCleanup(sender.close, False)
+        # settle 0: what is there when the watch begins is complete at once.
+        watch = sender.watch(src, settle=0, interval=0.02)
+        self.addCleanup(watch.stop)
+        seen = []
+        self.assertTrue(_watch_until(watch, seen, lambda s: len(_watch_sent(s)) == 4), seen)
+        queued = [e.job for e in seen if e.kind == "queued"]
+        self.assertEqual(sorted(j.name for j in queued),
+                         sorted(os.path.basename(src) + "/" + n for n in names))
+        (tree,) = {j.parent for j in queued}
+        self.assertIsNotNone(tree)
+        self.assertEqual((tree.kind, tree.files_total, tree.size),
+                         ("dir", 4, sum(len(n) * 100 for n in names)))
+        self.assertTrue(wait_until(lambda: tree.done))
+        self.assertEqual(tree.state, "done")
+        self.assertEqual(tree_listing(os.path.join(dst, os.path.basename(src))),
+                         ["a.exr", "d.exr", "sub", "sub/b.exr", "sub/deeper",
+                          "sub/deeper/c.exr"])
+        # A single file that appears later goes as a job of its own, as before.
+        write_file(os.path.join(src, "f.exr"), b"late")
+        self.assertTrue(_watch_until(watch, seen, lambda s: _watch_sent(s, "f.exr")), seen)
+        (late,) = [e.job for e in seen if e.kind == "queued" and e.name == "f.exr"]
+        self.assertIsNone(late.parent)
+
 
 class TestSuiteShapeTests(unittest.TestCase):
     def test_python3_test_xfer_py_runs_the_whole_suite(self):

@@ -4992,6 +4992,7 @@ class Job:
     files = 0               # dir jobs: files ended
     failures = ()           # dir jobs: a list of (name, error) of files that failed
     _pending = 0            # dir jobs: walk + files not ended
+    _found = None           # dir jobs of files found already (a watch): their Jobs
     _cancel = False         # a flag, not an Event: nothing waits for it
     _done = False
     _ended = None           # an Event, made only once someone waits
@@ -6359,25 +6360,32 @@ class Sender:
                     break
         self._work.put(jobs)
 
+    def _queue_found(self, path, name, files):
+        """Queue files found and stat'ed already (a watch's look) as one job,
+        the way a tree is queued: files is [(path, name, os.stat_result)],
+        each name below the receiver's DIR.  Returns (the job, the files' jobs)."""
+        top = Job(self._ledger, path, name, "dir")
+        top._found = found = [Job(self._ledger, p, n, "file", top, st) for p, n, st in files]
+        self._submit(top)
+        return top, found
+
     def _walk(self, top):
         """Queue the jobs of a tree, a batch at a time.  A first walk adds up
         the sizes, so the tree's job knows its size and files_total before
         any byte is sent and its progress only rises."""
-        cancelled = lambda: top.cancelled
-        top.size, top.files_total = _tree_totals(top.path, cancelled)
+        if top._found is not None:
+            jobs_of = top._found
+            top.size, top.files_total = sum(j.size for j in jobs_of), len(jobs_of)
+        else:
+            cancelled = lambda: top.cancelled
+            top.size, top.files_total = _tree_totals(top.path, cancelled)
+            jobs_of = self._tree_jobs(top, cancelled)
         ledger = self._ledger
         jobs = []
         size = 0
-        for kind, path, name, extra in _walk_tree(top.path, top.name, cancelled):
-            if kind == "file":
-                jobs.append(Job(ledger, path, name, "file", top, extra))
-                size += extra.st_size
-            elif kind == "dir":
-                jobs.append(Job(ledger, path, name, "mkdir", top))
-            else:
-                ledger.add(top, 1)
-                ledger.end(Job(ledger, path, name, "file", top), "failed",
-                           XferError("%s: %s" % (path, extra.strerror or extra)))
+        for job in jobs_of:
+            jobs.append(job)
+            size += job.size
             if len(jobs) >= _HANDOVER_FILES or size >= _HANDOVER_BYTES:
                 ledger.add(top, len(jobs))
                 self._put(jobs)
@@ -6386,7 +6394,22 @@ class Sender:
         if jobs:
             ledger.add(top, len(jobs))
             self._put(jobs)
+        top._found = None
         ledger.part_ended(top)   # the walk itself is one of the pending parts
+
+    def _tree_jobs(self, top, cancelled):
+        """The jobs of top's tree as the walk finds them; a directory that
+        cannot be listed ends as a failed job here."""
+        ledger = self._ledger
+        for kind, path, name, extra in _walk_tree(top.path, top.name, cancelled):
+            if kind == "file":
+                yield Job(ledger, path, name, "file", top, extra)
+            elif kind == "dir":
+                yield Job(ledger, path, name, "mkdir", top)
+            else:
+                ledger.add(top, 1)
+                ledger.end(Job(ledger, path, name, "file", top), "failed",
+                           XferError("%s: %s" % (path, extra.strerror or extra)))
 
     def _still_wanted(self, job):
         """End a job that should not be sent any more; True if it should.
@@ -7256,10 +7279,12 @@ class Watch:
     def _queue_complete(self):
         """Queue each pending file that is complete: its size and mtime have
         stayed the same for settle seconds (by its mtime, or as seen here when
-        that lies in the future)."""
+        that lies in the future).  Several at once (the first look's files,
+        a burst) go as one job, as send-dir queues a tree; one goes alone."""
         now, wall = time.monotonic(), time.time()
         if self.waiting is not None:
             return
+        ready = []
         for name in list(self._pending):
             key, since = self._seen[name]
             if now - since < self.settle and wall - key[1] / 1e9 < self.settle:
@@ -7267,7 +7292,33 @@ class Watch:
             if (self._notify is not None and name in self._notify.writing
                     and now - since < WATCH_OPEN_MAX):
                 continue                    # a writer has it open
-            job = self.sender.queue(self._local(name), target_name=name, subdir=self.name)
+            ready.append((name, key))
+        if not ready:
+            return
+        if len(ready) == 1:
+            name, key = ready[0]
+            queued = [(name, key, self.sender.queue(self._local(name), target_name=name,
+                                                    subdir=self.name))]
+        else:
+            found = []
+            for name, key in ready:
+                # The stat the file is sent with; the one stat per file a
+                # tree's walk makes too.
+                try:
+                    st = os.stat(self._local(name))
+                except OSError:
+                    self._forget(name)
+                    continue
+                if (st.st_size, st.st_mtime_ns) != key:
+                    self._observe(name, st)     # changed since: it settles again
+                    continue
+                found.append((name, key, st))
+            if not found:
+                return
+            _, jobs = self.sender._queue_found(self.path, self.name, [
+                (self._local(name), self.name + "/" + name, st) for name, _, st in found])
+            queued = [(name, key, job) for (name, key, _), job in zip(found, jobs)]
+        for name, key, job in queued:
             self._pending.discard(name)
             self._flight[name] = (job, key)
             self._emit("queued", name, job)
