@@ -10251,6 +10251,588 @@ class DiscoveryTests(unittest.TestCase):
         self.assertEqual([(e["server"], e["address"]) for e in found],
                          [(xfer._server_name(), "10.219.77.1:%d" % port)])
 
+#------------------------------------------------------------
+# HTTP on the xfer port (README "HTTP API", Protocol 9)
+#------------------------------------------------------------
+
+import http.client  # noqa: E402  (the HTTP tests' client)
+
+_HTTP_TOKEN = "http-test-token"
+
+
+def _http_server(test, **kw):
+    """A Receiver with a token on 127.0.0.1 port 0; (receiver, DIR)."""
+    kw.setdefault("token", _HTTP_TOKEN)
+    directory = kw.pop("directory", None) or temp_dir(test)
+    return start_receiver(test, directory, **kw), directory
+
+
+def _http_conn(test, receiver, tls=False):
+    port = receiver.address[1]
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        conn = http.client.HTTPSConnection(HOST, port, timeout=TIMEOUT, context=context)
+    else:
+        conn = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT)
+    test.addCleanup(conn.close)
+    return conn
+
+
+def _http(conn, method, path, body=None, headers=None, token=_HTTP_TOKEN):
+    """One request on conn: (response, body bytes, JSON or None)."""
+    sent = {"Authorization": "Bearer " + token} if token else {}
+    sent.update(headers or {})
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode("utf-8")
+        sent.setdefault("Content-Type", "application/json")
+    conn.request(method, path, body=body, headers=sent)
+    response = conn.getresponse()
+    data = response.read()
+    parsed = None
+    if (response.getheader("Content-Type") or "").startswith("application/json") and data:
+        parsed = json.loads(data.decode("utf-8"))
+    return response, data, parsed
+
+
+def _http_quote(name):
+    return "".join(chr(b) if chr(b).isalnum() or chr(b) in "-._~/" else "%%%02X" % b
+                   for b in name.encode("utf-8"))
+
+
+def _http_chunk(conn, upload, offset, data, digest=None, token=_HTTP_TOKEN):
+    return _http(conn, "PUT", "/api/uploads/%s?offset=%d" % (upload, offset), data,
+                 {"X-Chunk-SHA256": digest or hashlib.sha256(data).hexdigest()}, token=token)
+
+
+def _http_raw(receiver, data):
+    """Send raw bytes on a new connection; return the socket."""
+    sock = raw_connect(receiver.address)
+    sock.sendall(data)
+    return sock
+
+
+class HttpApiTests(unittest.TestCase):
+    def test_put_stores_the_file_with_its_mtime_and_fires_on_file_once(self):
+        got = []
+        receiver, d = _http_server(self, on_file=got.append)
+        conn = _http_conn(self, receiver)
+        body = os.urandom(300 * 1024)
+        response, _, answer = _http(conn, "PUT", "/api/files/sub/a.bin", body,
+                                    {"X-Mtime": "1700000000.5",
+                                     "X-Content-SHA256": hashlib.sha256(body).hexdigest()})
+        self.assertEqual(response.status, 201, answer)
+        self.assertEqual(answer, {"path": "sub/a.bin", "size": len(body),
+                                  "sha256": hashlib.sha256(body).hexdigest(), "note": ""})
+        path = os.path.join(d, "sub", "a.bin")
+        self.assertEqual(sha256_file(path), hashlib.sha256(body).hexdigest())
+        self.assertEqual(os.stat(path).st_mtime_ns, 1700000000500000000)
+        # The same connection goes on (keep-alive): replacing it says so.
+        response, _, answer = _http(conn, "PUT", "/api/files/sub/a.bin", b"new")
+        self.assertEqual((response.status, answer["note"]), (201, "replaced"))
+        self.assertTrue(wait_until(lambda: len(got) >= 2))
+        _http(conn, "GET", "/api/session")
+        self.assertEqual([info.relpath for info in got], ["sub/a.bin", "sub/a.bin"])
+        self.assertEqual(receiver.files_received, 2)
+        self.assertEqual(partials(d), [])
+
+    def test_put_with_a_wrong_sha256_is_refused_and_nothing_is_stored(self):
+        receiver, d = _http_server(self)
+        conn = _http_conn(self, receiver)
+        response, _, answer = _http(conn, "PUT", "/api/files/a.txt", b"hello",
+                                    {"X-Content-SHA256": "00" * 32})
+        self.assertEqual((response.status, answer["status"]), (422, "ST_INTEGRITY"))
+        self.assertEqual(tree_listing(d), [])
+        self.assertEqual(receiver.files_failed, 1)
+
+    def test_chunked_upload_resumes_after_the_connection_is_cut(self):
+        got = []
+        receiver, d = _http_server(self, on_file=got.append)
+        conn = _http_conn(self, receiver)
+        data = os.urandom(700 * 1000)
+        start = {"path": "photos/big.jpg", "size": len(data), "mtime": 1600000000}
+        response, _, answer = _http(conn, "POST", "/api/uploads", start)
+        self.assertEqual((response.status, answer["offset"]), (200, 0), answer)
+        upload = answer["upload"]
+        response, _, answer = _http_chunk(conn, upload, 0, data[:300000])
+        self.assertEqual((response.status, answer), (200, {"offset": 300000}))
+        # The next chunk is cut off half way: Wi-Fi gone.
+        sock = _http_raw(receiver, (
+            "PUT /api/uploads/%s?offset=300000 HTTP/1.1\r\nHost: %s:%d\r\n"
+            "Authorization: Bearer %s\r\nContent-Length: 300000\r\nX-Chunk-SHA256: %s\r\n\r\n"
+            % (upload, HOST, receiver.address[1], _HTTP_TOKEN,
+               hashlib.sha256(data[300000:600000]).hexdigest())).encode() + data[300000:450000])
+        sock.close()
+        # The page posts again and is told where to go on from.
+        conn = _http_conn(self, receiver)
+        self.assertEqual(_http(conn, "POST", "/api/uploads", start)[2],
+                         {"upload": upload, "offset": 300000})
+        response, _, answer = _http_chunk(conn, upload, 300000, data[300000:])
+        self.assertEqual(response.status, 201, answer)
+        self.assertEqual(answer["sha256"], hashlib.sha256(data).hexdigest())
+        path = os.path.join(d, "photos", "big.jpg")
+        self.assertEqual(sha256_file(path), hashlib.sha256(data).hexdigest())
+        self.assertEqual(os.stat(path).st_mtime, 1600000000)
+        self.assertEqual(partials(d), [])
+        self.assertTrue(wait_until(lambda: got))
+        self.assertEqual(len(got), 1)
+
+    def test_a_resumed_upload_continues_from_the_partial_the_server_kept(self):
+        d = temp_dir(self)
+        data = os.urandom(3 * 1000 * 1000)
+        start = {"path": "v.mp4", "size": len(data), "mtime": 1600000000}
+        with mock.patch.object(xfer, "HTTP_CHUNK", 1000 * 1000):
+            first, _ = _http_server(self, directory=d)
+            conn = _http_conn(self, first)
+            upload = _http(conn, "POST", "/api/uploads", start)[2]["upload"]
+            _http_chunk(conn, upload, 0, data[:1000 * 1000])
+            _http_chunk(conn, upload, 1000 * 1000, data[1000 * 1000:1500 * 1000])
+            first.stop()
+            self.assertEqual(len(partials(d)), 1)
+            # A new server finds the partial; it resumes from the last whole chunk.
+            second, _ = _http_server(self, directory=d)
+            conn = _http_conn(self, second)
+            answer = _http(conn, "POST", "/api/uploads", start)[2]
+            self.assertEqual(answer["offset"], 1000 * 1000)
+            self.assertEqual(_http_chunk(conn, answer["upload"], 1000 * 1000,
+                                         data[1000 * 1000:2000 * 1000])[0].status, 200)
+            response, _, done = _http_chunk(conn, answer["upload"], 2000 * 1000,
+                                            data[2000 * 1000:])
+            self.assertEqual(response.status, 201, done)
+        self.assertEqual(sha256_file(os.path.join(d, "v.mp4")), hashlib.sha256(data).hexdigest())
+        self.assertEqual(second.files_resumed, 1)
+
+    def test_a_wrong_chunk_digest_is_refused_and_the_offset_stays(self):
+        receiver, d = _http_server(self)
+        conn = _http_conn(self, receiver)
+        data = b"x" * 1000 + b"y" * 1000
+        start = {"path": "c.txt", "size": len(data), "mtime": 1600000000}
+        upload = _http(conn, "POST", "/api/uploads", start)[2]["upload"]
+        response, _, answer = _http_chunk(conn, upload, 0, data[:1000], digest="ab" * 32)
+        self.assertEqual((response.status, answer["status"]), (422, "ST_INTEGRITY"))
+        self.assertEqual(_http(conn, "POST", "/api/uploads", start)[2]["offset"], 0)
+        response, _, answer = _http_chunk(conn, upload, 1000, data[1000:])
+        self.assertEqual((response.status, answer["offset"]), (409, 0))
+        self.assertEqual(_http_chunk(conn, upload, 0, data[:1000])[0].status, 200)
+        self.assertNotIn("c.txt", tree_listing(d))       # nothing published yet
+        self.assertEqual(_http_chunk(conn, upload, 1000, data[1000:])[0].status, 201)
+        with open(os.path.join(d, "c.txt"), "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    def test_delete_cancels_an_upload_and_removes_its_partial(self):
+        receiver, d = _http_server(self)
+        conn = _http_conn(self, receiver)
+        upload = _http(conn, "POST", "/api/uploads", {"path": "a", "size": 10, "mtime": 1})[
+            2]["upload"]
+        _http_chunk(conn, upload, 0, b"12345")
+        self.assertEqual(len(partials(d)), 1)
+        response, _, _ = _http(conn, "DELETE", "/api/uploads/%s" % upload)
+        self.assertEqual(response.status, 204)
+        self.assertEqual(tree_listing(d), [])
+        self.assertEqual(_http_chunk(conn, upload, 5, b"67890")[0].status, 404)
+
+    def test_an_empty_upload_is_published_at_once(self):
+        receiver, d = _http_server(self)
+        conn = _http_conn(self, receiver)
+        response, _, answer = _http(conn, "POST", "/api/uploads",
+                                    {"path": "empty.txt", "size": 0, "mtime": 1600000000})
+        self.assertEqual(response.status, 201, answer)
+        self.assertEqual(answer["sha256"], hashlib.sha256(b"").hexdigest())
+        self.assertEqual(os.path.getsize(os.path.join(d, "empty.txt")), 0)
+
+    def test_every_refusal_has_its_code_and_status(self):
+        receiver, d = _http_server(self, max_size=1000, overwrite="fail")
+        write_file(os.path.join(d, "taken.txt"), b"old")
+        conn = _http_conn(self, receiver)
+        cases = [
+            ("PUT", "/api/files/big.bin", b"x" * 1001, {}, 413, "ST_TOO_LARGE"),
+            ("POST", "/api/uploads", {"path": "big.bin", "size": 1001, "mtime": 1}, {}, 413,
+             "ST_TOO_LARGE"),
+            ("PUT", "/api/files/taken.txt", b"new", {}, 409, "ST_CONFLICT"),
+            ("POST", "/api/uploads", {"path": "taken.txt", "size": 3, "mtime": 1}, {}, 409,
+             "ST_CONFLICT"),
+            ("PUT", "/api/files/a/../x", b"x", {}, 400, "ST_BAD_PATH"),
+            ("PUT", "/api/files/x", b"x", {"X-Content-SHA256": "zz"}, 400, "ST_PROTOCOL"),
+            ("GET", "/api/list/", None, {}, 403, "ST_DENIED"),
+            ("GET", "/api/files/taken.txt", None, {}, 403, "ST_DENIED"),
+            ("GET", "/api/nothing", None, {}, 404, "ST_BAD_PATH"),
+            ("PATCH", "/api/files/x", b"x", {}, 405, "ST_PROTOCOL"),
+            ("PUT", "/api/uploads/nope?offset=0", b"x", {"X-Chunk-SHA256": "00" * 32}, 404,
+             "ST_BAD_PATH"),
+        ]
+        for method, path, body, headers, code, status in cases:
+            with self.subTest(method=method, path=path):
+                response, _, answer = _http(conn, method, path, body, headers)
+                self.assertEqual((response.status, answer and answer["status"]),
+                                 (code, status), answer)
+                self.assertEqual(response.getheader("Content-Type"), "application/json")
+                self.assertTrue(answer["error"])
+        with open(os.path.join(d, "taken.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"old")
+        self.assertEqual(tree_listing(d), ["taken.txt"])
+        skip, skip_dir = _http_server(self, overwrite="skip")
+        write_file(os.path.join(skip_dir, "taken.txt"), b"old")
+        conn = _http_conn(self, skip)
+        response, _, answer = _http(conn, "PUT", "/api/files/taken.txt", b"n")
+        self.assertEqual((response.status, answer["skipped"]), (200, True))
+        with mock.patch.object(xfer.Receiver, "_disk_usage", lambda self: (1000, 10**6)):
+            response, _, answer = _http(conn, "POST", "/api/uploads",
+                                        {"path": "space.bin", "size": 2 << 20, "mtime": 1})
+        self.assertEqual((response.status, answer["status"]), (507, "ST_NO_SPACE"))
+        self.assertEqual(tree_listing(skip_dir), ["taken.txt"])
+        for head, code in ((b"PUT /api/files/c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n", 411),
+                           (b"GET /api/session HTTP/2.0\r\n", 505)):
+            with self.subTest(head=head):
+                sock = _http_raw(receiver, head + b"Host: 127.0.0.1\r\nAuthorization: Bearer "
+                                 + _HTTP_TOKEN.encode() + b"\r\n\r\n")
+                self.addCleanup(sock.close)
+                self.assertTrue(recv_until_closed(sock).startswith(
+                    b"HTTP/1.1 %d " % code))
+
+    def test_list_and_download_with_range_and_zip(self):
+        receiver, d = _http_server(self, allow_get=True)
+        body = bytes(range(256)) * 4
+        write_file(os.path.join(d, "sub", "a.bin"), body)
+        write_file(os.path.join(d, "sub", "deeper", "b.txt"), b"bee")
+        write_file(os.path.join(d, "sub", xfer.PARTIAL_PREFIX + "x.a"), b"hidden")
+        os.utime(os.path.join(d, "sub", "a.bin"), (1600000000.25, 1600000000.25))
+        links = hasattr(os, "symlink")
+        if links:
+            try:
+                os.symlink(os.path.dirname(d), os.path.join(d, "sub", "out"))
+            except OSError:
+                links = False
+        conn = _http_conn(self, receiver)
+        response, _, listing = _http(conn, "GET", "/api/list/sub")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(listing["path"], "sub")
+        entries = {e["name"]: e for e in listing["entries"]}
+        self.assertEqual(set(entries), {"a.bin", "deeper"} | ({"out"} if links else set()))
+        self.assertEqual((entries["a.bin"]["type"], entries["a.bin"]["size"],
+                          entries["a.bin"]["mtime"]), ("file", 1024, 1600000000.25))
+        self.assertEqual(entries["deeper"]["type"], "dir")
+        if links:
+            self.assertEqual(entries["out"]["type"], "symlink")
+            response, _, answer = _http(conn, "GET", "/api/list/sub/out")
+            self.assertEqual(response.status, 400, answer)
+        response, data, _ = _http(conn, "GET", "/api/files/sub/a.bin")
+        self.assertEqual((response.status, data), (200, body))
+        self.assertEqual(response.getheader("Accept-Ranges"), "bytes")
+        self.assertEqual(response.getheader("Content-Disposition"),
+                         "attachment; filename*=UTF-8''a.bin")
+        self.assertEqual(response.getheader("Last-Modified"), "Sun, 13 Sep 2020 12:26:40 GMT")
+        response, data, _ = _http(conn, "GET", "/api/files/sub/a.bin",
+                                  headers={"Range": "bytes=10-19"})
+        self.assertEqual((response.status, data), (206, body[10:20]))
+        self.assertEqual(response.getheader("Content-Range"), "bytes 10-19/1024")
+        response, data, _ = _http(conn, "GET", "/api/files/sub/a.bin",
+                                  headers={"Range": "bytes=-4"})
+        self.assertEqual((response.status, data), (206, body[-4:]))
+        response, _, _ = _http(conn, "GET", "/api/files/sub/a.bin",
+                               headers={"Range": "bytes=2000-"})
+        self.assertEqual((response.status, response.getheader("Content-Range")),
+                         (416, "bytes */1024"))
+        response, _, answer = _http(conn, "GET", "/api/files/sub/missing")
+        self.assertEqual(response.status, 404, answer)
+        response, data, _ = _http(conn, "GET", "/api/zip/sub")
+        self.assertEqual((response.status, response.getheader("Content-Type")),
+                         (200, "application/zip"))
+        import zipfile
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            self.assertEqual(sorted(n for n in z.namelist() if not n.endswith("/")),
+                             ["sub/a.bin", "sub/deeper/b.txt"])
+            self.assertEqual(z.read("sub/a.bin"), body)
+            self.assertIsNone(z.testzip())
+        # The whole DIR.
+        response, data, _ = _http(conn, "GET", "/api/zip/")
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            self.assertIn("sub/deeper/b.txt", [n.split("/", 1)[1] for n in z.namelist()])
+
+    def test_a_file_that_changes_while_it_is_sent_is_cut_short(self):
+        receiver, d = _http_server(self, allow_get=True)
+        path = write_file(os.path.join(d, "grow.bin"), b"a" * (3 * xfer.CHUNK))
+        real = xfer._Outgoing.readinto
+
+        def readinto(self, view):
+            n = real(self, view)
+            os.utime(path, (1, 1))          # changed while it is read
+            return n
+        conn = _http_conn(self, receiver)
+        with mock.patch.object(xfer._Outgoing, "readinto", readinto):
+            conn.request("GET", "/api/files/grow.bin",
+                         headers={"Authorization": "Bearer " + _HTTP_TOKEN})
+            response = conn.getresponse()
+            self.assertEqual(response.status, 200)
+            with self.assertRaises(http.client.IncompleteRead):
+                response.read()
+
+    def test_hostile_names_follow_the_rules_of_a_push(self):
+        outer = temp_dir(self)
+        d = os.path.join(outer, "dest")
+        receiver, _ = _http_server(self, directory=d)
+        conn = _http_conn(self, receiver)
+        name = "<img src=x onerror=alert(1)>.txt"
+        response, _, answer = _http(conn, "PUT", "/api/files/" + _http_quote(name), b"x")
+        self.assertEqual(response.status, 201, answer)
+        self.assertEqual(answer["path"], name)
+        self.assertEqual(os.listdir(d), [name])
+        for raw in ("../x", "a/%2e%2e/x", "a%01b", "a%1b[31mb", xfer.PARTIAL_PREFIX + "x",
+                    "a%ffb", "%E2%80%AEtxt.exe", "a//b"):
+            with self.subTest(raw=raw):
+                response, _, answer = _http(conn, "PUT", "/api/files/" + raw, b"x")
+                self.assertEqual((response.status, answer["status"]), (400, "ST_BAD_PATH"))
+        for path in ("../x", "a/../x", "/etc/x", "a\x01b", "a\x1b[31mb",
+                     xfer.PARTIAL_PREFIX + "x", "\u202etxt.exe", ""):
+            with self.subTest(path=path):
+                response, _, answer = _http(conn, "POST", "/api/uploads",
+                                            {"path": path, "size": 1, "mtime": 1})
+                self.assertEqual((response.status, answer["status"]), (400, "ST_BAD_PATH"))
+        self.assertEqual(os.listdir(d), [name])
+        self.assertEqual(os.listdir(outer), ["dest"])
+
+    def test_login_with_the_code_or_the_token_sets_a_session_cookie(self):
+        receiver, d = _http_server(self, allow_get=True)
+        code = receiver.open_pairing()
+        conn = _http_conn(self, receiver)
+        response, _, answer = _http(conn, "GET", "/api/session", token=None)
+        self.assertEqual((answer["logged_in"], answer["auth"], answer["allow_get"]),
+                         (False, True, True))
+        self.assertEqual(answer["chunk"], xfer.HTTP_CHUNK)
+        for secret in (code, _HTTP_TOKEN):
+            with self.subTest(secret=secret):
+                response, _, _ = _http(conn, "POST", "/api/login", {"secret": secret},
+                                       {"X-Xfer": "1"}, token=None)
+                self.assertEqual(response.status, 204)
+                cookie = response.getheader("Set-Cookie")
+                self.assertRegex(cookie, r"\Axfer_session=[A-Za-z0-9_-]{20,}; HttpOnly; "
+                                 r"SameSite=Strict; Path=/; Max-Age=43200\Z")
+                jar = {"Cookie": cookie.split(";", 1)[0]}
+                response, _, answer = _http(conn, "GET", "/api/session", headers=jar, token=None)
+                self.assertTrue(answer["logged_in"])
+                self.assertEqual(_http(conn, "GET", "/api/list/", headers=jar,
+                                       token=None)[0].status, 200)
+                response, _, _ = _http(conn, "POST", "/api/logout", headers=dict(
+                    jar, **{"X-Xfer": "1"}), token=None)
+                self.assertEqual(response.status, 204)
+                self.assertEqual(_http(conn, "GET", "/api/list/", headers=jar,
+                                       token=None)[0].status, 401)
+        self.assertEqual(receiver.pairing_code, code)     # a login does not use it up
+        # Wrong codes count against the code: the third gives it up.
+        for n in range(xfer.PAIRING_TRIES):
+            response, _, answer = _http(conn, "POST", "/api/login",
+                                        {"secret": "1-" + "-".join(xfer._CODE_WORDS[:2])},
+                                        {"X-Xfer": "1"}, token=None)
+            self.assertIn(response.status, (401, 503), answer)
+            if response.status == 503:
+                break
+        self.assertTrue(wait_until(lambda: receiver.pairing_code is None, timeout=5))
+
+    def test_no_auth_needs_no_login(self):
+        receiver, d = _http_server(self, token=None, allow_get=True)
+        conn = _http_conn(self, receiver)
+        self.assertEqual(_http(conn, "GET", "/api/session", token=None)[2]["auth"], False)
+        response, _, _ = _http(conn, "PUT", "/api/files/a.txt", b"a", {"X-Xfer": "1"},
+                               token=None)
+        self.assertEqual(response.status, 201)
+        self.assertEqual(_http(conn, "GET", "/api/files/a.txt", token=None)[1], b"a")
+
+    def test_the_page_is_served_with_its_security_headers(self):
+        receiver, d = _http_server(self)
+        response, data, _ = _http(_http_conn(self, receiver), "GET", "/", token=None)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.getheader("Content-Type"), "text/html; charset=utf-8")
+        self.assertEqual(data, xfer._PAGE.encode("utf-8"))
+        self.assertIn("frame-ancestors 'none'", response.getheader("Content-Security-Policy"))
+        self.assertEqual(response.getheader("X-Content-Type-Options"), "nosniff")
+        self.assertEqual(response.getheader("Referrer-Policy"), "no-referrer")
+
+    def test_no_web_drops_http_and_the_banner_names_the_page(self):
+        receiver, d = _http_server(self, web=False)
+        sock = _http_raw(receiver, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.addCleanup(sock.close)
+        self.assertEqual(recv_until_closed(sock), b"")
+        for web, tls in ((True, False), (False, False), (True, True)):
+            with self.subTest(web=web, tls=tls):
+                shown = types.SimpleNamespace(dir=d, fingerprint="ab" if tls else None,
+                                              name="box", web=web, _discovery=None)
+                out = io.StringIO()
+                with contextlib.redirect_stdout(out):
+                    xfer._print_banner(shown, None, None, "127.0.0.1", 4567)
+                lines = [line for line in out.getvalue().splitlines() if "web page" in line]
+                self.assertEqual(lines, ["web page: %s://127.0.0.1:4567/"
+                                         % ("https" if tls else "http")] if web else [])
+
+    def test_serve_no_web_and_config_web_no(self):
+        home = temp_dir(self)
+        env = isolated_env(home)
+        empty = write_file(os.path.join(home, "empty.ini"), b"")
+        web_no = write_file(os.path.join(home, "web-no.ini"), b"[serve]\nweb = no\n")
+        for argv, web in ((["--config", empty], True), (["--config", empty, "--no-web"], False),
+                          (["--config", web_no], False)):
+            with self.subTest(argv=argv):
+                args = xfer._build_parser().parse_args(["serve"] + argv)
+                opts = xfer._serve_settings(args, xfer._load_config(args, serverinfo=False),
+                                            environ=env)
+                self.assertEqual(opts.web, web)
+
+    @unittest.skipIf(ssl is None, "no ssl module")
+    def test_https_inside_tls_with_the_same_certificate(self):
+        certs = _sec_certs(self)
+        receiver, d = _http_server(self, tls_cert=certs["cert1"], tls_key=certs["key1"])
+        conn = _http_conn(self, receiver, tls=True)
+        response, _, _ = _http(conn, "PUT", "/api/files/t.txt", b"tls")
+        self.assertEqual(response.status, 201)
+        self.assertEqual(_sec_fingerprint(TEST_CERT_1), receiver.fingerprint)
+        response, _, _ = _http(conn, "POST", "/api/login", {"secret": _HTTP_TOKEN},
+                               {"X-Xfer": "1"}, token=None)
+        self.assertTrue(response.getheader("Set-Cookie").endswith("; Secure"))
+        # Plain HTTP to a TLS server is told to use https.
+        response, _, answer = _http(_http_conn(self, receiver), "GET", "/api/session")
+        self.assertEqual(response.status, 403)
+        self.assertIn("https://", answer["error"])
+        with open(os.path.join(d, "t.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"tls")
+
+    def test_the_status_table_has_the_http_codes_of_the_contract(self):
+        wanted = {"ST_OK": 201, "ST_SKIPPED": 200, "ST_BAD_PATH": 400, "ST_CONFLICT": 409,
+                  "ST_TOO_LARGE": 413, "ST_NO_SPACE": 507, "ST_INTEGRITY": 422, "ST_IO": 500,
+                  "ST_DENIED": 403, "ST_AUTH_FAILED": 401, "ST_BUSY": 503, "ST_TIMEOUT": 408}
+        table = {row.name: row.http for row in xfer._STATUSES}
+        self.assertEqual({name: table[name] for name in wanted}, wanted)
+        section = ReadmeSyncTests.readme().split("#### 4.4 RESULT and status codes", 1)[1]
+        rows = re.findall(r"^\| \d+ \| (ST_[A-Z_]+) \| .*? \| .*? \| (\d+) \|$",
+                          section.split("\n#### ", 1)[0], re.M)
+        self.assertEqual(dict(rows), {name: str(code) for name, code in table.items()})
+
+
+class HttpSecurityTests(unittest.TestCase):
+    def login(self, conn):
+        response, _, _ = _http(conn, "POST", "/api/login", {"secret": _HTTP_TOKEN},
+                               {"X-Xfer": "1"}, token=None)
+        self.assertEqual(response.status, 204)
+        return {"Cookie": response.getheader("Set-Cookie").split(";", 1)[0]}
+
+    def test_a_cookie_request_without_x_xfer_is_refused(self):
+        receiver, d = _http_server(self)
+        conn = _http_conn(self, receiver)
+        jar = self.login(conn)
+        response, _, answer = _http(conn, "PUT", "/api/files/a.txt", b"a", jar, token=None)
+        self.assertEqual((response.status, answer["status"]), (403, "ST_DENIED"))
+        response, _, _ = _http(conn, "POST", "/api/login", {"secret": _HTTP_TOKEN}, token=None)
+        self.assertEqual(response.status, 403)
+        self.assertEqual(tree_listing(d), [])
+        response, _, _ = _http(conn, "PUT", "/api/files/a.txt", b"a", dict(jar, **{"X-Xfer": "1"}),
+                               token=None)
+        self.assertEqual(response.status, 201)
+
+    def test_a_foreign_origin_or_a_cross_site_fetch_is_refused(self):
+        receiver, d = _http_server(self, allow_get=True)
+        conn = _http_conn(self, receiver)
+        jar = dict(self.login(conn), **{"X-Xfer": "1"})
+        own = "http://%s:%d" % (HOST, receiver.address[1])
+        for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
+                        {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):
+            with self.subTest(headers=headers):
+                for token in (None, _HTTP_TOKEN):
+                    response, _, answer = _http(conn, "PUT", "/api/files/a.txt", b"a",
+                                                dict(jar, **headers), token=token)
+                    self.assertEqual((response.status, answer["status"]), (403, "ST_DENIED"))
+                response, _, _ = _http(conn, "GET", "/api/list/", None,
+                                       dict(jar, **headers), token=None)
+                self.assertEqual(response.status, 403)
+        self.assertEqual(tree_listing(d), [])
+        response, _, _ = _http(conn, "PUT", "/api/files/a.txt", b"a", dict(
+            jar, Origin=own, **{"Sec-Fetch-Site": "same-origin"}), token=None)
+        self.assertEqual(response.status, 201)
+        self.assertEqual(_http(conn, "OPTIONS", "/api/files/a.txt", None, {
+            "Origin": "http://evil.example"}, token=None)[0].status, 403)
+
+    def test_the_host_header_must_name_this_server(self):
+        receiver, d = _http_server(self)
+        conn = _http_conn(self, receiver)
+        port = receiver.address[1]
+        for host, code in (("evil.example", 421), ("evil.example:%d" % port, 421),
+                           ("127.0.0.1.evil.example", 421), ("localhost:%d" % port, 200),
+                           ("LOCALHOST", 200), ("[::1]:%d" % port, 200), ("10.1.2.3", 200),
+                           (socket.gethostname() + ".local", 200),
+                           (socket.gethostname().upper(), 200)):
+            with self.subTest(host=host):
+                conn.putrequest("GET", "/api/session", skip_host=True)
+                conn.putheader("Host", host)
+                conn.endheaders()
+                response = conn.getresponse()
+                response.read()
+                self.assertEqual(response.status, code)
+
+    def test_no_listing_or_download_without_a_session(self):
+        receiver, d = _http_server(self, allow_get=True, auth_backoff=(0.0,))
+        write_file(os.path.join(d, "secret.txt"), b"s")
+        conn = _http_conn(self, receiver)
+        for path in ("/api/list/", "/api/files/secret.txt", "/api/zip/"):
+            for headers, token in (({}, None), ({"Cookie": "xfer_session=forged"}, None),
+                                   ({}, "wrong-token")):
+                with self.subTest(path=path, headers=headers, token=token):
+                    response, data, answer = _http(conn, "GET", path, None, headers, token)
+                    self.assertEqual((response.status, answer["status"]),
+                                     (401, "ST_AUTH_FAILED"))
+
+    def test_wrong_secrets_count_against_the_address(self):
+        receiver, d = _http_server(self, auth_backoff=(0.0, 60.0))
+        conn = _http_conn(self, receiver)
+        response, _, answer = _http(conn, "GET", "/api/session", token="wrong")
+        self.assertEqual((response.status, answer["logged_in"]), (200, False))
+        self.assertEqual(_http(conn, "PUT", "/api/files/a", b"a", token="wrong")[0].status,
+                         401)
+        # Now backing off: even the right token waits.
+        response, _, answer = _http(conn, "POST", "/api/login", {"secret": _HTTP_TOKEN},
+                                    {"X-Xfer": "1"}, token=None)
+        self.assertEqual((response.status, answer["status"]), (503, "ST_BUSY"))
+        self.assertTrue(response.getheader("Retry-After"))
+
+    def test_a_slow_request_head_is_timed_out_and_the_server_keeps_serving(self):
+        receiver, d = _http_server(self, handshake_timeout=0.3)
+        sock = _http_raw(receiver, b"GET /api/session HTTP/1.1\r\n")
+        self.addCleanup(sock.close)
+        started = time.monotonic()
+        pause = threading.Event()
+        try:
+            for _ in range(200):            # a header byte every 20 ms: never a whole head
+                sock.sendall(b"X")
+                pause.wait(0.02)
+        except OSError:
+            pass
+        self.assertLess(time.monotonic() - started, 3.0)
+        try:
+            answer = recv_until_closed(sock)
+        except ConnectionResetError:
+            answer = b""
+        self.assertNotIn(b" 200 ", answer)
+        response, _, answer = _http(_http_conn(self, receiver), "GET", "/api/session")
+        self.assertEqual(response.status, 200)
+
+    def test_limits_are_checked_before_reading(self):
+        receiver, d = _http_server(self, max_size=10**6)
+        port = receiver.address[1]
+        cases = ((b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+                 (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(65))
+                  + b"\r\n", 431),
+                 (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 33000 + b"\r\n\r\n", 431),
+                 # A body is refused by its declared length: none of it is sent.
+                 (b"PUT /api/files/big HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: "
+                  b"Bearer %s\r\nContent-Length: 1000000000000\r\n\r\n"
+                  % (port, _HTTP_TOKEN.encode()), 413))
+        for data, code in cases:
+            with self.subTest(code=code):
+                sock = _http_raw(receiver, data)
+                self.addCleanup(sock.close)
+                answer = recv_until_closed(sock)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 %d " % code), answer[:100])
+        self.assertEqual(tree_listing(d), [])
+        self.assertEqual(_http(_http_conn(self, receiver), "GET", "/api/session")[0].status,
+                         200)
+
+
 class ReadmeSyncTests(unittest.TestCase):
     @staticmethod
     def readme():

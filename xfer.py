@@ -125,6 +125,7 @@ subprocess = _Lazy("subprocess")
 tempfile = _Lazy("tempfile")
 traceback = _Lazy("traceback")
 unicodedata = _Lazy("unicodedata")
+zipfile = _Lazy("zipfile")
 
 
 def _require_ssl():
@@ -282,6 +283,27 @@ WATCH_RESCAN_NOTIFIED = 60.0
 WATCH_OPEN_MAX = 60.0
 #: Watch: events kept for poll() at most; the oldest go first.
 WATCH_EVENTS_MAX = 10000
+#: HTTP (README "HTTP API"): the largest chunk of a chunked upload, and the
+#: unit a partial kept across a restart is resumed from (the last whole one).
+HTTP_CHUNK = 8 * 1024 * 1024
+#: HTTP: the longest request line, and the most header bytes and lines after
+#: it, checked as they arrive.
+HTTP_LINE_MAX = 8 * 1024
+HTTP_HEADERS_MAX = 32 * 1024
+HTTP_HEADER_COUNT_MAX = 64
+#: HTTP: the largest JSON request body (login, starting an upload).
+HTTP_JSON_MAX = 64 * 1024
+#: HTTP: a refused request's body up to this size is read and dropped, so the
+#: connection goes on; a larger one is not read: the connection is closed.
+HTTP_DRAIN_MAX = 64 * 1024
+#: HTTP: seconds a login lasts (the session cookie's Max-Age), and the most
+#: sessions kept (the oldest go first).
+HTTP_SESSION_AGE = 12 * 3600
+HTTP_SESSIONS_MAX = 1024
+#: HTTP: chunked uploads held open at most, and seconds one may wait for its
+#: next chunk before it is closed (its partial stays, to be resumed).
+HTTP_UPLOADS_MAX = 64
+HTTP_UPLOAD_IDLE = 3600.0
 
 #------------------------------------------------------------
 # errors and exit statuses
@@ -399,9 +421,10 @@ class IntegrityError(RemoteError):
 
 
 
-class _Status(collections.namedtuple("_Status", "code name error transient")):
-    """One wire status: what a sender raises for it, and whether a fresh
-    connection may succeed where this one got it."""
+class _Status(collections.namedtuple("_Status", "code name error transient http")):
+    """One wire status: what a sender raises for it, whether a fresh
+    connection may succeed where this one got it, and the HTTP status code
+    an HTTP request refused (or answered) with it gets (README "HTTP API")."""
 
     @property
     def exit_code(self):
@@ -412,25 +435,26 @@ class _Status(collections.namedtuple("_Status", "code name error transient")):
 # test compares with it).  error None: not an error (RemoteError if a peer
 # sends it as one).  A code missing here, from a newer peer, is a RemoteError.
 _STATUSES = tuple(_Status(*row) for row in (
-    (ST_OK,            "ST_OK",            None,                 False),
-    (ST_SKIPPED,       "ST_SKIPPED",       None,                 False),
-    (ST_NEEDED,        "ST_NEEDED",        None,                 False),
-    (ST_BAD_PATH,      "ST_BAD_PATH",      UnsafePathError,      False),
-    (ST_CONFLICT,      "ST_CONFLICT",      RemoteError,          False),
-    (ST_TOO_LARGE,     "ST_TOO_LARGE",     RemoteError,          False),
-    (ST_NO_SPACE,      "ST_NO_SPACE",      RemoteError,          False),
-    (ST_INTEGRITY,     "ST_INTEGRITY",     IntegrityError,       False),
-    (ST_IO,            "ST_IO",            RemoteError,          False),
-    (ST_ABORTED,       "ST_ABORTED",       RemoteError,          False),
-    (ST_DENIED,        "ST_DENIED",        RemoteError,          False),
-    (ST_PROTOCOL,      "ST_PROTOCOL",      ProtocolError,        False),
-    (ST_VERSION,       "ST_VERSION",       VersionMismatchError, False),
-    (ST_AUTH_REQUIRED, "ST_AUTH_REQUIRED", AuthError,            False),
-    (ST_AUTH_FAILED,   "ST_AUTH_FAILED",   AuthError,            False),
-    (ST_BUSY,          "ST_BUSY",          RemoteError,          True),
-    (ST_TIMEOUT,       "ST_TIMEOUT",       RemoteError,          True),
-    (ST_SHUTDOWN,      "ST_SHUTDOWN",      RemoteError,          True),
-    (ST_TLS_REQUIRED,  "ST_TLS_REQUIRED",  ProtocolError,        False),
+    # code             name                error                 transient  HTTP
+    (ST_OK,            "ST_OK",            None,                 False, 201),
+    (ST_SKIPPED,       "ST_SKIPPED",       None,                 False, 200),
+    (ST_NEEDED,        "ST_NEEDED",        None,                 False, 200),
+    (ST_BAD_PATH,      "ST_BAD_PATH",      UnsafePathError,      False, 400),
+    (ST_CONFLICT,      "ST_CONFLICT",      RemoteError,          False, 409),
+    (ST_TOO_LARGE,     "ST_TOO_LARGE",     RemoteError,          False, 413),
+    (ST_NO_SPACE,      "ST_NO_SPACE",      RemoteError,          False, 507),
+    (ST_INTEGRITY,     "ST_INTEGRITY",     IntegrityError,       False, 422),
+    (ST_IO,            "ST_IO",            RemoteError,          False, 500),
+    (ST_ABORTED,       "ST_ABORTED",       RemoteError,          False, 409),
+    (ST_DENIED,        "ST_DENIED",        RemoteError,          False, 403),
+    (ST_PROTOCOL,      "ST_PROTOCOL",      ProtocolError,        False, 400),
+    (ST_VERSION,       "ST_VERSION",       VersionMismatchError, False, 505),
+    (ST_AUTH_REQUIRED, "ST_AUTH_REQUIRED", AuthError,            False, 401),
+    (ST_AUTH_FAILED,   "ST_AUTH_FAILED",   AuthError,            False, 401),
+    (ST_BUSY,          "ST_BUSY",          RemoteError,          True,  503),
+    (ST_TIMEOUT,       "ST_TIMEOUT",       RemoteError,          True,  408),
+    (ST_SHUTDOWN,      "ST_SHUTDOWN",      RemoteError,          True,  503),
+    (ST_TLS_REQUIRED,  "ST_TLS_REQUIRED",  ProtocolError,        False, 403),
 ))
 _STATUS_BY_CODE = {row.code: row for row in _STATUSES}
 _TRANSIENT_CODES = frozenset(row.code for row in _STATUSES if row.transient)
@@ -720,6 +744,12 @@ class _Reader:
                 tags.check(frame, self.view[end:stop])
                 return kind, frame[_FRAME.size:]
         return None
+
+    def peek(self):
+        """The next byte, not consumed (waits for it); None at the end of the stream."""
+        if self.end == self.start and not self._fill(1):
+            return None
+        return self.buf[self.start]
 
     def at_end(self):
         """True if the stream ends before another byte (waits for one or the end)."""
@@ -1562,6 +1592,13 @@ class _PairingCode:
         if burned:
             self.log("pairing code given up after %d wrong tries; %s"
                      % (PAIRING_TRIES, _NEW_CODE_HINT))
+
+    def refund(self, serial):
+        """Give back the try of a right code that is not used up (a login to
+        the web page, which several devices may make with one code)."""
+        with self.lock:
+            if serial == self.serial and self.code is not None:
+                self.tries += 1
 
     def use(self, serial):
         """Use the code up for a right try; False if it ended meanwhile."""
@@ -2686,7 +2723,7 @@ class Receiver:
                  overwrite="replace", partial_max_age=DEFAULT_PARTIAL_MAX_AGE,
                  quiet=False, auth_backoff=AUTH_BACKOFF, body_min_bytes=BODY_MIN_BYTES,
                  body_window=BODY_WINDOW, protect=(), allow_get=False, name=None,
-                 discovery=False):
+                 discovery=False, web=True):
         self.dir = os.path.abspath(os.path.expanduser(dir))
         #: clients with the token may read DIR (get, ls), read-only
         self.allow_get = allow_get
@@ -2695,6 +2732,9 @@ class Receiver:
         #: answer discovery queries on UDP at the same port (README "find")
         self.discovery = discovery
         self._discovery = None
+        #: serve the web page and the HTTP API on the same port (README "HTTP API")
+        self.web = web
+        self._web = None
         #: files no received name may reach (serve: its own config, keys, known_hosts)
         self.protect = list(protect)
         self._protected = ()
@@ -2787,6 +2827,8 @@ class Receiver:
             raise XferError("cannot listen on %s:%s: %s" % (self.host, self.port,
                                                              e.strerror or e)) from None
         self.address = self._server.server_address[:2]
+        if self.web:
+            self._web = _WebState(self)
         if self.discovery:
             try:
                 self._discovery = _Discovery(self, self.address)
@@ -2848,6 +2890,8 @@ class Receiver:
         ended = server.join_threads(deadline)
         # After the join: the connections' last wrong tokens are summed up too.
         self._auth.tick(final=True)
+        if self._web is not None:
+            self._web.close()       # the chunked uploads keep their partials
         if self._sweeper is not None:
             self._sweeper.join(max(0.0, deadline - time.monotonic()))
             ended = ended and not self._sweeper.is_alive()
@@ -3206,7 +3250,10 @@ class _ReceiveSession:
         try:
             self._handshake()
             self.sock.settimeout(self.r.idle_timeout)
-            self._loop()
+            if self.http:
+                _HttpConnection(self).run()
+            else:
+                self._loop()
         except _Drop:
             if self.out:                 # a refusal said before hanging up
                 self._send_quietly(b"")
@@ -3294,6 +3341,7 @@ class _ReceiveSession:
     _handshake_done = False
     _preface_sent = False
     _expired = False            # the handshake deadline passed
+    http = False                # the client speaks HTTP (README "HTTP API")
 
     def _handshake(self):
         # The handshake has one absolute deadline that nothing the peer
@@ -3305,6 +3353,9 @@ class _ReceiveSession:
         try:
             self._start_tls()
             self.rfile = _Reader(self.sock)
+            if self.r.web and _http_method_byte(self.rfile.peek()):
+                self.http = True        # its requests have deadlines of their own
+                return
             self._handshake_steps()
         except (OSError, ConnectionClosedError) as e:
             if not self._handshake_done and (self._expired or isinstance(e, socket.timeout)):
@@ -3340,6 +3391,10 @@ class _ReceiveSession:
                 self.r._log("%s: dropped: TLS handshake failed: %s"
                             % (self.peer, getattr(e, "reason", None) or e))
                 raise _Drop() from None
+        elif tls is not None and self.r.web and _http_method_byte(first[0]):
+            self.r._log("%s: refused: plain HTTP to a TLS server" % self.peer)
+            self._send_quietly(_http_tls_refusal(self.sock))
+            raise _Drop()
         elif tls is not None:
             self.r._log("%s: refused: plain connection to a TLS server" % self.peer)
             self._send_quietly(_PREFACE.pack(MAGIC, PROTOCOL_VERSION, 0) + _encode_error(
@@ -3947,6 +4002,11 @@ class _Store:
         # Names a CHECK found needed, split, for the FILE that follows.
         self._needed = {}
 
+    #: Mixed into the names of resumable partials: an HTTP upload's carry its
+    #: size and mtime, so it resumes only a partial of the very same upload
+    #: (a page proves no prefix, as a sender does with ACCEPT).
+    partial_key = ""
+
     def close(self):
         self.dest.close()
 
@@ -4103,7 +4163,7 @@ class _Store:
         if self.claims is None:
             return None
         name = parts[-1]
-        key = hashlib.sha256("/".join(parts).encode("utf-8")).hexdigest()[:16]
+        key = hashlib.sha256(("/".join(parts) + self.partial_key).encode("utf-8")).hexdigest()[:16]
         temp = "%s%s.%s" % (PARTIAL_PREFIX, key, _cut(name, 100))
         claim = (self.dest.dir_id(handle), temp)
         if not self.claims.claim(claim):
@@ -4700,6 +4760,1235 @@ def _human(n):
             return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
         n /= 1000.0
     return str(n)
+
+
+#------------------------------------------------------------
+# HTTP on the same port (README "HTTP API", Protocol 9)
+#------------------------------------------------------------
+# A connection whose first byte is an HTTP method's (an uppercase letter
+# other than the preface's X) is handed by its _ReceiveSession to an
+# _HttpConnection: requests, one after another (keep-alive), each with a
+# head read against a deadline and a body paced like an xfer body.  What an
+# upload brings ends in the receiving parts above, as a push does:
+#
+#   PUT /api/files/PATH     one _IncomingFile in the connection's _Store,
+#                           published by its _GroupCommit
+#   POST /api/uploads, then PUT /api/uploads/ID?offset=K per chunk
+#                           an _Upload: a _Store, _GroupCommit and resumable
+#                           partial of its own, kept by the _WebState between
+#                           the requests (and connections) bringing its chunks
+#
+# and GET reads DIR through the session's _served, as GET and LIST do.
+
+# Reasons of the status codes this server sends.
+_HTTP_REASONS = {
+    100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 206: "Partial Content",
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+    411: "Length Required", 413: "Content Too Large", 414: "URI Too Long",
+    416: "Range Not Satisfiable", 421: "Misdirected Request", 422: "Unprocessable Content",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    503: "Service Unavailable", 505: "HTTP Version Not Supported",
+    507: "Insufficient Storage",
+}
+_HTTP_COOKIE = "xfer_session"
+# What every JSON answer carries; the page adds its Content-Security-Policy.
+_HTTP_JSON_HEADERS = (("Content-Type", "application/json"), ("Cache-Control", "no-store"),
+                      ("X-Content-Type-Options", "nosniff"))
+_HTTP_PAGE_HEADERS = (
+    ("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store"),
+    ("Content-Security-Policy", "default-src 'none'; script-src 'self' 'unsafe-inline'; "
+     "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
+     "form-action 'self'; frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"))
+_HTTP_HEAD_END = re.compile(rb"\n\r?\n")
+_HTTP_METHOD = re.compile(r"[A-Z]{1,16}\Z")
+_HTTP_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_HTTP_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}\Z")
+_HTTP_RANGE = re.compile(r"bytes=(\d*)-(\d*)\Z")
+_HTTP_SECONDS = re.compile(r"(-?)(\d{1,10})(?:\.(\d*))?\Z")
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov",
+           "Dec")
+
+
+def _http_method_byte(byte):
+    """True if a connection's first byte starts an HTTP method (not the preface's X)."""
+    return byte is not None and 0x41 <= byte <= 0x5A and byte != MAGIC[0]
+
+
+def _http_tls_refusal(sock):
+    """The plain answer to plain HTTP on a TLS server: use https."""
+    try:
+        sock.settimeout(1.0)
+        sock.recv(HTTP_LINE_MAX)            # the request, so closing sends no reset
+        host, port = sock.getsockname()[:2]
+    except OSError:
+        host, port = "HOST", DEFAULT_PORT
+    body = json.dumps({"error": "this server speaks HTTPS only: open https://%s/"
+                       % _host_port_text(host, port), "status": "ST_TLS_REQUIRED"}).encode()
+    return ("HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: "
+            "%d\r\nConnection: close\r\n\r\n" % len(body)).encode("latin-1") + body
+
+
+def _http_date(seconds):
+    """An HTTP date (RFC 9110 5.6.7), in English whatever the locale."""
+    t = time.gmtime(seconds)
+    return "%s, %02d %s %04d %02d:%02d:%02d GMT" % (
+        _WEEKDAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year, t.tm_hour,
+        t.tm_min, t.tm_sec)
+
+
+def _http_unquote(text):
+    """The bytes a percent-encoded URL path stands for; ValueError if malformed."""
+    raw = text.encode("latin-1")
+    if b"%" not in raw:
+        return raw
+    pieces = raw.split(b"%")
+    out = [pieces[0]]
+    for piece in pieces[1:]:
+        if len(piece) < 2 or not all(c in b"0123456789abcdefABCDEF" for c in piece[:2]):
+            raise ValueError("a '%' not followed by two hex digits")
+        out.append(bytes([int(piece[:2], 16)]) + piece[2:])
+    return b"".join(out)
+
+
+def _http_quote(name):
+    """name percent-encoded for Content-Disposition's filename* (RFC 8187)."""
+    return "".join(chr(b) if chr(b).isalnum() and b < 0x80 or chr(b) in "!#$&+-.^_`|~"
+                   else "%%%02X" % b for b in name.encode("utf-8", "surrogateescape"))
+
+
+def _seconds_ns(text):
+    """Nanoseconds of a time in seconds written in decimal (X-Mtime, JSON mtime),
+    exactly; ValueError if it is not one within 10 000 000 000 s of 1970."""
+    match = _HTTP_SECONDS.match(text.strip())
+    if match is None:
+        value = float(text)
+        if not math.isfinite(value) or abs(value) >= 1e10:
+            raise ValueError("not a time in seconds")
+        return int(round(value * 1e9))
+    sign, whole, fraction = match.groups()
+    ns = int(whole) * 10**9 + int((fraction or "")[:9].ljust(9, "0"))
+    return -ns if sign else ns
+
+
+def _http_range(text, size):
+    """(first, last) byte of a single "bytes=" range; None to ignore it (not
+    one this server serves: several ranges, malformed), "unsatisfiable"."""
+    match = _HTTP_RANGE.match(text.replace(" ", ""))
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first:
+        if not last:
+            return None
+        count = int(last)
+        if not count or not size:
+            return "unsatisfiable"
+        return max(0, size - count), size - 1
+    first = int(first)
+    last = int(last) if last else size - 1
+    if first >= size:
+        return "unsatisfiable"
+    if last < first:
+        return None
+    return first, min(last, size - 1)
+
+
+class _JsonFloat(str):
+    """A JSON number with a fraction, kept as written (an mtime, exactly)."""
+
+
+class _HttpError(Exception):
+    """A request refused: the HTTP code, the status (ST_*) and the reason of
+    its JSON answer, and more fields of it.  http None: the status's own
+    (_STATUSES).  logged: say it in the server's log (the upload refusals
+    are logged by the group commit, as a push's are)."""
+
+    def __init__(self, status, reason, http=None, extra=None, headers=(), logged=False):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.http = http or _STATUS_BY_CODE[status].http
+        self.extra = extra or {}
+        self.headers = tuple(headers)
+        self.logged = logged
+
+    @classmethod
+    def of(cls, raw, error, **kw):
+        """From an XferError or an OSError about raw (_failure)."""
+        return cls(*_failure(raw, error), **kw)
+
+
+class _HttpCut(Exception):
+    """Close the connection now, without a last byte (a body given up)."""
+
+
+class _HttpRequest:
+    """One request's head, parsed; unread counts the body bytes still to come."""
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "length",
+                 "unread", "keep_alive", "expect", "continued", "bearer")
+
+    def __init__(self, head):
+        lines = head.decode("latin-1").split("\n")
+        parts = lines[0].rstrip("\r").split(" ")
+        if len(parts) != 3 or not _HTTP_METHOD.match(parts[0]):
+            raise _HttpError(ST_PROTOCOL, "not an HTTP/1.1 request line")
+        self.method, self.target, self.version = parts
+        if self.version not in ("HTTP/1.1", "HTTP/1.0"):
+            if self.version.startswith("HTTP/"):
+                raise _HttpError(ST_VERSION, "%s is not served here: HTTP/1.1 is"
+                                 % _display(self.version, 20))
+            raise _HttpError(ST_PROTOCOL, "not an HTTP/1.1 request line")
+        if not self.target.startswith("/"):
+            raise _HttpError(ST_PROTOCOL, "the request target must be a path")
+        self.path, _, query = self.target.partition("?")
+        self.query = dict(item.partition("=")[::2] for item in query.split("&") if item)
+        headers = self.headers = {}
+        count = 0
+        for line in lines[1:]:
+            line = line.rstrip("\r")
+            if not line:
+                continue
+            if line[0] in " \t":
+                raise _HttpError(ST_PROTOCOL, "folded header lines are not accepted")
+            name, colon, value = line.partition(":")
+            if not colon or not _HTTP_HEADER_NAME.match(name):
+                raise _HttpError(ST_PROTOCOL, "malformed header line")
+            count += 1
+            if count > HTTP_HEADER_COUNT_MAX:
+                raise _HttpError(ST_PROTOCOL, "more than %d header lines"
+                                 % HTTP_HEADER_COUNT_MAX, 431)
+            name, value = name.lower(), value.strip(" \t")
+            if name in headers:
+                if name in ("content-length", "host", "authorization", "origin"):
+                    raise _HttpError(ST_PROTOCOL, "two %s headers" % name)
+                value = headers[name] + ", " + value
+            headers[name] = value
+        if "transfer-encoding" in headers:
+            raise _HttpError(ST_PROTOCOL, "a body needs a Content-Length (no Transfer-Encoding)",
+                             411)
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit() or len(length) > 19:
+                raise _HttpError(ST_PROTOCOL, "malformed Content-Length")
+            length = int(length)
+        self.length = length
+        self.unread = length or 0
+        connection = headers.get("connection", "").lower()
+        self.keep_alive = ("close" not in connection if self.version == "HTTP/1.1"
+                           else "keep-alive" in connection)
+        self.expect = headers.get("expect", "").lower() == "100-continue"
+        self.continued = False
+        self.bearer = False
+
+
+_NO_UPLOAD = ("no such upload (finished, cancelled or expired): start it again with "
+              "POST /api/uploads")
+
+
+class _WebState:
+    """What a Receiver keeps for HTTP between requests: the names its Host
+    header may carry, the logged-in sessions, and the chunked uploads."""
+
+    def __init__(self, receiver):
+        self.r = receiver
+        self.lock = threading.Lock()
+        names = {"localhost"}
+        for name in (socket.gethostname(), receiver.name):
+            name = (name or "").lower().rstrip(".")
+            if name:
+                names.update((name, name.split(".")[0]))
+        self.names = names | {name + ".local" for name in names if name != "localhost"}
+        self.sessions = collections.OrderedDict()      # cookie -> expiry (monotonic)
+        self.uploads = collections.OrderedDict()       # id -> _Upload, least recent first
+        self.by_key = {}                               # (path, size, mtime_ns) -> _Upload
+        self.starting = {}                             # key -> Event, while one is opened
+        self.closed = False
+
+    # -- the Host header (DNS rebinding)
+
+    def host_allowed(self, host):
+        host = host.strip().lower()
+        if host.startswith("["):
+            literal, bracket, port = host[1:].partition("]")
+            if not bracket or (port and not (port[0] == ":" and port[1:].isdigit())):
+                return False
+            try:
+                ipaddress.IPv6Address(literal)
+            except ValueError:
+                return False
+            return True
+        name, colon, port = host.rpartition(":")
+        if not colon:
+            name = host
+        elif not port.isdigit():
+            return False
+        name = name.rstrip(".")
+        if name in self.names:
+            return True
+        try:
+            ipaddress.IPv4Address(name)
+        except ValueError:
+            return False
+        return True
+
+    # -- sessions
+
+    def login(self):
+        cookie = secrets.token_urlsafe(32)
+        with self.lock:
+            self.sessions[cookie] = time.monotonic() + HTTP_SESSION_AGE
+            while len(self.sessions) > HTTP_SESSIONS_MAX:
+                self.sessions.popitem(last=False)
+        return cookie
+
+    def logout(self, cookie):
+        with self.lock:
+            self.sessions.pop(cookie, None)
+
+    def logged_in(self, cookie):
+        if not cookie:
+            return False
+        with self.lock:
+            expiry = self.sessions.get(cookie)
+            if expiry is None:
+                return False
+            if expiry <= time.monotonic():
+                del self.sessions[cookie]
+                return False
+            return True
+
+    # -- chunked uploads
+
+    def start_upload(self, key, raw, size, mtime_ns, digest, peer):
+        """The upload of key: the one open, or a new one (admitted by the
+        store: path, limits, space, policy); (HTTP code, answer)."""
+        while True:
+            with self.lock:
+                if self.closed:
+                    raise _HttpError(ST_SHUTDOWN, "the server is shutting down")
+                upload = self.by_key.get(key)
+                if upload is not None:
+                    upload.last = time.monotonic()
+                    self.uploads.move_to_end(upload.id)
+                    return 200, {"upload": upload.id, "offset": upload.offset}
+                waiting = self.starting.get(key)
+                if waiting is None:
+                    self._make_room()
+                    self.starting[key] = threading.Event()
+                    break
+            # Another request is opening this very upload: its answer is ours.
+            waiting.wait(self.r.idle_timeout)
+        upload = _Upload(self.r, key, raw, size, mtime_ns, digest, peer)
+        try:
+            answer = upload.open()
+            with self.lock:
+                if answer is None:
+                    self.uploads[upload.id] = upload
+                    self.by_key[key] = upload
+        except BaseException:
+            upload.close(keep=True)
+            raise
+        finally:
+            with self.lock:
+                self.starting.pop(key).set()
+        if answer is not None:            # published at once (size 0)
+            upload.close()
+            return answer
+        return 200, {"upload": upload.id, "offset": upload.offset}
+
+    def _make_room(self):
+        """Close uploads silent too long, and the least recent if full (under lock)."""
+        now = time.monotonic()
+        for upload in list(self.uploads.values()):
+            if now - upload.last < HTTP_UPLOAD_IDLE and len(self.uploads) < HTTP_UPLOADS_MAX:
+                break
+            if upload.lock.acquire(blocking=False):
+                try:
+                    self._drop(upload)
+                    upload.close(keep=True)
+                finally:
+                    upload.lock.release()
+        if len(self.uploads) >= HTTP_UPLOADS_MAX:
+            raise _HttpError(ST_BUSY, "%d uploads are already in progress" % HTTP_UPLOADS_MAX,
+                             headers=[("Retry-After", "10")])
+
+    def _drop(self, upload):
+        if self.uploads.get(upload.id) is upload:
+            del self.uploads[upload.id]
+            del self.by_key[upload.key]
+
+    def upload(self, uid):
+        with self.lock:
+            upload = self.uploads.get(uid)
+            if upload is not None:
+                upload.last = time.monotonic()
+                self.uploads.move_to_end(uid)
+        if upload is None:
+            raise _HttpError(ST_BAD_PATH, _NO_UPLOAD, 404)
+        return upload
+
+    def forget(self, upload):
+        with self.lock:
+            self._drop(upload)
+
+    def close(self):
+        """The server stops: every upload closed, its partial kept for a resume."""
+        with self.lock:
+            self.closed = True
+            uploads = list(self.uploads.values())
+            self.uploads.clear()
+            self.by_key.clear()
+        for upload in uploads:
+            if upload.lock.acquire(timeout=1.0):
+                try:
+                    upload.close(keep=True)
+                finally:
+                    upload.lock.release()
+
+
+class _Upload:
+    """One chunked upload between its requests: an _IncomingFile writing a
+    resumable partial of its own store, verified chunk by chunk, published
+    by its own group commit once the last chunk is in.
+
+    offset is how many bytes are verified and written: a chunk that fails its
+    digest, or is cut off, is cut off the partial again.  It is the claimant
+    of its partial (Receiver._claim); lock is held while a request uses it.
+    """
+
+    def __init__(self, receiver, key, raw, size, mtime_ns, digest, peer):
+        self.r = receiver
+        self.key = key
+        self.raw = raw
+        self.size = size
+        self.mtime_ns = mtime_ns
+        self.digest = digest            # of the whole file, if the page gave it
+        self.id = secrets.token_hex(12)
+        self.lock = threading.Lock()
+        self.last = time.monotonic()
+        self.store = _Store(receiver, _Dest(receiver.dir, root_fd=receiver._root_fd),
+                            claims=self)
+        self.store.partial_key = "\0http\0%d\0%d" % (size, mtime_ns)
+        self.commit = _GroupCommit(self.store, receiver, peer)
+        self.incoming = None
+        self.offset = 0
+
+    # -- the claims of its store (Receiver._claim)
+
+    def claim(self, key):
+        return self.r._claim(key, self)
+
+    def unclaim(self, key):
+        self.r._unclaim(key)
+
+    def silent_for(self):
+        return 0.0 if self.lock.locked() else time.monotonic() - self.last
+
+    def cut(self):
+        pass        # nothing to cut between requests; it lets go when closed
+
+    # -- its life
+
+    def open(self):
+        """Admit it and open (or resume) its partial; None, or the answer of
+        a file published at once (size 0)."""
+        incoming = _IncomingFile(self.store, 0, self.raw, self.size, self.mtime_ns, 0o644,
+                                 stream=False)
+        try:
+            incoming.admit(resumable=True)
+        except (XferError, OSError) as e:
+            raise _HttpError.of(self.raw, e) from None
+        self.incoming = incoming
+        offset = incoming.offset
+        if offset % HTTP_CHUNK:
+            # Kept across a restart, a partial may end in a chunk written but
+            # never verified: only whole chunks are taken.
+            offset -= offset % HTTP_CHUNK
+            os.ftruncate(incoming.fd, offset)
+            incoming.hasher = _hash_fd(incoming.fd, self.store.buf) if offset else None
+        incoming.begin(offset)
+        self.offset = offset
+        if not self.size:
+            return self._publish()
+        return None
+
+    def chunk(self, conn, request, offset):
+        """One PUT of a chunk at offset: (HTTP code, answer)."""
+        if offset != self.offset:
+            raise _HttpError(ST_CONFLICT, "%s: the upload is at byte %d, not %d"
+                             % (_display(self.raw), self.offset, offset),
+                             extra={"offset": self.offset})
+        n = request.length
+        if n is None:
+            raise _HttpError(ST_PROTOCOL, "a chunk needs a Content-Length", 411)
+        if n > HTTP_CHUNK:
+            raise _HttpError(ST_TOO_LARGE, "a chunk of %d bytes is over the %d this server "
+                             "takes" % (n, HTTP_CHUNK))
+        if not n or offset + n > self.size:
+            raise _HttpError(ST_PROTOCOL, "a chunk of %d bytes at %d of a file of %d"
+                             % (n, offset, self.size))
+        want = conn.digest_header(request, "x-chunk-sha256")
+        if want is None:
+            raise _HttpError(ST_PROTOCOL, "a chunk needs its X-Chunk-SHA256")
+        incoming = self.incoming
+        before = incoming.hasher.copy()
+        digest = hashlib.sha256()
+        readinto = conn.rfile.readinto
+
+        def hashed_readinto(view):
+            got = readinto(view)
+            digest.update(view[:got])
+            return got
+        conn.go_on(request)
+        try:
+            incoming.receive(hashed_readinto, n, _Pace(self.r, self.raw, n))
+        except BaseException:
+            self._take_back(before)
+            raise
+        request.unread = 0
+        error = incoming.write_error
+        if error is not None or not hmac.compare_digest(digest.digest(), want):
+            self._take_back(before)
+            if error is not None:
+                raise _HttpError.of(self.raw, error)
+            raise _HttpError(ST_INTEGRITY, "%s: the chunk at byte %d does not match its "
+                             "X-Chunk-SHA256; dropped" % (_display(self.raw), offset),
+                             extra={"offset": offset}, logged=True)
+        self.offset = offset + n
+        if self.offset < self.size:
+            return 200, {"offset": self.offset}
+        return self._publish()
+
+    def _take_back(self, hasher):
+        """Cut a chunk that failed off the partial again: offset stays."""
+        incoming = self.incoming
+        incoming.hasher = hasher
+        incoming.write_error = None
+        try:
+            os.ftruncate(incoming.fd, self.offset)
+            os.lseek(incoming.fd, self.offset, os.SEEK_SET)
+        except OSError:
+            self.r._web.forget(self)
+            self.close(keep=False)
+            raise
+
+    def _publish(self):
+        """The last byte is in: verify, seal, publish through the group commit."""
+        incoming, self.incoming = self.incoming, None
+        self.r._web.forget(self)
+        try:
+            failure = incoming.finish(self.digest or incoming.hasher.digest())
+            if failure is not None:
+                self.commit.refusal(0, self.raw, *failure)
+                raise _HttpError(*failure)
+            return _http_published(incoming, self.commit)
+        finally:
+            self.store.close()
+
+    def cancel(self):
+        self.r._web.forget(self)
+        self.close(keep=False)
+
+    def close(self, keep=True):
+        incoming, self.incoming = self.incoming, None
+        if incoming is not None:
+            incoming.close(keep=keep)
+        self.store.close()
+
+
+def _http_published(incoming, commit):
+    """Publish a sealed file through commit (counted and reported there, once);
+    (HTTP code, answer)."""
+    commit.hold(incoming)
+    commit.commit()
+    incoming.close()
+    if incoming.failure is not None:
+        raise _HttpError(*incoming.failure)
+    if incoming.final is None:
+        return _STATUS_BY_CODE[ST_SKIPPED].http, {
+            "path": incoming.raw.decode("utf-8"), "skipped": True, "note": incoming.note}
+    return _STATUS_BY_CODE[ST_OK].http, {"path": "/".join(incoming.parts), "size": incoming.size,
+                                         "sha256": incoming.digest, "note": incoming.note}
+
+
+class _HttpBody:
+    """A response body in HTTP/1.1 chunks, small writes gathered (about
+    _GATHER bytes a chunk); a file object for zipfile, which never seeks it."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.parts = []
+        self.size = 0
+
+    def write(self, data):
+        n = len(data)
+        if n >= _GATHER:
+            self.flush()
+            self.sock.sendall(b"%x\r\n" % n)
+            self.sock.sendall(data)
+            self.sock.sendall(b"\r\n")
+        elif n:
+            self.parts.append(bytes(data))
+            self.size += n
+            if self.size >= _GATHER:
+                self.flush()
+        return n
+
+    def flush(self):
+        if self.size:
+            data, self.parts, self.size = b"".join(self.parts), [], 0
+            self.sock.sendall(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def close(self):
+        """The last chunk: the body is complete."""
+        self.flush()
+        self.sock.sendall(b"0\r\n\r\n")
+
+
+class _HttpConnection:
+    """One HTTP connection: its requests in turn, until it closes, falls
+    silent, or a request ends it (Connection: close, an error that leaves
+    its body unread).  Runs on the connection's thread inside its
+    _ReceiveSession, whose store and group commit a one-shot upload uses."""
+
+    def __init__(self, session):
+        self.s = session
+        self.r = session.r
+        self.web = session.r._web
+        self.sock = session.sock
+        self.rfile = session.rfile
+        self.tls = session.sock is not session.raw_sock
+        self.peer = session.peer
+        self.address = session.address
+
+    def run(self):
+        deadline = self.s.started + self.r.handshake_timeout
+        request = None
+        try:
+            while True:
+                request = None
+                try:
+                    request = _HttpRequest(self._read_head(deadline))
+                    self.sock.settimeout(self.r.idle_timeout)
+                    keep = self._answer(request)
+                except _HttpError as e:
+                    keep = self._refuse(e, request)
+                if not keep or self.r._stopping or not self._next_request():
+                    return
+                deadline = time.monotonic() + self.r.handshake_timeout
+        except _HttpCut:
+            return
+        except _Drop:
+            return
+        except socket.timeout:
+            if request is None:
+                self.r._log("%s: dropped: HTTP request head not finished within %g s"
+                            % (self.peer, self.r.handshake_timeout))
+            else:
+                self.r._log("%s: dropped: silent for %ss" % (self.peer, self.r.idle_timeout))
+        except XferError as e:        # a body too slow, or cut off
+            self.r._log("%s: dropped: %s" % (self.peer, e))
+        except OSError:
+            pass                      # gone: a browser closes what it no longer needs
+
+    def _next_request(self):
+        """Wait for the next request's first byte (idle timeout); False to close.
+        Looks every quarter second whether the server is stopping."""
+        deadline = time.monotonic() + self.r.idle_timeout
+        while not self.rfile.ready(0.25):
+            if self.r._stopping or time.monotonic() > deadline:
+                return False
+        return self.rfile.peek() is not None
+
+    def _read_head(self, deadline):
+        """The request line and headers, within their limits and by deadline
+        (socket.timeout after it); None if the connection ended before a byte."""
+        rfile = self.rfile
+        while True:
+            buf, start, end = rfile.buf, rfile.start, rfile.end
+            line_end = buf.find(b"\n", start, end)
+            if (line_end if line_end >= 0 else end) - start > HTTP_LINE_MAX + 1:
+                raise _HttpError(ST_PROTOCOL, "request line over %d bytes" % HTTP_LINE_MAX,
+                                 414)
+            if line_end >= 0:
+                found = _HTTP_HEAD_END.search(buf, line_end, end)
+                stop = end if found is None else found.end()
+                if stop - line_end > HTTP_HEADERS_MAX + 2:
+                    raise _HttpError(ST_PROTOCOL, "headers over %d bytes" % HTTP_HEADERS_MAX,
+                                     431)
+                if found is not None:
+                    rfile.start = stop
+                    return bytes(buf[start:stop])
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout()
+            self.sock.settimeout(left)
+            if not rfile._fill(HTTP_LINE_MAX + HTTP_HEADERS_MAX + 4):
+                raise _Drop()
+
+    # -- answers
+
+    def _send_head(self, code, headers=(), length=None, close=False):
+        lines = ["HTTP/1.1 %d %s" % (code, _HTTP_REASONS.get(code, "Error"))]
+        lines.extend("%s: %s" % header for header in headers)
+        if length is None:
+            lines.append("Transfer-Encoding: chunked")
+        elif code != 204:
+            lines.append("Content-Length: %d" % length)
+        if close:
+            lines.append("Connection: close")
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+    def _send(self, code, body=b"", headers=_HTTP_JSON_HEADERS, close=False):
+        if isinstance(body, dict):
+            body = json.dumps(body).encode("utf-8")
+        self._send_head(code, headers, len(body), close)
+        if body:
+            self.sock.sendall(body)
+
+    def _refuse(self, error, request):
+        """Answer a refusal; True if the connection goes on."""
+        if error.logged or error.status == ST_PROTOCOL or error.http in (403, 421):
+            what = "" if request is None else " %s %s" % (request.method,
+                                                         _display(request.path, 100))
+            self.r._log("%s: refused HTTP%s: %s" % (self.peer, what, error.reason))
+        keep = request is not None and request.keep_alive
+        if keep and request.unread:
+            # Unread, a body would be taken for the next request: read it
+            # if small (and coming), else close after the answer.
+            if request.unread > HTTP_DRAIN_MAX or (request.expect and not request.continued):
+                keep = False
+            else:
+                self.s._drain(b"", request.unread)
+                request.unread = 0
+        body = {"error": error.reason, "status": _STATUS_BY_CODE[error.status].name}
+        body.update(error.extra)
+        self._send(error.http, body, _HTTP_JSON_HEADERS + error.headers, close=not keep)
+        if not keep:
+            self._linger()
+        return keep
+
+    def _linger(self):
+        """After a last answer: let the client read it before the close, which
+        with its request unread would reset the connection and lose it."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(1.0)
+            left = HTTP_DRAIN_MAX * 16
+            while left > 0:
+                n = self.sock.recv_into(self.s.buf)
+                if not n:
+                    break
+                left -= n
+        except (OSError, ValueError):
+            pass
+        raise _HttpCut()
+
+    def go_on(self, request):
+        """The body is wanted: answer Expect: 100-continue."""
+        if request.expect and not request.continued:
+            request.continued = True
+            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    # -- checks
+
+    def _check_origin(self, request):
+        """CSRF (README "Security"): a request from another site is refused."""
+        headers = request.headers
+        origin = headers.get("origin")
+        if origin is not None:
+            own = "%s://%s" % ("https" if self.tls else "http", headers.get("host", ""))
+            if origin.lower() != own.lower():
+                raise _HttpError(ST_DENIED, "a request from another site (Origin %s)"
+                                 % _display(origin, 100))
+        site = headers.get("sec-fetch-site")
+        if site is not None and site.lower() not in ("same-origin", "none"):
+            raise _HttpError(ST_DENIED, "a request from another site (Sec-Fetch-Site %s)"
+                             % _display(site, 40))
+
+    def _judge(self, right, what="token"):
+        """A secret checked against the address's back-off (_AuthGuard)."""
+        verdict = self.r._auth.check(self.address, self.peer, right, what)
+        if verdict is None:
+            raise _HttpError(ST_AUTH_FAILED, "wrong %s" % what.split(" (")[0])
+        if verdict:
+            raise _HttpError(ST_BUSY, _backoff_reason(self.address, verdict),
+                             headers=[("Retry-After", "%d" % math.ceil(verdict))])
+
+    def _logged_in(self, request):
+        """True with no token, the right Bearer token or a session cookie;
+        a wrong Bearer token counts against the address."""
+        token = self.r.token
+        if not token:
+            return True
+        auth = request.headers.get("authorization")
+        if auth is not None:
+            scheme, _, value = auth.partition(" ")
+            if scheme.lower() == "bearer":
+                given = value.strip().encode("latin-1")
+                self._judge(lambda: hmac.compare_digest(given, token.encode("utf-8")))
+                request.bearer = True
+                return True
+        return self.web.logged_in(self._cookie(request))
+
+    @staticmethod
+    def _cookie(request):
+        for item in request.headers.get("cookie", "").split(";"):
+            name, _, value = item.strip().partition("=")
+            if name == _HTTP_COOKIE:
+                return value
+        return None
+
+    def _require_login(self, request):
+        if not self._logged_in(request):
+            raise _HttpError(ST_AUTH_FAILED, "log in first (POST /api/login), or send "
+                             "Authorization: Bearer TOKEN")
+
+    def _require_get(self):
+        if not self.r.allow_get:
+            raise _HttpError(ST_DENIED, "this server does not let clients read its directory: "
+                             "start it with serve --allow-get (or allow_get = yes in [serve])")
+
+    def digest_header(self, request, name):
+        value = request.headers.get(name)
+        if value is None:
+            return None
+        if not _HTTP_HEX_DIGEST.match(value):
+            raise _HttpError(ST_PROTOCOL, "%s is not 64 hex digits" % name)
+        return bytes.fromhex(value)
+
+    def _json_body(self, request):
+        if request.length is None:
+            raise _HttpError(ST_PROTOCOL, "a JSON body needs a Content-Length", 411)
+        if request.length > HTTP_JSON_MAX:
+            raise _HttpError(ST_TOO_LARGE, "a JSON body of %d bytes is over %d"
+                             % (request.length, HTTP_JSON_MAX))
+        self.go_on(request)
+        data = _recv_exact(self.rfile, request.length)
+        request.unread = 0
+        try:
+            body = json.loads(data.decode("utf-8"), parse_float=_JsonFloat)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise _HttpError(ST_PROTOCOL, "the body is not a JSON object")
+        return body
+
+    # -- routes
+
+    def _answer(self, request):
+        """Check and route one request; True if the connection goes on."""
+        host = request.headers.get("host")
+        if host is None:
+            raise _HttpError(ST_PROTOCOL, "no Host header")
+        if not self.web.host_allowed(host):
+            raise _HttpError(ST_DENIED, "Host %s is not a name of this server (open it by its "
+                             "address or host name)" % _display(host, 100), 421)
+        method, path = request.method, request.path
+        if method == "OPTIONS":
+            raise _HttpError(ST_DENIED, "cross-origin requests are not served")
+        if path == "/":
+            if method != "GET":
+                raise _HttpError(ST_PROTOCOL, "%s of the page" % method, 405)
+            self._send(200, _PAGE.encode("utf-8"), _HTTP_PAGE_HEADERS)
+            return request.keep_alive
+        if not path.startswith("/api/"):
+            raise _HttpError(ST_BAD_PATH, "no such page", 404)
+        self._check_origin(request)
+        if method in ("POST", "PUT", "DELETE"):
+            # A browser adds no Authorization header by itself, and a page of
+            # another origin can add one only after a preflight (refused).
+            if request.headers.get("authorization", "")[:7].lower() == "bearer ":
+                if self.r.token:
+                    self._require_login(request)  # checked here: it stands for X-Xfer
+            elif request.headers.get("x-xfer") != "1":
+                raise _HttpError(ST_DENIED, "a request that changes something needs the "
+                                 "header X-Xfer: 1 (or Authorization: Bearer TOKEN)")
+        route, _, rest = path[len("/api/"):].partition("/")
+        handler = self._ROUTES.get((method, route))
+        if handler is None:
+            if any(known == route for _, known in self._ROUTES):
+                raise _HttpError(ST_PROTOCOL, "%s is not served for /api/%s"
+                                 % (method, route), 405)
+            raise _HttpError(ST_BAD_PATH, "no such API", 404)
+        try:
+            raw = _http_unquote(rest)
+        except ValueError as e:
+            raise _HttpError(ST_BAD_PATH, "malformed path: %s" % e) from None
+        if route not in ("session", "login"):
+            self._require_login(request)
+        answer = handler(self, request, raw)
+        if answer is not None:
+            code, body = answer
+            extra = ()
+            if isinstance(body, tuple):
+                body, extra = body
+            self._send(code, body, (_HTTP_JSON_HEADERS if body or code != 204 else ()) + extra)
+        return request.keep_alive
+
+    def _session_info(self, request, raw):
+        try:
+            logged_in = self._logged_in(request)
+        except _HttpError as e:
+            if e.status != ST_AUTH_FAILED:
+                raise
+            logged_in = False
+        r = self.r
+        return 200, {"logged_in": logged_in, "auth": bool(r.token), "name": r.name,
+                     "version": __version__, "allow_get": bool(r.allow_get),
+                     "max_size": r.max_size, "chunk": HTTP_CHUNK}
+
+    def _login(self, request, raw):
+        """POST /api/login: the token or the open pairing code, judged as a
+        pairing's or a handshake's is (tries, back-off); a right code stays open."""
+        secret = self._json_body(request).get("secret")
+        if not isinstance(secret, str) or not secret.strip():
+            raise _HttpError(ST_PROTOCOL, 'the body needs "secret": the pairing code or the '
+                             'token')
+        secret = secret.strip()
+        token = self.r.token
+        if token:
+            try:
+                code = _normalize_code(secret)
+            except ConfigError:
+                code = None
+            if code is None or hmac.compare_digest(secret.encode("utf-8"),
+                                                   token.encode("utf-8")):
+                self._judge(lambda: hmac.compare_digest(secret.encode("utf-8"),
+                                                        token.encode("utf-8")),
+                            "token or pairing code")
+            else:
+                self._login_code(code)
+        cookie = "%s=%s; HttpOnly; SameSite=Strict; Path=/; Max-Age=%d%s" % (
+            _HTTP_COOKIE, self.web.login(), HTTP_SESSION_AGE, "; Secure" if self.tls else "")
+        return 204, (b"", (("Set-Cookie", cookie), ("Cache-Control", "no-store")))
+
+    def _login_code(self, code):
+        wait = self.r._auth.wait(self.address, count=True)
+        if wait:
+            raise _HttpError(ST_BUSY, _backoff_reason(self.address, wait),
+                             headers=[("Retry-After", "%d" % math.ceil(wait))])
+        pairing = self.r._pairing
+        try:
+            serial, w, left = pairing.begin()
+        except AuthError as e:
+            self.r._log("%s: refused web login: %s" % (self.peer, e))
+            raise _HttpError(ST_AUTH_FAILED, str(e)) from None
+        right = _code_scalar(code) == w       # outside the guard's lock: PBKDF2 takes a while
+        try:
+            self._judge(lambda: right, "pairing code (%d %s left)"
+                        % (left, "try" if left == 1 else "tries"))
+        except _HttpError as e:
+            if e.status == ST_AUTH_FAILED:
+                pairing.failed(serial)
+            raise
+        pairing.refund(serial)
+        self.r._note("%s: logged in to the web page with the pairing code" % self.peer)
+
+    def _logout(self, request, raw):
+        self.web.logout(self._cookie(request))
+        return 204, (b"", (("Set-Cookie", "%s=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"
+                            % _HTTP_COOKIE),))
+
+    def _put_file(self, request, raw):
+        """PUT /api/files/PATH: the body is the file, into the store as a push's."""
+        length = request.length
+        if length is None:
+            raise _HttpError(ST_PROTOCOL, "an upload needs a Content-Length", 411)
+        digest = self.digest_header(request, "x-content-sha256")
+        try:
+            mtime_ns = _seconds_ns(request.headers["x-mtime"]) \
+                if "x-mtime" in request.headers else time.time_ns()
+        except ValueError:
+            raise _HttpError(ST_PROTOCOL, "X-Mtime is not a time in seconds") from None
+        commit = self.s.commit
+        incoming = _IncomingFile(self.s.store, 0, raw, length, mtime_ns, 0o644, stream=False)
+        try:
+            incoming.admit()
+        except (XferError, OSError) as e:
+            code, reason = _failure(raw, e)
+            commit.refusal(0, raw, code, reason)        # counted and logged as a push's
+            if code == ST_SKIPPED:
+                return self._skipped(request, raw, reason)
+            raise _HttpError(code, reason) from None
+        self.go_on(request)
+        try:
+            incoming.begin(0)
+            incoming.receive(self.rfile.readinto, length, _Pace(self.r, raw, length))
+            request.unread = 0
+            failure = incoming.finish(digest or incoming.hasher.digest())
+        except BaseException:
+            incoming.close()
+            raise
+        if failure is not None:
+            commit.refusal(0, raw, *failure)
+            raise _HttpError(*failure)
+        return _http_published(incoming, commit)
+
+    def _skipped(self, request, raw, reason):
+        if request.unread:
+            if request.unread > HTTP_DRAIN_MAX or (request.expect and not request.continued):
+                request.keep_alive = False
+            else:
+                self.s._drain(raw, request.unread)
+                request.unread = 0
+        body = {"path": raw.decode("utf-8"), "skipped": True, "note": reason}
+        if not request.keep_alive:
+            self._send(200, body, close=True)
+            self._linger()
+        return 200, body
+
+    def _start_upload(self, request, raw):
+        """POST /api/uploads {path, size, mtime[, sha256]}: the upload's id and offset."""
+        if raw:
+            raise _HttpError(ST_BAD_PATH, "no such API", 404)
+        body = self._json_body(request)
+        path, size, mtime = body.get("path"), body.get("size"), body.get("mtime")
+        if not isinstance(path, str):
+            raise _HttpError(ST_BAD_PATH, 'the body needs "path", a string')
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or size >= 1 << 63:
+            raise _HttpError(ST_PROTOCOL, 'the body needs "size", a whole number of bytes')
+        try:
+            mtime_ns = time.time_ns() if mtime is None else _seconds_ns(
+                str(mtime) if isinstance(mtime, (int, _JsonFloat))
+                and not isinstance(mtime, bool) else "x")
+        except ValueError:
+            raise _HttpError(ST_PROTOCOL, '"mtime" is not a time in seconds') from None
+        digest = body.get("sha256")
+        if digest is not None:
+            if not isinstance(digest, str) or not _HTTP_HEX_DIGEST.match(digest):
+                raise _HttpError(ST_PROTOCOL, '"sha256" is not 64 hex digits')
+            digest = bytes.fromhex(digest)
+        try:
+            raw = path.encode("utf-8")
+            parts = self.r._split(raw)
+        except UnicodeEncodeError:
+            raise _HttpError(ST_BAD_PATH, "path is not valid UTF-8") from None
+        except XferError as e:
+            self.s.commit.refusal(0, raw, e.code, str(e))
+            raise _HttpError.of(raw, e) from None
+        try:
+            return self.web.start_upload(("/".join(parts), size, mtime_ns), raw, size,
+                                         mtime_ns, digest, self.peer)
+        except _HttpError as e:
+            if e.status not in (ST_BUSY, ST_SHUTDOWN):
+                self.s.commit.refusal(0, raw, e.status, e.reason)  # as a push's
+            if e.status == ST_SKIPPED:
+                return 200, {"path": path, "skipped": True, "note": e.reason}
+            raise
+
+    def _put_chunk(self, request, raw):
+        upload = self.web.upload(raw.decode("latin-1"))
+        offset = request.query.get("offset", "")
+        if not offset.isdigit():
+            raise _HttpError(ST_PROTOCOL, "a chunk needs ?offset=K")
+        # A chunk cut off may still be unwinding on its old connection.
+        if not upload.lock.acquire(timeout=CLAIM_SILENCE + 1.0):
+            raise _HttpError(ST_CONFLICT, "another request is writing this upload",
+                             extra={"offset": upload.offset})
+        try:
+            if upload.incoming is None:
+                raise _HttpError(ST_BAD_PATH, _NO_UPLOAD, 404)      # it ended meanwhile
+            return upload.chunk(self, request, int(offset))
+        finally:
+            upload.lock.release()
+
+    def _cancel_upload(self, request, raw):
+        upload = self.web.upload(raw.decode("latin-1"))
+        if not upload.lock.acquire(timeout=CLAIM_SILENCE + 1.0):
+            raise _HttpError(ST_CONFLICT, "another request is writing this upload")
+        try:
+            upload.cancel()
+        finally:
+            upload.lock.release()
+        return 204, (b"", ())
+
+    def _served(self, raw):
+        """(path, lstat, name) below DIR of a GET, confined as GET and LIST are."""
+        self._require_get()
+        raw = raw.rstrip(b"/")
+        try:
+            return self.s._served(raw)
+        except (FileNotFoundError, NotADirectoryError):
+            raise _HttpError(ST_BAD_PATH, "%s: no such file or directory" % _display(raw),
+                             404) from None
+        except (XferError, OSError) as e:
+            raise _HttpError.of(raw, e) from None
+
+    def _list(self, request, raw):
+        """GET /api/list/PATH: one directory's entries, streamed as they are read."""
+        path, st, name = self._served(raw)
+        if stat.S_ISDIR(st.st_mode):
+            entries = _list_dir(path)
+        else:
+            entries = iter([("file" if stat.S_ISREG(st.st_mode) else "other", path, name, st)])
+        try:
+            first = next(entries, None)
+        except OSError as e:
+            raise _HttpError.of(raw, e) from None
+        self._send_head(200, _HTTP_JSON_HEADERS)
+        body = _HttpBody(self.sock)
+        body.write(b'{"path": %s, "entries": [' % json.dumps(
+            raw.rstrip(b"/").decode("utf-8")).encode())
+        sep = b""
+        try:
+            for kind, entry_path, entry_name, entry_st in itertools.chain(
+                    [first] if first else [], entries):
+                if kind == "dir":
+                    try:
+                        entry_st = os.lstat(entry_path)
+                    except OSError:
+                        continue
+                    kind = "dir"
+                elif kind == "other":
+                    kind = "symlink" if stat.S_ISLNK(entry_st.st_mode) else "other"
+                body.write(sep + json.dumps({
+                    "name": entry_name, "type": kind,
+                    "size": entry_st.st_size if kind == "file" else 0,
+                    "mtime": _seconds(entry_st.st_mtime_ns),
+                    "mode": stat.S_IMODE(entry_st.st_mode)}).encode())
+                sep = b", "
+        except OSError:
+            raise _HttpCut() from None      # the listing breaks off: never a short one
+        body.write(b"]}")
+        body.close()
+
+    def _download(self, request, raw):
+        """GET /api/files/PATH: the file, or the Range asked for."""
+        path, st, name = self._served(raw)
+        if not stat.S_ISREG(st.st_mode):
+            raise _HttpError(ST_CONFLICT, "%s: %s; not served" % (
+                _display(raw), "a directory (see /api/list/ and /api/zip/)"
+                if stat.S_ISDIR(st.st_mode) else "a symlink or special file"))
+        try:
+            f = _Outgoing(path, st, nofollow=True)
+        except OSError as e:
+            raise _HttpError.of(raw, e) from None
+        with f:
+            now = os.fstat(f.fd)
+            if not stat.S_ISREG(now.st_mode) or (now.st_ino, now.st_dev) != (
+                    st.st_ino, st.st_dev):
+                raise _HttpError(ST_CONFLICT, "%s: replaced while being served" % _display(raw))
+            size = f.size
+            etag = '"%x-%x"' % (size, f.mtime_ns)
+            modified = _http_date(f.mtime_ns // 10**9)
+            headers = [("Content-Type", "application/octet-stream"),
+                       ("Content-Disposition", "attachment; filename*=UTF-8''%s"
+                        % _http_quote(name)),
+                       ("Accept-Ranges", "bytes"), ("Last-Modified", modified), ("ETag", etag),
+                       ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
+            first, last, code = 0, size - 1, 200
+            wanted = request.headers.get("range")
+            if wanted is not None and request.headers.get("if-range", etag) in (etag, modified):
+                span = _http_range(wanted, size)
+                if span == "unsatisfiable":
+                    raise _HttpError(ST_BAD_PATH, "%s: the range is past its end (%d bytes)"
+                                     % (_display(raw), size), 416,
+                                     headers=[("Content-Range", "bytes */%d" % size)])
+                if span is not None:
+                    first, last = span
+                    code = 206
+                    headers.append(("Content-Range", "bytes %d-%d/%d" % (first, last, size)))
+            self._send_head(code, headers, last - first + 1)
+            if first:
+                f.seek(first)
+            self._send_file(f, last - first + 1)
+        return None
+
+    def _send_file(self, f, count, out=None):
+        """count bytes of f to the client (or to out); the last of them only
+        if the file did not change while it was read, else _HttpCut."""
+        view = memoryview(self.s.buf)
+        write = self.sock.sendall if out is None else out.write
+        while count:
+            try:
+                n = f.readinto(view[:min(count, CHUNK)])
+            except OSError:
+                n = 0
+            if not n:
+                raise _HttpCut()            # it shrank
+            count -= n
+            if not count and f.changed():
+                raise _HttpCut()
+            write(view[:n])
+
+    def _zip(self, request, raw):
+        """GET /api/zip/PATH: the tree as a stored zip, streamed as it is read."""
+        path, st, name = self._served(raw)
+        if not stat.S_ISDIR(st.st_mode):
+            raise _HttpError(ST_CONFLICT, "%s: not a directory" % _display(raw))
+        top = name or os.path.basename(self.r.dir.rstrip(os.sep)) or "xfer"
+        self._send_head(200, [("Content-Type", "application/zip"), (
+            "Content-Disposition", "attachment; filename*=UTF-8''%s.zip" % _http_quote(top)),
+            ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")])
+        body = _HttpBody(self.sock)
+        archive = zipfile.ZipFile(body, "w", zipfile.ZIP_STORED, allowZip64=True)
+        for kind, entry_path, entry_name, entry_st in _walk_tree(path, top, served=True):
+            if kind not in ("dir", "file"):
+                continue                    # symlinks and special files, as get skips them
+            try:
+                entry_name.encode("utf-8")
+            except UnicodeEncodeError:
+                continue                    # a name that is not UTF-8 cannot be stored
+            if kind == "dir":
+                info = zipfile.ZipInfo(entry_name + "/", _zip_time(time.time()))
+                info.external_attr = (0o40755 << 16) | 0x10
+                archive.writestr(info, b"")
+                continue
+            try:
+                f = _Outgoing(entry_path, entry_st, nofollow=True)
+            except OSError:
+                continue
+            with f:
+                info = zipfile.ZipInfo(entry_name, _zip_time(f.mtime_ns / 1e9))
+                info.external_attr = (stat.S_IFREG | stat.S_IMODE(f.mode)) << 16
+                info.file_size = f.size
+                with archive.open(info, "w", force_zip64=f.size >= 1 << 31) as out:
+                    self._send_file(f, f.size, out)
+        archive.close()
+        body.close()
+
+    _ROUTES = {
+        ("GET", "session"): _session_info, ("POST", "login"): _login,
+        ("POST", "logout"): _logout, ("PUT", "files"): _put_file, ("GET", "files"): _download,
+        ("POST", "uploads"): _start_upload, ("PUT", "uploads"): _put_chunk,
+        ("DELETE", "uploads"): _cancel_upload, ("GET", "list"): _list, ("GET", "zip"): _zip,
+    }
+
+
+def _seconds(ns):
+    """Seconds of a time in nanoseconds, as near as a float gets (ns / 1e9 is
+    not: 1600000000250000000 / 1e9 is 1600000000.2499998)."""
+    return ns // 10**9 + ns % 10**9 / 1e9
+
+
+def _zip_time(seconds):
+    """A zip entry's local date and time (1980 to 2107, what the format holds)."""
+    t = time.localtime(max(315532800, min(seconds, 4354819198)))[:6]
+    return max(t, (1980, 1, 1, 0, 0, 0))
+
+
+#------------------------------------------------------------
+# the web page (served by GET /)
+#------------------------------------------------------------
+
+_PAGE = """\
+<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>xfer</title>
+</head>
+<body>
+<h1>xfer</h1>
+<p>This server takes files over its HTTP API (README "HTTP API").</p>
+</body>
+</html>
+"""
 
 
 #------------------------------------------------------------
@@ -7707,7 +8996,7 @@ class Config:
 _KNOWN_KEYS = frozenset(["host", "port", "token", "dir", "to", "workers", "max_connections",
                          "max_size", "portable_names", "tls", "tls_cert", "tls_key",
                          "fingerprint", "no_auth", "overwrite", "allow_home", "allow_get",
-                         "no_discovery"])
+                         "no_discovery", "web"])
 
 
 def load_config(path=None, environ=None, cwd=None, local=False, serverinfo=True):
@@ -8281,7 +9570,7 @@ def _check_serve_dir(directory, protected, allow_home):
 
 _ServeSettings = collections.namedtuple("_ServeSettings", (
     "dir host port token token_from no_auth tls tls_cert tls_key allow_home allow_get "
-    "max_connections max_size portable overwrite settings protected no_discovery"))
+    "max_connections max_size portable overwrite settings protected no_discovery web"))
 
 
 def _serve_settings(args, config, environ=None):
@@ -8317,7 +9606,8 @@ def _serve_settings(args, config, environ=None):
                               parse=_yes_no).value else None,
         overwrite=find("overwrite", flag=args.overwrite).value or "replace",
         settings=path, protected=_serve_protected(config, path, tls_cert, tls_key),
-        no_discovery=find("no_discovery", flag=args.no_discovery, parse=_yes_no).value)
+        no_discovery=find("no_discovery", flag=args.no_discovery, parse=_yes_no).value,
+        web=not args.no_web and find("web", parse=_yes_no, default=True).value)
 
 
 def _serve_token(opts):
@@ -8547,7 +9837,7 @@ def _cmd_serve(args):
                         portable_names=opts.portable, tls_cert=tls_cert, tls_key=tls_key,
                         overwrite=opts.overwrite, partial_max_age=args.partial_max_age * 86400,
                         protect=opts.protected, allow_get=opts.allow_get,
-                        discovery=not opts.no_discovery)
+                        discovery=not opts.no_discovery, web=opts.web)
     status = None
     # Installed before the readiness line, so a supervisor may send SIGTERM
     # as soon as it has read it.
@@ -8769,6 +10059,8 @@ def _print_banner(receiver, token, token_from, bound_host, bound_port, code=None
             line += " --fingerprint " + receiver.fingerprint
         out.append(line)
         out.append("then send with:  python3 xfer.py send FILE... %s:" % name)
+    if getattr(receiver, "web", False):
+        out.append("web page: %s://%s/" % ("https" if receiver.fingerprint else "http", where))
     if len(addresses) > 1:
         out.append("addresses: %s" % ", ".join(addresses))
     sys.stdout.write("".join(line + "\n" for line in out))
@@ -10152,6 +11444,8 @@ def _build_parser():
                    "(README \"Hooks\")")
     p.add_argument("--no-discovery", action="store_true",
                    help="answer no discovery queries (find, pair without HOST)")
+    p.add_argument("--no-web", action="store_true",
+                   help="serve no web page and no HTTP API on the port (README \"HTTP API\")")
     p.add_argument("--hook-timeout", type=float, metavar="SECONDS", default=DEFAULT_HOOK_TIMEOUT,
                    help="stop a hook still running after this long (default %g)"
                    % DEFAULT_HOOK_TIMEOUT)
