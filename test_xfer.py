@@ -3202,7 +3202,7 @@ class ServerRobustnessTests(unittest.TestCase):
 
     def test_wrong_magic_is_dropped(self):
         receiver = start_receiver(self, self.dst)
-        for data in (b"GET / HTTP/1.1\r\n\r\n",
+        for data in (b"SSH-2.0-OpenSSH_9.6\r\n",
                      b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",
                      b"XFEZ" + b"\x00" * 4):
             with self.subTest(data=data):
@@ -6840,7 +6840,7 @@ class ServeLogTests(unittest.TestCase):
                                                        r"token$"), logs)
         sock = raw_connect(receiver.address)
         self.addCleanup(sock.close)
-        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        sock.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")     # HTTP is served: see HttpApiTests
         self.assertEqual(recv_until_closed(sock), b"")
         line = _rlog_wait_for_line(logs, "xfer client")
         self.assertRegex(line, r"^127\.0\.0\.1:\d+: refused: not an xfer client")
@@ -6906,7 +6906,7 @@ class ServeLogTests(unittest.TestCase):
         # so the two refusals are logged in the order they were made.
         self.assertTrue(wait_until(lambda: len(lines) >= 1), lines)
         sock = raw_connect((HOST, port))
-        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        sock.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
         recv_until_closed(sock)
         sock.close()
         # The two refusals are the proof that -q prints at all; then stop.

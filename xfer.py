@@ -4802,6 +4802,9 @@ _HTTP_PAGE_HEADERS = (
      "form-action 'self'; frame-ancestors 'none'"),
     ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"))
 _HTTP_HEAD_END = re.compile(rb"\n\r?\n")
+# How a request starts: a method, a space, a path; or as much of that as has
+# arrived.  A connection that starts otherwise is not HTTP (ssh, a scanner).
+_HTTP_START = re.compile(rb"[A-Z]{1,16}(?: (?:/|\Z)|\Z)")
 _HTTP_METHOD = re.compile(r"[A-Z]{1,16}\Z")
 _HTTP_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _HTTP_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}\Z")
@@ -5367,11 +5370,13 @@ class _HttpConnection:
     def run(self):
         deadline = self.s.started + self.r.handshake_timeout
         request = None
+        first = True
         try:
             while True:
                 request = None
                 try:
-                    request = _HttpRequest(self._read_head(deadline))
+                    request = _HttpRequest(self._read_head(deadline, first))
+                    first = False
                     self.sock.settimeout(self.r.idle_timeout)
                     keep = self._answer(request)
                 except _HttpError as e:
@@ -5403,12 +5408,17 @@ class _HttpConnection:
                 return False
         return self.rfile.peek() is not None
 
-    def _read_head(self, deadline):
+    def _read_head(self, deadline, first=False):
         """The request line and headers, within their limits and by deadline
-        (socket.timeout after it); None if the connection ended before a byte."""
+        (socket.timeout after it).  first: the connection's first request,
+        dropped as "not an xfer client" if it does not start as HTTP does."""
         rfile = self.rfile
         while True:
             buf, start, end = rfile.buf, rfile.start, rfile.end
+            if first and not _HTTP_START.match(buf, start, min(end, start + 18)):
+                self.r._log("%s: refused: not an xfer client (first bytes %r)"
+                            % (self.peer, bytes(buf[start:min(end, start + 8)])))
+                raise _Drop()
             line_end = buf.find(b"\n", start, end)
             if (line_end if line_end >= 0 else end) - start > HTTP_LINE_MAX + 1:
                 raise _HttpError(ST_PROTOCOL, "request line over %d bytes" % HTTP_LINE_MAX,
