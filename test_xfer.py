@@ -10694,6 +10694,44 @@ class HttpApiTests(unittest.TestCase):
         with open(os.path.join(d, "t.txt"), "rb") as f:
             self.assertEqual(f.read(), b"tls")
 
+    def test_the_protocol_example_is_what_the_server_answers(self):
+        section = ReadmeSyncTests.readme().split("#### 9.1 An example", 1)[1]
+        section = section.split("\n## ", 1)[0]
+        blocks = re.findall(r"^```\n(.*?)^```$", section, re.M | re.S)
+        self.assertEqual(len(blocks) % 2, 0)
+        self.assertGreaterEqual(len(blocks), 18)
+        cookie = re.search(r"xfer_session=([\w-]+);", section).group(1)
+        upload = re.search(r'"upload": "([0-9a-f]+)"', section).group(1)
+        real_hex = xfer.secrets.token_hex
+        with mock.patch.object(xfer.secrets, "token_hex",
+                               lambda n=None: upload if n == 12 else real_hex(n)), \
+                mock.patch.object(xfer.secrets, "token_urlsafe", lambda n=None: cookie):
+            receiver, d = _http_server(self, token="example-token", allow_get=True, name="pi")
+            receiver.open_pairing("7-castle-river")
+            sock = raw_connect(receiver.address)
+            self.addCleanup(sock.close)
+            rfile = sock.makefile("rb")
+            self.addCleanup(rfile.close)
+            for request, answer in zip(blocks[::2], blocks[1::2]):
+                with self.subTest(request=request.split("\n", 1)[0]):
+                    head, body = request.split("\n\n", 1)
+                    if os.path.exists(os.path.join(d, "notes", "hello.txt")):
+                        os.chmod(os.path.join(d, "notes", "hello.txt"), 0o644)
+                    sock.sendall((head + "\n\n").replace("\n", "\r\n").encode()
+                                 + body.rstrip("\n").encode())
+                    got = b"".join(iter(rfile.readline, b"\r\n")) + b"\r\n"
+                    length = re.search(rb"Content-Length: (\d+)", got)
+                    if length:
+                        got += rfile.read(int(length.group(1)))
+                    elif b"chunked" in got:
+                        while True:
+                            size = rfile.readline()
+                            got += size + rfile.read(int(size, 16) + 2)
+                            if int(size, 16) == 0:
+                                break
+                    self.assertEqual(got.decode().replace("\r\n", "\n").rstrip("\n"),
+                                     answer.rstrip("\n"))
+
     def test_the_status_table_has_the_http_codes_of_the_contract(self):
         wanted = {"ST_OK": 201, "ST_SKIPPED": 200, "ST_BAD_PATH": 400, "ST_CONFLICT": 409,
                   "ST_TOO_LARGE": 413, "ST_NO_SPACE": 507, "ST_INTEGRITY": 422, "ST_IO": 500,
