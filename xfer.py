@@ -5285,7 +5285,7 @@ class _Upload:
         try:
             failure = incoming.finish(self.digest or incoming.hasher.digest())
             if failure is not None:
-                self.commit.refusal(0, self.raw, *failure)
+                self.commit.refusal(self.raw, *failure)
                 raise _HttpError(*failure)
             return _http_published(incoming, self.commit)
         finally:
@@ -5472,7 +5472,7 @@ class _HttpConnection:
             if request.unread > HTTP_DRAIN_MAX or (request.expect and not request.continued):
                 keep = False
             else:
-                self.s._drain(b"", request.unread)
+                self._drop_body(b"", request.unread)
                 request.unread = 0
         body = {"error": error.reason, "status": _STATUS_BY_CODE[error.status].name}
         body.update(error.extra)
@@ -5480,6 +5480,11 @@ class _HttpConnection:
         if not keep:
             self._linger()
         return keep
+
+    def _drop_body(self, raw, count):
+        """Read a refused request's body and drop it, as a refused push's is."""
+        _Drain(self.s.store, raw, (ST_IO, "refused")).receive(
+            self.rfile.readinto, count, _Pace(self.r, raw, count))
 
     def _linger(self):
         """After a last answer: let the client read it before the close, which
@@ -5720,7 +5725,7 @@ class _HttpConnection:
             incoming.admit()
         except (XferError, OSError) as e:
             code, reason = _failure(raw, e)
-            commit.refusal(0, raw, code, reason)        # counted and logged as a push's
+            commit.refusal(raw, code, reason)        # counted and logged as a push's
             if code == ST_SKIPPED:
                 return self._skipped(request, raw, reason)
             raise _HttpError(code, reason) from None
@@ -5734,7 +5739,7 @@ class _HttpConnection:
             incoming.close()
             raise
         if failure is not None:
-            commit.refusal(0, raw, *failure)
+            commit.refusal(raw, *failure)
             raise _HttpError(*failure)
         return _http_published(incoming, commit)
 
@@ -5743,7 +5748,7 @@ class _HttpConnection:
             if request.unread > HTTP_DRAIN_MAX or (request.expect and not request.continued):
                 request.keep_alive = False
             else:
-                self.s._drain(raw, request.unread)
+                self._drop_body(raw, request.unread)
                 request.unread = 0
         body = {"path": raw.decode("utf-8"), "skipped": True, "note": reason}
         if not request.keep_alive:
@@ -5778,14 +5783,14 @@ class _HttpConnection:
         except UnicodeEncodeError:
             raise _HttpError(ST_BAD_PATH, "path is not valid UTF-8") from None
         except XferError as e:
-            self.s.commit.refusal(0, raw, e.code, str(e))
+            self.s.commit.refusal(raw, e.code, str(e))
             raise _HttpError.of(raw, e) from None
         try:
             return self.web.start_upload(("/".join(parts), size, mtime_ns), raw, size,
                                          mtime_ns, digest, self.peer)
         except _HttpError as e:
             if e.status not in (ST_BUSY, ST_SHUTDOWN):
-                self.s.commit.refusal(0, raw, e.status, e.reason)  # as a push's
+                self.s.commit.refusal(raw, e.status, e.reason)  # as a push's
             if e.status == ST_SKIPPED:
                 return 200, {"path": path, "skipped": True, "note": e.reason}
             raise
