@@ -10636,6 +10636,12 @@ class HttpApiTests(unittest.TestCase):
                                token=None)
         self.assertEqual(response.status, 201)
         self.assertEqual(_http(conn, "GET", "/api/files/a.txt", token=None)[1], b"a")
+        # A HEAD is refused without a body, and a body no route reads is dropped:
+        # the connection goes on in step.
+        self.assertEqual(_http(conn, "HEAD", "/", token=None)[0].status, 405)
+        self.assertEqual(_http(conn, "GET", "/api/session", b"ignored", token=None)[0].status,
+                         200)
+        self.assertEqual(_http(conn, "GET", "/api/files/a.txt", token=None)[1], b"a")
 
     def test_the_page_is_served_with_its_security_headers(self):
         receiver, d = _http_server(self)

@@ -5377,6 +5377,7 @@ class _HttpConnection:
                 try:
                     request = _HttpRequest(self._read_head(deadline, first))
                     first = False
+                    self.head_only = request.method == "HEAD"
                     self.sock.settimeout(self.r.idle_timeout)
                     keep = self._answer(request)
                 except _HttpError as e:
@@ -5452,11 +5453,13 @@ class _HttpConnection:
             lines.append("Connection: close")
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
+    head_only = False           # the request is a HEAD: its answer has no body
+
     def _send(self, code, body=b"", headers=_HTTP_JSON_HEADERS, close=False):
         if isinstance(body, dict):
             body = json.dumps(body).encode("utf-8")
         self._send_head(code, headers, len(body), close)
-        if body:
+        if body and not self.head_only:
             self.sock.sendall(body)
 
     def _refuse(self, error, request):
@@ -5642,6 +5645,10 @@ class _HttpConnection:
             if isinstance(body, tuple):
                 body, extra = body
             self._send(code, body, (_HTTP_JSON_HEADERS if body or code != 204 else ()) + extra)
+        if request.unread:              # a body the route had no use for
+            if request.unread > HTTP_DRAIN_MAX or (request.expect and not request.continued):
+                self._linger()
+            self._drop_body(raw, request.unread)
         return request.keep_alive
 
     def _session_info(self, request, raw):
