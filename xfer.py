@@ -5527,14 +5527,17 @@ class _HttpConnection:
             raise _HttpError(ST_DENIED, "a request from another site (Sec-Fetch-Site %s)"
                              % _display(site, 40))
 
-    def _judge(self, right, what="token"):
+    def _judge(self, right, what="token", detail="", wrong=None):
         """A secret checked against the address's back-off (_AuthGuard)."""
-        verdict = self.r._auth.check(self.address, self.peer, right, what)
+        verdict = self.r._auth.check(self.address, self.peer, right, what, detail)
         if verdict is None:
-            raise _HttpError(ST_AUTH_FAILED, "wrong %s" % what.split(" (")[0])
+            raise _HttpError(ST_AUTH_FAILED, wrong or "wrong %s" % what)
         if verdict:
-            raise _HttpError(ST_BUSY, _backoff_reason(self.address, verdict),
-                             headers=[("Retry-After", "%d" % math.ceil(verdict))])
+            self._backing_off(verdict)
+
+    def _backing_off(self, wait):
+        raise _HttpError(ST_BUSY, self.r._auth.refusal(self.address, wait),
+                         headers=[("Retry-After", "%d" % math.ceil(wait))])
 
     def _logged_in(self, request):
         """True with no token, the right Bearer token or a session cookie;
@@ -5681,7 +5684,7 @@ class _HttpConnection:
                                                    token.encode("utf-8")):
                 self._judge(lambda: hmac.compare_digest(secret.encode("utf-8"),
                                                         token.encode("utf-8")),
-                            "token or pairing code")
+                            wrong="wrong token or pairing code")
             else:
                 self._login_code(code)
         cookie = "%s=%s; HttpOnly; SameSite=Strict; Path=/; Max-Age=%d%s" % (
@@ -5691,8 +5694,7 @@ class _HttpConnection:
     def _login_code(self, code):
         wait = self.r._auth.wait(self.address, count=True)
         if wait:
-            raise _HttpError(ST_BUSY, _backoff_reason(self.address, wait),
-                             headers=[("Retry-After", "%d" % math.ceil(wait))])
+            self._backing_off(wait)
         pairing = self.r._pairing
         try:
             serial, w, left = pairing.begin()
@@ -5701,7 +5703,7 @@ class _HttpConnection:
             raise _HttpError(ST_AUTH_FAILED, str(e)) from None
         right = _code_scalar(code) == w       # outside the guard's lock: PBKDF2 takes a while
         try:
-            self._judge(lambda: right, "pairing code (%d %s left)"
+            self._judge(lambda: right, "pairing code", " (%d %s left)"
                         % (left, "try" if left == 1 else "tries"))
         except _HttpError as e:
             if e.status == ST_AUTH_FAILED:
