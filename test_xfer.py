@@ -10855,6 +10855,34 @@ class HttpSecurityTests(unittest.TestCase):
         response, _, answer = _http(_http_conn(self, receiver), "GET", "/api/session")
         self.assertEqual(response.status, 200)
 
+    def test_a_slow_body_is_answered_408_and_nothing_is_kept(self):
+        receiver, d = _http_server(self, body_window=0.2, body_min_bytes=10**6)
+        sock = _http_raw(receiver, b"PUT /api/files/slow.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Authorization: Bearer %s\r\nContent-Length: 2000000\r\n\r\n"
+                         % _HTTP_TOKEN.encode())
+        self.addCleanup(sock.close)
+        try:
+            for _ in range(150):            # 100 bytes every 20 ms: far below the rate
+                sock.sendall(b"x" * 100)
+                sock.settimeout(0.02)
+                try:
+                    if sock.recv(1, socket.MSG_PEEK):
+                        break               # answered
+                except socket.timeout:
+                    pass
+        except OSError:
+            pass
+        sock.settimeout(TIMEOUT)
+        try:
+            answer = recv_until_closed(sock)
+        except ConnectionResetError:
+            answer = b""
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer[:200])
+        self.assertIn(b'"status": "ST_TIMEOUT"', answer)
+        self.assertTrue(wait_until(lambda: tree_listing(d) == []), tree_listing(d))
+        self.assertEqual(_http(_http_conn(self, receiver), "GET", "/api/session")[0].status,
+                         200)
+
     def test_limits_are_checked_before_reading(self):
         receiver, d = _http_server(self, max_size=10**6)
         port = receiver.address[1]

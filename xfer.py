@@ -5397,6 +5397,11 @@ class _HttpConnection:
                 self.r._log("%s: dropped: silent for %ss" % (self.peer, self.r.idle_timeout))
         except XferError as e:        # a body too slow, or cut off
             self.r._log("%s: dropped: %s" % (self.peer, e))
+            if e.code == ST_TIMEOUT:  # the client may still be listening
+                try:
+                    self._refuse(_HttpError(ST_TIMEOUT, str(e)), None)
+                except (_HttpCut, OSError):
+                    pass
         except OSError:
             pass                      # gone: a browser closes what it no longer needs
 
