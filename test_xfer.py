@@ -10643,6 +10643,31 @@ class HttpApiTests(unittest.TestCase):
                          200)
         self.assertEqual(_http(conn, "GET", "/api/files/a.txt", token=None)[1], b"a")
 
+    @unittest.skipIf(sys.platform == "win32", "stops the server with SIGTERM")
+    def test_serve_logs_an_upload_and_runs_its_hook_once(self):
+        home, dst, results = temp_dir(self), temp_dir(self), temp_dir(self)
+        hook = write_file(os.path.join(home, "hook.py"), _HOOK.encode("utf-8"))
+        env = dict(isolated_env(home), HOOK_RESULTS=results)
+        proc, port = spawn_server(self, "--dir", dst, "--token", _HTTP_TOKEN, "--on-receive",
+                                  _command_line([sys.executable, hook]), env=env)
+        conn = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT)
+        self.addCleanup(conn.close)
+        response, _, answer = _http(conn, "PUT", "/api/files/photo.jpg", b"jpeg bytes")
+        self.assertEqual(response.status, 201, answer)
+        path = os.path.join(results, "photo.jpg.json")
+        self.assertTrue(wait_until(lambda: os.path.exists(path)))
+        with open(path) as f:
+            ran = json.load(f)
+        self.assertEqual((ran["argv"], ran["sha256"]), ([os.path.join(dst, "photo.jpg")],
+                                                         hashlib.sha256(b"jpeg bytes").hexdigest()))
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertEqual(len(re.findall(r"received photo\.jpg \(", err)), 1, err)
+        self.assertIn("stopped: 1 file received", err)
+        self.assertEqual(os.listdir(results), ["photo.jpg.json"])
+
     def test_the_page_is_served_with_its_security_headers(self):
         receiver, d = _http_server(self)
         response, data, _ = _http(_http_conn(self, receiver), "GET", "/", token=None)
