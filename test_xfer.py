@@ -6,12 +6,14 @@ readiness lines, Events, or results that mean "the file is durably in place".
 
 import ast
 import atexit
+import base64
 import collections
 import concurrent.futures
 import contextlib
 import errno
 import hashlib
 import hmac
+import http.server
 import inspect
 import io
 import itertools
@@ -11147,6 +11149,277 @@ class ReadmeSyncTests(unittest.TestCase):
         self.assertEqual(live[4][10:18], confirm_a)          # CONFIRM payload
         self.assertEqual(live[5][10:18], confirm_b)          # PAIRED: cB first
         self.assertEqual(live[5][-64:-56], secret_mac)       # and the MAC last
+
+
+#------------------------------------------------------------
+# the browser page, in a real browser
+#------------------------------------------------------------
+
+def _chromium():
+    """The system's Chromium (Debian's package), or None."""
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+#: the page an origin other than the server's serves: its script tries to
+#: upload and to list through the browser, which holds the server's cookie
+_OTHER_ORIGIN_PAGE = """<!doctype html><title>other</title><p id="result"></p><script>
+(async function () {
+  var base = "http://127.0.0.1:%d", out = {};
+  async function attempt(key, path, init) {
+    init.credentials = "include";
+    try {
+      var r = await fetch(base + path, init);
+      out[key] = r.type == "opaque" ? "opaque" : "read " + r.status + " " + await r.text();
+    } catch (e) { out[key] = "refused"; }
+  }
+  await attempt("put", "/api/files/evil.txt", {method: "PUT", body: "evil", headers: {"X-Xfer": "1"}});
+  await attempt("post", "/api/uploads", {method: "POST", mode: "no-cors",
+    headers: {"Content-Type": "text/plain"}, body: '{"path": "evil2.txt", "size": 0, "mtime": 0}'});
+  await attempt("list", "/api/list/", {});
+  document.getElementById("result").textContent = JSON.stringify(out);
+})();
+</script>"""
+
+#: chunks this small make every file over 64 KiB go in several (the page
+#: takes the size from /api/session)
+_SMALL_CHUNK = 65536
+
+#: the page's request for one chunk of an upload
+_CHUNK_URL = re.compile(r"/api/uploads/[^/?]+\?offset=\d+$")
+
+class BrowserPageTests(unittest.TestCase):
+    """The page in headless Chromium (Playwright, the system's Chromium).
+
+    One receiver and one logged-in page serve the class.  Test tools only:
+    .ci/run installs both, and without them these tests skip.
+    XFER_SCREENSHOTS=DIR makes test_screenshots save the README's pictures.
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            raise unittest.SkipTest("playwright is not installed for this Python "
+                                    "(python3 -m pip install playwright)") from None
+        chromium = _chromium()
+        if chromium is None:
+            raise unittest.SkipTest("no chromium on PATH (apt-get install chromium)")
+        cls.playwright = sync_playwright().start()
+        cls.addClassCleanup(cls.playwright.stop)
+        cls.browser = cls.playwright.chromium.launch(executable_path=chromium)
+        cls.addClassCleanup(cls.browser.close)
+        cls.dialogs = []
+        cls.receiver, cls.dest = cls.start_server()
+        cls.page = cls.open_page(cls.receiver)
+
+    @classmethod
+    def start_server(cls):
+        td = tempfile.TemporaryDirectory(prefix="xfer-test-")
+        cls.addClassCleanup(td.cleanup)
+        dest = os.path.realpath(td.name)
+        receiver = xfer.Receiver(dest, host=HOST, port=0, token="browser-test-token",
+                                 allow_get=True)
+        receiver.start()
+        cls.addClassCleanup(receiver.stop)
+        return receiver, dest
+
+    @classmethod
+    def open_page(cls, receiver, viewport=None):
+        """A page in a new browser context, logged in with a pairing code."""
+        context = cls.browser.new_context(viewport=viewport or {"width": 1280, "height": 800})
+        cls.addClassCleanup(context.close)
+        context.set_default_timeout(TIMEOUT * 1000)
+        page = context.new_page()
+        page.on("dialog", lambda dialog: (cls.dialogs.append(dialog.message), dialog.dismiss()))
+        page.route("**/api/session", cls.small_chunks)
+        page.goto("http://%s:%d/" % receiver.address)
+        page.wait_for_selector("#login", state="visible")
+        page.fill("#secret", receiver.open_pairing())
+        page.click("#login-button")
+        page.wait_for_selector("#login", state="hidden")
+        page.wait_for_selector("#picker", state="attached")
+        return page
+
+    @staticmethod
+    def small_chunks(route):
+        response = route.fetch()
+        session = response.json()
+        session["chunk"] = _SMALL_CHUNK
+        route.fulfill(response=response, json=session)
+
+    def make_sources(self, spec):
+        """Files in a new directory: {relpath: size}; each gets its own old mtime."""
+        src = temp_dir(self)
+        out = {}
+        for i, (rel, size) in enumerate(sorted(spec.items())):
+            path = write_file(os.path.join(src, rel), os.urandom(size))
+            mtime = 1700000000.25 + 3600 * i    # lastModified is in milliseconds
+            os.utime(path, (mtime, mtime))
+            out[rel] = path
+        return src, out
+
+    def assert_received(self, sources, dest=None):
+        for rel, path in sources.items():
+            got = os.path.join(dest or self.dest, rel)
+            self.assertEqual(sha256_file(got), sha256_file(path), rel)
+            self.assertAlmostEqual(os.stat(got).st_mtime, os.stat(path).st_mtime, delta=0.002,
+                                   msg=rel)
+
+    def wait_sent(self, page, names):
+        """Wait until each name's upload has ended; assert it is done, its bar full."""
+        for name in names:
+            # (A string predicate for wait_for_function is evaluated with
+            # eval, which the page's Content-Security-Policy refuses.)
+            upload = '#uploads .upload[data-name="%s"]' % re.sub(r'(["\\])', r"\\\1", name)
+            page.wait_for_selector(upload + ".done, " + upload + ".failed")
+            self.assertEqual(page.eval_on_selector(upload, "u => u.className + ': ' + "
+                                                   "u.querySelector('.note').textContent"),
+                             "upload done: done", name)
+            self.assertTrue(page.eval_on_selector(upload + " progress", "p => p.value == p.max"))
+
+    def names(self, selector):
+        return self.page.eval_on_selector_all(selector, "es => es.map(e => e.dataset.name)")
+
+    def test_page_sends_files_and_a_folder_resumes_a_cut_and_fetches_a_file_back(self):
+        page = self.page
+        hostile = "<img src=x onerror=alert(1)>.txt" if os.name != "nt" else "a&b.txt"
+        src, sources = self.make_sources({"big.bin": 5 * _SMALL_CHUNK + 1234, hostile: 10,
+                                          "empty.txt": 0, "album/one.jpg": 2000,
+                                          "album/deep/two.txt": 3})
+        offsets, cut = [], []
+
+        def chunk(route):
+            # The first chunk at one offset past the start is cut off, as by a
+            # lost Wi-Fi: the page must ask again and go on from the offset
+            # the server holds, not from 0.
+            offsets.append(int(route.request.url.rsplit("=", 1)[1]))
+            if offsets[-1] == _SMALL_CHUNK and not cut:
+                cut.append(route.request.url)
+                route.abort("connectionreset")
+            else:
+                route.continue_()
+        page.route(_CHUNK_URL, chunk)
+        self.addCleanup(page.unroute, _CHUNK_URL)
+        page.set_input_files("#picker", [sources[n] for n in ("big.bin", hostile, "empty.txt")])
+        page.set_input_files("#folder-picker", os.path.join(src, "album"))
+        self.wait_sent(page, sources)
+        self.assertEqual(page.eval_on_selector("#overall", "p => p.value == p.max"), True)
+        self.assertEqual(sorted(n for n in self.names("#uploads .upload") if n in sources),
+                         sorted(sources))
+        self.assert_received(sources)
+        self.assertEqual(len(cut), 1)
+        self.assertEqual(offsets.count(_SMALL_CHUNK), 2)     # the cut chunk, sent again
+        self.assertEqual(offsets.count(0), 4)                # once per non-empty file
+        self.assertEqual(partials(self.dest), [])
+
+        # The name is shown as text: no element made of it, no script run.
+        page.wait_for_selector("#listing .entry[data-name='big.bin']")
+        self.assertIn(hostile, self.names("#listing .entry"))
+        self.assertEqual(page.eval_on_selector_all("#uploads img, #listing img", "es => es.length"), 0)
+        self.assertEqual(self.dialogs, [])
+
+        with page.expect_download() as download:
+            page.click("#listing .entry[data-name='big.bin'] a")
+        with open(download.value.path(), "rb") as f:
+            self.assertEqual(hashlib.sha256(f.read()).hexdigest(), sha256_file(sources["big.bin"]))
+        page.click("#listing .entry[data-name='album'] a")
+        page.wait_for_selector("#listing .entry[data-name='deep']")
+        page.click("#crumbs a")
+        page.wait_for_selector("#listing .entry[data-name='album']")
+
+    def test_cancel_stops_a_file_and_the_server_drops_what_it_had(self):
+        page = self.page
+        src, sources = self.make_sources({"cancel.bin": 3 * _SMALL_CHUNK})
+        second = "?offset=%d" % _SMALL_CHUNK
+        held = []
+
+        def hold(route):
+            # The second chunk never arrives: the server holds the first.
+            if route.request.url.endswith(second):
+                held.append(route)
+            else:
+                route.continue_()
+        page.route(_CHUNK_URL, hold)
+        self.addCleanup(page.unroute, _CHUNK_URL)
+        with page.expect_request(lambda request: request.url.endswith(second)):
+            page.set_input_files("#picker", sources["cancel.bin"])
+        upload = '#uploads .upload[data-name="cancel.bin"]'
+        with page.expect_response(lambda response: response.request.method == "DELETE") as deleted:
+            page.click(upload + " button")
+        self.assertEqual(deleted.value.status, 204)
+        self.assertEqual(page.eval_on_selector(upload, "u => u.className"), "upload cancelled")
+        self.assertFalse(os.path.exists(os.path.join(self.dest, "cancel.bin")))
+        self.assertEqual(partials(self.dest), [])
+
+    def test_page_hashes_chunks_itself_where_the_browser_has_no_web_crypto(self):
+        # A phone at http://192.168.x.y is not a secure context: no crypto.subtle.
+        page = self.page
+        page.evaluate("() => { window.subtle = Object.getOwnPropertyDescriptor(Crypto.prototype, "
+                      "'subtle'); Object.defineProperty(Crypto.prototype, 'subtle', "
+                      "{get: function () { return undefined; }, configurable: true}); }")
+        self.addCleanup(page.evaluate, "() => Object.defineProperty(Crypto.prototype, 'subtle', "
+                                       "window.subtle)")
+        self.assertEqual(page.evaluate("() => typeof crypto.subtle"), "undefined")
+        for size in (0, 3, 55, 56, 63, 64, 65, 1000003):
+            data = os.urandom(size)
+            got = page.evaluate("b => sha256js(Uint8Array.from(atob(b), c => c.charCodeAt(0)))",
+                                base64.b64encode(data).decode())
+            self.assertEqual(got, hashlib.sha256(data).hexdigest(), size)
+        src, sources = self.make_sources({"phone.jpg": 2 * _SMALL_CHUNK + 5})
+        page.set_input_files("#picker", sources["phone.jpg"])
+        self.wait_sent(page, sources)
+        self.assert_received(sources)
+
+    def test_a_page_from_another_origin_cannot_upload_or_list(self):
+        # Another port of 127.0.0.1: another origin, but the same site, so
+        # the browser sends it the server's SameSite=Strict cookie.
+        class OtherOrigin(http.server.BaseHTTPRequestHandler):
+            body = (_OTHER_ORIGIN_PAGE % self.receiver.address[1]).encode()
+
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(self.body)))
+                self.end_headers()
+                self.wfile.write(self.body)
+
+            def log_message(self, *args):
+                pass
+        other = http.server.ThreadingHTTPServer((HOST, 0), OtherOrigin)
+        self.addCleanup(other.server_close)
+        threading.Thread(target=other.serve_forever, args=(0.05,), daemon=True).start()
+        self.addCleanup(other.shutdown)
+        page = self.page.context.new_page()
+        self.addCleanup(page.close)
+        page.goto("http://%s:%d/" % other.server_address[:2])
+        page.wait_for_selector("#result:not(:empty)")
+        result = json.loads(page.text_content("#result"))
+        self.assertEqual(result, {"put": "refused", "post": "opaque", "list": "refused"})
+        self.assertEqual([p for p in tree_listing(self.dest) if "evil" in p], [])
+
+    def test_screenshots(self):
+        """XFER_SCREENSHOTS=DIR: the README's pictures of the page, phone and desktop."""
+        out = os.environ.get("XFER_SCREENSHOTS")
+        if not out:
+            self.skipTest("XFER_SCREENSHOTS is not set")
+        receiver, dest = self.start_server()
+        for rel in ("holiday/beach.jpg", "holiday/boat.jpg", "notes.txt"):
+            write_file(os.path.join(dest, rel), os.urandom(3000 * len(rel)))
+        src, sources = self.make_sources({"IMG_2041.jpg": 4 * _SMALL_CHUNK,
+                                          "IMG_2042.jpg": 3 * _SMALL_CHUNK,
+                                          "scan.pdf": _SMALL_CHUNK})
+        page = self.open_page(receiver)
+        page.set_input_files("#picker", sorted(sources.values()))
+        self.wait_sent(page, sources)
+        page.wait_for_selector("#listing .entry[data-name='scan.pdf']")
+        page.screenshot(path=os.path.join(out, "page-desktop.png"))
+        page.set_viewport_size({"width": 360, "height": 740})
+        page.screenshot(path=os.path.join(out, "page-phone.png"))
 
 
 #------------------------------------------------------------
