@@ -6001,20 +6001,427 @@ def _zip_time(seconds):
 
 
 #------------------------------------------------------------
-# the web page (served by GET /)
+# the browser page (README "Browser")
 #------------------------------------------------------------
+# GET / serves this one document: inline CSS and JavaScript, nothing loaded
+# from elsewhere (the page's Content-Security-Policy allows nothing else).
+# It speaks the HTTP API only (README "HTTP API"), and sets every name as
+# text, never as HTML.
 
-_PAGE = """\
-<!DOCTYPE html>
+_PAGE = r"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
 <title>xfer</title>
+<style>
+:root { color-scheme: light dark; --fg: #1b1b1f; --bg: #f6f6f4; --mut: #5e5e66;
+  --acc: #1c5fb0; --card: #fff; --line: #d8d8dc; --bad: #b3261e; --ok: #1e7b34; }
+@media (prefers-color-scheme: dark) { :root { --fg: #ececf0; --bg: #151518; --mut: #a6a6b0;
+  --acc: #7fb0f0; --card: #202024; --line: #3a3a42; --bad: #ff8a80; --ok: #7bd88f; } }
+* { box-sizing: border-box; }
+body { margin: 0; font: 16px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+  color: var(--fg); background: var(--bg); }
+header { display: flex; align-items: center; gap: .75rem; padding: .6rem 1rem;
+  border-bottom: 1px solid var(--line); background: var(--card); }
+h1 { font-size: 1.25rem; margin: 0; }
+h2 { font-size: 1.05rem; margin: 0 0 .75rem; }
+#server { flex: 1; color: var(--mut); overflow-wrap: anywhere; }
+main { max-width: 72rem; margin: 0 auto; padding: 1rem; }
+@media (max-width: 30rem) { main { padding: .6rem; } .card { padding: .8rem; } }
+#app { display: grid; gap: 1rem; }
+@media (min-width: 60rem) { #app.both { grid-template-columns: 1fr 1fr; align-items: start; } }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: .5rem; padding: 1rem; }
+#login { max-width: 24rem; margin: 2rem auto; display: grid; gap: .6rem; }
+input[type=text], input[type=password] { font: inherit; padding: .55rem .6rem; width: 100%;
+  border: 1px solid var(--line); border-radius: .4rem; background: var(--bg); color: var(--fg); }
+button, .button { font: inherit; min-height: 2.75rem; padding: .45rem 1rem; border-radius: .4rem;
+  border: 1px solid var(--acc); background: var(--acc); color: var(--card); cursor: pointer; }
+button.quiet { background: transparent; color: var(--acc); min-height: 2.25rem; padding: .2rem .7rem; }
+.button { position: relative; display: inline-flex; align-items: center; overflow: hidden; }
+.button input { position: absolute; top: 0; left: 0; width: 100%; height: 100%; opacity: 0; cursor: pointer; }
+:focus-visible, .button:focus-within { outline: 3px solid #f0a020; outline-offset: 2px; }
+.button input:focus-visible { outline: none; }
+.row { display: flex; flex-wrap: wrap; gap: .5rem; align-items: center; }
+#drop { border: 2px dashed var(--line); border-radius: .5rem; padding: 1.25rem 1rem; margin-bottom: .75rem;
+  text-align: center; color: var(--mut); }
+#drop.over { border-color: var(--acc); color: var(--acc); }
+@media (pointer: coarse) { #drop { display: none; } }
+progress { width: 100%; height: .8rem; accent-color: var(--acc); }
+#overall-box { margin: .75rem 0 .25rem; }
+.mut, .note { color: var(--mut); font-size: .9rem; }
+ul { list-style: none; margin: 0; padding: 0; }
+.upload { display: grid; grid-template-columns: 1fr auto; gap: .15rem .75rem; align-items: center;
+  padding: .5rem 0; border-top: 1px solid var(--line); }
+.upload progress { grid-column: 1 / -1; }
+.name { overflow-wrap: anywhere; }
+.upload.failed .note, .error { color: var(--bad); }
+.upload.done .note { color: var(--ok); }
+#crumbs { margin-bottom: .5rem; overflow-wrap: anywhere; }
+#crumbs a { color: var(--acc); }
+.entry { display: grid; grid-template-columns: 1fr auto auto; gap: 0 .75rem; align-items: baseline;
+  padding: .45rem 0; border-top: 1px solid var(--line); }
+.entry a { color: var(--acc); }
+.entry .size { text-align: right; font-variant-numeric: tabular-nums; }
+@media (max-width: 30rem) { .entry { grid-template-columns: 1fr auto; }
+  .entry .date { grid-column: 1; grid-row: 2; } }
+[hidden] { display: none !important; }
+</style>
 </head>
 <body>
-<h1>xfer</h1>
-<p>This server takes files over its HTTP API (README "HTTP API").</p>
+<header><h1>xfer</h1><span id="server"></span>
+<button id="logout" class="quiet" type="button" hidden>Log out</button></header>
+<main>
+<form id="login" class="card" hidden>
+  <h2>Log in</h2>
+  <label for="secret">The pairing code that <code>serve</code> shows, or the token</label>
+  <input id="secret" type="password" autocomplete="one-time-code" autocapitalize="none"
+    spellcheck="false" required>
+  <button id="login-button">Log in</button>
+  <p id="login-error" class="error" role="alert"></p>
+</form>
+<div id="app" hidden>
+  <section class="card" aria-labelledby="send-title">
+    <h2 id="send-title">Send to this computer <span id="target" class="mut"></span></h2>
+    <div id="drop">Drop files or folders here</div>
+    <div class="row">
+      <label class="button">Choose files<input type="file" id="picker" multiple></label>
+      <label class="button">Choose a folder<input type="file" id="folder-picker" webkitdirectory></label>
+    </div>
+    <div id="overall-box" hidden>
+      <label for="overall" id="overall-text" class="mut" aria-live="polite"></label>
+      <progress id="overall" max="1" value="0"></progress>
+    </div>
+    <ul id="uploads"></ul>
+  </section>
+  <section id="fetch" class="card" aria-labelledby="fetch-title" hidden>
+    <h2 id="fetch-title">Fetch from this computer</h2>
+    <nav id="crumbs" aria-label="Folder"></nav>
+    <p class="row"><a id="zip" class="mut">Download this folder as a zip</a></p>
+    <ul id="listing"></ul>
+  </section>
+</div>
+</main>
+<script>
+"use strict";
+var $ = function (id) { return document.getElementById(id); };
+var S = {chunk: 8388608, allowGet: false, cwd: ""};
+var WORKERS = 2, SHOW_MAX = 2000, RETRY_MAX = 30000;
+var waiting = [], uploads = [], active = 0;
+
+function el(tag, cls, text) {
+  var e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text != null) e.textContent = text;   // names are text, never HTML
+  return e;
+}
+function enc(path) { return path.split("/").map(encodeURIComponent).join("/"); }
+function bytes(n) {
+  var u = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
+  while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(n < 10 ? 1 : 0) : n) + " " + u[i];
+}
+function pause(ms) { return new Promise(function (ok) { setTimeout(ok, ms); }); }
+function api(method, path, body, headers, signal) {
+  // X-Xfer: a page from another origin cannot add it without a preflight,
+  // which the server refuses: the server's guard against forged requests.
+  var h = {"X-Xfer": "1"};
+  for (var k in headers || {}) h[k] = headers[k];
+  return fetch(path, {method: method, body: body, headers: h, credentials: "same-origin",
+                      cache: "no-store", signal: signal});
+}
+async function answer(r) { try { return await r.json(); } catch (e) { return {}; } }
+
+// SHA-256 of each chunk.  Web Crypto exists only in a secure context
+// (https, or http on 127.0.0.1 / localhost); a phone on http://192.168.x.y
+// has none, so the page carries its own (FIPS 180-4), fast enough for a
+// chunk at a time.
+var K256 = new Int32Array([
+  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2]);
+function sha256js(buffer) {
+  var data = new Uint8Array(buffer), n = data.length, full = n - n % 64;
+  var tail = new Uint8Array(n - full < 56 ? 64 : 128), v = new DataView(tail.buffer);
+  tail.set(data.subarray(full));
+  tail[n - full] = 0x80;
+  v.setUint32(tail.length - 8, Math.floor(n / 0x20000000));
+  v.setUint32(tail.length - 4, (n * 8) >>> 0);
+  var h = new Int32Array([0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                          0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19]);
+  var w = new Int32Array(64);
+  function blocks(p, end) {
+    for (var o = 0; o < end; o += 64) {
+      for (var i = 0; i < 16; i++) {
+        var j = o + 4 * i;
+        w[i] = p[j] << 24 | p[j + 1] << 16 | p[j + 2] << 8 | p[j + 3];
+      }
+      for (i = 16; i < 64; i++) {
+        var a = w[i - 15], b = w[i - 2];
+        w[i] = w[i - 16] + w[i - 7] + ((a >>> 7 | a << 25) ^ (a >>> 18 | a << 14) ^ a >>> 3)
+             + ((b >>> 17 | b << 15) ^ (b >>> 19 | b << 13) ^ b >>> 10) | 0;
+      }
+      var A = h[0], B = h[1], C = h[2], D = h[3], E = h[4], F = h[5], G = h[6], H = h[7];
+      for (i = 0; i < 64; i++) {
+        var t1 = H + ((E >>> 6 | E << 26) ^ (E >>> 11 | E << 21) ^ (E >>> 25 | E << 7))
+               + (E & F ^ ~E & G) + K256[i] + w[i] | 0;
+        var t2 = ((A >>> 2 | A << 30) ^ (A >>> 13 | A << 19) ^ (A >>> 22 | A << 10))
+               + (A & B ^ A & C ^ B & C) | 0;
+        H = G; G = F; F = E; E = D + t1 | 0; D = C; C = B; B = A; A = t1 + t2 | 0;
+      }
+      h[0] += A; h[1] += B; h[2] += C; h[3] += D; h[4] += E; h[5] += F; h[6] += G; h[7] += H;
+    }
+  }
+  blocks(data, full);
+  blocks(tail, tail.length);
+  return Array.from(h, function (x) { return (x >>> 0).toString(16).padStart(8, "0"); }).join("");
+}
+async function sha256hex(buffer) {
+  if (!(window.crypto && crypto.subtle)) return sha256js(buffer);
+  var d = new Uint8Array(await crypto.subtle.digest("SHA-256", buffer));
+  return Array.from(d, function (x) { return x.toString(16).padStart(2, "0"); }).join("");
+}
+
+async function start() {
+  var s = {};
+  try { s = await answer(await api("GET", "/api/session")); } catch (e) {
+    $("server").textContent = "cannot reach the server"; return;
+  }
+  S.chunk = s.chunk || S.chunk;
+  S.allowGet = !!s.allow_get;
+  $("server").textContent = s.name ? "on " + s.name : "";
+  document.title = s.name ? "xfer - " + s.name : "xfer";
+  var login = !!s.auth && !s.logged_in;
+  $("login").hidden = !login;
+  $("app").hidden = login;
+  $("logout").hidden = !(s.auth && s.logged_in);
+  if (login) { $("secret").focus(); return; }
+  $("fetch").hidden = !S.allowGet;
+  $("app").classList.toggle("both", S.allowGet);
+  if (S.allowGet) show(here());
+}
+
+$("login").addEventListener("submit", async function (ev) {
+  ev.preventDefault();
+  $("login-button").disabled = true;
+  $("login-error").textContent = "";
+  try {
+    var r = await api("POST", "/api/login", JSON.stringify({secret: $("secret").value.trim()}),
+                      {"Content-Type": "application/json"});
+    if (r.ok) { $("secret").value = ""; await start(); }
+    else $("login-error").textContent = (await answer(r)).error || "login failed (" + r.status + ")";
+  } catch (e) { $("login-error").textContent = "cannot reach the server"; }
+  $("login-button").disabled = false;
+});
+$("logout").addEventListener("click", async function () {
+  try { await api("POST", "/api/logout"); } catch (e) {}
+  start();
+});
+
+// -- sending
+function add(files) {
+  var prefix = S.allowGet && S.cwd ? S.cwd + "/" : "";
+  files.forEach(function (f) {
+    var u = {file: f.file, path: prefix + f.path, size: f.file.size, done: 0,
+             mtime: f.file.lastModified / 1000, state: "waiting", ctrl: new AbortController()};
+    u.li = el("li", "upload");
+    u.li.dataset.name = u.path;
+    u.bar = el("progress");
+    u.bar.max = Math.max(u.size, 1);
+    u.bar.value = 0;
+    u.bar.setAttribute("aria-label", u.path);
+    u.note = el("span", "note", "waiting");
+    u.cancel = el("button", "quiet", "Cancel");
+    u.cancel.type = "button";
+    u.cancel.setAttribute("aria-label", "Cancel " + u.path);
+    u.cancel.onclick = function () { cancel(u); };
+    var name = el("span", "name", u.path + " ");
+    name.append(u.note);
+    u.li.append(name, u.cancel, u.bar);
+    $("uploads").append(u.li);
+    uploads.push(u);
+    waiting.push(u);
+  });
+  overall();
+  pump();
+}
+function note(u, state, text) {
+  if (u.state == "cancelled") return;   // a request still finishing says nothing more
+  u.state = state;
+  u.note.textContent = text;
+  u.li.className = "upload " + state;
+  if (state == "done" || state == "failed" || state == "cancelled") u.cancel.hidden = true;
+  overall();
+}
+function overall() {
+  var total = 0, done = 0, files = 0, finished = 0;
+  uploads.forEach(function (u) {
+    if (u.state == "cancelled") return;
+    files++; total += u.size; done += u.done;
+    if (u.state == "done" || u.state == "failed") finished++;
+  });
+  $("overall-box").hidden = !uploads.length;
+  $("overall").max = Math.max(total, 1);
+  $("overall").value = total ? done : (files && finished == files ? 1 : 0);
+  $("overall-text").textContent = finished + " of " + files + " files, " + bytes(done) + " of " + bytes(total);
+}
+function pump() {
+  while (active < WORKERS && waiting.length) {
+    var u = waiting.shift();
+    if (u.state == "waiting") run(u);
+  }
+}
+async function run(u) {
+  active++;
+  try { await send(u); } catch (e) { note(u, "failed", "failed: " + e.message); }
+  active--;
+  pump();
+  if (!active && S.allowGet) show(S.cwd);
+}
+function finish(u, j) {
+  u.done = u.size;
+  u.bar.value = u.bar.max;
+  note(u, "done", j.skipped ? "skipped: already there" : j.note ? "done, " + j.note : "done");
+}
+var TRANSIENT = [408, 502, 503, 504];
+async function send(u) {
+  var delay = 250, bad = 0;
+  note(u, "sending", "sending");
+  for (;;) {
+    try {
+      // Asking again after a failure is the resume: the same path, size
+      // and mtime give the same upload back, with the offset the server holds.
+      var r = await api("POST", "/api/uploads", JSON.stringify({path: u.path, size: u.size, mtime: u.mtime}),
+                        {"Content-Type": "application/json"}, u.ctrl.signal);
+      var j = await answer(r);
+      while (r.ok && r.status != 201 && !j.skipped) {
+        if (j.upload != null) u.id = j.upload;
+        var offset = j.offset;
+        if (typeof offset != "number") throw new TypeError("no offset in the answer");
+        u.done = offset;
+        u.bar.value = offset;
+        note(u, "sending", "sending, " + Math.floor(100 * offset / u.size) + "%");
+        var buf = await u.file.slice(offset, Math.min(u.size, offset + S.chunk)).arrayBuffer();
+        r = await api("PUT", "/api/uploads/" + encodeURIComponent(u.id) + "?offset=" + offset, buf,
+                      {"X-Chunk-SHA256": await sha256hex(buf)}, u.ctrl.signal);
+        j = await answer(r);
+        if (r.status == 409 && typeof j.offset == "number") r = {ok: true, status: 200};
+        else if (r.status == 422 && ++bad < 3) { j.offset = offset; r = {ok: true, status: 200}; }
+        delay = 250;
+      }
+      if (r.ok) return finish(u, j);
+      if (r.status == 401) { note(u, "failed", "failed: not logged in"); return start(); }
+      if (TRANSIENT.indexOf(r.status) < 0) return note(u, "failed", "failed: " + (j.error || r.status));
+    } catch (e) {
+      if (u.ctrl.signal.aborted) return;
+      if (!(e instanceof TypeError)) throw e;   // fetch fails with a TypeError when the network does
+    }
+    note(u, "retrying", "connection lost, trying again" + (delay < 1000 ? "" : " in " + delay / 1000 + " s"));
+    await pause(delay);
+    if (u.ctrl.signal.aborted) return;
+    delay = Math.min(2 * delay, RETRY_MAX);
+  }
+}
+function cancel(u) {
+  if (u.state == "done" || u.state == "failed" || u.state == "cancelled") return;
+  note(u, "cancelled", "cancelled");
+  u.ctrl.abort();
+  if (u.id != null) api("DELETE", "/api/uploads/" + encodeURIComponent(u.id)).catch(function () {});
+}
+function picked(ev) {
+  add(Array.from(ev.target.files, function (f) { return {file: f, path: f.webkitRelativePath || f.name}; }));
+  ev.target.value = "";
+}
+$("picker").addEventListener("change", picked);
+$("folder-picker").addEventListener("change", picked);
+async function walk(entry, out) {
+  if (entry.isFile) {
+    var f = await new Promise(function (ok, no) { entry.file(ok, no); });
+    out.push({file: f, path: entry.fullPath.replace(/^\/+/, "")});
+  } else if (entry.isDirectory) {
+    var reader = entry.createReader();
+    for (;;) {
+      var batch = await new Promise(function (ok, no) { reader.readEntries(ok, no); });
+      if (!batch.length) break;
+      for (var i = 0; i < batch.length; i++) await walk(batch[i], out);
+    }
+  }
+}
+document.addEventListener("dragover", function (ev) { ev.preventDefault(); $("drop").classList.add("over"); });
+document.addEventListener("dragleave", function (ev) { if (!ev.relatedTarget) $("drop").classList.remove("over"); });
+document.addEventListener("drop", async function (ev) {
+  ev.preventDefault();
+  $("drop").classList.remove("over");
+  if ($("app").hidden) return;
+  // The entries must be taken before the first await: the drop's data ends with the event.
+  var items = Array.from(ev.dataTransfer.items || []), files = Array.from(ev.dataTransfer.files), out = [];
+  var entries = items.map(function (i) { return i.webkitGetAsEntry && i.webkitGetAsEntry(); });
+  if (entries.length && entries.every(Boolean)) {
+    for (var i = 0; i < entries.length; i++) await walk(entries[i], out);
+  } else files.forEach(function (f) { out.push({file: f, path: f.name}); });
+  add(out);
+});
+window.addEventListener("beforeunload", function (ev) {
+  if (active) { ev.preventDefault(); ev.returnValue = ""; }
+});
+
+// -- fetching (serve --allow-get)
+function here() {
+  try { return location.hash.slice(1).split("/").filter(Boolean).map(decodeURIComponent).join("/"); }
+  catch (e) { return ""; }
+}
+window.addEventListener("hashchange", function () { if (S.allowGet) show(here()); });
+function link(text, href) { var a = el("a", null, text); a.href = href; return a; }
+async function show(path) {
+  S.cwd = path;
+  $("target").textContent = path ? "(into " + path + "/)" : "";
+  var crumbs = $("crumbs"), box = $("listing"), parts = path ? path.split("/") : [];
+  crumbs.textContent = "";
+  crumbs.append(link("all files", "#"));
+  parts.forEach(function (p, i) { crumbs.append(" / ", link(p, "#" + enc(parts.slice(0, i + 1).join("/")))); });
+  $("zip").href = "/api/zip/" + enc(path);
+  var r, j;
+  try { r = await api("GET", "/api/list/" + enc(path)); j = await answer(r); } catch (e) {
+    box.textContent = ""; box.append(el("li", "error", "cannot reach the server")); return;
+  }
+  if (S.cwd != path) return;   // another folder was opened meanwhile
+  box.textContent = "";
+  if (!r.ok) {
+    box.append(el("li", "error", j.error || "cannot list (" + r.status + ")"));
+    if (r.status == 401) start();
+    return;
+  }
+  var entries = (j.entries || []).slice().sort(function (a, b) {
+    return (b.type == "dir") - (a.type == "dir") || (a.name < b.name ? -1 : a.name > b.name ? 1 : 0);
+  });
+  if (!entries.length) box.append(el("li", "mut", "(empty)"));
+  entries.slice(0, SHOW_MAX).forEach(function (e) {
+    var full = path ? path + "/" + e.name : e.name, li = el("li", "entry"), name = el("span", "name");
+    li.dataset.name = e.name;
+    if (e.type == "dir") {
+      name.append(link(e.name + "/", "#" + enc(full)), " ", link("(zip)", "/api/zip/" + enc(full)));
+    } else if (e.type == "file") {
+      var a = link(e.name, "/api/files/" + enc(full));
+      a.download = e.name;
+      name.append(a);
+    } else name.textContent = e.name;
+    var date = new Date(e.mtime * 1000);
+    li.append(name, el("span", "size mut", e.type == "file" ? bytes(e.size) : ""),
+              el("span", "date mut", isNaN(date) ? "" : date.toLocaleString()));
+    box.append(li);
+  });
+  if (entries.length > SHOW_MAX) {
+    box.append(el("li", "mut", "and " + (entries.length - SHOW_MAX) + " more: use the zip, or xfer get"));
+  }
+}
+start();
+</script>
 </body>
 </html>
 """
