@@ -11218,12 +11218,12 @@ class BrowserPageTests(unittest.TestCase):
         cls.page = cls.open_page(cls.receiver)
 
     @classmethod
-    def start_server(cls):
+    def start_server(cls, **kw):
         td = tempfile.TemporaryDirectory(prefix="xfer-test-")
         cls.addClassCleanup(td.cleanup)
         dest = os.path.realpath(td.name)
         receiver = xfer.Receiver(dest, host=HOST, port=0, token="browser-test-token",
-                                 allow_get=True)
+                                 allow_get=True, **kw)
         receiver.start()
         cls.addClassCleanup(receiver.stop)
         return receiver, dest
@@ -11407,7 +11407,7 @@ class BrowserPageTests(unittest.TestCase):
         out = os.environ.get("XFER_SCREENSHOTS")
         if not out:
             self.skipTest("XFER_SCREENSHOTS is not set")
-        receiver, dest = self.start_server()
+        receiver, dest = self.start_server(name="studio")
         for rel in ("holiday/beach.jpg", "holiday/boat.jpg", "notes.txt"):
             write_file(os.path.join(dest, rel), os.urandom(3000 * len(rel)))
         src, sources = self.make_sources({"IMG_2041.jpg": 4 * _SMALL_CHUNK,

@@ -6034,7 +6034,7 @@ main { max-width: 72rem; margin: 0 auto; padding: 1rem; }
 @media (min-width: 60rem) { #app.both { grid-template-columns: 1fr 1fr; align-items: start; } }
 .card { background: var(--card); border: 1px solid var(--line); border-radius: .5rem; padding: 1rem; }
 #login { max-width: 24rem; margin: 2rem auto; display: grid; gap: .6rem; }
-input[type=text], input[type=password] { font: inherit; padding: .55rem .6rem; width: 100%;
+input[type=text] { font: inherit; padding: .55rem .6rem; width: 100%;
   border: 1px solid var(--line); border-radius: .4rem; background: var(--bg); color: var(--fg); }
 button, .button { font: inherit; min-height: 2.75rem; padding: .45rem 1rem; border-radius: .4rem;
   border: 1px solid var(--acc); background: var(--acc); color: var(--card); cursor: pointer; }
@@ -6076,8 +6076,8 @@ ul { list-style: none; margin: 0; padding: 0; }
 <form id="login" class="card" hidden>
   <h2>Log in</h2>
   <label for="secret">The pairing code that <code>serve</code> shows, or the token</label>
-  <input id="secret" type="password" autocomplete="one-time-code" autocapitalize="none"
-    spellcheck="false" required>
+  <input id="secret" type="text" autocomplete="off" autocapitalize="none" spellcheck="false"
+    required>
   <button id="login-button">Log in</button>
   <p id="login-error" class="error" role="alert"></p>
 </form>
