@@ -11176,9 +11176,11 @@ _OTHER_ORIGIN_PAGE = """<!doctype html><title>other</title><p id="result"></p><s
       out[key] = r.type == "opaque" ? "opaque" : "read " + r.status + " " + await r.text();
     } catch (e) { out[key] = "refused"; }
   }
-  await attempt("put", "/api/files/evil.txt", {method: "PUT", body: "evil", headers: {"X-Xfer": "1"}});
+  await attempt("put", "/api/files/evil.txt", {method: "PUT", body: "evil",
+    headers: {"X-Xfer": "1"}});
   await attempt("post", "/api/uploads", {method: "POST", mode: "no-cors",
-    headers: {"Content-Type": "text/plain"}, body: '{"path": "evil2.txt", "size": 0, "mtime": 0}'});
+    headers: {"Content-Type": "text/plain"},
+    body: '{"path": "evil2.txt", "size": 0, "mtime": 0}'});
   await attempt("list", "/api/list/", {});
   document.getElementById("result").textContent = JSON.stringify(out);
 })();
@@ -11320,7 +11322,8 @@ class BrowserPageTests(unittest.TestCase):
         # The name is shown as text: no element made of it, no script run.
         page.wait_for_selector("#listing .entry[data-name='big.bin']")
         self.assertIn(hostile, self.names("#listing .entry"))
-        self.assertEqual(page.eval_on_selector_all("#uploads img, #listing img", "es => es.length"), 0)
+        self.assertEqual(page.eval_on_selector_all("#uploads img, #listing img",
+                                                   "es => es.length"), 0)
         self.assertEqual(self.dialogs, [])
 
         with page.expect_download() as download:

@@ -6032,20 +6032,23 @@ main { max-width: 72rem; margin: 0 auto; padding: 1rem; }
 @media (max-width: 30rem) { main { padding: .6rem; } .card { padding: .8rem; } }
 #app { display: grid; gap: 1rem; }
 @media (min-width: 60rem) { #app.both { grid-template-columns: 1fr 1fr; align-items: start; } }
-.card { background: var(--card); border: 1px solid var(--line); border-radius: .5rem; padding: 1rem; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: .5rem;
+  padding: 1rem; }
 #login { max-width: 24rem; margin: 2rem auto; display: grid; gap: .6rem; }
 input[type=text] { font: inherit; padding: .55rem .6rem; width: 100%;
   border: 1px solid var(--line); border-radius: .4rem; background: var(--bg); color: var(--fg); }
 button, .button { font: inherit; min-height: 2.75rem; padding: .45rem 1rem; border-radius: .4rem;
   border: 1px solid var(--acc); background: var(--acc); color: var(--card); cursor: pointer; }
-button.quiet { background: transparent; color: var(--acc); min-height: 2.25rem; padding: .2rem .7rem; }
+button.quiet { background: transparent; color: var(--acc); min-height: 2.25rem;
+  padding: .2rem .7rem; }
 .button { position: relative; display: inline-flex; align-items: center; overflow: hidden; }
-.button input { position: absolute; top: 0; left: 0; width: 100%; height: 100%; opacity: 0; cursor: pointer; }
+.button input { position: absolute; top: 0; left: 0; width: 100%; height: 100%; opacity: 0;
+  cursor: pointer; }
 :focus-visible, .button:focus-within { outline: 3px solid #f0a020; outline-offset: 2px; }
 .button input:focus-visible { outline: none; }
 .row { display: flex; flex-wrap: wrap; gap: .5rem; align-items: center; }
-#drop { border: 2px dashed var(--line); border-radius: .5rem; padding: 1.25rem 1rem; margin-bottom: .75rem;
-  text-align: center; color: var(--mut); }
+#drop { border: 2px dashed var(--line); border-radius: .5rem; padding: 1.25rem 1rem;
+  margin-bottom: .75rem; text-align: center; color: var(--mut); }
 #drop.over { border-color: var(--acc); color: var(--acc); }
 @media (pointer: coarse) { #drop { display: none; } }
 progress { width: 100%; height: .8rem; accent-color: var(--acc); }
@@ -6087,7 +6090,8 @@ ul { list-style: none; margin: 0; padding: 0; }
     <div id="drop">Drop files or folders here</div>
     <div class="row">
       <label class="button">Choose files<input type="file" id="picker" multiple></label>
-      <label class="button">Choose a folder<input type="file" id="folder-picker" webkitdirectory></label>
+      <label class="button">Choose a folder<input type="file" id="folder-picker"
+        webkitdirectory></label>
     </div>
     <div id="overall-box" hidden>
       <label for="overall" id="overall-text" class="mut" aria-live="polite"></label>
@@ -6215,7 +6219,7 @@ $("login").addEventListener("submit", async function (ev) {
     var r = await api("POST", "/api/login", JSON.stringify({secret: $("secret").value.trim()}),
                       {"Content-Type": "application/json"});
     if (r.ok) { $("secret").value = ""; await start(); }
-    else $("login-error").textContent = (await answer(r)).error || "login failed (" + r.status + ")";
+    else $("login-error").textContent = (await answer(r)).error || "login failed: " + r.status;
   } catch (e) { $("login-error").textContent = "cannot reach the server"; }
   $("login-button").disabled = false;
 });
@@ -6269,7 +6273,8 @@ function overall() {
   $("overall-box").hidden = !uploads.length;
   $("overall").max = Math.max(total, 1);
   $("overall").value = total ? done : (files && finished == files ? 1 : 0);
-  $("overall-text").textContent = finished + " of " + files + " files, " + bytes(done) + " of " + bytes(total);
+  $("overall-text").textContent = finished + " of " + files + " files, " + bytes(done) + " of "
+    + bytes(total);
 }
 function pump() {
   while (active < WORKERS && waiting.length) {
@@ -6297,7 +6302,8 @@ async function send(u) {
     try {
       // Asking again after a failure is the resume: the same path, size
       // and mtime give the same upload back, with the offset the server holds.
-      var r = await api("POST", "/api/uploads", JSON.stringify({path: u.path, size: u.size, mtime: u.mtime}),
+      var r = await api("POST", "/api/uploads",
+                        JSON.stringify({path: u.path, size: u.size, mtime: u.mtime}),
                         {"Content-Type": "application/json"}, u.ctrl.signal);
       var j = await answer(r);
       while (r.ok && r.status != 201 && !j.skipped) {
@@ -6317,12 +6323,15 @@ async function send(u) {
       }
       if (r.ok) return finish(u, j);
       if (r.status == 401) { note(u, "failed", "failed: not logged in"); return start(); }
-      if (TRANSIENT.indexOf(r.status) < 0) return note(u, "failed", "failed: " + (j.error || r.status));
+      if (TRANSIENT.indexOf(r.status) < 0) {
+        return note(u, "failed", "failed: " + (j.error || r.status));
+      }
     } catch (e) {
       if (u.ctrl.signal.aborted) return;
-      if (!(e instanceof TypeError)) throw e;   // fetch fails with a TypeError when the network does
+      if (!(e instanceof TypeError)) throw e;   // what fetch throws when the network fails
     }
-    note(u, "retrying", "connection lost, trying again" + (delay < 1000 ? "" : " in " + delay / 1000 + " s"));
+    note(u, "retrying", "connection lost, trying again"
+                        + (delay < 1000 ? "" : " in " + delay / 1000 + " s"));
     await pause(delay);
     if (u.ctrl.signal.aborted) return;
     delay = Math.min(2 * delay, RETRY_MAX);
@@ -6332,10 +6341,13 @@ function cancel(u) {
   if (u.state == "done" || u.state == "failed" || u.state == "cancelled") return;
   note(u, "cancelled", "cancelled");
   u.ctrl.abort();
-  if (u.id != null) api("DELETE", "/api/uploads/" + encodeURIComponent(u.id)).catch(function () {});
+  if (u.id == null) return;
+  api("DELETE", "/api/uploads/" + encodeURIComponent(u.id)).catch(function () {});
 }
 function picked(ev) {
-  add(Array.from(ev.target.files, function (f) { return {file: f, path: f.webkitRelativePath || f.name}; }));
+  add(Array.from(ev.target.files, function (f) {
+    return {file: f, path: f.webkitRelativePath || f.name};
+  }));
   ev.target.value = "";
 }
 $("picker").addEventListener("change", picked);
@@ -6353,14 +6365,20 @@ async function walk(entry, out) {
     }
   }
 }
-document.addEventListener("dragover", function (ev) { ev.preventDefault(); $("drop").classList.add("over"); });
-document.addEventListener("dragleave", function (ev) { if (!ev.relatedTarget) $("drop").classList.remove("over"); });
+document.addEventListener("dragover", function (ev) {
+  ev.preventDefault();
+  $("drop").classList.add("over");
+});
+document.addEventListener("dragleave", function (ev) {
+  if (!ev.relatedTarget) $("drop").classList.remove("over");
+});
 document.addEventListener("drop", async function (ev) {
   ev.preventDefault();
   $("drop").classList.remove("over");
   if ($("app").hidden) return;
   // The entries must be taken before the first await: the drop's data ends with the event.
-  var items = Array.from(ev.dataTransfer.items || []), files = Array.from(ev.dataTransfer.files), out = [];
+  var items = Array.from(ev.dataTransfer.items || []), files = Array.from(ev.dataTransfer.files);
+  var out = [];
   var entries = items.map(function (i) { return i.webkitGetAsEntry && i.webkitGetAsEntry(); });
   if (entries.length && entries.every(Boolean)) {
     for (var i = 0; i < entries.length; i++) await walk(entries[i], out);
@@ -6373,8 +6391,9 @@ window.addEventListener("beforeunload", function (ev) {
 
 // -- fetching (serve --allow-get)
 function here() {
-  try { return location.hash.slice(1).split("/").filter(Boolean).map(decodeURIComponent).join("/"); }
-  catch (e) { return ""; }
+  try {
+    return location.hash.slice(1).split("/").filter(Boolean).map(decodeURIComponent).join("/");
+  } catch (e) { return ""; }
 }
 window.addEventListener("hashchange", function () { if (S.allowGet) show(here()); });
 function link(text, href) { var a = el("a", null, text); a.href = href; return a; }
@@ -6384,7 +6403,9 @@ async function show(path) {
   var crumbs = $("crumbs"), box = $("listing"), parts = path ? path.split("/") : [];
   crumbs.textContent = "";
   crumbs.append(link("all files", "#"));
-  parts.forEach(function (p, i) { crumbs.append(" / ", link(p, "#" + enc(parts.slice(0, i + 1).join("/")))); });
+  parts.forEach(function (p, i) {
+    crumbs.append(" / ", link(p, "#" + enc(parts.slice(0, i + 1).join("/"))));
+  });
   $("zip").href = "/api/zip/" + enc(path);
   var r, j;
   try { r = await api("GET", "/api/list/" + enc(path)); j = await answer(r); } catch (e) {
@@ -6398,14 +6419,17 @@ async function show(path) {
     return;
   }
   var entries = (j.entries || []).slice().sort(function (a, b) {
-    return (b.type == "dir") - (a.type == "dir") || (a.name < b.name ? -1 : a.name > b.name ? 1 : 0);
+    var dirs = (b.type == "dir") - (a.type == "dir");
+    return dirs || (a.name < b.name ? -1 : a.name > b.name ? 1 : 0);
   });
   if (!entries.length) box.append(el("li", "mut", "(empty)"));
   entries.slice(0, SHOW_MAX).forEach(function (e) {
-    var full = path ? path + "/" + e.name : e.name, li = el("li", "entry"), name = el("span", "name");
+    var full = path ? path + "/" + e.name : e.name;
+    var li = el("li", "entry"), name = el("span", "name");
     li.dataset.name = e.name;
     if (e.type == "dir") {
-      name.append(link(e.name + "/", "#" + enc(full)), " ", link("(zip)", "/api/zip/" + enc(full)));
+      name.append(link(e.name + "/", "#" + enc(full)), " ",
+                  link("(zip)", "/api/zip/" + enc(full)));
     } else if (e.type == "file") {
       var a = link(e.name, "/api/files/" + enc(full));
       a.download = e.name;
@@ -6417,7 +6441,8 @@ async function show(path) {
     box.append(li);
   });
   if (entries.length > SHOW_MAX) {
-    box.append(el("li", "mut", "and " + (entries.length - SHOW_MAX) + " more: use the zip, or xfer get"));
+    box.append(el("li", "mut", "and " + (entries.length - SHOW_MAX)
+                                 + " more: use the zip, or xfer get"));
   }
 }
 start();
