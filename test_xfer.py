@@ -11359,6 +11359,19 @@ class BrowserPageTests(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(self.dest, "cancel.bin")))
         self.assertEqual(partials(self.dest), [])
 
+    def test_files_dropped_on_the_page_are_sent(self):
+        self.page.evaluate("""() => {
+            var drop = new DataTransfer();
+            drop.items.add(new File(["dropped"], "dropped.txt", {lastModified: 1700000000500}));
+            document.getElementById("drop").dispatchEvent(
+                new DragEvent("drop", {dataTransfer: drop, bubbles: true, cancelable: true}));
+        }""")
+        self.wait_sent(self.page, ["dropped.txt"])
+        path = os.path.join(self.dest, "dropped.txt")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"dropped")
+        self.assertAlmostEqual(os.stat(path).st_mtime, 1700000000.5, delta=0.002)
+
     def test_page_hashes_chunks_itself_where_the_browser_has_no_web_crypto(self):
         # A phone at http://192.168.x.y is not a secure context: no crypto.subtle.
         page = self.page
