@@ -6296,9 +6296,10 @@ function finish(u, j) {
 }
 var TRANSIENT = [408, 502, 503, 504];
 async function send(u) {
-  var delay = 250, bad = 0;
+  var delay = 250, bad = 0, why;
   note(u, "sending", "sending");
   for (;;) {
+    why = "connection lost";
     try {
       // Asking again after a failure is the resume: the same path, size
       // and mtime give the same upload back, with the offset the server holds.
@@ -6326,11 +6327,12 @@ async function send(u) {
       if (TRANSIENT.indexOf(r.status) < 0) {
         return note(u, "failed", "failed: " + (j.error || r.status));
       }
+      why = j.error || "the server is busy";
     } catch (e) {
       if (u.ctrl.signal.aborted) return;
       if (!(e instanceof TypeError)) throw e;   // what fetch throws when the network fails
     }
-    note(u, "retrying", "connection lost, trying again"
+    note(u, "retrying", why + ", trying again"
                         + (delay < 1000 ? "" : " in " + delay / 1000 + " s"));
     await pause(delay);
     if (u.ctrl.signal.aborted) return;
@@ -6376,7 +6378,7 @@ document.addEventListener("drop", async function (ev) {
   ev.preventDefault();
   $("drop").classList.remove("over");
   if ($("app").hidden) return;
-  // The entries must be taken before the first await: the drop's data ends with the event.
+  // Take the entries before the first await: the drop's data ends with the event.
   var items = Array.from(ev.dataTransfer.items || []), files = Array.from(ev.dataTransfer.files);
   var out = [];
   var entries = items.map(function (i) { return i.webkitGetAsEntry && i.webkitGetAsEntry(); });
