@@ -38,6 +38,7 @@ import tracemalloc
 import types
 import unicodedata
 import unittest
+import zipfile
 from unittest import mock
 
 import xfer
@@ -11330,6 +11331,11 @@ class BrowserPageTests(unittest.TestCase):
             page.click("#listing .entry[data-name='big.bin'] a")
         with open(download.value.path(), "rb") as f:
             self.assertEqual(hashlib.sha256(f.read()).hexdigest(), sha256_file(sources["big.bin"]))
+        with page.expect_download() as download:
+            page.click("#listing .entry[data-name='album'] a:text-is('(zip)')")
+        with zipfile.ZipFile(download.value.path()) as archive:
+            self.assertEqual(hashlib.sha256(archive.read("album/deep/two.txt")).hexdigest(),
+                             sha256_file(sources["album/deep/two.txt"]))
         page.click("#listing .entry[data-name='album'] a")
         page.wait_for_selector("#listing .entry[data-name='deep']")
         page.click("#crumbs a")
