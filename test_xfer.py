@@ -11293,7 +11293,7 @@ class BrowserPageTests(unittest.TestCase):
         hostile = "<img src=x onerror=alert(1)>.txt" if os.name != "nt" else "a&b.txt"
         src, sources = self.make_sources({"big.bin": 5 * _SMALL_CHUNK + 1234, hostile: 10,
                                           "empty.txt": 0, "album/one.jpg": 2000,
-                                          "album/deep/two.txt": 3})
+                                          "album/deep/%s.txt" % ("a" * 100): 3})
         offsets, cut = [], []
 
         def chunk(route):
@@ -11334,10 +11334,15 @@ class BrowserPageTests(unittest.TestCase):
         with page.expect_download() as download:
             page.click("#listing .entry[data-name='album'] a:text-is('(zip)')")
         with zipfile.ZipFile(download.value.path()) as archive:
-            self.assertEqual(hashlib.sha256(archive.read("album/deep/two.txt")).hexdigest(),
-                             sha256_file(sources["album/deep/two.txt"]))
+            self.assertEqual(hashlib.sha256(archive.read("album/one.jpg")).hexdigest(),
+                             sha256_file(sources["album/one.jpg"]))
         page.click("#listing .entry[data-name='album'] a")
         page.wait_for_selector("#listing .entry[data-name='deep']")
+
+        # A phone's width: long names wrap, nothing scrolls sideways.
+        page.set_viewport_size({"width": 360, "height": 740})
+        self.addCleanup(page.set_viewport_size, {"width": 1280, "height": 800})
+        self.assertEqual(page.evaluate("() => document.documentElement.scrollWidth"), 360)
         page.click("#crumbs a")
         page.wait_for_selector("#listing .entry[data-name='album']")
 
