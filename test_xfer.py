@@ -10406,6 +10406,27 @@ class HttpApiTests(unittest.TestCase):
         self.assertEqual(sha256_file(os.path.join(d, "v.mp4")), hashlib.sha256(data).hexdigest())
         self.assertEqual(second.files_resumed, 1)
 
+    def test_expect_100_continue_asks_for_the_body_only_once_admitted(self):
+        receiver, d = _http_server(self, max_size=100)
+        head = ("PUT /api/files/%%s HTTP/1.1\r\nHost: %s:%d\r\nAuthorization: Bearer %s\r\n"
+                "Expect: 100-continue\r\nContent-Length: %%d\r\n\r\n"
+                % (HOST, receiver.address[1], _HTTP_TOKEN))
+        sock = _http_raw(receiver, (head % ("ok.txt", 5)).encode())
+        self.addCleanup(sock.close)
+        rfile = sock.makefile("rb")
+        self.addCleanup(rfile.close)
+        self.assertEqual(rfile.readline(), b"HTTP/1.1 100 Continue\r\n")
+        self.assertEqual(rfile.readline(), b"\r\n")
+        sock.sendall(b"hello")
+        self.assertEqual(rfile.readline(), b"HTTP/1.1 201 Created\r\n")
+        # Refused by its declared size: the final answer, no 100, and the body is not wanted.
+        sock = _http_raw(receiver, (head % ("big.txt", 1000)).encode())
+        self.addCleanup(sock.close)
+        answer = recv_until_closed(sock)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertIn(b"Connection: close", answer)
+        self.assertEqual(tree_listing(d), ["ok.txt"])
+
     def test_a_wrong_chunk_digest_is_refused_and_the_offset_stays(self):
         receiver, d = _http_server(self)
         conn = _http_conn(self, receiver)
@@ -10561,14 +10582,15 @@ class HttpApiTests(unittest.TestCase):
             n = real(self, view)
             os.utime(path, (1, 1))          # changed while it is read
             return n
-        conn = _http_conn(self, receiver)
         with mock.patch.object(xfer._Outgoing, "readinto", readinto):
-            conn.request("GET", "/api/files/grow.bin",
-                         headers={"Authorization": "Bearer " + _HTTP_TOKEN})
-            response = conn.getresponse()
-            self.assertEqual(response.status, 200)
-            with self.assertRaises(http.client.IncompleteRead):
-                response.read()
+            for path in ("/api/files/grow.bin", "/api/zip/"):
+                with self.subTest(path=path):
+                    conn = _http_conn(self, receiver)
+                    conn.request("GET", path, headers={"Authorization": "Bearer " + _HTTP_TOKEN})
+                    response = conn.getresponse()
+                    self.assertEqual(response.status, 200)
+                    with self.assertRaises(http.client.IncompleteRead):
+                        response.read()
 
     def test_hostile_names_follow_the_rules_of_a_push(self):
         outer = temp_dir(self)
