@@ -10905,6 +10905,23 @@ class HttpSecurityTests(unittest.TestCase):
         response, _, answer = _http(_http_conn(self, receiver), "GET", "/api/session")
         self.assertEqual(response.status, 200)
 
+    def test_a_busy_refusal_answers_a_request_already_there_in_http(self):
+        for web, first, answer in ((True, b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 503 "),
+                                   (True, b"XFER\0\2\0\0", b"XFER"), (True, b"", b"XFER"),
+                                   (False, b"GET / HTTP/1.1\r\n\r\n", b"XFER")):
+            with self.subTest(web=web, first=first):
+                receiver = xfer.Receiver(temp_dir(self), web=web)
+                client, server = socket.socketpair()
+                self.addCleanup(client.close)
+                with server:
+                    client.sendall(first)
+                    receiver._refuse_busy(server, ("127.0.0.1", 1), reason="too many")
+                client.settimeout(TIMEOUT)
+                got = recv_until_closed(client)
+                self.assertTrue(got.startswith(answer), got)
+                if answer.startswith(b"HTTP"):
+                    self.assertTrue(got.endswith(b'{"error": "too many", "status": "ST_BUSY"}'))
+
     def test_a_slow_body_is_answered_408_and_nothing_is_kept(self):
         receiver, d = _http_server(self, body_window=0.2, body_min_bytes=10**6)
         sock = _http_raw(receiver, b"PUT /api/files/slow.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n"

@@ -3020,10 +3020,24 @@ class Receiver:
             self._log("%s: refused: %s" % (_peer_text(address), reason))
         try:
             sock.settimeout(1.0)
-            sock.sendall(_PREFACE.pack(MAGIC, PROTOCOL_VERSION, 0)
-                         + _encode_error(ST_BUSY, reason))
+            sock.sendall(self._busy_answer(sock, reason))
         except OSError:
             pass
+
+    def _busy_answer(self, sock, reason):
+        """The bytes of a busy refusal: HTTP's to an HTTP request already
+        there, else xfer's.  What has arrived is read (never waited for: the
+        accepting thread never waits), so the close that follows does not
+        reset the connection and lose the answer."""
+        request = b""
+        if hasattr(socket, "MSG_DONTWAIT"):
+            try:
+                request = sock.recv(HTTP_DRAIN_MAX, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        if self.web and request and _http_method_byte(request[0]):
+            return _http_plain_answer(503, ST_BUSY, reason)
+        return _PREFACE.pack(MAGIC, PROTOCOL_VERSION, 0) + _encode_error(ST_BUSY, reason)
 
     def _discover_answer(self, nonce):
         """This server's answer to a discovery query (Protocol 7): no secret."""
@@ -4820,6 +4834,14 @@ def _http_method_byte(byte):
     return byte is not None and 0x41 <= byte <= 0x5A and byte != MAGIC[0]
 
 
+def _http_plain_answer(code, status, reason):
+    """A whole JSON answer that ends its connection, for a request not parsed."""
+    body = json.dumps({"error": reason, "status": _STATUS_BY_CODE[status].name}).encode()
+    return ("HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            "Connection: close\r\n\r\n" % (code, _HTTP_REASONS[code], len(body))
+            ).encode("latin-1") + body
+
+
 def _http_tls_refusal(sock):
     """The plain answer to plain HTTP on a TLS server: use https."""
     try:
@@ -4828,10 +4850,8 @@ def _http_tls_refusal(sock):
         host, port = sock.getsockname()[:2]
     except OSError:
         host, port = "HOST", DEFAULT_PORT
-    body = json.dumps({"error": "this server speaks HTTPS only: open https://%s/"
-                       % _host_port_text(host, port), "status": "ST_TLS_REQUIRED"}).encode()
-    return ("HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: "
-            "%d\r\nConnection: close\r\n\r\n" % len(body)).encode("latin-1") + body
+    return _http_plain_answer(403, ST_TLS_REQUIRED, "this server speaks HTTPS only: open "
+                              "https://%s/" % _host_port_text(host, port))
 
 
 def _http_date(seconds):
