@@ -5218,6 +5218,30 @@ class BatchTests(unittest.TestCase):
         self.assertEqual(receiver.files_received, 5)
 
 
+    def test_a_file_cancelled_while_its_batch_gathers_is_not_sent(self):
+        root = temp_dir(self)
+        paths = [write_file(os.path.join(root, name), name.encode()) for name in ("a", "b")]
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        for s in (ours, theirs):
+            s.settimeout(TIMEOUT)
+        ledger, _ = _sending_ledger()
+        ledger.unfinished = 2
+        link = xfer._Link(ours, xfer._Reader(ours), xfer._untagged, ledger, "peer", skip=None)
+        self.addCleanup(link.close)
+        a, b = [xfer.Job(ledger, path, os.path.basename(path), "file", st=os.stat(path))
+                for path in paths]
+        link.send(a)
+        link.send(b)                  # both wait in the BATCH being gathered
+        b.cancel()
+        link.send_batch()
+        link.flush()
+        kind, payload = xfer._read_frame(xfer._Reader(theirs))
+        self.assertEqual(kind, xfer._Msg.BATCH)
+        self.assertEqual([e[5] for e in xfer._decode_batch(payload)[1]], [b"a"])
+        self.assertEqual((a.done, b.state), (False, "cancelled"))
+
+
 class CheckByDirectoryTests(unittest.TestCase):
     """CHECKS (Protocol 4.14): one question about many files of one directory."""
 

@@ -2330,7 +2330,7 @@ class _Dispatcher:
         finally:
             with self._lock:
                 self._running -= 1
-                if not self._running:
+                if not self._running and self._closed:     # only close() waits
                     self._idle.notify_all()
 
     def close(self, deadline):
@@ -4590,8 +4590,9 @@ class _GroupCommit:
         failed_dirs, dir_ids = self._sync_dirs(published)
         for held in group:
             if held.failure is None:
-                error = failed_dirs.get(dir_ids.get(held.handle)) \
-                    or self._undurable(held.parts[:-1])
+                error = failed_dirs.get(dir_ids.get(held.handle))
+                if error is None and self.undurable:
+                    error = self._undurable(held.parts[:-1])
                 if error is not None:
                     held.fail(error)
             if held.failure is not None:
@@ -7287,20 +7288,26 @@ class _Link:
     def send_batch(self):
         """Send the gathered BATCH, its bodies after it; its files count as in
         flight (within WINDOW: _batched made room)."""
-        jobs = self.batch
+        jobs, entries, bodies = self.batch, self.entries, self.bodies
         if not jobs:
             return
+        if any(job.cancelled for job in jobs):     # cancelled while it waited here
+            kept = [i for i, job in enumerate(jobs) if not job.cancelled]
+            for job in jobs:
+                if job.cancelled:
+                    self.ledger.end(job, "cancelled", XferError("%s: cancelled" % job.name))
+            jobs, entries, bodies = ([seq[i] for i in kept] for seq in (jobs, entries, bodies))
         first = self.last_id + 1
-        frame = _encode_batch(first, self.entries)
+        frame = _encode_batch(first, entries) if jobs else None
+        self.batch, self.entries, self.bodies = [], [], []
+        self.batch_bytes, self.batch_head = 0, _BATCH.size
+        if frame is None:
+            return
         self._new_ids(len(jobs))
         pending = self.pending
         for fid, job in enumerate(jobs, first):
             pending[fid] = job
-        frame = self.seal(frame)
-        bodies = self.bodies
-        self.batch, self.entries, self.bodies = [], [], []
-        self.batch_bytes, self.batch_head = 0, _BATCH.size
-        self._write(frame + b"".join(bodies))
+        self._write(self.seal(frame) + b"".join(bodies))
 
     def _large(self, job, out):
         """FILE, wait for ACCEPT (resume offset), BODY, the content, TRAILER."""
