@@ -4232,6 +4232,20 @@ def _sending_ledger(events=None):
     return xfer._Ledger(dispatch, on_done=record("done"), on_error=record("error")), dispatch
 
 
+def _paired_link(test, jobs):
+    """A _Link over a socket pair, its ledger expecting jobs top-level jobs:
+    (link, ledger, the peer's socket)."""
+    ours, theirs = socket.socketpair()
+    test.addCleanup(theirs.close)
+    for s in (ours, theirs):
+        s.settimeout(TIMEOUT)
+    ledger, _ = _sending_ledger()
+    ledger.unfinished = jobs
+    link = xfer._Link(ours, xfer._Reader(ours), xfer._untagged, ledger, "peer", skip=None)
+    test.addCleanup(link.close)
+    return link, ledger, theirs
+
+
 class SendingSideTests(unittest.TestCase):
     def _tree(self, root):
         return _make_tree(root, {"a.txt": b"aa", "sub/b.txt": b"bbb", "sub/deeper/c.txt": b"c"},
@@ -4391,14 +4405,7 @@ class SendingSideTests(unittest.TestCase):
         root = temp_dir(self)
         paths = [write_file(os.path.join(root, name), data)
                  for name, data in (("a.bin", b"hello"), ("b.bin", b"world!"))]
-        ours, theirs = socket.socketpair()
-        self.addCleanup(theirs.close)
-        for s in (ours, theirs):
-            s.settimeout(TIMEOUT)
-        ledger, _ = _sending_ledger()
-        ledger.unfinished = 2
-        link = xfer._Link(ours, xfer._Reader(ours), xfer._untagged, ledger, "peer", skip=None)
-        self.addCleanup(link.close)
+        link, ledger, theirs = _paired_link(self, 2)
         jobs = [xfer.Job(ledger, path, os.path.basename(path), "file", st=os.stat(path))
                 for path in paths]
         link.check(jobs)
@@ -5217,18 +5224,10 @@ class BatchTests(unittest.TestCase):
         self.assertIn("f3.txt: exists", str(jobs[3].error))
         self.assertEqual(receiver.files_received, 5)
 
-
     def test_a_file_cancelled_while_its_batch_gathers_is_not_sent(self):
         root = temp_dir(self)
         paths = [write_file(os.path.join(root, name), name.encode()) for name in ("a", "b")]
-        ours, theirs = socket.socketpair()
-        self.addCleanup(theirs.close)
-        for s in (ours, theirs):
-            s.settimeout(TIMEOUT)
-        ledger, _ = _sending_ledger()
-        ledger.unfinished = 2
-        link = xfer._Link(ours, xfer._Reader(ours), xfer._untagged, ledger, "peer", skip=None)
-        self.addCleanup(link.close)
+        link, ledger, theirs = _paired_link(self, 2)
         a, b = [xfer.Job(ledger, path, os.path.basename(path), "file", st=os.stat(path))
                 for path in paths]
         link.send(a)
