@@ -7821,6 +7821,28 @@ class TidyTests(unittest.TestCase):
         (late,) = [e.job for e in seen if e.kind == "queued" and e.name == "f.exr"]
         self.assertIsNone(late.parent)
 
+    def test_watch_keeps_at_most_watch_queued_max_files_on_the_sender(self):
+        # A first look at a folder of a million files must not make a million
+        # Jobs at once: the rest wait, in order, as pending.
+        src, dst = temp_dir(self), temp_dir(self)
+        for i in range(10):
+            write_file(os.path.join(src, "f%02d.exr" % i), b"%d" % i)
+        receiver = start_receiver(self, dst)
+        sender = xfer.Sender(receiver.address)
+        self.addCleanup(sender.close, False)
+        with mock.patch.object(xfer, "WATCH_QUEUED_MAX", 3):
+            watch = sender.watch(src, settle=0, interval=0.02)
+            self.addCleanup(watch.stop)
+            seen = []
+            self.assertTrue(_watch_until(watch, seen, lambda s: len(_watch_sent(s)) == 10),
+                            seen)
+        in_flight = most = 0
+        for event in seen:
+            in_flight += {"queued": 1, "sent": -1}.get(event.kind, 0)
+            most = max(most, in_flight)
+        self.assertEqual(most, 3)
+        self.assertEqual(len(tree_listing(os.path.join(dst, os.path.basename(src)))), 10)
+
 
 class TestSuiteShapeTests(unittest.TestCase):
     def test_python3_test_xfer_py_runs_the_whole_suite(self):

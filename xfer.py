@@ -283,6 +283,12 @@ WATCH_RESCAN_NOTIFIED = 60.0
 WATCH_OPEN_MAX = 60.0
 #: Watch: events kept for poll() at most; the oldest go first.
 WATCH_EVENTS_MAX = 10000
+#: Watch: complete files it keeps queued on the Sender at most; the rest wait
+#: as pending, so a folder of a million files holds no more Jobs at once than
+#: one of a few thousand.  While more are complete it tops the queue up every
+#: WATCH_REFILL seconds, not only at each look.
+WATCH_QUEUED_MAX = 2048
+WATCH_REFILL = 0.05
 #: HTTP (README "HTTP API"): the largest chunk of a chunked upload, and the
 #: unit a partial kept across a restart is resumed from (the last whole one).
 HTTP_CHUNK = 8 * 1024 * 1024
@@ -8119,11 +8125,7 @@ class Sender:
                     self._ledger.part_ended(job)
             else:
                 if job.source is None:
-                    try:
-                        job._stat = os.stat(job.path)
-                        job.size = job._stat.st_size
-                    except OSError:
-                        pass          # _Link._file reports it
+                    self._stat_job(job)
                 self._put([job])
         for _ in range(self.workers):
             self._work.put(_STOP)
@@ -8139,12 +8141,27 @@ class Sender:
                     break
         self._work.put(jobs)
 
+    def _stat_job(self, job):
+        """Stat a file job not walked (queued alone, or found by a watch) as it
+        is handed to the workers: the one stat a walk makes of each file."""
+        try:
+            st = os.stat(job.path)
+        except OSError:
+            return            # _Link._file reports it
+        job._stat = st
+        self._ledger.resize(job, st.st_size)
+
     def _queue_found(self, path, name, files):
-        """Queue files found and stat'ed already (a watch's look) as one job,
-        the way a tree is queued: files is [(path, name, os.stat_result)],
-        each name below the receiver's DIR.  Returns (the job, the files' jobs)."""
+        """Queue files a watch found as one job, the way a tree is queued:
+        files is [(path, name below the receiver's DIR, size)].  Returns (the
+        job, the files' jobs); each file is stat'ed as it is handed over."""
         top = Job(self._ledger, path, name, "dir")
-        top._found = found = [Job(self._ledger, p, n, "file", top, st) for p, n, st in files]
+        found = []
+        for p, n, size in files:
+            job = Job(self._ledger, p, n, "file", top)
+            job.size = size
+            found.append(job)
+        top._found = found
         self._submit(top)
         return top, found
 
@@ -8153,8 +8170,8 @@ class Sender:
         the sizes, so the tree's job knows its size and files_total before
         any byte is sent and its progress only rises."""
         if top._found is not None:
-            jobs_of = top._found
-            top.size, top.files_total = sum(j.size for j in jobs_of), len(jobs_of)
+            top.size, top.files_total = sum(j.size for j in top._found), len(top._found)
+            jobs_of = self._stat_found(top._found)
         else:
             cancelled = lambda: top.cancelled
             top.size, top.files_total = _tree_totals(top.path, cancelled)
@@ -8175,6 +8192,11 @@ class Sender:
             self._put(jobs)
         top._found = None
         ledger.part_ended(top)   # the walk itself is one of the pending parts
+
+    def _stat_found(self, jobs):
+        for job in jobs:
+            self._stat_job(job)
+            yield job
 
     def _tree_jobs(self, top, cancelled):
         """The jobs of top's tree as the walk finds them; a directory that
@@ -8849,7 +8871,9 @@ class Watch:
         self._events = collections.deque(maxlen=WATCH_EVENTS_MAX)
         self._seen = {}       # name -> ((size, mtime_ns), monotonic time first seen so)
         self._have = {}       # name -> (size, mtime_ns) sent, or failed: not tried again
-        self._pending = set() # names seen, not yet sent, not in flight
+        self._pending = set() # names seen, not yet complete (stat'ed at each look)
+        # name -> (size, mtime_ns): complete, waiting for room on the Sender
+        self._ready = collections.OrderedDict()
         self._flight = {}     # name -> (Job, (size, mtime_ns) judged complete)
         self._dirs = {}       # dir name ("" for the folder) -> [mtime_ns, files, subdirs]
         self._ping = None
@@ -8863,7 +8887,7 @@ class Watch:
 
     @property
     def pending(self):
-        return len(self._pending) + len(self._flight)
+        return len(self._pending) + len(self._ready) + len(self._flight)
 
     def poll(self, max_events=None):
         """Return the WatchEvents since the last call (at most max_events); never blocks."""
@@ -8897,25 +8921,32 @@ class Watch:
 
     def _run(self):
         try:
-            rescan_at = 0.0
+            rescan_at = look_at = 0.0
             self._emit("started", self.path)
             while not self._stop.is_set():
                 now = time.monotonic()
-                full = now >= rescan_at
-                if full:
-                    rescan_at = now + (self.rescan if self._notify is None
-                                       else max(self.rescan, WATCH_RESCAN_NOTIFIED))
+                look = now >= look_at
+                more = False
                 try:
                     self._collect()
-                    self._look(full)
-                    self._check_peer()
-                    self._queue_complete()
+                    if look:
+                        full = now >= rescan_at
+                        if full:
+                            rescan_at = now + (self.rescan if self._notify is None
+                                               else max(self.rescan, WATCH_RESCAN_NOTIFIED))
+                        self._look(full)
+                        self._check_peer()
+                    more = self._queue_complete()
                 except XferError:
                     break                   # the Sender was closed
                 except Exception:           # a bug: say so, keep watching
                     traceback.print_exc()
-                self.looks += 1
-                self._stop.wait(self.interval)
+                if look:
+                    self.looks += 1
+                    look_at = now + self.interval
+                # More complete files than may wait on the Sender: top the
+                # queue up as it drains, and look again on schedule.
+                self._stop.wait(WATCH_REFILL if more else max(0.0, look_at - time.monotonic()))
             for job, _ in list(self._flight.values()):
                 if job.state == "queued":
                     job.cancel()
@@ -9031,18 +9062,27 @@ class Watch:
 
     def _observe(self, name, st):
         key = (st.st_size, st.st_mtime_ns)
+        ready = self._ready.get(name)
+        if ready == key:
+            return                          # complete, waiting for room on the Sender
+        if ready is not None:
+            del self._ready[name]           # changed while it waited: it settles again
+            self._pending.add(name)
+        elif name not in self._flight and name not in self._pending:
+            if self._have.get(name) == key:
+                return                      # sent as it is: nothing to time
+            self._pending.add(name)
+            self._emit("pending", name)
         seen = self._seen.get(name)
         if seen is None or seen[0] != key:
             self._seen[name] = (key, time.monotonic())
-        if name not in self._flight and name not in self._pending and self._have.get(name) != key:
-            self._pending.add(name)
-            self._emit("pending", name)
 
     def _forget(self, name):
         """A file went away: deletions are not sent; a new file of that name is new."""
         self._seen.pop(name, None)
         self._have.pop(name, None)
         self._pending.discard(name)
+        self._ready.pop(name, None)
 
     def _forget_dir(self, top):
         entry = self._dirs.pop(top, None)
@@ -9056,49 +9096,54 @@ class Watch:
             self._forget_dir(top + "/" + sub if top else sub)
 
     def _queue_complete(self):
-        """Queue each pending file that is complete: its size and mtime have
-        stayed the same for settle seconds (by its mtime, or as seen here when
-        that lies in the future).  Several at once (the first look's files,
-        a burst) go as one job, as send-dir queues a tree; one goes alone."""
+        """Queue the files that are complete: their size and mtime have stayed
+        the same for settle seconds (by the mtime, or as seen here when that
+        lies in the future).  At most WATCH_QUEUED_MAX wait on the Sender; the
+        rest wait in order, not stat'ed again until they go (the Sender stats
+        each as it takes it, and _collect sees a change).  Returns True while
+        some are waiting for room."""
         now, wall = time.monotonic(), time.time()
         if self.waiting is not None:
-            return
-        ready = []
-        for name in list(self._pending):
+            return False
+        complete = []
+        for name in self._pending:
             key, since = self._seen[name]
             if now - since < self.settle and wall - key[1] / 1e9 < self.settle:
                 continue
             if (self._notify is not None and name in self._notify.writing
                     and now - since < WATCH_OPEN_MAX):
                 continue                    # a writer has it open
-            ready.append((name, key))
+            complete.append(name)
+        for name in complete:
+            self._pending.discard(name)
+            self._ready[name] = self._seen.pop(name)[0]
+        room = WATCH_QUEUED_MAX - len(self._flight)
+        ready = []
+        while self._ready and len(ready) < room:
+            ready.append(self._ready.popitem(last=False))
+        self._queue(ready)
+        # A set or dict keeps the table it grew to (a first look's thousands
+        # of names) after it is emptied: start the empty ones afresh.
+        if not self._pending:
+            self._pending = set()
+        if not self._ready:
+            self._ready = collections.OrderedDict()
+        if not self._seen:
+            self._seen = {}
+        return bool(self._ready)
+
+    def _queue(self, ready):
+        """Queue [(name, (size, mtime_ns))]: several as one job, as send-dir
+        queues a tree (the first look's files, a burst); one alone."""
         if not ready:
             return
         if len(ready) == 1:
-            name, key = ready[0]
-            queued = [(name, key, self.sender.queue(self._local(name), target_name=name,
-                                                    subdir=self.name))]
+            name, _ = ready[0]
+            jobs = [self.sender.queue(self._local(name), target_name=name, subdir=self.name)]
         else:
-            found = []
-            for name, key in ready:
-                # The stat the file is sent with; the one stat per file a
-                # tree's walk makes too.
-                try:
-                    st = os.stat(self._local(name))
-                except OSError:
-                    self._forget(name)
-                    continue
-                if (st.st_size, st.st_mtime_ns) != key:
-                    self._observe(name, st)     # changed since: it settles again
-                    continue
-                found.append((name, key, st))
-            if not found:
-                return
             _, jobs = self.sender._queue_found(self.path, self.name, [
-                (self._local(name), self.name + "/" + name, st) for name, _, st in found])
-            queued = [(name, key, job) for (name, key, _), job in zip(found, jobs)]
-        for name, key, job in queued:
-            self._pending.discard(name)
+                (self._local(name), self.name + "/" + name, key[0]) for name, key in ready])
+        for (name, key), job in zip(ready, jobs):
             self._flight[name] = (job, key)
             self._emit("queued", name, job)
 
@@ -9123,6 +9168,7 @@ class Watch:
                 self._observe(name, st)
             elif job.state in ("done", "skipped"):
                 self._have[name] = key
+                self._seen.pop(name, None)      # timed only until it is sent
                 if job.state == "done":
                     self.files_sent += 1
                     self.bytes_sent += job.size - job.resumed
@@ -9137,6 +9183,7 @@ class Watch:
                     self._wait_for_peer(job.error)
             else:
                 self._have[name] = key
+                self._seen.pop(name, None)
                 self.files_failed += 1
                 self._emit("failed", name, job, job.error)
 
