@@ -8828,6 +8828,11 @@ class _Inotify:
             pass
 
 
+def _have_key(key):
+    """(size, mtime_ns) as one int (sizes are below 2**64)."""
+    return key[1] << 64 | key[0]
+
+
 class Watch:
     """A folder a Sender watches: see Sender.watch() and README "Watching a folder".
 
@@ -8870,7 +8875,9 @@ class Watch:
         self.looks = 0
         self._events = collections.deque(maxlen=WATCH_EVENTS_MAX)
         self._seen = {}       # name -> ((size, mtime_ns), monotonic time first seen so)
-        self._have = {}       # name -> (size, mtime_ns) sent, or failed: not tried again
+        # name -> _have_key((size, mtime_ns)) sent, or failed: not tried again;
+        # one int, not a tuple: this one holds every file seen
+        self._have = {}
         self._pending = set() # names seen, not yet complete (stat'ed at each look)
         # name -> (size, mtime_ns): complete, waiting for room on the Sender
         self._ready = collections.OrderedDict()
@@ -9069,10 +9076,16 @@ class Watch:
             del self._ready[name]           # changed while it waited: it settles again
             self._pending.add(name)
         elif name not in self._flight and name not in self._pending:
-            if self._have.get(name) == key:
+            if self._have.get(name) == _have_key(key):
                 return                      # sent as it is: nothing to time
-            self._pending.add(name)
             self._emit("pending", name)
+            if (time.time() - key[1] / 1e9 >= self.settle
+                    and (self._notify is None or name not in self._notify.writing)):
+                # Complete already (a first look's files): nothing to time,
+                # and nothing held per file but this.
+                self._ready[name] = key
+                return
+            self._pending.add(name)
         seen = self._seen.get(name)
         if seen is None or seen[0] != key:
             self._seen[name] = (key, time.monotonic())
@@ -9167,7 +9180,7 @@ class Watch:
                 self._emit("changed", name, job, job.error)
                 self._observe(name, st)
             elif job.state in ("done", "skipped"):
-                self._have[name] = key
+                self._have[name] = _have_key(key)
                 self._seen.pop(name, None)      # timed only until it is sent
                 if job.state == "done":
                     self.files_sent += 1
@@ -9182,7 +9195,7 @@ class Watch:
                 if job.state != "cancelled":
                     self._wait_for_peer(job.error)
             else:
-                self._have[name] = key
+                self._have[name] = _have_key(key)
                 self._seen.pop(name, None)
                 self.files_failed += 1
                 self._emit("failed", name, job, job.error)
