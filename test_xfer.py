@@ -7767,6 +7767,20 @@ class TidyTests(unittest.TestCase):
         guard.failed(HOST)
         self.assertIn("too many wrong tokens from 127.0.0.1", guard.refusal(HOST, wait))
 
+    def test_wrong_pairing_code_summary_says_pairing_code(self):
+        logs, now = [], [1000.0]
+        guard = xfer._AuthGuard((0.0,), log=logs.append, clock=lambda: now[0], interval=10)
+        for _ in range(3):
+            self.assertIsNone(guard.check("192.0.2.1", None, lambda: False, what="pairing code",
+                                          detail=" (2 tries left)"))
+        guard.tick(final=True)
+        self.assertEqual(logs, ["192.0.2.1: refused: wrong pairing code (2 tries left)",
+                                "2 more wrong-pairing-code attempts from 192.0.2.1"])
+        guard.failed("192.0.2.1")
+        guard.tick(final=True)
+        self.assertEqual(logs[2:], ["1 more wrong-pairing-code and wrong-token attempt "
+                                    "from 192.0.2.1"])
+
     # -- watching a folder
 
     def test_watch_interval_option_reaches_the_watch_and_is_checked(self):

@@ -2543,8 +2543,10 @@ class _AuthGuard:
                     continue
                 if not final and now - entry[3] < self.interval:
                     continue
-                line = "%d more wrong-token attempt%s from %s" % (
-                    entry[4], "" if entry[4] == 1 else "s", address)
+                line = "%d more %s attempt%s from %s" % (
+                    entry[4], " and ".join("wrong-" + noun.replace(" ", "-")
+                                           for noun in entry[6]),
+                    "" if entry[4] == 1 else "s", address)
                 if entry[5]:
                     line += "; %d refused unchecked while it waits" % entry[5]
                 lines.append(line)
