@@ -4470,18 +4470,58 @@ def _pull_sender(address, **kw):
 
 
 def _pull_fetch(address, remote, local, **kw):
-    """fetch() with a report of every event: (files, failed, events)."""
+    """A get of each remote path (a str or a list), waited for: (FileInfo of
+    each file stored, files failed, events).  events are (kind, name,
+    detail): ("got", name, FileInfo), ("skipped", name, note) or ("failed",
+    name, (status, reason)).  Raises the error of a get that failed before
+    any file (refused as a whole, or its connection failed)."""
+    jobs, events = _pull_jobs(address, remote, local, **kw)
+    for job in jobs:
+        if job.state == "failed" and not job.files_total:
+            raise job.error
+    return ([e[2] for e in events if e[0] == "got"],
+            sum(1 for e in events if e[0] == "failed"), events)
+
+
+def _pull_jobs(address, remote, local, **kw):
+    """Sender.get() of each remote path, waited for: (the get jobs, events as
+    _pull_fetch gives them)."""
     events = []
-    sender = _pull_sender(address, **{k: v for k, v in kw.items() if k in ("skip",)})
-    got, failed = sender.fetch(remote, local, kw.get("overwrite", "replace"),
-                               lambda *e: events.append(e))
-    return got, failed, events
+
+    def ended(job):
+        if job.parent is None:
+            return
+        if job.state == "done":
+            events.append(("got", job.name, job.result))
+        elif job.state == "skipped":
+            events.append(("skipped", job.name, job.note))
+        else:
+            events.append(("failed", job.name,
+                           (getattr(job.error, "code", None), str(job.error))))
+    sender = _pull_sender(address, on_done=ended, on_error=ended, retries=0,
+                          **{k: v for k, v in kw.items() if k in ("skip",)})
+    jobs = [sender.get(r, local, kw.get("overwrite", "replace"))
+            for r in ([remote] if isinstance(remote, str) else remote)]
+    sender.close()
+    return jobs, events
+
+
+def _pull_list(address, path="", recursive=False, **kw):
+    """Sender.list() waited for: its entries, or its error raised."""
+    sender = _pull_sender(address, **kw)
+    job = sender.list(path, recursive)
+    sender.close()
+    if job.error is not None:
+        raise job.error
+    return job.result
 
 
 class _PullStandIn:
     """A hostile server written from README "Protocol": it completes the
     handshake with the token, reads the GET, answers with what the test
-    scripts (answer(tags, path) -> bytes), and says BYE if asked."""
+    scripts (answer(tags, path) -> bytes, or a list of bytes and Events:
+    each Event is waited for before the bytes after it go), and says BYE if
+    asked."""
 
     def __init__(self, test, answer, token=_PULL_TOKEN, hangup=False):
         self.answer = answer
@@ -4524,7 +4564,12 @@ class _PullStandIn:
             tags = _HostileTags(mac(b"xfer session"), b"xfer s2c")
             kind, payload = self._read(rfile, True)
             self.asked.append((kind, payload[5:]))
-            conn.sendall(self.answer(tags, payload[5:].decode()))
+            answer = self.answer(tags, payload[5:].decode())
+            for part in answer if isinstance(answer, list) else [answer]:
+                if isinstance(part, threading.Event):
+                    part.wait(TIMEOUT)
+                else:
+                    conn.sendall(part)
             if self.hangup:
                 conn.shutdown(socket.SHUT_WR)
             while True:
@@ -4623,7 +4668,7 @@ class PullTests(unittest.TestCase):
         self.assertIn("--allow-get", str(caught.exception))
         self.assertNotIn("\n", str(caught.exception))
         with self.assertRaises(xfer.RemoteError):
-            _pull_sender(address).listing("", on_entry=lambda *e: None)
+            _pull_list(address)
         self.assertEqual(os.listdir(self.local), [])
 
     def test_symlink_out_of_dir_is_not_followed(self):
@@ -4664,9 +4709,7 @@ class PullTests(unittest.TestCase):
         write_file(os.path.join(self.srv, "a.txt"), b"a")
         write_file(os.path.join(self.srv, xfer.PARTIAL_PREFIX + "0123.a.txt"), b"half")
         address = self.serve()
-        entries = []
-        _pull_sender(address).listing("", True, lambda *e: entries.append(e[-1]))
-        self.assertEqual(entries, ["a.txt"])
+        self.assertEqual([e.name for e in _pull_list(address, "", True)], ["a.txt"])
         _pull_fetch(address, "", self.local)
         self.assertEqual(os.listdir(self.local), ["a.txt"])
         with self.assertRaises(xfer.UnsafePathError):
@@ -4677,9 +4720,8 @@ class PullTests(unittest.TestCase):
         write_file(os.path.join(self.srv, "d", "b.txt"), b"b")
         os.makedirs(os.path.join(self.srv, "d", "e"))
         address = self.serve()
-        flat, deep = [], []
-        _pull_sender(address).listing("", False, lambda *e: flat.append((e[0], e[1], e[-1])))
-        _pull_sender(address).listing("", True, lambda *e: deep.append((e[0], e[-1])))
+        flat = [(e.type, e.size, e.name) for e in _pull_list(address)]
+        deep = [(e.type, e.name) for e in _pull_list(address, "", True)]
         self.assertEqual(sorted(flat), [("dir", 0, "d"), ("file", 3, "a.txt")])
         self.assertEqual(sorted(deep), [("dir", "d"), ("dir", "d/e"), ("file", "a.txt"),
                                         ("file", "d/b.txt")])
@@ -4693,11 +4735,9 @@ class PullTests(unittest.TestCase):
             yield           # a generator, as _list_dir is
         with mock.patch.object(xfer, "_list_dir", unreadable):
             with self.assertRaises(xfer.RemoteError) as caught:
-                _pull_sender(address).listing("locked", on_entry=lambda *e: None)
+                _pull_list(address, "locked")
         self.assertIn("locked", str(caught.exception))
-        entries = []
-        _pull_sender(address).listing("", on_entry=lambda *e: entries.append(e[-1]))
-        self.assertEqual(entries, ["locked"])
+        self.assertEqual([e.name for e in _pull_list(address)], ["locked"])
 
     def test_large_listing_streams_in_bounded_frames(self):
         names = ["f%05d-%s" % (i, "x" * 60) for i in range(1500)]
@@ -4711,9 +4751,8 @@ class PullTests(unittest.TestCase):
             got = real(reader, limit)
             sizes.append(len(got[1]))
             return got
-        entries = []
         with mock.patch.object(xfer._Reader, "frame", frame):
-            _pull_sender(address).listing("", False, lambda *e: entries.append(e[-1]))
+            entries = [e.name for e in _pull_list(address)]
         self.assertEqual(sorted(entries), names)
         self.assertGreater(len(sizes), 3)       # several ENTRIES frames, each bounded
         self.assertLessEqual(max(sizes), xfer.MAX_FRAME_PAYLOAD)
@@ -4799,13 +4838,14 @@ class PullTests(unittest.TestCase):
         write_file(os.path.join(self.srv, "a.txt"), b"a")
         address = self.serve()
         sender = _pull_sender(address)
+        files = []
+        sender = _pull_sender(address, on_done=lambda j: files.append(j.name))
         job = sender.get("a.txt", self.local)
         listing = sender.list("")
-        self.assertTrue(job.wait(TIMEOUT) is not False)
         self.assertTrue(wait_until(lambda: job.done and listing.done))
         self.assertEqual(job.state, "done", job.error)
-        self.assertEqual([i.relpath for i in job.result], ["a.txt"])
-        self.assertEqual([e[-1] for e in listing.result], ["a.txt"])
+        self.assertEqual(files[:1], ["a.txt"])
+        self.assertEqual([e.name for e in listing.result], ["a.txt"])
 
     def test_readme_list_example_is_what_the_server_sends(self):
         with open(os.path.join(os.path.dirname(XFER), "README.md"), encoding="utf-8") as f:
@@ -4853,7 +4893,7 @@ class PullTests(unittest.TestCase):
         done = run_xfer("get", "%s:%d:pics" % server.address, "local", env=env, cwd=self.root)
         self.assertEqual(done.returncode, xfer.EXIT_FAILED)
         lines = done.stderr.splitlines()
-        self.assertEqual(len([l for l in lines if l.startswith("xfer: get:")]), 2, done.stderr)
+        self.assertEqual(len([l for l in lines if l.startswith("xfer: error:")]), 2, done.stderr)
         self.assertNotIn("Traceback", done.stderr)
         self.assertEqual(sorted(os.listdir(self.root)), ["local", "srv"])
         self.assertEqual(os.listdir(self.local), [])
@@ -4862,13 +4902,8 @@ class PullTests(unittest.TestCase):
 
     def hostile(self, answer, hangup=False):
         server = _PullStandIn(self, answer, hangup=hangup)
-        events = []
-        sender = _pull_sender(server.address)
-        error = None
-        try:
-            got, failed = sender.fetch("pics", self.local, report=lambda *e: events.append(e))
-        except xfer.XferError as e:
-            error, got, failed = e, [], None
+        jobs, events = _pull_jobs(server.address, "pics", self.local)
+        error, failed = jobs[0].error, sum(1 for e in events if e[0] == "failed")
         server.thread.join(TIMEOUT)
         self.assertEqual(os.listdir(self.root), ["srv", "local"] if os.listdir(
             self.root)[0] == "srv" else ["local", "srv"])       # nothing beside LOCAL_DIR
@@ -4952,8 +4987,127 @@ class PullTests(unittest.TestCase):
         server = _PullStandIn(self, lambda tags, path: _pull_frame(
             tags, 0x7F, struct.pack("!B", xfer.ST_PROTOCOL) + b"unexpected unknown message"))
         with self.assertRaises(xfer.ProtocolError) as caught:
-            _pull_sender(server.address).fetch("pics", self.local)
+            _pull_fetch(server.address, "pics", self.local)
         self.assertIn("does not support get", str(caught.exception))
+
+
+class PullMoreTests(unittest.TestCase):
+    """get as a send is: the same report and events, jobs of the same Sender
+    on its connections, directory times and modes, --checksum, streamed
+    listings and the server's own defences while it reads DIR."""
+
+    def setUp(self):
+        self.root = temp_dir(self)
+        self.srv = os.path.join(self.root, "srv")
+        self.local = os.path.join(self.root, "local")
+        os.makedirs(self.srv)
+        os.makedirs(self.local)
+
+    def cli(self, *argv):
+        env = isolated_env(self.root)
+        env["XFER_TOKEN"] = _PULL_TOKEN
+        return run_xfer(*argv, env=env, cwd=self.root)
+
+    def test_get_json_events_are_sends_marked_direction_get(self):
+        write_file(os.path.join(self.srv, "pics", "a.txt"), b"a")
+        write_file(os.path.join(self.srv, "pics", "big.bin"), os.urandom(xfer.STREAM_MAX * 2))
+        host, port = _pull_server(self, self.srv).address
+        where = "%s:%d" % (host, port)
+        for again in (False, True):
+            done = self.cli("get", "--json", where + ":pics", "local")
+            self.assertEqual(done.returncode, 0, done.stderr)
+            events = [json.loads(line) for line in done.stdout.splitlines()]
+            kinds = {e["event"] for e in events}
+            self.assertLessEqual(kinds, {"file_started", "progress", "file_done", "summary"})
+            for event in events:
+                self.assertEqual((event["direction"], event["from"]), ("get", where), event)
+                self.assertNotIn("to", event)
+            files = sorted((e["path"], e["bytes"], e["skipped"]) for e in events
+                           if e["event"] == "file_done")
+            self.assertEqual(files, [("pics/a.txt", 1, again),
+                                     ("pics/big.bin", xfer.STREAM_MAX * 2, again)])
+            summary = events[-1]
+            self.assertEqual(summary["event"], "summary")
+            self.assertEqual((summary["files_sent"], summary["files_skipped"], summary["ok"]),
+                             (0, 2, True) if again else (2, 0, True))
+            started = sorted(e["path"] for e in events if e["event"] == "file_started")
+            self.assertEqual(started, [] if again else ["pics/a.txt", "pics/big.bin"])
+
+    def test_get_prints_the_send_summary_and_one_line_per_failure(self):
+        write_file(os.path.join(self.srv, "a.txt"), b"abc")
+        where = "%s:%d" % _pull_server(self, self.srv).address
+        done = self.cli("get", "-v", where + ":a.txt", where + ":missing", "local")
+        self.assertEqual(done.returncode, xfer.EXIT_FAILED, done.stderr)
+        lines = done.stderr.splitlines()
+        self.assertIn("got a.txt (3 B)", lines)
+        self.assertEqual(len([l for l in lines if l.startswith("xfer: error: missing")]), 1,
+                         done.stderr)
+        self.assertRegex(done.stdout, r"^got 1 file, 3 B in [0-9.]+ s .*, 1 FAILED\n$")
+
+    def test_get_and_list_are_jobs_on_the_send_connection(self):
+        sessions = []
+        receiver = _pull_server(self, self.srv, on_session=sessions.append)
+        write_file(os.path.join(self.srv, "a.txt"), b"a")
+        up = write_file(os.path.join(self.root, "up.txt"), b"up")
+        sender = _pull_sender(receiver.address)
+        jobs = [sender.queue(up), sender.get("a.txt", self.local), sender.list(""),
+                sender.queue(up, target_name="up2.txt"), sender.get("up2.txt", self.local)]
+        sender.close()
+        self.assertEqual([j.state for j in jobs], ["done"] * 5, [j.error for j in jobs])
+        self.assertEqual(sorted(os.listdir(self.local)), ["a.txt", "up2.txt"])
+        self.assertEqual(sorted(e.name for e in jobs[2].result), ["a.txt", "up.txt"])
+        self.assertTrue(wait_until(lambda: sessions))
+        self.assertEqual(len(sessions), 1)          # one connection for all of them
+        self.assertEqual(sessions[0].files, 2)
+
+    def test_get_callbacks_run_in_poll_and_poll_never_blocks(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        server = _PullStandIn(self, lambda tags, path: [
+            _pull_file(tags, "pics/a", b"a" * 1000), gate,
+            _pull_file(tags, "pics/b", b"b", fid=2) + _pull_done(tags)])
+        seen = []
+        record = lambda kind: lambda job: seen.append((kind, job.name, threading.get_ident()))
+        sender = _pull_sender(server.address, dispatch="poll", retries=0,
+                              on_start=record("start"), on_progress=record("progress"),
+                              on_done=record("done"), on_error=record("error"))
+        job = sender.get("pics", self.local)
+        worst = 0.0
+        pause = threading.Event()
+
+        def poll_until(predicate):
+            nonlocal worst
+            deadline = time.monotonic() + TIMEOUT
+            while not predicate() and time.monotonic() < deadline:
+                t0 = time.monotonic()
+                sender.poll()
+                worst = max(worst, time.monotonic() - t0)
+                pause.wait(0.01)
+            return predicate()
+        self.assertTrue(poll_until(lambda: ("done", "pics/a") in [e[:2] for e in seen]))
+        self.assertFalse(job.done)              # the server holds the rest back
+        self.assertIn(("progress", "pics"), [e[:2] for e in seen])
+        gate.set()
+        self.assertTrue(poll_until(lambda: ("done", "pics") in [e[:2] for e in seen]))
+        sender.close()
+        self.assertEqual(job.state, "done", job.error)
+        self.assertEqual({e[2] for e in seen}, {threading.get_ident()})
+        self.assertEqual([e[1] for e in seen if e[0] == "done"], ["pics/a", "pics/b", "pics"])
+        self.assertLess(worst, 0.5)
+
+    def test_list_job_delivers_entries_through_poll(self):
+        for name in ("a", "b", "c"):
+            write_file(os.path.join(self.srv, name), b"x")
+        sender = _pull_sender(_pull_server(self, self.srv).address, dispatch="poll")
+        entries = []
+        job = sender.list("", on_entry=lambda e: entries.append((e, threading.get_ident())))
+        self.assertTrue(wait_until(lambda: sender.poll() is not None and job.done))
+        sender.poll()
+        sender.close()
+        self.assertEqual(job.state, "done", job.error)
+        self.assertIsNone(job.result)
+        self.assertEqual(sorted(e.name for e, _ in entries), ["a", "b", "c"])
+        self.assertEqual({t for _, t in entries}, {threading.get_ident()})
 
 
 class MiscTests(unittest.TestCase):
@@ -7732,11 +7886,12 @@ class TidyTests(unittest.TestCase):
             calls.append((args, kw))
             real(stop, *args, **kw)
 
-        def interrupted_fetch(sender, *args, **kw):
+        def interrupted_poll(sender, *args, **kw):
+            # get reports as send does: its loop polls the Sender
             signal.raise_signal(signal.SIGINT)
-            self.fail("the signal did not stop get")
+            return 0
         with mock.patch.object(xfer._Signals, "__init__", recording), \
-                mock.patch.object(xfer.Sender, "fetch", interrupted_fetch):
+                mock.patch.object(xfer.Sender, "poll", interrupted_poll):
             status, err = self.main("get", "--token", "t" * 24, "%s:1:a.txt" % HOST,
                                     temp_dir(self))
         self.assertEqual(status, xfer.EXIT_INTERRUPTED, err)

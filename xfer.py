@@ -140,7 +140,7 @@ __version__ = "0.1.0"
 __all__ = [
     # library API
     "Sender", "Receiver", "Job", "FileInfo", "SessionInfo", "load_config", "Config", "main",
-    "config_paths", "user_config_path", "cert_fingerprint", "Watch", "WatchEvent",
+    "config_paths", "user_config_path", "cert_fingerprint", "Watch", "WatchEvent", "Entry",
     # errors
     "XferError", "ConfigError", "ConnectError", "AuthError", "ProtocolError",
     "VersionMismatchError", "ConnectionClosedError", "RemoteError",
@@ -6761,7 +6761,9 @@ class Job:
     note = ""               # the receiver's word on success: "replaced", "renamed to ..."
     resumed = 0             # bytes not sent again because the receiver had them
     digest = None           # sha256 hex of the content sent, once it was sent
-    result = None           # ping jobs: what ping() returns, once answered
+    result = None           # ping jobs: what ping() returns; list jobs: the entries;
+                            # a get's file: its FileInfo
+    request = None          # get and list jobs: what to ask the server
     files_total = 0         # dir jobs: files in the tree (known before any is sent)
     _epoch = 0              # the Sender's failed connections when it was queued
     state = "queued"
@@ -6786,9 +6788,9 @@ class Job:
         self.parent = parent
         self._stat = st         # os.stat_result from the walk: the one stat of the file
         self.size = 0 if st is None else st.st_size
-        if kind == "dir":
+        if kind in ("dir", "get"):
             self.failures = []
-            self._pending = 1   # the walk
+            self._pending = 1   # the walk (a get: its request, until DONE)
 
     @property
     def progress(self):
@@ -6898,7 +6900,9 @@ class _Ledger:
             job.state = state
             job.error = error
             job.finished = time.monotonic()
-            if job.kind == "mkdir":
+            if job.kind in _REQUEST_KINDS:
+                pass                  # a get's files count, a list has none
+            elif job.kind == "mkdir":
                 if state == "failed":
                     self.files_failed += 1
             elif state == "done":
@@ -6949,7 +6953,8 @@ class _Ledger:
             top.state = "cancelled" if top.cancelled else "failed"
             name, err = top.failures[0]
             more = len(top.failures) - 1
-            top.error = XferError("%s%s" % (err, " (and %d more)" % more if more else ""))
+            # One failure keeps its class (a get refused as a whole: its RemoteError).
+            top.error = XferError("%s (and %d more)" % (err, more)) if more else err
         else:
             top.state = "done"
         top.finished = time.monotonic()
@@ -6990,6 +6995,8 @@ class _Ledger:
 
 
 _STOP = object()
+# Jobs that ask the server for something (Protocol 4.9, 4.10) rather than send a file.
+_REQUEST_KINDS = ("get", "list")
 
 
 class _LinkBroken(Exception):
@@ -7045,6 +7052,8 @@ class _Link:
         self.batch_bytes = 0
         self.batch_head = _BATCH.size
         self.bye_seen = False
+        # (id, handler) of the GET or LIST whose answer the reader takes next
+        self.request = None
         self.buf = bytearray(CHUNK)
         self.wbuf = []               # writes gathered for one sendall
         self.wlen = 0
@@ -7202,6 +7211,8 @@ class _Link:
         self._start_reader()
         if job.kind == "mkdir":
             self.mkdir(job)
+        elif job.kind in _REQUEST_KINDS:
+            self.ask(job)
         else:
             self._file(job)
 
@@ -7406,6 +7417,43 @@ class _Link:
             pass
         raise _LinkBroken(self.broken)
 
+    # -- GET and LIST: the server answers with frames and bodies of its own
+
+    def ask(self, job):
+        """Send a get's GET or a list's LIST (Protocol 4.9, 4.10); return once
+        its DONE is in.  The reader thread takes the whole answer (_Pull,
+        _Listing), which ends the job; nothing else is sent meanwhile, since
+        a pull answers the server's large files as it goes.  The job stays
+        pending until then, so a connection that breaks sends it again."""
+        self.ledger.started(job)
+        try:
+            handler = (_Pull if job.kind == "get" else _Listing)(self, job)
+        except Exception as e:       # LOCAL_DIR unusable: nothing is on the wire yet
+            self._fail_local(job, e)
+            return
+        try:
+            # Every earlier answer first: the frames after them are this request's.
+            self.send_batch()
+            self._wait(lambda: not self.pending and not self.checks)
+            fid = self._new_ids()
+            self.pending[fid] = job
+            self.request = (fid, handler)
+            self._write(self.seal(handler.frame(fid)))
+            self.flush()
+        except BaseException:
+            handler.close()          # its answer will never be read
+            raise
+        self._wait(lambda: self.request is None)
+
+    def _answer(self, first):
+        """On the reader thread: the answer to the request in flight, from its first frame."""
+        fid, handler = self.request
+        handler.answer(fid, first)   # raises if the connection cannot go on
+        with self.cv:
+            self.pending.pop(fid, None)
+            self.request = None
+            self.cv.notify_all()
+
     # -- PING and BYE
 
     def ping(self):
@@ -7441,6 +7489,9 @@ class _Link:
                 # Answers come in groups: take every frame already received
                 # at once, so the worker is woken once per group, not per file.
                 frames = [rfile.frame(MAX_FRAME_PAYLOAD)]
+                if self.request is not None:
+                    self._answer(frames[0])
+                    continue
                 error = None
                 while error is None:
                     try:
@@ -7709,7 +7760,10 @@ class _Worker:
                 ledger.end(j, "cancelled" if j.cancelled else "failed", error)
             return
         for j in jobs:
-            if j.attempts <= sender.retries and not j.cancelled:
+            # A get or list goes again only if the connection was lost: a
+            # server that answered wrongly would answer wrongly again.
+            again = j.kind not in _REQUEST_KINDS or isinstance(error, ConnectionError)
+            if again and j.attempts <= sender.retries and not j.cancelled:
                 j.state = "queued"
                 ledger.progress(j, -j.bytes_done)
                 self.retry.append(j)
@@ -7881,99 +7935,46 @@ class Sender:
     def __exit__(self, exc_type, *exc):
         self.close(wait=exc_type is None)
 
-    def fetch(self, remote_paths, local_dir=".", overwrite="replace", report=None):
-        """get, blocking: copy each remote path (a file or a tree below the
-        server's DIR) into local_dir on one connection.  report(event, name,
-        detail) is told of each file (_Pull).  Returns (files, failed);
-        raises XferError if the connection fails or the server refuses."""
-        if isinstance(remote_paths, str):
-            remote_paths = [remote_paths]
-        rules = _LocalRules(local_dir, overwrite=overwrite)
-        got = []
-
-        def tell(event, raw, detail):
-            if event == "got":
-                got.append(detail)
-            if report is not None:
-                report(event, raw.decode("utf-8", "replace"), detail)
-
-        try:
-            link = self._dial()
-            self._connected()
-            pull = _Pull(link, rules, tell, skip=self.skip)
-            try:
-                for remote in remote_paths:
-                    error = pull.get(remote)
-                    if error is not None:
-                        raise error
-                link.sock.sendall(link.seal(_frame(_Msg.BYE)))
-                _expect(link.rfile, _Msg.BYE)
-            except socket.timeout:
-                raise XferError("%s: no answer within %g s" % (link.peer, self.timeout)) \
-                    from None
-            except OSError as e:
-                if isinstance(e, XferError):
-                    raise
-                raise XferError("%s: connection lost: %s" % (link.peer, e.strerror or e)) \
-                    from None
-            finally:
-                try:
-                    pull.close()
-                finally:
-                    link.close()
-        finally:
-            rules._close_dir()
-        return got, pull.failed
-
-    def listing(self, remote_path="", recursive=False, on_entry=None):
-        """ls, blocking: on_entry(type, size, mtime_ns, mode, name) for each
-        entry of a directory below the server's DIR, as it arrives (type is
-        "file", "dir", "link" or "other").  Raises XferError."""
-        names = {ET_FILE: "file", ET_DIR: "dir", ET_LINK: "link", ET_OTHER: "other"}
-        link = self._dial()
-        self._connected()
-        try:
-            link.sock.sendall(link.seal(_frame(_Msg.LIST, _LIST.pack(
-                1, LF_RECURSIVE if recursive else 0) + remote_path.encode("utf-8"))))
-            error = _list_entries(link.rfile, 1, lambda t, *rest: on_entry(
-                names.get(t, "other"), *rest))
-            if error is not None:
-                raise error
-            link.sock.sendall(link.seal(_frame(_Msg.BYE)))
-            _expect(link.rfile, _Msg.BYE)
-        finally:
-            link.close()
-
     def get(self, remote_path, local_dir=".", overwrite="replace"):
-        """Start a get on a thread of its own and return its Job at once.
+        """Queue a get: copy a file or tree from below the server's DIR into
+        local_dir; return its Job (kind "get") at once.
 
-        The job is "sending" while files arrive, then "done" with result the
-        list of FileInfo of the files stored, or "failed" with error set (a
-        file that failed makes the job fail too).  Never blocks; poll
-        job.done, or wait()."""
-        def run():
-            got, failed = self.fetch(remote_path, local_dir, overwrite)
-            if failed:
-                raise XferError("%d file%s of %s did not arrive" % (
-                    failed, "" if failed == 1 else "s", remote_path))
-            return got
-        return self._side_job(run, remote_path, "get")
+        It is a job like a queued tree, on the same connections: each file
+        that arrives is a Job of its own (parent: the get's job; name: its
+        path below local_dir; result: its FileInfo), reported through the
+        same callbacks, and the get's job ends once the server's answer is
+        in, "failed" if the server refused it or a file did not arrive.
+        """
+        job = self._request_job(remote_path, "get")
+        if overwrite not in OVERWRITE_POLICIES:
+            raise ValueError("overwrite must be one of %s, not %r"
+                             % (", ".join(OVERWRITE_POLICIES), overwrite))
+        job.path = local_dir
+        job.request = overwrite
+        return self._submit(job)
 
-    def list(self, remote_path="", recursive=False):
-        """Start an ls on a thread of its own and return its Job at once: "done"
-        with result a list of (type, size, mtime_ns, mode, name)."""
-        def run():
-            entries = []
-            self.listing(remote_path, recursive, lambda *e: entries.append(e))
-            return entries
-        return self._side_job(run, remote_path, "list")
+    def list(self, remote_path="", recursive=False, on_entry=None):
+        """Queue a listing of a directory below the server's DIR (its tree
+        if recursive); return its Job (kind "list") at once.
 
-    def _side_job(self, run, name, kind):
-        job = Job(self._ledger, None, name, kind)
-        job.state = "sending"
-        job.started = time.monotonic()
-        self._start_side(job, run)
-        return job
+        Each entry is an Entry (type, size, mtime_ns, mode, name).  With
+        on_entry, on_entry(entry) is called for each as it arrives, through
+        the dispatcher (in poll() with dispatch="poll"), and nothing is kept;
+        without it, the job's result is the list of them.  It ends "done",
+        or "failed" with error set.
+        """
+        job = self._request_job(remote_path, "list")
+        job.request = (recursive, on_entry)
+        if on_entry is None:
+            job.result = []
+        return self._submit(job)
+
+    def _request_job(self, remote_path, kind):
+        if self._closing:
+            raise XferError("the sender is closed")
+        if not isinstance(remote_path, str):
+            raise TypeError("remote_path must be a str, not %r" % (remote_path,))
+        return Job(self._ledger, None, remote_path, kind)
 
     def _start_side(self, job, run):
         """Run run() on a thread of its own: its result, or its error, ends job."""
@@ -8126,7 +8127,7 @@ class Sender:
                     job.failures.append((job.name, XferError("internal error: %r" % e)))
                     self._ledger.part_ended(job)
             else:
-                if job.source is None:
+                if job.source is None and job.kind == "file":
                     self._stat_job(job)
                 self._put([job])
         for _ in range(self.workers):
@@ -8384,74 +8385,98 @@ class _LocalRules(Receiver):
 
 
 class _Pull:
-    """The client's half of get (Protocol 4.9): it is the receiver now, and
-    defends itself as one.  Every name the server sends passes the local
-    name rules and must lie below the path asked for (nothing else is
-    taken: a server cannot plant a file it was not asked for); each file
-    goes through _IncomingFile into a _Store of LOCAL_DIR, verified, then
-    published durably by the _GroupCommit.
+    """The client's half of a get (Protocol 4.9), run on the link's reader
+    thread: it is the receiver now, and defends itself as one.  Every name
+    the server sends passes the local name rules and must lie below the
+    path asked for (nothing else is taken: a server cannot plant a file it
+    was not asked for); each file goes through _IncomingFile into a _Store
+    of LOCAL_DIR, verified, then published durably by the _GroupCommit.
 
-    report(event, name, detail) is told of each file: "got" (FileInfo),
-    "skipped" (reason) or "failed" ((status, reason))."""
+    Each file is a Job below the get's job, counted, reported and ended
+    through the Sender's ledger as a file of a sent tree is: on_start when
+    its body starts, progress as it arrives, on_done or on_error.
+    """
 
-    def __init__(self, link, rules, report, skip="quick"):
+    def __init__(self, link, job):
         self.link = link
-        self.rfile = link.rfile
-        self.seal = link.seal
-        self.sock = link.sock
-        self.rules = rules
-        self.report = report
-        self.skip = skip
-        self.store = _Store(rules, _Dest(rules.dir, root_fd=rules._root_fd), claims=rules)
-        self.commit = _GroupCommit(self.store, rules, link.peer)
-        self.held = []
-        self.ids = itertools.count(1)
-        self.failed = 0
+        self.top = job
+        self.ledger = link.ledger
+        self.skip = link.skip
+        self.rules = _LocalRules(job.path, overwrite=job.request)
+        self.store = self.commit = None
 
     def close(self):
-        try:
-            self._commit()
-        finally:
-            self.store.close()
+        self.rules._close_dir()
 
-    def _send(self, frame):
-        self.sock.sendall(self.seal(frame))
-
-    def get(self, remote):
-        """One GET: returns when its DONE arrives; raises XferError if the
-        connection cannot go on."""
-        raw = remote.encode("utf-8", "surrogateescape")
-        fid = next(self.ids)
-        self._send(_frame(_Msg.GET, _GET.pack(fid, 0) + raw))
+    def frame(self, fid):
+        raw = self.top.name.encode("utf-8", "surrogateescape")
         self.base = b"" if raw in (b"", b".") else raw.rstrip(b"/").rsplit(b"/", 1)[-1]
-        current = None
+        return _frame(_Msg.GET, _GET.pack(fid, 0) + raw)
+
+    def answer(self, fid, first):
+        """Take the GET's answer, from its first frame to its DONE; raises
+        XferError or OSError if the connection cannot go on."""
+        link, rules = self.link, self.rules
+        self.rfile = rfile = link.rfile
+        self.send = lambda frame: link.sock.sendall(link.seal(frame))
+        self.store = _Store(rules, _Dest(rules.dir, root_fd=rules._root_fd), claims=rules)
+        self.commit = _GroupCommit(self.store, rules, link.peer)
+        self.held = []              # (incoming, its job), verified, not yet published
+        kind, payload = first
         try:
             while True:
-                kind, payload = self.rfile.frame(MAX_FRAME_PAYLOAD)
                 if kind == _Msg.FILE:
-                    current = payload[_FILE.size:]
                     self._file(payload)
-                    current = None
                 elif kind == _Msg.MKDIR:
                     self._mkdir(payload)
                 elif kind == _Msg.RESULT:       # an entry the server did not send
                     _, status, reason = _decode_result(payload)
-                    if status == ST_SKIPPED:
-                        self.report("skipped", b"", reason)
-                    else:
-                        self._failed(b"", (status, reason))
+                    job = self._job(b"")
+                    job.note = reason
+                    self._end(job, status, reason)
                 elif kind == _Msg.DONE:
                     self._commit()
-                    return _decode_done(payload, fid)
+                    error = _decode_done(payload, fid)
+                    if error is not None:       # refused as a whole: one failure
+                        self.ledger.end(self._job(self.top.name.encode(
+                            "utf-8", "surrogateescape"), kind="entry"), "failed", error)
+                    self.ledger.part_ended(self.top)
+                    return
                 elif kind == _Msg.ERROR:
                     raise _unsupported(_decode_error(payload), "get")
                 else:
-                    raise ProtocolError("unexpected %s in the answer to GET"
-                                        % _msg_name(kind))
-        except (XferError, OSError) as e:
-            if current is not None:
-                self._failed(current, _failure(current, e))
-            raise
+                    raise ProtocolError("unexpected %s in the answer to GET" % _msg_name(kind))
+                # Publish what is in before waiting for more, as a receiver
+                # answers before it waits: a file is done once it is in.
+                if self.held and not rfile.ready():
+                    self._commit()
+                kind, payload = rfile.frame(MAX_FRAME_PAYLOAD)
+        finally:
+            try:
+                self._commit()
+            finally:
+                self.store.close()
+                self.close()
+
+    def _job(self, raw, size=0, kind="file"):
+        """A Job below the get's for an entry of its answer ("entry": the
+        failure of the GET as a whole, which is no file of it)."""
+        top, ledger = self.top, self.ledger
+        job = Job(ledger, None, raw.decode("utf-8", "replace"),
+                  "file" if kind == "entry" else kind, top)
+        ledger.add(top, 1)
+        if kind == "file":
+            with ledger.lock:
+                top.files_total += 1
+            if size:
+                ledger.resize(job, size)    # the get's size grows as files are announced
+        return job
+
+    def _end(self, job, status, reason):
+        if status == ST_SKIPPED:
+            self.ledger.end(job, "skipped")
+        else:
+            self.ledger.end(job, "failed", _error_for(status, reason))
 
     def _asked(self, raw):
         base = self.base
@@ -8467,13 +8492,14 @@ class _Pull:
                 raise UnsafePathError("not below the path asked for; refused", raw)
             self.commit.hold_dir(self.store.makedirs(fid, raw))
         except (XferError, OSError) as e:
-            self._failed(raw, _failure(raw, e))
+            self._end(self._job(raw, kind="mkdir"), *_failure(raw, e))
 
     def _file(self, payload):
         fid, size, mtime_ns, mode, flags, raw = _decode_file(payload)
         if flags & FF_DISCARD:
             raise ProtocolError("FILE %d from the server sets FF_DISCARD" % fid)
         stream = bool(flags & FF_STREAM)
+        job = self._job(raw, size)
         incoming = _IncomingFile(self.store, fid, raw, size, mtime_ns, mode, stream)
         refusal = None
         try:
@@ -8490,53 +8516,68 @@ class _Pull:
                 self._drain(size)
                 _read_trailer(self.rfile, fid)
             else:
-                self._send(_encode_result(fid, *refusal))
-            if refusal[0] == ST_SKIPPED:
-                self.report("skipped", raw, refusal[1])
-            else:
-                self._failed(raw, refusal)
+                self.send(_encode_result(fid, *refusal))
+            job.note = refusal[1] if refusal[0] == ST_SKIPPED else ""
+            self._end(job, *refusal)
             return
+        ledger = self.ledger
+        ledger.started(job)
+        rfile = self.rfile
+
+        def readinto(view):
+            n = rfile.readinto(view)
+            ledger.progress(job, n)
+            return n
         try:
             start = 0
             if not stream:
-                self._send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, incoming.offset,
-                                                             incoming.prefix)))
-                start = _read_body_start(self.rfile, fid, incoming.offset)
+                self.send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, incoming.offset,
+                                                            incoming.prefix)))
+                start = _read_body_start(rfile, fid, incoming.offset)
             incoming.begin(start)
-            incoming.receive(self.rfile.readinto, size - start)
-            trailer_flags, digest = _read_trailer(self.rfile, fid)
+            if start:
+                job.resumed = start
+                ledger.progress(job, start)
+            incoming.receive(readinto, size - start)
+            trailer_flags, digest = _read_trailer(rfile, fid)
             failure = incoming.finish(digest, aborted=trailer_flags & TF_ABORT)
-        except BaseException:
+        except BaseException as e:
             # A large file's partial stays for the next get to resume.
             incoming.close(keep=incoming.in_body)
+            if isinstance(e, (XferError, OSError)):
+                self._end(job, *_failure(raw, e))
             raise
         if failure is not None:
             if failure[0] == ST_ABORTED:
                 failure = (ST_ABORTED, "%s: changed on the server while it was sent; "
                            "not stored (get it again)" % _display(raw))
-            self._failed(raw, failure)
+            self._end(job, *failure)
             return
         self.commit.hold(incoming)
-        self.held.append(incoming)
+        self.held.append((incoming, job))
         if incoming.claim is not None or len(self.held) >= _HOLD_MAX:
             self._commit()
 
     def _commit(self):
+        if self.commit is None:
+            return
         self.commit.commit()
         held, self.held = self.held, []
-        for incoming in held:
+        got = iter(self.rules.got)
+        self.rules.got = []
+        for incoming, job in held:
             incoming.close()
             if incoming.failure is not None:
-                self._failed(incoming.raw, incoming.failure)
-            elif incoming.final is None:
-                self.report("skipped", incoming.raw, incoming.note)
-        got, self.rules.got = self.rules.got, []
-        for info in got:
-            self.report("got", info.relpath.encode("utf-8", "surrogateescape"), info)
-
-    def _failed(self, raw, failure):
-        self.failed += 1
-        self.report("failed", raw, failure)
+                self._end(job, *incoming.failure)
+                continue
+            job.digest = incoming.digest
+            job.note = incoming.note or ""
+            if incoming.final is None:
+                self.ledger.end(job, "skipped")
+            else:
+                job.result = next(got)
+                job.path = job.result.path
+                self.ledger.end(job, "done")
 
     def _drain(self, size):
         view = memoryview(self.store.buf)
@@ -8546,6 +8587,49 @@ class _Pull:
                 raise ConnectionClosedError("connection closed inside a file body")
             size -= n
 
+
+class Entry(collections.namedtuple("Entry", "type size mtime_ns mode name")):
+    """One entry of a listing (Sender.list): type is "file", "dir", "link" or
+    "other"; size in bytes (0 but for files); mtime_ns; mode (permission
+    bits); name below the listed directory, "/"-separated."""
+    __slots__ = ()
+
+
+class _Listing:
+    """The client's half of a list (Protocol 4.10), run on the link's reader
+    thread: each entry goes to the job's on_entry through the dispatcher, or
+    into its result, as its ENTRIES frame arrives."""
+
+    _TYPES = {ET_FILE: "file", ET_DIR: "dir", ET_LINK: "link", ET_OTHER: "other"}
+
+    def __init__(self, link, job):
+        self.ledger = link.ledger
+        self.rfile = link.rfile
+        self.job = job
+
+    def close(self):
+        pass
+
+    def frame(self, fid):
+        recursive = self.job.request[0]
+        return _frame(_Msg.LIST, _LIST.pack(fid, LF_RECURSIVE if recursive else 0)
+                      + self.job.name.encode("utf-8", "surrogateescape"))
+
+    def answer(self, fid, first):
+        job = self.job
+        on_entry = job.request[1]
+        if on_entry is None:
+            keep = job.result.append
+        else:
+            emit = self.ledger.dispatch.emit
+            keep = lambda entry: emit(on_entry, entry)
+        types = self._TYPES
+        error = _list_entries(self.rfile, fid, lambda t, *rest: keep(
+            Entry(types.get(t, "other"), *rest)), first)
+        if error is not None:
+            self.ledger.end(job, "failed", error)
+        else:
+            self.ledger.end(job, "done")
 
 
 def _decode_done(payload, fid):
@@ -8568,11 +8652,13 @@ def _unsupported(error, what):
     return error
 
 
-def _list_entries(rfile, fid, on_entry):
-    """Read LIST's answer (Protocol 4.10): on_entry(type, size, mtime_ns, mode,
-    name) for each entry, as each frame arrives; the DONE's error or None."""
+def _list_entries(rfile, fid, on_entry, first=None):
+    """Read LIST's answer (Protocol 4.10), from its first frame if already
+    read: on_entry(type, size, mtime_ns, mode, name) for each entry, as each
+    frame arrives; the DONE's error or None."""
     while True:
-        kind, payload = rfile.frame(MAX_FRAME_PAYLOAD)
+        kind, payload = first or rfile.frame(MAX_FRAME_PAYLOAD)
+        first = None
         if kind == _Msg.DONE:
             return _decode_done(payload, fid)
         if kind == _Msg.ERROR:
@@ -10288,9 +10374,6 @@ class _Signals:
     waits: a KeyboardInterrupt raised wherever that thread happens to be
     can land between a lock's acquire and the block that releases it
     (inside Condition.wait, for one), and stopping needs the same lock.
-    A command that waits in one blocking call instead (get) passes
-    interrupt=True: the first signal then raises KeyboardInterrupt there,
-    and the call unwinds through its finally blocks.
 
     A signal the process ignores stays ignored (a shell starts a background
     job with SIGINT ignored), unless even_ignored: serve stops on
@@ -10305,18 +10388,15 @@ class _Signals:
 
     STOP = ("SIGINT", "SIGTERM", "SIGBREAK")
 
-    def __init__(self, names=STOP, even_ignored=False, interrupt=False):
+    def __init__(self, names=STOP, even_ignored=False):
         self.names = names
         self.even_ignored = even_ignored
-        self.interrupt = interrupt
         self.received = []          # signal numbers, in the order they came
         self._previous = {}
         self._wakeup = None         # (reading socket, writing socket, previous fd)
 
     def _on_signal(self, signum, frame):
         self.received.append(signum)
-        if self.interrupt and len(self.received) == 1:
-            raise KeyboardInterrupt
 
     def __enter__(self):
         if threading.current_thread() is not threading.main_thread():
@@ -10762,12 +10842,14 @@ def _flight_name(job):
 
 
 class _Track:
-    """One destination of a send, as the report sees it (main thread only)."""
+    """One destination of a send (or the server of a get), as the report
+    sees it (main thread only)."""
 
-    def __init__(self, label, to, subdir=""):
+    def __init__(self, label, to, subdir="", direction="send"):
         self.label = label          # prefix of its lines; "" with one destination
         self.to = to                # "host:port", for JSON events
         self.subdir = subdir        # DIR of HOST:DIR
+        self.direction = direction  # "send", or "get": files come from the server
         self.sender = None
         self.token_from = None      # where its token came from, named if it is refused
         self.jobs = []              # top-level jobs
@@ -10782,11 +10864,13 @@ class _Track:
 
     @property
     def files_total(self):
-        return sum(j.files_total if j.kind == "dir" else 1 for j in self.jobs)
+        # A get's count grows as the server announces its files.
+        return sum(j.files_total if j.kind in ("dir", "get") else 1 for j in self.jobs)
 
     @property
     def failed(self):
-        return self.sender.files_failed + self.failed_inputs
+        return (self.sender.files_failed + self.failed_inputs
+                + sum(1 for j in self.jobs if _own_error(j)))
 
     @property
     def finished(self):
@@ -10817,13 +10901,14 @@ class _Track:
     def summary(self, interrupted=False):
         """The one line a send ends with (README "send and send-dir")."""
         s = self.sender
+        get = self.direction == "get"
         if not (interrupted or s.files_done or self.failed) and s.files_skipped:
-            return self.label + "nothing to send: %d file%s already there" % (
-                s.files_skipped, "" if s.files_skipped == 1 else "s")
+            return self.label + "nothing to %s: %d file%s already there" % (
+                "get" if get else "send", s.files_skipped, "" if s.files_skipped == 1 else "s")
         seconds = time.monotonic() - self.started
         rate = s.bytes_sent / seconds if seconds > 0 else 0.0
-        line = "sent %d file%s, %s in %.2f s (%s/s)" % (
-            s.files_done, "" if s.files_done == 1 else "s", _human(s.bytes_sent), seconds,
+        line = "%s %d file%s, %s in %.2f s (%s/s)" % (
+            "got" if get else "sent", s.files_done, "" if s.files_done == 1 else "s", _human(s.bytes_sent), seconds,
             _human(rate))
         if s.bytes_resumed:
             line += ", %s resumed" % _human(s.bytes_resumed)
@@ -10837,6 +10922,18 @@ class _Track:
             if s.bytes_kept:
                 line += ", %s kept for resume" % _human(s.bytes_kept)
         return self.label + line
+
+
+def _own_error(job):
+    """A get's (or list's) own failure, not one of its files': refused as a
+    whole, or its connection failed.  None for any other job."""
+    if job.kind not in _REQUEST_KINDS or job.state != "failed":
+        return None
+    # A get whose answer ended (DONE) ended as a tree does, its error its
+    # files'; one still waiting for its answer was ended by its own error.
+    if job.kind == "get" and not job._pending:
+        return None
+    return job.error
 
 
 class _Report:
@@ -10863,9 +10960,10 @@ class _Report:
         self.drawn = 0              # lines of the live display on screen
         self.last_draw = 0.0
 
-    def track(self, label, to, subdir=""):
-        """A new destination; returns it with the Sender callbacks to use."""
-        t = _Track(label, to, subdir)
+    def track(self, label, to, subdir="", direction="send"):
+        """A new destination (or a get's server); returns it with the Sender
+        callbacks to use."""
+        t = _Track(label, to, subdir, direction)
         self.tracks.append(t)
         callbacks = dict(on_error=lambda job: self._ended(t, job))
         # Only what the mode shows: each callback costs the send some CPU
@@ -10884,7 +10982,7 @@ class _Report:
 
     def _ended(self, t, job):
         t.sending.pop(id(job), None)
-        if job.kind == "dir":
+        if job.kind in ("dir", "get") and not _own_error(job):
             return          # its files were reported one by one
         if job.kind == "file":
             t.ended += 1
@@ -10904,7 +11002,8 @@ class _Report:
                 if job.resumed:
                     notes.append("resumed after %s" % _human(job.resumed))
                 self.say("%s%s %s (%s%s)" % (
-                    t.label, "skipped" if job.state == "skipped" else "sent",
+                    t.label, "skipped" if job.state == "skipped" else (
+                        "got" if t.direction == "get" else "sent"),
                     _display(job.name), _human(job.size),
                     "".join(", " + _display(n) for n in notes)))
             return
@@ -10941,8 +11040,10 @@ class _Report:
             self.say("xfer: error: %s: %s" % (_display(path), why))
 
     def _event(self, name, t, **fields):
+        # A get's events name the server it copies from: "from", not "to".
         if self.mode == "json":
-            self.emit(name, to=t.to, **fields)
+            self.emit(name, **{"from" if t.direction == "get" else "to": t.to,
+                               "direction": t.direction}, **fields)
 
     def say(self, line, stream=None):
         """Print a line that stays, above the live display."""
@@ -11034,6 +11135,7 @@ class _Report:
         for t in self.tracks:
             s = t.sender
             if self.mode == "json":
+                error = s.error or next(filter(None, map(_own_error, t.jobs)), None)
                 self._event("summary", t, files_sent=s.files_done,
                             files_skipped=s.files_skipped, files_failed=t.failed,
                             bytes_sent=s.bytes_sent, bytes_resumed=s.bytes_resumed,
@@ -11041,7 +11143,7 @@ class _Report:
                             bytes_kept=s.bytes_kept if interrupted else 0,
                             seconds=round(time.monotonic() - t.started, 3),
                             ok=not (t.failed or interrupted) and s.error is None,
-                            error=None if s.error is None else str(s.error))
+                            error=None if error is None else str(error))
                 continue
             if s.fingerprint_new:
                 self.say("xfer: trusting the TLS certificate of %s on first use: %s "
@@ -11186,6 +11288,15 @@ def _token_source(error, source):
     return error
 
 
+def _report_mode(args):
+    """The _Report mode of --json, -q, or the terminal (live) or not (plain)."""
+    if args.json:
+        return "json"
+    if args.quiet:
+        return "quiet"
+    return "live" if _enable_ansi(sys.stderr) else "plain"
+
+
 def _cmd_send(args):
     """send and send-dir: one Sender per destination, all polled from this thread."""
     config = _load_config(args)
@@ -11206,12 +11317,7 @@ def _cmd_send(args):
         raise ConfigError("nothing to send: give at least one %s before the destination"
                           % ("DIR" if args.command == "send-dir" else "FILE"))
     _stdin_operand(args, paths)
-    if args.json:
-        mode = "json"
-    elif args.quiet:
-        mode = "quiet"
-    else:
-        mode = "live" if _enable_ansi(sys.stderr) else "plain"
+    mode = _report_mode(args)
     paired = _pair_for_send(args, config, destinations) if args.code else None
     report = _Report(mode, args.verbose)
     tracks = []
@@ -11281,6 +11387,12 @@ def _send_all(args, paths, tracks, report, mode, spooled):
             continue
         for t in tracks:
             t.jobs.append(t.sender.queue(path, subdir=t.subdir))
+    return _follow(tracks, report, "sending the same again resumes")
+
+
+def _follow(tracks, report, again):
+    """Report on the queued jobs of every Sender until all have ended (Ctrl-C
+    cancels them, and again says how to go on); the exit status."""
     with _Signals(("SIGINT",)) as stop:
         for t in tracks:
             while not stop.received and not t.sender.wait(report.REDRAW):
@@ -11296,15 +11408,18 @@ def _send_all(args, paths, tracks, report, mode, spooled):
             t.sender.wait(max(0.0, deadline - time.monotonic()))
             t.sender.poll()
         report.finish(interrupted=True)
-        report.say("xfer: interrupted; sending the same again resumes")
+        report.say("xfer: interrupted; %s" % again)
         return EXIT_INTERRUPTED
     for t in tracks:
         t.sender.close()
         t.sender.poll()
         _token_source(t.sender.error, t.token_from)
     report.finish()
-    if len(tracks) == 1 and tracks[0].sender.error is not None:
-        return tracks[0].sender.error.exit_code      # finish() printed it
+    if len(tracks) == 1:
+        error = tracks[0].sender.error or next(filter(None, map(_own_error, tracks[0].jobs)),
+                                               None)
+        if error is not None:
+            return error.exit_code      # finish() printed it
     return EXIT_FAILED if any(t.failed or t.sender.error for t in tracks) else EXIT_OK
 
 
@@ -11590,77 +11705,46 @@ def _remote_operands(config, operands, what):
     return _Address(host, port, ""), paths
 
 
-def _pull_sender(args, config, address):
+def _pull_sender(args, config, address, **kw):
     if getattr(args, "code", None):
         target = _pair_for_send(args, config, [address])
     else:
         target = _resolve_target(config, address, args.token, tls=args.tls,
                                  fingerprint=args.fingerprint)
         _check_resolvable(config, address, target.host)
-    skip = None if getattr(args, "force", False) else "quick"
+    if getattr(args, "force", False):
+        skip = None
+    else:
+        skip = "checksum" if getattr(args, "checksum", False) else "quick"
     sender = Sender((target.host, target.port), skip=skip,
                     retries=max(0, getattr(args, "retries", 3)),
-                    **dict(_timeouts(args.timeout), **_connection_options(args, target)))
+                    **dict(_timeouts(args.timeout), **_connection_options(args, target), **kw))
     return sender, target
 
 
 def _cmd_get(args):
-    """get: copy files and trees from the server's DIR into LOCAL_DIR."""
+    """get: copy files and trees from the server's DIR into LOCAL_DIR, shown
+    as a send is (the same report, its events marked "direction": "get")."""
     config = _load_config(args)
     operands = list(args.paths)
     local_dir = "."
     if len(operands) > 1 and not _is_destination(operands[-1]):
         local_dir = operands.pop()
     address, remotes = _remote_operands(config, operands, "get")
-    sender, target = _pull_sender(args, config, address)
-    where = _host_port_text(target.host, target.port)
-    emit = _json_writer(sys.stdout) if args.json else None
-    totals = {"files": 0, "bytes": 0, "skipped": 0}
+    report = _Report(_report_mode(args), args.verbose)
+    track, callbacks = report.track("", None, direction="get")   # its address: below
+    report_error = callbacks["on_error"]
 
-    def report(event, name, detail):
-        if event == "got":
-            totals["files"] += 1
-            totals["bytes"] += detail.size
-            if emit:
-                emit("file_received", direction="get", peer=where, path=detail.path,
-                     relpath=detail.relpath, bytes=detail.size, digest=detail.digest)
-            elif args.verbose and not args.quiet:
-                sys.stderr.write("got %s (%s)\n" % (_display(detail.relpath),
-                                                     _human(detail.size)))
-        elif event == "skipped":
-            totals["skipped"] += 1
-            if emit:
-                emit("file_skipped", direction="get", peer=where, relpath=name,
-                     reason=detail)
-            elif args.verbose and not args.quiet:
-                sys.stderr.write("skipped %s\n" % _display(
-                    "%s: %s" % (name, detail) if name else detail))
-        else:
-            code, reason = detail
-            if emit:
-                emit("file_failed", direction="get", peer=where, relpath=name,
-                     status=_STATUS_BY_CODE[code].name if code in _STATUS_BY_CODE else code,
-                     error=reason)
-            else:
-                sys.stderr.write("xfer: get: %s: %s\n" % (where, _display(reason)))
-
-    try:
-        with _Signals(("SIGINT",), interrupt=True):
-            _, failed = sender.fetch(remotes, local_dir, args.overwrite or "replace", report)
-    except XferError as e:
-        _token_source(e, target.token_from)
-        if not emit:
-            raise
-        emit("done", direction="get", ok=False, error=str(e), exit=e.exit_code, **totals)
-        return e.exit_code
-    if emit:
-        emit("done", direction="get", ok=not failed, failed=failed, **totals)
-    elif not args.quiet:
-        sys.stderr.write("got %d file%s (%s) from %s%s%s\n" % (
-            totals["files"], "" if totals["files"] == 1 else "s", _human(totals["bytes"]),
-            where, ", %d skipped" % totals["skipped"] if totals["skipped"] else "",
-            ", %d failed" % failed if failed else ""))
-    return EXIT_FAILED if failed else EXIT_OK
+    def on_error(job):
+        _token_source(job.error, track.token_from)
+        report_error(job)
+    callbacks["on_error"] = on_error
+    track.sender, target = _pull_sender(args, config, address, dispatch="poll", **callbacks)
+    track.to = _host_port_text(target.host, target.port)
+    track.token_from = target.token_from
+    for remote in remotes:
+        track.jobs.append(track.sender.get(remote, local_dir, args.overwrite or "replace"))
+    return _follow([track], report, "getting the same again resumes")
 
 
 _ENTRY_LETTERS = {"file": "-", "dir": "d", "link": "l", "other": "?"}
@@ -11674,7 +11758,8 @@ def _cmd_ls(args):
     emit = _json_writer(sys.stdout) if args.json else None
     out = sys.stdout
 
-    def on_entry(kind, size, mtime_ns, mode, name):
+    def on_entry(entry):
+        kind, size, mtime_ns, mode, name = entry
         if emit:
             emit("entry", type=kind, size=size, mtime=mtime_ns / 1e9,
                  mode="%04o" % mode, path=name)
@@ -11684,11 +11769,11 @@ def _cmd_ls(args):
             time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime_ns / 1e9)),
             _display(name), "/" if kind == "dir" else ""))
 
-    try:
-        sender.listing(remotes[0], args.recursive, on_entry)
-    except XferError as e:
-        _token_source(e, target.token_from)
-        raise
+    job = sender.list(remotes[0], args.recursive, on_entry)
+    sender.close()
+    if job.error is not None:
+        _token_source(job.error, target.token_from)
+        raise job.error
     return EXIT_OK
 
 
