@@ -5095,6 +5095,26 @@ class PullMoreTests(unittest.TestCase):
         self.assertEqual([e[1] for e in seen if e[0] == "done"], ["pics/a", "pics/b", "pics"])
         self.assertLess(worst, 0.5)
 
+    def test_get_keeps_directory_mtimes_and_modes_set_after_their_files(self):
+        tree = os.path.join(self.srv, "tree")
+        write_file(os.path.join(tree, "sub", "f.txt"), b"f")
+        write_file(os.path.join(tree, "sub", "big.bin"), os.urandom(xfer.STREAM_MAX + 1))
+        os.makedirs(os.path.join(tree, "sub", "empty"))
+        stamps = {"tree": (0o755, 1300000000), "tree/sub": (0o2750, 1400000000),
+                  "tree/sub/empty": (0o700, 1500000000)}
+        for name, (mode, seconds) in sorted(stamps.items(), reverse=True):
+            path = os.path.join(self.srv, name)
+            os.chmod(path, mode)
+            os.utime(path, ns=(seconds * 10**9 + 7, seconds * 10**9 + 7))
+        _pull_fetch(_pull_server(self, self.srv).address, "tree", self.local)
+        self.assertEqual(tree_listing(self.local), ["tree", "tree/sub", "tree/sub/big.bin",
+                                                    "tree/sub/empty", "tree/sub/f.txt"])
+        for name, (mode, seconds) in stamps.items():
+            st = os.stat(os.path.join(self.local, name))
+            self.assertEqual(st.st_mtime_ns, seconds * 10**9 + 7, name)
+            if os.name != "nt":     # masked as a file's mode is: no setgid
+                self.assertEqual(stat.S_IMODE(st.st_mode), mode & 0o777, name)
+
     def test_list_job_delivers_entries_through_poll(self):
         for name in ("a", "b", "c"):
             write_file(os.path.join(self.srv, name), b"x")

@@ -2045,6 +2045,22 @@ class _Dest:
         if not stat.S_ISDIR(st.st_mode):
             raise UnsafePathError("a component is not a directory", path, code=ST_CONFLICT)
 
+    def stamp_dir(self, parts, path, mode, mtime_ns):
+        """Set the permission bits (not on Windows) and mtime of the directory
+        parts below the root, never through a symlink (get keeps a tree's)."""
+        handle = self._open_dirs(tuple(parts), path, create=False)
+        if not self.use_dir_fd:
+            os.utime(handle, ns=(mtime_ns, mtime_ns))
+            return
+        try:
+            os.fchmod(handle, mode)
+            if _UTIME_FD:
+                os.utime(handle, ns=(mtime_ns, mtime_ns))
+            else:
+                os.utime(".", ns=(mtime_ns, mtime_ns), dir_fd=handle)
+        finally:
+            os.close(handle)
+
     # -- files in a parent
 
     def lstat(self, handle, name):
@@ -3788,11 +3804,22 @@ class _ReceiveSession:
             walk = _walk_tree(path, name, served=True)
         else:
             walk = iter([("file" if stat.S_ISREG(st.st_mode) else "other", path, name, st)])
+        # Directories whose entries are still coming, innermost last: each
+        # gets its ENTRIES (mode, mtime) once its tree is sent (the walk is
+        # depth first, so a tree's entries come together).
+        open_dirs = []
         for kind, path, name, st in walk:
+            while open_dirs and not name.startswith(open_dirs[-1][0] + "/"):
+                out.dir_entry(fid, *open_dirs.pop())
             if kind == "dir":
                 if name:
-                    out.frame(_frame(_Msg.MKDIR, _MKDIR.pack(fid, 0o777) + name.encode(
+                    try:
+                        mode = stat.S_IMODE(os.lstat(path).st_mode)
+                    except OSError:
+                        mode = 0o755
+                    out.frame(_frame(_Msg.MKDIR, _MKDIR.pack(fid, mode) + name.encode(
                         "utf-8", "surrogateescape")))
+                    open_dirs.append((name, path))
                 continue
             wire = name.encode("utf-8", "surrogateescape")
             if kind == "file":
@@ -3805,6 +3832,8 @@ class _ReceiveSession:
                 failure = _failure(wire, st)
             if failure is not None:
                 out.frame(_encode_result(fid, *failure))
+        while open_dirs:
+            out.dir_entry(fid, *open_dirs.pop())
         out.flush()
         self._done(fid)
 
@@ -3914,6 +3943,17 @@ class _GetWriter:
         if self.parts:
             data, self.parts, self.size = b"".join(self.parts), [], 0
             self.sock.sendall(data)
+
+    def dir_entry(self, fid, name, path):
+        """ENTRIES with the one entry of a directory whose tree is sent: the
+        client sets its mode and mtime now, after its files (Protocol 4.9)."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return          # gone meanwhile: its files said so
+        wire = name.encode("utf-8", "surrogateescape")
+        self.frame(_frame(_Msg.ENTRIES, struct.pack("!I", fid) + _ENTRY.pack(
+            ET_DIR, 0, st.st_mtime_ns, stat.S_IMODE(st.st_mode), len(wire)) + wire))
 
     def file(self, path, st, wire):
         """Send one file; None, or (status, reason) for a file not sent."""
@@ -8422,6 +8462,7 @@ class _Pull:
         self.store = _Store(rules, _Dest(rules.dir, root_fd=rules._root_fd), claims=rules)
         self.commit = _GroupCommit(self.store, rules, link.peer)
         self.held = []              # (incoming, its job), verified, not yet published
+        self.stamps = []            # (raw, parts, mode, mtime_ns) of directories to set
         kind, payload = first
         try:
             while True:
@@ -8429,6 +8470,8 @@ class _Pull:
                     self._file(payload)
                 elif kind == _Msg.MKDIR:
                     self._mkdir(payload)
+                elif kind == _Msg.ENTRIES:      # a directory's mode and mtime
+                    self._dir_entries(payload, fid)
                 elif kind == _Msg.RESULT:       # an entry the server did not send
                     _, status, reason = _decode_result(payload)
                     job = self._job(b"")
@@ -8493,6 +8536,21 @@ class _Pull:
             self.commit.hold_dir(self.store.makedirs(fid, raw))
         except (XferError, OSError) as e:
             self._end(self._job(raw, kind="mkdir"), *_failure(raw, e))
+
+    def _dir_entries(self, payload, fid):
+        """A directory's mode and mtime, set at the next commit, once its
+        files are in place (renaming them into it changes its mtime)."""
+        for etype, _, mtime_ns, mode, raw in _entries(payload, fid):
+            try:
+                if etype != ET_DIR:
+                    raise ProtocolError("ENTRIES in the answer to GET for a non-directory")
+                if not self._asked(raw):
+                    raise UnsafePathError("not below the path asked for; refused", raw)
+                self.stamps.append((raw, self.store.split(raw), mode, mtime_ns))
+            except UnsafePathError as e:
+                self._end(self._job(raw, kind="mkdir"), *_failure(raw, e))
+        if not self.held:
+            self._commit()
 
     def _file(self, payload):
         fid, size, mtime_ns, mode, flags, raw = _decode_file(payload)
@@ -8562,6 +8620,14 @@ class _Pull:
         if self.commit is None:
             return
         self.commit.commit()
+        stamps, self.stamps = self.stamps, []
+        for raw, parts, mode, mtime_ns in stamps:     # inner directories first
+            try:
+                self.store.dest.stamp_dir(parts, raw, stat.S_IMODE(mode) & 0o777, mtime_ns)
+            except FileNotFoundError:
+                pass        # its MKDIR failed, and said so
+            except (XferError, OSError) as e:
+                self._end(self._job(raw, kind="mkdir"), *_failure(raw, e))
         held, self.held = self.held, []
         got = iter(self.rules.got)
         self.rules.got = []
@@ -8652,6 +8718,23 @@ def _unsupported(error, what):
     return error
 
 
+def _entries(payload, fid):
+    """The entries of an ENTRIES payload (Protocol 4.10) for request fid:
+    (type, size, mtime_ns, mode, raw name) tuples."""
+    if len(payload) < 4 or struct.unpack_from("!I", payload)[0] != fid:
+        raise ProtocolError("ENTRIES for another request")
+    at, end = 4, len(payload)
+    while at < end:
+        if end - at < _ENTRY.size:
+            raise ProtocolError("ENTRIES frame ends inside an entry")
+        etype, size, mtime_ns, mode, length = _ENTRY.unpack_from(payload, at)
+        at += _ENTRY.size
+        if at + length > end:
+            raise ProtocolError("ENTRIES frame ends inside a name")
+        yield etype, size, mtime_ns, mode, payload[at:at + length]
+        at += length
+
+
 def _list_entries(rfile, fid, on_entry, first=None):
     """Read LIST's answer (Protocol 4.10), from its first frame if already
     read: on_entry(type, size, mtime_ns, mode, name) for each entry, as each
@@ -8663,21 +8746,10 @@ def _list_entries(rfile, fid, on_entry, first=None):
             return _decode_done(payload, fid)
         if kind == _Msg.ERROR:
             raise _unsupported(_decode_error(payload), "ls")
-        if kind != _Msg.ENTRIES or len(payload) < 4:
+        if kind != _Msg.ENTRIES:
             raise ProtocolError("unexpected %s in the answer to LIST" % _msg_name(kind))
-        if struct.unpack_from("!I", payload)[0] != fid:
-            raise ProtocolError("ENTRIES for another request")
-        at, end = 4, len(payload)
-        while at < end:
-            if end - at < _ENTRY.size:
-                raise ProtocolError("ENTRIES frame ends inside an entry")
-            etype, size, mtime_ns, mode, length = _ENTRY.unpack_from(payload, at)
-            at += _ENTRY.size
-            if at + length > end:
-                raise ProtocolError("ENTRIES frame ends inside a name")
-            on_entry(etype, size, mtime_ns, mode,
-                     payload[at:at + length].decode("utf-8", "replace"))
-            at += length
+        for etype, size, mtime_ns, mode, raw in _entries(payload, fid):
+            on_entry(etype, size, mtime_ns, mode, raw.decode("utf-8", "replace"))
 
 
 def _clean_subdir(subdir):
