@@ -68,6 +68,26 @@ def temp_dir(test):
     return os.path.realpath(td.name)
 
 
+def readme_session(heading, readme=None):
+    """The first session written as "C->S"/"S->C" lines of hex after heading
+    (any text of the README) as [(direction, bytes)], runs of one direction
+    joined."""
+    if readme is None:
+        with open(os.path.join(os.path.dirname(XFER), "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+    section = readme.split(heading, 1)[1]
+    block = section.split("```\n", 2)[1]
+    messages = []
+    for line in block.splitlines():
+        head, rest = line[:6].strip(), line[6:].strip()
+        if head in ("C->S", "S->C") and (not messages or messages[-1][0] != head):
+            messages.append([head, b""])
+        column = re.split(r"\s{2,}", rest, 1)[0]
+        if messages and re.fullmatch(r"[0-9a-f]+( [0-9a-f]+)*", column):
+            messages[-1][1] += bytes.fromhex(column.replace(" ", ""))
+    return [tuple(m) for m in messages]
+
+
 def start_receiver(test, directory, **kw):
     """A Receiver on 127.0.0.1, port 0, stopped when the test ends."""
     kw.setdefault("host", HOST)
@@ -4848,20 +4868,7 @@ class PullTests(unittest.TestCase):
         self.assertEqual([e.name for e in listing.result], ["a.txt"])
 
     def test_readme_list_example_is_what_the_server_sends(self):
-        with open(os.path.join(os.path.dirname(XFER), "README.md"), encoding="utf-8") as f:
-            readme = f.read()
-        block = readme.split("#### 4.10 LIST and ENTRIES", 1)[1].split("### 5.", 1)[0]
-        example = block.split("```")[3]
-        sent = {"C->S": b"", "S->C": b""}
-        side = None
-        for line in example.strip().splitlines():
-            head, _, rest = line.partition("  ")
-            if head in sent:
-                side = head
-            else:
-                rest = line
-            hexes = re.match(r"\s*((?:[0-9a-f]{2,}\s)+)", rest + " ")
-            sent[side] += bytes.fromhex(hexes.group(1).replace(" ", ""))
+        sent = dict(readme_session("Example: LIST id 1"))
         path = write_file(os.path.join(self.srv, "a.txt"), b"abc")
         os.chmod(path, 0o644)
         os.utime(path, ns=(1700000000 * 10**9, 1700000000 * 10**9))
@@ -5114,6 +5121,42 @@ class PullMoreTests(unittest.TestCase):
             self.assertEqual(st.st_mtime_ns, seconds * 10**9 + 7, name)
             if os.name != "nt":     # masked as a file's mode is: no setgid
                 self.assertEqual(stat.S_IMODE(st.st_mode), mode & 0o777, name)
+
+    def test_get_checksum_compares_content_not_size_and_mtime(self):
+        big = xfer.STREAM_MAX * 2
+        data = {"small.txt": b"server", "big.bin": os.urandom(big),
+                "same.txt": b"same", "same.bin": os.urandom(big)}
+        for name, content in data.items():
+            write_file(os.path.join(self.srv, "t", name), content)
+            os.utime(os.path.join(self.srv, "t", name), ns=(10**18, 10**18))
+        address = _pull_server(self, self.srv).address
+        _pull_fetch(address, "t", self.local)
+        local = lambda name: os.path.join(self.local, "t", name)
+        # Same size and mtime, other content: a quick check would skip these.
+        write_file(local("small.txt"), b"locals")
+        write_file(local("big.bin"), os.urandom(big))
+        # Same content, another mtime: a quick check would copy these again.
+        for name in data:
+            os.utime(local(name), ns=(10**18, 10**18) if "big" in name or "small" in name
+                     else (10**17, 10**17))
+        got, failed, events = _pull_fetch(address, "t", self.local, skip="checksum")
+        self.assertEqual(failed, 0, events)
+        self.assertEqual(sorted(i.relpath for i in got), ["t/big.bin", "t/small.txt"])
+        self.assertEqual(sorted(e[1] for e in events if e[0] == "skipped"),
+                         ["t/same.bin", "t/same.txt"])
+        for name, content in data.items():
+            with open(local(name), "rb") as f:
+                self.assertEqual(f.read(), content, name)
+
+    def test_readme_get_checksum_example_is_what_the_server_sends(self):
+        sent = dict(readme_session("Example: GET id 1"))
+        path = write_file(os.path.join(self.srv, "a.txt"), b"abc")
+        os.chmod(path, 0o644)
+        os.utime(path, ns=(1700000000 * 10**9, 1700000000 * 10**9))
+        client = _HostileClient(_pull_server(self, self.srv, token=None).address)
+        self.addCleanup(client.close)
+        client.send(sent["C->S"])
+        self.assertEqual(client.read_exact(len(sent["S->C"])).hex(), sent["S->C"].hex())
 
     def test_list_job_delivers_entries_through_poll(self):
         for name in ("a", "b", "c"):
@@ -11241,20 +11284,17 @@ class ReadmeSyncTests(unittest.TestCase):
         self.assertEqual({int(code) for code, _, meaning in rows if "(transient)" in meaning},
                          {row.code for row in xfer._STATUSES if row.transient})
 
+    def test_flag_bits_match_the_code(self):
+        bits = re.findall(r"`([A-Z]{2}_[A-Z_]+)` \((0x[0-9A-F]+)\)",
+                          self.readme().split("## Protocol", 1)[1])
+        self.assertGreaterEqual(len(bits), 6)
+        for name, value in bits:
+            self.assertEqual(getattr(xfer, name), int(value, 16), name)
+        for name in ("GF_CHECKSUM", "LF_RECURSIVE", "CF_CHECKSUM", "TF_ABORT", "FF_STREAM"):
+            self.assertIn(name, dict(bits))
+
     def readme_session(self, heading):
-        """The session under README heading as [(direction, bytes)], runs of one
-        direction joined."""
-        section = self.readme().split(heading, 1)[1]
-        block = section.split("```\n", 2)[1]
-        messages = []
-        for line in block.splitlines():
-            head, rest = line[:6].strip(), line[6:].strip()
-            if head in ("C->S", "S->C") and (not messages or messages[-1][0] != head):
-                messages.append([head, b""])
-            column = re.split(r"\s{2,}", rest, 1)[0]
-            if messages and re.fullmatch(r"[0-9a-f]+( [0-9a-f]+)*", column):
-                messages[-1][1] += bytes.fromhex(column.replace(" ", ""))
-        return [tuple(m) for m in messages]
+        return readme_session(heading, self.readme())
 
     def example(self):
         """Protocol 6 as [(direction, bytes)]."""

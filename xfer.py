@@ -529,6 +529,8 @@ _BF_KNOWN = FF_DISCARD
 CF_CHECKSUM = 0x01     # compare content digests, not size and mtime
 # TRAILER flags.
 TF_ABORT = 0x01        # the sender gives this file up; discard it
+# GET flags.
+GF_CHECKSUM = 0x01     # the server sends each file's sha256 (a CHECK) before its FILE
 # LIST flags.
 LF_RECURSIVE = 0x01    # the whole tree below the path, not one directory
 # LIST entry types.
@@ -3794,11 +3796,11 @@ class _ReceiveSession:
     def _on_get(self, payload):
         """GET: the file or tree at a path below DIR, flowing to the client as
         MKDIR, FILE, body and TRAILER frames, then DONE."""
-        request = self._served_request(payload, 0)
+        request = self._served_request(payload, GF_CHECKSUM)
         if request is None:
             return
-        fid, _, _, path, st, name = request
-        out = _GetWriter(self)
+        fid, flags, _, path, st, name = request
+        out = _GetWriter(self, checksum=bool(flags & GF_CHECKSUM))
         walk_tree = stat.S_ISDIR(st.st_mode)
         if walk_tree:
             walk = _walk_tree(path, name, served=True)
@@ -3922,8 +3924,9 @@ class _GetWriter:
     goes out with TF_ABORT, so the client discards it, never stores it torn.
     """
 
-    def __init__(self, session):
+    def __init__(self, session, checksum=False):
         self.session = session
+        self.checksum = checksum        # GF_CHECKSUM: a CHECK with the digest before each FILE
         self.seal = session.seal
         self.sock = session.sock
         self.parts = []
@@ -3971,15 +3974,26 @@ class _GetWriter:
                 if f.size <= STREAM_MAX:
                     data = f.read_all()
                     digest = hashlib.sha256(data).digest()
+                    if self.checksum:
+                        self._check(fid, f, digest, wire)
                     self.frame(_encode_file(fid, f.size, f.mtime_ns, stat.S_IMODE(f.mode),
                                             FF_STREAM, wire))
                     self.write(data)
                     # The client reports a file given up (TF_ABORT) itself.
                     self.frame(_encode_trailer(fid, TF_ABORT if f.changed() else 0, digest))
                     return None
+                if self.checksum:       # read twice: the digest must go before the body
+                    self._check(fid, f, _hash_fd(f.fd, self.session.buf).digest(), wire)
+                    f.seek(0)
             except OSError as e:
                 return _failure(wire, e)
             return self._large(f, fid, wire)
+
+    def _check(self, fid, f, digest, wire):
+        """The digest of the file about to be sent, for a client that compares
+        content (GF_CHECKSUM): a CHECK, as a sender asks a receiver (4.8)."""
+        self.frame(_frame(_Msg.CHECK, _CHECK.pack(fid, f.size, f.mtime_ns, CF_CHECKSUM, digest)
+                          + wire))
 
     def _large(self, f, fid, wire):
         """A file over STREAM_MAX: FILE, the client's ACCEPT (or refusal),
@@ -8451,7 +8465,8 @@ class _Pull:
     def frame(self, fid):
         raw = self.top.name.encode("utf-8", "surrogateescape")
         self.base = b"" if raw in (b"", b".") else raw.rstrip(b"/").rsplit(b"/", 1)[-1]
-        return _frame(_Msg.GET, _GET.pack(fid, 0) + raw)
+        flags = GF_CHECKSUM if self.skip == "checksum" else 0
+        return _frame(_Msg.GET, _GET.pack(fid, flags) + raw)
 
     def answer(self, fid, first):
         """Take the GET's answer, from its first frame to its DONE; raises
@@ -8463,11 +8478,19 @@ class _Pull:
         self.commit = _GroupCommit(self.store, rules, link.peer)
         self.held = []              # (incoming, its job), verified, not yet published
         self.stamps = []            # (raw, parts, mode, mtime_ns) of directories to set
+        self.digest = None          # (CHECK payload fields) of the FILE that follows
         kind, payload = first
         try:
             while True:
                 if kind == _Msg.FILE:
                     self._file(payload)
+                elif kind == _Msg.CHECK and self.skip == "checksum" and self.digest is None:
+                    self.digest = _decode_check(payload)    # GF_CHECKSUM: the next FILE's
+                    if not self.digest[3] & CF_CHECKSUM:
+                        raise ProtocolError("CHECK %d from the server without CF_CHECKSUM"
+                                            % self.digest[0])
+                    kind, payload = rfile.frame(MAX_FRAME_PAYLOAD)
+                    continue
                 elif kind == _Msg.MKDIR:
                     self._mkdir(payload)
                 elif kind == _Msg.ENTRIES:      # a directory's mode and mtime
@@ -8556,6 +8579,12 @@ class _Pull:
         fid, size, mtime_ns, mode, flags, raw = _decode_file(payload)
         if flags & FF_DISCARD:
             raise ProtocolError("FILE %d from the server sets FF_DISCARD" % fid)
+        digest = None
+        if self.skip == "checksum":
+            check, self.digest = self.digest, None
+            if check is None or (check[0], check[1], check[5]) != (fid, size, raw):
+                raise ProtocolError("FILE %d from the server without its CHECK" % fid)
+            digest = check[4]
         stream = bool(flags & FF_STREAM)
         job = self._job(raw, size)
         incoming = _IncomingFile(self.store, fid, raw, size, mtime_ns, mode, stream)
@@ -8564,7 +8593,7 @@ class _Pull:
             if not self._asked(raw):
                 raise UnsafePathError("not below the path asked for; refused", raw)
             if self.skip is not None:
-                refusal = self.store.check(raw, size, mtime_ns)
+                refusal = self.store.check(raw, size, mtime_ns, digest)
             if refusal is None:
                 incoming.admit(resumable=not stream)
         except (XferError, OSError) as e:
@@ -12226,6 +12255,9 @@ def _build_parser():
     p.add_argument("--force", action="store_true",
                    help="copy every file, even one LOCAL_DIR already has (default: skip "
                    "those of the same size and modification time)")
+    p.add_argument("--checksum", action="store_true",
+                   help="skip a file only if LOCAL_DIR's copy has the same sha256 "
+                   "(default: same size and modification time)")
     p.add_argument("--overwrite", choices=OVERWRITE_POLICIES,
                    help="when a local name is taken: replace it atomically (default), "
                    "rename the new one 'NAME (1).EXT', skip it, or fail")
