@@ -4755,7 +4755,7 @@ class PullTests(unittest.TestCase):
         os.makedirs(os.path.join(self.srv, "locked"))
         address = self.serve()
 
-        def unreadable(path):
+        def unreadable(*args):
             raise PermissionError(errno.EACCES, "Permission denied")
             yield           # a generator, as _list_dir is
         with mock.patch.object(xfer, "_list_dir", unreadable):
@@ -5225,6 +5225,39 @@ class PullMoreTests(unittest.TestCase):
         self.assertEqual((state, int(seen)), ("done", count), client.stdout + client.stderr)
         out, err = server.communicate("\n", timeout=TIMEOUT)
         return int(client_peak) * scale, int(out.split()[-1]) * scale
+
+    @unittest.skipUnless(hasattr(os, "symlink") and os.name != "nt", "no symlinks here")
+    def test_directory_swapped_for_a_symlink_mid_walk_is_not_followed(self):
+        # The server waits for the client's answer to a large file; the
+        # walk has listed tree/ but not yet tree/sub/.  The client swaps
+        # tree/sub for a symlink to a directory outside DIR, then answers.
+        outside = os.path.join(self.root, "outside")
+        write_file(os.path.join(outside, "secret.txt"), b"secret")
+        tree = os.path.join(self.srv, "tree")
+        write_file(os.path.join(tree, "big.bin"), os.urandom(xfer.STREAM_MAX + 1))
+        write_file(os.path.join(tree, "sub", "ok.txt"), b"ok")
+        client = _HostileClient(_pull_server(self, self.srv, token=None).address)
+        self.addCleanup(client.close)
+        client.send(client.frame(xfer._Msg.GET, xfer._GET.pack(1, 0) + b"tree"))
+        names, bodies = [], b""
+        while True:
+            kind, payload = client.read_frame()
+            if kind == xfer._Msg.DONE:
+                break
+            if kind != xfer._Msg.FILE:
+                continue
+            fid, size, _, _, flags, raw = xfer._decode_file(payload)
+            names.append(raw.decode())
+            if flags & xfer.FF_STREAM:
+                bodies += client.read_exact(size)
+            else:       # the large file: swap the directory, then refuse it
+                os.rename(os.path.join(tree, "sub"), os.path.join(tree, "was-sub"))
+                os.symlink(outside, os.path.join(tree, "sub"))
+                client.send(client.frame(xfer._Msg.RESULT, xfer._RESULT.pack(
+                    fid, xfer.ST_SKIPPED)))
+        self.assertEqual(names[:1], ["tree/big.bin"])
+        self.assertNotIn("tree/sub/secret.txt", names)
+        self.assertNotIn(b"secret", bodies)
 
     def test_list_job_delivers_entries_through_poll(self):
         for name in ("a", "b", "c"):

@@ -3757,20 +3757,18 @@ class _ReceiveSession:
         return fid, flags, raw
 
     def _served(self, raw):
-        """(local path, lstat, name the client gets) of a path below DIR.
+        """(components, lstat, name the client gets) of a path below DIR.
 
-        Every component is looked at with lstat: a symlink anywhere on the way
-        is refused, not followed, so nothing outside DIR is ever reached."""
-        path, name = self.r.dir, ""
-        if raw not in (b"", b"."):
-            parts = self.r._split(raw)
-            for part in parts:
-                path = os.path.join(path, part)
-                st = os.lstat(path)
-                if stat.S_ISLNK(st.st_mode) or _is_reparse(st):
-                    raise UnsafePathError("a symlink; never followed", raw)
-            name = parts[-1]
-        return path, os.lstat(path), name
+        Every component is opened from DIR without following a symlink (as
+        the store opens the directories it writes into): a symlink anywhere
+        on the way is refused, so nothing outside DIR is ever reached."""
+        if raw in (b"", b"."):
+            return (), os.lstat(self.r.dir), ""
+        parts = self.r._split(raw)
+        st = _served_lstat(self.store.dest, parts, raw)
+        if stat.S_ISLNK(st.st_mode) or _is_reparse(st):
+            raise UnsafePathError("a symlink; never followed", raw)
+        return tuple(parts), st, parts[-1]
 
     def _served_request(self, payload, known_flags):
         """A GET or LIST: (id, flags, raw path, path, stat, name) of what it
@@ -3780,14 +3778,14 @@ class _ReceiveSession:
             return None
         fid, flags, raw = request
         try:
-            path, st, name = self._served(raw)
+            parts, st, name = self._served(raw)
         except FileNotFoundError:
             self._done(fid, ST_BAD_PATH, "%s: no such file or directory" % _display(raw))
             return None
         except (XferError, OSError) as e:
             self._done(fid, *_failure(raw, e))
             return None
-        return fid, flags, raw, path, st, name
+        return fid, flags, raw, parts, st, name
 
     def _done(self, fid, code=ST_OK, reason=""):
         self._send(_frame(_Msg.DONE, _DONE.pack(fid, code)
@@ -3799,33 +3797,26 @@ class _ReceiveSession:
         request = self._served_request(payload, GF_CHECKSUM)
         if request is None:
             return
-        fid, flags, _, path, st, name = request
+        fid, flags, raw, parts, st, name = request
         out = _GetWriter(self, checksum=bool(flags & GF_CHECKSUM))
         walk_tree = stat.S_ISDIR(st.st_mode)
-        if walk_tree:
-            walk = _walk_tree(path, name, served=True)
-        else:
-            walk = iter([("file" if stat.S_ISREG(st.st_mode) else "other", path, name, st)])
+        walk = _walk_served(self.store.dest, parts, name, raw, walk_tree)
         # Directories whose entries are still coming, innermost last: each
         # gets its ENTRIES (mode, mtime) once its tree is sent (the walk is
         # depth first, so a tree's entries come together).
         open_dirs = []
-        for kind, path, name, st in walk:
+        for kind, where, name, st in walk:
             while open_dirs and not name.startswith(open_dirs[-1][0] + "/"):
                 out.dir_entry(fid, *open_dirs.pop())
             if kind == "dir":
                 if name:
-                    try:
-                        mode = stat.S_IMODE(os.lstat(path).st_mode)
-                    except OSError:
-                        mode = 0o755
-                    out.frame(_frame(_Msg.MKDIR, _MKDIR.pack(fid, mode) + name.encode(
-                        "utf-8", "surrogateescape")))
-                    open_dirs.append((name, path))
+                    out.frame(_frame(_Msg.MKDIR, _MKDIR.pack(fid, stat.S_IMODE(st.st_mode))
+                                     + name.encode("utf-8", "surrogateescape")))
+                    open_dirs.append((name, st))
                 continue
             wire = name.encode("utf-8", "surrogateescape")
             if kind == "file":
-                failure = out.file(path, st, wire)
+                failure = out.file(where, st, wire)
             elif kind == "other":
                 # In a tree, skipped as send-dir skips them; named alone, refused.
                 failure = (ST_SKIPPED if walk_tree else ST_CONFLICT,
@@ -3845,13 +3836,14 @@ class _ReceiveSession:
         request = self._served_request(payload, LF_RECURSIVE)
         if request is None:
             return
-        fid, flags, raw, path, st, name = request
+        fid, flags, raw, parts, st, name = request
+        dest = self.store.dest
         if not stat.S_ISDIR(st.st_mode):
-            entries = iter([("file" if stat.S_ISREG(st.st_mode) else "other", path, name, st)])
+            entries = _walk_served(dest, parts, name, raw, False)
         elif flags & LF_RECURSIVE:
-            entries = _walk_tree(path, "", served=True)
+            entries = _walk_served(dest, parts, "", raw)
         else:
-            entries = _list_dir(path)
+            entries = _list_dir(dest, parts, raw)
         try:
             self._send_entries(fid, entries)
         except OSError as e:
@@ -3868,10 +3860,6 @@ class _ReceiveSession:
         for kind, entry_path, entry_name, entry_st in entries:
             if kind == "dir":
                 if not entry_name:
-                    continue
-                try:
-                    entry_st = os.lstat(entry_path)
-                except OSError:
                     continue
                 kind = ET_DIR
             elif kind == "file":
@@ -3898,21 +3886,105 @@ class _ReceiveSession:
             self.sock.sendall(b"".join(frames))
 
 
-def _list_dir(path):
-    """One directory's entries as _walk_tree(served=True) yields them: its
-    subdirectories as "dir", nothing followed, partial files left out."""
-    with os.scandir(path) as it:
-        for entry in it:
-            if entry.name.startswith(PARTIAL_PREFIX):
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    yield "dir", entry.path, entry.name, None
-                else:
-                    kind = "file" if entry.is_file(follow_symlinks=False) else "other"
-                    yield kind, entry.path, entry.name, entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
+def _served_lstat(dest, parts, raw):
+    """lstat of the entry parts below dest's root, its directories opened
+    without following a symlink (UnsafePathError for one on the way)."""
+    handle = dest._open_dirs(tuple(parts[:-1]), raw, False)
+    try:
+        if dest.use_dir_fd:
+            return os.stat(parts[-1], dir_fd=handle, follow_symlinks=False)
+        return os.lstat(os.path.join(handle, parts[-1]))
+    finally:
+        if dest.use_dir_fd:
+            os.close(handle)
+
+
+def _walk_served(dest, parts, name, raw, tree=True):
+    """What a server reads for GET and LIST: yield (kind, where, name, stat)
+    for the tree at parts below dest's root, depth first, lazily, as
+    _walk_tree does, except that no symlink is followed (a symlink or
+    special file is yielded as "other"), the receiver's own partial files
+    are left out, and every entry is reached from DIR through descriptors.
+    Each directory is opened component by component with O_NOFOLLOW and
+    listed through its descriptor, and each file is opened relative to it
+    (where is (directory handle, entry name), valid until the walk goes
+    on), so a directory replaced by a symlink after it was listed is
+    refused, never followed out of DIR.  Without dir_fd (Windows) each
+    component is checked with lstat just before use.
+
+    kind is "dir" (stat of the directory), "file", "other" (its lstat), or
+    "error" (the exception of a directory that cannot be opened or listed).
+    tree=False: parts names one entry that is no directory, yielded alone.
+    """
+    if not tree:
+        handle = dest._open_dirs(tuple(parts[:-1]), raw, False)
+        try:
+            st = _served_lstat(dest, parts, raw)
+            kind = "file" if stat.S_ISREG(st.st_mode) else "other"
+            yield kind, (handle, parts[-1]), name, st
+        finally:
+            if dest.use_dir_fd:
+                os.close(handle)
+        return
+    stack = [(tuple(parts), name)]
+    while stack:
+        dparts, dname = stack.pop()
+        subdirs = []
+        for kind, where, entry, st in _list_dir(dest, dparts, raw, dname):
+            if kind == "subdir":
+                subdirs.append((dparts + (where,), entry))
+            else:
+                yield kind, where, entry, st
+        stack.extend(reversed(subdirs))
+
+
+def _list_dir(dest, parts, raw, name=None):
+    """One directory's entries, through a descriptor on it opened from DIR
+    without following a symlink: (kind, (handle, entry name), name, stat),
+    its subdirectories as "dir", partial files left out.
+
+    With name (a walk), the directory itself comes first as "dir" and its
+    subdirectories as ("subdir", entry name, name for the walk, None), for
+    the walk to descend into after its files.
+    """
+    try:
+        handle = dest._open_dirs(tuple(parts), raw, False)
+    except (XferError, OSError) as e:
+        if name is None:
+            raise
+        yield "error", None, name, e
+        return
+    fd = handle if dest.use_dir_fd else None
+    prefix = name + "/" if name else ""
+    try:
+        if name is not None:
+            yield "dir", handle, name, os.fstat(fd) if fd is not None else os.lstat(handle)
+        try:
+            it = os.scandir(handle)
+        except OSError as e:
+            if name is None:
+                raise
+            yield "error", None, name, e
+            return
+        with it:
+            for entry in it:
+                if entry.name.startswith(PARTIAL_PREFIX):
+                    continue
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if name is not None:
+                            yield "subdir", entry.name, prefix + entry.name, None
+                            continue
+                        kind = "dir"
+                    else:
+                        kind = "file" if entry.is_file(follow_symlinks=False) else "other"
+                    yield kind, (handle, entry.name), prefix + entry.name, entry.stat(
+                        follow_symlinks=False)
+                except OSError:
+                    continue
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 class _GetWriter:
@@ -3947,22 +4019,23 @@ class _GetWriter:
             data, self.parts, self.size = b"".join(self.parts), [], 0
             self.sock.sendall(data)
 
-    def dir_entry(self, fid, name, path):
+    def dir_entry(self, fid, name, st):
         """ENTRIES with the one entry of a directory whose tree is sent: the
         client sets its mode and mtime now, after its files (Protocol 4.9)."""
-        try:
-            st = os.lstat(path)
-        except OSError:
-            return          # gone meanwhile: its files said so
         wire = name.encode("utf-8", "surrogateescape")
         self.frame(_frame(_Msg.ENTRIES, struct.pack("!I", fid) + _ENTRY.pack(
             ET_DIR, 0, st.st_mtime_ns, stat.S_IMODE(st.st_mode), len(wire)) + wire))
 
-    def file(self, path, st, wire):
-        """Send one file; None, or (status, reason) for a file not sent."""
+    def file(self, where, st, wire):
+        """Send one file (where: its directory's handle and its name, from
+        _walk_served); None, or (status, reason) for a file not sent."""
         fid = next(self.ids)
+        handle, entry = where
         try:
-            f = _Outgoing(path, st, nofollow=True)
+            if isinstance(handle, int):
+                f = _Outgoing(entry, st, nofollow=True, dir_fd=handle)
+            else:
+                f = _Outgoing(os.path.join(handle, entry), st, nofollow=True)
         except OSError as e:
             return _failure(wire, e)
         with f:
@@ -6569,7 +6642,7 @@ _HANDOVER_FILES = CHECK_BATCH
 _HANDOVER_BYTES = 8 * CHUNK
 
 
-def _walk_tree(path, name, cancelled=None, served=False):
+def _walk_tree(path, name, cancelled=None):
     """Yield (kind, path, name, stat or error) for a tree, depth first, lazily.
 
     kind is "dir" (with None), "file" (with its os.stat_result, following a
@@ -6579,10 +6652,7 @@ def _walk_tree(path, name, cancelled=None, served=False):
     pending subdirectories are), so a directory of a million files costs
     no more memory than one of ten.  Symlinks to directories are not
     followed.  cancelled, a callable, is asked before each directory.
-
-    served (a tree a server offers to get and ls): no symlink is followed,
-    a symlink or special file is yielded as "other" with its lstat, and the
-    receiver's own partial files are left out.
+    (What a server offers to get and ls is walked by _walk_served.)
     """
     stack = [(path, name)]
     while stack:
@@ -6597,14 +6667,7 @@ def _walk_tree(path, name, cancelled=None, served=False):
                 for entry in it:
                     try:
                         if entry.is_dir(follow_symlinks=False):
-                            if not (served and entry.name.startswith(PARTIAL_PREFIX)):
-                                subdirs.append((entry.path, prefix + entry.name))
-                        elif served:
-                            if entry.name.startswith(PARTIAL_PREFIX):
-                                continue
-                            kind = "file" if entry.is_file(follow_symlinks=False) else "other"
-                            yield kind, entry.path, prefix + entry.name, entry.stat(
-                                follow_symlinks=False)
+                            subdirs.append((entry.path, prefix + entry.name))
                         elif entry.is_file():
                             yield "file", entry.path, prefix + entry.name, entry.stat()
                     except OSError:
@@ -6637,15 +6700,16 @@ class _Outgoing:
     stats the opened file.  Attributes: path, size, mtime_ns, mode (st_mode,
     type bits included).  Use as a context manager; close() closes the file.
     """
-    __slots__ = ("path", "fd", "size", "mtime_ns", "mode", "_file")
+    __slots__ = ("path", "fd", "size", "mtime_ns", "mode", "_file", "dir_fd")
 
-    def __init__(self, path, st=None, nofollow=False):
+    def __init__(self, path, st=None, nofollow=False, dir_fd=None):
         self.path = path
+        self.dir_fd = dir_fd        # path is relative to it (a server's get)
         # O_NONBLOCK: opening a FIFO must not wait for a writer (the sender
         # refuses it once it sees what it is); reads of regular files ignore it.
         # nofollow (a server's get): a symlink put in a file's place is not opened.
         self.fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_NONBLOCK
-                          | (_O_NOFOLLOW if nofollow else 0))
+                          | (_O_NOFOLLOW if nofollow else 0), dir_fd=dir_fd)
         self._file = None
         if st is None:
             try:
@@ -6690,7 +6754,10 @@ class _Outgoing:
     def changed(self):
         """True if the file's size or mtime is no longer what was announced."""
         try:
-            now = os.stat(self.path)
+            if self.dir_fd is None:
+                now = os.stat(self.path)
+            else:
+                now = os.stat(self.path, dir_fd=self.dir_fd, follow_symlinks=False)
         except OSError:
             return True
         return now.st_mtime_ns != self.mtime_ns or now.st_size != self.size
