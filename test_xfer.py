@@ -4912,95 +4912,80 @@ class PullTests(unittest.TestCase):
 
     # -- the client defends itself against a hostile server
 
-    def hostile(self, answer, hangup=False):
-        server = _PullStandIn(self, answer, hangup=hangup)
-        jobs, events = _pull_jobs(server.address, "pics", self.local)
-        error, failed = jobs[0].error, sum(1 for e in events if e[0] == "failed")
-        server.thread.join(TIMEOUT)
-        self.assertEqual(os.listdir(self.root), ["srv", "local"] if os.listdir(
-            self.root)[0] == "srv" else ["local", "srv"])       # nothing beside LOCAL_DIR
-        self.assertFalse([n for n in tree_listing(self.local)
-                          if xfer.PARTIAL_PREFIX in n])           # no temp left over
-        failures = [e for e in events if e[0] == "failed"]
-        self.assertTrue(error is not None or failed, "the get did not fail")
-        return error, failures
+    def _long_body(tags, path):
+        """A streamed FILE whose body runs on past its size."""
+        return (_pull_frame(tags, 0x10, struct.pack("!IQqIB", 1, 3, 0, 0o644, 1) + b"pics/a")
+                + b"12345" + _pull_frame(tags, 0x12, struct.pack(
+                    "!IB32s", 1, 0, hashlib.sha256(b"123").digest())) + _pull_done(tags))
 
-    def test_hostile_dotdot_name_is_refused(self):
-        error, failures = self.hostile(lambda tags, path: _pull_file(
-            tags, "pics/../../x", b"evil") + _pull_done(tags))
-        self.assertEqual(len(failures), 1)
-        self.assertEqual(failures[0][2][0], xfer.ST_BAD_PATH)
-        self.assertEqual(os.listdir(self.local), [])
+    def _bad_tags(tags, path):
+        """The FILE's tag and the DONE's tag each with one bit flipped."""
+        out = bytearray(_pull_file(tags, "pics/a", b"data") + _pull_done(tags))
+        out[-1] ^= 1
+        out[5 + xfer._FILE.size + len(b"pics/a")] ^= 1
+        return bytes(out)
 
-    def test_hostile_absolute_name_is_refused(self):
-        error, failures = self.hostile(lambda tags, path: _pull_file(
-            tags, "/etc/x", b"evil") + _pull_done(tags))
-        self.assertEqual([f[2][0] for f in failures], [xfer.ST_BAD_PATH])
-        self.assertEqual(os.listdir(self.local), [])
-
-    def test_hostile_name_not_asked_for_is_refused(self):
-        error, failures = self.hostile(lambda tags, path: _pull_file(
-            tags, ".bashrc", b"evil") + _pull_file(tags, "pics-other/x", b"evil", fid=2)
-            + _pull_file(tags, "pics/ok.txt", b"fine", fid=3) + _pull_done(tags))
-        self.assertEqual(len(failures), 2)
-        self.assertIn("not below the path asked for", failures[0][2][1])
-        self.assertEqual(tree_listing(self.local), ["pics", "pics/ok.txt"])
-
-    def test_hostile_body_longer_than_announced(self):
-        def answer(tags, path):
-            return (_pull_frame(tags, 0x10, struct.pack("!IQqIB", 1, 3, 0, 0o644, 1)
-                                + b"pics/a") + b"12345"
-                    + _pull_frame(tags, 0x12, struct.pack(
-                        "!IB32s", 1, 0, hashlib.sha256(b"123").digest())) + _pull_done(tags))
-        error, failures = self.hostile(answer, hangup=True)
-        self.assertIsInstance(error, xfer.XferError)
-        self.assertEqual(len(failures), 1)
-        self.assertEqual(tree_listing(self.local), ["pics"])
-
-    def test_hostile_body_shorter_than_announced(self):
-        error, failures = self.hostile(lambda tags, path: _pull_file(
-            tags, "pics/a", b"12", size=100, trailer=False), hangup=True)
-        self.assertIsInstance(error, xfer.XferError)
-        self.assertEqual(len(failures), 1)
-        self.assertEqual(tree_listing(self.local), ["pics"])
-
-    def test_hostile_wrong_digest(self):
-        error, failures = self.hostile(lambda tags, path: _pull_file(
-            tags, "pics/a", b"data", digest=bytes(32)) + _pull_done(tags))
-        self.assertEqual([f[2][0] for f in failures], [xfer.ST_INTEGRITY])
-        self.assertEqual(tree_listing(self.local), ["pics"])
-
-    def test_hostile_wrong_tag(self):
-        def answer(tags, path):
-            out = bytearray(_pull_file(tags, "pics/a", b"data") + _pull_done(tags))
-            out[-1] ^= 1                   # the DONE's tag
-            frame_end = 5 + xfer._FILE.size + len(b"pics/a")
-            out[frame_end] ^= 1            # the FILE's tag
-            return bytes(out)
-        error, failures = self.hostile(answer)
-        self.assertIsInstance(error, xfer.IntegrityError)
-        self.assertEqual(os.listdir(self.local), [])
-
-    def test_hostile_huge_declared_size_refused_before_allocation(self):
-        error, failures = self.hostile(lambda tags, path: _pull_frame(
+    # (name, what the stand-in answers a get of "pics" with, whether it then
+    # hangs up, the error the get's job ends with (None: its files' own), the
+    # failures (statuses, or a count and a text in each reason), LOCAL_DIR after)
+    HOSTILE = (
+        ("dotdot name", lambda tags, path: _pull_file(tags, "pics/../../x", b"evil")
+         + _pull_done(tags), False, None, [xfer.ST_BAD_PATH], []),
+        ("absolute name", lambda tags, path: _pull_file(tags, "/etc/x", b"evil")
+         + _pull_done(tags), False, None, [xfer.ST_BAD_PATH], []),
+        ("names not asked for", lambda tags, path: _pull_file(tags, ".bashrc", b"evil")
+         + _pull_file(tags, "pics-other/x", b"evil", fid=2)
+         + _pull_file(tags, "pics/ok.txt", b"fine", fid=3) + _pull_done(tags),
+         False, None, (2, "not below the path asked for"), ["pics", "pics/ok.txt"]),
+        ("body longer than announced", _long_body, True, xfer.XferError, (1, ""), ["pics"]),
+        ("body shorter than announced", lambda tags, path: _pull_file(
+            tags, "pics/a", b"12", size=100, trailer=False),
+         True, xfer.ConnectionClosedError, (1, ""), ["pics"]),
+        ("wrong digest", lambda tags, path: _pull_file(tags, "pics/a", b"data", digest=bytes(32))
+         + _pull_done(tags), False, None, [xfer.ST_INTEGRITY], ["pics"]),
+        ("wrong tag", _bad_tags, False, xfer.IntegrityError, [], []),
+        ("huge declared size, refused before allocation", lambda tags, path: _pull_frame(
             tags, 0x10, struct.pack("!IQqIB", 1, 2**62, 0, 0o644, 0) + b"pics/huge")
-            + _pull_done(tags))
-        self.assertEqual([f[2][0] for f in failures], [xfer.ST_NO_SPACE])
-        self.assertEqual(tree_listing(self.local), [])
-
-    def test_hostile_huge_streamed_size_is_a_protocol_error(self):
-        error, failures = self.hostile(lambda tags, path: _pull_frame(
+         + _pull_done(tags), False, None, [xfer.ST_NO_SPACE], []),
+        ("huge streamed size", lambda tags, path: _pull_frame(
             tags, 0x10, struct.pack("!IQqIB", 1, 2**40, 0, 0o644, 1) + b"pics/huge"),
-            hangup=True)
-        self.assertIsInstance(error, xfer.ProtocolError)
-        self.assertEqual(os.listdir(self.local), [])
+         True, xfer.ProtocolError, [], []),
+        ("older server without GET", lambda tags, path: _pull_frame(
+            tags, 0x7F, struct.pack("!B", xfer.ST_PROTOCOL) + b"unexpected unknown message"),
+         False, xfer.ProtocolError, [], []),
+    )
 
-    def test_older_server_says_it_does_not_support_get(self):
-        server = _PullStandIn(self, lambda tags, path: _pull_frame(
-            tags, 0x7F, struct.pack("!B", xfer.ST_PROTOCOL) + b"unexpected unknown message"))
-        with self.assertRaises(xfer.ProtocolError) as caught:
-            _pull_fetch(server.address, "pics", self.local)
-        self.assertIn("does not support get", str(caught.exception))
+    def test_hostile_server_answers_are_refused(self):
+        write_file(os.path.join(self.srv, "good.txt"), b"good")
+        honest = self.serve()
+        for name, answer, hangup, error, failures, left in self.HOSTILE:
+            with self.subTest(name=name):
+                outer = os.path.join(self.root, "cases", name.replace(" ", "-"))
+                local = os.path.join(outer, "local")
+                os.makedirs(local)
+                server = _PullStandIn(self, answer, hangup=hangup)
+                jobs, events = _pull_jobs(server.address, "pics", local)
+                server.thread.join(TIMEOUT)
+                job = jobs[0]
+                self.assertEqual(job.state, "failed")
+                if error is None:       # the get went on: its job's error is its files'
+                    self.assertNotIsInstance(job.error, xfer.ProtocolError)
+                else:
+                    self.assertIsInstance(job.error, error)
+                got = [e[2] for e in events if e[0] == "failed"]
+                if isinstance(failures, list):
+                    self.assertEqual([f[0] for f in got], failures)
+                else:
+                    self.assertEqual(len(got), failures[0], got)
+                    for code, reason in got:
+                        self.assertIn(failures[1], reason)
+                self.assertEqual(tree_listing(local), left)     # no temp, nothing else
+                self.assertEqual(os.listdir(outer), ["local"])  # nothing beside LOCAL_DIR
+                # The positive control: an honest server's file still arrives.
+                _, failed, _ = _pull_fetch(honest, "good.txt", local)
+                self.assertEqual(failed, 0)
+                self.assertIn("good.txt", os.listdir(local))
+        self.assertIn("does not support get", str(job.error))   # the last case's
 
 
 class PullMoreTests(unittest.TestCase):
