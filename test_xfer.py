@@ -4633,9 +4633,8 @@ def _pull_done(tags, fid=1, status=0):
     return _pull_frame(tags, 0x1A, struct.pack("!IB", fid, status))
 
 
-class PullTests(unittest.TestCase):
-    """get and ls: a server that opts in serves DIR read-only, and the client
-    receiving it defends itself as any receiver does."""
+class _PullCase(unittest.TestCase):
+    """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""
 
     def setUp(self):
         self.root = temp_dir(self)
@@ -4646,6 +4645,11 @@ class PullTests(unittest.TestCase):
 
     def serve(self, **kw):
         return _pull_server(self, self.srv, **kw).address
+
+
+class PullTests(_PullCase):
+    """get and ls: a server that opts in serves DIR read-only, and the client
+    receiving it defends itself as any receiver does."""
 
     def test_get_file_keeps_content_mtime_and_mode(self):
         path = write_file(os.path.join(self.srv, "photo.jpg"), os.urandom(3000))
@@ -4988,17 +4992,10 @@ class PullTests(unittest.TestCase):
         self.assertIn("does not support get", str(job.error))   # the last case's
 
 
-class PullMoreTests(unittest.TestCase):
+class PullMoreTests(_PullCase):
     """get as a send is: the same report and events, jobs of the same Sender
     on its connections, directory times and modes, --checksum, streamed
     listings and the server's own defences while it reads DIR."""
-
-    def setUp(self):
-        self.root = temp_dir(self)
-        self.srv = os.path.join(self.root, "srv")
-        self.local = os.path.join(self.root, "local")
-        os.makedirs(self.srv)
-        os.makedirs(self.local)
 
     def cli(self, *argv):
         env = isolated_env(self.root)
