@@ -3938,6 +3938,15 @@ def _walk_served(dest, parts, name, raw, tree=True):
         stack.extend(reversed(subdirs))
 
 
+def _open_served(where, st):
+    """An _Outgoing on a file _walk_served yielded (where: its directory's
+    handle and its name), never through a symlink."""
+    handle, entry = where
+    if isinstance(handle, int):
+        return _Outgoing(entry, st, nofollow=True, dir_fd=handle)
+    return _Outgoing(os.path.join(handle, entry), st, nofollow=True)
+
+
 def _list_dir(dest, parts, raw, name=None):
     """One directory's entries, through a descriptor on it opened from DIR
     without following a symlink: (kind, (handle, entry name), name, stat),
@@ -4030,12 +4039,8 @@ class _GetWriter:
         """Send one file (where: its directory's handle and its name, from
         _walk_served); None, or (status, reason) for a file not sent."""
         fid = next(self.ids)
-        handle, entry = where
         try:
-            if isinstance(handle, int):
-                f = _Outgoing(entry, st, nofollow=True, dir_fd=handle)
-            else:
-                f = _Outgoing(os.path.join(handle, entry), st, nofollow=True)
+            f = _open_served(where, st)
         except OSError as e:
             return _failure(wire, e)
         with f:
@@ -5992,7 +5997,8 @@ class _HttpConnection:
         return 204, (b"", ())
 
     def _served(self, raw):
-        """(path, lstat, name) below DIR of a GET, confined as GET and LIST are."""
+        """(components, lstat, name) below DIR of a GET, confined as GET and
+        LIST are: read through _walk_served."""
         self._require_get()
         raw = raw.rstrip(b"/")
         try:
@@ -6005,11 +6011,12 @@ class _HttpConnection:
 
     def _list(self, request, raw):
         """GET /api/list/PATH: one directory's entries, streamed as they are read."""
-        path, st, name = self._served(raw)
+        parts, st, name = self._served(raw)
+        dest = self.s.store.dest
         if stat.S_ISDIR(st.st_mode):
-            entries = _list_dir(path)
+            entries = _list_dir(dest, parts, raw)
         else:
-            entries = iter([("file" if stat.S_ISREG(st.st_mode) else "other", path, name, st)])
+            entries = _walk_served(dest, parts, name, raw, False)
         try:
             first = next(entries, None)
         except OSError as e:
@@ -6020,15 +6027,9 @@ class _HttpConnection:
             raw.rstrip(b"/").decode("utf-8")).encode())
         sep = b""
         try:
-            for kind, entry_path, entry_name, entry_st in itertools.chain(
+            for kind, _, entry_name, entry_st in itertools.chain(
                     [first] if first else [], entries):
-                if kind == "dir":
-                    try:
-                        entry_st = os.lstat(entry_path)
-                    except OSError:
-                        continue
-                    kind = "dir"
-                elif kind == "other":
+                if kind == "other":
                     kind = "symlink" if stat.S_ISLNK(entry_st.st_mode) else "other"
                 body.write(sep + json.dumps({
                     "name": entry_name, "type": kind,
@@ -6043,13 +6044,18 @@ class _HttpConnection:
 
     def _download(self, request, raw):
         """GET /api/files/PATH: the file, or the Range asked for."""
-        path, st, name = self._served(raw)
+        parts, st, name = self._served(raw)
         if not stat.S_ISREG(st.st_mode):
             raise _HttpError(ST_CONFLICT, "%s: %s; not served" % (
                 _display(raw), "a directory (see /api/list/ and /api/zip/)"
                 if stat.S_ISDIR(st.st_mode) else "a symlink or special file"))
+        for _, where, _, _ in _walk_served(self.s.store.dest, parts, name, raw, False):
+            self._send_download(request, raw, name, where, st)
+        return None
+
+    def _send_download(self, request, raw, name, where, st):
         try:
-            f = _Outgoing(path, st, nofollow=True)
+            f = _open_served(where, st)
         except OSError as e:
             raise _HttpError.of(raw, e) from None
         with f:
@@ -6081,7 +6087,6 @@ class _HttpConnection:
             if first:
                 f.seek(first)
             self._send_file(f, last - first + 1)
-        return None
 
     def _send_file(self, f, count, out=None):
         """count bytes of f to the client (or to out); the last of them only
@@ -6102,7 +6107,7 @@ class _HttpConnection:
 
     def _zip(self, request, raw):
         """GET /api/zip/PATH: the tree as a stored zip, streamed as it is read."""
-        path, st, name = self._served(raw)
+        parts, st, name = self._served(raw)
         if not stat.S_ISDIR(st.st_mode):
             raise _HttpError(ST_CONFLICT, "%s: not a directory" % _display(raw))
         top = name or os.path.basename(self.r.dir.rstrip(os.sep)) or "xfer"
@@ -6111,7 +6116,8 @@ class _HttpConnection:
             ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")])
         body = _HttpBody(self.sock)
         archive = zipfile.ZipFile(body, "w", zipfile.ZIP_STORED, allowZip64=True)
-        for kind, entry_path, entry_name, entry_st in _walk_tree(path, top, served=True):
+        for kind, where, entry_name, entry_st in _walk_served(self.s.store.dest, parts, top,
+                                                              raw):
             if kind not in ("dir", "file"):
                 continue                    # symlinks and special files, as get skips them
             try:
@@ -6124,7 +6130,7 @@ class _HttpConnection:
                 archive.writestr(info, b"")
                 continue
             try:
-                f = _Outgoing(entry_path, entry_st, nofollow=True)
+                f = _open_served(where, entry_st)
             except OSError:
                 continue
             with f:
