@@ -5241,6 +5241,27 @@ class PullMoreTests(_PullCase):
         self.assertNotIn("tree/sub/secret.txt", names)
         self.assertNotIn(b"secret", bodies)
 
+    def test_ls_into_a_closed_pipe_ends_quietly(self):
+        # ls | head: the entries come on a connection thread, and the pipe
+        # that breaks there ends ls as it ends any command, status 0.
+        shm = "/dev/shm"
+        base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+        folder = tempfile.mkdtemp(prefix="xfer-test-", dir=base)
+        self.addCleanup(shutil.rmtree, folder, True)
+        for i in range(3000):           # more than a pipe holds
+            os.close(os.open(os.path.join(folder, "f%05d" % i), os.O_CREAT | os.O_WRONLY))
+        env = isolated_env(self.root)
+        env["XFER_TOKEN"] = _PULL_TOKEN
+        proc = subprocess.Popen(XFER_CMD + ["ls", "%s:%d:" % _pull_server(self, folder).address],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True)
+        self.assertTrue(proc.stdout.readline())
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.stderr.close()
+        self.assertEqual(proc.wait(TIMEOUT), 0, err[:1000])
+        self.assertFalse("Traceback" in err, err[:1000])
+
     def test_list_job_delivers_entries_through_poll(self):
         for name in ("a", "b", "c"):
             write_file(os.path.join(self.srv, name), b"x")

@@ -11931,20 +11931,28 @@ def _cmd_ls(args):
     sender, target = _pull_sender(args, config, address)
     emit = _json_writer(sys.stdout) if args.json else None
     out = sys.stdout
+    closed = []         # the reader went away (ls | head): the rest is dropped
 
     def on_entry(entry):
-        kind, size, mtime_ns, mode, name = entry
-        if emit:
-            emit("entry", type=kind, size=size, mtime=mtime_ns / 1e9,
-                 mode="%04o" % mode, path=name)
+        if closed:
             return
-        out.write("%s%s %12s %s %s%s\n" % (
-            _ENTRY_LETTERS[kind], stat.filemode(mode)[1:], "{:,}".format(size),
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime_ns / 1e9)),
-            _display(name), "/" if kind == "dir" else ""))
+        kind, size, mtime_ns, mode, name = entry
+        try:
+            if emit:
+                emit("entry", type=kind, size=size, mtime=mtime_ns / 1e9,
+                     mode="%04o" % mode, path=name)
+                return
+            out.write("%s%s %12s %s %s%s\n" % (
+                _ENTRY_LETTERS[kind], stat.filemode(mode)[1:], "{:,}".format(size),
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime_ns / 1e9)),
+                _display(name), "/" if kind == "dir" else ""))
+        except BrokenPipeError as e:
+            closed.append(e)
 
     job = sender.list(remotes[0], args.recursive, on_entry)
     sender.close()
+    if closed:
+        raise closed[0]         # main() ends quietly
     if job.error is not None:
         _token_source(job.error, target.token_from)
         raise job.error
