@@ -5262,6 +5262,22 @@ class PullMoreTests(_PullCase):
         self.assertEqual(proc.wait(TIMEOUT), 0, err[:1000])
         self.assertFalse("Traceback" in err, err[:1000])
 
+    def test_cancelled_get_stops_and_leaves_no_temporary_file(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        server = _PullStandIn(self, lambda tags, path: [
+            _pull_file(tags, "pics/a", b"a"), gate,
+            _pull_file(tags, "pics/b", b"b", fid=2) + _pull_done(tags)])
+        done = []
+        sender = _pull_sender(server.address, retries=0, on_done=lambda j: done.append(j.name))
+        job = sender.get("pics", self.local)
+        self.assertTrue(wait_until(lambda: "pics/a" in done))
+        sender.close(wait=False)        # as Ctrl-C does
+        gate.set()
+        self.assertTrue(wait_until(lambda: job.done))
+        self.assertEqual(job.state, "cancelled", job.error)
+        self.assertEqual(tree_listing(self.local), ["pics", "pics/a"])
+
     def test_list_job_delivers_entries_through_poll(self):
         for name in ("a", "b", "c"):
             write_file(os.path.join(self.srv, name), b"x")

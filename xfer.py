@@ -8555,6 +8555,8 @@ class _Pull:
         kind, payload = first
         try:
             while True:
+                if self.top.cancelled:      # cancel() or close(wait=False): stop here
+                    raise XferError("%s: cancelled" % self.top.name)
                 if kind == _Msg.FILE:
                     self._file(payload)
                 elif kind == _Msg.CHECK and self.skip == "checksum" and self.digest is None:
@@ -8685,6 +8687,8 @@ class _Pull:
         rfile = self.rfile
 
         def readinto(view):
+            if job.cancelled:
+                raise XferError("%s: cancelled" % job.name)
             n = rfile.readinto(view)
             ledger.progress(job, n)
             return n
@@ -8704,7 +8708,9 @@ class _Pull:
         except BaseException as e:
             # A large file's partial stays for the next get to resume.
             incoming.close(keep=incoming.in_body)
-            if isinstance(e, (XferError, OSError)):
+            if job.cancelled:
+                self.ledger.end(job, "cancelled", XferError("%s: cancelled" % job.name))
+            elif isinstance(e, (XferError, OSError)):
                 self._end(job, *_failure(raw, e))
             raise
         if failure is not None:
