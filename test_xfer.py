@@ -11790,6 +11790,8 @@ class BrowserPageTests(unittest.TestCase):
                 route.continue_()
         page.route(_CHUNK_URL, hold)
         self.addCleanup(page.unroute, _CHUNK_URL)
+        # A route left pending is cancelled noisily when the browser closes.
+        self.addCleanup(lambda: [route.abort() for route in held])
         with page.expect_request(lambda request: request.url.endswith(second)):
             page.set_input_files("#picker", sources["cancel.bin"])
         upload = '#uploads .upload[data-name="cancel.bin"]'
