@@ -4629,6 +4629,15 @@ def _pull_file(tags, name, body, size=None, digest=None, fid=1, flags=0x01,
     return out
 
 
+def _pull_batch(tags, files, first=1):
+    """A BATCH of (name, body) files and their bodies, as a server sends them (4.12)."""
+    entries = b"".join(struct.pack("!QqIB32sH", len(body), 1600000000 * 10**9, 0o644, 0,
+                                   hashlib.sha256(body).digest(), len(name.encode()))
+                       + name.encode() for name, body in files)
+    return (_pull_frame(tags, 0x1B, struct.pack("!IH", first, len(files)) + entries)
+            + b"".join(body for _, body in files))
+
+
 def _pull_done(tags, fid=1, status=0):
     return _pull_frame(tags, 0x1A, struct.pack("!IB", fid, status))
 
@@ -4945,6 +4954,9 @@ class PullTests(_PullCase):
         ("body shorter than announced", lambda tags, path: _pull_file(
             tags, "pics/a", b"12", size=100, trailer=False),
          True, xfer.ConnectionClosedError, (1, ""), ["pics"]),
+        ("batch with a dotdot name", lambda tags, path: _pull_batch(
+            tags, [("pics/ok.txt", b"fine"), ("pics/../../x", b"evil"), ("pics/b", b"b")])
+         + _pull_done(tags), False, None, [xfer.ST_BAD_PATH], ["pics", "pics/b", "pics/ok.txt"]),
         ("wrong digest", lambda tags, path: _pull_file(tags, "pics/a", b"data", digest=bytes(32))
          + _pull_done(tags), False, None, [xfer.ST_INTEGRITY], ["pics"]),
         ("wrong tag", _bad_tags, False, xfer.IntegrityError, [], []),

@@ -4000,9 +4000,12 @@ class _GetWriter:
     """The server's half of a GET: its frames and bodies, gathered into few
     writes, each frame tagged in the order it goes out (Protocol 4.9).
 
-    A file is read through _Outgoing (opened without following a symlink)
-    and checked again after it was read: one that changed while it was read
-    goes out with TF_ABORT, so the client discards it, never stores it torn.
+    Small files go many to a BATCH (4.12), as a pushing sender sends them;
+    a larger one as FILE.  A file is read through _Outgoing (opened without
+    following a symlink) and checked again after it was read: a small one
+    that changed while it was read is not sent (a RESULT says so), a large
+    one goes out with TF_ABORT, so the client discards it, never stores it
+    torn.
     """
 
     def __init__(self, session, checksum=False):
@@ -4012,9 +4015,14 @@ class _GetWriter:
         self.sock = session.sock
         self.parts = []
         self.size = 0
-        self.ids = itertools.count(1)
+        self.last_id = 0                # file ids count from 1 in each GET
+        # The BATCH being gathered: its entries and bodies; ids are given
+        # when it goes out (send_batch).
+        self.entries, self.bodies = [], []
+        self.batch_bytes, self.batch_head = 0, _BATCH.size
 
     def frame(self, frame):
+        self.send_batch()               # the files before it go before it
         self.write(self.seal(frame))
 
     def write(self, data):
@@ -4024,9 +4032,36 @@ class _GetWriter:
             self.flush()
 
     def flush(self):
+        self.send_batch()
         if self.parts:
             data, self.parts, self.size = b"".join(self.parts), [], 0
             self.sock.sendall(data)
+
+    def send_batch(self):
+        """Send the gathered BATCH, its bodies after it (no answer comes)."""
+        entries, bodies = self.entries, self.bodies
+        if not entries:
+            return
+        first = self.last_id + 1
+        self.last_id += len(entries)
+        self.entries, self.bodies = [], []
+        self.batch_bytes, self.batch_head = 0, _BATCH.size
+        self.write(self.seal(_encode_batch(first, entries)))
+        for body in bodies:
+            self.write(body)
+
+    def _batched(self, f, data, wire):
+        """Add a small file, read whole, to the BATCH being gathered."""
+        entry = _batch_entry(len(data), f.mtime_ns, stat.S_IMODE(f.mode), 0,
+                             hashlib.sha256(data).digest(), wire)
+        if self.entries and (len(self.entries) >= BATCH_FILES
+                             or self.batch_bytes + len(data) > BATCH_BYTES
+                             or self.batch_head + len(entry) > MAX_FRAME_PAYLOAD):
+            self.send_batch()
+        self.entries.append(entry)
+        self.bodies.append(data)
+        self.batch_bytes += len(data)
+        self.batch_head += len(entry)
 
     def dir_entry(self, fid, name, st):
         """ENTRIES with the one entry of a directory whose tree is sent: the
@@ -4038,7 +4073,6 @@ class _GetWriter:
     def file(self, where, st, wire):
         """Send one file (where: its directory's handle and its name, from
         _walk_served); None, or (status, reason) for a file not sent."""
-        fid = next(self.ids)
         try:
             f = _open_served(where, st)
         except OSError as e:
@@ -4049,17 +4083,16 @@ class _GetWriter:
                 if not stat.S_ISREG(now.st_mode) or (now.st_ino, now.st_dev) != (
                         st.st_ino, st.st_dev):
                     return ST_CONFLICT, "%s: replaced while being served" % _display(wire)
-                if f.size <= STREAM_MAX:
+                if f.size <= SMALL_MAX:
                     data = f.read_all()
-                    digest = hashlib.sha256(data).digest()
-                    if self.checksum:
-                        self._check(fid, f, digest, wire)
-                    self.frame(_encode_file(fid, f.size, f.mtime_ns, stat.S_IMODE(f.mode),
-                                            FF_STREAM, wire))
-                    self.write(data)
-                    # The client reports a file given up (TF_ABORT) itself.
-                    self.frame(_encode_trailer(fid, TF_ABORT if f.changed() else 0, digest))
+                    if f.changed():
+                        return ST_ABORTED, ("%s: changed on the server while it was read; not "
+                                            "sent (get it again)" % _display(wire))
+                    self._batched(f, data, wire)
                     return None
+                self.send_batch()
+                self.last_id += 1
+                fid = self.last_id
                 if self.checksum:       # read twice: the digest must go before the body
                     self._check(fid, f, _hash_fd(f.fd, self.session.buf).digest(), wire)
                     f.seek(0)
@@ -8557,7 +8590,9 @@ class _Pull:
             while True:
                 if self.top.cancelled:      # cancel() or close(wait=False): stop here
                     raise XferError("%s: cancelled" % self.top.name)
-                if kind == _Msg.FILE:
+                if kind == _Msg.BATCH:
+                    self._batch(payload)
+                elif kind == _Msg.FILE:
                     self._file(payload)
                 elif kind == _Msg.CHECK and self.skip == "checksum" and self.digest is None:
                     self.digest = _decode_check(payload)    # GF_CHECKSUM: the next FILE's
@@ -8651,6 +8686,7 @@ class _Pull:
             self._commit()
 
     def _file(self, payload):
+        """FILE: a large file (ACCEPT, BODY, body, TRAILER), or one streamed."""
         fid, size, mtime_ns, mode, flags, raw = _decode_file(payload)
         if flags & FF_DISCARD:
             raise ProtocolError("FILE %d from the server sets FF_DISCARD" % fid)
@@ -8661,8 +8697,40 @@ class _Pull:
                 raise ProtocolError("FILE %d from the server without its CHECK" % fid)
             digest = check[4]
         stream = bool(flags & FF_STREAM)
+        job, sink = self._sink(fid, raw, size, mtime_ns, mode, stream, digest)
+        start = 0
+        if not stream:
+            if sink.failure is not None:        # refused before its body
+                self.send(_encode_result(fid, *sink.failure))
+                self._end(job, *sink.failure)
+                return
+            self.send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, sink.offset, sink.prefix)))
+            try:
+                start = _read_body_start(self.rfile, fid, sink.offset)
+            except BaseException:
+                sink.close(keep=True)
+                raise
+        self._body(job, sink, fid, size, start)
+
+    def _batch(self, payload):
+        """BATCH (Protocol 4.12): small files, their bodies after it, each
+        stored or refused on its own, as a push receiver takes them; the
+        server waits for no answer (it has nothing to do with one)."""
+        first, entries = _decode_batch(payload)      # every limit, before a body byte
+        checksum = self.skip == "checksum"
+        for fid, (size, mtime_ns, mode, flags, digest, raw) in enumerate(entries, first):
+            if flags & FF_DISCARD:
+                raise ProtocolError("BATCH %d from the server sets FF_DISCARD" % first)
+            job, sink = self._sink(fid, raw, size, mtime_ns, mode, True,
+                                   digest if checksum else None)
+            self._body(job, sink, fid, size, their_digest=digest)
+
+    def _sink(self, fid, raw, size, mtime_ns, mode, stream, digest=None):
+        """A file's Job, and where its body goes: an _IncomingFile admitted
+        into LOCAL_DIR, or a _Drain that reads and drops it with its refusal
+        (not asked for, already there, refused by the name rules or the
+        overwrite policy), as a push receiver refuses a body."""
         job = self._job(raw, size)
-        incoming = _IncomingFile(self.store, fid, raw, size, mtime_ns, mode, stream)
         refusal = None
         try:
             if not self._asked(raw):
@@ -8670,21 +8738,20 @@ class _Pull:
             if self.skip is not None:
                 refusal = self.store.check(raw, size, mtime_ns, digest)
             if refusal is None:
+                incoming = _IncomingFile(self.store, fid, raw, size, mtime_ns, mode, stream)
                 incoming.admit(resumable=not stream)
+                return job, incoming
         except (XferError, OSError) as e:
             refusal = _failure(raw, e)
-        if refusal is not None:
-            if stream:          # at most STREAM_MAX bytes (_decode_file): read, dropped
-                self._drain(size)
-                _read_trailer(self.rfile, fid)
-            else:
-                self.send(_encode_result(fid, *refusal))
-            job.note = refusal[1] if refusal[0] == ST_SKIPPED else ""
-            self._end(job, *refusal)
-            return
-        ledger = self.ledger
-        ledger.started(job)
-        rfile = self.rfile
+        job.note = refusal[1] if refusal[0] == ST_SKIPPED else ""
+        return job, _Drain(self.store, raw, refusal)
+
+    def _body(self, job, sink, fid, size, start=0, their_digest=None):
+        """Receive a body into sink (its TRAILER after it, unless a BATCH gave
+        the digest); the file is then held for the commit, or ends."""
+        ledger, rfile = self.ledger, self.rfile
+        if sink.failure is None:
+            ledger.started(job)
 
         def readinto(view):
             if job.cancelled:
@@ -8693,35 +8760,33 @@ class _Pull:
             ledger.progress(job, n)
             return n
         try:
-            start = 0
-            if not stream:
-                self.send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, incoming.offset,
-                                                            incoming.prefix)))
-                start = _read_body_start(rfile, fid, incoming.offset)
-            incoming.begin(start)
+            sink.begin(start)
             if start:
                 job.resumed = start
                 ledger.progress(job, start)
-            incoming.receive(readinto, size - start)
-            trailer_flags, digest = _read_trailer(rfile, fid)
-            failure = incoming.finish(digest, aborted=trailer_flags & TF_ABORT)
+            sink.receive(readinto, size - start)
+            aborted = False
+            if their_digest is None:
+                trailer_flags, their_digest = _read_trailer(rfile, fid)
+                aborted = trailer_flags & TF_ABORT
+            failure = sink.finish(their_digest, aborted=aborted)
         except BaseException as e:
             # A large file's partial stays for the next get to resume.
-            incoming.close(keep=incoming.in_body)
+            sink.close(keep=sink.in_body)
             if job.cancelled:
                 self.ledger.end(job, "cancelled", XferError("%s: cancelled" % job.name))
             elif isinstance(e, (XferError, OSError)):
-                self._end(job, *_failure(raw, e))
+                self._end(job, *_failure(sink.raw, e))
             raise
         if failure is not None:
             if failure[0] == ST_ABORTED:
                 failure = (ST_ABORTED, "%s: changed on the server while it was sent; "
-                           "not stored (get it again)" % _display(raw))
+                           "not stored (get it again)" % _display(sink.raw))
             self._end(job, *failure)
             return
-        self.commit.hold(incoming)
-        self.held.append((incoming, job))
-        if incoming.claim is not None or len(self.held) >= _HOLD_MAX:
+        self.commit.hold(sink)
+        self.held.append((sink, job))
+        if sink.claim is not None or len(self.held) >= _HOLD_MAX:
             self._commit()
 
     def _commit(self):
@@ -8752,14 +8817,6 @@ class _Pull:
                 job.result = next(got)
                 job.path = job.result.path
                 self.ledger.end(job, "done")
-
-    def _drain(self, size):
-        view = memoryview(self.store.buf)
-        while size:
-            n = self.rfile.readinto(view[:min(size, CHUNK)])
-            if not n:
-                raise ConnectionClosedError("connection closed inside a file body")
-            size -= n
 
 
 class Entry(collections.namedtuple("Entry", "type size mtime_ns mode name")):
