@@ -5589,6 +5589,54 @@ class BatchTests(unittest.TestCase):
         self.assertEqual([e[5] for e in xfer._decode_batch(payload)[1]], [b"a"])
         self.assertEqual((a.done, b.state), (False, "cancelled"))
 
+    def test_batch_bodies_go_out_as_read_without_being_joined(self):
+        root = temp_dir(self)
+        bodies = [b"first body", b"second"]
+        paths = [write_file(os.path.join(root, "f%d" % i), body)
+                 for i, body in enumerate(bodies)]
+
+        class Recording:
+            """The link's socket, recording what each send was given."""
+            def __init__(self, sock, sendmsg):
+                self.sock, self.calls = sock, []
+                if sendmsg:
+                    self.sendmsg = self._sendmsg
+
+            def _sendmsg(self, buffers):
+                self.calls.append(("sendmsg", [bytes(b) for b in buffers]))
+                return self.sock.sendmsg(buffers)
+
+            def sendall(self, data):
+                self.calls.append(("sendall", [bytes(data)]))
+                return self.sock.sendall(data)
+
+            def __getattr__(self, name):
+                if name == "sendmsg":
+                    raise AttributeError(name)
+                return getattr(self.sock, name)
+
+        for sendmsg in (True, False):      # False: a TLS socket, which has no sendmsg
+            with self.subTest(sendmsg=sendmsg):
+                link, ledger, theirs = _paired_link(self, 2)
+                link.sock = recording = Recording(link.sock, sendmsg)
+                for path in paths:
+                    link.send(xfer.Job(ledger, path, os.path.basename(path), "file",
+                                       st=os.stat(path)))
+                link.send_batch()
+                link.flush()
+                reader = xfer._Reader(theirs)
+                kind, payload = xfer._read_frame(reader)
+                self.assertEqual(kind, xfer._Msg.BATCH)
+                self.assertEqual(xfer._recv_exact(reader, sum(map(len, bodies))),
+                                 b"".join(bodies))
+                self.assertEqual(len(recording.calls), 1, recording.calls)
+                how, pieces = recording.calls[0]
+                if sendmsg:
+                    self.assertEqual(how, "sendmsg")
+                    self.assertEqual(pieces[1:], bodies)   # each body as it was read
+                else:
+                    self.assertEqual(how, "sendall")
+
 
 class CheckByDirectoryTests(unittest.TestCase):
     """CHECKS (Protocol 4.14): one question about many files of one directory."""

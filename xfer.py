@@ -249,6 +249,7 @@ _HOLD_PAUSE = 0.001
 _HASH_BEHIND_MIN = 4 * CHUNK
 #: Sender: small writes (headers, small files, CHECKs) gathered into one send.
 _GATHER = 64 * 1024
+_IOV_MAX = 512          # buffers per sendmsg (Linux takes 1024, macOS 1024)
 #: send -: most bytes of standard input kept in a temporary file to be sent.
 STDIN_MAX = 10**9
 #: Files a sender asks about in one CHECK write.
@@ -6731,6 +6732,19 @@ def _tree_totals(path, cancelled=None):
 _NOT_REGULAR = "not a regular file (for a stream, give '-' and pipe it to standard input)"
 
 
+def _send_pieces(sendmsg, pieces):
+    """sendall() for a list of buffers, through a socket's sendmsg."""
+    while pieces:
+        sent = sendmsg(pieces[:_IOV_MAX])
+        done = 0
+        while done < len(pieces) and sent >= len(pieces[done]):
+            sent -= len(pieces[done])
+            done += 1
+        pieces = pieces[done:]
+        if sent:
+            pieces[0] = memoryview(pieces[0])[sent:]
+
+
 class _Outgoing:
     """One file on its way out: opened once, read whole or in chunks.
 
@@ -7215,8 +7229,11 @@ class _Link:
         # (id, handler) of the GET or LIST whose answer the reader takes next
         self.request = None
         self.buf = bytearray(CHUNK)
-        self.wbuf = []               # writes gathered for one sendall
+        self.wbuf = []               # writes gathered to go out together
         self.wlen = 0
+        # sendmsg sends the gathered pieces as they are, without joining them
+        # (a BATCH's bodies stay the bytes read); a TLS socket refuses it.
+        self.gather = True
         self.reader = None
 
     # -- writing and waiting
@@ -7234,13 +7251,20 @@ class _Link:
 
     def flush(self):
         """Send the gathered writes."""
-        if not self.wbuf:
+        pieces = self.wbuf
+        if not pieces:
             return
-        data = self.wbuf[0] if len(self.wbuf) == 1 else b"".join(self.wbuf)
         self.wbuf = []
         self.wlen = 0
         try:
-            self.sock.sendall(data)
+            sendmsg = self.gather and getattr(self.sock, "sendmsg", None)
+            if len(pieces) > 1 and sendmsg:
+                try:
+                    _send_pieces(sendmsg, pieces)
+                    return
+                except NotImplementedError:     # TLS: nothing was sent
+                    self.gather = False
+            self.sock.sendall(pieces[0] if len(pieces) == 1 else b"".join(pieces))
         except socket.timeout:
             self._break(ConnectionClosedError("the server stopped reading for %ss"
                                               % self.timeout))
@@ -7486,7 +7510,13 @@ class _Link:
         pending = self.pending
         for fid, job in enumerate(jobs, first):
             pending[fid] = job
-        self._write(self.seal(frame) + b"".join(bodies))
+        # The bodies join the gathered writes as they were read: no copy.
+        frame = self.seal(frame)
+        self.wbuf.append(frame)
+        self.wbuf.extend(bodies)
+        self.wlen += len(frame) + sum(map(len, bodies))
+        if self.wlen >= _GATHER:
+            self.flush()
 
     def _large(self, job, out):
         """FILE, wait for ACCEPT (resume offset), BODY, the content, TRAILER."""
