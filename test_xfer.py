@@ -5637,6 +5637,26 @@ class BatchTests(unittest.TestCase):
                 else:
                     self.assertEqual(how, "sendall")
 
+    def test_batch_bodies_already_read_are_stored_from_the_read_buffer(self):
+        receiver = start_receiver(self, self.dst, token=self.TOKEN, fsync=False)
+        copied = []
+        real = xfer._take_body
+
+        def take_body(*args, **kw):      # the path that copies a body out first
+            copied.append(args[1])
+            return real(*args, **kw)
+
+        client = self.client(receiver)
+        files = [("f%d.txt" % i, b"body %d\n" % i) for i in range(5)]
+        first, data = _batch_bytes(client, files)
+        with mock.patch.object(xfer, "_take_body", take_body):
+            client.send(data)            # one small write: it arrives in one piece
+            self.assertEqual(_read_results(client), (first, [(xfer.ST_OK, "")] * 5))
+        self.assertEqual(copied, [])
+        for name, body in files:
+            with open(os.path.join(self.dst, name), "rb") as f:
+                self.assertEqual(f.read(), body)
+
 
 class CheckByDirectoryTests(unittest.TestCase):
     """CHECKS (Protocol 4.14): one question about many files of one directory."""

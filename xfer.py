@@ -692,6 +692,15 @@ class _Reader:
         self.start = start + n
         return bytes(self.view[start:start + n])
 
+    def buffered(self, n):
+        """The next n bytes as a view of the buffer if it holds them all (they
+        count as read; the view is valid until the next read), else None."""
+        start = self.start
+        if self.end - start < n:
+            return None
+        self.start = start + n
+        return self.view[start:start + n]
+
     def readinto(self, view):
         """Fill some of view; 0 at the end of the stream."""
         have = self.end - self.start
@@ -3660,7 +3669,7 @@ class _ReceiveSession:
         refused on its own (a refused one is read and dropped); one RESULTS
         answers them all, after the group commit made the stored ones durable."""
         first, entries = _decode_batch(payload)      # every limit, before a body byte
-        readinto, items, fid = self.rfile.readinto, [], first
+        readinto, buffered, items, fid = self.rfile.readinto, self.rfile.buffered, [], first
         left = sum(entry[0] for entry in entries)
         pace = _Pace(self.r, b"BATCH %d" % first, left)
         for size, mtime_ns, mode, flags, digest, raw in entries:
@@ -3669,7 +3678,11 @@ class _ReceiveSession:
             sink = self._sink(fid, raw, size, mtime_ns, mode, flags, stream=True)
             try:
                 sink.begin()
-                sink.receive(readinto, size, pace)
+                body = buffered(size)
+                if body is None:
+                    sink.receive(readinto, size, pace)
+                else:
+                    sink.write(body)            # hashed and written where it lies
                 failure = sink.finish(digest)
             except BaseException:
                 sink.close()
@@ -4637,8 +4650,11 @@ class _Drain:
             self.hasher = hashlib.sha256()
 
     def receive(self, readinto, count, pace=None):
-        take = self.hasher.update if self.hasher is not None else _ignore
-        _take_body(readinto, count, self.store.buf, take, self.raw, pace)
+        _take_body(readinto, count, self.store.buf, self.write, self.raw, pace)
+
+    def write(self, data):
+        if self.hasher is not None:
+            self.hasher.update(data)
 
     def finish(self, their_digest, aborted=False):
         if self.failure is not None:
@@ -4651,10 +4667,6 @@ class _Drain:
 
     def close(self, keep=False):
         pass
-
-
-def _ignore(data):
-    pass
 
 
 def _take_body(readinto, count, buf, take, raw, pace=None):
