@@ -5657,6 +5657,45 @@ class BatchTests(unittest.TestCase):
             with open(os.path.join(self.dst, name), "rb") as f:
                 self.assertEqual(f.read(), body)
 
+    def test_a_file_nobody_listens_for_is_counted_without_a_file_info(self):
+        built = []
+        real = xfer.FileInfo
+
+        def file_info(*args):
+            built.append(args[1])
+            return real(*args)
+
+        for listener in (None, "on_file"):
+            with self.subTest(listener=listener):
+                heard = []
+                dst = temp_dir(self)
+                receiver = start_receiver(self, dst, token=self.TOKEN, fsync=False,
+                                          on_file=heard.append if listener else None)
+                client = self.client(receiver)
+                files = [("f%d.txt" % i, b"%d" % i) for i in range(3)]
+                first, data = _batch_bytes(client, files)
+                del built[:]
+                with mock.patch.object(xfer, "FileInfo", file_info):
+                    client.send(data)
+                    self.assertEqual(_read_results(client), (first, [(xfer.ST_OK, "")] * 3))
+                self.assertEqual((receiver.files_received, receiver.bytes_received), (3, 3))
+                names = [name for name, _ in files]
+                self.assertEqual(built, names if listener else [])
+                self.assertEqual([info.relpath for info in heard], built)
+
+    def test_quiet_serve_without_a_hook_listens_for_no_file(self):
+        for quiet, as_json, hook in ((True, False, False), (False, False, False),
+                                     (True, True, False), (True, False, True)):
+            with self.subTest(quiet=quiet, as_json=as_json, hook=hook):
+                out = xfer._ServeOutput(quiet, as_json)
+                if hook:
+                    out.hooks = object()
+                listener = out.file_listener()
+                if quiet and not as_json and not hook:
+                    self.assertIsNone(listener)
+                else:
+                    self.assertEqual(listener, out.on_file)
+
 
 class CheckByDirectoryTests(unittest.TestCase):
     """CHECKS (Protocol 4.14): one question about many files of one directory."""
@@ -5793,7 +5832,8 @@ class PerformanceTests(unittest.TestCase):
                 mock.patch.object(xfer._Store, "publish", publish), \
                 mock.patch.object(xfer.Receiver, "_sync", sync), \
                 mock.patch.object(xfer.Receiver, "_count_file", count):
-            receiver = start_receiver(self, dst, token="t0k")
+            # A listener: each file is counted through _count_file, with its name.
+            receiver = start_receiver(self, dst, token="t0k", on_file=lambda info: None)
             client = _HostileClient(receiver.address, token="t0k")
             self.addCleanup(client.close)
             ids, blob = [], []

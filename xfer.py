@@ -3081,13 +3081,20 @@ class Receiver:
                  | (DF_TLS if self._tls is not None else 0) | (DF_AUTH if self.token else 0))
         return _discover_answer(nonce, self.address[1], flags, self.name)
 
-    def _count_file(self, info, resumed=0):
+    def _wants_info(self):
+        """Whether a FileInfo of each file is wanted (else _count_bytes counts it)."""
+        return self.on_file is not None
+
+    def _count_bytes(self, size, resumed=0):
         with self._lock:
             self.files_received += 1
-            self.bytes_received += info.size
+            self.bytes_received += size
             if resumed:
                 self.files_resumed += 1
                 self.bytes_resumed += resumed
+
+    def _count_file(self, info, resumed=0):
+        self._count_bytes(info.size, resumed)
         self._dispatch.emit(self.on_file, info)
 
     def _claim(self, key, session):
@@ -4803,11 +4810,15 @@ class _GroupCommit:
         held.verdict = ST_OK, held.note
         self.files += 1
         self.bytes += held.size
+        tally = self.tally
+        if not tally._wants_info():       # nobody to tell: the counters alone
+            tally._count_bytes(held.size, held.resumed)
+            return
         relpath = "/".join(parts)
         path = self._root + relpath if os.sep == "/" else self.store.dest.final_path(parts)
-        self.tally._count_file(FileInfo(path, relpath, held.size, self.peer,
-                                        time.monotonic() - held.started, held.digest),
-                               held.resumed)
+        tally._count_file(FileInfo(path, relpath, held.size, self.peer,
+                                   time.monotonic() - held.started, held.digest),
+                          held.resumed)
 
     def _sync_dirs(self, published):
         """Sync each directory once: those files were renamed into and the
@@ -4956,11 +4967,13 @@ def _duration(seconds):
 
 
 def _human(n):
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
+    if -1000 < n < 1000:
+        return "%d B" % n
+    for unit in ("KB", "MB", "GB"):
         n /= 1000.0
-    return str(n)
+        if -1000 < n < 1000:
+            return "%.1f %s" % (n, unit)
+    return "%.1f TB" % (n / 1000.0)
 
 
 #------------------------------------------------------------
@@ -8578,6 +8591,9 @@ class _LocalRules(Receiver):
     def unclaim(self, key):
         self._held.discard(key)
 
+    def _wants_info(self):
+        return True
+
     def _count_file(self, info, resumed=0):
         Receiver._count_file(self, info, resumed)
         self.got.append(info)
@@ -10564,14 +10580,25 @@ class _ServeOutput:
         if self.as_json or not self.quiet:
             self.log(line)
 
+    def file_listener(self):
+        """The Receiver's on_file: None when nothing is said or run per file
+        (-q, no --json, no --on-receive), so files are only counted."""
+        if self.quiet and not self.as_json and self.hooks is None:
+            return None
+        return self.on_file
+
     def on_file(self, info):
         if self.as_json:
             self.emit("file_received", peer=info.peer, path=info.path, relpath=info.relpath,
                       bytes=info.size, seconds=round(info.seconds, 6), digest=info.digest)
-        elif not self.quiet:     # a notice: formatted only when it is written
-            rate = info.size / info.seconds if info.seconds > 0 else 0.0
-            self.log("%s: received %s (%s, %s/s)" % (info.peer, _display(info.relpath),
-                                                     _human(info.size), _human(rate)))
+        elif not self.quiet:     # a notice, the line log() writes, in one format
+            now = int(time.time())
+            if now != self._stamp[0]:
+                self._stamp = now, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+            size, seconds = info.size, info.seconds
+            self.lines.write("%s %s: received %s (%s, %s/s)\n" % (
+                self._stamp[1], info.peer, _display(info.relpath), _human(size),
+                _human(size / seconds if seconds > 0 else 0.0)))
         if self.hooks is not None:   # a hook's output follows the line saying its file arrived
             self.hooks.submit(info)
 
@@ -10739,7 +10766,7 @@ def _cmd_serve(args):
         once.saw(info)
 
     receiver = Receiver(opts.dir, host=opts.host, port=opts.port, token=token,
-                        on_file=out.on_file, on_session=on_session,
+                        on_file=out.file_listener(), on_session=on_session,
                         quiet=args.quiet and not args.json, log=out.log,
                         max_connections=opts.max_connections, max_size=opts.max_size,
                         idle_timeout=args.idle_timeout,
