@@ -9628,6 +9628,25 @@ class ReportTests(unittest.TestCase):
         files.update(("z/more/m%03d.txt" % i, b"%100d" % i) for i in range(170))
         return _make_tree(root, files)
 
+    # -- a reader that goes away
+
+    def test_json_into_a_closed_pipe_sends_everything_quietly(self):
+        # send-dir --json | head -1: the events have nowhere to go; the
+        # files still go, and no callback prints a traceback per event.
+        src = self.tree(os.path.join(temp_dir(self), "shots"))
+        dst = temp_dir(self)
+        receiver = start_receiver(self, dst)
+        proc = subprocess.Popen(XFER_CMD + ["send-dir", "--json", src, "%s:%d:" % receiver.address],
+                                env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True)
+        self.assertTrue(proc.stdout.readline())
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.stderr.close()
+        self.assertEqual(proc.wait(TIMEOUT), 0, err[:1000])
+        self.assertEqual(err, "")
+        self.assertEqual(receiver.files_received, 201)
+
     # -- Ctrl-C
 
     def test_ctrl_c_counts_add_up_cancelled_files_are_not_failures_kept_bytes_resume(self):

@@ -10803,15 +10803,35 @@ def _cmd_serve(args):
 def _json_writer(stream):
     """A function that writes one JSON event per line (README "JSON events")."""
     lock = threading.Lock()
+    gone = []
 
     def emit(name, **fields):
+        if gone:
+            return
         event = collections.OrderedDict(event=name, time=round(time.time(), 3))
         event.update(fields)
         line = json.dumps(event) + "\n"
         with lock:      # callbacks of several connections may emit at once
-            stream.write(line)
-            stream.flush()
+            try:
+                stream.write(line)
+                stream.flush()
+            except BrokenPipeError:
+                # The reader went away (--json | head): the work goes on
+                # without its events, and nothing is written there again.
+                gone.append(True)
+                _drop_stream(stream)
     return emit
+
+
+def _drop_stream(stream):
+    """Point a stream whose reader has gone at os.devnull, so that the
+    interpreter's last flush at exit does not fail on it too."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass
 
 
 class _Lines:
@@ -12583,6 +12603,7 @@ def main(argv=None):
         sys.stderr.write("\nxfer: interrupted\n")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
+        _drop_stream(sys.stdout)
         return EXIT_OK
 
 
