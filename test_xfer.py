@@ -231,6 +231,20 @@ def recv_until_closed(sock):
         chunks.append(data)
 
 
+def run_into_closed_pipe(argv, env):
+    """Run xfer with argv, read one line of its stdout and close the pipe
+    (as `| head -1` does); return (exit status, stderr)."""
+    proc = subprocess.Popen(XFER_CMD + argv, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.stderr.close()
+    status = proc.wait(TIMEOUT)
+    if not first:
+        raise AssertionError("nothing on stdout before the pipe closed: " + err[:1000])
+    return status, err
+
 #------------------------------------------------------------
 # basic round trip (more in the classes below)
 #------------------------------------------------------------
@@ -5264,14 +5278,9 @@ class PullMoreTests(_PullCase):
             os.close(os.open(os.path.join(folder, "f%05d" % i), os.O_CREAT | os.O_WRONLY))
         env = isolated_env(self.root)
         env["XFER_TOKEN"] = _PULL_TOKEN
-        proc = subprocess.Popen(XFER_CMD + ["ls", "%s:%d:" % _pull_server(self, folder).address],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                universal_newlines=True)
-        self.assertTrue(proc.stdout.readline())
-        proc.stdout.close()
-        err = proc.stderr.read()
-        proc.stderr.close()
-        self.assertEqual(proc.wait(TIMEOUT), 0, err[:1000])
+        status, err = run_into_closed_pipe(
+            ["ls", "%s:%d:" % _pull_server(self, folder).address], env)
+        self.assertEqual(status, 0, err[:1000])
         self.assertFalse("Traceback" in err, err[:1000])
 
     def test_cancelled_get_stops_and_leaves_no_temporary_file(self):
@@ -9636,14 +9645,9 @@ class ReportTests(unittest.TestCase):
         src = self.tree(os.path.join(temp_dir(self), "shots"))
         dst = temp_dir(self)
         receiver = start_receiver(self, dst)
-        proc = subprocess.Popen(XFER_CMD + ["send-dir", "--json", src, "%s:%d:" % receiver.address],
-                                env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                universal_newlines=True)
-        self.assertTrue(proc.stdout.readline())
-        proc.stdout.close()
-        err = proc.stderr.read()
-        proc.stderr.close()
-        self.assertEqual(proc.wait(TIMEOUT), 0, err[:1000])
+        status, err = run_into_closed_pipe(
+            ["send-dir", "--json", src, "%s:%d:" % receiver.address], self.env)
+        self.assertEqual(status, 0, err[:1000])
         self.assertEqual(err, "")
         self.assertEqual(receiver.files_received, 201)
 
