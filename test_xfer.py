@@ -87,7 +87,7 @@ def readme_session(heading, readme=None):
         head, rest = line[:6].strip(), line[6:].strip()
         if head in ("C->S", "S->C") and (not messages or messages[-1][0] != head):
             messages.append([head, b""])
-        column = re.split(r"\s{2,}", rest, 1)[0]
+        column = re.split(r"\s{2,}", rest, maxsplit=1)[0]
         if messages and re.fullmatch(r"[0-9a-f]+( [0-9a-f]+)*", column):
             messages[-1][1] += bytes.fromhex(column.replace(" ", ""))
     return [tuple(m) for m in messages]
