@@ -12363,6 +12363,11 @@ def _build_parser():
     common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     common.add_argument("--json", action="store_true",
                         help="print one JSON object per event on stdout (README \"JSON events\")")
+    # What every command that connects to a server takes.
+    client = argparse.ArgumentParser(add_help=False, parents=[common])
+    client.add_argument("--tls", action="store_true", help="connect with TLS")
+    client.add_argument("--fingerprint", metavar="SHA256", type=_fingerprint_arg,
+                        help="the server certificate's fingerprint (implies --tls)")
 
     p = sub.add_parser("serve", parents=[common], help="receive files into a directory")
     p.add_argument("--dir", help="destination directory (default: current directory)")
@@ -12425,15 +12430,12 @@ def _build_parser():
     for name, what, help_ in (
             ("send", "FILE", "send files into the server's directory"),
             ("send-dir", "DIR", "send directory trees, keeping their structure")):
-        p = sub.add_parser(name, parents=[common], help=help_, intermixed=True)
+        p = sub.add_parser(name, parents=[client], help=help_, intermixed=True)
         p.add_argument("--to", metavar="HOST[:PORT][:DIR]", action="append",
                        help="receiver address or config alias (or XFER_HOST); give it "
                        "again to send to several receivers at once")
         p.add_argument("--workers", type=_positive_int, metavar="N",
                        help="parallel connections (default 4)")
-        p.add_argument("--tls", action="store_true", help="connect with TLS")
-        p.add_argument("--fingerprint", metavar="SHA256", type=_fingerprint_arg,
-                       help="the server certificate's fingerprint (implies --tls)")
         p.add_argument("--checksum", action="store_true",
                        help="skip a file only if the receiver's copy has the same sha256 "
                        "(default: same size and modification time)")
@@ -12480,11 +12482,8 @@ def _build_parser():
                        "%ss to send; a last HOST:[DIR] is the destination" % what)
         p.set_defaults(func=_cmd_send)
 
-    p = sub.add_parser("get", parents=[common], intermixed=True,
+    p = sub.add_parser("get", parents=[client], intermixed=True,
                        help="copy files and trees from the server's directory")
-    p.add_argument("--tls", action="store_true", help="connect with TLS")
-    p.add_argument("--fingerprint", metavar="SHA256", type=_fingerprint_arg,
-                   help="the server certificate's fingerprint (implies --tls)")
     p.add_argument("--force", action="store_true",
                    help="copy every file, even one LOCAL_DIR already has (default: skip "
                    "those of the same size and modification time)")
@@ -12508,24 +12507,18 @@ def _build_parser():
                    "LOCAL_DIR (default .)")
     p.set_defaults(func=_cmd_get)
 
-    p = sub.add_parser("ls", parents=[common],
+    p = sub.add_parser("ls", parents=[client],
                        help="list a directory of the server's directory")
     p.add_argument("path", metavar="HOST:[PATH]")
     p.add_argument("-R", "--recursive", action="store_true", help="the whole tree")
-    p.add_argument("--tls", action="store_true", help="connect with TLS")
-    p.add_argument("--fingerprint", metavar="SHA256", type=_fingerprint_arg,
-                   help="pin the server certificate")
     p.add_argument("--timeout", type=_seconds_arg, metavar="SECONDS",
                    help="give up on a server silent this long")
     p.set_defaults(func=_cmd_ls)
 
-    p = sub.add_parser("ping", parents=[common],
+    p = sub.add_parser("ping", parents=[client],
                        help="check that a server is up and the token works")
     p.add_argument("host", nargs="?", metavar="HOST[:PORT]",
                    help="server address or config alias (default as for send)")
-    p.add_argument("--tls", action="store_true", help="connect with TLS")
-    p.add_argument("--fingerprint", metavar="SHA256", type=_fingerprint_arg,
-                   help="pin the server certificate")
     p.add_argument("--timeout", type=float, metavar="SECONDS", default=DEFAULT_CONNECT_TIMEOUT,
                    help="give up after this long (default %g)" % DEFAULT_CONNECT_TIMEOUT)
     p.set_defaults(func=_cmd_ping)
@@ -12549,14 +12542,11 @@ def _build_parser():
                    help="how long to wait for answers (default %g)" % DISCOVER_WAIT)
     p.set_defaults(func=_cmd_find)
 
-    p = sub.add_parser("bench", parents=[common],
+    p = sub.add_parser("bench", parents=[client],
                        help="measure throughput to a server's discard sink")
     p.add_argument("--to", metavar="HOST[:PORT]",
                    help="server to measure (default: one started on loopback)")
     p.add_argument("--workers", type=_positive_int, metavar="N", help="connections (default 4)")
-    p.add_argument("--tls", action="store_true", help="connect with TLS")
-    p.add_argument("--fingerprint", metavar="SHA256", type=_fingerprint_arg,
-                   help="pin the server certificate")
     p.add_argument("--size", type=_size_arg, default=256 * 2**20, metavar="SIZE",
                    help="large file size (default 256MiB)")
     p.add_argument("--files", type=_positive_int, default=5000, metavar="N",
