@@ -231,6 +231,37 @@ def recv_until_closed(sock):
         chunks.append(data)
 
 
+def stdout_lines(test, proc):
+    """Read proc's stdout on a thread of its own; return next_line(), which
+    gives the next line without its newline, or None once stdout has ended
+    or no line came for TIMEOUT.  At cleanup proc is killed if it still runs and
+    the thread joined (before anything else reads the pipes)."""
+    lines = queue.Queue()
+
+    def reader():
+        try:
+            for line in proc.stdout:
+                lines.put(line.rstrip("\n"))
+        except (OSError, ValueError):
+            pass
+        lines.put(None)
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+
+    def cleanup():
+        if proc.poll() is None:
+            proc.kill()
+        thread.join(TIMEOUT)
+    test.addCleanup(cleanup)
+
+    def next_line():
+        try:
+            return lines.get(timeout=TIMEOUT)
+        except queue.Empty:
+            return None
+    return next_line
+
+
 def run_into_closed_pipe(argv, env):
     """Run xfer with argv, read one line of its stdout and close the pipe
     (as `| head -1` does); return (exit status, stderr)."""
@@ -6415,41 +6446,15 @@ def _sec_user_config(env):
 
 
 def _sec_banner(test, proc, done):
-    """Read the server's stdout lines after the readiness line until done(lines) is true.
-
-    A reader thread collects lines; the test fails after TIMEOUT instead of
-    hanging.  The thread is joined (server killed) before spawn_server's
-    cleanup reads the pipes.
-    """
-    lines = queue.Queue()
-
-    def reader():
-        try:
-            for line in proc.stdout:
-                lines.put(line)
-        except (OSError, ValueError):
-            pass
-        lines.put(None)
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-
-    def cleanup():
-        if proc.poll() is None:
-            proc.kill()
-        thread.join(TIMEOUT)
-    test.addCleanup(cleanup)
+    """Read the server's stdout lines after the readiness line until done(lines)
+    is true; the test fails after TIMEOUT instead of hanging."""
+    next_line = stdout_lines(test, proc)
     got = []
-    deadline = time.monotonic() + TIMEOUT
     while not done(got):
-        left = deadline - time.monotonic()
-        try:
-            line = lines.get(timeout=max(0.0, left))
-        except queue.Empty:
-            line = None
+        line = next_line()
         if line is None:
             test.fail("server banner incomplete: %r" % got)
-        got.append(line.rstrip("\n"))
+        got.append(line)
     return got
 
 
@@ -10397,29 +10402,12 @@ def _pair_serve(test, env, directory, *args):
                              "0", "--dir", directory] + list(args), env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, universal_newlines=True)
-    lines = queue.Queue()
-
-    def reader():
-        for line in proc.stdout:
-            lines.put(line.rstrip("\n"))
-        lines.put(None)
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-
-    def cleanup():
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=TIMEOUT)
-        thread.join(TIMEOUT)
-    test.addCleanup(cleanup)
+    test.addCleanup(proc.communicate, timeout=TIMEOUT)     # after the reader's cleanup
+    read = stdout_lines(test, proc)
 
     def next_line(predicate):
-        deadline = time.monotonic() + TIMEOUT
         while True:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
+            line = read()
             if line is None:
                 test.fail("serve ended or printed nothing that matched")
             if predicate(line):
@@ -11638,15 +11626,19 @@ class ReadmeSyncTests(unittest.TestCase):
         self.assertEqual(result[-xfer._TAG_SIZE:], tags.tag(result[:-xfer._TAG_SIZE]))
         self.assertEqual(bye[-xfer._TAG_SIZE:], tags.tag(bye[:-xfer._TAG_SIZE]))
 
-    def test_check_snippet_prints_the_example_values(self):
-        readme = self.readme()
-        code = re.search(r"To check an implementation against it:\n\n```python\n(.*?)```",
-                         readme, re.S).group(1)
+    def run_snippet(self, readme, intro):
+        """Run the README's Python snippet after intro; return what the README
+        says it prints, once checked that it does."""
+        code = re.search(re.escape(intro) + r"\n\n```python\n(.*?)```", readme, re.S).group(1)
         printed = re.search(r"^prints `([0-9a-f ]+)`\.$", readme, re.M).group(1)
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             exec(compile(code, "README snippet", "exec"), {})
         self.assertEqual(out.getvalue().strip(), printed)
+        return printed
+
+    def test_check_snippet_prints_the_example_values(self):
+        printed = self.run_snippet(self.readme(), "To check an implementation against it:")
         # AUTH, AUTH_OK, the FILE's tag and the RESULT's tag, in the example.
         example = [data.hex() for _, data in self.example()]
         auth, auth_ok, file_tag, result_tag = printed.split()
@@ -11711,13 +11703,7 @@ class ReadmeSyncTests(unittest.TestCase):
 
     def test_pairing_check_snippet_prints_the_example_values(self):
         readme = self.readme().split("### 8. Example pairing", 1)[1]
-        code = re.search(r"To check a pairing implementation against it:\n\n```python\n(.*?)```",
-                         readme, re.S).group(1)
-        printed = re.search(r"^prints `([0-9a-f ]+)`\.$", readme, re.M).group(1)
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            exec(compile(code, "README snippet", "exec"), {})
-        self.assertEqual(out.getvalue().strip(), printed)
+        printed = self.run_snippet(readme, "To check a pairing implementation against it:")
         live = [data.hex() for _, data in self.live_pairing()[0]]
         w_prefix, confirm_a, confirm_b, secret_mac = printed.split()
         self.assertEqual(live[4][10:18], confirm_a)          # CONFIRM payload
