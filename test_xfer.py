@@ -2901,6 +2901,23 @@ class PathSafetyTests(unittest.TestCase):
             with self.subTest(name=name[:60]):
                 self.assertEqual(xfer._split_path(name.encode("utf-8"), portable=False), parts)
 
+    def test_a_path_under_a_directory_already_checked_is_decided_as_without_it(self):
+        parent = (b"ok/", ["ok"])
+        paths = [b"ok/" + raw for raw, _ in self.REFUSED] + [
+            b"ok/" + name.encode("utf-8") for name, _ in self.ACCEPTED] + [
+            b"ok", b"ok/", b"ok//x", b"oky/x", b"ok/" * 64 + b"f", b"ok/" + b"a" * 4094]
+        for raw in paths:
+            for portable in (False, True):
+                with self.subTest(raw=raw[:60], portable=portable):
+                    try:
+                        expected = xfer._split_path(raw, portable=portable)
+                    except xfer.UnsafePathError:
+                        with self.assertRaises(xfer.UnsafePathError):
+                            xfer._split_path(raw, portable=portable, parent=parent)
+                    else:
+                        self.assertEqual(
+                            xfer._split_path(raw, portable=portable, parent=parent), expected)
+
     def test_split_path_portable_refusals(self):
         for name in self.PORTABLE_REFUSED:
             with self.subTest(name=name):
@@ -6492,9 +6509,9 @@ class _PartsRules(xfer.Receiver):
         self.on_file = self.files.append
         self.log = self.logged.append
 
-    def _split(self, raw):
+    def _split(self, raw, parent=None):
         self.splits.append(raw)
-        return super()._split(raw)
+        return super()._split(raw, parent)
 
 
 def _parts_umask():
@@ -6645,15 +6662,28 @@ class ReceivingPartsTests(unittest.TestCase):
         splits = []
 
         class Counting(xfer.Receiver):
-            def _split(self, raw):
+            def _split(self, raw, parent=None):
                 splits.append(raw)
-                return super()._split(raw)
+                return super()._split(raw, parent)
         receiver = Counting(dst, host=HOST, port=0)
         receiver.start()
         self.addCleanup(receiver.stop)
         for job in send_files(receiver.address, [tree]):
             self.assertEqual(job.state, "done", job.error)
         self.assertEqual(splits.count(b"t/sub/one.txt"), 1, splits)
+
+    def test_files_after_one_of_their_directory_still_meet_every_name_rule(self):
+        dst, rules, store, commit = self._parts()
+        self.assertEqual(store.split(b"d/a"), ["d", "a"])
+        for raw in (b"d/..", b"d/../x", b"d//x", b"d/", b"d/a\x01", b"d/a\\b",
+                    b"d/" + xfer.PARTIAL_PREFIX.encode() + b"x",
+                    b"d/" + b"x/" * 63 + b"f"):
+            with self.subTest(raw=raw[:40]):
+                with self.assertRaises(xfer.UnsafePathError):
+                    store.split(raw)
+        self.assertEqual(store.split(b"d/b"), ["d", "b"])
+        self.assertEqual(store.split(b"e/b"), ["e", "b"])
+        self.assertEqual(store.split(b"d/c/x"), ["d", "c", "x"])
 
     def test_paths_kept_between_check_and_file_are_bounded(self):
         dst, rules, store, commit = self._parts()

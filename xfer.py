@@ -1753,11 +1753,15 @@ def _display(name, limit=200):
     return text[:limit // 2 - 3] + "..." + text[-(limit // 2):]
 
 
-def _split_path(raw, portable=False, max_bytes=MAX_PATH_BYTES, max_depth=MAX_PATH_DEPTH):
+def _split_path(raw, portable=False, max_bytes=MAX_PATH_BYTES, max_depth=MAX_PATH_DEPTH,
+                parent=None):
     """Validate a relative POSIX path from the wire; return its components.
 
     raw is bytes.  Refuses, never rewrites: anything that is not a plain
-    relative path of safe names raises UnsafePathError.
+    relative path of safe names raises UnsafePathError.  parent, if given,
+    is (raw of a directory ending in "/", its components) that these rules
+    already passed, a prefix of raw: only the names after it are checked,
+    so the files of one directory cost one check of it.
     """
     if len(raw) > max_bytes:
         raise UnsafePathError("path of %d bytes exceeds %d" % (len(raw), max_bytes),
@@ -1766,17 +1770,22 @@ def _split_path(raw, portable=False, max_bytes=MAX_PATH_BYTES, max_depth=MAX_PAT
         path = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise UnsafePathError("path is not valid UTF-8", raw) from None
-    if not path:
-        raise UnsafePathError("empty path", path)
-    if path.startswith("/"):
-        raise UnsafePathError("absolute path", path)
-    parts = path.split("/")
+    if parent is not None and parent[0] and raw.startswith(parent[0]):
+        known = parent[1]
+        parts = known + path[len(known) + sum(map(len, known)):].split("/")
+    else:
+        known = ()
+        if not path:
+            raise UnsafePathError("empty path", path)
+        if path.startswith("/"):
+            raise UnsafePathError("absolute path", path)
+        parts = path.split("/")
     if len(parts) > max_depth:
         raise UnsafePathError("deeper than %d levels" % max_depth, path)
-    for part in parts:
+    for part in parts[len(known):]:
         if part in ("", ".", ".."):
             raise UnsafePathError("empty, '.' or '..' component", path)
-        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+        if len(part) > MAX_NAME_BYTES // 4 and len(part.encode("utf-8")) > MAX_NAME_BYTES:
             raise UnsafePathError("name longer than %d bytes" % MAX_NAME_BYTES, path)
         if _UNSAFE_NAME.search(part):
             raise UnsafePathError("backslash, control or invisible character", path)
@@ -3015,8 +3024,10 @@ class Receiver:
         usage = shutil.disk_usage(self.dir)
         return usage.free, usage.total
 
-    def _split(self, raw):
-        parts = _split_path(raw, self.portable_names, self.max_path_bytes, self.max_depth)
+    def _split(self, raw, parent=None):
+        """raw's components by this receiver's name rules; parent as for _split_path."""
+        parts = _split_path(raw, self.portable_names, self.max_path_bytes, self.max_depth,
+                            parent)
         if self._protected:
             key = tuple(_name_key(p) for p in parts)
             for protected in self._protected:
@@ -4209,6 +4220,9 @@ class _Store:
         self.umask = getattr(rules, "umask", None) if os.name != "nt" else None
         # Names a CHECK found needed, split, for the FILE that follows.
         self._needed = {}
+        # The directory of the last path split: (its raw with a "/" after
+        # it, its components).
+        self._parent = (b"", [])
 
     #: Mixed into the names of resumable partials: an HTTP upload's carry its
     #: size and mtime, so it resumes only a partial of the very same upload
@@ -4226,7 +4240,13 @@ class _Store:
         for the CHECK, and its FILE takes those components."""
         parts = self._needed.pop(raw, None)
         if parts is None:
-            parts = self.rules._split(raw)
+            # The files of one directory come together: its part of the
+            # path is checked once, with the first of them.
+            parent = self._parent
+            parts = self.rules._split(raw, parent)
+            head = raw[:raw.rfind(b"/") + 1]
+            if head != parent[0]:
+                self._parent = head, parts[:-1]
         return parts
 
     def _keep_split(self, raw, parts):
