@@ -5865,7 +5865,7 @@ class PerformanceTests(unittest.TestCase):
         dst = temp_dir(self)
         events = []
         real_seal, real_publish = xfer._IncomingFile.seal, xfer._Store.publish
-        real_sync, real_count = xfer.Receiver._sync, xfer.Receiver._count_file
+        real_sync, real_count = xfer.Receiver._sync, xfer.Receiver._count_files
 
         def seal(incoming, fd):
             events.append(("seal", incoming.temp.rsplit(".", 1)[-1]))
@@ -5880,16 +5880,16 @@ class PerformanceTests(unittest.TestCase):
             events.append(("publish", result[0]))
             return result
 
-        def count(receiver, info, resumed=0):
-            events.append(("count", info.relpath.rsplit("/", 1)[-1]))
-            return real_count(receiver, info, resumed)
+        def count(receiver, count, size, resumed=0, resumed_bytes=0, infos=()):
+            events.extend(("count", info.relpath.rsplit("/", 1)[-1]) for info in infos)
+            return real_count(receiver, count, size, resumed, resumed_bytes, infos)
 
         names = ["f%02d" % i for i in range(40)]
         with mock.patch.object(xfer._IncomingFile, "seal", seal), \
                 mock.patch.object(xfer._Store, "publish", publish), \
                 mock.patch.object(xfer.Receiver, "_sync", sync), \
-                mock.patch.object(xfer.Receiver, "_count_file", count):
-            # A listener: each file is counted through _count_file, with its name.
+                mock.patch.object(xfer.Receiver, "_count_files", count):
+            # A listener: each file is counted through _count_files, with its name.
             receiver = start_receiver(self, dst, token="t0k", on_file=lambda info: None)
             client = _HostileClient(receiver.address, token="t0k")
             self.addCleanup(client.close)

@@ -1968,6 +1968,7 @@ class _Dest:
     def parent(self, parts, path, create=True, held=True):
         """Return a handle (fd or path) on the directory holding parts[-1].
 
+        create=False: None if a directory on the way does not exist.
         held=False: the caller is done with it on return (MKDIR), so once it
         leaves the cache it is closed at once instead of kept in retired.
         """
@@ -1978,12 +1979,14 @@ class _Dest:
         if create:
             self._missing = None
         elif key == self._missing:
-            raise FileNotFoundError(errno.ENOENT, "no such directory", path)
+            return None         # the files of a new directory: asked about once
         try:
             handle = self._open_dirs(key, path, create)
         except FileNotFoundError:
+            if create:
+                raise
             self._missing = key
-            raise
+            return None
         if self._cached:
             if self._cached[2]:
                 self.retired.append(self._cached[1])
@@ -2349,6 +2352,21 @@ class _Dispatcher:
             with self._lock:
                 if closed_too or not self._closed:
                     self._events.append((callback, arg, None))
+
+    def emit_each(self, callback, args):
+        """emit(callback, arg) for each of args, in order, with one lock."""
+        if callback is None:
+            return
+        if self.mode == "thread":
+            self.call(self._run_each, callback, args)
+        else:
+            with self._lock:
+                if not self._closed:
+                    self._events.extend([(callback, arg, None) for arg in args])
+
+    def _run_each(self, callback, args):
+        for arg in args:
+            self._run(callback, arg)
 
     def emit_progress(self, callback, job):
         if callback is None:
@@ -3093,20 +3111,20 @@ class Receiver:
         return _discover_answer(nonce, self.address[1], flags, self.name)
 
     def _wants_info(self):
-        """Whether a FileInfo of each file is wanted (else _count_bytes counts it)."""
+        """Whether a FileInfo of each file is wanted (for on_file)."""
         return self.on_file is not None
 
-    def _count_bytes(self, size, resumed=0):
+    def _count_files(self, count, size, resumed=0, resumed_bytes=0, infos=()):
+        """Count files published together: count of them, size bytes in all,
+        resumed of them resumed (resumed_bytes not sent again); infos: each
+        one's FileInfo, in order, when _wants_info()."""
         with self._lock:
-            self.files_received += 1
+            self.files_received += count
             self.bytes_received += size
-            if resumed:
-                self.files_resumed += 1
-                self.bytes_resumed += resumed
-
-    def _count_file(self, info, resumed=0):
-        self._count_bytes(info.size, resumed)
-        self._dispatch.emit(self.on_file, info)
+            self.files_resumed += resumed
+            self.bytes_resumed += resumed_bytes
+        if infos:
+            self._dispatch.emit_each(self.on_file, infos)
 
     def _claim(self, key, session):
         """Reserve a resumable partial for one connection; False if another keeps it.
@@ -3260,7 +3278,7 @@ class _Drop(Exception):
 #
 # A part reaches the Receiver through a few methods only: _split (name
 # rules), _disk_usage, _sync (every sync), _claim/_unclaim (resumable
-# partials), _count_file/_count_failure, _log, and _session_open/_session_closed.
+# partials), _count_files/_count_failure, _log, and _session_open/_session_closed.
 
 
 # Verdicts that need no words.
@@ -4304,9 +4322,8 @@ class _Store:
     def check(self, raw, size, mtime_ns, digest=None):
         """CHECK: None if the file should be sent, else (status, reason)."""
         parts = self.split(raw)
-        try:
-            handle = self.dest.parent(parts, raw, create=False)
-        except FileNotFoundError:
+        handle = self.dest.parent(parts, raw, create=False)
+        if handle is None:
             self._keep_split(raw, parts)
             return None
         name = parts[-1]
@@ -4725,9 +4742,9 @@ class _GroupCommit:
     """The files sealed (and directories made) since the last commit: made
     durable, published and counted together, each exactly once.
 
-    tally is what counts and reports (a Receiver): _count_file(info,
-    resumed), _count_failure() and _log(line).  The counters here are one
-    connection's (SessionInfo).
+    tally is what counts and reports (a Receiver): _wants_info(),
+    _count_files(count, size, ...), _count_failure() and _log(line).  The
+    counters here are one connection's (SessionInfo).
     """
 
     def __init__(self, store, tally, peer):
@@ -4740,8 +4757,8 @@ class _GroupCommit:
         # Nothing below them is acknowledged on this connection.
         self.undurable = {}
         self.files = self.bytes = self.skipped = self.failed = self.dirs = 0
-        if os.sep == "/":
-            self._root = store.dest.root.rstrip("/") + "/"
+        # What a published file's path starts with, where it is that simple.
+        self._root = store.dest.root.rstrip("/") + "/" if os.sep == "/" else None
 
     def hold(self, incoming):
         self.group.append(incoming)
@@ -4801,6 +4818,7 @@ class _GroupCommit:
                 held.fail(e)
                 dest.remove(held.handle, temp)
         failed_dirs, dir_ids = self._sync_dirs(published)
+        counted = []
         for held in group:
             if held.failure is None:
                 error = failed_dirs.get(dir_ids.get(held.handle))
@@ -4814,7 +4832,10 @@ class _GroupCommit:
                 self.skipped += 1
                 held.verdict = ST_SKIPPED, held.note
             else:
-                self._count(held)
+                held.verdict = ST_OK, held.note
+                counted.append(held)
+        if counted:
+            self._count(counted)
         for directory in made:
             error = self._undurable(directory.parts)
             if error is not None:
@@ -4824,21 +4845,27 @@ class _GroupCommit:
                 directory.verdict = _OK
         dest.release()
 
-    def _count(self, held):
-        parts = held.parts
-        parts[-1] = held.final
-        held.verdict = ST_OK, held.note
-        self.files += 1
-        self.bytes += held.size
+    def _count(self, published):
+        """Count files just published (and tell of each, if anyone listens)."""
+        size = resumed = resumed_bytes = 0
+        for held in published:
+            held.parts[-1] = held.final
+            size += held.size
+            if held.resumed:
+                resumed += 1
+                resumed_bytes += held.resumed
+        self.files += len(published)
+        self.bytes += size
         tally = self.tally
-        if not tally._wants_info():       # nobody to tell: the counters alone
-            tally._count_bytes(held.size, held.resumed)
-            return
-        relpath = "/".join(parts)
-        path = self._root + relpath if os.sep == "/" else self.store.dest.final_path(parts)
-        tally._count_file(FileInfo(path, relpath, held.size, self.peer,
-                                   time.monotonic() - held.started, held.digest),
-                          held.resumed)
+        infos = []
+        if tally._wants_info():
+            now, peer, root = time.monotonic(), self.peer, self._root
+            for held in published:
+                relpath = "/".join(held.parts)
+                path = root + relpath if root else self.store.dest.final_path(held.parts)
+                infos.append(FileInfo(path, relpath, held.size, peer, now - held.started,
+                                      held.digest))
+        tally._count_files(len(published), size, resumed, resumed_bytes, infos)
 
     def _sync_dirs(self, published):
         """Sync each directory once: those files were renamed into and the
@@ -8614,9 +8641,9 @@ class _LocalRules(Receiver):
     def _wants_info(self):
         return True
 
-    def _count_file(self, info, resumed=0):
-        Receiver._count_file(self, info, resumed)
-        self.got.append(info)
+    def _count_files(self, count, size, resumed=0, resumed_bytes=0, infos=()):
+        Receiver._count_files(self, count, size, resumed, resumed_bytes, infos)
+        self.got.extend(infos)
 
     def _log(self, line):
         pass                    # the client reports each failure itself
