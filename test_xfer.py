@@ -6582,6 +6582,28 @@ class ReceivingPartsTests(unittest.TestCase):
         self.assertEqual(incoming.verdict, (xfer.ST_OK, ""))
         self.assertEqual(partials(dst), [])
 
+    def test_a_whole_body_taken_at_once_is_verified_and_sealed_like_one_written(self):
+        dst, rules, store, commit = self._parts()
+        data = bytes(range(256)) * 40
+        for raw, digest, verdict in ((b"d/good.bin", hashlib.sha256(data).digest(), None),
+                                     (b"d/bad.bin", hashlib.sha256(b"x").digest(),
+                                      xfer.ST_INTEGRITY)):
+            with self.subTest(raw=raw):
+                incoming = xfer._IncomingFile(store, 7, raw, len(data), 1_600_000_000 * 10**9,
+                                              0o640)
+                incoming.admit()
+                failure = incoming.take(memoryview(data), digest)
+                self.assertEqual(failure and failure[0], verdict)
+                if failure is None:
+                    commit.hold(incoming)
+        commit.commit()
+        path = os.path.join(dst, "d", "good.bin")
+        self.assertEqual(tree_listing(dst), ["d", "d/good.bin"])
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), data)
+        self.assertEqual(os.stat(path).st_mtime_ns, 1_600_000_000 * 10**9)
+        self.assertEqual([info.digest for info in rules.files], [hashlib.sha256(data).hexdigest()])
+
     def test_wrong_digest_is_the_verdict_and_leaves_nothing_behind(self):
         dst, rules, store, commit = self._parts()
         incoming = self._incoming(store, b"bad.bin", b"abc")

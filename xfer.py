@@ -512,6 +512,7 @@ _BATCH = struct.Struct("!IH")          # first id, count; the entries follow (4.
 _BATCH_ENTRY = struct.Struct("!QqIB32sH")  # size, mtime_ns, mode, flags, sha256, path length
 _RESULTS = struct.Struct("!IH")        # first id, count; the entries follow (4.13)
 _RESULTS_ENTRY = struct.Struct("!BH")  # status, reason length; the reason follows
+_BARE_RESULTS_ENTRY = [_RESULTS_ENTRY.pack(status, 0) for status in range(256)]
 _CHECKS = struct.Struct("!IHBH")       # first id, count, flags, directory length (4.14)
 _CHECKS_ENTRY = struct.Struct("!QqH")  # size, mtime_ns, name length; sha256 (CF_CHECKSUM), name
 
@@ -985,6 +986,10 @@ def _encode_results(first, verdicts):
     reason) each: one frame, or as many as MAX_FRAME_PAYLOAD needs."""
     frames, parts, size = [], [], _RESULTS.size
     for status, reason in verdicts:
+        if not reason and size + _RESULTS_ENTRY.size <= MAX_FRAME_PAYLOAD:
+            parts.append(_BARE_RESULTS_ENTRY[status])
+            size += _RESULTS_ENTRY.size
+            continue
         text = reason.encode("utf-8", "replace")[:4000] if reason else b""
         if size + _RESULTS_ENTRY.size + len(text) > MAX_FRAME_PAYLOAD:
             frames.append(_frame(_Msg.RESULTS, _RESULTS.pack(first, len(parts))
@@ -1747,7 +1752,10 @@ def _display(name, limit=200):
     """Text made safe for a terminal or a log: controls escaped, length capped."""
     if isinstance(name, (bytes, bytearray)):
         name = name.decode("utf-8", "replace")
-    text = _UNSAFE_DISPLAY.sub(_escape, name)
+    if name.isascii() and name.isprintable():      # nothing to escape: most names
+        text = name
+    else:
+        text = _UNSAFE_DISPLAY.sub(_escape, name)
     if limit is None or len(text) <= limit:
         return text
     return text[:limit // 2 - 3] + "..." + text[-(limit // 2):]
@@ -3713,13 +3721,13 @@ class _ReceiveSession:
             pace.base = left
             sink = self._sink(fid, raw, size, mtime_ns, mode, flags, stream=True)
             try:
-                sink.begin()
                 body = buffered(size)
-                if body is None:
-                    sink.receive(readinto, size, pace)
+                if body is not None:
+                    failure = sink.take(body, digest)   # hashed and written where it lies
                 else:
-                    sink.write(body)            # hashed and written where it lies
-                failure = sink.finish(digest)
+                    sink.begin()
+                    sink.receive(readinto, size, pace)
+                    failure = sink.finish(digest)
             except BaseException:
                 sink.close()
                 raise
@@ -4557,6 +4565,18 @@ class _IncomingFile:
             except OSError as e:
                 self.write_error = e
 
+    def take(self, body, their_digest):
+        """begin(), write(body) and finish(their_digest) for a whole body
+        already in memory (a small file of a BATCH): the verdict."""
+        self.hasher = hashlib.sha256(body)
+        fd = self.fd
+        try:
+            while body:
+                body = body[os.write(fd, body):]
+        except OSError as e:
+            self.write_error = e
+        return self.finish(their_digest)
+
     def receive(self, readinto, count, pace=None):
         """Read count bytes of body from readinto(view) (0: the source ended).
 
@@ -4699,6 +4719,11 @@ class _Drain:
     def write(self, data):
         if self.hasher is not None:
             self.hasher.update(data)
+
+    def take(self, body, their_digest):
+        self.begin()
+        self.write(body)
+        return self.finish(their_digest)
 
     def finish(self, their_digest, aborted=False):
         if self.failure is not None:
