@@ -2349,27 +2349,21 @@ class _Dispatcher:
     def emit(self, callback, arg, closed_too=False):
         """Run or queue callback(arg); closed_too: even once closed (the owner's
         own last word, said on the thread that closed it)."""
+        self.emit_each(callback, (arg,), closed_too)
+
+    def emit_each(self, callback, args, closed_too=False):
+        """emit(callback, arg, closed_too) for each of args, in order, with
+        one lock (the files one commit published)."""
         if callback is None:
             return
         if self.mode == "thread":
             if closed_too:
-                self._run(callback, arg)
+                self._run_each(callback, args)
             else:
-                self.call(self._run, callback, arg)
+                self.call(self._run_each, callback, args)
         else:
             with self._lock:
                 if closed_too or not self._closed:
-                    self._events.append((callback, arg, None))
-
-    def emit_each(self, callback, args):
-        """emit(callback, arg) for each of args, in order, with one lock."""
-        if callback is None:
-            return
-        if self.mode == "thread":
-            self.call(self._run_each, callback, args)
-        else:
-            with self._lock:
-                if not self._closed:
                     self._events.extend([(callback, arg, None) for arg in args])
 
     def _run_each(self, callback, args):
@@ -4568,13 +4562,8 @@ class _IncomingFile:
     def take(self, body, their_digest):
         """begin(), write(body) and finish(their_digest) for a whole body
         already in memory (a small file of a BATCH): the verdict."""
-        self.hasher = hashlib.sha256(body)
-        fd = self.fd
-        try:
-            while body:
-                body = body[os.write(fd, body):]
-        except OSError as e:
-            self.write_error = e
+        self.hasher = hashlib.sha256()
+        self.write(body)
         return self.finish(their_digest)
 
     def receive(self, readinto, count, pace=None):
