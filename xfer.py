@@ -245,8 +245,13 @@ OVERWRITE_POLICIES = ("replace", "rename", "skip", "fail")
 _HOLD_MAX = 64
 _HOLD_DIRS = 8
 _HOLD_PAUSE = 0.001
-#: Receiver: bodies from this size on are hashed on a helper thread.
+#: Receiver: bodies from this size on are hashed on a helper thread, in
+#: pieces of _HASH_CHUNK (three such buffers per body: one being received,
+#: one hashed, one spare).  Pieces larger than CHUNK hand over between the
+#: threads a quarter as often, which is what a slow receiver (a Raspberry
+#: Pi) spends its time on.
 _HASH_BEHIND_MIN = 4 * CHUNK
+_HASH_CHUNK = 4 * CHUNK
 #: Sender: small writes (headers, small files, CHECKs) gathered into one send.
 _GATHER = 64 * 1024
 _IOV_MAX = 512          # buffers per sendmsg (Linux takes 1024, macOS 1024)
@@ -4578,8 +4583,8 @@ class _IncomingFile:
             self.in_body = False
             return
         free = queue.Queue()        # buffers whose bytes are hashed, to receive into
-        for buf in (self.store.buf, bytearray(CHUNK), bytearray(CHUNK)):
-            free.put(buf)
+        for _ in range(3):
+            free.put(bytearray(_HASH_CHUNK))
         todo = queue.Queue()        # chunks to hash, in order
         digest = self.hasher
 
@@ -4597,7 +4602,7 @@ class _IncomingFile:
         try:
             while count:
                 view = memoryview(free.get())
-                n = readinto(view[:min(count, CHUNK)])
+                n = readinto(view[:min(count, _HASH_CHUNK)])
                 if not n:
                     raise ConnectionClosedError(
                         "%s: connection closed with %s still to come"
