@@ -1014,6 +1014,10 @@ def _decode_results(payload):
     first, count = _RESULTS.unpack_from(payload)
     unpack, fixed, end = _RESULTS_ENTRY.unpack_from, _RESULTS_ENTRY.size, len(payload)
     offset, verdicts = _RESULTS.size, []
+    if end - offset == count * fixed:
+        # No entry has a reason (the usual answer): all of them at once.
+        return first, [(status, "") for status, _ in
+                       _RESULTS_ENTRY.iter_unpack(memoryview(payload)[offset:])]
     for _ in range(count):
         if offset + fixed > end:
             raise ProtocolError("RESULTS %d ends inside its entries" % first)
@@ -6826,7 +6830,11 @@ _NOT_REGULAR = "not a regular file (for a stream, give '-' and pipe it to standa
 def _send_pieces(sendmsg, pieces):
     """sendall() for a list of buffers, through a socket's sendmsg."""
     while pieces:
-        sent = sendmsg(pieces[:_IOV_MAX])
+        some = pieces[:_IOV_MAX]
+        sent = sendmsg(some)
+        if sent == sum(map(len, some)):      # the usual case: all of them went
+            pieces = pieces[_IOV_MAX:]
+            continue
         done = 0
         while done < len(pieces) and sent >= len(pieces[done]):
             sent -= len(pieces[done])
@@ -6834,6 +6842,13 @@ def _send_pieces(sendmsg, pieces):
         pieces = pieces[done:]
         if sent:
             pieces[0] = memoryview(pieces[0])[sent:]
+
+
+# How an outgoing file is opened.  O_NONBLOCK: opening a FIFO must not wait
+# for a writer (the sender refuses it once it sees what it is); reads of
+# regular files ignore it.
+_READ = os.O_RDONLY | _O_BINARY | _O_NONBLOCK
+_READ_NOFOLLOW = _READ | _O_NOFOLLOW
 
 
 class _Outgoing:
@@ -6849,11 +6864,8 @@ class _Outgoing:
     def __init__(self, path, st=None, nofollow=False, dir_fd=None):
         self.path = path
         self.dir_fd = dir_fd        # path is relative to it (a server's get)
-        # O_NONBLOCK: opening a FIFO must not wait for a writer (the sender
-        # refuses it once it sees what it is); reads of regular files ignore it.
         # nofollow (a server's get): a symlink put in a file's place is not opened.
-        self.fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_NONBLOCK
-                          | (_O_NOFOLLOW if nofollow else 0), dir_fd=dir_fd)
+        self.fd = os.open(path, _READ_NOFOLLOW if nofollow else _READ, dir_fd=dir_fd)
         self._file = None
         if st is None:
             try:
@@ -7130,14 +7142,24 @@ class _Ledger:
             self.dispatch.emit(self.on_start, job)
 
     def progress(self, job, n):
-        job.bytes_done += n
-        parent = job.parent
-        if parent is not None:
-            with self.lock:
-                parent.bytes_done += n
-            job = parent
+        """n more bytes of job are done (negative: taken back for a retry)."""
+        self.progress_all(((job, n),))
+
+    def progress_all(self, counts):
+        """progress() for each (job, n) of counts (a BATCH's files): one lock
+        for all, and one on_progress for each job told (a tree's job: once)."""
+        told = {}                    # a dict: ordered, each job once
+        with self.lock:
+            for job, n in counts:
+                job.bytes_done += n
+                parent = job.parent
+                if parent is not None:
+                    parent.bytes_done += n
+                    job = parent
+                told[job] = None
         if self.on_progress is not None:
-            self.dispatch.emit_progress(self.on_progress, job)
+            for job in told:
+                self.dispatch.emit_progress(self.on_progress, job)
 
     def resize(self, job, size):
         """The file's size is not what the walk saw: the tree's size follows."""
@@ -7153,57 +7175,70 @@ class _Ledger:
 
     def end(self, job, state, error=None):
         """End job in state ("done", "skipped", "failed" or "cancelled"), once."""
-        if job._done:
-            return
-        if state == "skipped" and job.kind != "mkdir":
-            self.progress(job, job.size - job.bytes_done)   # already there counts as done
-        parent = job.parent
-        tree_ended = False
+        self.end_all(((job, state, error),))
+
+    def end_all(self, endings):
+        """end() for each (job, state, error) of endings (the answers of one
+        RESULTS): their counts under one lock, then, in order, their waiters,
+        callbacks and trees."""
+        skipped = [(job, job.size - job.bytes_done) for job, state, _ in endings
+                   if state == "skipped" and job.kind != "mkdir" and not job._done]
+        if skipped:
+            self.progress_all(skipped)      # already there counts as done
+        ended = []                   # (job, state, its Event, its tree's job if it ended)
+        now = time.monotonic()
         with self.lock:
-            if job._done:
-                return
-            job.state = state
-            job.error = error
-            job.finished = time.monotonic()
-            if job.kind in _REQUEST_KINDS:
-                pass                  # a get's files count, a list has none
-            elif job.kind == "mkdir":
-                if state == "failed":
+            for job, state, error in endings:
+                if job._done:
+                    continue
+                job.state = state
+                job.error = error
+                job.finished = now
+                kind = job.kind
+                if kind in _REQUEST_KINDS:
+                    pass              # a get's files count, a list has none
+                elif kind == "mkdir":
+                    if state == "failed":
+                        self.files_failed += 1
+                elif state == "done":
+                    self.files_done += 1
+                    self.bytes_sent += job.size - job.resumed
+                    self.bytes_resumed += job.resumed
+                elif state == "skipped":
+                    self.files_skipped += 1
+                elif state == "cancelled":
+                    self.files_cancelled += 1
+                else:
                     self.files_failed += 1
-            elif state == "done":
-                self.files_done += 1
-                self.bytes_sent += job.size - job.resumed
-                self.bytes_resumed += job.resumed
-            elif state == "skipped":
-                self.files_skipped += 1
-            elif state == "cancelled":
-                self.files_cancelled += 1
+                parent = job.parent
+                tree = None
+                if parent is not None:
+                    if kind != "mkdir":
+                        parent.files += 1
+                    if error is not None:
+                        parent.failures.append((job.name, error))
+                    parent._pending -= 1
+                    if parent._pending == 0:
+                        tree = parent
+                job._done = True
+                ended.append((job, state, job._ended, tree))
+        on_progress, emit = self.on_progress, self.dispatch.emit
+        for job, state, event, tree in ended:
+            if event is not None:
+                event.set()
+            ok = state in ("done", "skipped")
+            if job.kind == "mkdir" and ok:
+                pass                  # a directory made is not news
             else:
-                self.files_failed += 1
-            if parent is not None:
-                if job.kind != "mkdir":
-                    parent.files += 1
-                if error is not None:
-                    parent.failures.append((job.name, error))
-                parent._pending -= 1
-                tree_ended = parent._pending == 0
-            job._done = True
-            ended = job._ended
-        if ended is not None:
-            ended.set()
-        ok = state in ("done", "skipped")
-        if job.kind == "mkdir" and ok:
-            pass                      # a directory made is not news
-        else:
-            if ok and parent is None and self.on_progress is not None:
-                self.dispatch.emit_progress(self.on_progress, job)   # the final 1.0
-            callback = self.on_done if ok else self.on_error
-            if callback is not None:
-                self.dispatch.emit(callback, job)
-        if parent is None:
-            self._finished(job)
-        elif tree_ended:
-            self._end_tree(parent)
+                if ok and job.parent is None and on_progress is not None:
+                    self.dispatch.emit_progress(on_progress, job)   # the final 1.0
+                callback = self.on_done if ok else self.on_error
+                if callback is not None:
+                    emit(callback, job)
+            if job.parent is None:
+                self._finished(job)
+            elif tree is not None:
+                self._end_tree(tree)
 
     def part_ended(self, top):
         """A pending part of top's tree that is no job (its walk) has ended."""
@@ -7472,11 +7507,15 @@ class _Link:
             job, fid = asked[0]
             needed = True
             if fid is not None:
-                self._wait(lambda: fid in answers)
+                if fid not in answers:
+                    self._wait(lambda: fid in answers)
                 needed = answers.pop(fid) == ST_NEEDED
             asked.popleft()
             if needed and wanted(job):
-                self.send(job)
+                if job.kind == "file":
+                    self._file(job)      # what send() does, without its questions
+                else:
+                    self.send(job)
         if not keep:
             self.send_batch()
             self.flush()          # the worker may now wait for more jobs
@@ -7567,17 +7606,16 @@ class _Link:
         if batch and (len(batch) >= BATCH_FILES or self.batch_bytes + size > BATCH_BYTES
                       or self.batch_head + len(entry) > MAX_FRAME_PAYLOAD):
             self.send_batch()
+            batch = self.batch
         pending = self.pending
         if len(pending) + len(batch) >= WINDOW:
             self._wait(lambda: len(pending) + len(self.batch) < WINDOW)
-        self.batch.append(job)
+            batch = self.batch
+        batch.append(job)
         self.entries.append(entry)
         self.bodies.append(data)
         self.batch_bytes += size
         self.batch_head += len(entry)
-        # Counted before the write: once written, the RESULTS (and the job's
-        # end) may arrive on the reader thread at any moment.
-        self.ledger.progress(job, size)
 
     def send_batch(self):
         """Send the gathered BATCH, its bodies after it; its files count as in
@@ -7585,6 +7623,9 @@ class _Link:
         jobs, entries, bodies = self.batch, self.entries, self.bodies
         if not jobs:
             return
+        # Counted before the write, all at once: once written, the RESULTS
+        # (and the jobs' ends) may arrive on the reader thread at any moment.
+        self.ledger.progress_all(zip(jobs, map(len, bodies)))
         if any(job.cancelled for job in jobs):     # cancelled while it waited here
             kept = [i for i, job in enumerate(jobs) if not job.cancelled]
             for job in jobs:
@@ -7808,15 +7849,13 @@ class _Link:
             for kind, payload in frames:
                 if kind == _Msg.RESULTS:
                     first, verdicts = _decode_results(payload)
-                    for fid, (status, reason) in enumerate(verdicts, first):
-                        if not self._answered(fid, status, reason, ended):
-                            error = ProtocolError("RESULTS for unknown request %d" % fid)
-                            break
-                    if error is not None:
+                    fid = self._answered(first, verdicts, ended)
+                    if fid is not None:
+                        error = ProtocolError("RESULTS for unknown request %d" % fid)
                         break
                 elif kind == _Msg.RESULT:
                     fid, status, reason = _decode_result(payload)
-                    if not self._answered(fid, status, reason, ended):
+                    if self._answered(fid, ((status, reason),), ended) is not None:
                         error = ProtocolError("RESULT for unknown request %d" % fid)
                         break
                 elif kind == _Msg.ACCEPT:
@@ -7835,16 +7874,18 @@ class _Link:
                     error = ProtocolError("unexpected %s" % _msg_name(kind))
                     break
             self.cv.notify_all()
-        end = self.ledger.end
+        endings = []
         for job, status, reason in ended:
             job.note = reason
             if status == ST_OK:
-                end(job, "done")
+                endings.append((job, "done", None))
             elif status == ST_SKIPPED:
-                end(job, "skipped")
+                endings.append((job, "skipped", None))
             else:
-                end(job, "cancelled" if job.cancelled else "failed",
-                    _error_for(status, reason, self.refuser))
+                endings.append((job, "cancelled" if job.cancelled else "failed",
+                                _error_for(status, reason, self.refuser)))
+        if endings:
+            self.ledger.end_all(endings)
         if error is not None:
             raise error
         if bye:
@@ -7853,20 +7894,23 @@ class _Link:
                 self.cv.notify_all()
         return bye
 
-    def _answered(self, fid, status, reason, ended):
-        """Take one answer (a RESULT, or one of a RESULTS), under the lock: a
-        sent file's or directory's goes to ended, a CHECK's to answers.
-        False if no request of that id waits for one."""
-        job = self.pending.pop(fid, None)
-        if job is None:
-            job = self.checks.pop(fid, None)
+    def _answered(self, first, verdicts, ended):
+        """Take the answers (status, reason) to ids first, first + 1, ... (a
+        RESULTS, or one RESULT), under the lock: a sent file's or directory's
+        goes to ended, a CHECK's to answers.  Returns the first id no request
+        waits for, or None."""
+        pending, checks, answers = self.pending, self.checks, self.answers
+        for fid, (status, reason) in enumerate(verdicts, first):
+            job = pending.pop(fid, None)
             if job is None:
-                return False
-            self.answers[fid] = status
-            if status == ST_NEEDED:
-                return True
-        ended.append((job, status, reason))
-        return True
+                job = checks.pop(fid, None)
+                if job is None:
+                    return fid
+                answers[fid] = status
+                if status == ST_NEEDED:
+                    continue
+            ended.append((job, status, reason))
+        return None
 
     def _break(self, error):
         with self.cv:
