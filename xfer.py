@@ -7185,7 +7185,7 @@ class _Ledger:
                    if state == "skipped" and job.kind != "mkdir" and not job._done]
         if skipped:
             self.progress_all(skipped)      # already there counts as done
-        ended = []                   # (job, state, its Event, its tree's job if it ended)
+        ended = []                   # (job, ok, its Event, its parent, that if it ended)
         now = time.monotonic()
         with self.lock:
             for job, state, error in endings:
@@ -7221,21 +7221,20 @@ class _Ledger:
                     if parent._pending == 0:
                         tree = parent
                 job._done = True
-                ended.append((job, state, job._ended, tree))
-        on_progress, emit = self.on_progress, self.dispatch.emit
-        for job, state, event, tree in ended:
+                ended.append((job, state in ("done", "skipped"), job._ended, parent, tree))
+        on_progress, on_done, on_error = self.on_progress, self.on_done, self.on_error
+        for job, ok, event, parent, tree in ended:
             if event is not None:
                 event.set()
-            ok = state in ("done", "skipped")
-            if job.kind == "mkdir" and ok:
-                pass                  # a directory made is not news
-            else:
-                if ok and job.parent is None and on_progress is not None:
+            callback = on_done if ok else on_error
+            if parent is None:
+                if ok and on_progress is not None:
                     self.dispatch.emit_progress(on_progress, job)   # the final 1.0
-                callback = self.on_done if ok else self.on_error
-                if callback is not None:
-                    emit(callback, job)
-            if job.parent is None:
+            elif ok and job.kind == "mkdir":
+                callback = None       # a directory made is not news
+            if callback is not None:
+                self.dispatch.emit(callback, job)
+            if parent is None:
                 self._finished(job)
             elif tree is not None:
                 self._end_tree(tree)
