@@ -4636,6 +4636,37 @@ class ReceivingPartsTests(unittest.TestCase):
         self.assertEqual(sha256_file(os.path.join(dst, "big.bin")),
                          hashlib.sha256(data).hexdigest())
 
+    def test_a_large_body_read_in_small_pieces_is_hashed_in_whole_pieces(self):
+        # A slow link brings a little at each read; the hashing thread is
+        # still handed one piece per _HASH_CHUNK, not one per read.
+        dst, rules, store, commit = self._parts()
+        data = os.urandom(2 * xfer._HASH_CHUNK + 12345)
+        source = io.BytesIO(data)
+        incoming = self._incoming(store, b"slow.bin", data)
+        pieces = []
+
+        class Recording:
+            def __init__(self, real):
+                self.real = real
+
+            def update(self, piece):
+                pieces.append(len(piece))
+                self.real.update(piece)
+
+            def digest(self):
+                return self.real.digest()
+
+            def hexdigest(self):
+                return self.real.hexdigest()
+        incoming.hasher = Recording(incoming.hasher)
+        incoming.receive(lambda view: source.readinto(view[:1000]), len(data))
+        self.assertEqual(pieces, [xfer._HASH_CHUNK, xfer._HASH_CHUNK, 12345])
+        self.assertIsNone(incoming.finish(hashlib.sha256(data).digest()))
+        commit.hold(incoming)
+        commit.commit()
+        self.assertEqual(sha256_file(os.path.join(dst, "slow.bin")),
+                         hashlib.sha256(data).hexdigest())
+
     def test_a_source_that_ends_early_raises_and_the_temp_goes_on_close(self):
         dst, rules, store, commit = self._parts()
         for size in (100, xfer._HASH_BEHIND_MIN + 1):
@@ -12946,7 +12977,9 @@ class FaultTests(unittest.TestCase):
         big = write_file(os.path.join(src, "big.bin"), os.urandom(size))
         proc, port, lines = self._serve(dst, "--grace", "%d" % TIMEOUT)
         seen = []
-        patcher, held, gate = _embed_gate_write(body_chunk=3)
+        # Held after more than one of the pieces the server writes a large
+        # body in, so some of it is on disk by then.
+        patcher, held, gate = _embed_gate_write(body_chunk=xfer._HASH_CHUNK // xfer.CHUNK + 2)
         self.addCleanup(gate.set)
         with patcher:
             sender = xfer.Sender((HOST, port), token=TOKEN, workers=1, retries=0)

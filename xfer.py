@@ -4560,11 +4560,14 @@ class _IncomingFile:
         finish(); later pieces are hashed, not written, so the caller stays
         in step with its source."""
         self.hasher.update(data)
+        self._write_at(self.fd, data)
+
+    def _write_at(self, fd, chunk):
+        """Write chunk to fd, unless an earlier write failed (then keep the error)."""
         if self.write_error is None:
-            fd = self.fd
             try:
-                while data:
-                    data = data[os.write(fd, data):]
+                while chunk:
+                    chunk = chunk[os.write(fd, chunk):]
             except OSError as e:
                 self.write_error = e
 
@@ -4578,9 +4581,11 @@ class _IncomingFile:
     def receive(self, readinto, count, pace=None):
         """Read count bytes of body from readinto(view) (0: the source ended).
 
-        A large body is hashed on a helper thread while the next chunk is
+        A large body is hashed on a helper thread while the next piece is
         received and this one written: hashlib, recv and write all release
-        the GIL, so they overlap.
+        the GIL, so they overlap.  A piece is filled before it is handed
+        over, however little each read brings (a slower link brings less),
+        so the threads meet once per _HASH_CHUNK.
         """
         if count < _HASH_BEHIND_MIN:
             _take_body(readinto, count, self.store.buf, self.write, self.raw, pace)
@@ -4606,22 +4611,25 @@ class _IncomingFile:
         try:
             while count:
                 view = memoryview(free.get())
-                n = readinto(view[:min(count, _HASH_CHUNK)])
-                if not n:
-                    raise ConnectionClosedError(
-                        "%s: connection closed with %s still to come"
-                        % (_display(self.raw), _human(count)))
+                n, want = 0, min(count, _HASH_CHUNK)
+                try:
+                    while n < want:
+                        got = readinto(view[n:want])
+                        if not got:
+                            raise ConnectionClosedError(
+                                "%s: connection closed with %s still to come"
+                                % (_display(self.raw), _human(count - n)))
+                        n += got
+                        if pace is not None:
+                            pace.check(count - n)
+                except BaseException:
+                    # What did arrive stays in a resumable partial.
+                    self._write_at(fd, view[:n])
+                    raise
                 chunk = view[:n]
                 todo.put(chunk)
-                if self.write_error is None:
-                    try:
-                        while chunk:
-                            chunk = chunk[os.write(fd, chunk):]
-                    except OSError as e:
-                        self.write_error = e
+                self._write_at(fd, chunk)
                 count -= n
-                if pace is not None:
-                    pace.check(count)
         finally:
             todo.put(None)
             helper.join()
@@ -4717,6 +4725,15 @@ class _Drain:
     def write(self, data):
         if self.hasher is not None:
             self.hasher.update(data)
+
+    def _write_at(self, fd, chunk):
+        """Write chunk to fd, unless an earlier write failed (then keep the error)."""
+        if self.write_error is None:
+            try:
+                while chunk:
+                    chunk = chunk[os.write(fd, chunk):]
+            except OSError as e:
+                self.write_error = e
 
     def take(self, body, their_digest):
         self.begin()
