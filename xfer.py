@@ -4726,15 +4726,6 @@ class _Drain:
         if self.hasher is not None:
             self.hasher.update(data)
 
-    def _write_at(self, fd, chunk):
-        """Write chunk to fd, unless an earlier write failed (then keep the error)."""
-        if self.write_error is None:
-            try:
-                while chunk:
-                    chunk = chunk[os.write(fd, chunk):]
-            except OSError as e:
-                self.write_error = e
-
     def take(self, body, their_digest):
         self.begin()
         self.write(body)
