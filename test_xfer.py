@@ -4244,6 +4244,24 @@ class ReceiverLifecycleTests(unittest.TestCase):
         self.addCleanup(patcher.stop)
         return waited
 
+    def _stuck_past_stop(self, receiver, dst):
+        """A connection that holds a file whose answer is not sent yet, then
+        loses its sender: it publishes the file (and would report it) as it
+        ends, and sticks behind a gate there.  Returns (the gate, set at
+        cleanup; [the connection's thread]) once it waits at the gate."""
+        client = _HostileClient(receiver.address)
+        self.addCleanup(client.close)
+        _, frames = _perf_stream_frames(client, b"late.txt", b"late")
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        waited = self._held_teardown(gate, TIMEOUT)
+        client.send(frames + client.frame(xfer._Msg.PING)[:3])
+        self.assertTrue(wait_until(
+            lambda: any(n.startswith(xfer.PARTIAL_PREFIX) for n in os.listdir(dst))))
+        client.close()
+        self.assertTrue(wait_until(lambda: waited), "the connection never ended")
+        return gate, waited
+
     def test_no_callback_runs_after_stop_returns(self):
         # A connection that takes a moment to end: stop() waits for it, so
         # its on_session runs before stop() returns, never after.
@@ -4276,21 +4294,8 @@ class ReceiverLifecycleTests(unittest.TestCase):
             on_session=lambda info: calls.append(("on_session", returned.is_set())))
         receiver.start()
         self.addCleanup(receiver.stop)
-        client = _HostileClient(receiver.address)
-        self.addCleanup(client.close)
-        _, frames = _perf_stream_frames(client, b"late.txt", b"late")
-        gate = threading.Event()
-        self.addCleanup(gate.set)
-        waited = self._held_teardown(gate, TIMEOUT)
-        # A held file whose answer is not sent yet: it is published (and
-        # would be reported) only as the connection ends, behind the gate.
-        client.send(frames + client.frame(xfer._Msg.PING)[:3])
-        self.assertTrue(wait_until(
-            lambda: any(n.startswith(xfer.PARTIAL_PREFIX) for n in os.listdir(dst))))
-        # The sender goes away: the connection publishes its file as it ends,
-        # then sticks behind the gate, before stop() has begun.
-        client.close()
-        self.assertTrue(wait_until(lambda: waited), "the connection never ended")
+        # Stuck behind the gate before stop() has begun.
+        gate, waited = self._stuck_past_stop(receiver, dst)
         stopper = threading.Thread(target=lambda: (receiver.stop(), returned.set()),
                                    daemon=True)
         with mock.patch.object(xfer, "UNWIND_TIMEOUT", 0.2, create=True):
@@ -4488,17 +4493,7 @@ class ReceiverLifecycleTests(unittest.TestCase):
             on_session=lambda info: calls.append("on_session"), on_status=calls.append)
         receiver.start()
         self.addCleanup(receiver.stop)
-        client = _HostileClient(receiver.address)
-        self.addCleanup(client.close)
-        _, frames = _perf_stream_frames(client, b"late.txt", b"late")
-        gate = threading.Event()
-        self.addCleanup(gate.set)
-        waited = self._held_teardown(gate, TIMEOUT)
-        client.send(frames + client.frame(xfer._Msg.PING)[:3])
-        self.assertTrue(wait_until(
-            lambda: any(n.startswith(xfer.PARTIAL_PREFIX) for n in os.listdir(dst))))
-        client.close()   # the file is published as the connection ends
-        self.assertTrue(wait_until(lambda: waited), "the connection never ended")
+        gate, waited = self._stuck_past_stop(receiver, dst)
         with mock.patch.object(xfer, "UNWIND_TIMEOUT", 0.2, create=True):
             receiver.stop()
         gate.set()
