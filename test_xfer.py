@@ -640,17 +640,83 @@ class _HostileClient:
         return got[1][xfer._ERROR.size:].decode("utf-8", "replace")
 
 
-def _proto_stop_listener(server):
-    """Close server.listener, waking its accept() with one last connection."""
-    server._closed = True
-    try:
-        socket.create_connection(server.address, timeout=1.0).close()
-    except OSError:
-        pass
-    server.listener.close()
+class _LoopbackListener:
+    """A listener on 127.0.0.1 (port 0) with an accept thread: each
+    connection is handed to _accepted(client) on that thread.  Threads made
+    with _spawn and sockets kept with _track are what close() (run at the
+    test's cleanup) shuts down and joins, after waking accept() with one
+    last connection."""
+    backlog = 4
+
+    def __init__(self, test):
+        self._lock = threading.Lock()
+        self._socks = []
+        self._threads = []
+        self._closed = False
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((HOST, 0))
+        self.listener.listen(self.backlog)
+        self.address = self.listener.getsockname()[:2]
+        self._spawn(self._accept)
+        test.addCleanup(self.close)
+
+    def _spawn(self, target, *args):
+        t = threading.Thread(target=target, args=args, daemon=True)
+        with self._lock:
+            self._threads.append(t)
+        t.start()
+        return t
+
+    def _track(self, sock):
+        with self._lock:
+            self._socks.append(sock)
+        return sock
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self._closed:
+                client.close()
+                return
+            self._accepted(client)
+
+    @staticmethod
+    def _pump(src, dst):
+        """Forward src to dst until src ends, then end dst's direction."""
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self):
+        self._closed = True
+        try:
+            socket.create_connection(self.address, timeout=1.0).close()   # wake accept()
+        except OSError:
+            pass
+        self.listener.close()
+        with self._lock:
+            socks, threads = list(self._socks), list(self._threads)
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in threads:
+            t.join(TIMEOUT)
+        for sock in socks:
+            sock.close()
 
 
-class _ProtoMitm:
+class _ProtoMitm(_LoopbackListener):
     """A man in the middle on 127.0.0.1 that parses what the server sends.
 
     Client bytes pass unchanged.  Server bytes are read frame by frame (the
@@ -665,55 +731,20 @@ class _ProtoMitm:
         self.rewrite = rewrite
         self.tag_size = _HostileTags.SIZE if tagged else 0
         self.frames = []
-        self._lock = threading.Lock()
-        self._socks = []
-        self._threads = []
-        self._closed = False
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind((HOST, 0))
-        self.listener.listen(4)
-        self.address = self.listener.getsockname()[:2]
-        self._spawn(self._accept)
-        test.addCleanup(self.close)
+        super().__init__(test)
 
-    def _spawn(self, target, *args):
-        t = threading.Thread(target=target, args=args, daemon=True)
-        with self._lock:
-            self._threads.append(t)
-        t.start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if self._closed:
-                client.close()
-                return
-            try:
-                server = socket.create_connection(self.upstream, timeout=TIMEOUT)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._socks += [client, server]
-                index = len(self.frames)
-                self.frames.append([])
-            self._spawn(self._forward, client, server)
-            self._spawn(self._backward, server, client, index)
-
-    @staticmethod
-    def _forward(src, dst):
+    def _accepted(self, client):
         try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
+            server = socket.create_connection(self.upstream, timeout=TIMEOUT)
         except OSError:
-            pass
+            client.close()
+            return
+        with self._lock:
+            self._socks += [client, server]
+            index = len(self.frames)
+            self.frames.append([])
+        self._spawn(self._pump, client, server)
+        self._spawn(self._backward, server, client, index)
 
     def _backward(self, server, client, index):
         rfile = server.makefile("rb")
@@ -738,20 +769,6 @@ class _ProtoMitm:
             pass
         finally:
             rfile.close()
-
-    def close(self):
-        _proto_stop_listener(self)
-        with self._lock:
-            socks, threads = list(self._socks), list(self._threads)
-        for sock in socks:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t in threads:
-            t.join(TIMEOUT)
-        for sock in socks:
-            sock.close()
 
 
 def _embed_gate_write(body_chunk=2):
@@ -1367,46 +1384,27 @@ class WireFormatTests(unittest.TestCase):
         self.assertFalse(bad.transient)
 
 
-class _ProtoFakeServer:
+class _ProtoFakeServer(_LoopbackListener):
     """A listener that reads a client's preface and HELLO, answers with fixed
     bytes and closes: an old (or broken) server, written by hand."""
 
     def __init__(self, test, answer):
         self.answer = answer
-        self._closed = False
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind((HOST, 0))
-        self.listener.listen(4)
-        self.address = self.listener.getsockname()[:2]
         self.received = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        test.addCleanup(self.close)
+        super().__init__(test)
 
-    def _run(self):
-        while True:
+    def _accepted(self, sock):
+        with sock:
+            sock.settimeout(TIMEOUT)
+            rfile = sock.makefile("rb")
+            self.received.append(rfile.read(xfer._PREFACE.size + xfer._FRAME.size
+                                            + xfer._NONCE_SIZE))
+            rfile.close()
             try:
-                sock, _ = self.listener.accept()
+                sock.sendall(self.answer)
+                sock.shutdown(socket.SHUT_WR)
             except OSError:
-                return
-            if self._closed:
-                sock.close()
-                return
-            with sock:
-                sock.settimeout(TIMEOUT)
-                rfile = sock.makefile("rb")
-                self.received.append(rfile.read(xfer._PREFACE.size + xfer._FRAME.size
-                                                + xfer._NONCE_SIZE))
-                rfile.close()
-                try:
-                    sock.sendall(self.answer)
-                    sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-
-    def close(self):
-        _proto_stop_listener(self)
-        self.thread.join(TIMEOUT)
+                pass
 
 
 class ProtocolV2Tests(unittest.TestCase):
@@ -4620,47 +4618,40 @@ class ReceivingPartsTests(unittest.TestCase):
         self.assertEqual(code, xfer.ST_ABORTED)
         self.assertEqual(tree_listing(dst), [])
 
-    def test_a_large_body_from_a_readinto_source_is_hashed_beside_the_copy(self):
-        dst, rules, store, commit = self._parts()
-        data = os.urandom(xfer._HASH_BEHIND_MIN + 12345)
-        incoming = self._incoming(store, b"big.bin", data)
-        incoming.receive(io.BytesIO(data).readinto, len(data))
-        self.assertIsNone(incoming.finish(hashlib.sha256(data).digest()))
-        commit.hold(incoming)
-        commit.commit()
-        self.assertEqual(sha256_file(os.path.join(dst, "big.bin")),
-                         hashlib.sha256(data).hexdigest())
-
-    def test_a_large_body_read_in_small_pieces_is_hashed_in_whole_pieces(self):
-        # A slow link brings a little at each read; the hashing thread is
-        # still handed one piece per _HASH_CHUNK, not one per read.
-        dst, rules, store, commit = self._parts()
+    def test_a_large_body_is_hashed_beside_the_copy_in_whole_pieces(self):
+        # However little each read brings (a slow link brings less), the
+        # hashing thread is handed one piece per _HASH_CHUNK, not one per read.
         data = os.urandom(2 * xfer._HASH_CHUNK + 12345)
-        source = io.BytesIO(data)
-        incoming = self._incoming(store, b"slow.bin", data)
-        pieces = []
+        self.assertGreater(len(data), xfer._HASH_BEHIND_MIN)
+        for step in (None, 1000):
+            with self.subTest(step=step):
+                dst, rules, store, commit = self._parts()
+                source = io.BytesIO(data)
+                incoming = self._incoming(store, b"big.bin", data)
+                pieces = []
 
-        class Recording:
-            def __init__(self, real):
-                self.real = real
+                class Recording:
+                    def __init__(self, real):
+                        self.real = real
 
-            def update(self, piece):
-                pieces.append(len(piece))
-                self.real.update(piece)
+                    def update(self, piece):
+                        pieces.append(len(piece))
+                        self.real.update(piece)
 
-            def digest(self):
-                return self.real.digest()
+                    def digest(self):
+                        return self.real.digest()
 
-            def hexdigest(self):
-                return self.real.hexdigest()
-        incoming.hasher = Recording(incoming.hasher)
-        incoming.receive(lambda view: source.readinto(view[:1000]), len(data))
-        self.assertEqual(pieces, [xfer._HASH_CHUNK, xfer._HASH_CHUNK, 12345])
-        self.assertIsNone(incoming.finish(hashlib.sha256(data).digest()))
-        commit.hold(incoming)
-        commit.commit()
-        self.assertEqual(sha256_file(os.path.join(dst, "slow.bin")),
-                         hashlib.sha256(data).hexdigest())
+                    def hexdigest(self):
+                        return self.real.hexdigest()
+                incoming.hasher = Recording(incoming.hasher)
+                incoming.receive(source.readinto if step is None
+                                 else lambda view: source.readinto(view[:step]), len(data))
+                self.assertEqual(pieces, [xfer._HASH_CHUNK, xfer._HASH_CHUNK, 12345])
+                self.assertIsNone(incoming.finish(hashlib.sha256(data).digest()))
+                commit.hold(incoming)
+                commit.commit()
+                self.assertEqual(sha256_file(os.path.join(dst, "big.bin")),
+                                 hashlib.sha256(data).hexdigest())
 
     def test_a_source_that_ends_early_raises_and_the_temp_goes_on_close(self):
         dst, rules, store, commit = self._parts()
@@ -4820,8 +4811,17 @@ class ReceivingPartsTests(unittest.TestCase):
         self.assertEqual(chmodded, [] if narrowed is None else [narrowed])
 
 
-def _rlog_no_space(*args):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+def _rlog_disk_full_after(writes):
+    """Patch os.write (in xfer) so the disk fills after that many writes:
+    every later write fails with ENOSPC.  Returns (patcher, the fds written)."""
+    real_write, calls = os.write, []
+
+    def write(fd, data):
+        calls.append(fd)
+        if len(calls) > writes:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+    return mock.patch.object(xfer.os, "write", write), calls
 
 
 class RefusalReasonTests(unittest.TestCase):
@@ -4845,17 +4845,9 @@ class RefusalReasonTests(unittest.TestCase):
         names = ["f%02d.bin" % i for i in range(8)]
         for name in names:
             write_file(os.path.join(tree, name), os.urandom(3000))
-        real_write = os.write
-        calls = []
-
-        def write(fd, data):
-            # The disk fills after the second file's body: every later write fails.
-            calls.append(fd)
-            if len(calls) > 2:
-                _rlog_no_space()
-            return real_write(fd, data)
-
-        with mock.patch.object(xfer.os, "write", write):
+        # The disk fills after the second file's body.
+        patcher, calls = _rlog_disk_full_after(2)
+        with patcher:
             status, out, err = self.main_in_process(
                 "send-dir", "--workers", "1", "--retries", "0", tree,
                 "%s:%d:" % receiver.address)
@@ -4875,16 +4867,8 @@ class RefusalReasonTests(unittest.TestCase):
     def test_job_error_says_which_receiver_refused_and_why(self):
         receiver = start_receiver(self, self.dst)
         path = write_file(os.path.join(self.src, "full.bin"), os.urandom(600 * 1024))
-        real_write = os.write
-        calls = []
-
-        def write(fd, data):
-            calls.append(fd)
-            if len(calls) > 1:
-                _rlog_no_space()
-            return real_write(fd, data)
-
-        with mock.patch.object(xfer.os, "write", write):
+        patcher, calls = _rlog_disk_full_after(1)
+        with patcher:
             (job,) = send_files(receiver.address, [path], retries=0)
         self.assertEqual(job.state, "failed")
         self.assertIsInstance(job.error, xfer.RemoteError)
@@ -12437,7 +12421,7 @@ class ResilienceTests(unittest.TestCase):
         self.assertEqual([n for n in os.listdir(dst) if n.startswith(xfer.PARTIAL_PREFIX)], [])
 
 
-class _FaultProxy:
+class _FaultProxy(_LoopbackListener):
     """A TCP proxy on 127.0.0.1 that may cut its first connection.
 
     counts[i] is how many bytes the client sent through connection i.  The
@@ -12448,6 +12432,8 @@ class _FaultProxy:
     Later connections reach the receiver only once hold() is true.
     """
 
+    backlog = 8
+
     def __init__(self, test, upstream, cut_after, mode, hold=None):
         self.upstream = upstream
         self.cut_after = cut_after
@@ -12455,44 +12441,15 @@ class _FaultProxy:
         self.hold = hold
         self.counts = []
         self.cut = threading.Event()
-        self._closed = False
         self.first = None
-        self._socks = []
-        self._threads = []
-        self._lock = threading.Lock()
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind((HOST, 0))
-        self.listener.listen(8)
-        self.address = self.listener.getsockname()[:2]
-        self._spawn(self._accept)
-        test.addCleanup(self.close)
+        super().__init__(test)
 
-    def _spawn(self, target, *args):
-        t = threading.Thread(target=target, args=args, name="fault-proxy", daemon=True)
+    def _accepted(self, client):
+        self._track(client)
         with self._lock:
-            self._threads.append(t)
-        t.start()
-        return t
-
-    def _track(self, sock):
-        with self._lock:
-            self._socks.append(sock)
-        return sock
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if self._closed:
-                client.close()
-                return
-            self._track(client)
-            with self._lock:
-                index = len(self.counts)
-                self.counts.append(0)
-            self._spawn(self._serve, client, index)
+            index = len(self.counts)
+            self.counts.append(0)
+        self._spawn(self._serve, client, index)
 
     def _serve(self, client, index):
         if index and self.hold is not None:
@@ -12504,7 +12461,7 @@ class _FaultProxy:
             return
         if index == 0:
             self.first = client
-        back = self._spawn(self._pump_back, upstream, client)
+        back = self._spawn(self._pump, upstream, client)
         limit = self.cut_after if index == 0 else None
         try:
             while True:
@@ -12535,37 +12492,6 @@ class _FaultProxy:
         except OSError:
             pass
         self.cut.set()
-
-    @staticmethod
-    def _pump_back(upstream, client):
-        try:
-            while True:
-                data = upstream.recv(65536)
-                if not data:
-                    break
-                client.sendall(data)
-            client.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def close(self):
-        self._closed = True
-        try:
-            socket.create_connection(self.address, timeout=1.0).close()   # wake accept()
-        except OSError:
-            pass
-        self.listener.close()
-        with self._lock:
-            socks, threads = list(self._socks), list(self._threads)
-        for sock in socks:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t in threads:
-            t.join(TIMEOUT)
-        for sock in socks:
-            sock.close()
 
 
 def _fault_partial_size(root):
