@@ -359,50 +359,121 @@ def _free_port():
     return port
 
 
-class _FakeServer:
+def usage_error(test, argv):
+    """Run xfer.main(argv) in this process, expecting argparse's usage error
+    (exit status EXIT_USAGE); return what it wrote on stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with test.assertRaises(SystemExit) as cm:
+            xfer.main(argv)
+    test.assertEqual(cm.exception.code, xfer.EXIT_USAGE)
+    return err.getvalue()
+
+
+class _LoopbackListener:
+    """A listener on 127.0.0.1 (port 0) with an accept thread: each
+    connection is handed to _accepted(client) on that thread.  Threads made
+    with _spawn and sockets kept with _track are what close() (run at the
+    test's cleanup) shuts down and joins, after waking accept() with one
+    last connection."""
+    backlog = 4
+
+    def __init__(self, test):
+        self._lock = threading.Lock()
+        self._socks = []
+        self._threads = []
+        self._closed = False
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((HOST, 0))
+        self.listener.listen(self.backlog)
+        self.address = self.listener.getsockname()[:2]
+        self._spawn(self._accept)
+        test.addCleanup(self.close)
+
+    def _spawn(self, target, *args):
+        t = threading.Thread(target=target, args=args, daemon=True)
+        with self._lock:
+            self._threads.append(t)
+        t.start()
+        return t
+
+    def _track(self, sock):
+        with self._lock:
+            self._socks.append(sock)
+        return sock
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self._closed:
+                client.close()
+                return
+            self._accepted(client)
+
+    @staticmethod
+    def _pump(src, dst):
+        """Forward src to dst until src ends, then end dst's direction."""
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self):
+        self._closed = True
+        try:
+            socket.create_connection(self.address, timeout=1.0).close()   # wake accept()
+        except OSError:
+            pass
+        self.listener.close()
+        with self._lock:
+            socks, threads = list(self._socks), list(self._threads)
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in threads:
+            t.join(TIMEOUT)
+        for sock in socks:
+            sock.close()
+
+
+class _FakeServer(_LoopbackListener):
     """Accepts connections on 127.0.0.1:0 and answers each with a bad preface."""
+    backlog = 8
 
     def __init__(self, test, reply):
         self.reply = reply
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind((HOST, 0))
-        self.sock.listen(8)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.stop = threading.Event()
         self.connections = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        test.addCleanup(self.close)
+        super().__init__(test)
+        self.port = self.address[1]
 
-    def _run(self):
-        deadline = time.monotonic() + TIMEOUT
-        while not self.stop.is_set() and time.monotonic() < deadline:
+    def _accepted(self, conn):
+        self.connections += 1
+        self._spawn(self._answer, self._track(conn))
+
+    def _answer(self, conn):
+        with conn:
+            conn.settimeout(TIMEOUT)
             try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
+                got = b""
+                while len(got) < 8 + 5 + 32:     # client preface + HELLO
+                    data = conn.recv(4096)
+                    if not data:
+                        break
+                    got += data
+                conn.sendall(self.reply)
+                recv_until_closed(conn)
             except OSError:
-                return
-            self.connections += 1
-            with conn:
-                conn.settimeout(TIMEOUT)
-                try:
-                    got = b""
-                    while len(got) < 8 + 5 + 32:     # client preface + HELLO
-                        data = conn.recv(4096)
-                        if not data:
-                            break
-                        got += data
-                    conn.sendall(self.reply)
-                    recv_until_closed(conn)
-                except OSError:
-                    pass
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(TIMEOUT)
-        self.sock.close()
+                pass
 
 
 def _hostile_symlink(test, target, link, target_is_directory=False):
@@ -638,82 +709,6 @@ class _HostileClient:
         test.assertEqual(xfer._ERROR.unpack_from(got[1])[0], status, got)
         test.assertEqual(self.read_to_eof(), b"")
         return got[1][xfer._ERROR.size:].decode("utf-8", "replace")
-
-
-class _LoopbackListener:
-    """A listener on 127.0.0.1 (port 0) with an accept thread: each
-    connection is handed to _accepted(client) on that thread.  Threads made
-    with _spawn and sockets kept with _track are what close() (run at the
-    test's cleanup) shuts down and joins, after waking accept() with one
-    last connection."""
-    backlog = 4
-
-    def __init__(self, test):
-        self._lock = threading.Lock()
-        self._socks = []
-        self._threads = []
-        self._closed = False
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind((HOST, 0))
-        self.listener.listen(self.backlog)
-        self.address = self.listener.getsockname()[:2]
-        self._spawn(self._accept)
-        test.addCleanup(self.close)
-
-    def _spawn(self, target, *args):
-        t = threading.Thread(target=target, args=args, daemon=True)
-        with self._lock:
-            self._threads.append(t)
-        t.start()
-        return t
-
-    def _track(self, sock):
-        with self._lock:
-            self._socks.append(sock)
-        return sock
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if self._closed:
-                client.close()
-                return
-            self._accepted(client)
-
-    @staticmethod
-    def _pump(src, dst):
-        """Forward src to dst until src ends, then end dst's direction."""
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def close(self):
-        self._closed = True
-        try:
-            socket.create_connection(self.address, timeout=1.0).close()   # wake accept()
-        except OSError:
-            pass
-        self.listener.close()
-        with self._lock:
-            socks, threads = list(self._socks), list(self._threads)
-        for sock in socks:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t in threads:
-            t.join(TIMEOUT)
-        for sock in socks:
-            sock.close()
 
 
 class _ProtoMitm(_LoopbackListener):
@@ -4404,14 +4399,20 @@ class ReceiverLifecycleTests(unittest.TestCase):
         self.addCleanup(patcher.stop)
         return events
 
-    def test_new_directories_are_durable_before_they_are_acknowledged(self):
-        # ST_OK means durable: a directory made by MKDIR, or as the parent of
-        # a file, is synced into its own parent before the answer goes out.
+    def _recorded_client(self):
+        """A receiver on a fresh DIR, every sync of it recorded, and a hostile
+        client of it: (DIR, the syncs, the client)."""
         dst = temp_dir(self)
         events = self._record_syncs()
         receiver = start_receiver(self, dst)
         client = _HostileClient(receiver.address)
         self.addCleanup(client.close)
+        return dst, events, client
+
+    def test_new_directories_are_durable_before_they_are_acknowledged(self):
+        # ST_OK means durable: a directory made by MKDIR, or as the parent of
+        # a file, is synced into its own parent before the answer goes out.
+        dst, events, client = self._recorded_client()
 
         def synced(*parts):
             return ("directory", _life_identity(os.path.join(dst, *parts))) in events
@@ -4429,11 +4430,7 @@ class ReceiverLifecycleTests(unittest.TestCase):
         # A hundred sibling directories in one write: their common parent is
         # synced once per group (up to _HOLD_MAX answers), not once per
         # directory; one more group is allowed for how the bytes arrive.
-        dst = temp_dir(self)
-        events = self._record_syncs()
-        receiver = start_receiver(self, dst)
-        client = _HostileClient(receiver.address)
-        self.addCleanup(client.close)
+        dst, events, client = self._recorded_client()
         ids, blob = [], []
         for i in range(100):
             fid = next(client.ids)
@@ -9920,15 +9917,10 @@ class StartupTests(unittest.TestCase):
                      ["bench", "--fingerprint", "zz" * 32],
                      ["config", "add", "vm", "10.0.0.2", "--fingerprint", "00:11"]):
             with self.subTest(argv=argv):
-                err = io.StringIO()
-                with contextlib.redirect_stderr(err), \
-                        contextlib.redirect_stdout(io.StringIO()):
-                    with self.assertRaises(SystemExit) as cm:
-                        xfer.main(argv)
-                self.assertEqual(cm.exception.code, xfer.EXIT_USAGE)
-                self.assertIn("fingerprint", err.getvalue())
-                self.assertIn("64 hex digits", err.getvalue())
-                self.assertNotIn("intercepting", err.getvalue())
+                err = usage_error(self, argv)
+                self.assertIn("fingerprint", err)
+                self.assertIn("64 hex digits", err)
+                self.assertNotIn("intercepting", err)
         # A malformed pin in a config file names the file, line and key.
         ini = write_file(os.path.join(self.home, "x.ini"),
                          b"[vm]\nhost = 10.0.0.2\nfingerprint = 00:11\n")
@@ -10160,13 +10152,7 @@ class CommandLineTests(unittest.TestCase):
     def test_usage_errors_exit_2(self):
         for argv in ([], ["send"], ["send-dir"], ["bogus-command"]):
             with self.subTest(argv=argv):
-                err = io.StringIO()
-                with contextlib.redirect_stderr(err), \
-                        contextlib.redirect_stdout(io.StringIO()):
-                    with self.assertRaises(SystemExit) as cm:
-                        xfer.main(argv)
-                self.assertEqual(cm.exception.code, xfer.EXIT_USAGE)
-                self.assertIn("usage", err.getvalue().lower())
+                self.assertIn("usage", usage_error(self, argv).lower())
 
     def test_bad_config_file(self):
         bad = os.path.join(self.cwd, "bad.ini")

@@ -1789,6 +1789,7 @@ def _split_path(raw, portable=False, max_bytes=MAX_PATH_BYTES, max_depth=MAX_PAT
         raise UnsafePathError("path is not valid UTF-8", raw) from None
     if parent is not None and parent[0] and raw.startswith(parent[0]):
         known = parent[1]
+        # After the prefix's characters: its names and a "/" after each.
         parts = known + path[len(known) + sum(map(len, known)):].split("/")
     else:
         known = ()
@@ -4574,7 +4575,7 @@ class _IncomingFile:
     def take(self, body, their_digest):
         """begin(), write(body) and finish(their_digest) for a whole body
         already in memory (a small file of a BATCH): the verdict."""
-        self.hasher = hashlib.sha256()
+        self.begin()
         self.write(body)
         return self.finish(their_digest)
 
