@@ -3181,13 +3181,8 @@ class EmbeddingTests(unittest.TestCase):
         self.assertEqual(err.getvalue().count("RuntimeError: on_file fails"), 6)
 
     def test_on_file_only_for_complete_verified_files(self):
-        src, dst = temp_dir(self), temp_dir(self)
+        dst = temp_dir(self)
         token = "embed-secret"
-        good = [write_file(os.path.join(src, "good%d.bin" % i), os.urandom(n))
-                for i, n in enumerate((10, 5000, xfer.STREAM_MAX + 5000))]
-        badsha = write_file(os.path.join(src, "badsha.bin"), os.urandom(xfer.STREAM_MAX + 10))
-        badsmall = write_file(os.path.join(src, "badsmall.bin"), os.urandom(7000))
-        last = write_file(os.path.join(src, "last.bin"), os.urandom(3000))
         checks = []     # (relpath, exists, digest matches) seen inside on_file
         last_seen = threading.Event()
 
@@ -3199,40 +3194,33 @@ class EmbeddingTests(unittest.TestCase):
                 last_seen.set()
 
         receiver = start_receiver(self, dst, token=token, on_file=on_file)
-
-        # sha256 mismatch: the sender announces a wrong digest for badsha.bin
-        # (sent with ACCEPT, in its TRAILER) and badsmall.bin (in a BATCH).
-        real_trailer, real_entry = xfer._encode_trailer, xfer._batch_entry
-        bad = {bytes.fromhex(sha256_file(p)) for p in (badsha, badsmall)}
-        corrupted = []
-
-        def flipped(digest):
-            if digest in bad:
-                corrupted.append(digest)
-                digest = bytes(b ^ 0xFF for b in digest)
-            return digest
-
-        def bad_digest_trailer(fid, flags, digest):
-            return real_trailer(fid, flags, flipped(digest))
-
-        def bad_digest_entry(size, mtime_ns, mode, flags, digest, path):
-            return real_entry(size, mtime_ns, mode, flags, flipped(digest), path)
-
-        with mock.patch.object(xfer, "_encode_trailer", bad_digest_trailer), \
-                mock.patch.object(xfer, "_batch_entry", bad_digest_entry):
-            with xfer.Sender(receiver.address, token=token, workers=1) as sender:
-                jobs = [sender.queue(p) for p in good + [badsha, badsmall, last]]
-                self.assertTrue(sender.wait(TIMEOUT))
-            # One connection, in order: once last.bin is reported, any on_file
-            # for the refused files would already have run.
-            self.assertTrue(last_seen.wait(TIMEOUT))
-        states = {os.path.basename(j.path): j.state for j in jobs}
-        self.assertEqual(states, {"good0.bin": "done", "good1.bin": "done",
-                                  "good2.bin": "done", "badsha.bin": "failed",
-                                  "badsmall.bin": "failed", "last.bin": "done"})
-        for job in jobs[3:5]:
-            self.assertIsInstance(job.error, xfer.IntegrityError)
-        self.assertEqual(len(corrupted), 2)
+        client = _HostileClient(receiver.address, token=token)
+        self.addCleanup(client.close)
+        # As a Sender sends them: small files in BATCHes, a large one with
+        # FILE, ACCEPT, BODY and TRAILER.  Two announce a wrong digest:
+        # badsmall.bin in its BATCH entry, badsha.bin in its TRAILER (its
+        # body flipped after the digest was taken).
+        first, data = _batch_bytes(client, [("good0.bin", os.urandom(10)),
+                                            ("good1.bin", os.urandom(5000))])
+        client.send(data)
+        self.assertEqual(_read_results(client), (first, [(xfer.ST_OK, "")] * 2))
+        self.assertEqual(client.send_file("good2.bin", os.urandom(xfer.STREAM_MAX + 5000),
+                                          stream=False)[0], xfer.ST_OK)
+        status, reason = client.send_file("badsha.bin", os.urandom(xfer.STREAM_MAX + 10),
+                                          stream=False, flip_body=True)
+        self.assertEqual(status, xfer.ST_INTEGRITY, reason)
+        badsmall = os.urandom(7000)
+        first, data = _batch_bytes(client, [
+            ("badsmall.bin", badsmall,
+             {"digest": bytes(b ^ 0xFF for b in hashlib.sha256(badsmall).digest())}),
+            ("last.bin", os.urandom(3000))])
+        client.send(data)
+        self.assertEqual([v[0] for v in _read_results(client)[1]],
+                         [xfer.ST_INTEGRITY, xfer.ST_OK])
+        client.bye()
+        # One connection, in order: once last.bin is reported, any on_file
+        # for the refused files would already have run.
+        self.assertTrue(last_seen.wait(TIMEOUT))
         self.assertEqual(sorted(c[0] for c in checks),
                          ["good0.bin", "good1.bin", "good2.bin", "last.bin"])
         for relpath, exists, ok in checks:
@@ -8166,15 +8154,17 @@ class BenchTests(unittest.TestCase):
     def test_discard_sink_still_checks_the_digest(self):
         dst = temp_dir(self)
         receiver = start_receiver(self, dst)
-        real = xfer._batch_entry
-
-        def corrupt(size, mtime_ns, mode, flags, digest, path):
-            return real(size, mtime_ns, mode, flags, bytes(32), path)
-        with mock.patch.object(xfer, "_batch_entry", corrupt):
-            with xfer.Sender(receiver.address, discard=True) as sender:
-                job = sender._queue_generated("bench/a", 1000)
-        self.assertEqual(job.state, "failed")
-        self.assertIsInstance(job.error, xfer.IntegrityError)
+        client = _HostileClient(receiver.address)
+        self.addCleanup(client.close)
+        body = os.urandom(1000)
+        first, data = _batch_bytes(client, [
+            ("bench/a", body, {"flags": xfer.FF_DISCARD, "digest": bytes(32)}),
+            ("bench/b", body, {"flags": xfer.FF_DISCARD})])
+        client.send(data)
+        self.assertEqual([v[0] for v in _read_results(client)[1]],
+                         [xfer.ST_INTEGRITY, xfer.ST_OK])
+        client.bye()
+        self.assertEqual(tree_listing(dst), [])
 
     def test_bench_command_reports_rates_and_poll_time(self):
         home = temp_dir(self)
