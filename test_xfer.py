@@ -9781,26 +9781,24 @@ class SendScpHabitTests(_SendCliCase):
 class PairingLineTests(unittest.TestCase):
     def test_local_addresses_prefer_interfaces_over_the_hostnames_loopback(self):
         hostname_info = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.1.1", 0))]
-        with mock.patch.object(xfer, "_interface_addresses",
-                               return_value=["127.0.0.1", "192.168.1.30", "10.8.0.2"]), \
-                mock.patch.object(socket, "getaddrinfo", return_value=hostname_info):
-            self.assertEqual(xfer._local_addresses(), ["192.168.1.30", "10.8.0.2"])
-        with mock.patch.object(xfer, "_interface_addresses", return_value=["127.0.0.1"]), \
-                mock.patch.object(xfer, "_routed_address", return_value=None), \
-                mock.patch.object(socket, "getaddrinfo", return_value=hostname_info):
-            self.assertEqual(xfer._local_addresses(), [])
+        with mock.patch.object(socket, "getaddrinfo", return_value=hostname_info):
+            self.assertEqual(xfer._local_addresses(
+                interfaces=lambda: ["127.0.0.1", "192.168.1.30", "10.8.0.2"]),
+                ["192.168.1.30", "10.8.0.2"])
+            self.assertEqual(xfer._local_addresses(interfaces=lambda: ["127.0.0.1"],
+                                                   routed=lambda: None), [])
 
     @unittest.skipUnless(sys.platform.startswith("linux"), "Linux interface list")
     def test_interface_addresses_are_read_from_the_interfaces(self):
         self.assertIn("127.0.0.1", xfer._interface_addresses())
 
     def banner(self, addresses, hostname="Render-PC.studio.lan", token="tok"):
-        receiver = types.SimpleNamespace(dir="/srv/in", fingerprint=None)
+        receiver = types.SimpleNamespace(dir="/srv/in", fingerprint=None,
+                                         name=xfer._server_name(hostname=hostname))
         out = io.StringIO()
-        with mock.patch.object(xfer, "_local_addresses", return_value=addresses), \
-                mock.patch.object(socket, "gethostname", return_value=hostname), \
-                contextlib.redirect_stdout(out):
-            xfer._print_banner(receiver, token, "kept in x", "0.0.0.0", 5000)
+        with contextlib.redirect_stdout(out):
+            xfer._print_banner(receiver, token, "kept in x", "0.0.0.0", 5000,
+                               local=lambda: addresses)
         return out.getvalue()
 
     def test_banner_pairs_with_the_lan_address_and_the_hostname_as_alias(self):

@@ -9754,10 +9754,12 @@ _NAME_MAX = 63          # bytes of the server's name in an answer
 DISCOVER_WAIT = 1.0
 
 
-def _server_name(text=None):
-    """An alias-shaped name for this machine: its host name, lower case,
-    letters, digits, '-' and '_' only; "server" if nothing is left."""
-    text = socket.gethostname().split(".")[0] if text is None else text
+def _server_name(text=None, hostname=None):
+    """An alias-shaped name for this machine: its host name (hostname, tests:
+    another machine's), lower case, letters, digits, '-' and '_' only;
+    "server" if nothing is left."""
+    if text is None:
+        text = (hostname or socket.gethostname()).split(".")[0]
     name = "".join(c for c in text.lower() if c.isalnum() or c in "-_")
     name = name.encode("utf-8")[:_NAME_MAX].decode("utf-8", "ignore")
     return "server" if name in ("", "serve", "default") else name
@@ -10541,7 +10543,7 @@ def _routed_address():
         s.close()
 
 
-def _local_addresses():
+def _local_addresses(interfaces=_interface_addresses, routed=_routed_address):
     """This machine's LAN (non-loopback) IPv4 addresses, for the pairing line.
 
     Read from the interfaces where the OS allows (Linux).  Elsewhere: on
@@ -10549,8 +10551,10 @@ def _local_addresses():
     interfaces), everywhere the address of the default route.  Never a DNS,
     mDNS or any other query: a host name may resolve to 127.0.1.1 (Debian,
     Raspberry Pi OS) or not at all.  Link-local addresses come last.
+    interfaces and routed (tests: another machine's) give the interfaces'
+    addresses and the default route's address.
     """
-    candidates = _interface_addresses()
+    candidates = interfaces()
     if not [ip for ip in candidates if not ip.startswith("127.")]:
         if os.name == "nt":
             try:
@@ -10558,7 +10562,7 @@ def _local_addresses():
                     socket.gethostname(), None, socket.AF_INET, socket.SOCK_STREAM)]
             except OSError:
                 pass
-        candidates.append(_routed_address())
+        candidates.append(routed())
     found = []
     for ip in candidates:
         if ip and not ip.startswith(("127.", "0.")) and ip not in found:
@@ -11100,12 +11104,14 @@ class _Hooks:
             t.join()
 
 
-def _print_banner(receiver, token, token_from, bound_host, bound_port, code=None):
+def _print_banner(receiver, token, token_from, bound_host, bound_port, code=None,
+                  local=_local_addresses):
     """The startup banner: where files go, the pairing code and the command
-    that pairs a sender, and the line that pairs one by hand."""
+    that pairs a sender, and the line that pairs one by hand.  local (tests:
+    another machine's) gives this machine's LAN addresses."""
     out = ["xfer %s receiving into %s" % (__version__, receiver.dir)]
     if bound_host in ("0.0.0.0", "::", ""):
-        addresses = _local_addresses() or ["127.0.0.1"]    # loopback only if that is all
+        addresses = local() or ["127.0.0.1"]    # loopback only if that is all
     else:
         addresses = [bound_host]
     where = _host_port_text(addresses[0], bound_port)
