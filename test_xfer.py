@@ -7621,18 +7621,19 @@ class PullTests(_PullCase):
         names = ["f%05d-%s" % (i, "x" * 60) for i in range(1500)]
         for name in names:
             open(os.path.join(self.srv, name), "wb").close()
-        address = self.serve()
-        sizes = []
-        real = xfer._Reader.frame
-
-        def frame(reader, limit):
-            got = real(reader, limit)
-            sizes.append(len(got[1]))
-            return got
-        with mock.patch.object(xfer._Reader, "frame", frame):
-            entries = [e.name for e in _pull_list(address)]
+        client = _HostileClient(self.serve(), token=_PULL_TOKEN)
+        self.addCleanup(client.close)
+        client.send(client.frame(xfer._Msg.LIST, xfer._LIST.pack(1, 0)))
+        sizes, entries = [], []
+        kind, payload = client.read_frame()
+        while kind == xfer._Msg.ENTRIES:
+            sizes.append(len(payload))
+            entries += [e[4].decode("utf-8") for e in xfer._entries(payload, 1)]
+            kind, payload = client.read_frame()
+        self.assertEqual((kind, payload), (xfer._Msg.DONE, struct.pack("!IB", 1, xfer.ST_OK)))
         self.assertEqual(sorted(entries), names)
-        self.assertGreater(len(sizes), 3)       # several ENTRIES frames, each bounded
+        self.assertGreater(sum(sizes), 2 * xfer.MAX_FRAME_PAYLOAD)
+        self.assertGreaterEqual(len(sizes), 3)      # several ENTRIES frames, each bounded
         self.assertLessEqual(max(sizes), xfer.MAX_FRAME_PAYLOAD)
 
     def test_ls_and_get_from_the_command_line(self):
@@ -12511,6 +12512,14 @@ class _FaultWatch:
         return self.bad
 
 
+class _NoDirectorySyncs(xfer.Receiver):
+    """A Receiver that makes no directory durable (through its one way to sync)."""
+
+    def _sync(self, what, target):
+        if what != "directory":
+            super()._sync(what, target)
+
+
 class FaultTests(unittest.TestCase):
     """Interruptions and load end, after a re-run, in byte-identical files."""
 
@@ -12741,12 +12750,11 @@ class FaultTests(unittest.TestCase):
         for i in range(1200):
             with open(os.path.join(tree, "d%02d" % (i % 30), "f%04d" % i), "wb") as f:
                 f.write(blob[i:i + 1024])
-        receiver = start_receiver(self, dst, fsync=False)
         # Durability is not what this test is about; directory fsyncs would
         # take most of its time here.
-        fsync_dir = mock.patch.object(xfer, "_fsync_dir")
-        fsync_dir.start()
-        self.addCleanup(fsync_dir.stop)
+        receiver = _NoDirectorySyncs(dst, host=HOST, port=0, fsync=False)
+        receiver.start()
+        self.addCleanup(receiver.stop)
         t0 = time.monotonic()
         with xfer.Sender(receiver.address, workers=2, timeout=TIMEOUT) as sender:
             job = sender.queue(tree)
