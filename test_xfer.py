@@ -8392,8 +8392,9 @@ class WatchFolderTests(unittest.TestCase):
         sender = xfer.Sender(receiver.address)
         self.addCleanup(sender.close, False)
         write_file(os.path.join(src, "old.bin"), b"old")
-        with mock.patch.object(xfer._Inotify, "open", classmethod(lambda cls: None)):
-            watch = self.watch(sender, src, rescan=0.1)
+        watch = xfer.Watch(sender, src, settle=self.SETTLE, interval=0.02, rescan=0.1,
+                           notify=lambda: None)
+        self.addCleanup(watch.stop)
         self.assertIsNone(watch._notify)
         seen = []
         self.assertTrue(_watch_until(watch, seen, lambda s: _watch_sent(s, "old.bin")), seen)

@@ -9345,10 +9345,14 @@ class Watch:
     (the name of the last file sent) and last_time (its time.time()),
     waiting (the error while the receiver cannot be reached, else None),
     looks (how many looks are done), stopped (True once stop() has finished).
+
+    notify (tests) opens the inotify fast path; one that gives None makes
+    the watch poll, as it does where there is no inotify.
     """
 
     def __init__(self, sender, path, subdir=None, settle=DEFAULT_SETTLE,
-                 interval=WATCH_INTERVAL, rescan=WATCH_RESCAN, include=(), exclude=()):
+                 interval=WATCH_INTERVAL, rescan=WATCH_RESCAN, include=(), exclude=(),
+                 notify=_Inotify.open):
         self.sender = sender
         self.path = os.path.abspath(os.fspath(path))
         if not os.path.isdir(self.path):
@@ -9387,7 +9391,7 @@ class Watch:
         self._ping = None
         self._next_ping = 0.0
         self._pings = 0
-        self._notify = _Inotify.open()
+        self._notify = notify()
         self._stop = threading.Event()
         self._ended = threading.Event()
         self._thread = threading.Thread(target=self._run, name="xfer-watch", daemon=True)
