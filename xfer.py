@@ -2322,9 +2322,13 @@ def _numbered(name):
         yield _cut(stem, MAX_NAME_BYTES - len(tail.encode("utf-8"))) + tail
 
 
-def _is_reparse(st):
-    attrs = getattr(st, "st_file_attributes", 0)
-    return bool(attrs & getattr(stat, "FILE_ATTRIBUTE_REPARSE_POINT", 0))
+if os.name == "nt":
+    def _is_reparse(st):
+        """A reparse point (a junction, a symlink): never followed or replaced."""
+        return bool(st.st_file_attributes & stat.FILE_ATTRIBUTE_REPARSE_POINT)
+else:
+    def _is_reparse(st):
+        return False            # elsewhere a link is S_ISLNK
 
 
 #------------------------------------------------------------
@@ -4497,7 +4501,22 @@ _NEEDED_MAX = 2 * CHECK_AHEAD
 _NEEDED_PATH_MAX = 512
 
 
-class _IncomingFile:
+class _Sink:
+    """What a body is read into, whatever message brought it: an
+    _IncomingFile, or a _Drain.  begin(start), write(data) per piece or
+    receive(readinto, count), then finish(their_digest) gives the verdict:
+    None, or (status, reason)."""
+    __slots__ = ()
+
+    def take(self, body, their_digest):
+        """begin(), write(body) and finish(their_digest) for a whole body
+        already in memory (a small file of a BATCH): the verdict."""
+        self.begin()
+        self.write(body)
+        return self.finish(their_digest)
+
+
+class _IncomingFile(_Sink):
     """One file arriving: admitted by the store, written to a temporary file
     while hashed, verified against the sender's digest, sealed (synced, mode
     and mtime set).  finish() gives the verdict; a file that passes then
@@ -4571,13 +4590,6 @@ class _IncomingFile:
                     chunk = chunk[os.write(fd, chunk):]
             except OSError as e:
                 self.write_error = e
-
-    def take(self, body, their_digest):
-        """begin(), write(body) and finish(their_digest) for a whole body
-        already in memory (a small file of a BATCH): the verdict."""
-        self.begin()
-        self.write(body)
-        return self.finish(their_digest)
 
     def receive(self, readinto, count, pace=None):
         """Read count bytes of body from readinto(view) (0: the source ended).
@@ -4701,7 +4713,7 @@ class _IncomingFile:
 
 
 
-class _Drain:
+class _Drain(_Sink):
     """A body that is not stored: read and dropped, so that the stream stays
     in step.  Refused (failure given), the refusal is its verdict; else
     (FF_DISCARD) it is hashed and verified like any file.  Read like an
@@ -4726,11 +4738,6 @@ class _Drain:
     def write(self, data):
         if self.hasher is not None:
             self.hasher.update(data)
-
-    def take(self, body, their_digest):
-        self.begin()
-        self.write(body)
-        return self.finish(their_digest)
 
     def finish(self, their_digest, aborted=False):
         if self.failure is not None:
@@ -5046,12 +5053,19 @@ def _duration(seconds):
 
 
 def _human(n):
+    """n bytes (or bytes per second) as a person reads them: 999 B, 4.1 KB, 2.6 MB."""
+    # Written out, not looped: the server's log says two sizes per file.
     if -1000 < n < 1000:
         return "%d B" % n
-    for unit in ("KB", "MB", "GB"):
-        n /= 1000.0
-        if -1000 < n < 1000:
-            return "%.1f %s" % (n, unit)
+    n /= 1000.0
+    if -1000 < n < 1000:
+        return "%.1f KB" % n
+    n /= 1000.0
+    if -1000 < n < 1000:
+        return "%.1f MB" % n
+    n /= 1000.0
+    if -1000 < n < 1000:
+        return "%.1f GB" % n
     return "%.1f TB" % (n / 1000.0)
 
 
