@@ -10870,20 +10870,20 @@ class EverydayTests(unittest.TestCase):
         verbose, quiet = self.cli_many(     # real processes: stderr is a pipe
             ("send", "-v", "--to", "%s:%d" % receivers[0].address) + common,
             ("send", "--quiet", "--to", "%s:%d" % receivers[1].address) + common)
-        ticks = []
-        real_tick = xfer._Report.tick
+        polls = []
+        real_poll = xfer.Sender.poll
 
-        def counting_tick(report):
-            ticks.append(report.mode)
-            if len(ticks) >= 3:
+        def counting_poll(sender, *args, **kw):
+            # The display loop polls the Sender, then redraws if it is time.
+            polls.append(sender)
+            if len(polls) >= 3:
                 ticked.set()
-            return real_tick(report)
-        with mock.patch.object(xfer._Report, "tick", counting_tick), \
+            return real_poll(sender, *args, **kw)
+        with mock.patch.object(xfer.Sender, "poll", counting_poll), \
                 mock.patch.object(xfer._Report, "REDRAW", 0.01):
             plain = self.run_main("send", "--workers", "1",
                                   "--to", "%s:%d" % receivers[2].address, *common)
         self.assertTrue(ticked.is_set())
-        self.assertEqual(set(ticks), {"plain"})
         for r in (verbose, plain, quiet):
             self.assertEqual(r.returncode, xfer.EXIT_OK, r.stderr)
             self.assertNotIn("\x1b", r.stderr + r.stdout)
@@ -11447,10 +11447,11 @@ def _report_ctrl_c(after):
 
     The worker holds before the second body chunk of the first large file
     until the Sender is closed with wait=False (what Ctrl-C does); the
-    SIGINT is raised from the display loop once the worker holds and
-    `after` files have been sent (once: a second Ctrl-C is a different case).
+    SIGINT is raised from the display loop, as it polls the Sender, once the
+    worker holds and `after` files have been sent (once: a second Ctrl-C is
+    a different case): the two patches and an Event set once it is raised.
     """
-    write, tick = xfer._Link._write, xfer._Report.tick
+    write, poll = xfer._Link._write, xfer.Sender.poll
     chunks = [0]
 
     def held_write(link, data):
@@ -11460,16 +11461,16 @@ def _report_ctrl_c(after):
                 link.abort.wait(TIMEOUT)
         return write(link, data)
 
-    raised = [False]
+    raised = threading.Event()
 
-    def interrupting_tick(report):
-        if (not raised[0] and chunks[0] >= 2
-                and all(t.sender.files_done >= after for t in report.tracks)):
-            raised[0] = True
+    def interrupting_poll(sender, *args, **kw):
+        got = poll(sender, *args, **kw)
+        if not raised.is_set() and chunks[0] >= 2 and sender.files_done >= after:
+            raised.set()
             signal.raise_signal(signal.SIGINT)
-        return tick(report)
+        return got
     return (mock.patch.object(xfer._Link, "_write", held_write),
-            mock.patch.object(xfer._Report, "tick", interrupting_tick))
+            mock.patch.object(xfer.Sender, "poll", interrupting_poll), raised)
 
 
 class ReportTests(unittest.TestCase):
@@ -11511,8 +11512,8 @@ class ReportTests(unittest.TestCase):
         to = ["%s:%d" % r.address for r in receivers]
         runs = []
         for where, extra in zip(to, ((), ("--json",))):
-            write, tick = _report_ctrl_c(after=30)
-            with write, tick, mock.patch.object(xfer._Report, "REDRAW", 0.01):
+            write, poll, _ = _report_ctrl_c(after=30)
+            with write, poll, mock.patch.object(xfer._Report, "REDRAW", 0.01):
                 runs.append(self.run_main("send-dir", "--workers", "1", *extra + (tree, where)))
         for status, out, err in runs:
             self.assertEqual(status, xfer.EXIT_INTERRUPTED, err)
@@ -11557,14 +11558,16 @@ class ReportTests(unittest.TestCase):
         tree = self.tree(os.path.join(temp_dir(self), "shots"))
         to = "%s:%d" % start_receiver(self, temp_dir(self)).address
         seen = []
-        write, tick = _report_ctrl_c(after=30)
+        write, poll, raised = _report_ctrl_c(after=30)
 
-        def recording_tick(report):
-            seen.append(signal.getsignal(signal.SIGINT))
-            return interrupting_tick(report)
-        with write, tick:
-            interrupting_tick = xfer._Report.tick
-            with mock.patch.object(xfer._Report, "tick", recording_tick), \
+        def recording_poll(sender, *args, **kw):
+            # Up to the Ctrl-C: the polls after it count the cancelled files.
+            if not raised.is_set():
+                seen.append(signal.getsignal(signal.SIGINT))
+            return interrupting_poll(sender, *args, **kw)
+        with write, poll:
+            interrupting_poll = xfer.Sender.poll
+            with mock.patch.object(xfer.Sender, "poll", recording_poll), \
                     mock.patch.object(xfer._Report, "REDRAW", 0.01):
                 status, out, err = self.run_main("send-dir", "--workers", "1", tree, to)
         self.assertEqual(status, xfer.EXIT_INTERRUPTED, err)
