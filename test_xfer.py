@@ -7280,7 +7280,26 @@ class SendingSideTests(unittest.TestCase):
                          ["t/a.txt", "t/sub/b.txt", "t/sub/deeper/c.txt"])
         self.assertEqual(sorted(n for k, n in kinds if k == "dir"),
                          ["t", "t/empty", "t/sub", "t/sub/deeper"])
-        self.assertEqual(xfer._tree_totals(top), (6, 3))
+        self.assertEqual(xfer._tree_totals(top)[:2], (6, 3))
+
+    def test_a_tree_walked_for_its_size_is_not_stat_ed_again_for_its_first_files(self):
+        top = self._tree(os.path.join(temp_dir(self), "t"))
+        total, count, seen = xfer._tree_totals(top, keep=100)
+        self.assertEqual((total, count), (6, 3))
+        write_file(os.path.join(top, "a.txt"), b"grown")      # after that first walk
+        sizes = {name: st.st_size for kind, _, name, st in xfer._walk_tree(top, "t", seen=seen)
+                 if kind == "file"}
+        self.assertEqual(sizes, {"t/a.txt": 2, "t/sub/b.txt": 3, "t/sub/deeper/c.txt": 1})
+        self.assertEqual(seen, {})              # each directory's stats used once
+        # What is kept counts directories and files together, and never more:
+        # t, its a.txt and one subdirectory; the rest is stat'ed again.
+        _, _, seen = xfer._tree_totals(top, keep=3)
+        self.assertEqual(sum(1 + len(files) for files in seen.values()), 3)
+        write_file(os.path.join(top, "a.txt"), b"grown again")
+        write_file(os.path.join(top, "sub", "deeper", "c.txt"), b"cc")
+        sizes = {name: st.st_size for kind, _, name, st in xfer._walk_tree(top, "t", seen=seen)
+                 if kind == "file"}
+        self.assertEqual(sizes, {"t/a.txt": 5, "t/sub/b.txt": 3, "t/sub/deeper/c.txt": 2})
 
     @unittest.skipUnless(hasattr(os, "symlink"), "no symlinks")
     def test_walk_tree_follows_file_symlinks_but_not_directory_symlinks(self):

@@ -6800,7 +6800,24 @@ _HANDOVER_FILES = CHECK_BATCH
 _HANDOVER_BYTES = 8 * CHUNK
 
 
-def _walk_tree(path, name, cancelled=None):
+# The walk that adds up a tree's size keeps the stats of its first files,
+# up to this many (about 300 bytes each), for the walk that queues them:
+# a tree of that many files is stat'ed once, and a larger one once for
+# those files.  What is kept is bounded, whatever the size of the tree.
+_WALK_KEPT = 8192
+
+
+class _Seen:
+    """What a walk keeps of a file's stat: what CHECKS and the header use."""
+    __slots__ = ("st_size", "st_mtime_ns", "st_mode")
+
+    def __init__(self, st):
+        self.st_size = st.st_size
+        self.st_mtime_ns = st.st_mtime_ns
+        self.st_mode = st.st_mode
+
+
+def _walk_tree(path, name, cancelled=None, seen=None):
     """Yield (kind, path, name, stat or error) for a tree, depth first, lazily.
 
     kind is "dir" (with None), "file" (with its os.stat_result, following a
@@ -6810,6 +6827,9 @@ def _walk_tree(path, name, cancelled=None):
     pending subdirectories are), so a directory of a million files costs
     no more memory than one of ten.  Symlinks to directories are not
     followed.  cancelled, a callable, is asked before each directory.
+    seen, from _tree_totals, gives files of the first directories the stat
+    an earlier walk made of them (a _Seen), instead of a new one; each is
+    taken out of it as it is used.
     (What a server offers to get and ls is walked by _walk_served.)
     """
     stack = [(path, name)]
@@ -6820,6 +6840,7 @@ def _walk_tree(path, name, cancelled=None):
         yield "dir", path, name, None
         subdirs = []
         prefix = name + "/" if name else ""
+        known = seen.pop(path, None) if seen else None
         try:
             with os.scandir(path) as it:
                 for entry in it:
@@ -6827,7 +6848,9 @@ def _walk_tree(path, name, cancelled=None):
                         if entry.is_dir(follow_symlinks=False):
                             subdirs.append((entry.path, prefix + entry.name))
                         elif entry.is_file():
-                            yield "file", entry.path, prefix + entry.name, entry.stat()
+                            st = known.get(entry.name) if known else None
+                            yield ("file", entry.path, prefix + entry.name,
+                                   entry.stat() if st is None else st)
                     except OSError:
                         continue      # gone meanwhile, or a dangling symlink
         except OSError as e:
@@ -6835,14 +6858,28 @@ def _walk_tree(path, name, cancelled=None):
         stack.extend(reversed(subdirs))
 
 
-def _tree_totals(path, cancelled=None):
-    """(bytes, files) of what _walk_tree yields for a tree: its size before any is sent."""
+def _tree_totals(path, cancelled=None, keep=0):
+    """(bytes, files, seen) of what _walk_tree yields for a tree: its size
+    before any is sent, and the stats of its first files, up to keep of
+    them, for _walk_tree's seen: {directory path: {entry name: _Seen}}.
+    A directory counts as one of the keep too, so seen stays bounded in a
+    tree of empty ones."""
     total = count = 0
-    for kind, _, _, st in _walk_tree(path, "", cancelled):
+    seen = {}
+    files = None
+    for kind, where, name, st in _walk_tree(path, "", cancelled):
         if kind == "file":
             total += st.st_size
             count += 1
-    return total, count
+            if files is not None and keep > 0:
+                keep -= 1
+                files[name.rpartition("/")[2]] = _Seen(st)
+        elif kind == "dir":
+            files = None
+            if keep > 0:
+                keep -= 1
+                files = seen[where] = {}
+    return total, count, seen
 
 
 # Why send refuses a FIFO, device or socket: it has no size to announce, and
@@ -7086,7 +7123,7 @@ class Job:
         self.name = name
         self.kind = kind
         self.parent = parent
-        self._stat = st         # os.stat_result from the walk: the one stat of the file
+        self._stat = st         # the walk's stat (os.stat_result or _Seen): the one of the file
         self.size = 0 if st is None else st.st_size
         if kind in ("dir", "get"):
             self.failures = []
@@ -8524,8 +8561,8 @@ class Sender:
             jobs_of = self._stat_found(top._found)
         else:
             cancelled = lambda: top.cancelled
-            top.size, top.files_total = _tree_totals(top.path, cancelled)
-            jobs_of = self._tree_jobs(top, cancelled)
+            top.size, top.files_total, seen = _tree_totals(top.path, cancelled, _WALK_KEPT)
+            jobs_of = self._tree_jobs(top, cancelled, seen)
         ledger = self._ledger
         jobs = []
         size = 0
@@ -8548,11 +8585,11 @@ class Sender:
             self._stat_job(job)
             yield job
 
-    def _tree_jobs(self, top, cancelled):
+    def _tree_jobs(self, top, cancelled, seen=None):
         """The jobs of top's tree as the walk finds them; a directory that
         cannot be listed ends as a failed job here."""
         ledger = self._ledger
-        for kind, path, name, extra in _walk_tree(top.path, top.name, cancelled):
+        for kind, path, name, extra in _walk_tree(top.path, top.name, cancelled, seen):
             if kind == "file":
                 yield Job(ledger, path, name, "file", top, extra)
             elif kind == "dir":
