@@ -44,10 +44,12 @@ Threads: who starts each, and what it does.
 
 Data path of one file, send to published name (README "Protocol" 4):
     _cmd_send: _parse_address, _resolve_target (_Settings), Sender.queue
-    -> xfer-feeder: _walk_tree stats each file once -> xfer-worker: _Link
-    asks with CHECKS, one per run of files of a directory (skip what the
-    receiver has), then sends: a small file (<= SMALL_MAX), read whole and
-    hashed by _Link._batched, joins the BATCH being gathered, which goes out
+    -> xfer-feeder: _tree_totals adds up a tree's size, then _walk_tree
+    hands each file on with one stat (for its first files, the one kept
+    from adding up) -> xfer-worker: _Link asks with CHECKS, one per run of
+    files of a directory (skip what the receiver has), then sends: a small
+    file (<= SMALL_MAX), read whole and hashed by _Link._batched, joins the
+    BATCH being gathered, which goes out
     (one frame of headers and digests, then the bodies) when it is full or
     before the worker would wait; a large one goes as FILE, waits for ACCEPT
     (its resume offset), then its body in chunks and TRAILER with the sha256
@@ -6772,8 +6774,10 @@ start();
 # sending side
 #------------------------------------------------------------
 # One file's way out, in the order of this section:
-#   _walk_tree   one scandir walk of a tree; each file comes with the one stat
-#                the sender makes of it, used for CHECK and for the FILE header
+#   _walk_tree   one scandir walk of a tree; each file comes with a stat, used
+#                for CHECK and for the FILE header: the one the walk that added
+#                up the tree's size made (_tree_totals keeps the first
+#                _WALK_KEPT), or a new one past those
 #   _Outgoing    the outgoing file: open, read whole (small) or in chunks
 #                (large), the hash, "did it change while it was sent"; it
 #                knows nothing of jobs or connections, so whatever serves a
