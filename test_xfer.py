@@ -11037,6 +11037,7 @@ class EverydayTests(unittest.TestCase):
         self.assertRegex(first["address"], r"^127\.0\.0\.1:\d+$")
         self.assertEqual((first["dir"], first["auth"]), (dst, False))
         port = int(first["address"].rsplit(":", 1)[1])
+        self.assertEqual(first["web"], "http://127.0.0.1:%d/" % port)
         p = write_file(os.path.join(temp_dir(self), "shot.bin"), os.urandom(70000))
         sender = xfer.Sender((HOST, port), workers=1)
         job = sender.queue(p, subdir="in")

@@ -10797,7 +10797,8 @@ class _ServeOutput:
             if token and (self.as_json or not self.quiet) else None
         if self.as_json:
             self.emit("listening", address=_host_port_text(bound_host, bound_port),
-                      dir=receiver.dir, auth=bool(token), fingerprint=receiver.fingerprint)
+                      dir=receiver.dir, auth=bool(token), fingerprint=receiver.fingerprint,
+                      web=_page_url(receiver, _reachable_at(bound_host)[0], bound_port))
         else:
             sys.stdout.write("listening on %s\n" % _host_port_text(bound_host, bound_port))
             sys.stdout.flush()
@@ -11170,10 +11171,7 @@ def _print_banner(receiver, token, token_from, bound_host, bound_port, code=None
     that pairs a sender, and the line that pairs one by hand.  local (tests:
     another machine's) gives this machine's LAN addresses."""
     out = ["xfer %s receiving into %s" % (__version__, receiver.dir)]
-    if bound_host in ("0.0.0.0", "::", ""):
-        addresses = local() or ["127.0.0.1"]    # loopback only if that is all
-    else:
-        addresses = [bound_host]
+    addresses = _reachable_at(bound_host, local)
     where = _host_port_text(addresses[0], bound_port)
     if token:
         out.append("token required (%s)" % token_from)
@@ -11201,12 +11199,30 @@ def _print_banner(receiver, token, token_from, bound_host, bound_port, code=None
             line += " --fingerprint " + receiver.fingerprint
         out.append(line)
         out.append("then send with:  python3 xfer.py send FILE... %s:" % name)
-    if getattr(receiver, "web", False):
-        out.append("web page: %s://%s/" % ("https" if receiver.fingerprint else "http", where))
+    page = _page_url(receiver, addresses[0], bound_port)
+    if page:
+        out.append("web page: " + page)
     if len(addresses) > 1:
         out.append("addresses: %s" % ", ".join(addresses))
     sys.stdout.write("".join(line + "\n" for line in out))
     sys.stdout.flush()
+
+
+def _reachable_at(bound_host, local=_local_addresses):
+    """The addresses other machines reach a server bound to bound_host at,
+    the most likely first: its LAN addresses when it listens on all of them."""
+    if bound_host in ("0.0.0.0", "::", ""):
+        return local() or ["127.0.0.1"]    # loopback only if that is all
+    return [bound_host]
+
+
+def _page_url(receiver, host, port):
+    """The web page's address at host (README "Browser page"), or None
+    without one (--no-web)."""
+    if not getattr(receiver, "web", False):
+        return None
+    return "%s://%s/" % ("https" if receiver.fingerprint else "http",
+                         _host_port_text(host, port))
 
 
 _CODE_TERMS = "valid %d minutes, for one pairing; press Enter here for a new one" % (
