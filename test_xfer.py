@@ -5965,6 +5965,36 @@ class HttpApiTests(unittest.TestCase):
         self.assertEqual(tree_listing(d), [])
         self.assertEqual(receiver.files_failed, 1)
 
+    def test_a_connection_that_uploaded_ends_as_a_session_a_page_load_does_not(self):
+        sessions = []
+        receiver, d = _http_server(self, on_session=sessions.append)
+        page = _http_conn(self, receiver)
+        self.assertEqual(_http(page, "GET", "/", token=None)[0].status, 200)
+        page.close()
+        self.assertTrue(wait_until(lambda: receiver.connections == 0))
+        conn = _http_conn(self, receiver)
+        data = os.urandom(5000)
+        upload = _http(conn, "POST", "/api/uploads", {"path": "a.bin", "size": len(data)})[2]
+        self.assertEqual(_http_chunk(conn, upload["upload"], 0, data)[0].status, 201)
+        empty = _http(conn, "POST", "/api/uploads", {"path": "empty.txt", "size": 0})
+        self.assertEqual(empty[0].status, 201, empty[2])      # published at once
+        self.assertEqual(_http(conn, "PUT", "/api/files/b.txt", b"bee")[0].status, 201)
+        self.assertEqual(_http(conn, "PUT", "/api/files/.xfer-part.c", b"c")[0].status, 400)
+        conn.close()
+        self.assertTrue(wait_until(lambda: receiver.connections == 0 and sessions))
+        (info,) = sessions
+        self.assertEqual((info.files, info.bytes, info.skipped, info.failed, info.clean),
+                         (3, len(data) + 3, 0, 1, True))
+        self.assertTrue(info.peer.startswith("127.0.0.1:"), info)
+
+    def test_http_keep_alive_closes_a_connection_idle_between_requests(self):
+        receiver, d = _http_server(self, http_keep_alive=0.2)
+        sock = _http_raw(receiver, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.addCleanup(sock.close)
+        answer = recv_until_closed(sock)         # closed by the server: nothing more came
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:40])
+        self.assertNotIn(b"Connection: close", answer.split(b"\r\n\r\n", 1)[0])
+
     def test_chunked_upload_resumes_after_the_connection_is_cut(self):
         got = []
         receiver, d = _http_server(self, on_file=got.append)
@@ -11189,6 +11219,26 @@ class EverydayTests(unittest.TestCase):
         self.assertEqual(ok.wait(timeout=TIMEOUT), xfer.EXIT_OK)
         self.assertEqual(sorted(os.listdir(dst_ok)), ["one.bin", "two.txt"])
         self.assertEqual(sha256_file(os.path.join(dst_ok, "one.bin")), sha256_file(paths[0]))
+
+    def test_serve_once_exits_after_a_browser_upload(self):
+        dst = temp_dir(self)
+        proc = self.spawn_once("--dir", dst)
+        port = self.ready_port(proc)
+        conn = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT)
+        self.addCleanup(conn.close)
+        data = os.urandom(3000)
+        page = {"X-Xfer": "1"}         # what the page sends without a token (--no-auth)
+        upload = _http(conn, "POST", "/api/uploads", {"path": "phone.jpg", "size": len(data)},
+                       page, token=None)[2]
+        self.assertIn("upload", upload, upload)
+        chunk = _http(conn, "PUT", "/api/uploads/%s?offset=0" % upload["upload"], data,
+                      dict(page, **{"X-Chunk-SHA256": hashlib.sha256(data).hexdigest()}),
+                      token=None)
+        self.assertEqual(chunk[0].status, 201, chunk[2])
+        # The connection is left open, as a browser leaves it.
+        self.assertEqual(proc.wait(timeout=TIMEOUT), xfer.EXIT_OK, proc.stderr.read())
+        self.assertEqual(sha256_file(os.path.join(dst, "phone.jpg")),
+                         hashlib.sha256(data).hexdigest())
 
     def test_serve_once_exits_after_a_tree_of_empty_directories(self):
         src, dst = temp_dir(self), temp_dir(self)

@@ -2804,7 +2804,7 @@ class Receiver:
                  overwrite="replace", partial_max_age=DEFAULT_PARTIAL_MAX_AGE,
                  quiet=False, auth_backoff=AUTH_BACKOFF, body_min_bytes=BODY_MIN_BYTES,
                  body_window=BODY_WINDOW, protect=(), allow_get=False, name=None,
-                 discovery=False, web=True):
+                 discovery=False, web=True, http_keep_alive=None):
         self.dir = os.path.abspath(os.path.expanduser(dir))
         #: clients with the token may read DIR (get, ls), read-only
         self.allow_get = allow_get
@@ -2837,6 +2837,8 @@ class Receiver:
         self.max_connections = int(max_connections)
         self.max_size = max_size
         self.idle_timeout = idle_timeout
+        #: seconds an HTTP connection may wait for its next request
+        self.http_keep_alive = idle_timeout if http_keep_alive is None else http_keep_alive
         self.handshake_timeout = handshake_timeout
         self.portable_names = (os.name == "nt") if portable_names is None else portable_names
         self.fsync = fsync
@@ -3332,9 +3334,10 @@ class _ReceiveSession:
         self.store = _Store(receiver, _Dest(receiver.dir, root_fd=receiver._root_fd),
                             claims=self)
         self.commit = _GroupCommit(self.store, receiver, self.peer)
+        self.ended = []         # HTTP: the commits of uploads finished on this connection
         self.buf = self.store.buf
         self.started = time.monotonic()
-        self.clean = False      # ended with BYE
+        self.clean = False      # ended with BYE (HTTP: not cut off mid-request)
         # Answers not sent yet, in request order: RESULT bytes, or an entry
         # (_IncomingFile, _NewDir) whose RESULT the group commit decides.
         self.out = []
@@ -3380,10 +3383,19 @@ class _ReceiveSession:
                     self.sock.close()
             except OSError:
                 pass
-            c = self.commit
-            self.r._session_closed(SessionInfo(
-                self.peer, c.files, c.bytes, c.skipped, c.failed, c.dirs, self.clean,
-                time.monotonic() - self.started) if self._handshake_done else None)
+            self.r._session_closed(self._info())
+
+    def _info(self):
+        """This connection's SessionInfo; None if it never finished the
+        handshake, or, over HTTP, stored and refused nothing (a page load is
+        not a sender).  An upload counts where its last byte arrived."""
+        commits = [self.commit] + self.ended
+        files, size, skipped, failed = (sum(getattr(c, field) for c in commits)
+                                        for field in ("files", "bytes", "skipped", "failed"))
+        if not (self._handshake_done or (self.http and (files or skipped or failed))):
+            return None
+        return SessionInfo(self.peer, files, size, skipped, failed, self.commit.dirs,
+                           self.clean, time.monotonic() - self.started)
 
     def cut(self):
         """End this connection from another thread: its reads fail at once."""
@@ -5380,9 +5392,10 @@ class _WebState:
 
     # -- chunked uploads
 
-    def start_upload(self, key, raw, size, mtime_ns, digest, peer):
+    def start_upload(self, key, raw, size, mtime_ns, digest, peer, ended):
         """The upload of key: the one open, or a new one (admitted by the
-        store: path, limits, space, policy); (HTTP code, answer)."""
+        store: path, limits, space, policy); (HTTP code, answer).  An empty
+        file is published at once: its commit is added to the list ended."""
         while True:
             with self.lock:
                 if self.closed:
@@ -5414,6 +5427,7 @@ class _WebState:
                 self.starting.pop(key).set()
         if answer is not None:            # published at once (size 0)
             upload.close()
+            ended.append(upload.commit)
             return answer
         return 200, {"upload": upload.id, "offset": upload.offset}
 
@@ -5698,11 +5712,11 @@ class _HttpConnection:
                 except _HttpError as e:
                     keep = self._refuse(e, request)
                 if not keep or self.r._stopping or not self._next_request():
+                    self.s.clean = True
                     return
                 deadline = time.monotonic() + self.r.handshake_timeout
-        except _HttpCut:
-            return
-        except _Drop:
+        except (_HttpCut, _Drop):
+            self.s.clean = True       # it was answered, then closed
             return
         except socket.timeout:
             if request is None:
@@ -5717,13 +5731,13 @@ class _HttpConnection:
                     self._refuse(_HttpError(ST_TIMEOUT, str(e)), None)
                 except (_HttpCut, OSError):
                     pass
-        except OSError:
-            pass                      # gone: a browser closes what it no longer needs
+        except OSError:               # gone: a browser closes what it no longer needs
+            self.s.clean = request is None
 
     def _next_request(self):
         """Wait for the next request's first byte (idle timeout); False to close.
         Looks every quarter second whether the server is stopping."""
-        deadline = time.monotonic() + self.r.idle_timeout
+        deadline = time.monotonic() + self.r.http_keep_alive
         while not self.rfile.ready(0.25):
             if self.r._stopping or time.monotonic() > deadline:
                 return False
@@ -6116,7 +6130,7 @@ class _HttpConnection:
             raise _HttpError.of(raw, e) from None
         try:
             return self.web.start_upload(("/".join(parts), size, mtime_ns), raw, size,
-                                         mtime_ns, digest, self.peer)
+                                         mtime_ns, digest, self.peer, self.s.ended)
         except _HttpError as e:
             if e.status not in (ST_BUSY, ST_SHUTDOWN):
                 self.s.commit.refusal(raw, e.status, e.reason)  # as a push's
@@ -6136,7 +6150,11 @@ class _HttpConnection:
         try:
             if upload.incoming is None:
                 raise _HttpError(ST_BAD_PATH, _NO_UPLOAD, 404)      # it ended meanwhile
-            return upload.chunk(self, request, int(offset))
+            try:
+                return upload.chunk(self, request, int(offset))
+            finally:
+                if upload.incoming is None:        # it ended here: counted here
+                    self.s.ended.append(upload.commit)
         finally:
             upload.lock.release()
 
@@ -10958,7 +10976,10 @@ def _cmd_serve(args):
                         portable_names=opts.portable, tls_cert=tls_cert, tls_key=tls_key,
                         overwrite=opts.overwrite, partial_max_age=args.partial_max_age * 86400,
                         protect=opts.protected, allow_get=opts.allow_get,
-                        discovery=not opts.no_discovery, web=opts.web)
+                        discovery=not opts.no_discovery, web=opts.web,
+                        # A browser keeps its connection: --once closes it
+                        # soon after the last request, so that its upload ends.
+                        http_keep_alive=ONCE_LINGER if args.once else None)
     status = None
     # Installed before the readiness line, so a supervisor may send SIGTERM
     # as soon as it has read it.
