@@ -1209,6 +1209,19 @@ def _http_raw(receiver, data):
     return sock
 
 
+class _NamesClock:
+    """xfer's time module with time.time() moved by shift seconds."""
+
+    def __init__(self, shift):
+        self.shift = shift
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def time(self):
+        return time.time() + self.shift
+
+
 #------------------------------------------------------------
 # wire format (README "Protocol")
 #------------------------------------------------------------
@@ -5510,19 +5523,6 @@ class LimitTests(unittest.TestCase):
             for ch in "\x1b\u202e\x07":
                 self.assertNotIn(ch, line)
         self.assertEqual(tree_listing(self.dst), [])
-
-
-class _NamesClock:
-    """xfer's time module with time.time() moved by shift seconds."""
-
-    def __init__(self, shift):
-        self.shift = shift
-
-    def __getattr__(self, name):
-        return getattr(time, name)
-
-    def time(self):
-        return time.time() + self.shift
 
 
 class PartialSweepTests(unittest.TestCase):
@@ -12926,15 +12926,8 @@ class FaultTests(unittest.TestCase):
         # now, are then older than half a day, whatever mtime they carry
         # (the second one's source came from a clock running ahead).
         os.utime(ahead, (now + day - 3600, now + day - 3600))
-
-        class Clock:
-            def __getattr__(self, name):
-                return getattr(time, name)
-
-            def time(self):
-                return time.time() + day
         logged = []
-        with mock.patch.object(xfer, "time", Clock()):
+        with mock.patch.object(xfer, "time", _NamesClock(day)):
             start_receiver(self, dst, partial_max_age=day / 2, log=logged.append)
             self.assertTrue(wait_until(lambda: logged),
                             "the start-up sweep removed nothing")
