@@ -6701,15 +6701,17 @@ class BrowserPageTests(unittest.TestCase):
         return receiver, dest
 
     @classmethod
-    def open_page(cls, receiver, viewport=None):
-        """A page in a new browser context, logged in with a pairing code."""
-        context = cls.browser.new_context(viewport=viewport or {"width": 1280, "height": 800})
+    def open_page(cls, receiver, viewport=None, tls=False):
+        """A page in a new browser context, logged in with a pairing code;
+        tls: over https, trusting the receiver's self-signed certificate."""
+        context = cls.browser.new_context(viewport=viewport or {"width": 1280, "height": 800},
+                                          ignore_https_errors=tls)
         cls.addClassCleanup(context.close)
         context.set_default_timeout(TIMEOUT * 1000)
         page = context.new_page()
         page.on("dialog", lambda dialog: (cls.dialogs.append(dialog.message), dialog.dismiss()))
         page.route("**/api/session", cls.small_chunks)
-        page.goto("http://%s:%d/" % receiver.address)
+        page.goto("%s://%s:%d/" % (("https" if tls else "http",) + receiver.address))
         page.wait_for_selector("#login", state="visible")
         page.fill("#secret", receiver.open_pairing())
         page.click("#login-button")
@@ -6899,6 +6901,25 @@ class BrowserPageTests(unittest.TestCase):
         result = json.loads(page.text_content("#result"))
         self.assertEqual(result, {"put": "refused", "post": "opaque", "list": "refused"})
         self.assertEqual([p for p in tree_listing(self.dest) if "evil" in p], [])
+
+    @unittest.skipIf(ssl is None, "no ssl module")
+    def test_page_over_https_logs_in_and_sends_a_file(self):
+        certs = _sec_certs(self)
+        receiver, dest = self.start_server(tls_cert=certs["cert1"], tls_key=certs["key1"])
+        page = self.open_page(receiver, tls=True)
+        self.assertTrue(page.url.startswith("https://"), page.url)
+        (cookie,) = page.context.cookies()
+        self.assertTrue(cookie["secure"], cookie)
+        src, sources = self.make_sources({"secure.bin": 3000})
+        page.set_input_files("#picker", sources["secure.bin"])
+        self.wait_sent(page, sources)
+        self.assert_received(sources, dest)
+        self.assertEqual(partials(dest), [])
+        # Nothing the page fetched went over plain http (mixed content).
+        fetched = page.evaluate("() => performance.getEntriesByType('navigation').concat("
+                                "performance.getEntriesByType('resource')).map(e => e.name)")
+        self.assertTrue(any(_CHUNK_URL.search(url) for url in fetched), fetched)
+        self.assertEqual([url for url in fetched if not url.startswith("https://")], [])
 
     def test_screenshots(self):
         """XFER_SCREENSHOTS=DIR: the README's pictures of the page, phone and desktop."""
