@@ -4809,15 +4809,16 @@ class ReceivingPartsTests(unittest.TestCase):
         self.assertEqual(chmodded, [] if narrowed is None else [narrowed])
 
 
-def _rlog_disk_full_after(writes):
+def _rlog_disk_full_after(writes, error=errno.ENOSPC):
     """Patch os.write (in xfer) so the disk fills after that many writes:
-    every later write fails with ENOSPC.  Returns (patcher, the fds written)."""
+    every later write fails with ENOSPC (or error).  Returns (patcher, the
+    fds written)."""
     real_write, calls = os.write, []
 
     def write(fd, data):
         calls.append(fd)
         if len(calls) > writes:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise OSError(error, os.strerror(error))
         return real_write(fd, data)
     return mock.patch.object(xfer.os, "write", write), calls
 
@@ -5964,6 +5965,40 @@ class HttpApiTests(unittest.TestCase):
         self.assertEqual((response.status, answer["status"]), (422, "ST_INTEGRITY"))
         self.assertEqual(tree_listing(d), [])
         self.assertEqual(receiver.files_failed, 1)
+
+    def test_a_write_error_is_answered_500_st_io_logged_and_the_server_goes_on(self):
+        logs = []
+        receiver, d = _http_server(self, log=logs.append)
+        conn = _http_conn(self, receiver)
+        body = os.urandom(200 * 1024)
+
+        def assert_st_io(answer, name):
+            response, _, answer = answer
+            self.assertEqual((response.status, answer["status"]), (500, "ST_IO"), answer)
+            reason = "%s: %s on the receiver" % (name, os.strerror(errno.EIO))
+            self.assertEqual(answer["error"], reason)
+            # The server's operator is told once (the log line follows the answer).
+            self.assertTrue(wait_until(lambda: [line for line in logs if reason in line]),
+                            logs)
+            self.assertEqual(len([line for line in logs if reason in line]), 1, logs)
+        patcher, calls = _rlog_disk_full_after(0, errno.EIO)
+        with patcher:
+            assert_st_io(_http(conn, "PUT", "/api/files/one.bin", body), "one.bin")
+        self.assertTrue(calls, "the body was never written")
+        self.assertEqual(tree_listing(d), [])            # no final file, no partial
+        self.assertTrue(wait_until(lambda: receiver.files_failed == 1), receiver.files_failed)
+        # A chunk that fails to be written is cut off again: sent again, it goes on.
+        upload = _http(conn, "POST", "/api/uploads", {"path": "two.bin", "size": len(body)})[2]
+        half = len(body) // 2
+        self.assertEqual(_http_chunk(conn, upload["upload"], 0, body[:half])[0].status, 200)
+        with patcher:
+            assert_st_io(_http_chunk(conn, upload["upload"], half, body[half:]), "two.bin")
+        self.assertEqual(_http_chunk(conn, upload["upload"], half, body[half:])[0].status, 201)
+        self.assertEqual(sha256_file(os.path.join(d, "two.bin")), hashlib.sha256(body).hexdigest())
+        self.assertEqual(_http(conn, "PUT", "/api/files/after.txt", b"after")[0].status, 201)
+        self.assertEqual(tree_listing(d), ["after.txt", "two.bin"])
+        # The chunk failed, not its file, which went on: only the PUT counts as failed.
+        self.assertEqual((receiver.files_failed, receiver.files_received), (1, 2))
 
     def test_a_connection_that_uploaded_ends_as_a_session_a_page_load_does_not(self):
         sessions = []

@@ -5584,8 +5584,8 @@ class _Upload:
         error = incoming.write_error
         if error is not None or not hmac.compare_digest(digest.digest(), want):
             self._take_back(before)
-            if error is not None:
-                raise _HttpError.of(self.raw, error)
+            if error is not None:       # the receiver's disk: its operator must hear of it
+                raise _HttpError.of(self.raw, error, logged=True)
             raise _HttpError(ST_INTEGRITY, "%s: the chunk at byte %d does not match its "
                              "X-Chunk-SHA256; dropped" % (_display(self.raw), offset),
                              extra={"offset": offset}, logged=True)
