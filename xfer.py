@@ -4827,7 +4827,9 @@ class _GroupCommit:
         else:
             self.failed += 1
             self.tally._count_failure()
-            self.tally._log("%s: refused %s: %s" % (self.peer, _display(raw), reason))
+            shown = _display(raw)
+            said = reason[len(shown) + 2:] if reason.startswith(shown + ": ") else reason
+            self.tally._log("%s: refused %s: %s" % (self.peer, shown, said))   # named once
         return code, reason
 
     def commit(self):
