@@ -2698,7 +2698,9 @@ class PathSafetyTests(unittest.TestCase):
 
     # -- _Dest directly, both code paths
 
-    def _dest_scene(self):
+    def _dest_scene(self, use_dir_fd):
+        """A _Dest on DIR (closed at cleanup) with symlinks planted in it that
+        lead elsewhere: (dest, DIR, elsewhere, a file outside DIR)."""
         outer = temp_dir(self)
         dest = os.path.join(outer, "dest")
         os.mkdir(dest)
@@ -2709,7 +2711,9 @@ class PathSafetyTests(unittest.TestCase):
         os.mkdir(os.path.join(dest, "sub"))
         _hostile_symlink(self, elsewhere, os.path.join(dest, "sub", "link2"),
                          target_is_directory=True)
-        return outer, dest, elsewhere, target
+        d = xfer._Dest(dest, use_dir_fd=use_dir_fd)
+        self.addCleanup(d.close)
+        return d, dest, elsewhere, target
 
     def _modes(self):
         return [False] + ([True] if xfer._HAVE_DIR_FD else [])
@@ -2717,9 +2721,7 @@ class PathSafetyTests(unittest.TestCase):
     def test_dest_parent_refuses_symlinked_component(self):
         for use_dir_fd in self._modes():
             with self.subTest(use_dir_fd=use_dir_fd):
-                outer, dest, elsewhere, target = self._dest_scene()
-                d = xfer._Dest(dest, use_dir_fd=use_dir_fd)
-                self.addCleanup(d.close)
+                d, dest, elsewhere, target = self._dest_scene(use_dir_fd)
                 for parts in (["link", "x"], ["link", "new", "x"], ["sub", "link2", "x"]):
                     raw = "/".join(parts).encode()
                     with self.assertRaises(xfer.UnsafePathError) as cm:
@@ -2742,9 +2744,7 @@ class PathSafetyTests(unittest.TestCase):
     def test_dest_create_temp_refuses_planted_symlink(self):
         for use_dir_fd in self._modes():
             with self.subTest(use_dir_fd=use_dir_fd):
-                outer, dest, elsewhere, target = self._dest_scene()
-                d = xfer._Dest(dest, use_dir_fd=use_dir_fd)
-                self.addCleanup(d.close)
+                d, dest, elsewhere, target = self._dest_scene(use_dir_fd)
                 handle = d.parent(["f"], b"f")
                 d._temp_tag = "0000"
                 planted = "%s%s%x.%s" % (xfer.PARTIAL_PREFIX, "0000", 0, "f")
@@ -2759,10 +2759,8 @@ class PathSafetyTests(unittest.TestCase):
     def test_dest_publish_replaces_final_symlink_not_its_target(self):
         for use_dir_fd in self._modes():
             with self.subTest(use_dir_fd=use_dir_fd):
-                outer, dest, elsewhere, target = self._dest_scene()
+                d, dest, elsewhere, target = self._dest_scene(use_dir_fd)
                 _hostile_symlink(self, target, os.path.join(dest, "f"))
-                d = xfer._Dest(dest, use_dir_fd=use_dir_fd)
-                self.addCleanup(d.close)
                 handle = d.parent(["f"], b"f")
                 st = d.lstat(handle, "f")
                 self.assertTrue(stat.S_ISLNK(st.st_mode))   # what _admit checks
@@ -2781,9 +2779,8 @@ class PathSafetyTests(unittest.TestCase):
         # With dir_fd, a directory swapped for a symlink after it was opened
         # cannot redirect the write: the open descriptor still names the
         # original directory.
-        outer, dest, elsewhere, target = self._dest_scene()
-        d = xfer._Dest(dest, use_dir_fd=True)
-        self.addCleanup(d.close)
+        d, dest, elsewhere, target = self._dest_scene(use_dir_fd=True)
+        outer = os.path.dirname(dest)
         handle = d.parent(["work", "f"], b"work/f")
         os.rename(os.path.join(dest, "work"), os.path.join(outer, "moved"))
         os.symlink(elsewhere, os.path.join(dest, "work"))
@@ -2994,30 +2991,19 @@ class EmbeddingTests(unittest.TestCase):
         progress = {}      # job -> [progress values seen]
         done, received, statuses = [], [], []
 
-        def on_progress(job):
-            threads.add(threading.get_ident())
-            progress.setdefault(job, []).append(job.progress)
+        def noting(keep):
+            """A callback that notes its thread, then keep(arg)."""
+            def callback(arg):
+                threads.add(threading.get_ident())
+                keep(arg)
+            return callback
 
-        def on_done(job):
-            threads.add(threading.get_ident())
-            done.append(job)
-
-        def on_error(job):
-            threads.add(threading.get_ident())
-            done.append(job)
-
-        def on_file(info):
-            threads.add(threading.get_ident())
-            received.append(info)
-
-        def on_status(status):
-            threads.add(threading.get_ident())
-            statuses.append(status)
-
-        receiver = start_receiver(self, dst, dispatch="poll", on_file=on_file,
-                                  on_status=on_status)
-        sender = xfer.Sender(receiver.address, dispatch="poll", on_progress=on_progress,
-                             on_done=on_done, on_error=on_error)
+        receiver = start_receiver(self, dst, dispatch="poll", on_file=noting(received.append),
+                                  on_status=noting(statuses.append))
+        sender = xfer.Sender(receiver.address, dispatch="poll",
+                             on_progress=noting(lambda job: progress.setdefault(job, []).append(
+                                 job.progress)),
+                             on_done=noting(done.append), on_error=noting(done.append))
         self.addCleanup(sender.close, False)
         jobs = {}
         for rel, path in sorted(files.items()):

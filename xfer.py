@@ -11240,7 +11240,7 @@ def _reachable_at(bound_host, local=_local_addresses):
 
 
 def _page_url(receiver, host, port):
-    """The web page's address at host (README "Browser page"), or None
+    """The web page's address at host (README "Browser"), or None
     without one (--no-web)."""
     if not getattr(receiver, "web", False):
         return None
