@@ -71,10 +71,12 @@ XFER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xfer.py")
 #: A child runs `xfer.main()` from bytecode this suite caches, so each start
 #: does not compile the whole script again (a script given by path never is):
 #: that was most of the suite's CPU.  `python3 xfer.py` itself is run by
-#: SmokeTests and wherever a test is about the script.
+#: SmokeTests and wherever a test is about the script.  -S: xfer imports
+#: the standard library only, so a child skips site and whatever .pth files
+#: the machine's site-packages run at every start (a quarter of a child's CPU).
 _PYCACHE = tempfile.mkdtemp(prefix="xfer-test-pycache-")
 atexit.register(shutil.rmtree, _PYCACHE, True)
-XFER_CMD = [sys.executable, "-c", "import sys; sys.path[0] = %r; import xfer; "
+XFER_CMD = [sys.executable, "-S", "-c", "import sys; sys.path[0] = %r; import xfer; "
             "sys.exit(xfer.main())" % os.path.dirname(XFER)]
 
 
@@ -2271,8 +2273,9 @@ class _PairFlip:
 
 def _pair_serve(test, env, directory, *args):
     """Start serve (stdin a pipe); return (proc, port, next_line(predicate))."""
-    proc = subprocess.Popen([sys.executable, "-u", XFER, "serve", "--host", HOST, "--port",
-                             "0", "--dir", directory] + list(args), env=env,
+    proc = subprocess.Popen([sys.executable, "-u"] + XFER_CMD[1:] + [
+                             "serve", "--host", HOST, "--port", "0", "--dir", directory]
+                            + list(args), env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, universal_newlines=True)
     test.addCleanup(proc.communicate, timeout=TIMEOUT)     # after the reader's cleanup
@@ -3455,6 +3458,21 @@ class ServerRobustnessTests(unittest.TestCase):
         holder.bye()
         self.assertTrue(wait_until(lambda: receiver.connections == 0))
         _hostile_still_serves(self, receiver, self.dst)
+
+    def test_busy_refusals_of_silent_connections_keep_no_one_waiting(self):
+        # The accepting thread answers "busy" and closes at once: it never
+        # waits for a request that a silent client does not send.
+        receiver = start_receiver(self, self.dst, max_connections=1)
+        holder = _HostileClient(receiver.address)
+        self.addCleanup(holder.close)
+        holder.ping()
+        started = time.monotonic()
+        for _ in range(3):
+            extra = raw_connect(receiver.address)
+            self.addCleanup(extra.close)
+            self.assertTrue(recv_until_closed(extra).startswith(xfer.MAGIC))
+        self.assertLess(time.monotonic() - started, 1.0)
+        holder.bye()
 
     @unittest.skipUnless(sys.platform.startswith("linux"), "needs all of 127.0.0.0/8")
     def test_per_address_cap_refuses_only_that_address(self):
@@ -6342,7 +6360,7 @@ class HttpApiTests(unittest.TestCase):
         hook = write_file(os.path.join(home, "hook.py"), _HOOK.encode("utf-8"))
         env = dict(isolated_env(home), HOOK_RESULTS=results)
         proc, port = spawn_server(self, "--dir", dst, "--token", _HTTP_TOKEN, "--on-receive",
-                                  _command_line([sys.executable, hook]), env=env)
+                                  _command_line([sys.executable, "-S", hook]), env=env)
         conn = http.client.HTTPConnection(HOST, port, timeout=TIMEOUT)
         self.addCleanup(conn.close)
         response, _, answer = _http(conn, "PUT", "/api/files/photo.jpg", b"jpeg bytes")
@@ -8103,7 +8121,7 @@ class PullMoreTests(_PullCase):
         self.addCleanup(shutil.rmtree, root, True)
         # The first child to import xfer compiles it, its peak then the
         # compiler's: a child that only imports it caches the bytecode first.
-        subprocess.run(XFER_CMD[:2] + ["import sys; sys.path[0] = %r; import xfer"
+        subprocess.run(XFER_CMD[:-1] + ["import sys; sys.path[0] = %r; import xfer"
                                        % os.path.dirname(XFER)],
                        env=isolated_env(self.root), timeout=TIMEOUT)
         peaks = {}
@@ -10287,7 +10305,7 @@ def _sec_pairing_command(test, lines):
     test.assertEqual(len(found), 1, lines)
     args = shlex.split(found[0])
     test.assertEqual(args[:4], ["python3", "xfer.py", "config", "add"], found[0])
-    return [sys.executable, XFER] + args[2:]
+    return XFER_CMD + args[2:]
 
 
 def _sec_option(args, name):
@@ -11346,7 +11364,7 @@ class EverydayTests(unittest.TestCase):
         gate.listen(4)
         gate.settimeout(TIMEOUT)
         env = dict(self.env, HOOK_RESULTS=results, HOOK_GATE_PORT=str(gate.getsockname()[1]))
-        command = _command_line([sys.executable, hook])
+        command = _command_line([sys.executable, "-S", hook])
         proc, port = spawn_server(self, "--dir", dst, "--no-auth", "--on-receive", command,
                                   "--hook-timeout", str(TIMEOUT), cwd=self.cwd, env=env)
 

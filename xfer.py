@@ -3103,9 +3103,10 @@ class Receiver:
             else:
                 reason = "server busy: %d connections already open" % self.max_connections
             self._log("%s: refused: %s" % (_peer_text(address), reason))
+        answer = self._busy_answer(sock, reason)
         try:
             sock.settimeout(1.0)
-            sock.sendall(self._busy_answer(sock, reason))
+            sock.sendall(answer)
         except OSError:
             pass
 
@@ -3117,6 +3118,9 @@ class Receiver:
         request = b""
         if hasattr(socket, "MSG_DONTWAIT"):
             try:
+                # Non-blocking first: on a socket with a timeout even a
+                # MSG_DONTWAIT recv waits that long for data to arrive.
+                sock.setblocking(False)
                 request = sock.recv(HTTP_DRAIN_MAX, socket.MSG_DONTWAIT)
             except OSError:
                 pass
