@@ -74,7 +74,25 @@ XFER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xfer.py")
 #: SmokeTests and wherever a test is about the script.  -S: xfer imports
 #: the standard library only, so a child skips site and whatever .pth files
 #: the machine's site-packages run at every start (a quarter of a child's CPU).
-_PYCACHE = tempfile.mkdtemp(prefix="xfer-test-pycache-")
+def _temp_base():
+    """Where the suite's temporary directories go: TMPDIR if that is set,
+    else a RAM filesystem (/dev/shm) with room to spare, else the default.
+    Creating a file on a journaled disk can cost 30 times what it costs
+    there, and the suite creates and removes thousands."""
+    shm = "/dev/shm"
+    if os.environ.get("TMPDIR") or not hasattr(os, "statvfs"):
+        return None
+    try:
+        st = os.statvfs(shm)
+    except OSError:
+        return None
+    if os.path.isdir(shm) and os.access(shm, os.W_OK) and st.f_bavail * st.f_frsize >= 2**30:
+        return shm
+    return None
+
+
+_TEMP_BASE = _temp_base()
+_PYCACHE = tempfile.mkdtemp(prefix="xfer-test-pycache-", dir=_TEMP_BASE)
 atexit.register(shutil.rmtree, _PYCACHE, True)
 XFER_CMD = [sys.executable, "-S", "-c", "import sys; sys.path[0] = %r; import xfer; "
             "sys.exit(xfer.main())" % os.path.dirname(XFER)]
@@ -86,7 +104,7 @@ XFER_CMD = [sys.executable, "-S", "-c", "import sys; sys.path[0] = %r; import xf
 
 def temp_dir(test):
     """A fresh temporary directory removed when the test ends."""
-    td = tempfile.TemporaryDirectory(prefix="xfer-test-")
+    td = tempfile.TemporaryDirectory(prefix="xfer-test-", dir=_TEMP_BASE)
     test.addCleanup(td.cleanup)
     return os.path.realpath(td.name)
 
@@ -6731,7 +6749,7 @@ class BrowserPageTests(unittest.TestCase):
 
     @classmethod
     def start_server(cls, **kw):
-        td = tempfile.TemporaryDirectory(prefix="xfer-test-")
+        td = tempfile.TemporaryDirectory(prefix="xfer-test-", dir=_TEMP_BASE)
         cls.addClassCleanup(td.cleanup)
         dest = os.path.realpath(td.name)
         receiver = xfer.Receiver(dest, host=HOST, port=0, token="browser-test-token",
@@ -8150,7 +8168,7 @@ class PullMoreTests(_PullCase):
                    "        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
                    % os.path.dirname(XFER))
         env = isolated_env(self.root)
-        server = subprocess.Popen([sys.executable, "-u", "-c", prelude + (
+        server = subprocess.Popen([sys.executable, "-u", "-S", "-c", prelude + (
             # No start-up sweep for partials: it lists DIR its own way.
             "r = xfer.Receiver(sys.argv[1], host=%r, port=0, allow_get=True, "
             "partial_max_age=None).start(); "
@@ -8160,7 +8178,7 @@ class PullMoreTests(_PullCase):
         self.addCleanup(lambda: server.poll() is not None or server.kill()
                         or server.communicate(timeout=TIMEOUT))
         port = int(server.stdout.readline())
-        client = subprocess.run([sys.executable, "-c", prelude + (
+        client = subprocess.run([sys.executable, "-S", "-c", prelude + (
             "n = [0]; s = xfer.Sender((%r, %d)); "
             "job = s.list('', on_entry=lambda e: n.__setitem__(0, n[0] + 1)); s.close(); "
             "print(job.state, n[0], peak(), job.error)" % (HOST, port))],
@@ -8310,9 +8328,10 @@ class WatchFolderTests(unittest.TestCase):
         receiver = start_receiver(self, dst, on_file=arrived.append)
         sender = xfer.Sender(receiver.address)
         self.addCleanup(sender.close, False)
-        # Ten chunks over two seconds: each pause is shorter than settle.
+        # Five chunks over a second: each pause is shorter than settle, all
+        # of them longer.
         watch = self.watch(sender, src, settle=0.6)
-        chunks = [os.urandom(30000) for _ in range(10)]
+        chunks = [os.urandom(30000) for _ in range(5)]
         path = os.path.join(src, "slow.exr")
         final = os.path.join(dst, os.path.basename(src), "slow.exr")
         written = threading.Event()
@@ -8361,19 +8380,19 @@ class WatchFolderTests(unittest.TestCase):
         written = {}
         pace = threading.Event()
         start = time.monotonic()
-        for i in range(120):
+        for i in range(60):     # a second of them
             name = "frame.%04d.exr" % i
             write_file(os.path.join(src, name), os.urandom(2000))
             written[name] = time.time()
             pace.wait(max(0.0, start + (i + 1) / 60.0 - time.monotonic()))
         seen = []
-        self.assertTrue(_watch_until(watch, seen, lambda s: len(_watch_sent(s)) >= 120),
-                        "%d of 120 sent" % len(_watch_sent(seen)))
+        self.assertTrue(_watch_until(watch, seen, lambda s: len(_watch_sent(s)) >= 60),
+                        "%d of 60 sent" % len(_watch_sent(seen)))
         with lock:
             self.assertEqual(sorted(arrived), sorted(written))
             twice = [n for n, times in arrived.items() if len(times) > 1]
         self.assertEqual(twice, [])
-        self.assertEqual(watch.files_sent, 120)
+        self.assertEqual(watch.files_sent, 60)
 
     def test_appended_file_is_sent_again_and_unchanged_file_never_resent_across_restart(self):
         src, dst = temp_dir(self), temp_dir(self)
@@ -8406,8 +8425,11 @@ class WatchFolderTests(unittest.TestCase):
 
     def test_receiver_stopped_five_seconds_and_restarted_everything_written_meanwhile_arrives(self):
         src, dst = temp_dir(self), temp_dir(self)
-        # A quicker reconnect schedule: the outage is what is tested, not the wait.
-        patch = mock.patch.object(xfer, "RECONNECT_DELAYS", (0.1, 0.2, 0.4))
+        # The outage is what is tested, not the wait: the reconnect schedule
+        # and the five seconds both run five times faster.
+        quick = 0.2
+        patch = mock.patch.object(xfer, "RECONNECT_DELAYS",
+                                  tuple(d * quick for d in xfer.RECONNECT_DELAYS))
         patch.start()
         self.addCleanup(patch.stop)
         receiver = xfer.Receiver(dst, host=HOST, port=0)
@@ -8428,7 +8450,7 @@ class WatchFolderTests(unittest.TestCase):
         self.assertTrue(_watch_until(watch, seen, lambda s: any(e.kind == "waiting" for e in s)),
                         seen)
         self.assertIsNotNone(watch.waiting)
-        _watch_until(watch, seen, lambda s: time.monotonic() - stopped >= 5.0)
+        _watch_until(watch, seen, lambda s: time.monotonic() - stopped >= 5.0 * quick)
         self.assertFalse(watch.stopped)
         write_file(os.path.join(src, "late.bin"), b"late")
         restarted = xfer.Receiver(dst, host=HOST, port=address[1])
@@ -8559,7 +8581,8 @@ class WatchFolderTests(unittest.TestCase):
         receiver = start_receiver(self, dst, token=TOKEN)
         write_file(os.path.join(src, "first.bin"), b"first")
         proc = popen_reaped(self, [XFER, "send-dir", "--watch", "--json", "--settle", "0.2",
-                                   "--token", TOKEN, src, "%s:%d:" % receiver.address],
+                                   "--interval", "0.05", "--token", TOKEN, src,
+                                   "%s:%d:" % receiver.address],
                             env=isolated_env(home))
         events = queue.Queue()
         threading.Thread(target=lambda: [events.put(json.loads(line)) for line in proc.stdout],
@@ -10032,8 +10055,9 @@ class StartupTests(unittest.TestCase):
         dst = temp_dir(self)
         wrapper = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
                    "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
-        proc = popen_reaped(self, ["-c", wrapper, "-u", XFER, "serve", "--host", HOST,
-                                   "--port", "0", "--dir", dst, "--token", TOKEN],
+        proc = popen_reaped(self, ["-c", wrapper, "-u"] + XFER_CMD[1:] + [
+                                   "serve", "--host", HOST, "--port", "0", "--dir", dst,
+                                   "--token", TOKEN],
                             cwd=self.home, env=self.env)
         lines = queue.Queue()
         threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
@@ -10064,8 +10088,9 @@ class StartupTests(unittest.TestCase):
             "    return self\n"
             "xfer.Receiver.start = start_then_block\n"
             "sys.exit(xfer.main(sys.argv[2:]))\n")
-        proc = popen_reaped(self, ["-c", wrapper, XFER, "serve", "--host", HOST, "--port", "0",
-                                   "--dir", dst, "--token", TOKEN], cwd=self.home, env=self.env)
+        proc = popen_reaped(self, ["-S", "-c", wrapper, XFER, "serve", "--host", HOST,
+                                   "--port", "0", "--dir", dst, "--token", TOKEN],
+                            cwd=self.home, env=self.env)
         lines = queue.Queue()
         threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
         self.assertTrue(lines.get(timeout=TIMEOUT).startswith("listening on "))
@@ -10194,9 +10219,10 @@ class CommandLineTests(unittest.TestCase):
         p = write_file(os.path.join(temp_dir(self), "f.txt"), b"f")
         port = _free_port()
         started = time.monotonic()
-        r = self.xfer("send", "--to", "%s:%d" % (HOST, port), "--token", TOKEN, p)
-        # run_xfer gives up at TIMEOUT; a refused connect (retried with
-        # backoff) ends in about 2 s, well before that.
+        r = self.xfer("send", "--to", "%s:%d" % (HOST, port), "--token", TOKEN,
+                      "--retries", "1", p)
+        # run_xfer gives up at TIMEOUT; a refused connect (retried once, after
+        # a quarter of a second or so) ends well before that.
         self.assertLess(time.monotonic() - started, TIMEOUT / 2, "send waited out a timeout")
         self.assertEqual(r.returncode, xfer.EXIT_CONNECT, r.stderr)
         line = self.assertOneLineError(r)
@@ -10295,6 +10321,8 @@ class CommandLineTests(unittest.TestCase):
 
 
 def _sec_run(cmd, env, cwd):
+    if cmd[:2] == [sys.executable, XFER]:
+        cmd = XFER_CMD + cmd[2:]        # the same command, from cached bytecode
     return subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
 
@@ -10305,7 +10333,7 @@ def _sec_pairing_command(test, lines):
     test.assertEqual(len(found), 1, lines)
     args = shlex.split(found[0])
     test.assertEqual(args[:4], ["python3", "xfer.py", "config", "add"], found[0])
-    return XFER_CMD + args[2:]
+    return [sys.executable, XFER] + args[2:]
 
 
 def _sec_option(args, name):
@@ -10816,8 +10844,8 @@ class EverydayTests(unittest.TestCase):
         """`serve --once --no-auth --quiet ARGS` (short linger) in a subprocess."""
         code = ("import sys; sys.path.insert(0, %r); import xfer; xfer.ONCE_LINGER = %r; "
                 "sys.exit(xfer.main(sys.argv[1:]))" % (os.path.dirname(XFER), _TEST_ONCE_LINGER))
-        return popen_reaped(self, ["-c", code, "serve", "--once", "--no-auth", "--host", HOST,
-                                   "--port", "0", "--quiet"] + list(args),
+        return popen_reaped(self, ["-S", "-c", code, "serve", "--once", "--no-auth", "--host",
+                                   HOST, "--port", "0", "--quiet"] + list(args),
                             cwd=self.cwd, env=self.env)
 
     def ready_port(self, proc):
@@ -11902,7 +11930,7 @@ class RoundTripTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls._class_td = tempfile.TemporaryDirectory(prefix="xfer-test-class-")
+        cls._class_td = tempfile.TemporaryDirectory(prefix="xfer-test-class-", dir=_TEMP_BASE)
         cls.class_dir = os.path.realpath(cls._class_td.name)
         cls.big = os.path.join(cls.class_dir, "big.bin")
         with open(cls.big, "wb") as f:
