@@ -3433,7 +3433,7 @@ class ServerRobustnessTests(unittest.TestCase):
         _hostile_still_serves(self, receiver, self.dst)
 
     def test_silent_client_dropped_after_handshake_timeout(self):
-        receiver = start_receiver(self, self.dst, handshake_timeout=0.3)
+        receiver = start_receiver(self, self.dst, handshake_timeout=0.2)
         for stage in ("nothing", "preface only", "hello but no auth"):
             with self.subTest(stage=stage):
                 client = _HostileClient(receiver.address, handshake=False, timeout=5.0)
@@ -8680,13 +8680,13 @@ class DiscoveryTests(unittest.TestCase):
         proc, port = spawn_server(self, "--dir", temp_dir(self), "--no-discovery", "-q",
                                   env=env)
         with mock.patch.dict(os.environ, {"XFER_DISCOVER_ADDR": "%s:%d" % (HOST, port)}):
-            self.assertEqual(xfer._discover(wait=0.5), [])
+            self.assertEqual(xfer._discover(wait=0.25), [])
         # The config key does the same.
         write_file(os.path.join(home, ".config", "xfer", "xfer.ini"),
                    b"[serve]\nno_discovery = yes\n")
         proc, port = spawn_server(self, "--dir", temp_dir(self), "-q", env=env)
         with mock.patch.dict(os.environ, {"XFER_DISCOVER_ADDR": "%s:%d" % (HOST, port)}):
-            self.assertEqual(xfer._discover(wait=0.5), [])
+            self.assertEqual(xfer._discover(wait=0.25), [])
         receiver = start_receiver(self, temp_dir(self), token="t", discovery=True)
         with mock.patch.dict(os.environ, {"XFER_DISCOVER_ADDR": "%s:%d" % receiver.address}):
             self.assertEqual([e["port"] for e in xfer._discover(wait=TIMEOUT)],
@@ -12746,7 +12746,9 @@ class FaultTests(unittest.TestCase):
         self._cut_and_resume("server")
 
     def test_retry_takes_the_partial_over_from_a_silent_dead_connection(self):
-        self._cut_and_resume("server", hold=False)
+        # Silent for a third of the time: the take-over is tested, not the wait.
+        with mock.patch.object(xfer, "CLAIM_SILENCE", xfer.CLAIM_SILENCE / 3):
+            self._cut_and_resume("server", hold=False)
 
     def test_two_senders_of_one_large_file_both_finish(self):
         # Two live connections want the same partial: neither is cut for the
