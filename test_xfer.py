@@ -10358,7 +10358,10 @@ class PairingTests(unittest.TestCase):
         return port, _sec_banner(self, proc, done)
 
     def xfer(self, env, *args):
-        return _sec_run(XFER_CMD + list(args), env, self.cwd)
+        """xfer ARGS run in this process: what a command does is tested here,
+        a command line as a process is where the pairing line is run."""
+        status, out, err = _cfg_main(list(args), env, self.cwd)
+        return types.SimpleNamespace(returncode=status, stdout=out, stderr=err)
 
     def assertExit(self, result, code):
         self.assertEqual(result.returncode, code,
