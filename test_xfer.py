@@ -9452,11 +9452,12 @@ class SharedPiecesTests(unittest.TestCase):
     PARSER = "import argparse; argparse.ArgumentParser().add_argument('-x', help='x')"
 
     def imported(self, *argv, base="pass"):
-        """The LAZY modules that `python3 -X importtime ARGV` imports beyond
-        `python3 -c BASE` (the command line's parser brings its own: shutil, at
-        import in 3.8 and with its first help formatter in 3.13)."""
+        """The LAZY modules that `python3 -S -X importtime ARGV` imports beyond
+        `python3 -S -c BASE` (the command line's parser brings its own: shutil,
+        at import in 3.8 and with its first help formatter in 3.13).  -S: the
+        .pth files that site runs may import some of them, hiding them here."""
         def names(*args):
-            r = subprocess.run([sys.executable, "-X", "importtime"] + list(args),
+            r = subprocess.run([sys.executable, "-S", "-X", "importtime"] + list(args),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                universal_newlines=True, cwd=self.home, env=self.env,
                                timeout=TIMEOUT)
@@ -9471,12 +9472,12 @@ class SharedPiecesTests(unittest.TestCase):
         env = dict(self.env, PYTHONPATH=os.path.dirname(XFER))
         self.env = env
         self.assertEqual(self.imported("-c", "import xfer"), [])
-        self.assertEqual(self.imported(XFER, "--version", base=self.PARSER), [])
+        self.assertEqual(self.imported(*XFER_CMD[2:], "--version", base=self.PARSER), [])
 
     def test_ping_imports_only_what_it_uses(self):
         receiver = start_receiver(self, temp_dir(self), token=TOKEN)
         self.env["XFER_TOKEN"] = TOKEN
-        self.assertEqual(self.imported(XFER, "ping", "%s:%d" % receiver.address,
+        self.assertEqual(self.imported(*XFER_CMD[2:], "ping", "%s:%d" % receiver.address,
                                        base=self.PARSER), [])
 
     def test_no_command_reads_config_from_the_working_directory(self):
