@@ -333,20 +333,19 @@ TOKEN = "cli-test-token"
 
 
 def _cfg_serve_error(test, *args, env, cwd):
-    """Run `serve ARGS`, which must refuse to start; return its stderr line.
-
-    A server that starts anyway is killed after a few seconds and fails the test.
-    """
-    try:
-        result = run_xfer("serve", "--host", HOST, "--port", "0", *args, cwd=cwd, env=env,
-                          timeout=5)
-    except subprocess.TimeoutExpired:
-        test.fail("serve %s started instead of refusing" % " ".join(args))
-    test.assertEqual(result.returncode, xfer.EXIT_USAGE, result.stderr)
-    test.assertNotIn("Traceback", result.stderr)
-    lines = result.stderr.strip().splitlines()
-    test.assertEqual(len(lines), 1, result.stderr)
-    test.assertNotIn("listening on", result.stdout)
+    """Run `serve ARGS` in this process, which must refuse to start; return
+    its stderr line.  A server that gets as far as starting fails the test
+    instead of serving."""
+    def started(receiver):
+        raise AssertionError("serve %s started instead of refusing" % " ".join(args))
+    with mock.patch.object(xfer.Receiver, "start", started):
+        status, out, err = _cfg_main(["serve", "--host", HOST, "--port", "0"] + list(args),
+                                     env, cwd)
+    test.assertEqual(status, xfer.EXIT_USAGE, err)
+    test.assertNotIn("Traceback", err)
+    lines = err.strip().splitlines()
+    test.assertEqual(len(lines), 1, err)
+    test.assertNotIn("listening on", out)
     return lines[0]
 
 
