@@ -7347,6 +7347,10 @@ class LongLivedSenderTests(unittest.TestCase):
         # connection the stopped receiver closed; its retry then connects.
         sender = xfer.Sender((HOST, port), retries=1)
         self.addCleanup(sender.close, False)
+        # The first of RECONNECT_DELAYS shortened: the reconnect is tested, not its wait.
+        patch = mock.patch.object(xfer, "RECONNECT_DELAYS", (0.1,))
+        patch.start()
+        self.addCleanup(patch.stop)
         up = sender.queue(paths[0])
         self.assertTrue(up.wait(TIMEOUT))
         self.assertEqual(up.state, "done", up.error)
