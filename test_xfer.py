@@ -21,6 +21,7 @@ import collections
 import concurrent.futures
 import contextlib
 import errno
+import gc
 import hashlib
 import hmac
 import http.client
@@ -160,6 +161,20 @@ def partials(root):
     """Every temporary (PARTIAL_PREFIX) file left below root, as paths below it."""
     return [p for p in tree_listing(root)
             if p.rsplit("/", 1)[-1].startswith(xfer.PARTIAL_PREFIX)]
+
+
+def parse_file(path):
+    """ast.parse of a file, the garbage collector paused meanwhile: walking
+    the young nodes of a tree this size again and again doubled its cost."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(source, filename=path)
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def write_file(path, data):
@@ -12157,7 +12172,8 @@ class MiscTests(unittest.TestCase):
         cwd = temp_dir(self)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.path.dirname(os.path.abspath(xfer.__file__))
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = _PYCACHE       # the suite's bytecode, none beside xfer.py
         proc = subprocess.run([sys.executable, "-c", "import xfer"], cwd=cwd, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               universal_newlines=True, timeout=TIMEOUT)
@@ -12168,8 +12184,7 @@ class MiscTests(unittest.TestCase):
 
     @unittest.skipIf(sys.version_info < (3, 10), "needs sys.stdlib_module_names (3.10+)")
     def test_standard_library_only(self):
-        with open(xfer.__file__, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), filename=xfer.__file__)
+        tree = parse_file(xfer.__file__)
         modules = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -12185,8 +12200,7 @@ class TestSuiteShapeTests(unittest.TestCase):
     def test_python3_test_xfer_py_runs_the_whole_suite(self):
         # One call of unittest.main, as the file's last statement: another one
         # earlier would run only the classes above it and exit.
-        with open(os.path.abspath(__file__), encoding="utf-8") as f:
-            tree = ast.parse(f.read())
+        tree = parse_file(os.path.abspath(__file__))
         calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
                  and isinstance(node.func, ast.Attribute) and node.func.attr == "main"
                  and isinstance(node.func.value, ast.Name) and node.func.value.id == "unittest"]
