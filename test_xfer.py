@@ -130,14 +130,48 @@ def readme_session(heading, readme=None):
     return [tuple(m) for m in messages]
 
 
-def start_receiver(test, directory, **kw):
-    """A Receiver on 127.0.0.1, port 0, stopped when the test ends."""
+def start_receiver(test, directory, cls=None, **kw):
+    """A Receiver (or cls, a subclass: receiver_with()) on 127.0.0.1, port 0,
+    stopped when the test ends."""
     kw.setdefault("host", HOST)
     kw.setdefault("port", 0)
-    receiver = xfer.Receiver(directory, **kw)
+    receiver = (cls or xfer.Receiver)(directory, **kw)
     receiver.start()
     test.addCleanup(receiver.stop)
     return receiver
+
+
+def receiver_with(**parts):
+    """A Receiver subclass that builds its connections from other parts, the
+    seams its docstring names: session=, dest=, store=, incoming=, commit=
+    (subclasses of xfer's own), time= and secrets= (stand-ins for those
+    modules: _NamesClock, _FixedSecrets)."""
+    modules = {"time": "_time", "secrets": "_secrets"}
+    return type("PartsReceiver", (xfer.Receiver,),
+                {modules.get(k, "_%s_class" % k): v for k, v in parts.items()})
+
+
+def faulty_dest(code, *methods, when=None):
+    """A _Dest subclass (receiver_with(dest=...)) whose named methods fail
+    with OSError(code), as on a failing disk: every call, or those for
+    which when(*args) is true, until its armed is set False."""
+    def failing(name):
+        real = getattr(xfer._Dest, name)
+
+        def method(dest, *args, **kw):
+            if dest.armed and (when is None or when(*args, **kw)):
+                raise OSError(code, os.strerror(code))
+            return real(dest, *args, **kw)
+        return method
+    faults = {name: failing(name) for name in methods}
+    return type("FaultyDest", (xfer._Dest,), dict(faults, armed=True))
+
+
+class _NoDirFdDest(xfer._Dest):
+    """A _Dest on the code path without dir_fd (Windows'), on any system."""
+
+    def __init__(self, root, use_dir_fd=False, root_fd=None):
+        super().__init__(root, use_dir_fd=False, root_fd=root_fd)
 
 
 def wait_until(predicate, timeout=TIMEOUT):
@@ -1244,7 +1278,8 @@ def _http_raw(receiver, data):
 
 
 class _NamesClock:
-    """xfer's time module with time.time() moved by shift seconds."""
+    """The time module with time.time() moved by shift seconds (a
+    Receiver's time=: receiver_with())."""
 
     def __init__(self, shift):
         self.shift = shift
@@ -1254,6 +1289,17 @@ class _NamesClock:
 
     def time(self):
         return time.time() + self.shift
+
+
+class _FixedSecrets:
+    """The secrets module with some calls replaced (a Receiver's secrets=:
+    receiver_with()): _FixedSecrets(token_hex=function, ...)."""
+
+    def __init__(self, **calls):
+        self.calls = calls
+
+    def __getattr__(self, name):
+        return self.calls.get(name) or getattr(xfer.secrets, name)
 
 
 #------------------------------------------------------------
@@ -1701,32 +1747,29 @@ class ProtocolV2Tests(unittest.TestCase):
         os.mkdir(elsewhere)
         _hostile_symlink(self, elsewhere, os.path.join(dest, "link"), target_is_directory=True)
         write_file(os.path.join(dest, "plain"), b"a file, not a directory")
-        real_dest = xfer._Dest
-        with mock.patch.object(xfer, "_Dest",
-                               lambda root, root_fd=None: real_dest(
-                                   root, use_dir_fd=use_dir_fd, root_fd=root_fd)):
-            receiver = start_receiver(self, dest)
-            client = _HostileClient(receiver.address)
-            self.addCleanup(client.close)
-            for name, want in (("link/x", xfer.ST_BAD_PATH), ("link/deeper/x", xfer.ST_BAD_PATH),
-                               ("plain/x", xfer.ST_CONFLICT)):
-                for stream in (True, False):
-                    with self.subTest(name=name, stream=stream, use_dir_fd=use_dir_fd):
-                        status, reason = client.send_file(name, b"data", stream=stream)
-                        self.assertEqual(status, want, reason)
-                        self.assertIn(name, reason)
-                fid = next(client.ids)
-                client.send(client.frame(xfer._Msg.MKDIR, xfer._MKDIR.pack(fid, 0o755)
-                                         + name.encode() + b"/sub"))
-                status, reason = client.read_result(fid)
-                self.assertEqual(status, want, (name, reason))
-                fid = next(client.ids)
-                client.send(client.frame(xfer._Msg.CHECK, xfer._CHECK.pack(
-                    fid, 4, 0, 0, bytes(32)) + name.encode()))
-                status, reason = client.read_result(fid)
-                if name.startswith("link/"):
-                    self.assertEqual(status, xfer.ST_BAD_PATH, (name, reason))
-            client.bye()
+        parts = receiver_with(dest=xfer._Dest if use_dir_fd else _NoDirFdDest)
+        receiver = start_receiver(self, dest, cls=parts)
+        client = _HostileClient(receiver.address)
+        self.addCleanup(client.close)
+        for name, want in (("link/x", xfer.ST_BAD_PATH), ("link/deeper/x", xfer.ST_BAD_PATH),
+                           ("plain/x", xfer.ST_CONFLICT)):
+            for stream in (True, False):
+                with self.subTest(name=name, stream=stream, use_dir_fd=use_dir_fd):
+                    status, reason = client.send_file(name, b"data", stream=stream)
+                    self.assertEqual(status, want, reason)
+                    self.assertIn(name, reason)
+            fid = next(client.ids)
+            client.send(client.frame(xfer._Msg.MKDIR, xfer._MKDIR.pack(fid, 0o755)
+                                     + name.encode() + b"/sub"))
+            status, reason = client.read_result(fid)
+            self.assertEqual(status, want, (name, reason))
+            fid = next(client.ids)
+            client.send(client.frame(xfer._Msg.CHECK, xfer._CHECK.pack(
+                fid, 4, 0, 0, bytes(32)) + name.encode()))
+            status, reason = client.read_result(fid)
+            if name.startswith("link/"):
+                self.assertEqual(status, xfer.ST_BAD_PATH, (name, reason))
+        client.bye()
         self.assertEqual(os.listdir(elsewhere), [])
 
     def test_symlink_in_a_parent_is_a_bad_path(self):
@@ -2670,8 +2713,8 @@ class PathSafetyTests(unittest.TestCase):
         client.bye()
         self.assertEqual(tree_listing(outer), ["dest", "dest/fine.txt"])
 
-    def _symlink_scene(self):
-        outer, dest, receiver = self._outer_dest()
+    def _symlink_scene(self, **kw):
+        outer, dest, receiver = self._outer_dest(**kw)
         elsewhere = os.path.join(outer, "elsewhere")
         os.mkdir(elsewhere)
         target = write_file(os.path.join(outer, "target"), b"original target\n")
@@ -2681,7 +2724,8 @@ class PathSafetyTests(unittest.TestCase):
         return outer, dest, receiver, elsewhere, target
 
     def _check_symlinks_not_followed(self, use_dir_fd):
-        outer, dest, receiver, elsewhere, target = self._symlink_scene()
+        parts = receiver_with(dest=xfer._Dest if use_dir_fd else _NoDirFdDest)
+        outer, dest, receiver, elsewhere, target = self._symlink_scene(cls=parts)
         before = tree_listing(outer)
         client = _HostileClient(receiver.address)
         self.addCleanup(client.close)
@@ -2712,10 +2756,7 @@ class PathSafetyTests(unittest.TestCase):
 
     def test_live_symlinks_not_followed_without_dir_fd(self):
         # The Windows code path (lstat checks), exercised on this platform.
-        real_dest = xfer._Dest
-        with mock.patch.object(xfer, "_Dest",
-                               lambda root, root_fd=None: real_dest(root, use_dir_fd=False)):
-            self._check_symlinks_not_followed(False)
+        self._check_symlinks_not_followed(False)
 
     def test_live_mkdir_through_symlink_is_refused(self):
         outer, dest, receiver, elsewhere, target = self._symlink_scene()
@@ -3848,20 +3889,19 @@ class BatchTests(unittest.TestCase):
                     self.assertEqual(how, "sendall")
 
     def test_batch_bodies_already_read_are_stored_from_the_read_buffer(self):
-        receiver = start_receiver(self, self.dst, token=self.TOKEN, fsync=False)
         copied = []
-        real = xfer._take_body
 
-        def take_body(*args, **kw):      # the path that copies a body out first
-            copied.append(args[1])
-            return real(*args, **kw)
-
+        class Incoming(xfer._IncomingFile):
+            def receive(self, *args, **kw):     # the path that copies a body out first
+                copied.append(self.raw)
+                return super().receive(*args, **kw)
+        receiver = start_receiver(self, self.dst, cls=receiver_with(incoming=Incoming),
+                                  token=self.TOKEN, fsync=False)
         client = self.client(receiver)
         files = [("f%d.txt" % i, b"body %d\n" % i) for i in range(5)]
         first, data = _batch_bytes(client, files)
-        with mock.patch.object(xfer, "_take_body", take_body):
-            client.send(data)            # one small write: it arrives in one piece
-            self.assertEqual(_read_results(client), (first, [(xfer.ST_OK, "")] * 5))
+        client.send(data)            # one small write: it arrives in one piece
+        self.assertEqual(_read_results(client), (first, [(xfer.ST_OK, "")] * 5))
         self.assertEqual(copied, [])
         for name, body in files:
             with open(os.path.join(self.dst, name), "rb") as f:
@@ -3938,23 +3978,22 @@ class CheckByDirectoryTests(unittest.TestCase):
         files = {"d%d/f%02d" % (i % 2, i): b"%d" % i for i in range(80)}
         tree = _make_tree(os.path.join(src, "t"), files)
         asked = collections.Counter()
-        real_check, real_checks = xfer._ReceiveSession._on_check, xfer._ReceiveSession._on_checks
 
-        def on_check(session, payload):
-            asked["CHECK"] += 1
-            return real_check(session, payload)
+        class Asked(xfer._ReceiveSession):
+            def _on_check(self, payload):
+                asked["CHECK"] += 1
+                return super()._on_check(payload)
 
-        def on_checks(session, payload):
-            asked["CHECKS"] += 1
-            return real_checks(session, payload)
-        receiver = start_receiver(self, self.dst, fsync=False)
+            def _on_checks(self, payload):
+                asked["CHECKS"] += 1
+                return super()._on_checks(payload)
+        receiver = start_receiver(self, self.dst, cls=receiver_with(session=Asked), fsync=False)
         with xfer.Sender(receiver.address, workers=1) as sender:
             sender.queue(tree)
         self.assertEqual(sender.files_done, 80)
-        with mock.patch.object(xfer._ReceiveSession, "_on_check", on_check), \
-                mock.patch.object(xfer._ReceiveSession, "_on_checks", on_checks):
-            with xfer.Sender(receiver.address, workers=1) as sender:
-                job = sender.queue(tree)
+        asked.clear()               # the second run's questions only
+        with xfer.Sender(receiver.address, workers=1) as sender:
+            job = sender.queue(tree)
         self.assertEqual(job.state, "done", job.error)
         self.assertEqual((sender.files_done, sender.files_skipped), (0, 80))
         self.assertEqual(asked["CHECK"], 0)
@@ -4027,44 +4066,42 @@ class PerformanceTests(unittest.TestCase):
         # synced, so one file's sync cannot stand in for another's.
         dst = temp_dir(self)
         events = []
-        real_seal, real_publish = xfer._IncomingFile.seal, xfer._Store.publish
-        real_sync, real_count = xfer.Receiver._sync, xfer.Receiver._count_files
 
-        def seal(incoming, fd):
-            events.append(("seal", incoming.temp.rsplit(".", 1)[-1]))
-            return real_seal(incoming, fd)
+        class Incoming(xfer._IncomingFile):
+            def seal(self, fd):
+                events.append(("seal", self.temp.rsplit(".", 1)[-1]))
+                return super().seal(fd)
 
-        def sync(receiver, what, target):
-            events.append((what, _life_identity(target)))
-            return real_sync(receiver, what, target)
+        class Store(xfer._Store):
+            def publish(self, handle, temp, parts, raw, existed):
+                result = super().publish(handle, temp, parts, raw, existed)
+                events.append(("publish", result[0]))
+                return result
 
-        def publish(store, handle, temp, parts, raw, existed):
-            result = real_publish(store, handle, temp, parts, raw, existed)
-            events.append(("publish", result[0]))
-            return result
+        class Recording(receiver_with(incoming=Incoming, store=Store)):
+            def _sync(self, what, target):
+                events.append((what, _life_identity(target)))
+                return super()._sync(what, target)
 
-        def count(receiver, count, size, resumed=0, resumed_bytes=0, infos=()):
-            events.extend(("count", info.relpath.rsplit("/", 1)[-1]) for info in infos)
-            return real_count(receiver, count, size, resumed, resumed_bytes, infos)
+            def _count_files(self, count, size, resumed=0, resumed_bytes=0, infos=()):
+                events.extend(("count", info.relpath.rsplit("/", 1)[-1]) for info in infos)
+                return super()._count_files(count, size, resumed, resumed_bytes, infos)
 
         names = ["f%02d" % i for i in range(40)]
-        with mock.patch.object(xfer._IncomingFile, "seal", seal), \
-                mock.patch.object(xfer._Store, "publish", publish), \
-                mock.patch.object(xfer.Receiver, "_sync", sync), \
-                mock.patch.object(xfer.Receiver, "_count_files", count):
-            # A listener: each file is counted through _count_files, with its name.
-            receiver = start_receiver(self, dst, token="t0k", on_file=lambda info: None)
-            client = _HostileClient(receiver.address, token="t0k")
-            self.addCleanup(client.close)
-            ids, blob = [], []
-            for name in names:
-                fid, frames = _perf_stream_frames(client, ("d/" + name).encode(), name.encode())
-                ids.append(fid)
-                blob.append(frames)
-            client.send(b"".join(blob))
-            for fid in ids:
-                self.assertEqual(client.read_result(fid), (xfer.ST_OK, ""))
-            client.bye()
+        # A listener: each file is counted through _count_files, with its name.
+        receiver = start_receiver(self, dst, cls=Recording, token="t0k",
+                                  on_file=lambda info: None)
+        client = _HostileClient(receiver.address, token="t0k")
+        self.addCleanup(client.close)
+        ids, blob = [], []
+        for name in names:
+            fid, frames = _perf_stream_frames(client, ("d/" + name).encode(), name.encode())
+            ids.append(fid)
+            blob.append(frames)
+        client.send(b"".join(blob))
+        for fid in ids:
+            self.assertEqual(client.read_result(fid), (xfer.ST_OK, ""))
+        client.bye()
         folder = _life_identity(os.path.join(dst, "d"))
         for name in names:
             path = os.path.join(dst, "d", name)
@@ -4154,16 +4191,16 @@ class PerformanceTests(unittest.TestCase):
         small = [write_file(os.path.join(src, "s%02d" % i), b"s" * i) for i in range(40)]
         large = write_file(os.path.join(src, "large"), os.urandom(xfer.STREAM_MAX + 1))
         sessions = []
-        real_run = xfer._ReceiveSession.run
 
-        def run(session):
-            sessions.append(session)
-            return real_run(session)
+        class Counted(xfer._ReceiveSession):
+            def run(self):
+                sessions.append(self)
+                return super().run()
         large2 = write_file(os.path.join(src, "large2"), os.urandom(4 * xfer.CHUNK))
         patcher, held, gate = _embed_gate_write(body_chunk=2)
         self.addCleanup(gate.set)
-        with mock.patch.object(xfer._ReceiveSession, "run", run), patcher:
-            receiver = start_receiver(self, dst, fsync=False)
+        with patcher:
+            receiver = start_receiver(self, dst, cls=receiver_with(session=Counted), fsync=False)
             with xfer.Sender(receiver.address, workers=4) as sender:
                 jobs = [sender.queue(p) for p in small]
                 self.assertTrue(sender.wait(TIMEOUT))
@@ -4261,36 +4298,42 @@ class ReceiverLifecycleTests(unittest.TestCase):
 
 
     def _held_teardown(self, gate, timeout):
-        """Patch the end of every connection to wait for gate (at most timeout
-        seconds), as on a slow disk; returns the list of threads that waited."""
-        real_close, waited = xfer._Dest.close, []
+        """A Receiver class whose connections, as they end, wait for gate (at
+        most timeout seconds), as on a slow disk; and the list of the threads
+        that waited."""
+        waited = []
 
-        def close(dest):
-            waited.append(threading.current_thread())
-            gate.wait(timeout)
-            real_close(dest)
-        patcher = mock.patch.object(xfer._Dest, "close", close)
-        patcher.start()
-        self.addCleanup(patcher.stop)
-        return waited
+        class HeldDest(xfer._Dest):
+            def close(self):
+                waited.append(threading.current_thread())
+                gate.wait(timeout)
+                super().close()
+        return receiver_with(dest=HeldDest), waited
 
-    def _stuck_past_stop(self, receiver, dst):
-        """A connection that holds a file whose answer is not sent yet, then
-        loses its sender: it publishes the file (and would report it) as it
-        ends, and sticks behind a gate there.  Returns (the gate, set at
-        cleanup; [the connection's thread]) once it waits at the gate."""
+    def _stuck_receiver(self, dst, **kw):
+        """A started Receiver on dst whose connections stick behind a gate as
+        they end: (it, the gate, set at cleanup, [the threads that waited])."""
+        gate = threading.Event()
+        cls, waited = self._held_teardown(gate, TIMEOUT)
+        receiver = cls(dst, host=HOST, port=0, **kw)
+        receiver.start()
+        self.addCleanup(receiver.stop)
+        self.addCleanup(gate.set)
+        return receiver, gate, waited
+
+    def _stuck_past_stop(self, receiver, dst, waited):
+        """A connection (of a _stuck_receiver) that holds a file whose answer
+        is not sent yet, then loses its sender: it publishes the file (and
+        would report it) as it ends, and sticks behind the gate there.
+        Returns once it waits at the gate."""
         client = _HostileClient(receiver.address)
         self.addCleanup(client.close)
         _, frames = _perf_stream_frames(client, b"late.txt", b"late")
-        gate = threading.Event()
-        self.addCleanup(gate.set)
-        waited = self._held_teardown(gate, TIMEOUT)
         client.send(frames + client.frame(xfer._Msg.PING)[:3])
         self.assertTrue(wait_until(
             lambda: any(n.startswith(xfer.PARTIAL_PREFIX) for n in os.listdir(dst))))
         client.close()
         self.assertTrue(wait_until(lambda: waited), "the connection never ended")
-        return gate, waited
 
     def test_no_callback_runs_after_stop_returns(self):
         # A connection that takes a moment to end: stop() waits for it, so
@@ -4298,15 +4341,15 @@ class ReceiverLifecycleTests(unittest.TestCase):
         dst = temp_dir(self)
         returned = threading.Event()
         late = []
-        receiver = xfer.Receiver(dst, host=HOST, port=0,
-                                 on_session=lambda info: late.append(returned.is_set()))
+        # The connection's end waits until stop() has returned (or 0.3 s).
+        cls, _ = self._held_teardown(returned, 0.3)
+        receiver = cls(dst, host=HOST, port=0,
+                       on_session=lambda info: late.append(returned.is_set()))
         receiver.start()
         self.addCleanup(receiver.stop)
         client = _HostileClient(receiver.address)
         self.addCleanup(client.close)
         self.assertEqual(client.send_file("one.txt", b"one"), (xfer.ST_OK, ""))
-        # The connection's end waits until stop() has returned (or 0.3 s).
-        self._held_teardown(returned, 0.3)
         receiver.stop()
         returned.set()
         # Had it run after stop() returned, it would say so (True) here.
@@ -4318,14 +4361,12 @@ class ReceiverLifecycleTests(unittest.TestCase):
         # same, and what that connection would report later is dropped.
         dst = temp_dir(self)
         calls, logged, returned = [], [], threading.Event()
-        receiver = xfer.Receiver(
-            dst, host=HOST, port=0, log=logged.append,
+        receiver, gate, waited = self._stuck_receiver(
+            dst, log=logged.append,
             on_file=lambda info: calls.append(("on_file", returned.is_set())),
             on_session=lambda info: calls.append(("on_session", returned.is_set())))
-        receiver.start()
-        self.addCleanup(receiver.stop)
         # Stuck behind the gate before stop() has begun.
-        gate, waited = self._stuck_past_stop(receiver, dst)
+        self._stuck_past_stop(receiver, dst, waited)
         stopper = threading.Thread(target=lambda: (receiver.stop(), returned.set()),
                                    daemon=True)
         with mock.patch.object(xfer, "UNWIND_TIMEOUT", 0.2, create=True):
@@ -4519,13 +4560,10 @@ class ReceiverLifecycleTests(unittest.TestCase):
         # stuck past stop() would report later is never queued.
         dst = temp_dir(self)
         calls = []
-        receiver = xfer.Receiver(
-            dst, host=HOST, port=0, dispatch="poll",
-            on_file=lambda info: calls.append("on_file"),
+        receiver, gate, waited = self._stuck_receiver(
+            dst, dispatch="poll", on_file=lambda info: calls.append("on_file"),
             on_session=lambda info: calls.append("on_session"), on_status=calls.append)
-        receiver.start()
-        self.addCleanup(receiver.stop)
-        gate, waited = self._stuck_past_stop(receiver, dst)
+        self._stuck_past_stop(receiver, dst, waited)
         with mock.patch.object(xfer, "UNWIND_TIMEOUT", 0.2, create=True):
             receiver.stop()
         gate.set()
@@ -4917,14 +4955,13 @@ class RefusalReasonTests(unittest.TestCase):
 
     def test_permission_denied_names_the_path_on_the_receiver(self):
         logs = []
-        receiver = start_receiver(self, self.dst, log=logs.append)
+        denied = faulty_dest(errno.EACCES, "create_temp", "open_partial")
+        receiver = start_receiver(self, self.dst, cls=receiver_with(dest=denied),
+                                  log=logs.append)
         small = write_file(os.path.join(self.src, "a.tif"), os.urandom(3000))
         large = write_file(os.path.join(self.src, "b.tif"), os.urandom(600 * 1024))
-        denied = OSError(errno.EACCES, os.strerror(errno.EACCES))
-        with mock.patch.object(xfer._Dest, "create_temp", side_effect=denied), \
-                mock.patch.object(xfer._Dest, "open_partial", side_effect=denied):
-            with xfer.Sender(receiver.address, retries=0, workers=1) as sender:
-                jobs = [sender.queue(p, subdir="locked") for p in (small, large)]
+        with xfer.Sender(receiver.address, retries=0, workers=1) as sender:
+            jobs = [sender.queue(p, subdir="locked") for p in (small, large)]
         for job, name in zip(jobs, ("a.tif", "b.tif")):
             self.assertEqual(job.state, "failed")
             self.assertEqual(str(job.error), "127.0.0.1: locked/%s: permission denied on "
@@ -4933,16 +4970,16 @@ class RefusalReasonTests(unittest.TestCase):
         self.assertTrue(any(line.endswith(": refused locked/a.tif: permission denied on the "
                                           "receiver") for line in logs), logs)
         self.assertEqual(partials(self.dst), [])
+        denied.armed = False
         _hostile_still_serves(self, receiver, self.dst)
 
     def test_fan_out_names_the_destination_once(self):
-        receiver = start_receiver(self, self.dst)
+        denied = receiver_with(dest=faulty_dest(errno.EACCES, "create_temp"))
+        receiver = start_receiver(self, self.dst, cls=denied)
         path = write_file(os.path.join(self.src, "a.tif"), os.urandom(3000))
-        denied = OSError(errno.EACCES, os.strerror(errno.EACCES))
         to = "%s:%d" % receiver.address
-        with mock.patch.object(xfer._Dest, "create_temp", side_effect=denied):
-            status, out, err = self.main_in_process(
-                "send", "--retries", "0", "--to", to + ":one", "--to", to + ":two", path)
+        status, out, err = self.main_in_process(
+            "send", "--retries", "0", "--to", to + ":one", "--to", to + ":two", path)
         self.assertEqual(status, xfer.EXIT_FAILED, err)
         lines = sorted(line for line in err.splitlines() if line.startswith("xfer: error:"))
         self.assertEqual(lines, [
@@ -5504,29 +5541,27 @@ class LimitTests(unittest.TestCase):
             self.assertEqual(tree_listing(dst), ["aux.c"])
 
     def test_case_collision_refused_on_case_insensitive_destination(self):
-        receiver = start_receiver(self, self.dst)
+        class FoldingDest(xfer._Dest):
+            def lstat(self, handle, name):
+                # Find names the way a case-insensitive filesystem does, so
+                # the test means the same on Linux as on macOS or Windows.
+                st = super().lstat(handle, name)
+                if st is not None:
+                    return st
+                key = unicodedata.normalize("NFC", name).casefold()
+                for other in os.listdir(handle):
+                    if unicodedata.normalize("NFC", other).casefold() == key:
+                        return super().lstat(handle, other)
+                return None
+        receiver = start_receiver(self, self.dst, cls=receiver_with(dest=FoldingDest))
         receiver.case_insensitive = True
-        real_lstat = xfer._Dest.lstat
-
-        def folding_lstat(dest, handle, name):
-            # Find names the way a case-insensitive filesystem does, so the
-            # test means the same on Linux as on macOS or Windows.
-            st = real_lstat(dest, handle, name)
-            if st is not None:
-                return st
-            key = unicodedata.normalize("NFC", name).casefold()
-            for other in os.listdir(handle):
-                if unicodedata.normalize("NFC", other).casefold() == key:
-                    return real_lstat(dest, handle, other)
-            return None
 
         photo = write_file(os.path.join(self.dst, "Photo.JPG"), b"the original photo")
         cafe = write_file(os.path.join(self.dst, "Cafe\u0301.txt"), b"decomposed name")
         before = {p: sha256_file(p) for p in (photo, cafe)}
         p = self.file("p.txt", 50)
-        with mock.patch.object(xfer._Dest, "lstat", folding_lstat):
-            jobs = self.send(receiver, [(p, "photo.jpg", None), (p, "Caf\u00e9.txt", None),
-                                        (p, "Photo.JPG", None)])
+        jobs = self.send(receiver, [(p, "photo.jpg", None), (p, "Caf\u00e9.txt", None),
+                                    (p, "Photo.JPG", None)])
         for job in jobs[:2]:
             self.assertRefused(job, xfer.ST_CONFLICT)
             self.assertIn("case", str(job.error))
@@ -5578,12 +5613,12 @@ class PartialSweepTests(unittest.TestCase):
     def sweep(self, dst, shift=0.0, max_age=DAY):
         """Start a receiver whose clock is shift seconds ahead; return what its sweep logged."""
         logged = []
-        with mock.patch.object(xfer, "time", _NamesClock(shift)):
-            start_receiver(self, dst, partial_max_age=max_age, log=logged.append)
-            for thread in threading.enumerate():
-                if thread.name == "xfer-sweep":
-                    thread.join(TIMEOUT)
-                    self.assertFalse(thread.is_alive(), "the sweep never ended")
+        start_receiver(self, dst, cls=receiver_with(time=_NamesClock(shift)),
+                       partial_max_age=max_age, log=logged.append)
+        for thread in threading.enumerate():
+            if thread.name == "xfer-sweep":
+                thread.join(TIMEOUT)
+                self.assertFalse(thread.is_alive(), "the sweep never ended")
         return logged
 
     def test_fresh_partial_with_an_old_source_mtime_is_kept(self):
@@ -6292,23 +6327,21 @@ class HttpApiTests(unittest.TestCase):
             self.assertIn("sub/deeper/b.txt", [n.split("/", 1)[1] for n in z.namelist()])
 
     def test_a_file_that_changes_while_it_is_sent_is_cut_short(self):
-        receiver, d = _http_server(self, allow_get=True)
-        path = write_file(os.path.join(d, "grow.bin"), b"a" * (3 * xfer.CHUNK))
-        real = xfer._Outgoing.readinto
-
-        def readinto(self, view):
-            n = real(self, view)
-            os.utime(path, (1, 1))          # changed while it is read
-            return n
-        with mock.patch.object(xfer._Outgoing, "readinto", readinto):
-            for path in ("/api/files/grow.bin", "/api/zip/"):
-                with self.subTest(path=path):
-                    conn = _http_conn(self, receiver)
-                    conn.request("GET", path, headers={"Authorization": "Bearer " + _HTTP_TOKEN})
-                    response = conn.getresponse()
-                    self.assertEqual(response.status, 200)
-                    with self.assertRaises(http.client.IncompleteRead):
-                        response.read()
+        class Changing(xfer._Dest):
+            def open_served(self, where, st):
+                f = super().open_served(where, st)
+                os.utime(grow, ns=(1, st.st_mtime_ns + 10**9))   # changed while it is sent
+                return f
+        receiver, d = _http_server(self, cls=receiver_with(dest=Changing), allow_get=True)
+        grow = write_file(os.path.join(d, "grow.bin"), b"a" * (3 * xfer.CHUNK))
+        for path in ("/api/files/grow.bin", "/api/zip/"):
+            with self.subTest(path=path):
+                conn = _http_conn(self, receiver)
+                conn.request("GET", path, headers={"Authorization": "Bearer " + _HTTP_TOKEN})
+                response = conn.getresponse()
+                self.assertEqual(response.status, 200)
+                with self.assertRaises(http.client.IncompleteRead):
+                    response.read()
 
     def test_hostile_names_follow_the_rules_of_a_push(self):
         outer = temp_dir(self)
@@ -6476,35 +6509,35 @@ class HttpApiTests(unittest.TestCase):
         self.assertGreaterEqual(len(blocks), 18)
         cookie = re.search(r"xfer_session=([\w-]+);", section).group(1)
         upload = re.search(r'"upload": "([0-9a-f]+)"', section).group(1)
-        real_hex = xfer.secrets.token_hex
-        with mock.patch.object(xfer.secrets, "token_hex",
-                               lambda n=None: upload if n == 12 else real_hex(n)), \
-                mock.patch.object(xfer.secrets, "token_urlsafe", lambda n=None: cookie):
-            receiver, d = _http_server(self, token="example-token", allow_get=True, name="pi")
-            receiver.open_pairing("7-castle-river")
-            sock = raw_connect(receiver.address)
-            self.addCleanup(sock.close)
-            rfile = sock.makefile("rb")
-            self.addCleanup(rfile.close)
-            for request, answer in zip(blocks[::2], blocks[1::2]):
-                with self.subTest(request=request.split("\n", 1)[0]):
-                    head, body = request.split("\n\n", 1)
-                    if os.path.exists(os.path.join(d, "notes", "hello.txt")):
-                        os.chmod(os.path.join(d, "notes", "hello.txt"), 0o644)
-                    sock.sendall((head + "\n\n").replace("\n", "\r\n").encode()
-                                 + body.rstrip("\n").encode())
-                    got = b"".join(iter(rfile.readline, b"\r\n")) + b"\r\n"
-                    length = re.search(rb"Content-Length: (\d+)", got)
-                    if length:
-                        got += rfile.read(int(length.group(1)))
-                    elif b"chunked" in got:
-                        while True:
-                            size = rfile.readline()
-                            got += size + rfile.read(int(size, 16) + 2)
-                            if int(size, 16) == 0:
-                                break
-                    self.assertEqual(got.decode().replace("\r\n", "\n").rstrip("\n"),
-                                     answer.rstrip("\n"))
+        fixed = _FixedSecrets(
+            token_hex=lambda n=None: upload if n == 12 else xfer.secrets.token_hex(n),
+            token_urlsafe=lambda n=None: cookie)
+        receiver, d = _http_server(self, cls=receiver_with(secrets=fixed), token="example-token",
+                                   allow_get=True, name="pi")
+        receiver.open_pairing("7-castle-river")
+        sock = raw_connect(receiver.address)
+        self.addCleanup(sock.close)
+        rfile = sock.makefile("rb")
+        self.addCleanup(rfile.close)
+        for request, answer in zip(blocks[::2], blocks[1::2]):
+            with self.subTest(request=request.split("\n", 1)[0]):
+                head, body = request.split("\n\n", 1)
+                if os.path.exists(os.path.join(d, "notes", "hello.txt")):
+                    os.chmod(os.path.join(d, "notes", "hello.txt"), 0o644)
+                sock.sendall((head + "\n\n").replace("\n", "\r\n").encode()
+                             + body.rstrip("\n").encode())
+                got = b"".join(iter(rfile.readline, b"\r\n")) + b"\r\n"
+                length = re.search(rb"Content-Length: (\d+)", got)
+                if length:
+                    got += rfile.read(int(length.group(1)))
+                elif b"chunked" in got:
+                    while True:
+                        size = rfile.readline()
+                        got += size + rfile.read(int(size, 16) + 2)
+                        if int(size, 16) == 0:
+                            break
+                self.assertEqual(got.decode().replace("\r\n", "\n").rstrip("\n"),
+                                 answer.rstrip("\n"))
 
     def test_the_status_table_has_the_http_codes_of_the_contract(self):
         wanted = {"ST_OK": 201, "ST_SKIPPED": 200, "ST_BAD_PATH": 400, "ST_CONFLICT": 409,
@@ -7752,14 +7785,13 @@ class PullTests(_PullCase):
 
     def test_unreadable_directory_is_one_refusal_and_the_server_goes_on(self):
         os.makedirs(os.path.join(self.srv, "locked"))
-        address = self.serve()
-
-        def unreadable(*args):
-            raise PermissionError(errno.EACCES, "Permission denied")
-            yield           # a generator, as _list_dir is
-        with mock.patch.object(xfer, "_list_dir", unreadable):
-            with self.assertRaises(xfer.RemoteError) as caught:
-                _pull_list(address, "locked")
+        # Opened to be listed, it cannot be read (its own lookup, as the
+        # parent of nothing, still works).
+        unreadable = faulty_dest(errno.EACCES, "_open_dirs",
+                                 when=lambda dirs, path, create: dirs == ("locked",))
+        address = self.serve(cls=receiver_with(dest=unreadable))
+        with self.assertRaises(xfer.RemoteError) as caught:
+            _pull_list(address, "locked")
         self.assertIn("locked", str(caught.exception))
         self.assertEqual([e.name for e in _pull_list(address)], ["locked"])
 
@@ -7889,9 +7921,15 @@ class PullTests(_PullCase):
     def test_file_changed_while_read_is_reported_never_stored(self):
         write_file(os.path.join(self.srv, "t", "small.txt"), b"small")
         write_file(os.path.join(self.srv, "t", "large.bin"), os.urandom(xfer.STREAM_MAX * 2))
-        address = self.serve()
-        with mock.patch.object(xfer._Outgoing, "changed", lambda f: True):
-            got, failed, events = _pull_fetch(address, "t", self.local)
+
+        class Changing(xfer._Dest):
+            def open_served(self, where, st):
+                f = super().open_served(where, st)
+                path = os.path.join(self.root, "t", where[1])    # changed as it is read
+                os.utime(path, ns=(1, st.st_mtime_ns + 10**9))
+                return f
+        address = self.serve(cls=receiver_with(dest=Changing))
+        got, failed, events = _pull_fetch(address, "t", self.local)
         self.assertEqual((got, failed), ([], 2))
         self.assertEqual({e[2][0] for e in events if e[0] == "failed"}, {xfer.ST_ABORTED})
         self.assertEqual(tree_listing(self.local), ["t"])
@@ -11808,11 +11846,13 @@ class ReportTests(unittest.TestCase):
     def test_receiver_closing_mid_send_is_one_line_naming_it_without_byte_counts(self):
         src, dst = temp_dir(self), temp_dir(self)
         paths = [write_file(os.path.join(src, "a%d.txt" % i), b"a" * 100) for i in range(3)]
-        receiver = start_receiver(self, dst)
+
+        class HangsUp(xfer._ReceiveSession):
+            def _loop(self):
+                pass        # right after the handshake, as a receiver that is killed would
+        receiver = start_receiver(self, dst, cls=receiver_with(session=HangsUp))
         where = "%s:%d" % receiver.address
-        # The receiver hangs up right after the handshake, as one that is killed would.
-        with mock.patch.object(xfer._ReceiveSession, "_loop", lambda session: None):
-            status, out, err = self.run_main("send", "--retries", "0", *paths + [where])
+        status, out, err = self.run_main("send", "--retries", "0", *paths + [where])
         self.assertEqual(status, xfer.EXIT_FAILED, err)
         self.assertEqual(err, "xfer: error: %s closed the connection\n" % where)
         self.assertRegex(out, r"^sent 0 files, 0 B in .*, 3 FAILED\n$")
@@ -12267,11 +12307,12 @@ class ReadmeSyncTests(unittest.TestCase):
 
     CLIENT_NONCE, SERVER_NONCE = bytes(range(32)), bytes(range(32, 64))
 
-    def fixed_server_nonce(self):
-        """A patch under which a Receiver's handshake nonce is SERVER_NONCE."""
-        real = xfer.secrets.token_bytes
-        return mock.patch.object(xfer.secrets, "token_bytes", lambda n=32: self.SERVER_NONCE
-                                 if n == xfer._NONCE_SIZE else real(n))
+    def fixed_secrets(self, **calls):
+        """A Receiver class whose handshake nonce is SERVER_NONCE (its other
+        calls of the secrets module as given: _FixedSecrets)."""
+        def token_bytes(n=32):
+            return self.SERVER_NONCE if n == xfer._NONCE_SIZE else xfer.secrets.token_bytes(n)
+        return receiver_with(secrets=_FixedSecrets(token_bytes=token_bytes, **calls))
 
     def recorder(self, receiver):
         """A raw connection to receiver whose bytes are recorded both ways:
@@ -12304,26 +12345,25 @@ class ReadmeSyncTests(unittest.TestCase):
         """The example session against a real Receiver: what the client sends is
         built with xfer's own encoders and tags, what the server sends is read."""
         token, body = "example-token", b"hello, xfer\n"
-        with self.fixed_server_nonce():
-            receiver = start_receiver(self, temp_dir(self), token=token)
-            link = self.recorder(receiver)
-            send, recv = link.send, link.recv
-            preface = xfer._PREFACE.pack(xfer.MAGIC, xfer.PROTOCOL_VERSION, 0)
-            send(preface + xfer._frame(xfer._Msg.HELLO, self.CLIENT_NONCE))
-            transcript = preface + self.CLIENT_NONCE + recv(xfer._PREFACE.size) \
-                + self.SERVER_NONCE
-            recv(xfer._FRAME.size + xfer._NONCE_SIZE)
-            send(xfer._frame(xfer._Msg.AUTH, xfer._auth_mac(token, b"xfer client", transcript)))
-            recv(xfer._FRAME.size + 32)
-            key = xfer._auth_mac(token, b"xfer session", transcript)
-            _, out = xfer._session_tags(key, server=False)
-            send(out.seal(xfer._encode_file(1, len(body), 1700000000 * 10**9, 0o644,
-                                            xfer.FF_STREAM, "hello.txt"))
-                 + body + out.seal(xfer._encode_trailer(1, 0, hashlib.sha256(body).digest())))
-            recv(xfer._FRAME.size + xfer._RESULT.size + xfer._TAG_SIZE)
-            send(out.seal(xfer._frame(xfer._Msg.BYE)))
-            recv(xfer._FRAME.size + xfer._TAG_SIZE)
-            self.assertEqual(link.rfile.read(), b"")
+        receiver = start_receiver(self, temp_dir(self), cls=self.fixed_secrets(), token=token)
+        link = self.recorder(receiver)
+        send, recv = link.send, link.recv
+        preface = xfer._PREFACE.pack(xfer.MAGIC, xfer.PROTOCOL_VERSION, 0)
+        send(preface + xfer._frame(xfer._Msg.HELLO, self.CLIENT_NONCE))
+        transcript = preface + self.CLIENT_NONCE + recv(xfer._PREFACE.size) \
+            + self.SERVER_NONCE
+        recv(xfer._FRAME.size + xfer._NONCE_SIZE)
+        send(xfer._frame(xfer._Msg.AUTH, xfer._auth_mac(token, b"xfer client", transcript)))
+        recv(xfer._FRAME.size + 32)
+        key = xfer._auth_mac(token, b"xfer session", transcript)
+        _, out = xfer._session_tags(key, server=False)
+        send(out.seal(xfer._encode_file(1, len(body), 1700000000 * 10**9, 0o644,
+                                        xfer.FF_STREAM, "hello.txt"))
+             + body + out.seal(xfer._encode_trailer(1, 0, hashlib.sha256(body).digest())))
+        recv(xfer._FRAME.size + xfer._RESULT.size + xfer._TAG_SIZE)
+        send(out.seal(xfer._frame(xfer._Msg.BYE)))
+        recv(xfer._FRAME.size + xfer._TAG_SIZE)
+        self.assertEqual(link.rfile.read(), b"")
         return [tuple(m) for m in link.messages], key
 
     def test_example_session_is_what_the_code_sends(self):
@@ -12371,30 +12411,28 @@ class ReadmeSyncTests(unittest.TestCase):
         built here with xfer's functions, the server's read from it; the
         server's nonce and its secret y fixed."""
         token, code = "example-token", self.PAIR_CODE
-        real_randbelow = xfer.secrets.randbelow
-        with self.fixed_server_nonce(), \
-                mock.patch.object(xfer.secrets, "randbelow", lambda n: self.PAIR_Y - 1
-                                  if n == xfer._P256_N - 1 else real_randbelow(n)):
-            receiver = start_receiver(self, temp_dir(self), token=token, name="studio")
-            receiver.open_pairing(code)
-            link = self.recorder(receiver)
-            send, recv = link.send, link.recv
-            w = xfer._code_scalar(code)
-            preface = xfer._PREFACE.pack(xfer.MAGIC, xfer.PROTOCOL_VERSION, 0)
-            send(preface + xfer._frame(xfer._Msg.HELLO, self.CLIENT_NONCE))
-            transcript = preface + self.CLIENT_NONCE + recv(xfer._PREFACE.size) \
-                + self.SERVER_NONCE
-            recv(xfer._FRAME.size + xfer._NONCE_SIZE)
-            pa = xfer._spake2_share(w, self.PAIR_X, client=True)
-            send(xfer._frame(xfer._Msg.PAIR, xfer._p256_encode(pa, compressed=True)))
-            pb = xfer._p256_decode(recv(xfer._FRAME.size + xfer._SHARE_SIZE)[5:])
-            k = xfer._spake2_key(w, self.PAIR_X, pb, client=True)
-            ke, ca, cb = xfer._spake2_schedule(b"xfer client", b"xfer server", pa, pb, k, w,
-                                               transcript)
-            send(xfer._frame(xfer._Msg.CONFIRM, ca))
-            head = recv(xfer._FRAME.size)
-            paired = recv(xfer._FRAME.unpack(head)[1])
-            self.assertEqual(link.rfile.read(), b"")
+        fixed = self.fixed_secrets(randbelow=lambda n: self.PAIR_Y - 1
+                                   if n == xfer._P256_N - 1 else xfer.secrets.randbelow(n))
+        receiver = start_receiver(self, temp_dir(self), cls=fixed, token=token, name="studio")
+        receiver.open_pairing(code)
+        link = self.recorder(receiver)
+        send, recv = link.send, link.recv
+        w = xfer._code_scalar(code)
+        preface = xfer._PREFACE.pack(xfer.MAGIC, xfer.PROTOCOL_VERSION, 0)
+        send(preface + xfer._frame(xfer._Msg.HELLO, self.CLIENT_NONCE))
+        transcript = preface + self.CLIENT_NONCE + recv(xfer._PREFACE.size) \
+            + self.SERVER_NONCE
+        recv(xfer._FRAME.size + xfer._NONCE_SIZE)
+        pa = xfer._spake2_share(w, self.PAIR_X, client=True)
+        send(xfer._frame(xfer._Msg.PAIR, xfer._p256_encode(pa, compressed=True)))
+        pb = xfer._p256_decode(recv(xfer._FRAME.size + xfer._SHARE_SIZE)[5:])
+        k = xfer._spake2_key(w, self.PAIR_X, pb, client=True)
+        ke, ca, cb = xfer._spake2_schedule(b"xfer client", b"xfer server", pa, pb, k, w,
+                                           transcript)
+        send(xfer._frame(xfer._Msg.CONFIRM, ca))
+        head = recv(xfer._FRAME.size)
+        paired = recv(xfer._FRAME.unpack(head)[1])
+        self.assertEqual(link.rfile.read(), b"")
         self.assertEqual(paired[:32], cb)
         self.assertEqual(xfer._unseal(ke, paired[32:]), b"example-token\0\0studio")
         return [tuple(m) for m in link.messages], dict(w=w, pa=pa, pb=pb, k=k, ke=ke)
@@ -12434,19 +12472,24 @@ class ResilienceTests(unittest.TestCase):
     def test_rerun_skips_unchanged_files_without_sending_them(self):
         src, dst = temp_dir(self), temp_dir(self)
         tree = self._tree(src)
-        receiver = start_receiver(self, dst)
+        sinks = []
+
+        class Sinks(xfer._ReceiveSession):
+            # _sink takes every body, whether a FILE or a BATCH brought it.
+            def _sink(self, *args, **kw):
+                sinks.append(args)
+                return super()._sink(*args, **kw)
+        receiver = start_receiver(self, dst, cls=receiver_with(session=Sinks))
         with xfer.Sender(receiver.address) as sender:
             sender.queue(tree)
         self.assertEqual((sender.files_done, sender.files_skipped), (40, 0))
         write_file(os.path.join(tree, "d1", "f01"), b"changed")
-        # _sink takes every body, whether a FILE or a BATCH brought it.
-        with mock.patch.object(xfer._ReceiveSession, "_sink",
-                               autospec=True, side_effect=xfer._ReceiveSession._sink) as sink:
-            with xfer.Sender(receiver.address) as sender:
-                job = sender.queue(tree)
+        del sinks[:]
+        with xfer.Sender(receiver.address) as sender:
+            job = sender.queue(tree)
         self.assertEqual(job.state, "done", job.error)
         self.assertEqual((sender.files_done, sender.files_skipped), (1, 39))
-        self.assertEqual(sink.call_count, 1)          # only the changed file's content moved
+        self.assertEqual(len(sinks), 1)          # only the changed file's content moved
         with open(os.path.join(dst, "t", "d1", "f01"), "rb") as f:
             self.assertEqual(f.read(), b"changed")
 
@@ -12492,14 +12535,14 @@ class ResilienceTests(unittest.TestCase):
     def test_stop_lets_the_file_in_flight_finish(self):
         src, dst = temp_dir(self), temp_dir(self)
         big = write_file(os.path.join(src, "big.bin"), os.urandom(4 * xfer.CHUNK))
-        receiver = start_receiver(self, dst)
         entered, gate = threading.Event(), threading.Event()
-        real = xfer._IncomingFile.receive
 
-        def slow(incoming, readinto, count, pace=None):
-            entered.set()
-            gate.wait(TIMEOUT)
-            return real(incoming, readinto, count, pace)
+        class Slow(xfer._IncomingFile):
+            def receive(self, *args, **kw):
+                entered.set()
+                gate.wait(TIMEOUT)
+                return super().receive(*args, **kw)
+        receiver = start_receiver(self, dst, cls=receiver_with(incoming=Slow))
         # The seam: the gate opens only once stop() has closed the listener
         # and is waiting for the connections, so the file is still in flight
         # when stop() begins, and stop() is what lets it finish.
@@ -12511,18 +12554,17 @@ class ResilienceTests(unittest.TestCase):
             real_shutdown()
             stopping.set()
         server.shutdown = shutdown
-        with mock.patch.object(xfer._IncomingFile, "receive", slow):
-            sender = xfer.Sender(receiver.address, retries=0)
-            self.addCleanup(sender.close, False)
-            job = sender.queue(big)
-            self.assertTrue(entered.wait(TIMEOUT))
-            stopper = threading.Thread(target=receiver.stop, kwargs={"grace": TIMEOUT})
-            stopper.start()
-            self.assertTrue(stopping.wait(TIMEOUT), "stop() never began")
-            self.assertTrue(stopper.is_alive(), "stop() returned with a file in flight")
-            self.assertFalse(job.done)
-            gate.set()
-            stopper.join(TIMEOUT)
+        sender = xfer.Sender(receiver.address, retries=0)
+        self.addCleanup(sender.close, False)
+        job = sender.queue(big)
+        self.assertTrue(entered.wait(TIMEOUT))
+        stopper = threading.Thread(target=receiver.stop, kwargs={"grace": TIMEOUT})
+        stopper.start()
+        self.assertTrue(stopping.wait(TIMEOUT), "stop() never began")
+        self.assertTrue(stopper.is_alive(), "stop() returned with a file in flight")
+        self.assertFalse(job.done)
+        gate.set()
+        stopper.join(TIMEOUT)
         self.assertFalse(stopper.is_alive())
         self.assertTrue(job.wait(TIMEOUT))
         self.assertEqual(job.state, "done", job.error)
@@ -12798,29 +12840,28 @@ class FaultTests(unittest.TestCase):
         src, dst = temp_dir(self), temp_dir(self)
         data = os.urandom(600 * 1024)
         path = write_file(os.path.join(src, "f.bin"), data)
-        receiver = start_receiver(self, dst)
-        proxy = _FaultProxy(self, receiver.address, cut_after=None, mode="link",
-                            hold=lambda: receiver.connections == 0)
         entered, gate = threading.Event(), threading.Event()
         self.addCleanup(gate.set)
-        real = xfer._GroupCommit.commit
 
-        def held(commit):
-            if commit.group:        # a verified file waits to be made durable
-                entered.set()
-                gate.wait(TIMEOUT)
-            return real(commit)
-        with mock.patch.object(xfer._GroupCommit, "commit", held):
-            sender = xfer.Sender(proxy.address, workers=1, retries=1)
-            self.addCleanup(sender.close, False)
-            job = sender.queue(path)
-            self.assertTrue(entered.wait(TIMEOUT), "the file never reached the receiver")
-            proxy.cut_first()
-            self.assertTrue(wait_until(lambda: len(proxy.counts) == 2),
-                            "the sender did not notice the lost connection")
-            gate.set()
-            self.assertTrue(job.wait(TIMEOUT))
-            sender.close()
+        class Held(xfer._GroupCommit):
+            def commit(self):
+                if self.group:        # a verified file waits to be made durable
+                    entered.set()
+                    gate.wait(TIMEOUT)
+                return super().commit()
+        receiver = start_receiver(self, dst, cls=receiver_with(commit=Held))
+        proxy = _FaultProxy(self, receiver.address, cut_after=None, mode="link",
+                            hold=lambda: receiver.connections == 0)
+        sender = xfer.Sender(proxy.address, workers=1, retries=1)
+        self.addCleanup(sender.close, False)
+        job = sender.queue(path)
+        self.assertTrue(entered.wait(TIMEOUT), "the file never reached the receiver")
+        proxy.cut_first()
+        self.assertTrue(wait_until(lambda: len(proxy.counts) == 2),
+                        "the sender did not notice the lost connection")
+        gate.set()
+        self.assertTrue(job.wait(TIMEOUT))
+        sender.close()
         # The first attempt did land; the retry finds it there.
         self.assertEqual(job.state, "skipped", job.error)
         with open(os.path.join(dst, "f.bin"), "rb") as f:
@@ -13039,10 +13080,10 @@ class FaultTests(unittest.TestCase):
         # (the second one's source came from a clock running ahead).
         os.utime(ahead, (now + day - 3600, now + day - 3600))
         logged = []
-        with mock.patch.object(xfer, "time", _NamesClock(day)):
-            start_receiver(self, dst, partial_max_age=day / 2, log=logged.append)
-            self.assertTrue(wait_until(lambda: logged),
-                            "the start-up sweep removed nothing")
+        start_receiver(self, dst, cls=receiver_with(time=_NamesClock(day)),
+                       partial_max_age=day / 2, log=logged.append)
+        self.assertTrue(wait_until(lambda: logged),
+                        "the start-up sweep removed nothing")
         self.assertEqual(logged, ["removed 2 partial files older than 12 hours"])
         self.assertEqual(tree_listing(dst), sorted(["sub", "old.bin"]))
 

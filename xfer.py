@@ -2157,6 +2157,14 @@ class _Dest:
             raise UnsafePathError("a special file stands where a partial file goes", temp)
         return fd, st
 
+    def open_served(self, where, st):
+        """An _Outgoing on a file _walk_served yielded (where: its directory's
+        handle and its name), never through a symlink."""
+        handle, entry = where
+        if isinstance(handle, int):
+            return _Outgoing(entry, st, nofollow=True, dir_fd=handle)
+        return _Outgoing(os.path.join(handle, entry), st, nofollow=True)
+
     def open_existing(self, handle, name):
         """Open an existing regular file for reading, never through a symlink."""
         flags = os.O_RDONLY | _O_NOFOLLOW | _O_BINARY
@@ -2772,7 +2780,8 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self):
-        _ReceiveSession(self.server.receiver, self.request, self.client_address).run()
+        receiver = self.server.receiver
+        receiver._session_class(receiver, self.request, self.client_address).run()
 
 
 def _peer_text(address):
@@ -2788,10 +2797,23 @@ class Receiver:
     Attributes: address, status, files_received, bytes_received,
     files_failed, connections.  All methods are thread-safe; stop() must not
     be called from a callback running in dispatch="thread" mode.
+
+    Private attributes a subclass may override (as socketserver's
+    RequestHandlerClass; the tests inject faults this way): the classes
+    each connection is built from, _session_class, _dest_class,
+    _store_class, _incoming_class and _commit_class, each read once per
+    connection, never per file; and the modules its clock and randomness
+    come from, _time and _secrets.
     """
 
     #: (first, longest) pause in seconds after a failed accept()
     accept_pause = ACCEPT_PAUSE
+
+    # The parts of a connection (see above); the classes defined after this
+    # one are named at the end of this section.
+    _dest_class = _Dest
+    _time = time
+    _secrets = secrets
 
     def __init__(self, dir=".", host="0.0.0.0", port=DEFAULT_PORT, token=None,
                  dispatch="thread", on_file=None, on_status=None, on_session=None, log=None,
@@ -3186,7 +3208,7 @@ class Receiver:
         never from its mtime: a kept partial carries its source's mtime.
         Walks from root_fd where there is one, never through a symlink.
         """
-        now = time.time()
+        now = self._time.time()
         limit = now - self.partial_max_age
         removed = 0
         if root_fd is not None and hasattr(os, "fwalk"):
@@ -3335,9 +3357,10 @@ class _ReceiveSession:
         self.peer = _peer_text(address)
         self.rfile = None
         self.seal = _untagged      # tags what this end sends, once keyed (Protocol 3.1)
-        self.store = _Store(receiver, _Dest(receiver.dir, root_fd=receiver._root_fd),
-                            claims=self)
-        self.commit = _GroupCommit(self.store, receiver, self.peer)
+        self.store = receiver._store_class(
+            receiver, receiver._dest_class(receiver.dir, root_fd=receiver._root_fd), claims=self)
+        self.commit = receiver._commit_class(self.store, receiver, self.peer)
+        self.incoming_class = receiver._incoming_class
         self.ended = []         # HTTP: the commits of uploads finished on this connection
         self.buf = self.store.buf
         self.started = time.monotonic()
@@ -3532,7 +3555,7 @@ class _ReceiveSession:
         if len(client_nonce) != _NONCE_SIZE:
             raise ProtocolError("HELLO nonce of %d bytes, expected %d"
                                 % (len(client_nonce), _NONCE_SIZE))
-        server_nonce = secrets.token_bytes(_NONCE_SIZE)
+        server_nonce = self.r._secrets.token_bytes(_NONCE_SIZE)
         self._preface_sent = True
         self._send(server_preface + _frame(_Msg.HELLO, server_nonce))
         if self.rfile.at_end():
@@ -3627,7 +3650,7 @@ class _ReceiveSession:
         except AuthError as e:
             self.r._log("%s: refused pairing: %s" % (self.peer, e))
             refuse(ST_AUTH_FAILED, str(e))
-        y = 1 + secrets.randbelow(_P256_N - 1)
+        y = 1 + self.r._secrets.randbelow(_P256_N - 1)
         pb = _spake2_share(w, y, client=False)
         try:
             k = _spake2_key(w, y, pa, client=False)
@@ -3801,7 +3824,7 @@ class _ReceiveSession:
             except XferError as e:
                 return _Drain(self.store, raw, _failure(raw, e))
             return _Drain(self.store, raw)
-        incoming = _IncomingFile(self.store, fid, raw, size, mtime_ns, mode, stream)
+        incoming = self.incoming_class(self.store, fid, raw, size, mtime_ns, mode, stream)
         try:
             incoming.admit(resumable=not stream)
         except (XferError, OSError) as e:
@@ -4022,15 +4045,6 @@ def _walk_served(dest, parts, name, raw, tree=True):
         stack.extend(reversed(subdirs))
 
 
-def _open_served(where, st):
-    """An _Outgoing on a file _walk_served yielded (where: its directory's
-    handle and its name), never through a symlink."""
-    handle, entry = where
-    if isinstance(handle, int):
-        return _Outgoing(entry, st, nofollow=True, dir_fd=handle)
-    return _Outgoing(os.path.join(handle, entry), st, nofollow=True)
-
-
 def _list_dir(dest, parts, raw, name=None):
     """One directory's entries, through a descriptor on it opened from DIR
     without following a symlink: (kind, (handle, entry name), name, stat),
@@ -4158,7 +4172,7 @@ class _GetWriter:
         """Send one file (where: its directory's handle and its name, from
         _walk_served); None, or (status, reason) for a file not sent."""
         try:
-            f = _open_served(where, st)
+            f = self.session.store.dest.open_served(where, st)
         except OSError as e:
             return _failure(wire, e)
         with f:
@@ -5089,6 +5103,14 @@ def _human(n):
     return "%.1f TB" % (n / 1000.0)
 
 
+# The parts a Receiver builds each connection from (Receiver's docstring),
+# named here because they are defined after it.
+Receiver._session_class = _ReceiveSession
+Receiver._store_class = _Store
+Receiver._incoming_class = _IncomingFile
+Receiver._commit_class = _GroupCommit
+
+
 #------------------------------------------------------------
 # HTTP on the same port (README "HTTP API", Protocol 9)
 #------------------------------------------------------------
@@ -5373,7 +5395,7 @@ class _WebState:
     # -- sessions
 
     def login(self):
-        cookie = secrets.token_urlsafe(32)
+        cookie = self.r._secrets.token_urlsafe(32)
         with self.lock:
             self.sessions[cookie] = time.monotonic() + HTTP_SESSION_AGE
             while len(self.sessions) > HTTP_SESSIONS_MAX:
@@ -5504,13 +5526,13 @@ class _Upload:
         self.size = size
         self.mtime_ns = mtime_ns
         self.digest = digest            # of the whole file, if the page gave it
-        self.id = secrets.token_hex(12)
+        self.id = receiver._secrets.token_hex(12)
         self.lock = threading.Lock()
         self.last = time.monotonic()
-        self.store = _Store(receiver, _Dest(receiver.dir, root_fd=receiver._root_fd),
-                            claims=self)
+        self.store = receiver._store_class(
+            receiver, receiver._dest_class(receiver.dir, root_fd=receiver._root_fd), claims=self)
         self.store.partial_key = "\0http\0%d\0%d" % (size, mtime_ns)
-        self.commit = _GroupCommit(self.store, receiver, peer)
+        self.commit = receiver._commit_class(self.store, receiver, peer)
         self.incoming = None
         self.offset = 0
 
@@ -5533,8 +5555,8 @@ class _Upload:
     def open(self):
         """Admit it and open (or resume) its partial; None, or the answer of
         a file published at once (size 0)."""
-        incoming = _IncomingFile(self.store, 0, self.raw, self.size, self.mtime_ns, 0o644,
-                                 stream=False)
+        incoming = self.r._incoming_class(self.store, 0, self.raw, self.size, self.mtime_ns,
+                                          0o644, stream=False)
         try:
             incoming.admit(resumable=True)
         except (XferError, OSError) as e:
@@ -6069,7 +6091,8 @@ class _HttpConnection:
         except ValueError:
             raise _HttpError(ST_PROTOCOL, "X-Mtime is not a time in seconds") from None
         commit = self.s.commit
-        incoming = _IncomingFile(self.s.store, 0, raw, length, mtime_ns, 0o644, stream=False)
+        incoming = self.s.incoming_class(self.s.store, 0, raw, length, mtime_ns, 0o644,
+                                         stream=False)
         try:
             incoming.admit()
         except (XferError, OSError) as e:
@@ -6233,7 +6256,7 @@ class _HttpConnection:
 
     def _send_download(self, request, raw, name, where, st):
         try:
-            f = _open_served(where, st)
+            f = self.s.store.dest.open_served(where, st)
         except OSError as e:
             raise _HttpError.of(raw, e) from None
         with f:
@@ -6294,8 +6317,8 @@ class _HttpConnection:
             ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")])
         body = _HttpBody(self.sock)
         archive = zipfile.ZipFile(body, "w", zipfile.ZIP_STORED, allowZip64=True)
-        for kind, where, entry_name, entry_st in _walk_served(self.s.store.dest, parts, top,
-                                                              raw):
+        dest = self.s.store.dest
+        for kind, where, entry_name, entry_st in _walk_served(dest, parts, top, raw):
             if kind not in ("dir", "file"):
                 continue                    # symlinks and special files, as get skips them
             try:
@@ -6308,7 +6331,7 @@ class _HttpConnection:
                 archive.writestr(info, b"")
                 continue
             try:
-                f = _open_served(where, entry_st)
+                f = dest.open_served(where, entry_st)
             except OSError:
                 continue
             with f:
@@ -8836,8 +8859,9 @@ class _Pull:
         link, rules = self.link, self.rules
         self.rfile = rfile = link.rfile
         self.send = lambda frame: link.sock.sendall(link.seal(frame))
-        self.store = _Store(rules, _Dest(rules.dir, root_fd=rules._root_fd), claims=rules)
-        self.commit = _GroupCommit(self.store, rules, link.peer)
+        self.store = rules._store_class(
+            rules, rules._dest_class(rules.dir, root_fd=rules._root_fd), claims=rules)
+        self.commit = rules._commit_class(self.store, rules, link.peer)
         self.held = []              # (incoming, its job), verified, not yet published
         self.stamps = []            # (raw, parts, mode, mtime_ns) of directories to set
         self.digest = None          # (CHECK payload fields) of the FILE that follows
@@ -8994,7 +9018,8 @@ class _Pull:
             if self.skip is not None:
                 refusal = self.store.check(raw, size, mtime_ns, digest)
             if refusal is None:
-                incoming = _IncomingFile(self.store, fid, raw, size, mtime_ns, mode, stream)
+                incoming = self.rules._incoming_class(self.store, fid, raw, size, mtime_ns, mode,
+                                                      stream)
                 incoming.admit(resumable=not stream)
                 return job, incoming
         except (XferError, OSError) as e:
