@@ -4465,24 +4465,18 @@ class ReceiverLifecycleTests(unittest.TestCase):
         self.assertEqual(tree_listing(first), ["after.bin", "before.txt", "made",
                                                "made/after.txt"])
 
-    def _record_syncs(self):
-        """Record every sync of the receiving side as (what, identity of target)."""
-        events, real = [], xfer.Receiver._sync
-
-        def sync(receiver, what, target):
-            events.append((what, _life_identity(target)))
-            return real(receiver, what, target)
-        patcher = mock.patch.object(xfer.Receiver, "_sync", sync)
-        patcher.start()
-        self.addCleanup(patcher.stop)
-        return events
-
     def _recorded_client(self):
-        """A receiver on a fresh DIR, every sync of it recorded, and a hostile
-        client of it: (DIR, the syncs, the client)."""
+        """A receiver on a fresh DIR, every sync of it recorded as (what,
+        identity of target), and a hostile client of it: (DIR, the syncs,
+        the client)."""
         dst = temp_dir(self)
-        events = self._record_syncs()
-        receiver = start_receiver(self, dst)
+        events = []
+
+        class Recording(xfer.Receiver):
+            def _sync(self, what, target):
+                events.append((what, _life_identity(target)))
+                return super()._sync(what, target)
+        receiver = start_receiver(self, dst, cls=Recording)
         client = _HostileClient(receiver.address)
         self.addCleanup(client.close)
         return dst, events, client
@@ -4529,30 +4523,30 @@ class ReceiverLifecycleTests(unittest.TestCase):
         # The sync of DIR (holding the new directory's entry) fails: the
         # MKDIR is refused, and so is a file below it on that connection.
         dst = temp_dir(self)
-        real, root = xfer.Receiver._sync, _life_identity(dst)
+        root = _life_identity(dst)
         failing = [True]
 
-        def sync(receiver, what, target):
-            if failing[0] and what == "directory" and _life_identity(target) == root:
-                raise OSError(errno.EIO, "Input/output error")
-            return real(receiver, what, target)
+        class Failing(xfer.Receiver):
+            def _sync(self, what, target):
+                if failing[0] and what == "directory" and _life_identity(target) == root:
+                    raise OSError(errno.EIO, "Input/output error")
+                return super()._sync(what, target)
 
-        receiver = start_receiver(self, dst)
-        with mock.patch.object(xfer.Receiver, "_sync", sync):
-            client = _HostileClient(receiver.address)
-            self.addCleanup(client.close)
-            fid = next(client.ids)
-            client.send(client.frame(xfer._Msg.MKDIR, xfer._MKDIR.pack(fid, 0o755) + b"new"))
-            status, reason = client.read_result(fid)
-            self.assertEqual(status, xfer.ST_IO)
-            self.assertIn("new", reason)
-            status, reason = client.send_file("new/f.txt", b"f")
-            self.assertEqual(status, xfer.ST_IO, reason)
-            self.assertIn("new", reason)
-            client.bye()
-            failing[0] = False
-            self.assertEqual(receiver.files_received, 0)
-            _hostile_still_serves(self, receiver, dst)
+        receiver = start_receiver(self, dst, cls=Failing)
+        client = _HostileClient(receiver.address)
+        self.addCleanup(client.close)
+        fid = next(client.ids)
+        client.send(client.frame(xfer._Msg.MKDIR, xfer._MKDIR.pack(fid, 0o755) + b"new"))
+        status, reason = client.read_result(fid)
+        self.assertEqual(status, xfer.ST_IO)
+        self.assertIn("new", reason)
+        status, reason = client.send_file("new/f.txt", b"f")
+        self.assertEqual(status, xfer.ST_IO, reason)
+        self.assertIn("new", reason)
+        client.bye()
+        failing[0] = False
+        self.assertEqual(receiver.files_received, 0)
+        _hostile_still_serves(self, receiver, dst)
 
     def test_stop_in_poll_mode_queues_nothing_after_it_returns(self):
         # dispatch="poll": what was queued before stop() returned is still
@@ -5440,13 +5434,18 @@ class LimitTests(unittest.TestCase):
         self.assertEqual(job.state, "done", job.error)
 
     def test_free_space_check_refuses_a_file_that_cannot_fit(self):
-        receiver = start_receiver(self, self.dst)
-        big = self.file("big.bin", 2 * 1024 * 1024)
         # (free, total) of DIR's file system, as the receiver measures it
-        usage = (1024 * 1024, 10 * 1024 * 1024)
-        with mock.patch.object(xfer.Receiver, "_disk_usage", return_value=usage) as disk_usage:
-            (job,) = self.send(receiver, [big])
-        self.assertTrue(disk_usage.called)
+        usage, asked = [(1024 * 1024, 10 * 1024 * 1024)], []
+
+        class Full(xfer.Receiver):
+            def _disk_usage(self):
+                asked.append(usage[0])
+                return usage[0] or super()._disk_usage()
+        receiver = start_receiver(self, self.dst, cls=Full)
+        big = self.file("big.bin", 2 * 1024 * 1024)
+        (job,) = self.send(receiver, [big])
+        usage[0] = None
+        self.assertTrue(asked)
         self.assertRefused(job, xfer.ST_NO_SPACE)
         self.assertIn("not enough space", str(job.error))
         self.assertEqual(tree_listing(self.dst), [])
@@ -6248,14 +6247,20 @@ class HttpApiTests(unittest.TestCase):
         with open(os.path.join(d, "taken.txt"), "rb") as f:
             self.assertEqual(f.read(), b"old")
         self.assertEqual(tree_listing(d), ["taken.txt"])
-        skip, skip_dir = _http_server(self, overwrite="skip")
+        usage = [None]
+
+        class Full(xfer.Receiver):
+            def _disk_usage(self):
+                return usage[0] or super()._disk_usage()
+        skip, skip_dir = _http_server(self, cls=Full, overwrite="skip")
         write_file(os.path.join(skip_dir, "taken.txt"), b"old")
         conn = _http_conn(self, skip)
         response, _, answer = _http(conn, "PUT", "/api/files/taken.txt", b"n")
         self.assertEqual((response.status, answer["skipped"]), (200, True))
-        with mock.patch.object(xfer.Receiver, "_disk_usage", lambda self: (1000, 10**6)):
-            response, _, answer = _http(conn, "POST", "/api/uploads",
-                                        {"path": "space.bin", "size": 2 << 20, "mtime": 1})
+        usage[0] = (1000, 10**6)
+        response, _, answer = _http(conn, "POST", "/api/uploads",
+                                    {"path": "space.bin", "size": 2 << 20, "mtime": 1})
+        usage[0] = None
         self.assertEqual((response.status, answer["status"]), (507, "ST_NO_SPACE"))
         self.assertEqual(tree_listing(skip_dir), ["taken.txt"])
         for head, code in ((b"PUT /api/files/c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n", 411),
