@@ -7883,15 +7883,16 @@ class PullTests(_PullCase):
                                           % (xfer.PARTIAL_PREFIX, key)), data[:len(data) // 2])
         os.utime(partial, ns=(10**18, 10**18))
         receiver = _pull_server(self, self.srv)
-        starts = []
-        real = xfer._IncomingFile.begin
+        files = []              # (state, where its body began) of each file the get took
 
-        def begin(incoming, start=0):
-            starts.append(start)
-            return real(incoming, start)
-        with mock.patch.object(xfer._IncomingFile, "begin", begin):
-            got, failed, _ = _pull_fetch(receiver.address, "big.bin", self.local)
-        self.assertEqual((failed, starts), (0, [len(data) // 2]))
+        def ended(job):
+            if job.parent is not None:
+                files.append((job.state, job.resumed))
+        sender = _pull_sender(receiver.address, retries=0, on_done=ended, on_error=ended)
+        top = sender.get("big.bin", self.local)
+        sender.close()
+        self.assertEqual(top.state, "done", top.error)
+        self.assertEqual(files, [("done", len(data) // 2)])
         with open(os.path.join(self.local, "big.bin"), "rb") as f:
             self.assertEqual(f.read(), data)
         self.assertEqual(os.listdir(self.local), ["big.bin"])
