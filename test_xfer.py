@@ -834,29 +834,40 @@ class _ProtoMitm(_LoopbackListener):
             rfile.close()
 
 
-def _embed_gate_write(body_chunk=2):
-    """Patch _Link._write so the sender blocks before writing body chunk N.
+def sender_with(link=None, outgoing=None):
+    """A Sender subclass built from other parts, the seams its docstring
+    names: its connections are link (a _Link subclass), which open files
+    with outgoing (an _Outgoing subclass)."""
+    link = link or xfer._Link
+    if outgoing is not None:
+        link = type("OpeningLink", (link,), {"_outgoing_class": outgoing})
+    return type("PartsSender", (xfer.Sender,), {"_link_class": link})
 
-    Returns (patcher, held, gate): held is set once a worker waits at the
+
+def _embed_gate_write(body_chunk=2):
+    """A Sender class whose connections block before writing body chunk N
+    (counted over all of them).
+
+    Returns (the class, held, gate): held is set once a worker waits at the
     gate; the worker goes on when gate is set.  File bodies are written as
     memoryview slices; headers and trailers are bytes.
     """
-    original = xfer._Link._write
     held, gate = threading.Event(), threading.Event()
     count = [0]
     lock = threading.Lock()
 
-    def gated(self, data):
-        if isinstance(data, memoryview):
-            with lock:
-                count[0] += 1
-                hold = count[0] == body_chunk
-            if hold:
-                held.set()
-                gate.wait(TIMEOUT)
-        return original(self, data)
+    class GatedLink(xfer._Link):
+        def _write(self, data):
+            if isinstance(data, memoryview):
+                with lock:
+                    count[0] += 1
+                    hold = count[0] == body_chunk
+                if hold:
+                    held.set()
+                    gate.wait(TIMEOUT)
+            return super()._write(data)
 
-    return mock.patch.object(xfer._Link, "_write", gated), held, gate
+    return sender_with(link=GatedLink), held, gate
 
 
 # ---------------------------------------------------------------------------
@@ -3125,28 +3136,27 @@ class EmbeddingTests(unittest.TestCase):
             seen.append((threading.get_ident(), job.progress))
 
         receiver = start_receiver(self, dst, dispatch="poll", on_status=statuses.append)
-        patcher, held, gate = _embed_gate_write(body_chunk=2)
-        with patcher:
-            sender = xfer.Sender(receiver.address, dispatch="poll", workers=1,
-                                 on_progress=on_progress)
-            self.addCleanup(sender.close, False)
-            self.addCleanup(gate.set)   # runs first: never leave a worker blocked
-            job = sender.queue(path)
-            self.assertTrue(held.wait(TIMEOUT), "the sender never reached the gate")
-            for _ in range(50):
-                self.assertIsInstance(sender.poll(), int)
-                self.assertIsInstance(receiver.poll(), int)
-            # Every poll() above returned although the worker is still blocked.
-            self.assertFalse(gate.is_set())
-            self.assertEqual(job.state, "sending")
-            self.assertFalse(job.done)
-            self.assertLess(job.bytes_done, job.size)
-            self.assertTrue(seen, "the first chunk's progress was not delivered")
-            self.assertTrue(all(t == main for t, _ in seen))
-            self.assertTrue(0.0 < seen[-1][1] < 1.0, seen)
-            self.assertEqual(statuses, ["listening"])
-            gate.set()
-            self.assertTrue(job.wait(TIMEOUT))
+        gated, held, gate = _embed_gate_write(body_chunk=2)
+        sender = gated(receiver.address, dispatch="poll", workers=1,
+                       on_progress=on_progress)
+        self.addCleanup(sender.close, False)
+        self.addCleanup(gate.set)   # runs first: never leave a worker blocked
+        job = sender.queue(path)
+        self.assertTrue(held.wait(TIMEOUT), "the sender never reached the gate")
+        for _ in range(50):
+            self.assertIsInstance(sender.poll(), int)
+            self.assertIsInstance(receiver.poll(), int)
+        # Every poll() above returned although the worker is still blocked.
+        self.assertFalse(gate.is_set())
+        self.assertEqual(job.state, "sending")
+        self.assertFalse(job.done)
+        self.assertLess(job.bytes_done, job.size)
+        self.assertTrue(seen, "the first chunk's progress was not delivered")
+        self.assertTrue(all(t == main for t, _ in seen))
+        self.assertTrue(0.0 < seen[-1][1] < 1.0, seen)
+        self.assertEqual(statuses, ["listening"])
+        gate.set()
+        self.assertTrue(job.wait(TIMEOUT))
         sender.poll()
         self.assertEqual(job.state, "done", job.error)
         self.assertEqual(seen[-1][1], 1.0)
@@ -3180,17 +3190,16 @@ class EmbeddingTests(unittest.TestCase):
         big = write_file(os.path.join(src, "big.bin"), os.urandom(8 * xfer.CHUNK))
         small = write_file(os.path.join(src, "after.bin"), os.urandom(5000))
         receiver = start_receiver(self, dst)
-        patcher, held, gate = _embed_gate_write(body_chunk=2)
-        sender = xfer.Sender(receiver.address, workers=1)
+        gated, held, gate = _embed_gate_write(body_chunk=2)
+        sender = gated(receiver.address, workers=1)
         self.addCleanup(sender.close, False)
         self.addCleanup(gate.set)
-        with patcher:
-            job = sender.queue(big)
-            self.assertTrue(held.wait(TIMEOUT), "the sender never reached the gate")
-            self.assertEqual(job.state, "sending")
-            job.cancel()
-            gate.set()
-            self.assertTrue(job.wait(TIMEOUT))
+        job = sender.queue(big)
+        self.assertTrue(held.wait(TIMEOUT), "the sender never reached the gate")
+        self.assertEqual(job.state, "sending")
+        job.cancel()
+        gate.set()
+        self.assertTrue(job.wait(TIMEOUT))
         self.assertEqual(job.state, "cancelled", job.error)
         self.assertTrue(wait_until(lambda: receiver.connections == 0),
                         "the receiver kept the abandoned connection")
@@ -4197,21 +4206,20 @@ class PerformanceTests(unittest.TestCase):
                 sessions.append(self)
                 return super().run()
         large2 = write_file(os.path.join(src, "large2"), os.urandom(4 * xfer.CHUNK))
-        patcher, held, gate = _embed_gate_write(body_chunk=2)
+        gated, held, gate = _embed_gate_write(body_chunk=2)
         self.addCleanup(gate.set)
-        with patcher:
-            receiver = start_receiver(self, dst, cls=receiver_with(session=Counted), fsync=False)
-            with xfer.Sender(receiver.address, workers=4) as sender:
-                jobs = [sender.queue(p) for p in small]
-                self.assertTrue(sender.wait(TIMEOUT))
-                self.assertEqual(len(sessions), 1)
-                # A large file lets the other workers connect: while one
-                # worker is held inside it, another takes the next file.
-                later = [sender.queue(large)]
-                self.assertTrue(held.wait(TIMEOUT), "no worker reached the gate")
-                later += [sender.queue(large2)] + [sender.queue(p) for p in small]
-                self.assertTrue(wait_until(lambda: later[1].done))
-                gate.set()
+        receiver = start_receiver(self, dst, cls=receiver_with(session=Counted), fsync=False)
+        with gated(receiver.address, workers=4) as sender:
+            jobs = [sender.queue(p) for p in small]
+            self.assertTrue(sender.wait(TIMEOUT))
+            self.assertEqual(len(sessions), 1)
+            # A large file lets the other workers connect: while one
+            # worker is held inside it, another takes the next file.
+            later = [sender.queue(large)]
+            self.assertTrue(held.wait(TIMEOUT), "no worker reached the gate")
+            later += [sender.queue(large2)] + [sender.queue(p) for p in small]
+            self.assertTrue(wait_until(lambda: later[1].done))
+            gate.set()
         for job in jobs + later[:2]:
             self.assertEqual(job.state, "done", job.error)
         for job in later[2:]:
@@ -11667,35 +11675,38 @@ def _report_main(env, *argv):
     return status, out.getvalue(), err.getvalue()
 
 
-def _report_ctrl_c(after):
-    """Patches for a Ctrl-C in the middle of a send-dir run with --workers 1.
+def _report_ctrl_c(after, polled=None):
+    """A Ctrl-C in the middle of a send-dir run with --workers 1.
 
-    The worker holds before the second body chunk of the first large file
-    until the Sender is closed with wait=False (what Ctrl-C does); the
-    SIGINT is raised from the display loop, as it polls the Sender, once the
-    worker holds and `after` files have been sent (once: a second Ctrl-C is
-    a different case): the two patches and an Event set once it is raised.
+    The command line's Sender is made one whose worker holds before the
+    second body chunk of the first large file until the Sender is closed
+    with wait=False (what Ctrl-C does); the SIGINT is raised from the display
+    loop, as it polls the Sender, once the worker holds and `after` files
+    have been sent (once: a second Ctrl-C is a different case).  polled(sender),
+    if given, runs before each poll.  Returns the patch that puts it in
+    place of xfer.Sender and an Event set once the SIGINT is raised.
     """
-    write, poll = xfer._Link._write, xfer.Sender.poll
     chunks = [0]
-
-    def held_write(link, data):
-        if isinstance(data, memoryview):
-            chunks[0] += 1
-            if chunks[0] == 2:
-                link.abort.wait(TIMEOUT)
-        return write(link, data)
-
     raised = threading.Event()
 
-    def interrupting_poll(sender, *args, **kw):
-        got = poll(sender, *args, **kw)
-        if not raised.is_set() and chunks[0] >= 2 and sender.files_done >= after:
-            raised.set()
-            signal.raise_signal(signal.SIGINT)
-        return got
-    return (mock.patch.object(xfer._Link, "_write", held_write),
-            mock.patch.object(xfer.Sender, "poll", interrupting_poll), raised)
+    class HeldLink(xfer._Link):
+        def _write(self, data):
+            if isinstance(data, memoryview):
+                chunks[0] += 1
+                if chunks[0] == 2:
+                    self.abort.wait(TIMEOUT)
+            return super()._write(data)
+
+    class Interrupting(sender_with(link=HeldLink)):
+        def poll(self, *args, **kw):
+            if polled is not None:
+                polled(self)
+            got = super().poll(*args, **kw)
+            if not raised.is_set() and chunks[0] >= 2 and self.files_done >= after:
+                raised.set()
+                signal.raise_signal(signal.SIGINT)
+            return got
+    return mock.patch.object(xfer, "Sender", Interrupting), raised
 
 
 class ReportTests(unittest.TestCase):
@@ -11737,8 +11748,8 @@ class ReportTests(unittest.TestCase):
         to = ["%s:%d" % r.address for r in receivers]
         runs = []
         for where, extra in zip(to, ((), ("--json",))):
-            write, poll, _ = _report_ctrl_c(after=30)
-            with write, poll, mock.patch.object(xfer._Report, "REDRAW", 0.01):
+            interrupting, _ = _report_ctrl_c(after=30)
+            with interrupting, mock.patch.object(xfer._Report, "REDRAW", 0.01):
                 runs.append(self.run_main("send-dir", "--workers", "1", *extra + (tree, where)))
         for status, out, err in runs:
             self.assertEqual(status, xfer.EXIT_INTERRUPTED, err)
@@ -11783,18 +11794,14 @@ class ReportTests(unittest.TestCase):
         tree = self.tree(os.path.join(temp_dir(self), "shots"))
         to = "%s:%d" % start_receiver(self, temp_dir(self)).address
         seen = []
-        write, poll, raised = _report_ctrl_c(after=30)
 
-        def recording_poll(sender, *args, **kw):
+        def recording(sender):
             # Up to the Ctrl-C: the polls after it count the cancelled files.
             if not raised.is_set():
                 seen.append(signal.getsignal(signal.SIGINT))
-            return interrupting_poll(sender, *args, **kw)
-        with write, poll:
-            interrupting_poll = xfer.Sender.poll
-            with mock.patch.object(xfer.Sender, "poll", recording_poll), \
-                    mock.patch.object(xfer._Report, "REDRAW", 0.01):
-                status, out, err = self.run_main("send-dir", "--workers", "1", tree, to)
+        interrupting, raised = _report_ctrl_c(after=30, polled=recording)
+        with interrupting, mock.patch.object(xfer._Report, "REDRAW", 0.01):
+            status, out, err = self.run_main("send-dir", "--workers", "1", tree, to)
         self.assertEqual(status, xfer.EXIT_INTERRUPTED, err)
         self.assertTrue(seen)
         self.assertNotIn(signal.default_int_handler, seen)
@@ -11913,38 +11920,37 @@ class ReportTests(unittest.TestCase):
         src, dst = temp_dir(self), temp_dir(self)
         big = write_file(os.path.join(src, "big.bin"), os.urandom(8 * xfer.CHUNK))
         receiver = start_receiver(self, dst)
-        patcher, held, gate = _embed_gate_write(body_chunk=3)
+        gated, held, gate = _embed_gate_write(body_chunk=3)
         self.addCleanup(gate.set)
-        with patcher:            # leave a partial of two chunks on the receiver
-            sender = xfer.Sender(receiver.address, workers=1)
-            self.addCleanup(sender.close, False)
-            job = sender.queue(big)
-            self.assertTrue(held.wait(TIMEOUT), "the sender never reached the gate")
-            job.cancel()
-            gate.set()
-            self.assertTrue(job.wait(TIMEOUT))
+        # Leave a partial of two chunks on the receiver.
+        sender = gated(receiver.address, workers=1)
+        self.addCleanup(sender.close, False)
+        job = sender.queue(big)
+        self.assertTrue(held.wait(TIMEOUT), "the sender never reached the gate")
+        job.cancel()
+        gate.set()
+        self.assertTrue(job.wait(TIMEOUT))
         self.assertTrue(wait_until(lambda: receiver.connections == 0))
         hashing, proceed = threading.Event(), threading.Event()
         self.addCleanup(proceed.set)
-        real_hash = xfer._hash_prefix
 
-        def slow_hash(*args):
-            hashing.set()
-            proceed.wait(TIMEOUT)
-            return real_hash(*args)
+        class SlowToHash(xfer._Outgoing):
+            def seek(self, offset):     # to hash the prefix from its start
+                hashing.set()
+                proceed.wait(TIMEOUT)
+                return super().seek(offset)
         report = xfer._Report("live", err=io.StringIO(), width=lambda: 200)
         track, callbacks = report.track("", "%s:%d" % receiver.address)
-        with mock.patch.object(xfer, "_hash_prefix", slow_hash):
-            track.sender = xfer.Sender(receiver.address, dispatch="poll", workers=1,
-                                       **callbacks)
-            self.addCleanup(track.sender.close, False)
-            track.jobs.append(track.sender.queue(big))
-            self.assertTrue(hashing.wait(TIMEOUT), "no prefix was hashed")
-            track.sender.poll()
-            line = report.status_line(track, time.monotonic(), 200)
-            proceed.set()
-            self.assertTrue(track.sender.wait(TIMEOUT))
-            track.sender.close()
+        track.sender = sender_with(outgoing=SlowToHash)(
+            receiver.address, dispatch="poll", workers=1, **callbacks)
+        self.addCleanup(track.sender.close, False)
+        track.jobs.append(track.sender.queue(big))
+        self.assertTrue(hashing.wait(TIMEOUT), "no prefix was hashed")
+        track.sender.poll()
+        line = report.status_line(track, time.monotonic(), 200)
+        proceed.set()
+        self.assertTrue(track.sender.wait(TIMEOUT))
+        track.sender.close()
         self.assertTrue(line.endswith("0/1 files  verifying big.bin"), line)
         (job,) = track.jobs
         self.assertEqual(job.state, "done", job.error)
@@ -12880,21 +12886,20 @@ class FaultTests(unittest.TestCase):
         size = 4 * 2**20
         big = write_file(os.path.join(src, "big.bin"), os.urandom(size))
         proc, port, _ = self._serve(dst)
-        patcher, held, gate = _embed_gate_write(body_chunk=5)
+        gated, held, gate = _embed_gate_write(body_chunk=5)
         self.addCleanup(gate.set)
-        with patcher:
-            sender = xfer.Sender((HOST, port), token=TOKEN, workers=1, retries=0)
-            self.addCleanup(sender.close, False)
-            job = sender.queue(big)
-            self.assertTrue(held.wait(TIMEOUT), "the sender never reached the gate")
-            self.assertTrue(wait_until(
-                lambda: _fault_partial_size(dst) >= 4 * xfer.CHUNK),
-                "the server never wrote the first chunks")
-            proc.kill()
-            proc.wait(TIMEOUT)
-            gate.set()
-            self.assertTrue(job.wait(TIMEOUT))
-            sender.close()
+        sender = gated((HOST, port), token=TOKEN, workers=1, retries=0)
+        self.addCleanup(sender.close, False)
+        job = sender.queue(big)
+        self.assertTrue(held.wait(TIMEOUT), "the sender never reached the gate")
+        self.assertTrue(wait_until(
+            lambda: _fault_partial_size(dst) >= 4 * xfer.CHUNK),
+            "the server never wrote the first chunks")
+        proc.kill()
+        proc.wait(TIMEOUT)
+        gate.set()
+        self.assertTrue(job.wait(TIMEOUT))
+        sender.close()
         self.assertEqual(job.state, "failed")
         self.assertFalse(os.path.exists(os.path.join(dst, "big.bin")))
         proc2, port2, _ = self._serve(dst)
@@ -13102,23 +13107,22 @@ class FaultTests(unittest.TestCase):
         seen = []
         # Held after more than one of the pieces the server writes a large
         # body in, so some of it is on disk by then.
-        patcher, held, gate = _embed_gate_write(body_chunk=xfer._HASH_CHUNK // xfer.CHUNK + 2)
+        gated, held, gate = _embed_gate_write(body_chunk=xfer._HASH_CHUNK // xfer.CHUNK + 2)
         self.addCleanup(gate.set)
-        with patcher:
-            sender = xfer.Sender((HOST, port), token=TOKEN, workers=1, retries=0)
-            self.addCleanup(sender.close, False)
-            job = sender.queue(big)
-            self.assertTrue(held.wait(TIMEOUT), "the sender never reached the gate")
-            # The server has taken the connection and is writing the file
-            # (written bytes may still sit in its accept queue otherwise).
-            self.assertTrue(wait_until(lambda: _fault_partial_size(dst) > 0),
-                            "the server never started writing the file")
-            proc.send_signal(signal.SIGTERM)
-            self.assertTrue(self._wait_line(lines, "stopping", seen), "".join(seen))
-            t0 = time.monotonic()
-            gate.set()
-            self.assertTrue(job.wait(TIMEOUT))
-            sender.close()
+        sender = gated((HOST, port), token=TOKEN, workers=1, retries=0)
+        self.addCleanup(sender.close, False)
+        job = sender.queue(big)
+        self.assertTrue(held.wait(TIMEOUT), "the sender never reached the gate")
+        # The server has taken the connection and is writing the file
+        # (written bytes may still sit in its accept queue otherwise).
+        self.assertTrue(wait_until(lambda: _fault_partial_size(dst) > 0),
+                        "the server never started writing the file")
+        proc.send_signal(signal.SIGTERM)
+        self.assertTrue(self._wait_line(lines, "stopping", seen), "".join(seen))
+        t0 = time.monotonic()
+        gate.set()
+        self.assertTrue(job.wait(TIMEOUT))
+        sender.close()
         proc.wait(TIMEOUT)
         self.assertLess(time.monotonic() - t0, TIMEOUT / 2, "the server waited out its grace")
         self.assertEqual(proc.returncode, 0)

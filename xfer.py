@@ -7435,6 +7435,9 @@ class _Link:
     it if not); abort is set when the Sender is closed without waiting.
     """
 
+    #: the class a file is opened with (Sender's docstring)
+    _outgoing_class = _Outgoing
+
     def __init__(self, sock, rfile, seal, ledger, peer, refuser=None, skip="quick",
                  discard=False, timeout=DEFAULT_IO_TIMEOUT, wanted=None, abort=None):
         self.sock = sock
@@ -7670,7 +7673,8 @@ class _Link:
             self._not_regular(job, st.st_mode)
             return
         try:
-            out = _Outgoing(job.path, st) if job.source is None else job.source.open()
+            out = (self._outgoing_class(job.path, st) if job.source is None
+                   else job.source.open())
         except Exception as e:
             self._fail_local(job, e)
             return
@@ -8221,7 +8225,14 @@ class Sender:
     skipped), on_error(job) (failed or cancelled).
     With dispatch="thread" they run on a worker thread; with dispatch="poll"
     they run only inside poll(), on the thread that calls it.
+
+    A private attribute a subclass may override (as Receiver's parts; the
+    tests hold a connection mid-file this way): _link_class, the class of
+    each connection, which names the class it opens files with in its own
+    _outgoing_class.
     """
+
+    _link_class = _Link
 
     def __init__(self, to, token=None, workers=4, dispatch="thread", on_progress=None,
                  on_done=None, on_error=None, on_start=None, port=None,
@@ -8710,10 +8721,11 @@ class Sender:
             if isinstance(e, OSError) and not isinstance(e, XferError):
                 raise ConnectError("%s: %s" % (where, e.strerror or e)) from None
             raise
-        return _Link(sock, rfile, _untagged if tags is None else tags.seal, self._ledger,
-                     _host_port_text(host, port), refuser=self._refuser, skip=self.skip,
-                     discard=self.discard, timeout=self.timeout, wanted=self._still_wanted,
-                     abort=self._abort)
+        return self._link_class(
+            sock, rfile, _untagged if tags is None else tags.seal, self._ledger,
+            _host_port_text(host, port), refuser=self._refuser, skip=self.skip,
+            discard=self.discard, timeout=self.timeout, wanted=self._still_wanted,
+            abort=self._abort)
 
     def _connect(self):
         """Open a connection; after a failed one, first wait out RECONNECT_DELAYS.
