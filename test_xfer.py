@@ -12263,6 +12263,50 @@ class TestSuiteShapeTests(unittest.TestCase):
         self.assertEqual(calls[0].lineno, last.body[-1].lineno)
 
 
+class ProtocolSpecTests(unittest.TestCase):
+    """What README "Protocol" states for a second implementation, held to the code."""
+
+    def test_readme_gives_the_spake2_m_and_n_points(self):
+        section = ReadmeSyncTests.readme().split("#### 4.11 Pairing", 1)[1]
+        section = section.split("\n#### ", 1)[0]
+        for name, point in (("M", xfer._SPAKE2_M), ("N", xfer._SPAKE2_N)):
+            self.assertIn("%s = `%s`" % (name, point.hex()), section, name)
+
+    def test_get_refuses_the_answers_the_readme_calls_protocol_errors(self):
+        # Protocol 1 and 4.9: a reserved GET or LIST flag, an ACCEPT offset not
+        # below the file's size, and a RESULT after the TRAILER of a large file.
+        directory = temp_dir(self)
+        write_file(os.path.join(directory, "big.bin"), bytes(xfer.SMALL_MAX + 1))
+        receiver = _pull_server(self, directory)
+
+        def get_big(answer):
+            client = _HostileClient(receiver.address, token=_PULL_TOKEN)
+            self.addCleanup(client.close)
+            client.send(client.frame(xfer._Msg.GET, xfer._GET.pack(1, 0) + b"big.bin"))
+            kind, payload = client.read_frame()
+            self.assertEqual(kind, xfer._Msg.FILE)
+            fid, size = xfer._FILE.unpack_from(payload)[:2]
+            client.send(client.frame(xfer._Msg.ACCEPT, xfer._ACCEPT.pack(
+                fid, size if answer == "offset" else 0, bytes(32))))
+            return client, fid, size
+
+        for kind in (xfer._Msg.GET, xfer._Msg.LIST):
+            with self.subTest(reserved=kind):
+                client = _HostileClient(receiver.address, token=_PULL_TOKEN)
+                self.addCleanup(client.close)
+                client.send(client.frame(kind, xfer._GET.pack(1, 0x02) + b"big.bin"))
+                self.assertIn("reserved", client.expect_error(self, xfer.ST_PROTOCOL))
+        client, _, _ = get_big("offset")
+        self.assertIn("below", client.expect_error(self, xfer.ST_PROTOCOL))
+        client, fid, size = get_big("result")
+        self.assertEqual(client.read_frame()[0], xfer._Msg.BODY)
+        client.read_exact(size)
+        self.assertEqual(client.read_frame()[0], xfer._Msg.TRAILER)
+        self.assertEqual(client.read_frame()[0], xfer._Msg.DONE)
+        client.send(client.frame(xfer._Msg.RESULT, xfer._RESULT.pack(fid, xfer.ST_OK)))
+        self.assertIn("RESULT", client.expect_error(self, xfer.ST_PROTOCOL))
+
+
 class ReadmeSyncTests(unittest.TestCase):
     @staticmethod
     def readme():
