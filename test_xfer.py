@@ -10220,7 +10220,9 @@ class CommandLineTests(unittest.TestCase):
         self.env = isolated_env(self.home)
 
     def serve(self, dst, token=TOKEN):
-        return spawn_server(self, "--dir", dst, "--token", token, cwd=self.cwd, env=self.env)
+        """The port of a receiver for a command line to send to: in this
+        process, as the sending command is the process these tests run."""
+        return start_receiver(self, dst, token=token).address[1]
 
     def xfer(self, *args, env=None):
         return run_xfer(*args, cwd=self.cwd, env=env or self.env)
@@ -10251,7 +10253,7 @@ class CommandLineTests(unittest.TestCase):
         src, dst = temp_dir(self), temp_dir(self)
         a = write_file(os.path.join(src, "a.txt"), b"alpha")
         b = write_file(os.path.join(src, "b b.bin"), os.urandom(300000))
-        _, port = self.serve(dst)
+        port = self.serve(dst)
         r = self.xfer("send", "--to", "%s:%d" % (HOST, port), "--token", TOKEN, a, b)
         self.assertEqual(r.returncode, xfer.EXIT_OK, r.stderr)
         self.assertNotIn("Traceback", r.stderr)
@@ -10266,7 +10268,7 @@ class CommandLineTests(unittest.TestCase):
             "assets/css/main.css": b"body{}",
             "assets/img/logo.png": os.urandom(2000),
         }, dirs=["empty", "assets/fonts"])
-        _, port = self.serve(dst)
+        port = self.serve(dst)
         r = self.xfer("send-dir", "--to", "%s:%d" % (HOST, port), "--token", TOKEN, tree)
         self.assertEqual(r.returncode, xfer.EXIT_OK, r.stderr)
         self.assertNotIn("Traceback", r.stderr)
@@ -10279,7 +10281,7 @@ class CommandLineTests(unittest.TestCase):
         src, dst = temp_dir(self), temp_dir(self)
         a = write_file(os.path.join(src, "here.txt"), b"here")
         missing = os.path.join(src, "not-here.txt")
-        _, port = self.serve(dst)
+        port = self.serve(dst)
         r = self.xfer("send", "--to", "%s:%d" % (HOST, port), "--token", TOKEN, a, missing)
         self.assertEqual(r.returncode, xfer.EXIT_FAILED, r.stderr)
         self.assertNotIn("Traceback", r.stderr)
@@ -10302,7 +10304,7 @@ class CommandLineTests(unittest.TestCase):
     def test_wrong_token(self):
         dst = temp_dir(self)
         p = write_file(os.path.join(temp_dir(self), "f.txt"), b"f")
-        _, port = self.serve(dst, token="right-token")
+        port = self.serve(dst, token="right-token")
         r = self.xfer("send", "--to", "%s:%d" % (HOST, port), "--token", "wrong-token", p)
         self.assertEqual(r.returncode, xfer.EXIT_AUTH, r.stderr)
         line = self.assertOneLineError(r)
@@ -10321,7 +10323,8 @@ class CommandLineTests(unittest.TestCase):
 
     def _stop_with(self, signum):
         dst = temp_dir(self)
-        proc, port = self.serve(dst)
+        proc, port = spawn_server(self, "--dir", dst, "--token", TOKEN, cwd=self.cwd,
+                                  env=self.env)
         p = write_file(os.path.join(temp_dir(self), "f.txt"), b"f")
         # A finished transfer first: the server is fully up and serving.
         (job,) = send_files((HOST, port), [p], token=TOKEN)
@@ -10358,7 +10361,7 @@ class CommandLineTests(unittest.TestCase):
     def test_token_from_environment(self):
         src, dst = temp_dir(self), temp_dir(self)
         p = write_file(os.path.join(src, "f.txt"), b"env token")
-        _, port = self.serve(dst, token="env-secret")
+        port = self.serve(dst, token="env-secret")
         env = dict(self.env, XFER_TOKEN="env-secret")
         r = self.xfer("send", "--to", "%s:%d" % (HOST, port), p, env=env)
         self.assertEqual(r.returncode, xfer.EXIT_OK, r.stderr)
@@ -10379,7 +10382,7 @@ class CommandLineTests(unittest.TestCase):
     def test_to_alias_from_user_ini(self):
         src, dst = temp_dir(self), temp_dir(self)
         p = write_file(os.path.join(src, "via-alias.txt"), b"alias")
-        _, port = self.serve(dst)
+        port = self.serve(dst)
         user = xfer.user_config_path(self.env)
         os.makedirs(os.path.dirname(user))
         with open(user, "w") as f:
