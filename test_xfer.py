@@ -4411,7 +4411,9 @@ class ReceiverLifecycleTests(unittest.TestCase):
             @property
             def failed(self):
                 reading.set()
-                failed_done.wait(1.0)
+                # Bounded: where the tally is read under a lock, the failed
+                # session waits for that lock instead of ending meanwhile.
+                failed_done.wait(0.3)
                 return xfer.SessionInfo.failed.__get__(self)
 
         clean = PausedInfo("127.0.0.1:1", 1, 3, 0, 0, 0, True, 0.1)
