@@ -9557,9 +9557,9 @@ class SharedPiecesTests(unittest.TestCase):
         write_file(os.path.join(inbox, "a.txt"), b"a")
         for argv in (["ping"], ["send", "a.txt"], ["send-dir", "."]):
             with self.subTest(argv=argv):
-                r = run_xfer(*argv, cwd=inbox, env=self.env)
-                self.assertEqual(r.returncode, xfer.EXIT_USAGE, r.stderr)
-                self.assertIn("no destination", r.stderr)
+                status, _, err = _cfg_main(argv, self.env, inbox)
+                self.assertEqual(status, xfer.EXIT_USAGE, err)
+                self.assertIn("no destination", err)
         self.assert_untouched(listener)
         self.assertEqual(xfer.load_config(environ=self.env, cwd=inbox).files, [])
         self.assertIsNone(xfer.load_config(environ=self.env, cwd=inbox).serverinfo)
@@ -10841,11 +10841,11 @@ class FixesTests(unittest.TestCase):
         proc, port = spawn_server(self, "--dir", temp_dir(self), "--no-auth", "--config", ini,
                                   cwd=home, env=isolated_env(home))
         src = write_file(os.path.join(home, "big.bin"), b"x" * 2000)
-        result = run_xfer("send", "--to", "127.0.0.1:%d" % port, src, cwd=home,
-                          env=isolated_env(home))
-        self.assertEqual(result.returncode, xfer.EXIT_FAILED, result.stderr)
+        status, _, err = _cfg_main(["send", "--to", "127.0.0.1:%d" % port, src],
+                                   isolated_env(home), home)
+        self.assertEqual(status, xfer.EXIT_FAILED, err)
         # 1k is 1000 bytes; refusals show sizes in human units.
-        self.assertIn("limit of %s" % xfer._human(1000), result.stderr)
+        self.assertIn("limit of %s" % xfer._human(1000), err)
 
 
 class _WriteLog(io.StringIO):
@@ -11557,16 +11557,14 @@ class EverydayTests(unittest.TestCase):
 
     @unittest.skipIf(os.name == "nt", "Windows passes CMD to the program unsplit")
     def test_on_receive_unbalanced_quote_is_a_usage_error(self):
-        # A subprocess: were the command accepted, serve would listen until
-        # run_xfer gives up, instead of exiting at once.
+        # Were the command accepted, serve would start: that fails the test.
         dst = os.path.join(self.cwd, "in")
-        r = self.cli("serve", "--host", HOST, "--port", "0", "--dir", dst, "--no-auth",
-                     "--on-receive", 'python3 "make_thumbnail.py --size 256')
-        self.assertEqual(r.returncode, 2, r.stderr)
-        line = self.assertOneLineError(r.stderr)
+        line = _cfg_serve_error(self, "--dir", dst, "--no-auth", "--on-receive",
+                                'python3 "make_thumbnail.py --size 256', env=self.env,
+                                cwd=self.cwd)
+        self.assertTrue(line.startswith("xfer: error: "), line)
         self.assertIn("--on-receive", line)
         self.assertIn("quotation", line)
-        self.assertNotIn("listening", r.stdout)
 
     # -- fan-out
 
