@@ -11819,6 +11819,11 @@ class ReportTests(unittest.TestCase):
                  for i in range(4)]
         up = "%s:%d" % start_receiver(self, dst).address
         down = "%s:%d" % (HOST, _free_port())
+        # A worker that starts after another's failed connection waits out
+        # RECONNECT_DELAYS first: shortened, the lines are tested, not the waits.
+        patch = mock.patch.object(xfer, "RECONNECT_DELAYS", (0.05,))
+        patch.start()
+        self.addCleanup(patch.stop)
         for attempt in range(3):
             with self.subTest(attempt=attempt):
                 status, out, err = self.run_main("send", "--retries", "0", *paths + [down])
