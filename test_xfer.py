@@ -4064,6 +4064,112 @@ class CheckByDirectoryTests(unittest.TestCase):
         _hostile_still_serves(self, receiver, self.dst)
 
 
+class _RerunStandIn(_LoopbackListener):
+    """A receiver without a token written from README "Protocol": it takes
+    one connection, answers every CHECKS "identical", except that the first
+    one's answer waits until hold (an Event) is set, and says BYE.  asked
+    records (first id, count) of each CHECKS as it arrives; first_asked is
+    set once the first has."""
+
+    def __init__(self, test):
+        self.asked = []
+        self.first_asked = threading.Event()
+        self.hold = threading.Event()
+        self.answered_first = None      # len(asked) when the first answer went
+        super().__init__(test)
+
+    def _accepted(self, sock):
+        self._spawn(self._serve, self._track(sock))
+
+    @staticmethod
+    def _frame(kind, payload=b""):
+        return struct.pack("!BI", kind, len(payload)) + payload
+
+    def _serve(self, sock):
+        sock.settimeout(TIMEOUT)
+        rfile = sock.makefile("rb")
+        try:
+            rfile.read(8 + 5 + 32)                     # preface and HELLO
+            sock.sendall(b"XFER" + struct.pack("!HH", 2, 0)
+                         + self._frame(0x01, os.urandom(32)))
+            rfile.read(5)                              # AUTH, empty
+            sock.sendall(self._frame(0x03))            # AUTH_OK
+            held = None
+            while True:
+                head = rfile.read(5)
+                if len(head) < 5:
+                    return
+                kind, length = struct.unpack("!BI", head)
+                payload = rfile.read(length)
+                if kind == 0x22:                       # BYE
+                    sock.sendall(self._frame(0x22))
+                    return
+                if kind != 0x1D:                       # only CHECKS are expected
+                    continue
+                first, count = struct.unpack_from("!IH", payload)
+                self.asked.append((first, count))
+                answer = self._frame(0x1C, struct.pack("!IH", first, count)
+                                     + (struct.pack("!BH", 1, 9) + b"identical") * count)
+                if held is None:
+                    held = answer
+                    self.first_asked.set()
+                    threading.Thread(target=self._answer_later, args=(sock, held),
+                                     daemon=True).start()
+                else:
+                    self.hold.wait(TIMEOUT)            # the first answer goes first
+                    sock.sendall(answer)
+        except OSError:
+            pass
+        finally:
+            rfile.close()
+
+    def _answer_later(self, sock, answer):
+        self.hold.wait(TIMEOUT)
+        self.answered_first = len(self.asked)
+        try:
+            sock.sendall(answer)
+        except OSError:
+            pass
+
+
+class RerunOverlapTests(unittest.TestCase):
+    """An unchanged re-run: the sender asks on while the receiver answers."""
+
+    def test_checks_go_out_when_made_not_when_the_sender_next_waits(self):
+        root = temp_dir(self)
+        paths = [write_file(os.path.join(root, "d", name), b"x") for name in ("a", "b")]
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        theirs.settimeout(TIMEOUT)
+        ledger, _ = _sending_ledger()
+        link = xfer._Link(ours, xfer._Reader(ours), xfer._untagged, ledger, "peer")
+        self.addCleanup(link.close)
+        jobs = [xfer.Job(ledger, path, "t/d/" + os.path.basename(path), "file",
+                         st=os.stat(path)) for path in paths]
+        link.check(jobs)          # returns without waiting for an answer
+        kind, payload = xfer._read_frame(xfer._Reader(theirs))
+        self.assertEqual(kind, xfer._Msg.CHECKS)
+        first, directory, entries = xfer._decode_checks(payload)
+        self.assertEqual((directory, [e[3] for e in entries]), (b"t/d", [b"a", b"b"]))
+
+    def test_files_queued_while_answers_are_due_are_asked_about_at_once(self):
+        src = temp_dir(self)
+        a, b = (write_file(os.path.join(src, name), b"same") for name in ("a", "b"))
+        server = _RerunStandIn(self)
+        self.addCleanup(server.hold.set)
+        with xfer.Sender(server.address, workers=1) as sender:
+            first = sender.queue(a)
+            self.assertTrue(server.first_asked.wait(TIMEOUT))
+            second = sender.queue(b)
+            # Asked about while the answer about a is still due.
+            asked = wait_until(lambda: len(server.asked) == 2, timeout=5.0)
+            server.hold.set()
+        self.assertTrue(asked, server.asked)
+        self.assertEqual(server.answered_first, 2)
+        self.assertEqual((first.state, second.state), ("skipped", "skipped"))
+        self.assertEqual(sender.files_skipped, 2)
+
+
 class PerformanceTests(unittest.TestCase):
     """Pipelining and group commit keep every guarantee of one-at-a-time transfer."""
 

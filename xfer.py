@@ -7432,14 +7432,17 @@ class _Link:
     sock, rfile and seal come from a finished handshake; ledger counts and
     ends the jobs; peer names the receiver in messages, refuser in its
     refusals; wanted(job) says whether a job is still to be sent (and ends
-    it if not); abort is set when the Sender is closed without waiting.
+    it if not); abort is set when the Sender is closed without waiting;
+    nudge() is called on the reader thread once answers were taken or the
+    connection broke (it wakes a worker waiting for answers or work).
     """
 
     #: the class a file is opened with (Sender's docstring)
     _outgoing_class = _Outgoing
 
     def __init__(self, sock, rfile, seal, ledger, peer, refuser=None, skip="quick",
-                 discard=False, timeout=DEFAULT_IO_TIMEOUT, wanted=None, abort=None):
+                 discard=False, timeout=DEFAULT_IO_TIMEOUT, wanted=None, abort=None,
+                 nudge=None):
         self.sock = sock
         self.rfile = rfile
         self.seal = seal             # tags what this end sends, in the order it goes out
@@ -7451,6 +7454,7 @@ class _Link:
         self.timeout = timeout
         self.wanted = wanted or (lambda job: not job.cancelled)
         self.abort = abort or threading.Event()
+        self.nudge = nudge or (lambda: None)
         self.last_id = 0             # request ids count from 1 (_new_ids)
         self.broken = None
         self.cv = threading.Condition()
@@ -7582,7 +7586,10 @@ class _Link:
                 group.append((job, entry[1]))
         self._ask(directory, group, frames)
         if frames:
+            # Out at once: the receiver answers them while this end walks,
+            # asks and sends on, rather than once this end waits.
             self._write(b"".join(frames))
+            self.flush()
 
     def _check_entry(self, job):
         """(directory, CHECKS entry) for a job's file; None: send it unasked."""
@@ -7629,6 +7636,36 @@ class _Link:
         if not keep:
             self.send_batch()
             self.flush()          # the worker may now wait for more jobs
+
+    def pump_answered(self):
+        """Send asked jobs in order, oldest first, while their answers are
+        in; True if any was taken.  Once none is left asked, the gathered
+        BATCH and writes go out (the worker may now wait for more jobs)."""
+        asked, answers, wanted = self.asked, self.answers, self.wanted
+        taken = False
+        while asked:
+            job, fid = asked[0]
+            if fid is not None:
+                if fid not in answers:
+                    break
+                needed = answers.pop(fid) == ST_NEEDED
+            else:
+                needed = True
+            asked.popleft()
+            taken = True
+            if needed and wanted(job):
+                self.send(job)
+        if not asked:
+            self.send_batch()
+            self.flush()
+        return taken
+
+    def answered(self):
+        """True if the oldest asked job can be sent (its answer is in), or
+        the connection broke."""
+        asked = self.asked
+        return (self.broken is not None or not asked or asked[0][1] is None
+                or asked[0][1] in self.answers)
 
     def send(self, job):
         """Send one job on this connection; returns once its bytes are written.
@@ -7989,6 +8026,7 @@ class _Link:
                     error = ProtocolError("unexpected %s" % _msg_name(kind))
                     break
             self.cv.notify_all()
+        self.nudge()
         endings = []
         for job, status, reason in ended:
             job.note = reason
@@ -8032,6 +8070,7 @@ class _Link:
             if self.broken is None:
                 self.broken = error
             self.cv.notify_all()
+        self.nudge()
 
     # -- the end of a link
 
@@ -8155,11 +8194,13 @@ class _Worker:
                     if link is None:
                         link = self.link = sender._connect()
                     link.check(batch)
-                    # A full batch: more are likely queued, so keep asking
-                    # ahead of sending; otherwise send all that was asked.
-                    link.pump(CHECK_AHEAD if len(batch) >= CHECK_BATCH else 0)
+                    # Keep asking ahead of sending, never more than
+                    # CHECK_AHEAD files: what is answered meanwhile is sent
+                    # once no more work is waiting.
+                    link.pump(CHECK_AHEAD)
                 elif link is not None and link.asked:
-                    link.pump(0)
+                    if not link.pump_answered():
+                        self._await(link)
                 elif stopping:
                     if link is not None:
                         link.bye()       # every result is in
@@ -8178,6 +8219,19 @@ class _Worker:
                     # It may count a request that never went out: never wait
                     # on it again; what it had in flight goes again.
                     self._requeue([], error)
+
+    def _await(self, link):
+        """Wait until the link's oldest asked job is answered, it breaks, or
+        more work is queued: new files are asked about while the receiver
+        still answers earlier ones, so both ends work at once."""
+        link.send_batch()
+        link.flush()
+        work = self.sender._work
+        # The queue's own lock and condition: a put() wakes it, and the
+        # link's reader thread nudges it (Sender._nudge) after taking answers.
+        with work.not_empty:
+            if not work.queue and not link.answered():
+                work.not_empty.wait(0.5)
 
     def _requeue(self, batch, error):
         """After a broken connection: send again, on a new one, what had not ended.
@@ -8581,6 +8635,12 @@ class Sender:
             self._work.put(_STOP)
         self._wide.set()              # the workers still waiting can end
 
+    def _nudge(self):
+        """Wake the workers waiting for work (_Worker._await): a link's
+        answers came in, or it broke."""
+        with self._work.not_empty:
+            self._work.not_empty.notify_all()
+
     def _put(self, jobs):
         """Queue a list of jobs: a whole batch per hand-over between threads."""
         if not self._large:
@@ -8725,7 +8785,7 @@ class Sender:
             sock, rfile, _untagged if tags is None else tags.seal, self._ledger,
             _host_port_text(host, port), refuser=self._refuser, skip=self.skip,
             discard=self.discard, timeout=self.timeout, wanted=self._still_wanted,
-            abort=self._abort)
+            abort=self._abort, nudge=self._nudge)
 
     def _connect(self):
         """Open a connection; after a failed one, first wait out RECONNECT_DELAYS.
