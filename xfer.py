@@ -992,19 +992,23 @@ def _encode_results(first, verdicts):
     """RESULTS frames answering ids first, first + 1, ... with a (status,
     reason) each: one frame, or as many as MAX_FRAME_PAYLOAD needs."""
     frames, parts, size = [], [], _RESULTS.size
-    for status, reason in verdicts:
+    last, entry = None, None     # the last entry made, for a run of equal ones ("identical")
+    for verdict in verdicts:
+        status, reason = verdict
         if not reason and size + _RESULTS_ENTRY.size <= MAX_FRAME_PAYLOAD:
             parts.append(_BARE_RESULTS_ENTRY[status])
             size += _RESULTS_ENTRY.size
             continue
-        text = reason.encode("utf-8", "replace")[:4000] if reason else b""
-        if size + _RESULTS_ENTRY.size + len(text) > MAX_FRAME_PAYLOAD:
+        if verdict != last:
+            text = reason.encode("utf-8", "replace")[:4000] if reason else b""
+            last, entry = verdict, _RESULTS_ENTRY.pack(status, len(text)) + text
+        if size + len(entry) > MAX_FRAME_PAYLOAD:
             frames.append(_frame(_Msg.RESULTS, _RESULTS.pack(first, len(parts))
                                  + b"".join(parts)))
             first += len(parts)
             parts, size = [], _RESULTS.size
-        parts.append(_RESULTS_ENTRY.pack(status, len(text)) + text)
-        size += _RESULTS_ENTRY.size + len(text)
+        parts.append(entry)
+        size += len(entry)
     frames.append(_frame(_Msg.RESULTS, _RESULTS.pack(first, len(parts)) + b"".join(parts)))
     return frames
 
@@ -1020,6 +1024,13 @@ def _decode_results(payload):
         # No entry has a reason (the usual answer): all of them at once.
         return first, [(status, "") for status, _ in
                        _RESULTS_ENTRY.iter_unpack(memoryview(payload)[offset:])]
+    if count and (end - offset) % count == 0:
+        # Every entry the same (the files of a tree sent again: "identical"):
+        # one decoded for all.
+        one = payload[offset:offset + (end - offset) // count]
+        status, length = unpack(one, 0)
+        if fixed + length == len(one) and payload[offset:] == one * count:
+            return first, [(status, one[fixed:].decode("utf-8", "replace"))] * count
     for _ in range(count):
         if offset + fixed > end:
             raise ProtocolError("RESULTS %d ends inside its entries" % first)
@@ -7292,20 +7303,27 @@ class _Ledger:
         """end() for each (job, state, error) of endings (the answers of one
         RESULTS): their counts under one lock, then, in order, their waiters,
         callbacks and trees."""
-        skipped = [(job, job.size - job.bytes_done) for job, state, _ in endings
-                   if state == "skipped" and job.kind != "mkdir" and not job._done]
-        if skipped:
-            self.progress_all(skipped)      # already there counts as done
+        told = {}                    # jobs whose progress rose (progress_all's)
         ended = []                   # (job, ok, its Event, its parent, that if it ended)
         now = time.monotonic()
+        on_progress, on_done, on_error = self.on_progress, self.on_done, self.on_error
         with self.lock:
             for job, state, error in endings:
                 if job._done:
                     continue
+                kind = job.kind
+                parent = job.parent
+                if state == "skipped" and kind != "mkdir":
+                    n = job.size - job.bytes_done      # already there counts as done
+                    job.bytes_done += n
+                    if parent is not None:
+                        parent.bytes_done += n
+                        told[parent] = None
+                    else:
+                        told[job] = None
                 job.state = state
                 job.error = error
                 job.finished = now
-                kind = job.kind
                 if kind in _REQUEST_KINDS:
                     pass              # a get's files count, a list has none
                 elif kind == "mkdir":
@@ -7321,7 +7339,6 @@ class _Ledger:
                     self.files_cancelled += 1
                 else:
                     self.files_failed += 1
-                parent = job.parent
                 tree = None
                 if parent is not None:
                     if kind != "mkdir":
@@ -7332,8 +7349,16 @@ class _Ledger:
                     if parent._pending == 0:
                         tree = parent
                 job._done = True
-                ended.append((job, state in ("done", "skipped"), job._ended, parent, tree))
-        on_progress, on_done, on_error = self.on_progress, self.on_done, self.on_error
+                ok = state in ("done", "skipped")
+                # A file of a tree that nobody waits for or is told about
+                # needs nothing more (most files of a tree sent again).
+                if (parent is None or tree is not None or job._ended is not None
+                        or (on_done if ok and kind != "mkdir" else on_error if not ok
+                            else None) is not None):
+                    ended.append((job, ok, job._ended, parent, tree))
+        if on_progress is not None:
+            for job in told:
+                self.dispatch.emit_progress(on_progress, job)
         for job, ok, event, parent, tree in ended:
             if event is not None:
                 event.set()
@@ -8200,7 +8225,7 @@ class _Worker:
                     link.pump(CHECK_AHEAD)
                 elif link is not None and link.asked:
                     if not link.pump_answered():
-                        self._await(link)
+                        self._await(link, stopping)
                 elif stopping:
                     if link is not None:
                         link.bye()       # every result is in
@@ -8220,18 +8245,21 @@ class _Worker:
                     # on it again; what it had in flight goes again.
                     self._requeue([], error)
 
-    def _await(self, link):
+    def _await(self, link, stopping):
         """Wait until the link's oldest asked job is answered, it breaks, or
-        more work is queued: new files are asked about while the receiver
-        still answers earlier ones, so both ends work at once."""
+        more work is queued (unless stopping: then what is queued is the
+        other workers' stop marks): new files are asked about while the
+        receiver still answers earlier ones, so both ends work at once."""
         link.send_batch()
         link.flush()
         work = self.sender._work
         # The queue's own lock and condition: a put() wakes it, and the
         # link's reader thread nudges it (Sender._nudge) after taking answers.
         with work.not_empty:
-            if not work.queue and not link.answered():
+            if (stopping or not work.queue) and not link.answered():
                 work.not_empty.wait(0.5)
+        if link.broken is not None:
+            raise _LinkBroken(link.broken)     # what it had asked about goes again
 
     def _requeue(self, batch, error):
         """After a broken connection: send again, on a new one, what had not ended.
