@@ -4152,6 +4152,21 @@ class RerunOverlapTests(unittest.TestCase):
         first, directory, entries = xfer._decode_checks(payload)
         self.assertEqual((directory, [e[3] for e in entries]), (b"t/d", [b"a", b"b"]))
 
+    def test_a_question_that_finds_the_receiver_gone_says_it_closed_the_connection(self):
+        # The CHECKS go out at once, so a write may be first to find the
+        # receiver gone, before the reader sees the connection end.
+        path = write_file(os.path.join(temp_dir(self), "a"), b"x")
+        ours, theirs = socket.socketpair()
+        ledger, _ = _sending_ledger()
+        link = xfer._Link(ours, xfer._Reader(ours), xfer._untagged, ledger, "the receiver")
+        self.addCleanup(link.close)
+        theirs.close()
+        job = xfer.Job(ledger, path, "a", "file", st=os.stat(path))
+        with self.assertRaises(xfer._LinkBroken):
+            link.check([job])
+        self.assertIsInstance(link.broken, xfer.ConnectionClosedError)
+        self.assertEqual(str(link.broken), "the receiver closed the connection")
+
     def test_files_queued_while_answers_are_due_are_asked_about_at_once(self):
         src = temp_dir(self)
         a, b = (write_file(os.path.join(src, name), b"same") for name in ("a", "b"))

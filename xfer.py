@@ -7538,7 +7538,12 @@ class _Link:
                                               % self.timeout))
             raise _LinkBroken(self.broken) from None
         except OSError as e:
-            self._break(ConnectionClosedError("connection lost: %s" % (e.strerror or e)))
+            if e.errno == errno.EPIPE:
+                # The receiver closed its end: a write (CHECKS go out at
+                # once) may find it before the reader does, and says the same.
+                self._break(ConnectionClosedError("%s closed the connection" % self.peer))
+            else:
+                self._break(ConnectionClosedError("connection lost: %s" % (e.strerror or e)))
             raise _LinkBroken(self.broken) from None
 
     def _wait(self, ready):
