@@ -4184,6 +4184,86 @@ class RerunOverlapTests(unittest.TestCase):
         self.assertEqual((first.state, second.state), ("skipped", "skipped"))
         self.assertEqual(sender.files_skipped, 2)
 
+    # -- asked about while the walk adds up the tree's size
+
+    @staticmethod
+    def _file_stat(size):
+        return types.SimpleNamespace(st_size=size, st_mtime_ns=0, st_mode=stat.S_IFREG | 0o644)
+
+    def test_files_that_end_while_their_tree_is_sized_are_told_once_its_size_is_known(self):
+        events = []
+        ledger, dispatch = _sending_ledger(events)
+        ledger.unfinished = 1
+        top = xfer.Job(ledger, "/t", "t", "dir")
+        ledger.sizing(top)
+        files = [xfer.Job(ledger, "/t/%d" % i, "t/%d" % i, "file", top, self._file_stat(5))
+                 for i in range(2)]
+        ledger.add(top, len(files))
+        ledger.end_all([(job, "skipped", None) for job in files])
+        dispatch.poll()
+        self.assertEqual(events, [])
+        self.assertEqual((ledger.files_skipped, top.files, top.bytes_done), (0, 0, 0))
+        self.assertFalse(any(job.done for job in files))
+        top.size, top.files_total = 10, 2
+        ledger.sized(top)
+        ledger.part_ended(top)         # the walk
+        dispatch.poll()
+        self.assertEqual(events, [("done", "t/0"), ("done", "t/1"), ("done", "t")])
+        self.assertEqual((ledger.files_skipped, top.files, top.bytes_done), (2, 2, 10))
+        self.assertEqual((top.state, top.progress), ("done", 1.0))
+
+    def test_a_file_needed_while_its_tree_is_sized_is_sent_once_its_size_is_known(self):
+        path = write_file(os.path.join(temp_dir(self), "d", "a"), b"new")
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        theirs.settimeout(TIMEOUT)
+        ledger, _ = _sending_ledger()
+        ledger.unfinished = 1
+        link = xfer._Link(ours, xfer._Reader(ours), xfer._untagged, ledger, "peer")
+        self.addCleanup(link.close)
+        top = xfer.Job(ledger, os.path.dirname(path), "t", "dir")
+        ledger.sizing(top)
+        job = xfer.Job(ledger, path, "t/d/a", "file", top, st=os.stat(path))
+        ledger.add(top, 1)
+        link.check([job])
+        peer = xfer._Reader(theirs)
+        kind, payload = xfer._read_frame(peer)
+        first = xfer._decode_checks(payload)[0]
+        (answer,) = xfer._encode_results(first, [(xfer.ST_NEEDED, "")])
+        theirs.sendall(answer)
+        self.assertTrue(wait_until(lambda: first in link.answers))
+        self.assertFalse(link.answered())
+        self.assertFalse(link.pump_answered())       # held back: no byte before the size
+        self.assertIsNone(job.started)
+        theirs.setblocking(False)
+        self.assertRaises(BlockingIOError, theirs.recv, 1)
+        theirs.setblocking(True)
+        top.size, top.files_total = 3, 1
+        ledger.sized(top)
+        self.assertTrue(link.answered())
+        self.assertTrue(link.pump_answered())
+        kind, payload = xfer._read_frame(peer)
+        self.assertEqual(kind, xfer._Msg.BATCH)
+        self.assertEqual(xfer._recv_exact(peer, 3), b"new")
+
+    def test_a_tree_sent_again_tells_each_file_after_the_tree_s_size_is_known(self):
+        src, dst = temp_dir(self), temp_dir(self)
+        files = {"d%d/f%03d" % (i % 3, i): b"%d" % i for i in range(300)}
+        tree = _make_tree(os.path.join(src, "t"), files)
+        total = sum(map(len, files.values()))
+        receiver = start_receiver(self, dst, fsync=False)
+        with xfer.Sender(receiver.address, workers=1) as sender:
+            sender.queue(tree)
+        told = []
+        with xfer.Sender(receiver.address, workers=1, on_done=lambda job: told.append(
+                (job.kind, job.state, (job.parent or job).files_total,
+                 (job.parent or job).size))) as sender:
+            job = sender.queue(tree)
+        self.assertEqual((job.state, job.progress), ("done", 1.0))
+        self.assertEqual((sender.files_done, sender.files_skipped), (0, len(files)))
+        self.assertEqual(told.count(("file", "skipped", len(files), total)), len(files))
+        self.assertEqual(told[-1], ("dir", "done", len(files), total))
+
 
 class PerformanceTests(unittest.TestCase):
     """Pipelining and group commit keep every guarantee of one-at-a-time transfer."""
@@ -7581,24 +7661,34 @@ class SendingSideTests(unittest.TestCase):
                          ["t", "t/empty", "t/sub", "t/sub/deeper"])
         self.assertEqual(xfer._tree_totals(top)[:2], (6, 3))
 
-    def test_a_tree_walked_for_its_size_is_not_stat_ed_again_for_its_first_files(self):
+    def test_a_tree_s_first_files_are_told_as_its_size_is_added_up_and_not_walked_again(self):
         top = self._tree(os.path.join(temp_dir(self), "t"))
-        total, count, seen = xfer._tree_totals(top, keep=100)
+        told = []
+        found = lambda kind, path, name, st: told.append(
+            (kind, name, None if st is None else st.st_size))
+        total, count, seen = xfer._tree_totals(top, "t", keep=100, found=found)
         self.assertEqual((total, count), (6, 3))
-        write_file(os.path.join(top, "a.txt"), b"grown")      # after that first walk
-        sizes = {name: st.st_size for kind, _, name, st in xfer._walk_tree(top, "t", seen=seen)
-                 if kind == "file"}
-        self.assertEqual(sizes, {"t/a.txt": 2, "t/sub/b.txt": 3, "t/sub/deeper/c.txt": 1})
-        self.assertEqual(seen, {})              # each directory's stats used once
-        # What is kept counts directories and files together, and never more:
-        # t, its a.txt and one subdirectory; the rest is stat'ed again.
-        _, _, seen = xfer._tree_totals(top, keep=3)
-        self.assertEqual(sum(1 + len(files) for files in seen.values()), 3)
-        write_file(os.path.join(top, "a.txt"), b"grown again")
+        self.assertEqual(sorted(told), [("dir", "t", None), ("dir", "t/empty", None),
+                                        ("dir", "t/sub", None), ("dir", "t/sub/deeper", None),
+                                        ("file", "t/a.txt", 2), ("file", "t/sub/b.txt", 3),
+                                        ("file", "t/sub/deeper/c.txt", 1)])
+        self.assertEqual(list(xfer._walk_tree(top, "t", seen=seen)), [])
+        self.assertEqual(seen, {})              # each directory's names used once
+        # What is told counts directories and files together, and never more:
+        # t, its a.txt and one subdirectory; the rest is walked (and stat'ed) later.
+        told = []
+        _, _, seen = xfer._tree_totals(top, "t", keep=3, found=found)
+        self.assertEqual(len(told), 3)
+        write_file(os.path.join(top, "a.txt"), b"grown")
         write_file(os.path.join(top, "sub", "deeper", "c.txt"), b"cc")
-        sizes = {name: st.st_size for kind, _, name, st in xfer._walk_tree(top, "t", seen=seen)
-                 if kind == "file"}
-        self.assertEqual(sizes, {"t/a.txt": 5, "t/sub/b.txt": 3, "t/sub/deeper/c.txt": 2})
+        later = [(kind, name, None if st is None else st.st_size)
+                 for kind, _, name, st in xfer._walk_tree(top, "t", seen=seen)]
+        self.assertEqual(sorted(told + later)[:4], [("dir", "t", None), ("dir", "t/empty", None),
+                                                   ("dir", "t/sub", None),
+                                                   ("dir", "t/sub/deeper", None)])
+        self.assertEqual(sorted(name for kind, name, _ in told + later if kind == "file"),
+                         ["t/a.txt", "t/sub/b.txt", "t/sub/deeper/c.txt"])
+        self.assertIn(("file", "t/sub/deeper/c.txt", 2), later)   # its stat is a new one
 
     @unittest.skipUnless(hasattr(os, "symlink"), "no symlinks")
     def test_walk_tree_follows_file_symlinks_but_not_directory_symlinks(self):

@@ -44,9 +44,10 @@ Threads: who starts each, and what it does.
 
 Data path of one file, send to published name (README "Protocol" 4):
     _cmd_send: _parse_address, _resolve_target (_Settings), Sender.queue
-    -> xfer-feeder: _tree_totals adds up a tree's size, then _walk_tree
-    hands each file on with one stat (for its first files, the one kept
-    from adding up) -> xfer-worker: _Link asks with CHECKS, one per run of
+    -> xfer-feeder: _tree_totals adds up a tree's size and hands on its
+    first files as it finds them (asked about meanwhile, told once the
+    size is known), then _walk_tree hands on the rest, each with one stat
+    -> xfer-worker: _Link asks with CHECKS, one per run of
     files of a directory (skip what the receiver has), then sends: a small
     file (<= SMALL_MAX), read whole and hashed by _Link._batched, joins the
     BATCH being gathered, which goes out
@@ -6862,10 +6863,12 @@ _HANDOVER_FILES = CHECK_BATCH
 _HANDOVER_BYTES = 8 * CHUNK
 
 
-# The walk that adds up a tree's size keeps the stats of its first files,
-# up to this many (about 300 bytes each), for the walk that queues them:
-# a tree of that many files is stat'ed once, and a larger one once for
-# those files.  What is kept is bounded, whatever the size of the tree.
+# The walk that adds up a tree's size hands on its first files and
+# directories, up to this many, as it finds them: the receiver is asked
+# about them while it goes on, and the walk that queues the rest skips
+# them, so a tree of that many files is stat'ed once, and a larger one once
+# for those files.  Those it holds while the work queue has no room (about
+# 400 bytes each) are bounded, whatever the size of the tree.
 _WALK_KEPT = 8192
 
 
@@ -6889,9 +6892,9 @@ def _walk_tree(path, name, cancelled=None, seen=None):
     pending subdirectories are), so a directory of a million files costs
     no more memory than one of ten.  Symlinks to directories are not
     followed.  cancelled, a callable, is asked before each directory.
-    seen, from _tree_totals, gives files of the first directories the stat
-    an earlier walk made of them (a _Seen), instead of a new one; each is
-    taken out of it as it is used.
+    seen, from _tree_totals, names what an earlier walk handed on already:
+    {directory path: set of its file names}; those directories and files
+    are not yielded again, and each entry is taken out of it as it is used.
     (What a server offers to get and ls is walked by _walk_served.)
     """
     stack = [(path, name)]
@@ -6899,20 +6902,19 @@ def _walk_tree(path, name, cancelled=None, seen=None):
         if cancelled is not None and cancelled():
             return
         path, name = stack.pop()
-        yield "dir", path, name, None
+        known = seen.pop(path, None) if seen else None
+        if known is None:
+            yield "dir", path, name, None
         subdirs = []
         prefix = name + "/" if name else ""
-        known = seen.pop(path, None) if seen else None
         try:
             with os.scandir(path) as it:
                 for entry in it:
                     try:
                         if entry.is_dir(follow_symlinks=False):
                             subdirs.append((entry.path, prefix + entry.name))
-                        elif entry.is_file():
-                            st = known.get(entry.name) if known else None
-                            yield ("file", entry.path, prefix + entry.name,
-                                   entry.stat() if st is None else st)
+                        elif entry.is_file() and not (known and entry.name in known):
+                            yield "file", entry.path, prefix + entry.name, entry.stat()
                     except OSError:
                         continue      # gone meanwhile, or a dangling symlink
         except OSError as e:
@@ -6920,27 +6922,33 @@ def _walk_tree(path, name, cancelled=None, seen=None):
         stack.extend(reversed(subdirs))
 
 
-def _tree_totals(path, cancelled=None, keep=0):
+def _tree_totals(path, name="", cancelled=None, keep=0, found=None):
     """(bytes, files, seen) of what _walk_tree yields for a tree: its size
-    before any is sent, and the stats of its first files, up to keep of
-    them, for _walk_tree's seen: {directory path: {entry name: _Seen}}.
+    before any is sent.  Its first directories and files, up to keep of
+    them, are told to found(kind, path, name, stat) as the walk meets them
+    (the Sender hands them on at once), and seen names them for a later
+    _walk_tree, which skips them: {directory path: set of file names}.
     A directory counts as one of the keep too, so seen stays bounded in a
     tree of empty ones."""
     total = count = 0
     seen = {}
     files = None
-    for kind, where, name, st in _walk_tree(path, "", cancelled):
+    for kind, where, name, st in _walk_tree(path, name, cancelled):
         if kind == "file":
             total += st.st_size
             count += 1
             if files is not None and keep > 0:
                 keep -= 1
-                files[name.rpartition("/")[2]] = _Seen(st)
+                files.add(name.rpartition("/")[2])
+                if found is not None:
+                    found(kind, where, name, st)
         elif kind == "dir":
             files = None
             if keep > 0:
                 keep -= 1
-                files = seen[where] = {}
+                files = seen[where] = set()
+                if found is not None:
+                    found(kind, where, name, st)
     return total, count, seen
 
 
@@ -7178,6 +7186,8 @@ class Job:
     _cancel = False         # a flag, not an Event: nothing waits for it
     _done = False
     _ended = None           # an Event, made only once someone waits
+    _held = None            # dir jobs, while the walk adds up their size: the
+                            # endings of their files, held (_Ledger.sizing)
 
     def __init__(self, ledger, path, name, kind="file", parent=None, st=None):
         self._ledger = ledger
@@ -7313,6 +7323,9 @@ class _Ledger:
                     continue
                 kind = job.kind
                 parent = job.parent
+                if parent is not None and parent._held is not None:
+                    parent._held.append((job, state, error))   # told once it is sized
+                    continue
                 if state == "skipped" and kind != "mkdir":
                     n = job.size - job.bytes_done      # already there counts as done
                     job.bytes_done += n
@@ -7374,6 +7387,18 @@ class _Ledger:
                 self._finished(job)
             elif tree is not None:
                 self._end_tree(tree)
+
+    def sizing(self, top):
+        """top's size is being added up: its files' endings wait for sized()."""
+        with self.lock:
+            top._held = []
+
+    def sized(self, top):
+        """top's size and files_total are known: end what was held."""
+        with self.lock:
+            held, top._held = top._held, None
+        if held:
+            self.end_all(held)
 
     def part_ended(self, top):
         """A pending part of top's tree that is no job (its walk) has ended."""
@@ -7440,6 +7465,11 @@ class _LinkBroken(Exception):
     def __init__(self, error):
         super().__init__(str(error))
         self.error = error
+
+
+def _held_back(job):
+    """A file of a tree whose size is still being added up (_Ledger.sizing)."""
+    return job.kind == "file" and job.parent is not None and job.parent._held is not None
 
 
 class _Link:
@@ -7651,18 +7681,15 @@ class _Link:
                                                [entry for _, entry in group])))
 
     def pump(self, keep):
-        """Send asked jobs in order, oldest first, until at most keep are left."""
-        asked, answers, wanted = self.asked, self.answers, self.wanted
+        """Send asked jobs in order, oldest first, until at most keep are left
+        (or the oldest is held back, _take_oldest)."""
+        asked, answers = self.asked, self.answers
         while len(asked) > keep:
-            job, fid = asked[0]
-            needed = True
-            if fid is not None:
-                if fid not in answers:
-                    self._wait(lambda: fid in answers)
-                needed = answers.pop(fid) == ST_NEEDED
-            asked.popleft()
-            if needed and wanted(job):
-                self.send(job)
+            fid = asked[0][1]
+            if fid is not None and fid not in answers:
+                self._wait(lambda: fid in answers)
+            if not self._take_oldest():
+                break
         if not keep:
             self.send_batch()
             self.flush()          # the worker may now wait for more jobs
@@ -7671,31 +7698,44 @@ class _Link:
         """Send asked jobs in order, oldest first, while their answers are
         in; True if any was taken.  Once none is left asked, the gathered
         BATCH and writes go out (the worker may now wait for more jobs)."""
-        asked, answers, wanted = self.asked, self.answers, self.wanted
+        asked, answers = self.asked, self.answers
         taken = False
         while asked:
-            job, fid = asked[0]
-            if fid is not None:
-                if fid not in answers:
-                    break
-                needed = answers.pop(fid) == ST_NEEDED
-            else:
-                needed = True
-            asked.popleft()
+            fid = asked[0][1]
+            if (fid is not None and fid not in answers) or not self._take_oldest():
+                break
             taken = True
-            if needed and wanted(job):
-                self.send(job)
         if not asked:
             self.send_batch()
             self.flush()
         return taken
 
+    def _take_oldest(self):
+        """Send (or drop, if the receiver has it) the oldest asked job, whose
+        answer is in; False, leaving it asked, if it is a file of a tree whose
+        size is still being added up: no byte of a tree goes before that."""
+        job, fid = self.asked[0]
+        needed = fid is None or self.answers[fid] == ST_NEEDED
+        if needed and _held_back(job):
+            return False
+        self.asked.popleft()
+        if fid is not None:
+            del self.answers[fid]
+        if needed and self.wanted(job):
+            self.send(job)
+        return True
+
     def answered(self):
-        """True if the oldest asked job can be sent (its answer is in), or
-        the connection broke."""
+        """True if the oldest asked job can be taken (its answer is in, and it
+        is not held back), or the connection broke."""
         asked = self.asked
-        return (self.broken is not None or not asked or asked[0][1] is None
-                or asked[0][1] in self.answers)
+        if self.broken is not None or not asked:
+            return True
+        job, fid = asked[0]
+        if fid is None:
+            return not _held_back(job)
+        status = self.answers.get(fid)
+        return status is not None and not (status == ST_NEEDED and _held_back(job))
 
     def send(self, job):
         """Send one job on this connection; returns once its bytes are written.
@@ -8166,6 +8206,8 @@ class _Worker:
         work = self.sender._work
         link = self.link
         batch = []
+        if link is not None and len(link.asked) > CHECK_AHEAD:
+            return batch, stopping     # asked far enough ahead (a tree being sized)
         if self.retry:
             # After a broken connection, one job at a time: a file that
             # breaks connections then fails alone.
@@ -8251,17 +8293,20 @@ class _Worker:
                     self._requeue([], error)
 
     def _await(self, link, stopping):
-        """Wait until the link's oldest asked job is answered, it breaks, or
-        more work is queued (unless stopping: then what is queued is the
-        other workers' stop marks): new files are asked about while the
-        receiver still answers earlier ones, so both ends work at once."""
+        """Wait until the link's oldest asked job can be taken (answered, and
+        its tree's size known), the link breaks, or more work it would take
+        is queued: new files are asked about while the receiver still
+        answers earlier ones, so both ends work at once."""
         link.send_batch()
         link.flush()
         work = self.sender._work
         # The queue's own lock and condition: a put() wakes it, and the
         # link's reader thread nudges it (Sender._nudge) after taking answers.
+        # Work it would not take: the stop marks of others, or more when it
+        # has asked far enough ahead already (_batch).
+        takes_work = not stopping and len(link.asked) <= CHECK_AHEAD
         with work.not_empty:
-            if (stopping or not work.queue) and not link.answered():
+            if not (takes_work and work.queue) and not link.answered():
                 work.not_empty.wait(0.5)
         if link.broken is not None:
             raise _LinkBroken(link.broken)     # what it had asked about goes again
@@ -8674,15 +8719,20 @@ class Sender:
         with self._work.not_empty:
             self._work.not_empty.notify_all()
 
-    def _put(self, jobs):
-        """Queue a list of jobs: a whole batch per hand-over between threads."""
+    def _put(self, jobs, block=True):
+        """Queue a list of jobs: a whole batch per hand-over between threads.
+        block=False: False if the queue has no room for it now."""
         if not self._large:
             for job in jobs:
                 if job.size > STREAM_MAX:
                     self._large = True
                     self._wide.set()
                     break
-        self._work.put(jobs)
+        try:
+            self._work.put(jobs, block)
+        except queue.Full:
+            return False
+        return True
 
     def _stat_job(self, job):
         """Stat a file job not walked (queued alone, or found by a watch) as it
@@ -8711,28 +8761,55 @@ class Sender:
     def _walk(self, top):
         """Queue the jobs of a tree, a batch at a time.  A first walk adds up
         the sizes, so the tree's job knows its size and files_total before
-        any byte is sent and its progress only rises."""
+        any byte is sent and its progress only rises.  That walk hands on
+        its first files as it finds them, where the work queue has room, so
+        the receiver is asked about them meanwhile: their endings wait for
+        the size (_Ledger.sizing), and no byte of them goes before it."""
+        ledger = self._ledger
+        waiting = collections.deque()    # lists of jobs not handed on yet
+        gathered = [[], 0]               # the list being filled, and its bytes
+
+        def offer(block):
+            while waiting:
+                jobs = waiting[0]
+                ledger.add(top, len(jobs))
+                if not self._put(jobs, block):
+                    ledger.add(top, -len(jobs))     # no room: tried again later
+                    return
+                waiting.popleft()
+
+        def gather(job, block):
+            jobs = gathered[0]
+            jobs.append(job)
+            gathered[1] += job.size
+            if len(jobs) >= _HANDOVER_FILES or gathered[1] >= _HANDOVER_BYTES:
+                waiting.append(jobs)
+                gathered[:] = [], 0
+                offer(block)
+
         if top._found is not None:
             top.size, top.files_total = sum(j.size for j in top._found), len(top._found)
             jobs_of = self._stat_found(top._found)
         else:
             cancelled = lambda: top.cancelled
-            top.size, top.files_total, seen = _tree_totals(top.path, cancelled, _WALK_KEPT)
+
+            def found(kind, path, name, st):
+                # Never blocks: the workers may not send until the size is known.
+                gather(Job(ledger, path, name, "file", top, _Seen(st)) if kind == "file"
+                       else Job(ledger, path, name, "mkdir", top), False)
+            ledger.sizing(top)
+            try:
+                top.size, top.files_total, seen = _tree_totals(
+                    top.path, top.name, cancelled, _WALK_KEPT, found)
+            finally:
+                ledger.sized(top)
+                self._nudge()        # a worker waiting to send what was held back
             jobs_of = self._tree_jobs(top, cancelled, seen)
-        ledger = self._ledger
-        jobs = []
-        size = 0
         for job in jobs_of:
-            jobs.append(job)
-            size += job.size
-            if len(jobs) >= _HANDOVER_FILES or size >= _HANDOVER_BYTES:
-                ledger.add(top, len(jobs))
-                self._put(jobs)
-                jobs = []
-                size = 0
-        if jobs:
-            ledger.add(top, len(jobs))
-            self._put(jobs)
+            gather(job, True)
+        if gathered[0]:
+            waiting.append(gathered[0])
+        offer(True)
         top._found = None
         ledger.part_ended(top)   # the walk itself is one of the pending parts
 
