@@ -7871,6 +7871,30 @@ class SendingSideTests(unittest.TestCase):
         self.assertRaises(BlockingIOError, theirs.recv, 1)
 
 
+class SenderReviewTests(unittest.TestCase):
+    """The sending side's hand-offs and answers, as reviewed: each case a
+    defect that was found and fixed."""
+
+    def test_malformed_results_raise_protocol_error_never_struct_error(self):
+        entry = xfer._RESULTS_ENTRY
+        cases = {
+            "count with no entries": xfer._RESULTS.pack(1, 5),
+            "entries shorter than their fixed part": xfer._RESULTS.pack(1, 5) + b"x" * 5,
+            "the largest count, no entries": xfer._RESULTS.pack(1, 0xFFFF),
+            "equal entries each naming a reason not there":
+                xfer._RESULTS.pack(1, 2) + entry.pack(xfer.ST_OK, 5) * 2,
+            "equal entries cut inside a reason":
+                xfer._RESULTS.pack(1, 2) + (entry.pack(xfer.ST_OK, 3) + b"ab") * 2,
+        }
+        for name, payload in cases.items():
+            with self.subTest(name):
+                self.assertRaises(xfer.ProtocolError, xfer._decode_results, payload)
+        # The equal-entries path still reads what it is given.
+        payload = xfer._RESULTS.pack(7, 3) + (entry.pack(xfer.ST_SKIPPED, 9) + b"identical") * 3
+        self.assertEqual(xfer._decode_results(payload),
+                         (7, [(xfer.ST_SKIPPED, "identical")] * 3))
+
+
 def _pull_list(address, path="", recursive=False, **kw):
     """Sender.list() waited for: its entries, or its error raised."""
     sender = _pull_sender(address, **kw)

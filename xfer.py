@@ -1023,9 +1023,12 @@ def _decode_results(payload):
     offset, verdicts = _RESULTS.size, []
     if end - offset == count * fixed:
         # No entry has a reason (the usual answer): all of them at once.
-        return first, [(status, "") for status, _ in
-                       _RESULTS_ENTRY.iter_unpack(memoryview(payload)[offset:])]
-    if count and (end - offset) % count == 0:
+        verdicts = [(status, "") for status, length in
+                    _RESULTS_ENTRY.iter_unpack(memoryview(payload)[offset:]) if not length]
+        if len(verdicts) != count:
+            raise ProtocolError("RESULTS %d ends inside a reason" % first)
+        return first, verdicts
+    if end - offset > count * fixed and count and (end - offset) % count == 0:
         # Every entry the same (the files of a tree sent again: "identical"):
         # one decoded for all.
         one = payload[offset:offset + (end - offset) // count]
