@@ -7871,9 +7871,9 @@ class SendingSideTests(unittest.TestCase):
         self.assertRaises(BlockingIOError, theirs.recv, 1)
 
 
-class SenderReviewTests(unittest.TestCase):
-    """The sending side's hand-offs and answers, as reviewed: each case a
-    defect that was found and fixed."""
+class ReviewFindingsTests(unittest.TestCase):
+    """Defects a review of the sender's CHECK path and the busy refusal
+    found: each test fails on the code before its fix."""
 
     def test_malformed_results_raise_protocol_error_never_struct_error(self):
         entry = xfer._RESULTS_ENTRY
@@ -7893,6 +7893,26 @@ class SenderReviewTests(unittest.TestCase):
         payload = xfer._RESULTS.pack(7, 3) + (entry.pack(xfer.ST_SKIPPED, 9) + b"identical") * 3
         self.assertEqual(xfer._decode_results(payload),
                          (7, [(xfer.ST_SKIPPED, "identical")] * 3))
+
+
+    def test_a_busy_refusal_reads_the_request_without_msg_dontwait(self):
+        # Windows has no MSG_DONTWAIT: the socket's own non-blocking mode
+        # reads what is there, so an HTTP client still gets HTTP's 503, and
+        # the answer is then sent in timeout mode, whole.
+        if hasattr(socket, "MSG_DONTWAIT"):
+            saved = socket.MSG_DONTWAIT
+            del socket.MSG_DONTWAIT
+            self.addCleanup(setattr, socket, "MSG_DONTWAIT", saved)
+        receiver = xfer.Receiver(temp_dir(self), web=True)
+        client, server = socket.socketpair()
+        self.addCleanup(client.close)
+        with server:
+            client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            receiver._refuse_busy(server, ("127.0.0.1", 1), reason="too many")
+            self.assertEqual(server.gettimeout(), 1.0)
+        client.settimeout(TIMEOUT)
+        got = recv_until_closed(client)
+        self.assertTrue(got.startswith(b"HTTP/1.1 503 "), got)
 
 
 def _pull_list(address, path="", recursive=False, **kw):

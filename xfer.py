@@ -3153,14 +3153,15 @@ class Receiver:
         accepting thread never waits), so the close that follows does not
         reset the connection and lose the answer."""
         request = b""
-        if hasattr(socket, "MSG_DONTWAIT"):
-            try:
-                # Non-blocking first: on a socket with a timeout even a
-                # MSG_DONTWAIT recv waits that long for data to arrive.
-                sock.setblocking(False)
-                request = sock.recv(HTTP_DRAIN_MAX, socket.MSG_DONTWAIT)
-            except OSError:
-                pass
+        try:
+            # The socket's own non-blocking mode, not MSG_DONTWAIT: Windows
+            # has no such flag, and on a socket with a timeout a
+            # MSG_DONTWAIT recv still waits that long.  The caller sets a
+            # timeout again before it sends.
+            sock.setblocking(False)
+            request = sock.recv(HTTP_DRAIN_MAX)
+        except OSError:
+            pass
         if self.web and request and _http_method_byte(request[0]):
             return _http_plain_answer(503, ST_BUSY, reason)
         return _PREFACE.pack(MAGIC, PROTOCOL_VERSION, 0) + _encode_error(ST_BUSY, reason)
