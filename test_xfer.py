@@ -7915,6 +7915,41 @@ class ReviewFindingsTests(unittest.TestCase):
         self.assertTrue(got.startswith(b"HTTP/1.1 503 "), got)
 
 
+    def test_a_worker_waiting_for_answers_leaves_new_work_to_an_idle_worker(self):
+        # A worker whose answers are due but that takes no more work (it has
+        # its stop mark) waits; a job queued meanwhile must wake the worker
+        # that is idle, not be a wake-up the waiting one swallows.
+        sender = xfer.Sender(("127.0.0.1", 1), workers=2)
+        self.addCleanup(sender.close, False)
+        checked = threading.Event()
+
+        class Waiting:
+            asked, broken = [None], None
+            send_batch = flush = lambda self: None
+
+            def answered(self):
+                checked.set()
+                return False
+        waiter = threading.Thread(target=xfer._Worker(sender, True)._await,
+                                  args=(Waiting(), True), daemon=True)
+        waiter.start()
+        self.addCleanup(waiter.join, TIMEOUT)
+        self.assertTrue(checked.wait(TIMEOUT))
+        work = sender._work
+        # The queue's waiters (CPython's Condition keeps them in _waiters):
+        # the idle worker must be waiting in get() before the job comes.
+        with work.mutex:            # the waiting worker is in wait() once it is free
+            before = len(work.not_empty._waiters)
+        taken = queue.Queue()
+        idle = threading.Thread(target=lambda: taken.put(work.get()), daemon=True)
+        idle.start()
+        self.assertTrue(wait_until(lambda: len(work.not_empty._waiters) > before,
+                                   timeout=TIMEOUT))
+        job = xfer.Job(sender._ledger, "a", "a")
+        sender._put([job])
+        self.assertEqual(taken.get(timeout=0.4), [job])
+
+
 def _pull_list(address, path="", recursive=False, **kw):
     """Sender.list() waited for: its entries, or its error raised."""
     sender = _pull_sender(address, **kw)

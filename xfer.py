@@ -33,7 +33,8 @@ Threads: who starts each, and what it does.
                        and hands the workers jobs in batches
     xfer-worker-N      Sender, `workers` of them: a _Worker drives one _Link
                        (connect, handshake, CHECK, MKDIR, FILE; reconnects)
-    xfer-link-reader   each _Link: reads the answers and ends their jobs
+    xfer-link-reader   each _Link: reads the answers, ends their jobs and
+                       wakes the worker waiting for them (Sender._nudge)
     xfer-ping          Sender.ping(): one connection, PING, PONG
     xfer-watch         Sender.watch(), one per Watch: looks at the folder,
                        queues each file once complete, collects the outcomes
@@ -8312,15 +8313,17 @@ class _Worker:
         answers earlier ones, so both ends work at once."""
         link.send_batch()
         link.flush()
-        work = self.sender._work
-        # The queue's own lock and condition: a put() wakes it, and the
-        # link's reader thread nudges it (Sender._nudge) after taking answers.
+        sender = self.sender
+        # Sender._nudge wakes it: work queued, answers taken, a link broken,
+        # a tree's size known.  Not the work queue's own condition, whose
+        # put() wakes one waiter only: this one, which may not take the
+        # work, would swallow the wake-up of a worker idle in get().
         # Work it would not take: the stop marks of others, or more when it
         # has asked far enough ahead already (_batch).
         takes_work = not stopping and len(link.asked) <= CHECK_AHEAD
-        with work.not_empty:
-            if not (takes_work and work.queue) and not link.answered():
-                work.not_empty.wait(0.5)
+        with sender._stirred:
+            if not (takes_work and sender._work.qsize()) and not link.answered():
+                sender._stirred.wait(0.5)
         if link.broken is not None:
             raise _LinkBroken(link.broken)     # what it had asked about goes again
 
@@ -8422,6 +8425,8 @@ class Sender:
         self._lock = self._ledger.lock
         # Lists of jobs; deep enough that each worker finds a batch waiting.
         self._work = queue.Queue(maxsize=2 * self.workers)
+        # Notified (_nudge) when a worker waiting for answers may go on.
+        self._stirred = threading.Condition()
         # Workers beyond the first connect only once a large file is queued
         # (_large): small files cost CPU per file, not bandwidth, and more
         # connections only make the receiver's threads take turns.  _wide
@@ -8724,13 +8729,14 @@ class Sender:
                 self._put([job])
         for _ in range(self.workers):
             self._work.put(_STOP)
+        self._nudge()
         self._wide.set()              # the workers still waiting can end
 
     def _nudge(self):
-        """Wake the workers waiting for work (_Worker._await): a link's
-        answers came in, or it broke."""
-        with self._work.not_empty:
-            self._work.not_empty.notify_all()
+        """Wake the workers waiting for answers (_Worker._await): work was
+        queued, a link's answers came in or it broke, or a tree was sized."""
+        with self._stirred:
+            self._stirred.notify_all()
 
     def _put(self, jobs, block=True):
         """Queue a list of jobs: a whole batch per hand-over between threads.
@@ -8745,6 +8751,7 @@ class Sender:
             self._work.put(jobs, block)
         except queue.Full:
             return False
+        self._nudge()
         return True
 
     def _stat_job(self, job):
