@@ -4255,10 +4255,24 @@ class RerunOverlapTests(unittest.TestCase):
         with xfer.Sender(receiver.address, workers=1) as sender:
             sender.queue(tree)
         told = []
-        with xfer.Sender(receiver.address, workers=1, on_done=lambda job: told.append(
+
+        class SlowSizing(xfer.Sender):
+            # The walk that adds up the size pauses after handing on its
+            # first files until their answers are in: they end meanwhile.
+            paused = False
+
+            def _put(self, jobs, block=True):
+                put = super()._put(jobs, block)
+                if put and not block and not self.paused:
+                    self.paused = True
+                    top = jobs[0].parent
+                    wait_until(lambda: len(top._held or ()) >= len(jobs), timeout=2.0)
+                return put
+        with SlowSizing(receiver.address, workers=1, on_done=lambda job: told.append(
                 (job.kind, job.state, (job.parent or job).files_total,
                  (job.parent or job).size))) as sender:
             job = sender.queue(tree)
+        self.assertTrue(sender.paused)
         self.assertEqual((job.state, job.progress), ("done", 1.0))
         self.assertEqual((sender.files_done, sender.files_skipped), (0, len(files)))
         self.assertEqual(told.count(("file", "skipped", len(files), total)), len(files))
