@@ -7964,6 +7964,36 @@ class ReviewFindingsTests(unittest.TestCase):
         self.assertEqual(taken.get(timeout=0.4), [job])
 
 
+    def test_a_file_answered_while_its_tree_is_sized_is_not_sent_again_after_a_break(self):
+        # Its ending is held until the size is known, so it is not done yet;
+        # the connection breaking then must not send it again on the next.
+        root = temp_dir(self)
+        paths = [write_file(os.path.join(root, "d", name), b"x") for name in ("a", "b")]
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        theirs.settimeout(TIMEOUT)
+        ledger, _ = _sending_ledger()
+        ledger.unfinished = 1
+        link = xfer._Link(ours, xfer._Reader(ours), xfer._untagged, ledger, "peer")
+        self.addCleanup(link.close)
+        top = xfer.Job(ledger, root, "t", "dir")
+        ledger.sizing(top)
+        a, b = (xfer.Job(ledger, path, "t/d/" + os.path.basename(path), "file", top,
+                         st=os.stat(path)) for path in paths)
+        ledger.add(top, 2)
+        link.check([a, b])
+        first = xfer._decode_checks(xfer._read_frame(xfer._Reader(theirs))[1])[0]
+        (answer,) = xfer._encode_results(first, [(xfer.ST_SKIPPED, "identical"),
+                                                 (xfer.ST_NEEDED, "")])
+        theirs.sendall(answer)
+        self.assertTrue(wait_until(lambda: first + 1 in link.answers))
+        theirs.close()
+        self.assertEqual(link.take_pending(), [b])
+        top.size, top.files_total = 2, 2
+        ledger.sized(top)
+        self.assertEqual((a.state, ledger.files_skipped), ("skipped", 1))
+
+
 def _pull_list(address, path="", recursive=False, **kw):
     """Sender.list() waited for: its entries, or its error raised."""
     sender = _pull_sender(address, **kw)

@@ -8159,11 +8159,16 @@ class _Link:
     # -- the end of a link
 
     def take_pending(self):
-        """Jobs sent or asked about that have not ended, for a new connection."""
+        """Jobs sent or asked about that have not ended, for a new connection.
+        Not one whose answer said it is not needed: its ending is the
+        ledger's already (held, while its tree is sized)."""
         with self.cv:
             jobs = list(self.pending.values())
             self.pending.clear()
-        jobs += [job for job, _ in self.asked] + self.batch
+            answers = self.answers
+            jobs += [job for job, fid in self.asked
+                     if fid is None or answers.get(fid, ST_NEEDED) == ST_NEEDED]
+        jobs += self.batch
         self.asked.clear()
         self.batch, self.entries, self.bodies = [], [], []
         return [j for j in jobs if not j.done]
