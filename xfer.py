@@ -7582,7 +7582,7 @@ class _Link:
                                               % self.timeout))
             raise _LinkBroken(self.broken) from None
         except OSError as e:
-            if e.errno == errno.EPIPE:
+            if isinstance(e, BrokenPipeError):
                 # The receiver closed its end: a write (CHECKS go out at
                 # once) may find it before the reader does, and says the same.
                 self._break(ConnectionClosedError("%s closed the connection" % self.peer))
@@ -8376,7 +8376,8 @@ class Sender:
     Callbacks receive the Job: on_start(job) when a file's bytes start to
     go out (again after a retry), on_progress(job), on_done(job) (sent or
     skipped), on_error(job) (failed or cancelled).
-    With dispatch="thread" they run on a worker thread; with dispatch="poll"
+    With dispatch="thread" they run on one of its threads (the feeder, a
+    worker, a link's reader); with dispatch="poll"
     they run only inside poll(), on the thread that calls it.
 
     A private attribute a subclass may override (as Receiver's parts; the
