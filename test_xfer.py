@@ -882,16 +882,16 @@ def _sending_ledger(events=None):
     return xfer._Ledger(dispatch, on_done=record("done"), on_error=record("error")), dispatch
 
 
-def _paired_link(test, jobs):
+def _paired_link(test, jobs, skip=None):
     """A _Link over a socket pair, its ledger expecting jobs top-level jobs:
-    (link, ledger, the peer's socket)."""
+    (link, ledger, the peer's socket); skip=None sends every file unasked."""
     ours, theirs = socket.socketpair()
     test.addCleanup(theirs.close)
     for s in (ours, theirs):
         s.settimeout(TIMEOUT)
     ledger, _ = _sending_ledger()
     ledger.unfinished = jobs
-    link = xfer._Link(ours, xfer._Reader(ours), xfer._untagged, ledger, "peer", skip=None)
+    link = xfer._Link(ours, xfer._Reader(ours), xfer._untagged, ledger, "peer", skip=skip)
     test.addCleanup(link.close)
     return link, ledger, theirs
 
@@ -7963,19 +7963,12 @@ class ReviewFindingsTests(unittest.TestCase):
         sender._put([job])
         self.assertEqual(taken.get(timeout=0.4), [job])
 
-
     def test_a_file_answered_while_its_tree_is_sized_is_not_sent_again_after_a_break(self):
         # Its ending is held until the size is known, so it is not done yet;
         # the connection breaking then must not send it again on the next.
         root = temp_dir(self)
         paths = [write_file(os.path.join(root, "d", name), b"x") for name in ("a", "b")]
-        ours, theirs = socket.socketpair()
-        self.addCleanup(theirs.close)
-        theirs.settimeout(TIMEOUT)
-        ledger, _ = _sending_ledger()
-        ledger.unfinished = 1
-        link = xfer._Link(ours, xfer._Reader(ours), xfer._untagged, ledger, "peer")
-        self.addCleanup(link.close)
+        link, ledger, theirs = _paired_link(self, 1, skip="quick")
         top = xfer.Job(ledger, root, "t", "dir")
         ledger.sizing(top)
         a, b = (xfer.Job(ledger, path, "t/d/" + os.path.basename(path), "file", top,
