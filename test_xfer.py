@@ -7981,7 +7981,12 @@ class ReviewFindingsTests(unittest.TestCase):
         theirs.sendall(answer)
         self.assertTrue(wait_until(lambda: first + 1 in link.answers))
         theirs.close()
-        self.assertEqual(link.take_pending(), [b])
+        sender = xfer.Sender(("127.0.0.1", 1))
+        self.addCleanup(sender.close, False)
+        worker = xfer._Worker(sender, True)
+        worker.link = link
+        worker._requeue([a, b], xfer.ConnectionClosedError("peer closed the connection"))
+        self.assertEqual(list(worker.retry), [b])
         top.size, top.files_total = 2, 2
         ledger.sized(top)
         self.assertEqual((a.state, ledger.files_skipped), ("skipped", 1))

@@ -7202,6 +7202,7 @@ class Job:
     _ended = None           # an Event, made only once someone waits
     _held = None            # dir jobs, while the walk adds up their size: the
                             # endings of their files, held (_Ledger.sizing)
+    _ending_held = False    # its ending is in its tree's _held: never send it again
 
     def __init__(self, ledger, path, name, kind="file", parent=None, st=None):
         self._ledger = ledger
@@ -7339,6 +7340,7 @@ class _Ledger:
                 parent = job.parent
                 if parent is not None and parent._held is not None:
                     parent._held.append((job, state, error))   # told once it is sized
+                    job._ending_held = True
                     continue
                 if state == "skipped" and kind != "mkdir":
                     n = job.size - job.bytes_done      # already there counts as done
@@ -8159,19 +8161,15 @@ class _Link:
     # -- the end of a link
 
     def take_pending(self):
-        """Jobs sent or asked about that have not ended, for a new connection.
-        Not one whose answer said it is not needed: its ending is the
-        ledger's already (held, while its tree is sized)."""
+        """Jobs sent or asked about that have not ended, for a new connection
+        (nor had their ending held while their tree is sized)."""
         with self.cv:
             jobs = list(self.pending.values())
             self.pending.clear()
-            answers = self.answers
-            jobs += [job for job, fid in self.asked
-                     if fid is None or answers.get(fid, ST_NEEDED) == ST_NEEDED]
-        jobs += self.batch
+        jobs += [job for job, _ in self.asked] + self.batch
         self.asked.clear()
         self.batch, self.entries, self.bodies = [], [], []
-        return [j for j in jobs if not j.done]
+        return [j for j in jobs if not (j.done or j._ending_held)]
 
     def close(self):
         try:
@@ -8342,7 +8340,7 @@ class _Worker:
         sender = self.sender
         link, self.link = self.link, None
         jobs = link.take_pending() if link is not None else []
-        jobs += [j for j in batch if not j.done and j not in jobs]
+        jobs += [j for j in batch if not (j.done or j._ending_held) and j not in jobs]
         if link is not None:
             link.close()
         ledger = sender._ledger
