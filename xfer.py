@@ -8326,7 +8326,7 @@ class _Worker:
         takes_work = not stopping and len(link.asked) <= CHECK_AHEAD
         with sender._stirred:
             if not (takes_work and sender._work.qsize()) and not link.answered():
-                sender._stirred.wait(0.5)
+                sender._stirred.wait(sender._stir_poll)
         if link.broken is not None:
             raise _LinkBroken(link.broken)     # what it had asked about goes again
 
@@ -8378,13 +8378,16 @@ class Sender:
     worker, a link's reader); with dispatch="poll"
     they run only inside poll(), on the thread that calls it.
 
-    A private attribute a subclass may override (as Receiver's parts; the
+    Private attributes a subclass may override (as Receiver's parts; the
     tests hold a connection mid-file this way): _link_class, the class of
     each connection, which names the class it opens files with in its own
-    _outgoing_class.
+    _outgoing_class; and _stir_poll, the longest a worker waiting for
+    answers sleeps between looks (it is woken as soon as there is news:
+    the poll is only a safety net).
     """
 
     _link_class = _Link
+    _stir_poll = 0.5
 
     def __init__(self, to, token=None, workers=4, dispatch="thread", on_progress=None,
                  on_done=None, on_error=None, on_start=None, port=None,
