@@ -7915,6 +7915,27 @@ class ReviewFindingsTests(unittest.TestCase):
                          (7, [(xfer.ST_SKIPPED, "identical")] * 3))
 
 
+    def test_a_defect_in_reading_the_answers_fails_the_files_at_once_not_at_the_timeout(self):
+        # A bug in a decoder must not leave the link's reader dead and the
+        # workers waiting out the I/O timeout: the link breaks at once,
+        # saying it is an internal error, and its files end.
+        class Faulty(xfer._Link):
+            def _take(self, frames):
+                raise RuntimeError("a decoder's defect")
+
+        dst, src = temp_dir(self), temp_dir(self)
+        path = write_file(os.path.join(src, "a.bin"), b"a" * 100)
+        receiver = start_receiver(self, dst)
+        printed = io.StringIO()
+        with contextlib.redirect_stderr(printed):
+            with sender_with(link=Faulty)(receiver.address, workers=1, retries=0,
+                                          timeout=10 * TIMEOUT) as sender:
+                job = sender.queue(path)
+                self.assertTrue(job.wait(TIMEOUT), "still %s" % job.state)
+        self.assertEqual(job.state, "failed")
+        self.assertIn("internal error", str(job.error))
+        self.assertIn("a decoder's defect", printed.getvalue())     # the traceback, for a report
+
     def test_a_busy_refusal_reads_the_request_without_msg_dontwait(self):
         # Windows has no MSG_DONTWAIT: the socket's own non-blocking mode
         # reads what is there, so an HTTP client still gets HTTP's 503, and

@@ -8077,6 +8077,11 @@ class _Link:
         except (OSError, ValueError) as e:
             self._break(ConnectionClosedError("connection lost: %s"
                                               % (getattr(e, "strerror", None) or e)))
+        except Exception as e:
+            # A defect here: the workers hear of it now, not at the timeout,
+            # and the traceback is printed for a report (as the feeder does).
+            traceback.print_exc()
+            self._break(XferError("internal error reading the answers: %r" % e))
 
     def _take(self, frames):
         """Handle frames from the receiver, in order; True after its BYE."""
