@@ -3100,6 +3100,13 @@ class Receiver:
         usage = shutil.disk_usage(self.dir)
         return usage.free, usage.total
 
+    def _receiving(self, claims, peer):
+        """A (_Store, _GroupCommit) over DIR made of this receiver's parts,
+        for one connection, upload or get; claims as for _Store."""
+        store = self._store_class(self, self._dest_class(self.dir, root_fd=self._root_fd),
+                                  claims=claims)
+        return store, self._commit_class(store, self, peer)
+
     def _split(self, raw, parent=None):
         """raw's components by this receiver's name rules; parent as for _split_path."""
         parts = _split_path(raw, self.portable_names, self.max_path_bytes, self.max_depth,
@@ -3374,9 +3381,7 @@ class _ReceiveSession:
         self.peer = _peer_text(address)
         self.rfile = None
         self.seal = _untagged      # tags what this end sends, once keyed (Protocol 3.1)
-        self.store = receiver._store_class(
-            receiver, receiver._dest_class(receiver.dir, root_fd=receiver._root_fd), claims=self)
-        self.commit = receiver._commit_class(self.store, receiver, self.peer)
+        self.store, self.commit = receiver._receiving(self, self.peer)
         self.incoming_class = receiver._incoming_class
         self.ended = []         # HTTP: the commits of uploads finished on this connection
         self.buf = self.store.buf
@@ -5555,10 +5560,8 @@ class _Upload:
         self.id = receiver._secrets.token_hex(12)
         self.lock = threading.Lock()
         self.last = time.monotonic()
-        self.store = receiver._store_class(
-            receiver, receiver._dest_class(receiver.dir, root_fd=receiver._root_fd), claims=self)
+        self.store, self.commit = receiver._receiving(self, peer)
         self.store.partial_key = "\0http\0%d\0%d" % (size, mtime_ns)
-        self.commit = receiver._commit_class(self.store, receiver, peer)
         self.incoming = None
         self.offset = 0
 
@@ -9073,9 +9076,7 @@ class _Pull:
         link, rules = self.link, self.rules
         self.rfile = rfile = link.rfile
         self.send = lambda frame: link.sock.sendall(link.seal(frame))
-        self.store = rules._store_class(
-            rules, rules._dest_class(rules.dir, root_fd=rules._root_fd), claims=rules)
-        self.commit = rules._commit_class(self.store, rules, link.peer)
+        self.store, self.commit = rules._receiving(rules, link.peer)
         self.held = []              # (incoming, its job), verified, not yet published
         self.stamps = []            # (raw, parts, mode, mtime_ns) of directories to set
         self.digest = None          # (CHECK payload fields) of the FILE that follows
