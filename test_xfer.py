@@ -6536,7 +6536,7 @@ class HttpApiTests(unittest.TestCase):
         self.assertEqual((response.status, data), (200, body))
         self.assertEqual(response.getheader("Accept-Ranges"), "bytes")
         self.assertEqual(response.getheader("Content-Disposition"),
-                         "attachment; filename*=UTF-8''a.bin")
+                         "attachment; filename=\"a.bin\"; filename*=UTF-8''a.bin")
         self.assertEqual(response.getheader("Last-Modified"), "Sun, 13 Sep 2020 12:26:40 GMT")
         response, data, _ = _http(conn, "GET", "/api/files/sub/a.bin",
                                   headers={"Range": "bytes=10-19"})
@@ -8036,6 +8036,41 @@ def _pull_batch(tags, files, first=1):
                        + name.encode() for name, body in files)
     return (_pull_frame(tags, 0x1B, struct.pack("!IH", first, len(files)) + entries)
             + b"".join(body for _, body in files))
+
+
+class WalkthroughFindingsTests(unittest.TestCase):
+    """Defects found by following the README as a new user and then
+    attacking the edges; each test is named for what the user saw."""
+
+    @unittest.skipIf(os.name == "nt", "symlinks need privileges on Windows")
+    def test_get_into_symlinked_local_dir_reports_each_directory_once(self):
+        root = temp_dir(self)
+        srv, local, outside = (os.path.join(root, n) for n in ("srv", "local", "outside"))
+        write_file(os.path.join(srv, "tree", "sub", "y"), b"y")
+        os.makedirs(os.path.join(srv, "tree", "empty"))
+        os.makedirs(local)
+        os.makedirs(outside)
+        os.symlink(outside, os.path.join(local, "tree"), target_is_directory=True)
+        got, failed, events = _pull_fetch(_pull_server(self, srv).address, "tree", local)
+        names = [e[1] for e in events if e[0] == "failed"]
+        # tree, tree/sub, tree/sub/y and tree/empty: one failure each, the
+        # directories not counted again when their mode and mtime are set.
+        self.assertEqual((got, sorted(names)),
+                         ([], ["tree", "tree/empty", "tree/sub", "tree/sub/y"]))
+        self.assertEqual(os.listdir(outside), [])
+
+    def test_http_download_names_the_file_for_clients_without_rfc8187(self):
+        receiver, directory = _http_server(self, allow_get=True)
+        write_file(os.path.join(directory, "shots", "r\u00e9nder \"1\".exr"), b"x")
+        conn = _http_conn(self, receiver)
+        # curl -OJ reads only filename=, so the zip of shots saved as "shots".
+        for path, plain in (("/api/zip/shots", 'filename="shots.zip"'),
+                            ("/api/files/shots/r%C3%A9nder%20%221%22.exr",
+                             'filename="r_nder _1_.exr"')):
+            response, _, _ = _http(conn, "GET", path)
+            self.assertEqual(response.status, 200)
+            self.assertIn(plain, response.getheader("Content-Disposition"))
+            self.assertIn("filename*=UTF-8''", response.getheader("Content-Disposition"))
 
 
 class _PullCase(unittest.TestCase):

@@ -5248,6 +5248,14 @@ def _http_quote(name):
                    else "%%%02X" % b for b in name.encode("utf-8", "surrogateescape"))
 
 
+def _http_attachment(name):
+    """Content-Disposition for a download saved as name: filename* (RFC 8187)
+    for browsers, and an ASCII filename= beside it for clients that read
+    only that one (curl -OJ), as RFC 6266 advises."""
+    plain = "".join(c if " " <= c <= "~" and c not in '"\\%' else "_" for c in name)
+    return "attachment; filename=\"%s\"; filename*=UTF-8''%s" % (plain, _http_quote(name))
+
+
 def _seconds_ns(text):
     """Nanoseconds of a time in seconds written in decimal (X-Mtime, JSON mtime),
     exactly; ValueError if it is not one within 10 000 000 000 s of 1970."""
@@ -6297,8 +6305,7 @@ class _HttpConnection:
             etag = '"%x-%x"' % (size, f.mtime_ns)
             modified = _http_date(f.mtime_ns // 10**9)
             headers = [("Content-Type", "application/octet-stream"),
-                       ("Content-Disposition", "attachment; filename*=UTF-8''%s"
-                        % _http_quote(name)),
+                       ("Content-Disposition", _http_attachment(name)),
                        ("Accept-Ranges", "bytes"), ("Last-Modified", modified), ("ETag", etag),
                        ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
             first, last, code = 0, size - 1, 200
@@ -6342,7 +6349,7 @@ class _HttpConnection:
             raise _HttpError(ST_CONFLICT, "%s: not a directory" % _display(raw))
         top = name or os.path.basename(self.r.dir.rstrip(os.sep)) or "xfer"
         self._send_head(200, [("Content-Type", "application/zip"), (
-            "Content-Disposition", "attachment; filename*=UTF-8''%s.zip" % _http_quote(top)),
+            "Content-Disposition", _http_attachment(top + ".zip")),
             ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")])
         body = _HttpBody(self.sock)
         archive = zipfile.ZipFile(body, "w", zipfile.ZIP_STORED, allowZip64=True)
@@ -9079,6 +9086,7 @@ class _Pull:
         self.store, self.commit = rules._receiving(rules, link.peer)
         self.held = []              # (incoming, its job), verified, not yet published
         self.stamps = []            # (raw, parts, mode, mtime_ns) of directories to set
+        self.unmade = set()         # directories whose MKDIR failed, and said so
         self.digest = None          # (CHECK payload fields) of the FILE that follows
         kind, payload = first
         try:
@@ -9163,12 +9171,15 @@ class _Pull:
                 raise UnsafePathError("not below the path asked for; refused", raw)
             self.commit.hold_dir(self.store.makedirs(fid, raw))
         except (XferError, OSError) as e:
+            self.unmade.add(raw)
             self._end(self._job(raw, kind="mkdir"), *_failure(raw, e))
 
     def _dir_entries(self, payload, fid):
         """A directory's mode and mtime, set at the next commit, once its
         files are in place (renaming them into it changes its mtime)."""
         for etype, _, mtime_ns, mode, raw in _entries(payload, fid):
+            if raw in self.unmade:
+                continue        # its failure is counted once, at its MKDIR
             try:
                 if etype != ET_DIR:
                     raise ProtocolError("ENTRIES in the answer to GET for a non-directory")
