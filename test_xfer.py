@@ -8072,6 +8072,23 @@ class WalkthroughFindingsTests(unittest.TestCase):
             self.assertIn(plain, response.getheader("Content-Disposition"))
             self.assertIn("filename*=UTF-8''", response.getheader("Content-Disposition"))
 
+    def test_config_add_refuses_an_alias_no_destination_can_name(self):
+        root = temp_dir(self)
+        path = os.path.join(root, "xfer.ini")
+        # "" wrote a section [] that no later command could read, config
+        # remove included; "a:b" and "a/b" saved aliases no destination reaches.
+        for name in ("", "a:b", "a/b", "[x", "a\nb"):
+            status, out, err = _cfg_main(["config", "--config", path, "add", name, "h"],
+                                         {}, root)
+            self.assertEqual((status, out), (xfer.EXIT_USAGE, ""), name)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertIn("alias", err)
+        self.assertEqual(_cfg_main(["config", "--config", path, "add", "Pi-4.b_2", "h"],
+                                   {}, root)[0], 0)
+        status, out, _ = _cfg_main(["config", "--config", path, "show"], {}, root)
+        self.assertEqual(status, 0)
+        self.assertIn("[Pi-4.b_2]", out)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

@@ -12711,6 +12711,9 @@ def _save_alias(path, name, host, port, token=None, fingerprint=None, tls=False)
               "fingerprint": fingerprint, "tls": "yes" if tls else None}
     if name in ("DEFAULT", "serve"):
         raise ConfigError("%r is reserved; choose another alias" % name)
+    # A name a destination can spell (NAME:, --to NAME) and a section header can hold.
+    if not name or not all(c.isalnum() or c in "._-" for c in name):
+        raise ConfigError("alias %r: an alias is letters, digits, '.', '-' and '_'" % name)
     old = _saved_alias(path, name)
     if old is not None:
         print("replacing alias %s (was %s)" % (name, _host_port_text(*old)))
