@@ -8089,6 +8089,26 @@ class WalkthroughFindingsTests(unittest.TestCase):
         self.assertEqual(status, 0)
         self.assertIn("[Pi-4.b_2]", out)
 
+    def test_get_into_home_never_replaces_the_clients_own_config(self):
+        root = temp_dir(self)
+        srv, home = os.path.join(root, "srv"), os.path.join(root, "home")
+        write_file(os.path.join(srv, ".config", "xfer", "xfer.ini"), b"[vm]\nhost = 6.6.6.6\n")
+        write_file(os.path.join(srv, ".config", "xfer", "known_hosts"), b"evil\n")
+        write_file(os.path.join(srv, "photo.jpg"), b"jpeg")
+        env = isolated_env(home)
+        mine = write_file(os.path.join(home, ".config", "xfer", "xfer.ini"), b"[real]\nhost = h\n")
+        address = _pull_server(self, srv).address
+        # A server's DIR copied whole into the home directory replaced the
+        # client's aliases and tokens, and its pinned certificates.
+        status, _, err = _cfg_main(["get", "-q", "--token", _PULL_TOKEN,
+                                    "%s:%d:" % address, home], env, root)
+        self.assertEqual(status, xfer.EXIT_FAILED, err)
+        with open(mine, "rb") as f:
+            self.assertEqual(f.read(), b"[real]\nhost = h\n")
+        self.assertFalse(os.path.exists(os.path.join(home, ".config", "xfer", "known_hosts")))
+        self.assertTrue(os.path.exists(os.path.join(home, "photo.jpg")))
+        self.assertIn(".config/xfer/xfer.ini: ", err)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

@@ -3115,7 +3115,7 @@ class Receiver:
             key = tuple(_name_key(p) for p in parts)
             for protected in self._protected:
                 if key[:len(protected)] == protected:
-                    raise UnsafePathError("this server's own configuration; never received",
+                    raise UnsafePathError("xfer's own configuration; never written",
                                           "/".join(parts))
         return parts
 
@@ -8554,9 +8554,10 @@ class Sender:
     def __exit__(self, exc_type, *exc):
         self.close(wait=exc_type is None)
 
-    def get(self, remote_path, local_dir=".", overwrite="replace"):
+    def get(self, remote_path, local_dir=".", overwrite="replace", protect=()):
         """Queue a get: copy a file or tree from below the server's DIR into
-        local_dir; return its Job (kind "get") at once.
+        local_dir; return its Job (kind "get") at once.  No name may reach a
+        file of protect or the known_hosts file (as Receiver's protect).
 
         It is a job like a queued tree, on the same connections: each file
         that arrives is a Job of its own (parent: the get's job; name: its
@@ -8569,7 +8570,8 @@ class Sender:
             raise ValueError("overwrite must be one of %s, not %r"
                              % (", ".join(OVERWRITE_POLICIES), overwrite))
         job.path = local_dir
-        job.request = overwrite
+        job.request = (overwrite, tuple(protect) + ((self.known_hosts,) if self.known_hosts
+                                                    else ()))
         return self._submit(job)
 
     def list(self, remote_path="", recursive=False, on_entry=None):
@@ -9018,9 +9020,9 @@ class _LocalRules(Receiver):
     client applies the very name rules, limits, overwrite policy, temporary
     files and durable publish that a server applies to what it is sent."""
 
-    def __init__(self, local_dir, overwrite="replace", fsync=True, max_size=None):
+    def __init__(self, local_dir, overwrite="replace", fsync=True, max_size=None, protect=()):
         Receiver.__init__(self, local_dir, overwrite=overwrite, fsync=fsync,
-                          max_size=max_size, partial_max_age=None)
+                          max_size=max_size, partial_max_age=None, protect=protect)
         self._prepare_dir()
         self.umask = _current_umask()
         self.got = []           # FileInfo of each file published, in order
@@ -9065,7 +9067,7 @@ class _Pull:
         self.top = job
         self.ledger = link.ledger
         self.skip = link.skip
-        self.rules = _LocalRules(job.path, overwrite=job.request)
+        self.rules = _LocalRules(job.path, overwrite=job.request[0], protect=job.request[1])
         self.store = self.commit = None
 
     def close(self):
@@ -12546,8 +12548,11 @@ def _cmd_get(args):
     track.sender, target = _pull_sender(args, config, address, dispatch="poll", **callbacks)
     track.to = _host_port_text(target.host, target.port)
     track.token_from = target.token_from
+    # What serve protects, a get into the home directory protects too.
+    protect = _serve_protected(config, _settings_path(args), None, None)
     for remote in remotes:
-        track.jobs.append(track.sender.get(remote, local_dir, args.overwrite or "replace"))
+        track.jobs.append(track.sender.get(remote, local_dir, args.overwrite or "replace",
+                                           protect))
     return _follow([track], report, "getting the same again resumes")
 
 
