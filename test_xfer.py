@@ -8109,6 +8109,19 @@ class WalkthroughFindingsTests(unittest.TestCase):
         self.assertTrue(os.path.exists(os.path.join(home, "photo.jpg")))
         self.assertIn(".config/xfer/xfer.ini: ", err)
 
+    @unittest.skipUnless(sys.platform.startswith("linux"), "a name of any bytes needs Linux")
+    def test_a_name_that_is_not_utf8_is_shown_with_its_bytes_escaped(self):
+        root = temp_dir(self)
+        srv, local = os.path.join(root, "srv"), os.path.join(root, "local")
+        os.makedirs(os.path.join(srv, "d"))
+        with open(os.path.join(os.fsencode(srv), b"d", b"lat\xe9.txt"), "wb") as f:
+            f.write(b"x")
+        _, failed, events = _pull_fetch(_pull_server(self, srv).address, "d", local)
+        # The byte was shown as U+FFFD, unlike send's "latin\xe9.txt".
+        self.assertEqual(failed, 1)
+        reason = [e[2][1] for e in events if e[0] == "failed"][0]
+        self.assertIn("d/lat\\xe9.txt: ", reason)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

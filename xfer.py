@@ -1776,9 +1776,10 @@ def _escape(match):
 
 
 def _display(name, limit=200):
-    """Text made safe for a terminal or a log: controls escaped, length capped."""
+    """Text made safe for a terminal or a log: controls and undecodable bytes
+    escaped (latin\\xe9.txt), length capped."""
     if isinstance(name, (bytes, bytearray)):
-        name = name.decode("utf-8", "replace")
+        name = name.decode("utf-8", "surrogateescape")
     if name.isascii() and name.isprintable():      # nothing to escape: most names
         text = name
     else:
