@@ -7891,6 +7891,34 @@ class SendingSideTests(unittest.TestCase):
         self.assertRaises(BlockingIOError, theirs.recv, 1)
 
 
+class SenderCostTests(unittest.TestCase):
+    """What the sending side does per small file, beside reading and hashing it."""
+
+    def test_a_sent_tree_file_job_gains_no_attribute_after_it_is_made(self):
+        # Each attribute added to a Job after __init__ grows its __dict__,
+        # which costs a file more than the job's making: every one that a
+        # sent file sets is made in __init__.
+        root = temp_dir(self)
+        src = os.path.join(root, "src")
+        _make_tree(src, files={"a/one.bin": b"1" * 100, "two.bin": b"22"})
+        receiver = start_receiver(self, os.path.join(root, "dst"))
+        made = {}
+        real_init = xfer.Job.__init__
+
+        def init(job, *args, **kw):
+            real_init(job, *args, **kw)
+            made[id(job)] = (job, set(vars(job)))
+        with mock.patch.object(xfer.Job, "__init__", init):
+            (top,) = send_files(receiver.address, [src])
+        self.assertEqual(top.state, "done")
+        files = [(job, keys) for job, keys in made.values() if job.kind == "file"]
+        self.assertEqual(len(files), 2)
+        for job, keys in files:
+            self.assertEqual(job.state, "done")
+            self.assertIsNotNone(job.digest)
+            self.assertEqual(set(vars(job)) - keys, set(), job.name)
+
+
 class ReviewFindingsTests(unittest.TestCase):
     """Defects a review of the sender's CHECK path and the busy refusal
     found: each test fails on the code before its fix."""
