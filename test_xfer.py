@@ -7919,6 +7919,53 @@ class SenderCostTests(unittest.TestCase):
             self.assertEqual(set(vars(job)) - keys, set(), job.name)
 
 
+    def _listings(self, src):
+        """A patch of os.scandir, and the list of the directories below src it lists."""
+        listed = []
+        real = os.scandir
+
+        def scandir(path="."):
+            if isinstance(path, str) and path.startswith(src):   # not the receiver's fds
+                listed.append(os.path.relpath(path, src))
+            return real(path)
+        return mock.patch.object(xfer.os, "scandir", scandir), listed
+
+    def test_a_directory_whose_files_were_all_told_is_not_listed_again(self):
+        src = os.path.join(temp_dir(self), "t")
+        _make_tree(src, {"a": b"1", "b": b"2", "sub/c": b"3", "sub/d": b"4", "sub/deep/e": b"5"})
+        patch, listed = self._listings(src)
+        told = []
+        found = lambda kind, path, name, st: told.append(name)
+        with patch:
+            # t, a, b, sub, c: all of t's files told, not all of sub's.
+            _, count, seen = xfer._tree_totals(src, "t", keep=5, found=found)
+            del listed[:]
+            later = [name for _, _, name, _ in xfer._walk_tree(src, "t", seen=seen)]
+        self.assertEqual(count, 5)
+        self.assertEqual(sorted(listed), ["sub", "sub/deep"])
+        self.assertEqual(sorted(told + later),
+                         sorted(["t", "t/a", "t/b", "t/sub", "t/sub/c", "t/sub/d",
+                                 "t/sub/deep", "t/sub/deep/e"]))
+        self.assertEqual(seen, {})
+
+    def test_a_tree_larger_than_the_walk_keeps_arrives_whole_each_file_once(self):
+        root = temp_dir(self)
+        src = os.path.join(root, "src")
+        files = {"d%d/f%d" % (i, j): b"%d-%d" % (i, j) for i in range(3) for j in range(4)}
+        files.update({"top%d" % j: b"t%d" % j for j in range(3)})
+        _make_tree(src, files)
+        receiver = start_receiver(self, os.path.join(root, "dst"))
+        patch, listed = self._listings(src)
+        with patch, mock.patch.object(xfer, "_WALK_KEPT", 9):
+            (top,) = send_files(receiver.address, [src])
+        self.assertEqual((top.state, top.files, top.files_total), ("done", 15, 15))
+        self.assertEqual(top.size, top.bytes_done)
+        self.assertEqual(tree_listing(os.path.join(root, "dst", "src")), tree_listing(src))
+        # Each directory is listed at most twice; those wholly told, once.
+        self.assertLessEqual(max(listed.count(d) for d in listed), 2)
+        self.assertLess(len(listed), 2 * 4)
+
+
 class ReviewFindingsTests(unittest.TestCase):
     """Defects a review of the sender's CHECK path and the busy refusal
     found: each test fails on the code before its fix."""

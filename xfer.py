@@ -6892,8 +6892,9 @@ _HANDOVER_BYTES = 8 * CHUNK
 # directories, up to this many, as it finds them: the receiver is asked
 # about them while it goes on, and the walk that queues the rest skips
 # them, so a tree of that many files is stat'ed once, and a larger one once
-# for those files.  Those it holds while the work queue has no room (about
-# 400 bytes each) are bounded, whatever the size of the tree.
+# for those files; it lists again only the directories not all of whose
+# files were handed on.  Those it holds while the work queue has no room
+# (about 400 bytes each) are bounded, whatever the size of the tree.
 _WALK_KEPT = 8192
 
 
@@ -6907,7 +6908,7 @@ class _Seen:
         self.st_mode = st.st_mode
 
 
-def _walk_tree(path, name, cancelled=None, seen=None):
+def _walk_tree(path, name, cancelled=None, seen=None, listed=None):
     """Yield (kind, path, name, stat or error) for a tree, depth first, lazily.
 
     kind is "dir" (with None), "file" (with its os.stat_result, following a
@@ -6918,8 +6919,12 @@ def _walk_tree(path, name, cancelled=None, seen=None):
     no more memory than one of ten.  Symlinks to directories are not
     followed.  cancelled, a callable, is asked before each directory.
     seen, from _tree_totals, names what an earlier walk handed on already:
-    {directory path: set of its file names}; those directories and files
-    are not yielded again, and each entry is taken out of it as it is used.
+    {directory path: set of its file names, or the list of its
+    subdirectories if all its files were}; those directories and files are
+    not yielded again, a directory of the second kind is not even listed
+    again, and each entry is taken out of it as it is used.  listed(path,
+    subdirs), if given, is told each directory's subdirectories (the
+    (path, name) pairs this walk goes on with) once it has been listed.
     (What a server offers to get and ls is walked by _walk_served.)
     """
     stack = [(path, name)]
@@ -6930,6 +6935,9 @@ def _walk_tree(path, name, cancelled=None, seen=None):
         known = seen.pop(path, None) if seen else None
         if known is None:
             yield "dir", path, name, None
+        elif isinstance(known, list):
+            stack.extend(reversed(known))     # every file of it went already
+            continue
         subdirs = []
         prefix = name + "/" if name else ""
         try:
@@ -6944,6 +6952,9 @@ def _walk_tree(path, name, cancelled=None, seen=None):
                         continue      # gone meanwhile, or a dangling symlink
         except OSError as e:
             yield "error", path, name, e
+        else:
+            if listed is not None:
+                listed(path, subdirs)
         stack.extend(reversed(subdirs))
 
 
@@ -6952,26 +6963,40 @@ def _tree_totals(path, name="", cancelled=None, keep=0, found=None):
     before any is sent.  Its first directories and files, up to keep of
     them, are told to found(kind, path, name, stat) as the walk meets them
     (the Sender hands them on at once), and seen names them for a later
-    _walk_tree, which skips them: {directory path: set of file names}.
-    A directory counts as one of the keep too, so seen stays bounded in a
-    tree of empty ones."""
+    _walk_tree, which skips them: {directory path: set of file names}, or,
+    for a directory all of whose files were told, its subdirectories, so
+    that the later walk does not list it again (in a tree of a few large
+    directories, listing them again cost about as much as this walk's
+    stats).  A directory counts as one of the keep too, so seen stays
+    bounded in a tree of empty ones."""
     total = count = 0
     seen = {}
-    files = None
-    for kind, where, name, st in _walk_tree(path, name, cancelled):
+    files = None          # the names told of the directory being listed
+    whole = False         # ... and whether that is all of them
+
+    def listed(where, subdirs):
+        if whole:
+            seen[where] = subdirs
+
+    for kind, where, name, st in _walk_tree(path, name, cancelled, listed=listed):
         if kind == "file":
             total += st.st_size
             count += 1
-            if files is not None and keep > 0:
-                keep -= 1
-                files.add(name.rpartition("/")[2])
-                if found is not None:
-                    found(kind, where, name, st)
+            if files is not None:
+                if keep > 0:
+                    keep -= 1
+                    files.add(name.rpartition("/")[2])
+                    if found is not None:
+                        found(kind, where, name, st)
+                else:
+                    whole = False
         elif kind == "dir":
             files = None
+            whole = False
             if keep > 0:
                 keep -= 1
                 files = seen[where] = set()
+                whole = True
                 if found is not None:
                     found(kind, where, name, st)
     return total, count, seen
