@@ -3924,12 +3924,15 @@ class BatchTests(unittest.TestCase):
             built.append(args[1])
             return real(*args)
 
-        for listener in (None, "on_file"):
+        for listener in (None, "on_file", "_on_files"):
             with self.subTest(listener=listener):
                 heard = []
                 dst = temp_dir(self)
                 receiver = start_receiver(self, dst, token=self.TOKEN, fsync=False,
-                                          on_file=heard.append if listener else None)
+                                          on_file=heard.append if listener == "on_file"
+                                          else None)
+                if listener == "_on_files":         # serve's: a commit's files at once
+                    receiver._on_files = heard.extend
                 client = self.client(receiver)
                 files = [("f%d.txt" % i, b"%d" % i) for i in range(3)]
                 first, data = _batch_bytes(client, files)
@@ -3949,11 +3952,11 @@ class BatchTests(unittest.TestCase):
                 out = xfer._ServeOutput(quiet, as_json)
                 if hook:
                     out.hooks = object()
-                listener = out.file_listener()
+                listener = out.files_listener()
                 if quiet and not as_json and not hook:
                     self.assertIsNone(listener)
                 else:
-                    self.assertEqual(listener, out.on_file)
+                    self.assertEqual(listener, out.on_files)
 
 
 def _checks_frame(client, directory, names, sizes=None, flags=0, digests=None, first=None):
@@ -5120,6 +5123,39 @@ def _rlog_disk_full_after(writes, error=errno.ENOSPC):
             raise OSError(error, os.strerror(error))
         return real_write(fd, data)
     return mock.patch.object(xfer.os, "write", write), calls
+
+
+class ReceiverCostTests(unittest.TestCase):
+    """What the receiver does per commit group rather than per file, each
+    file still told of exactly once and in order."""
+    TOKEN = "cost-token"
+
+    def test_serve_writes_the_lines_of_one_commit_in_one_call_each_as_before(self):
+        out = xfer._ServeOutput(False, False)
+        self.addCleanup(out.close)
+        writes, submitted = [], []
+        out.lines.write = writes.append
+        out.hooks = mock.Mock(submit=submitted.append)
+        dst = temp_dir(self)
+        receiver = start_receiver(self, dst, token=self.TOKEN, fsync=False)
+        receiver._on_files = out.files_listener()
+        client = _HostileClient(receiver.address, token=self.TOKEN)
+        self.addCleanup(client.close)
+        files = [("d/f%d.txt" % i, b"x" * (1000 * i + 5)) for i in range(3)]
+        files.append(("d/caf\u00e9 (1).txt", b"a name with room for regex trouble"))
+        first, data = _batch_bytes(client, files)
+        client.send(data)
+        self.assertEqual(_read_results(client), (first, [(xfer.ST_OK, "")] * 4))
+        self.assertEqual(len(writes), 1, writes)      # one commit: one write
+        lines = writes[0].splitlines(True)
+        self.assertEqual(len(lines), 4, lines)
+        for (name, body), line, info in zip(files, lines, submitted):
+            self.assertEqual(info.relpath, name)      # each hook's file, in order
+            self.assertRegex(line, r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d 127\.0\.0\.1:\d+: "
+                                   r"received %s \(%s, \d+(\.\d)? [KMGT]?B/s\)\n$"
+                             % (re.escape(xfer._display(name)), re.escape(xfer._human(len(body)))))
+        self.assertEqual(len(submitted), 4)
+        self.assertEqual(receiver.files_received, 4)
 
 
 class RefusalReasonTests(unittest.TestCase):

@@ -2831,6 +2831,10 @@ class Receiver:
     _dest_class = _Dest
     _time = time
     _secrets = secrets
+    #: serve's listener: the FileInfo of the files one commit published, in
+    #: one call (so their log lines are made and written together), in place
+    #: of on_file
+    _on_files = None
 
     def __init__(self, dir=".", host="0.0.0.0", port=DEFAULT_PORT, token=None,
                  dispatch="thread", on_file=None, on_status=None, on_session=None, log=None,
@@ -3182,8 +3186,8 @@ class Receiver:
         return _discover_answer(nonce, self.address[1], flags, self.name)
 
     def _wants_info(self):
-        """Whether a FileInfo of each file is wanted (for on_file)."""
-        return self.on_file is not None
+        """Whether a FileInfo of each file is wanted (for on_file, or _on_files)."""
+        return self.on_file is not None or self._on_files is not None
 
     def _count_files(self, count, size, resumed=0, resumed_bytes=0, infos=()):
         """Count files published together: count of them, size bytes in all,
@@ -3195,7 +3199,10 @@ class Receiver:
             self.files_resumed += resumed
             self.bytes_resumed += resumed_bytes
         if infos:
-            self._dispatch.emit_each(self.on_file, infos)
+            if self._on_files is not None:
+                self._dispatch.emit(self._on_files, infos)
+            else:
+                self._dispatch.emit_each(self.on_file, infos)
 
     def _claim(self, key, session):
         """Reserve a resumable partial for one connection; False if another keeps it.
@@ -11058,37 +11065,46 @@ class _ServeOutput:
         if self.as_json:
             self.emit("log", message=line)
             return
+        self.lines.write("%s %s\n" % (self._time_of_day(), line))
+
+    def _time_of_day(self):
+        """What each prose line starts with: now, formatted once a second."""
         now = int(time.time())
         if now != self._stamp[0]:
             self._stamp = now, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        self.lines.write("%s %s\n" % (self._stamp[1], line))
+        return self._stamp[1]
 
     def note(self, line):
         """Everything else (received files, stopping, stopped): not with -q."""
         if self.as_json or not self.quiet:
             self.log(line)
 
-    def file_listener(self):
-        """The Receiver's on_file: None when nothing is said or run per file
+    def files_listener(self):
+        """The Receiver's _on_files: None when nothing is said or run per file
         (-q, no --json, no --on-receive), so files are only counted."""
         if self.quiet and not self.as_json and self.hooks is None:
             return None
-        return self.on_file
+        return self.on_files
 
-    def on_file(self, info):
+    def on_files(self, infos):
+        """The files one commit published, in order.  Their lines are made
+        with one reading of the clock and written in one call: per line, a
+        clock read and a locked write would cost more than making the line."""
         if self.as_json:
-            self.emit("file_received", peer=info.peer, path=info.path, relpath=info.relpath,
-                      bytes=info.size, seconds=round(info.seconds, 6), digest=info.digest)
-        elif not self.quiet:     # a notice, the line log() writes, in one format
-            now = int(time.time())
-            if now != self._stamp[0]:
-                self._stamp = now, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-            size, seconds = info.size, info.seconds
-            self.lines.write("%s %s: received %s (%s, %s/s)\n" % (
-                self._stamp[1], info.peer, _display(info.relpath), _human(size),
-                _human(size / seconds if seconds > 0 else 0.0)))
+            for info in infos:
+                self.emit("file_received", peer=info.peer, path=info.path,
+                          relpath=info.relpath, bytes=info.size,
+                          seconds=round(info.seconds, 6), digest=info.digest)
+        elif not self.quiet:     # notices, the lines log() writes, in one format
+            stamp = self._time_of_day()
+            self.lines.write("".join([
+                "%s %s: received %s (%s, %s/s)\n" % (
+                    stamp, info.peer, _display(info.relpath), _human(info.size),
+                    _human(info.size / info.seconds if info.seconds > 0 else 0.0))
+                for info in infos]))
         if self.hooks is not None:   # a hook's output follows the line saying its file arrived
-            self.hooks.submit(info)
+            for info in infos:
+                self.hooks.submit(info)
 
     def on_session(self, info):
         if self.as_json:
@@ -11255,7 +11271,7 @@ def _cmd_serve(args):
         once.saw(info)
 
     receiver = Receiver(opts.dir, host=opts.host, port=opts.port, token=token,
-                        on_file=out.file_listener(), on_session=on_session,
+                        on_session=on_session,
                         quiet=args.quiet and not args.json, log=out.log,
                         max_connections=opts.max_connections, max_size=opts.max_size,
                         idle_timeout=args.idle_timeout,
@@ -11268,6 +11284,7 @@ def _cmd_serve(args):
                         # A browser keeps its connection: --once closes it
                         # soon after the last request, so that its upload ends.
                         http_keep_alive=ONCE_LINGER if args.once else None)
+    receiver._on_files = out.files_listener()     # a commit's files at once
     status = None
     # Installed before the readiness line, so a supervisor may send SIGTERM
     # as soon as it has read it.
