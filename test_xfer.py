@@ -3924,15 +3924,15 @@ class BatchTests(unittest.TestCase):
             built.append(args[1])
             return real(*args)
 
-        for listener in (None, "on_file", "_on_files"):
+        for listener in (None, "on_file", "on_files"):
             with self.subTest(listener=listener):
                 heard = []
                 dst = temp_dir(self)
                 receiver = start_receiver(self, dst, token=self.TOKEN, fsync=False,
                                           on_file=heard.append if listener == "on_file"
+                                          else None,
+                                          on_files=heard.extend if listener == "on_files"
                                           else None)
-                if listener == "_on_files":         # serve's: a commit's files at once
-                    receiver._on_files = heard.extend
                 client = self.client(receiver)
                 files = [("f%d.txt" % i, b"%d" % i) for i in range(3)]
                 first, data = _batch_bytes(client, files)
@@ -5137,8 +5137,8 @@ class ReceiverCostTests(unittest.TestCase):
         out.lines.write = writes.append
         out.hooks = mock.Mock(submit=submitted.append)
         dst = temp_dir(self)
-        receiver = start_receiver(self, dst, token=self.TOKEN, fsync=False)
-        receiver._on_files = out.files_listener()
+        receiver = start_receiver(self, dst, token=self.TOKEN, fsync=False,
+                                  on_files=out.files_listener())
         client = _HostileClient(receiver.address, token=self.TOKEN)
         self.addCleanup(client.close)
         files = [("d/f%d.txt" % i, b"x" * (1000 * i + 5)) for i in range(3)]
@@ -5156,6 +5156,21 @@ class ReceiverCostTests(unittest.TestCase):
                              % (re.escape(xfer._display(name)), re.escape(xfer._human(len(body)))))
         self.assertEqual(len(submitted), 4)
         self.assertEqual(receiver.files_received, 4)
+
+    def test_on_files_and_on_file_together_each_hear_every_file_once_in_order(self):
+        lists, each = [], []
+        receiver = start_receiver(self, temp_dir(self), token=self.TOKEN, fsync=False,
+                                  on_file=each.append, on_files=lists.append)
+        client = _HostileClient(receiver.address, token=self.TOKEN)
+        self.addCleanup(client.close)
+        files = [("g/f%d.txt" % i, b"%d" % i) for i in range(5)]
+        first, data = _batch_bytes(client, files)
+        client.send(data)
+        self.assertEqual(_read_results(client), (first, [(xfer.ST_OK, "")] * 5))
+        names = [name for name, _ in files]
+        self.assertEqual(len(lists), 1, lists)          # one commit, one call
+        self.assertEqual([info.relpath for info in lists[0]], names)
+        self.assertEqual([info.relpath for info in each], names)
 
 
 class RefusalReasonTests(unittest.TestCase):
@@ -7992,14 +8007,16 @@ class SenderCostTests(unittest.TestCase):
         _make_tree(src, files)
         receiver = start_receiver(self, os.path.join(root, "dst"))
         patch, listed = self._listings(src)
-        with patch, mock.patch.object(xfer, "_WALK_KEPT", 9):
-            (top,) = send_files(receiver.address, [src])
+        keeps_nine = type("KeepsNine", (xfer.Sender,), {"_walk_kept": 9})
+        with patch, keeps_nine(receiver.address) as sender:
+            top = sender.queue(src)
         self.assertEqual((top.state, top.files, top.files_total), ("done", 15, 15))
         self.assertEqual(top.size, top.bytes_done)
         self.assertEqual(tree_listing(os.path.join(root, "dst", "src")), tree_listing(src))
         # Each directory is listed at most twice; those wholly told, once.
         self.assertLessEqual(max(listed.count(d) for d in listed), 2)
         self.assertLess(len(listed), 2 * 4)
+        self.assertGreater(len(listed), 4)      # larger than kept: some listed again
 
 
 class ReviewFindingsTests(unittest.TestCase):

@@ -2831,10 +2831,6 @@ class Receiver:
     _dest_class = _Dest
     _time = time
     _secrets = secrets
-    #: serve's listener: the FileInfo of the files one commit published, in
-    #: one call (so their log lines are made and written together), in place
-    #: of on_file
-    _on_files = None
 
     def __init__(self, dir=".", host="0.0.0.0", port=DEFAULT_PORT, token=None,
                  dispatch="thread", on_file=None, on_status=None, on_session=None, log=None,
@@ -2847,7 +2843,7 @@ class Receiver:
                  overwrite="replace", partial_max_age=DEFAULT_PARTIAL_MAX_AGE,
                  quiet=False, auth_backoff=AUTH_BACKOFF, body_min_bytes=BODY_MIN_BYTES,
                  body_window=BODY_WINDOW, protect=(), allow_get=False, name=None,
-                 discovery=False, web=True, http_keep_alive=None):
+                 discovery=False, web=True, http_keep_alive=None, on_files=None):
         self.dir = os.path.abspath(os.path.expanduser(dir))
         #: clients with the token may read DIR (get, ls), read-only
         self.allow_get = allow_get
@@ -2866,6 +2862,9 @@ class Receiver:
         self.port = port
         self.token = token or None
         self.on_file = on_file
+        #: the FileInfo of the files one commit made durable together, a
+        #: list in order, in one call (serve's log makes their lines at once)
+        self.on_files = on_files
         self.on_status = on_status
         self.on_session = on_session
         self.log = log
@@ -3186,8 +3185,8 @@ class Receiver:
         return _discover_answer(nonce, self.address[1], flags, self.name)
 
     def _wants_info(self):
-        """Whether a FileInfo of each file is wanted (for on_file, or _on_files)."""
-        return self.on_file is not None or self._on_files is not None
+        """Whether a FileInfo of each file is wanted (for on_file or on_files)."""
+        return self.on_file is not None or self.on_files is not None
 
     def _count_files(self, count, size, resumed=0, resumed_bytes=0, infos=()):
         """Count files published together: count of them, size bytes in all,
@@ -3199,9 +3198,9 @@ class Receiver:
             self.files_resumed += resumed
             self.bytes_resumed += resumed_bytes
         if infos:
-            if self._on_files is not None:
-                self._dispatch.emit(self._on_files, infos)
-            else:
+            if self.on_files is not None:
+                self._dispatch.emit(self.on_files, infos)
+            if self.on_file is not None:
                 self._dispatch.emit_each(self.on_file, infos)
 
     def _claim(self, key, session):
@@ -8432,13 +8431,15 @@ class Sender:
     Private attributes a subclass may override (as Receiver's parts; the
     tests hold a connection mid-file this way): _link_class, the class of
     each connection, which names the class it opens files with in its own
-    _outgoing_class; and _stir_poll, the longest a worker waiting for
+    _outgoing_class; _stir_poll, the longest a worker waiting for
     answers sleeps between looks (it is woken as soon as there is news:
-    the poll is only a safety net).
+    the poll is only a safety net); and _walk_kept, how many of a tree's
+    first files and directories the walk that sizes it hands on.
     """
 
     _link_class = _Link
     _stir_poll = 0.5
+    _walk_kept = _WALK_KEPT
 
     def __init__(self, to, token=None, workers=4, dispatch="thread", on_progress=None,
                  on_done=None, on_error=None, on_start=None, port=None,
@@ -8880,7 +8881,7 @@ class Sender:
             ledger.sizing(top)
             try:
                 top.size, top.files_total, seen = _tree_totals(
-                    top.path, top.name, cancelled, _WALK_KEPT, found)
+                    top.path, top.name, cancelled, self._walk_kept, found)
             finally:
                 ledger.sized(top)
                 self._nudge()        # a worker waiting to send what was held back
@@ -11080,7 +11081,7 @@ class _ServeOutput:
             self.log(line)
 
     def files_listener(self):
-        """The Receiver's _on_files: None when nothing is said or run per file
+        """The Receiver's on_files: None when nothing is said or run per file
         (-q, no --json, no --on-receive), so files are only counted."""
         if self.quiet and not self.as_json and self.hooks is None:
             return None
@@ -11271,7 +11272,7 @@ def _cmd_serve(args):
         once.saw(info)
 
     receiver = Receiver(opts.dir, host=opts.host, port=opts.port, token=token,
-                        on_session=on_session,
+                        on_files=out.files_listener(), on_session=on_session,
                         quiet=args.quiet and not args.json, log=out.log,
                         max_connections=opts.max_connections, max_size=opts.max_size,
                         idle_timeout=args.idle_timeout,
@@ -11284,7 +11285,6 @@ def _cmd_serve(args):
                         # A browser keeps its connection: --once closes it
                         # soon after the last request, so that its upload ends.
                         http_keep_alive=ONCE_LINGER if args.once else None)
-    receiver._on_files = out.files_listener()     # a commit's files at once
     status = None
     # Installed before the readiness line, so a supervisor may send SIGTERM
     # as soon as it has read it.
