@@ -7461,6 +7461,26 @@ class _Ledger:
         if held:
             self.end_all(held)
 
+    def withdraw(self, job):
+        """A get's file cut off with its connection: the get is asked again
+        on a new one (the file with it) or fails as a whole, so this try of
+        the file is taken back from the get's counts, never counted itself."""
+        with self.lock:
+            if job._done:
+                return
+            job._done = True
+            top = job.parent
+            top._pending -= 1
+            top.files_total -= 1
+            top.size -= job.size
+            top.bytes_done -= job.bytes_done
+            finished = top._pending == 0
+            ended = job._ended
+        if ended is not None:
+            ended.set()
+        if finished:
+            self._end_tree(top)
+
     def part_ended(self, top):
         """A pending part of top's tree that is no job (its walk) has ended."""
         with self.lock:
@@ -9252,8 +9272,9 @@ class _Pull:
             self.send(_frame(_Msg.ACCEPT, _ACCEPT.pack(fid, sink.offset, sink.prefix)))
             try:
                 start = _read_body_start(self.rfile, fid, sink.offset)
-            except BaseException:
+            except BaseException as e:
                 sink.close(keep=True)
+                self._cut(job, raw, e)
                 raise
         self._body(job, sink, fid, size, start)
 
@@ -9319,10 +9340,7 @@ class _Pull:
         except BaseException as e:
             # A large file's partial stays for the next get to resume.
             sink.close(keep=sink.in_body)
-            if job.cancelled:
-                self.ledger.end(job, "cancelled", XferError("%s: cancelled" % job.name))
-            elif isinstance(e, (XferError, OSError)):
-                self._end(job, *_failure(sink.raw, e))
+            self._cut(job, sink.raw, e)
             raise
         if failure is not None:
             if failure[0] == ST_ABORTED:
@@ -9334,6 +9352,16 @@ class _Pull:
         self.held.append((sink, job))
         if sink.claim is not None or len(self.held) >= _HOLD_MAX:
             self._commit()
+
+    def _cut(self, job, raw, e):
+        """End job, cut off by e: a connection lost (the get goes again, as
+        _Worker._requeue decides) takes it back; anything else fails it."""
+        if job.cancelled:
+            self.ledger.end(job, "cancelled", XferError("%s: cancelled" % job.name))
+        elif isinstance(e, ConnectionError):
+            self.ledger.withdraw(job)
+        elif isinstance(e, (XferError, OSError)):
+            self._end(job, *_failure(raw, e))
 
     def _commit(self):
         if self.commit is None:
