@@ -8296,6 +8296,16 @@ class WalkthroughFindingsTests(unittest.TestCase):
         with open(os.path.join(local, "big.bin"), "rb") as f:
             self.assertEqual(f.read(), data)
 
+    def test_config_add_refuses_an_address_with_a_directory(self):
+        root = temp_dir(self)
+        path = os.path.join(root, "xfer.ini")
+        # It saved host = "h:5000:renders/", port 22598: an alias nothing reaches.
+        status, out, err = _cfg_main(["config", "--config", path, "add", "box",
+                                      "h:5000:renders/"], {}, root)
+        self.assertEqual((status, out, os.path.exists(path)), (xfer.EXIT_USAGE, "", False))
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertEqual(xfer._parse_address("fe80::1%eth0"), ("fe80::1%eth0", None, ""))
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

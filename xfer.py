@@ -9530,7 +9530,8 @@ def _parse_address(text, dirs=False):
     HOST[:PORT] (ping, config add, a Sender's to), and with dirs=True
     HOST[:PORT][:DIR] (--to and the last HOST: operand of send).  HOST is an
     alias, a name, an IPv4 address or "[V6]" (brackets dropped); a bare IPv6
-    address is taken whole, with no PORT or DIR.  PORT is all digits; a
+    address is taken whole, with no PORT or DIR (anything else with two
+    colons is not one: "h:5000:x" is refused, not taken for a host).  PORT is all digits; a
     directory whose name is all digits is written "HOST:2024/".
     """
     what = "destination" if dirs else "address"
@@ -9545,7 +9546,7 @@ def _parse_address(text, dirs=False):
         if rest and not rest.startswith(":"):
             raise ConfigError("bad %s %r" % (what, text))
         shown, rest = text[:end + 1], rest[1:]
-    elif text.count(":") > 1 and (not dirs or _is_ip(text)):
+    elif text.count(":") > 1 and _is_ip(text):
         return _Address(text, None, "")
     else:
         host, _, rest = text.partition(":")
