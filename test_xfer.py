@@ -8306,6 +8306,20 @@ class WalkthroughFindingsTests(unittest.TestCase):
         self.assertEqual(len(err.strip().splitlines()), 1, err)
         self.assertEqual(xfer._parse_address("fe80::1%eth0"), ("fe80::1%eth0", None, ""))
 
+    def test_a_time_no_socket_can_wait_is_a_usage_error(self):
+        # serve took them and then failed each connection with an internal
+        # error; send --timeout inf printed a traceback.  Parsed only: nothing runs.
+        for argv in (["serve", "--idle-timeout", "-1"], ["serve", "--idle-timeout", "inf"],
+                     ["serve", "--handshake-timeout", "nan"], ["serve", "--grace", "1e300"],
+                     ["serve", "--hook-timeout", "0"], ["send", "--timeout", "inf", "a", "h:"],
+                     ["ping", "--timeout", "1e10", "h"]):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as cm:
+                xfer._build_parser().parse_args(argv)
+            self.assertEqual(cm.exception.code, xfer.EXIT_USAGE, argv)
+            self.assertIn(argv[2], err.getvalue())
+        args = xfer._build_parser().parse_args(["serve", "--grace", "0"])
+        self.assertEqual(args.grace, 0)
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

@@ -206,6 +206,8 @@ PARTIAL_PREFIX = ".xfer-part."
 DEFAULT_PARTIAL_MAX_AGE = 7 * 24 * 3600
 #: Receiver default: seconds stop() lets files in flight finish.
 DEFAULT_GRACE = 5.0
+#: The longest time in seconds an option takes: a socket or a wait takes no longer.
+SECONDS_MAX = 10**9
 #: Receiver: seconds stop() then waits for the connections it closed to end;
 #: what one still running reports later is dropped (README "Python API").
 UNWIND_TIMEOUT = 2.0
@@ -12837,14 +12839,21 @@ def _positive_int(text):
     return n
 
 
-def _seconds_arg(text):
+def _seconds_arg(text, zero=False):
     try:
         seconds = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError("not a number of seconds: %r" % text) from None
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError("must be more than 0: %r" % text)
+    if not (seconds >= 0 if zero else seconds > 0):
+        raise argparse.ArgumentTypeError("must be %s 0: %r" % ("at least" if zero else
+                                                                "more than", text))
+    if not seconds <= SECONDS_MAX:
+        raise argparse.ArgumentTypeError("must be at most %d: %r" % (SECONDS_MAX, text))
     return seconds
+
+
+def _grace_arg(text):
+    return _seconds_arg(text, zero=True)
 
 
 def _port_arg(text):
@@ -12951,11 +12960,11 @@ def _build_parser():
                    % DEFAULT_MAX_CONNECTIONS)
     p.add_argument("--max-size", type=_size_arg, metavar="SIZE",
                    help="refuse files larger than SIZE (e.g. 20G)")
-    p.add_argument("--idle-timeout", type=float, metavar="SECONDS",
+    p.add_argument("--idle-timeout", type=_seconds_arg, metavar="SECONDS",
                    default=DEFAULT_IDLE_TIMEOUT,
                    help="drop a connection silent this long (default %g)"
                    % DEFAULT_IDLE_TIMEOUT)
-    p.add_argument("--handshake-timeout", type=float, metavar="SECONDS",
+    p.add_argument("--handshake-timeout", type=_seconds_arg, metavar="SECONDS",
                    default=DEFAULT_HANDSHAKE_TIMEOUT,
                    help="drop a connection not authenticated this soon (default %g)"
                    % DEFAULT_HANDSHAKE_TIMEOUT)
@@ -12968,7 +12977,7 @@ def _build_parser():
     p.add_argument("--overwrite", choices=OVERWRITE_POLICIES,
                    help="when a file's name is taken: replace it atomically (default), "
                    "rename the new one 'NAME (1).EXT', skip it, or fail")
-    p.add_argument("--grace", type=float, metavar="SECONDS", default=DEFAULT_GRACE,
+    p.add_argument("--grace", type=_grace_arg, metavar="SECONDS", default=DEFAULT_GRACE,
                    help="on Ctrl-C/SIGTERM, let files in flight finish this long "
                    "(default %g)" % DEFAULT_GRACE)
     p.add_argument("--partial-max-age", type=float, metavar="DAYS", default=7.0,
@@ -12983,7 +12992,8 @@ def _build_parser():
                    help="answer no discovery queries (find, pair without HOST)")
     p.add_argument("--no-web", action="store_true",
                    help="serve no web page and no HTTP API on the port (README \"HTTP API\")")
-    p.add_argument("--hook-timeout", type=float, metavar="SECONDS", default=DEFAULT_HOOK_TIMEOUT,
+    p.add_argument("--hook-timeout", type=_seconds_arg, metavar="SECONDS",
+                   default=DEFAULT_HOOK_TIMEOUT,
                    help="stop a hook still running after this long (default %g)"
                    % DEFAULT_HOOK_TIMEOUT)
     p.set_defaults(func=_cmd_serve)
@@ -13080,7 +13090,8 @@ def _build_parser():
                        help="check that a server is up and the token works")
     p.add_argument("host", nargs="?", metavar="HOST[:PORT]",
                    help="server address or config alias (default as for send)")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", default=DEFAULT_CONNECT_TIMEOUT,
+    p.add_argument("--timeout", type=_seconds_arg, metavar="SECONDS",
+                   default=DEFAULT_CONNECT_TIMEOUT,
                    help="give up after this long (default %g)" % DEFAULT_CONNECT_TIMEOUT)
     p.set_defaults(func=_cmd_ping)
 
