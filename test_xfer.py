@@ -8321,6 +8321,32 @@ class WalkthroughFindingsTests(unittest.TestCase):
         args = xfer._build_parser().parse_args(["serve", "--grace", "0"])
         self.assertEqual(args.grace, 0)
 
+    def test_a_time_no_socket_can_wait_is_refused_by_the_python_api_too(self):
+        # Given to Receiver or Sender, they failed later, in the threads that
+        # used them, as internal errors.  Made only: nothing starts.
+        for cls, name, value in ((xfer.Receiver, "idle_timeout", -1),
+                                 (xfer.Receiver, "idle_timeout", float("inf")),
+                                 (xfer.Receiver, "handshake_timeout", float("nan")),
+                                 (xfer.Receiver, "http_keep_alive", 0),
+                                 (xfer.Receiver, "body_window", "soon"),
+                                 (xfer.Receiver, "partial_max_age", -5),
+                                 (xfer.Sender, "timeout", float("inf")),
+                                 (xfer.Sender, "connect_timeout", 0),
+                                 (xfer.Sender, "handshake_timeout", 1e12),
+                                 (xfer.Sender, "retry_window", None)):
+            first = temp_dir(self) if cls is xfer.Receiver else "127.0.0.1:1"
+            with self.subTest(cls=cls.__name__, name=name, value=value):
+                with self.assertRaises(ValueError) as cm:
+                    cls(first, **{name: value})
+                self.assertIn(name, str(cm.exception))
+        receiver = xfer.Receiver(temp_dir(self), idle_timeout=None, partial_max_age=0,
+                                 body_window=None)
+        self.assertEqual((receiver.idle_timeout, receiver.partial_max_age), (None, 0))
+        sender = xfer.Sender("127.0.0.1:1", timeout=None, retry_window=0)
+        self.addCleanup(sender.close)
+        self.assertEqual((sender.timeout, sender.retry_window), (None, 0))
+
+
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""
 

@@ -2808,6 +2808,28 @@ def _peer_text(address):
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
+def _seconds_fit(seconds, zero=False):
+    """Whether a socket or a wait can take seconds: a number above 0 (zero:
+    or 0) and at most SECONDS_MAX; never inf or nan."""
+    return (seconds >= 0 if zero else seconds > 0) and seconds <= SECONDS_MAX
+
+
+def _seconds_given(name, value, zero=False, none=True):
+    """value as the seconds of the keyword argument name, None (no limit)
+    kept where none; ValueError, naming it, for what no socket or wait can
+    take."""
+    if value is None and none:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("%s must be a number of seconds, not %r" % (name, value)) from None
+    if not _seconds_fit(seconds, zero):
+        raise ValueError("%s must be %s 0 and at most %d seconds, not %r"
+                         % (name, "at least" if zero else "more than", SECONDS_MAX, value))
+    return seconds
+
+
 class Receiver:
     """Receive files into a directory; serves in background threads.
 
@@ -2877,13 +2899,14 @@ class Receiver:
         #: a body slower than body_min_bytes per body_window seconds is
         #: dropped (body_window None: never)
         self.body_min_bytes = int(body_min_bytes)
-        self.body_window = body_window
+        self.body_window = _seconds_given("body_window", body_window)
         self.max_connections = int(max_connections)
         self.max_size = max_size
-        self.idle_timeout = idle_timeout
+        self.idle_timeout = _seconds_given("idle_timeout", idle_timeout)
         #: seconds an HTTP connection may wait for its next request
-        self.http_keep_alive = idle_timeout if http_keep_alive is None else http_keep_alive
-        self.handshake_timeout = handshake_timeout
+        self.http_keep_alive = (self.idle_timeout if http_keep_alive is None
+                                else _seconds_given("http_keep_alive", http_keep_alive))
+        self.handshake_timeout = _seconds_given("handshake_timeout", handshake_timeout)
         self.portable_names = (os.name == "nt") if portable_names is None else portable_names
         self.fsync = fsync
         # Small files are synced a group at a time, with one syncfs() per
@@ -2893,7 +2916,7 @@ class Receiver:
             raise ValueError("overwrite must be one of %s, not %r"
                              % (", ".join(OVERWRITE_POLICIES), overwrite))
         self.overwrite = overwrite
-        self.partial_max_age = partial_max_age
+        self.partial_max_age = _seconds_given("partial_max_age", partial_max_age, zero=True)
         #: the process umask, read by start() where the system tells it
         #: without changing it (else None: every file gets an fchmod)
         self.umask = None
@@ -8491,13 +8514,13 @@ class Sender:
         #: be an impostor collecting the files
         self.require_server_auth = require_server_auth
         self.workers = max(1, int(workers))
-        self.connect_timeout = connect_timeout
-        self.handshake_timeout = handshake_timeout
-        self.timeout = timeout
+        self.connect_timeout = _seconds_given("connect_timeout", connect_timeout)
+        self.handshake_timeout = _seconds_given("handshake_timeout", handshake_timeout)
+        self.timeout = _seconds_given("timeout", timeout)
         #: True once a connection has finished its handshake
         self.connected = False
         self.retries = int(retries)
-        self.retry_window = retry_window
+        self.retry_window = _seconds_given("retry_window", retry_window, zero=True, none=False)
         self._ping = None            # the last ping_async() job
         self._abort = threading.Event()     # close(wait=False): stop backing off
         self._dispatch = _Dispatcher(dispatch, self)
@@ -12844,11 +12867,9 @@ def _seconds_arg(text, zero=False):
         seconds = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError("not a number of seconds: %r" % text) from None
-    if not (seconds >= 0 if zero else seconds > 0):
-        raise argparse.ArgumentTypeError("must be %s 0: %r" % ("at least" if zero else
-                                                                "more than", text))
-    if not seconds <= SECONDS_MAX:
-        raise argparse.ArgumentTypeError("must be at most %d: %r" % (SECONDS_MAX, text))
+    if not _seconds_fit(seconds, zero):
+        raise argparse.ArgumentTypeError("must be %s 0 and at most %d: %r" % (
+            "at least" if zero else "more than", SECONDS_MAX, text))
     return seconds
 
 
