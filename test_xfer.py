@@ -8312,7 +8312,9 @@ class WalkthroughFindingsTests(unittest.TestCase):
         for argv in (["serve", "--idle-timeout", "-1"], ["serve", "--idle-timeout", "inf"],
                      ["serve", "--handshake-timeout", "nan"], ["serve", "--grace", "1e300"],
                      ["serve", "--hook-timeout", "0"], ["send", "--timeout", "inf", "a", "h:"],
-                     ["ping", "--timeout", "1e10", "h"]):
+                     ["ping", "--timeout", "1e10", "h"], ["serve", "--partial-max-age", "-1"],
+                     ["serve", "--partial-max-age", "inf"], ["serve", "--partial-max-age", "nan"],
+                     ["serve", "--partial-max-age", "1e6"]):
             err = io.StringIO()
             with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as cm:
                 xfer._build_parser().parse_args(argv)

@@ -12877,6 +12877,18 @@ def _grace_arg(text):
     return _seconds_arg(text, zero=True)
 
 
+def _days_arg(text):
+    """A number of days (--partial-max-age), as seconds fit for a Receiver."""
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number of days: %r" % text) from None
+    if not _seconds_fit(days * 86400, zero=True):
+        raise argparse.ArgumentTypeError("must be at least 0 and at most %d days: %r"
+                                         % (SECONDS_MAX // 86400, text))
+    return days
+
+
 def _port_arg(text):
     try:
         return _port_number(text)
@@ -13001,7 +13013,7 @@ def _build_parser():
     p.add_argument("--grace", type=_grace_arg, metavar="SECONDS", default=DEFAULT_GRACE,
                    help="on Ctrl-C/SIGTERM, let files in flight finish this long "
                    "(default %g)" % DEFAULT_GRACE)
-    p.add_argument("--partial-max-age", type=float, metavar="DAYS", default=7.0,
+    p.add_argument("--partial-max-age", type=_days_arg, metavar="DAYS", default=7.0,
                    help="delete partial files older than this at start-up (default 7)")
     p.add_argument("--once", action="store_true",
                    help="exit after the first sender has finished (status 0 if every "
