@@ -12862,15 +12862,18 @@ def _positive_int(text):
     return n
 
 
-def _seconds_arg(text, zero=False):
+def _seconds_arg(text, zero=False, unit=1, units="seconds"):
+    """A time option: a number of seconds (or of units, unit seconds each)
+    that a socket or a wait can take, as _seconds_fit says."""
     try:
-        seconds = float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text) from None
-    if not _seconds_fit(seconds, zero):
-        raise argparse.ArgumentTypeError("must be %s 0 and at most %d: %r" % (
-            "at least" if zero else "more than", SECONDS_MAX, text))
-    return seconds
+        raise argparse.ArgumentTypeError("not a number of %s: %r" % (units, text)) from None
+    if not _seconds_fit(value * unit, zero):
+        raise argparse.ArgumentTypeError("must be %s 0 and at most %d%s: %r" % (
+            "at least" if zero else "more than", SECONDS_MAX // unit,
+            "" if unit == 1 else " " + units, text))
+    return value
 
 
 def _grace_arg(text):
@@ -12878,15 +12881,8 @@ def _grace_arg(text):
 
 
 def _days_arg(text):
-    """A number of days (--partial-max-age), as seconds fit for a Receiver."""
-    try:
-        days = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a number of days: %r" % text) from None
-    if not _seconds_fit(days * 86400, zero=True):
-        raise argparse.ArgumentTypeError("must be at least 0 and at most %d days: %r"
-                                         % (SECONDS_MAX // 86400, text))
-    return days
+    """A number of days (--partial-max-age)."""
+    return _seconds_arg(text, zero=True, unit=86400, units="days")
 
 
 def _port_arg(text):
