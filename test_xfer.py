@@ -8349,6 +8349,30 @@ class WalkthroughFindingsTests(unittest.TestCase):
         self.assertEqual((sender.timeout, sender.retry_window), (None, 0))
 
 
+class WalkthroughMoreTests(unittest.TestCase):
+    """More defects found by running the README's commands as a new user and
+    attacking the edges of each; each test is named for what the user saw."""
+
+    def test_a_double_dash_ends_the_options_of_send_and_get(self):
+        root = temp_dir(self)
+        dst = os.path.join(root, "dst")
+        receiver = start_receiver(self, dst, token="t", allow_get=True)
+        write_file(os.path.join(root, "-v.txt"), b"dash")
+        write_file(os.path.join(root, "b.txt"), b"b")
+        to = "127.0.0.1:%d:" % receiver.address[1]
+        # send -- -v.txt was "unrecognized arguments: -v.txt" (exit 2).
+        for argv in (["send", "-q", "--token", "t", "--", "-v.txt", to],
+                     ["send", "-q", "--token", "t", "b.txt", "--", "-v.txt", to + "sub/"]):
+            status, out, err = _cfg_main(argv, {"HOME": root}, root)
+            self.assertEqual((status, err), (0, ""), argv)
+        self.assertEqual(sorted(tree_listing(dst)),
+                         ["-v.txt", "sub", "sub/-v.txt", "sub/b.txt"])
+        local = os.path.join(root, "local")
+        status, _, err = _cfg_main(["get", "-q", "--token", "t", "--", to + "-v.txt", local],
+                                   {"HOME": root}, root)
+        self.assertEqual((status, err, os.listdir(local)), (0, "", ["-v.txt"]))
+
+
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""
 

@@ -12940,11 +12940,31 @@ def _parser_class():
             # parse_known_intermixed_args calls parse_known_args itself, twice.
             if not self.intermixed or self._mixing:
                 return super().parse_known_args(args, namespace)
+            args = list(sys.argv[1:] if args is None else args)
+            # Its first pass drops "--", so its second took the operands
+            # after it for options (send -- -a.tif pi: was "unrecognized
+            # arguments").  They stand in as a name no command line can
+            # hold (argv has no NUL), and come back once parsed.
+            stand_in = {}
+            if "--" in args:
+                cut = args.index("--")
+                for arg in args[cut + 1:]:
+                    if arg.startswith(tuple(self.prefix_chars)) and arg not in stand_in:
+                        stand_in[arg] = "\0%d" % len(stand_in)
+                args = args[:cut] + [stand_in.get(arg, arg) for arg in args[cut + 1:]]
+            operands = {key: arg for arg, key in stand_in.items()}
             self._mixing = True
             try:
-                return self.parse_known_intermixed_args(args, namespace)
+                namespace, extras = self.parse_known_intermixed_args(args, namespace)
             finally:
                 self._mixing = False
+            for key, value in vars(namespace).items():
+                if isinstance(value, list):
+                    setattr(namespace, key, [operands.get(v, v) if isinstance(v, str) else v
+                                             for v in value])
+                elif isinstance(value, str):
+                    setattr(namespace, key, operands.get(value, value))
+            return namespace, [operands.get(arg, arg) for arg in extras]
     return _Parser
 
 
