@@ -8372,6 +8372,29 @@ class WalkthroughMoreTests(unittest.TestCase):
                                    {"HOME": root}, root)
         self.assertEqual((status, err, os.listdir(local)), (0, "", ["-v.txt"]))
 
+    def test_a_watched_folder_removed_and_made_again_is_watched_again(self):
+        # A render folder cleaned out (rm -r, then made anew by the renderer):
+        # its new files went only after the next full look, 10 s polling and
+        # a minute with inotify, later than any settle promises.
+        for notify in (xfer._Inotify.open, lambda: None):
+            with self.subTest(inotify=notify is xfer._Inotify.open):
+                root, dst = temp_dir(self), temp_dir(self)
+                src = os.path.join(root, "render")
+                os.makedirs(src)
+                arrived = []
+                receiver = start_receiver(self, dst, on_file=lambda i: arrived.append(i.relpath))
+                sender = xfer.Sender(receiver.address)
+                self.addCleanup(sender.close, False)
+                watch = xfer.Watch(sender, src, settle=0.05, interval=0.02, notify=notify)
+                self.addCleanup(watch.stop)
+                write_file(os.path.join(src, "a.exr"), b"a")
+                self.assertTrue(wait_until(lambda: "render/a.exr" in arrived, 2.0))
+                shutil.rmtree(src)
+                looks = watch.looks
+                self.assertTrue(wait_until(lambda: watch.looks > looks + 2, 2.0))
+                write_file(os.path.join(src, "b.exr"), b"b")
+                self.assertTrue(wait_until(lambda: "render/b.exr" in arrived, 2.0), arrived)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

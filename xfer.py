@@ -9944,6 +9944,11 @@ class Watch:
                         and wall - st.st_mtime_ns / 1e9 >= _WATCH_RECENT):
                     continue
                 stack.append(name)
+        if "" not in self._dirs and "" not in stack:
+            # The folder itself is gone (or could not be listed): nothing
+            # above it is watched, so look for it again at every look, not
+            # only at the next full one, to take it up once it is made again.
+            stack.append("")
         while stack:
             name = stack.pop()
             stack.extend(self._list(name, full, observed))
