@@ -9770,8 +9770,8 @@ class Watch:
     waiting (the error while the receiver cannot be reached, else None),
     looks (how many looks are done), stopped (True once stop() has finished).
 
-    notify (tests) opens the inotify fast path; one that gives None makes
-    the watch poll, as it does where there is no inotify.
+    notify (tests) opens the inotify fast path, on the watching thread; one
+    that gives None makes the watch poll, as it does where there is no inotify.
     """
 
     def __init__(self, sender, path, subdir=None, settle=DEFAULT_SETTLE,
@@ -9815,7 +9815,10 @@ class Watch:
         self._ping = None
         self._next_ping = 0.0
         self._pings = 0
-        self._notify = notify()
+        # Opened on the watching thread: loading libc through ctypes takes
+        # tens of milliseconds, a host's frame or three on the caller's.
+        self._open_notify = notify
+        self._notify = None
         self._stop = threading.Event()
         self._ended = threading.Event()
         self._thread = threading.Thread(target=self._run, name="xfer-watch", daemon=True)
@@ -9857,6 +9860,7 @@ class Watch:
 
     def _run(self):
         try:
+            self._notify = self._open_notify()
             rescan_at = look_at = 0.0
             self._emit("started", self.path)
             while not self._stop.is_set():
