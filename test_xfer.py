@@ -8415,6 +8415,19 @@ class WalkthroughMoreTests(unittest.TestCase):
         self.assertNotEqual(opened, [threading.get_ident()])
         self.assertEqual(len(opened), 1)
 
+    @unittest.skipUnless(hasattr(os, "mkfifo"), "no FIFOs here")
+    def test_get_names_the_special_files_of_a_tree_it_skips(self):
+        # get -v printed "skipped  (0 B, pipe: ...)" and --json "path": "":
+        # the Job of an entry the server did not send had no name.
+        root = temp_dir(self)
+        srv, local = os.path.join(root, "srv"), os.path.join(root, "local")
+        write_file(os.path.join(srv, "t", "a.txt"), b"a")
+        os.mkfifo(os.path.join(srv, "t", "sub pipe: 1"))
+        got, failed, events = _pull_fetch(_pull_server(self, srv).address, "t", local)
+        self.assertEqual(([i.relpath for i in got], failed), (["t/a.txt"], 0))
+        self.assertEqual([e for e in events if e[0] == "skipped"],
+                         [("skipped", "t/sub pipe: 1", "a symlink or special file; not served")])
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

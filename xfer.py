@@ -9194,7 +9194,14 @@ class _Pull:
                     self._dir_entries(payload, fid)
                 elif kind == _Msg.RESULT:       # an entry the server did not send
                     _, status, reason = _decode_result(payload)
-                    job = self._job(b"")
+                    raw = b""
+                    if status == ST_SKIPPED:
+                        # "NAME: a symlink or special file; not served"
+                        # names it, so its Job (-v, --json) does too.
+                        name, _, why = reason.rpartition(": ")
+                        if name and self._asked(name.encode("utf-8", "surrogateescape")):
+                            raw, reason = name.encode("utf-8", "surrogateescape"), why
+                    job = self._job(raw)
                     job.note = reason
                     self._end(job, status, reason)
                 elif kind == _Msg.DONE:
