@@ -8428,6 +8428,26 @@ class WalkthroughMoreTests(unittest.TestCase):
         self.assertEqual([e for e in events if e[0] == "skipped"],
                          [("skipped", "t/sub pipe: 1", "a symlink or special file; not served")])
 
+    def test_send_dir_of_the_root_directory_fails_alone_and_says_why(self):
+        # send-dir d / pi: sent nothing, not even d, and said "/: give a
+        # target_name for the root directory", a name from the Python API.
+        root = temp_dir(self)
+        dst = os.path.join(root, "dst")
+        receiver = start_receiver(self, dst, token="t")
+        write_file(os.path.join(root, "d", "a.txt"), b"a")
+        to = "127.0.0.1:%d:" % receiver.address[1]
+        top = os.path.abspath(os.sep)
+        for command in ("send-dir", "send"):
+            argv = [command, "-q", "--token", "t", "d", top, to + command + "/"]
+            if command == "send":
+                argv.insert(1, "-r")
+            status, out, err = _cfg_main(argv, {"HOME": root}, root)
+            self.assertEqual((status, out), (xfer.EXIT_FAILED, ""), command)
+            self.assertEqual(len(err.splitlines()), 1, err)
+            self.assertIn("root directory", err)
+            self.assertNotIn("target_name", err)
+            self.assertTrue(os.path.isfile(os.path.join(dst, command, "d", "a.txt")), command)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

@@ -12191,6 +12191,9 @@ def _operand_problem(path, command, recursive):
     if stat.S_ISDIR(st.st_mode):
         if command == "send" and not recursive:
             return "is a directory (use send -r or send-dir)"
+        if not os.path.basename(os.path.abspath(path)):
+            # A tree lands under its directory's name, and / has none.
+            return "the root directory has no name to land under; send the folders in it"
         return None
     if command == "send-dir":
         return "not a directory"
