@@ -8448,6 +8448,25 @@ class WalkthroughMoreTests(unittest.TestCase):
             self.assertNotIn("target_name", err)
             self.assertTrue(os.path.isfile(os.path.join(dst, command, "d", "a.txt")), command)
 
+    def test_sending_the_same_again_to_a_rename_server_piles_up_no_copies(self):
+        # serve --overwrite rename: each run of the same send stored another
+        # "a (2).txt", "a (3).txt" of the changed file, since only "a.txt"
+        # was compared.
+        root = temp_dir(self)
+        dst = os.path.join(root, "dst")
+        receiver = start_receiver(self, dst, overwrite="rename")
+        path = os.path.join(root, "a.txt")
+        write_file(path, b"one")
+        os.utime(path, (1700000000, 1700000000))
+        self.assertEqual([j.state for j in send_files(receiver.address, [path])], ["done"])
+        write_file(path, b"two, longer")
+        for skip in ("quick", "quick", "checksum"):
+            jobs = send_files(receiver.address, [path], skip=skip)
+            self.assertEqual(sorted(os.listdir(dst)), ["a (1).txt", "a.txt"], skip)
+        self.assertEqual((jobs[0].state, jobs[0].note), ("skipped", "identical"))
+        with open(os.path.join(dst, "a (1).txt"), "rb") as f:
+            self.assertEqual(f.read(), b"two, longer")
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

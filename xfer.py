@@ -4433,14 +4433,28 @@ class _Store:
         if st is None:
             self._keep_split(raw, parts)
             return None
-        if st.st_size == size:
-            if digest is None:
-                same = abs(st.st_mtime_ns - mtime_ns) < 1000    # microsecond precision
-            else:
-                same = hmac.compare_digest(self._digest_of(handle, name), digest)
-            if same:
-                return ST_SKIPPED, "identical"
+        if self._same(handle, name, st, size, mtime_ns, digest):
+            return ST_SKIPPED, "identical"
+        if self.overwrite == "rename":
+            # A copy an earlier run stored under a numbered name is had too:
+            # sending the same again must not pile up NAME (2), NAME (3)...
+            for other in _numbered(name):
+                st = self.dest.lstat(handle, other)
+                if st is None:
+                    break
+                if stat.S_ISREG(st.st_mode) and self._same(handle, other, st, size,
+                                                           mtime_ns, digest):
+                    return ST_SKIPPED, "identical"
         return self.policy_refusal(raw)
+
+    def _same(self, handle, name, st, size, mtime_ns, digest):
+        """Whether the regular file name (its lstat st) holds what a CHECK
+        describes: size and mtime (to the microsecond), or digest if given."""
+        if st.st_size != size:
+            return False
+        if digest is None:
+            return abs(st.st_mtime_ns - mtime_ns) < 1000
+        return hmac.compare_digest(self._digest_of(handle, name), digest)
 
     def _digest_of(self, handle, name):
         fd = self.dest.open_existing(handle, name)
