@@ -8467,6 +8467,17 @@ class WalkthroughMoreTests(unittest.TestCase):
         with open(os.path.join(dst, "a (1).txt"), "rb") as f:
             self.assertEqual(f.read(), b"two, longer")
 
+    def test_an_ipv6_destination_without_brackets_is_named_with_them(self):
+        # send a.txt ::1:5000 said "no destination: pass --to HOST[:PORT]...".
+        root = temp_dir(self)
+        write_file(os.path.join(root, "a.txt"), b"a")
+        for operand, meant in (("::1:5000", "[::1]:5000:"), ("::1", "[::1]:")):
+            status, out, err = _cfg_main(["send", "--token", "t", "a.txt", operand],
+                                         {"HOME": root}, root)
+            self.assertEqual((status, out), (xfer.EXIT_USAGE, ""), operand)
+            self.assertIn("did you mean %s " % meant, err)
+            self.assertEqual(len(err.splitlines()), 1, err)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

@@ -12101,6 +12101,14 @@ def _hint_missing_colon(config, operand):
     """Refuse a last FILE that does not exist but names a receiver (scp's HOST:)."""
     if operand == "-" or os.path.lexists(operand) or "/" in operand or "\\" in operand:
         return
+    # A bare IPv6 address (::1, or ::1:5000 with a port) is no HOST: to the
+    # eye of scp either: it needs brackets, [::1]:5000:.
+    head, _, port = operand.rpartition(":")
+    meant = ["[%s]%s:" % (host, port) for host, port in ((head, ":" + port), (operand, ""))
+             if ":" in host and _is_ip(host) and port[1:].isdigit() == bool(port)]
+    if meant:
+        raise ConfigError("%s: no such file; did you mean %s ? (an IPv6 address needs "
+                          "brackets)" % (operand, " or ".join(meant)))
     if operand in config.aliases():
         known = True
     else:
