@@ -8478,6 +8478,18 @@ class WalkthroughMoreTests(unittest.TestCase):
             self.assertIn("did you mean %s " % meant, err)
             self.assertEqual(len(err.splitlines()), 1, err)
 
+    def test_an_address_with_a_directory_is_refused_as_such_not_as_a_bad_port(self):
+        # ping pi:renders/ said "port must be a number from 0 to 65535, not 'renders/'".
+        root = temp_dir(self)
+        for argv in (["ping", "--token", "t", "127.0.0.1:renders/"],
+                     ["ping", "--token", "t", "127.0.0.1:5000:renders"],
+                     ["config", "--config", os.path.join(root, "x.ini"), "add", "box",
+                      "h:5000:renders/"]):
+            status, out, err = _cfg_main(argv, {"HOME": root}, root)
+            self.assertEqual((status, out), (xfer.EXIT_USAGE, ""), argv)
+            self.assertIn("an address is HOST[:PORT], with no directory", err)
+            self.assertNotIn("port must be", err)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

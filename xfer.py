@@ -9600,6 +9600,10 @@ def _parse_address(text, dirs=False):
     if not host:
         raise ConfigError("bad %s %r: no host" % (what, text))
     if not dirs:
+        if rest and not rest.isdigit() and (":" in rest or "/" in rest or "\\" in rest):
+            # ping pi:renders/, config add box h:5000:renders/: not a bad port
+            raise ConfigError("bad address %r: an address is HOST[:PORT], with no directory"
+                              % text)
         return _Address(host, _port_number(rest, "port") if rest else None, "")
     port, colon, subdir = rest.partition(":")
     if not (port.isdigit() and (colon or not subdir)):
