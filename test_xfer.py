@@ -8490,6 +8490,16 @@ class WalkthroughMoreTests(unittest.TestCase):
             self.assertIn("an address is HOST[:PORT], with no directory", err)
             self.assertNotIn("port must be", err)
 
+    def test_an_empty_name_for_standard_input_is_named_as_empty(self):
+        # send --name '' - pi: said "--name : a file name without '/'", of a
+        # name that has none.
+        root = temp_dir(self)
+        for name in ("", "."):
+            status, out, err = _cfg_main(["send", "--token", "t", "--name", name, "-",
+                                          "127.0.0.1:1:"], {"HOME": root}, root)
+            self.assertEqual((status, out), (xfer.EXIT_USAGE, ""), name)
+            self.assertIn("--name %r: give the name the file gets" % name, err)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

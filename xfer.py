@@ -12165,7 +12165,10 @@ def _stdin_operand(args, paths):
     if paths.count("-") > 1:
         raise ConfigError("give '-' (standard input) once")
     name = args.name
-    if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
+    if name in ("", ".", ".."):
+        raise ConfigError("--name %r: give the name the file gets on the receiver, such as "
+                          "--name db.sql" % name)
+    if name is not None and ("/" in name or "\\" in name):
         raise ConfigError("--name %s: a file name without '/'; give a directory as "
                           "HOST:DIR/" % name)
 
