@@ -2643,10 +2643,13 @@ class PathSafetyTests(unittest.TestCase):
                 self.assertEqual(xfer._split_path(name.encode("utf-8"), portable=False), parts)
 
     def test_a_path_under_a_directory_already_checked_is_decided_as_without_it(self):
-        parent = (b"ok/", ["ok"])
-        paths = [b"ok/" + raw for raw, _ in self.REFUSED] + [
-            b"ok/" + name.encode("utf-8") for name, _ in self.ACCEPTED] + [
-            b"ok", b"ok/", b"ok//x", b"oky/x", b"ok/" * 64 + b"f", b"ok/" + b"a" * 4094]
+        for parent in ((b"ok/", ["ok"]), ("\u00e9t\u00e9/".encode("utf-8"), ["\u00e9t\u00e9"])):
+            self._decided_as_without_parent(parent, parent[0])
+
+    def _decided_as_without_parent(self, parent, ok):
+        paths = [ok + raw for raw, _ in self.REFUSED] + [
+            ok + name.encode("utf-8") for name, _ in self.ACCEPTED] + [
+            ok[:-1], ok, ok + b"/x", ok[:-1] + b"y/x", ok * 64 + b"f", ok + b"a" * 4094]
         for raw in paths:
             for portable in (False, True):
                 with self.subTest(raw=raw[:60], portable=portable):

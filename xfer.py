@@ -1810,8 +1810,8 @@ def _split_path(raw, portable=False, max_bytes=MAX_PATH_BYTES, max_depth=MAX_PAT
         raise UnsafePathError("path is not valid UTF-8", raw) from None
     if parent is not None and parent[0] and raw.startswith(parent[0]):
         known = parent[1]
-        # After the prefix's characters: its names and a "/" after each.
-        parts = known + path[len(known) + sum(map(len, known)):].split("/")
+        # The prefix ends with "/", so what follows it decodes on its own.
+        parts = known + raw[len(parent[0]):].decode("utf-8").split("/")
     else:
         known = ()
         if not path:
@@ -1856,6 +1856,7 @@ _O_BINARY = getattr(os, "O_BINARY", 0)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY
 _HAVE_DIR_FD = (bool(_O_NOFOLLOW and _O_DIRECTORY)
                 and {os.open, os.mkdir, os.rename, os.stat, os.unlink} <= os.supports_dir_fd)
 
@@ -2137,7 +2138,7 @@ class _Dest:
 
     def create_temp(self, handle, name, mode=0o600):
         """Create a new temporary file next to name; return (fd, temp_name)."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY
+        flags = _TEMP_FLAGS
         # Cut the name by bytes: a 255-byte name plus the prefix must fit.
         keep = name if len(name) <= 25 else _cut(name, 100)
         for _ in range(10):
@@ -3821,13 +3822,13 @@ class _ReceiveSession:
         pace = _Pace(self.r, b"BATCH %d" % first, left)
         for size, mtime_ns, mode, flags, digest, raw in entries:
             left -= size
-            pace.base = left
             sink = self._sink(fid, raw, size, mtime_ns, mode, flags, stream=True)
             try:
                 body = buffered(size)
                 if body is not None:
                     failure = sink.take(body, digest)   # hashed and written where it lies
                 else:
+                    pace.base = left
                     sink.begin()
                     sink.receive(readinto, size, pace)
                     failure = sink.finish(digest)
@@ -4375,7 +4376,7 @@ class _Store:
         needed = self._needed
         if len(needed) >= _NEEDED_MAX:
             del needed[next(iter(needed))]      # the oldest: its FILE never came
-        needed[raw] = list(parts)
+        needed[raw] = parts
 
     def existing(self, handle, name, raw):
         """lstat of the final name, or None; refuses what may never be replaced."""
@@ -4969,10 +4970,11 @@ class _GroupCommit:
                 dest.remove(held.handle, temp)
         failed_dirs, dir_ids = self._sync_dirs(published)
         counted = []
+        undurable = failed_dirs or self.undurable
         for held in group:
-            if held.failure is None:
+            if held.failure is None and undurable:
                 error = failed_dirs.get(dir_ids.get(held.handle))
-                if error is None and self.undurable:
+                if error is None:
                     error = self._undurable(held.parts[:-1])
                 if error is not None:
                     held.fail(error)
