@@ -12110,8 +12110,11 @@ def _hint_missing_colon(config, operand):
     # A bare IPv6 address (::1, or ::1:5000 with a port) is no HOST: to the
     # eye of scp either: it needs brackets, [::1]:5000:.
     head, _, port = operand.rpartition(":")
-    meant = ["[%s]%s:" % (host, port) for host, port in ((head, ":" + port), (operand, ""))
-             if ":" in host and _is_ip(host) and port[1:].isdigit() == bool(port)]
+    meant = []
+    if ":" in head and port.isdigit() and _is_ip(head):
+        meant.append("[%s]:%s:" % (head, port))       # the last part a port
+    if ":" in operand and _is_ip(operand):
+        meant.append("[%s]:" % operand)               # the whole an address
     if meant:
         raise ConfigError("%s: no such file; did you mean %s ? (an IPv6 address needs "
                           "brackets)" % (operand, " or ".join(meant)))
