@@ -8507,6 +8507,30 @@ class WalkthroughMoreTests(unittest.TestCase):
             self.assertIn("--name %r: give the name the file gets" % name, err)
 
 
+class WalkthroughThirdTests(unittest.TestCase):
+    """Defects found by a new user trying TLS, the HTTP API, resumes, the
+    config file and hooks as the README gives them, then their edges; each
+    test is named for what the user saw."""
+
+    def _ini(self, root, text):
+        path = write_file(os.path.join(root, "x.ini"), text.encode("utf-8"))
+        os.chmod(path, 0o600)
+        return path
+
+    def test_a_config_file_without_a_section_header_is_one_line_naming_it(self):
+        # "x = 1" or "[box" as the first line: an AttributeError traceback,
+        # since configparser's MissingSectionHeaderError is a ParsingError
+        # without its list of errors.
+        root = temp_dir(self)
+        for text in ("x = 1\n", "[box\nhost = h\n"):
+            ini = self._ini(root, text)
+            status, out, err = _cfg_main(["ping", "--config", ini, "127.0.0.1:1"],
+                                         {"HOME": root}, root)
+            self.assertEqual((status, out), (xfer.EXIT_USAGE, ""), text)
+            self.assertEqual(err, "xfer: error: %s:1: missing [section] header before %s\n"
+                             % (ini, text.splitlines()[0]))
+
+
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""
 

@@ -10567,6 +10567,10 @@ def _read_ini(config, path):
         raise ConfigError("not UTF-8 text", path) from None
     except OSError as e:
         raise ConfigError(e.strerror or str(e), path) from None
+    except configparser.MissingSectionHeaderError as e:
+        # Before ParsingError, its base, whose list of errors it does not have.
+        raise ConfigError("missing [section] header before %s" % e.line.strip(),
+                          path, e.lineno) from None
     except configparser.ParsingError as e:
         lineno, line = e.errors[0]
         raise ConfigError("cannot parse %s" % line.strip(), path, lineno) from None
@@ -10574,9 +10578,6 @@ def _read_ini(config, path):
         key = getattr(e, "option", None)
         raise ConfigError("duplicate %s" % ("key" if key else "section %r" % e.section),
                           path, e.lineno, key) from None
-    except configparser.MissingSectionHeaderError as e:
-        raise ConfigError("missing [section] header before %s" % e.line.strip(),
-                          path, e.lineno) from None
     except configparser.Error as e:
         raise ConfigError(str(e).splitlines()[0], path) from None
     linenos = _ini_linenos(text)
