@@ -8530,6 +8530,30 @@ class WalkthroughThirdTests(unittest.TestCase):
             self.assertEqual(err, "xfer: error: %s:1: missing [section] header before %s\n"
                              % (ini, text.splitlines()[0]))
 
+    def test_config_values_are_refused_as_their_flags_are(self):
+        # [serve] max_connections = -5 or overwrite = never: a ValueError
+        # traceback at start; max_connections = 0 and workers = 0 were
+        # taken as the default, though --max-connections 0 is refused.
+        root = temp_dir(self)
+        parser = xfer._build_parser()
+        for text, key, why in (
+                ("[serve]\nmax_connections = -5\n", "max_connections", "must be at least 1"),
+                ("[serve]\nmax_connections = 0\n", "max_connections", "must be at least 1"),
+                ("[serve]\noverwrite = never\n", "overwrite",
+                 "must be one of replace, rename, skip, fail, not 'never'")):
+            ini = self._ini(root, text)
+            args = parser.parse_args(["serve", "--config", ini])
+            with self.assertRaises(xfer.ConfigError) as cm:
+                xfer._serve_settings(args, xfer.load_config(ini, environ={}), {})
+            self.assertEqual(str(cm.exception).split(why)[0], "%s:2: %s: " % (ini, key), text)
+        for text, to in (("[DEFAULT]\nworkers = 0\n", "127.0.0.1"),
+                         ("[box]\nhost = 127.0.0.1\nworkers = -1\n", "box")):
+            ini = self._ini(root, text)
+            with self.assertRaises(xfer.ConfigError) as cm:
+                xfer._resolve_target(xfer.load_config(ini, environ={}), to, environ={})
+            self.assertIn(":%d: workers: must be at least 1" % text.count("\n"),
+                          str(cm.exception))
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

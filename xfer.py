@@ -10757,6 +10757,20 @@ def _whole_number(text, what):
         raise ValueError("must be a whole number, not %r" % text) from None
 
 
+def _at_least_one(text, what):
+    """A count that must be 1 or more (as _positive_int on the command line)."""
+    n = _whole_number(text, what)
+    if n < 1:
+        raise ValueError("must be at least 1, not %r" % text)
+    return n
+
+
+def _overwrite_value(text, what):
+    if text not in OVERWRITE_POLICIES:
+        raise ValueError("must be one of %s, not %r" % (", ".join(OVERWRITE_POLICIES), text))
+    return text
+
+
 def _yes_no(text, what):
     value = text.strip().lower()
     if value in ("1", "yes", "true", "on"):
@@ -10812,7 +10826,7 @@ def _resolve_target(config, to=None, token=None, environ=None, tls=False, finger
     fingerprint = settings.find("fingerprint", flag=fingerprint,
                                 parse=_fingerprint_value).value
     tls = settings.find("tls", flag=tls, parse=_yes_no).value or bool(fingerprint)
-    workers = settings.find("workers", flag=workers, parse=_whole_number).value
+    workers = settings.find("workers", flag=workers, parse=_at_least_one).value
     return _Target(host, port, token, tls, fingerprint, workers, fallback, token_from)
 
 
@@ -11120,11 +11134,12 @@ def _serve_settings(args, config, environ=None):
         allow_home=find("allow_home", flag=args.allow_home, parse=_yes_no).value,
         allow_get=bool(find("allow_get", flag=args.allow_get, parse=_yes_no).value),
         max_connections=find("max_connections", flag=args.max_connections,
-                             parse=_whole_number).value or DEFAULT_MAX_CONNECTIONS,
+                             parse=_at_least_one).value or DEFAULT_MAX_CONNECTIONS,
         max_size=find("max_size", flag=args.max_size, parse=_size_value).value,
         portable=True if find("portable_names", flag=args.portable_names,
                               parse=_yes_no).value else None,
-        overwrite=find("overwrite", flag=args.overwrite).value or "replace",
+        overwrite=find("overwrite", flag=args.overwrite,
+                       parse=_overwrite_value).value or "replace",
         settings=path, protected=_serve_protected(config, path, tls_cert, tls_key),
         no_discovery=find("no_discovery", flag=args.no_discovery, parse=_yes_no).value,
         web=not args.no_web and find("web", parse=_yes_no, default=True).value)
