@@ -8554,6 +8554,27 @@ class WalkthroughThirdTests(unittest.TestCase):
             self.assertIn(":%d: workers: must be at least 1" % text.count("\n"),
                           str(cm.exception))
 
+    def _tls_receiver(self):
+        certs = _sec_certs(self)
+        return start_receiver(self, temp_dir(self), token="t", tls_cert=certs["cert1"],
+                              tls_key=certs["key1"])
+
+    def test_a_changed_certificate_says_nothing_of_where_the_token_came_from(self):
+        # The warning ended "... check it against the fingerprint in the
+        # server's startup banner (from --token)": the note of a refused
+        # token, on an error that is about the certificate.
+        root = temp_dir(self)
+        receiver = self._tls_receiver()
+        to = "127.0.0.1:%d" % receiver.address[1]
+        pin = ":".join(["ab"] * 32)
+        for argv in (["ping", "--token", "t", "--fingerprint", pin, to],
+                     ["send", "-q", "--token", "t", "--fingerprint", pin,
+                      write_file(os.path.join(root, "a.txt"), b"a"), to + ":"]):
+            status, out, err = _cfg_main(argv, {"HOME": root}, root)
+            self.assertEqual((status, out), (xfer.EXIT_AUTH, ""), argv)
+            self.assertIn("has changed", err)
+            self.assertTrue(err.endswith("in the server's startup banner\n"), err)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

@@ -380,9 +380,12 @@ class ConnectError(XferError, ConnectionError):
 
 
 class AuthError(XferError):
-    """The token was wrong or missing."""
+    """The token was wrong or missing, or a TLS certificate is not the pinned one."""
     exit_code = EXIT_AUTH
     code = ST_AUTH_FAILED
+    #: False for a refusal that is not about the token (a changed
+    #: certificate): no note of where the token came from is added to it
+    of_token = True
 
 
 class ProtocolError(XferError):
@@ -1244,10 +1247,12 @@ def _client_tls(sock, host, port, fingerprint, known_hosts):
         return tls, seen, True
     if not _same_fingerprint(expected, seen):
         tls.close()
-        raise AuthError(
+        error = AuthError(
             "WARNING: the TLS certificate of %s has changed: expected %s, got %s. Someone "
             "may be intercepting the connection, or the server got a new certificate; if "
             "you expected that, %s" % (hostport, expected, seen, advice))
+        error.of_token = False
+        raise error
     return tls, seen, False
 
 
@@ -12257,7 +12262,8 @@ def _token_source(error, source):
 
     The Sender's errors are the same objects its jobs carry, so the note is
     added to each once, whichever line prints it first."""
-    if isinstance(error, AuthError) and source and not getattr(error, "token_from", None):
+    if isinstance(error, AuthError) and error.of_token and source \
+            and not getattr(error, "token_from", None):
         error.token_from = source
         error.args = ("%s (from %s)" % (error, source),)
     return error
