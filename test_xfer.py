@@ -8575,6 +8575,19 @@ class WalkthroughThirdTests(unittest.TestCase):
             self.assertIn("has changed", err)
             self.assertTrue(err.endswith("in the server's startup banner\n"), err)
 
+    def test_a_known_hosts_file_that_is_not_utf8_is_one_line_naming_it(self):
+        # A stray byte in known_hosts: a UnicodeDecodeError traceback from
+        # the sender's thread, then "internal error".
+        root = temp_dir(self)
+        receiver = self._tls_receiver()
+        known = write_file(os.path.join(root, ".config", "xfer", "known_hosts"),
+                           b"127.0.0.1:1 \xff\n")
+        status, out, err = _cfg_main(["ping", "--tls", "--token", "t",
+                                      "127.0.0.1:%d" % receiver.address[1]],
+                                     {"HOME": root}, root)
+        self.assertEqual((status, out, err), (xfer.EXIT_USAGE, "",
+                                              "xfer: error: %s: not UTF-8 text\n" % known))
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

@@ -1239,7 +1239,11 @@ def _client_tls(sock, host, port, fingerprint, known_hosts):
     expected = fingerprint
     advice = "check it against the fingerprint in the server's startup banner"
     if expected is None and known_hosts:
-        expected = _known_fingerprint(known_hosts, hostport)
+        try:
+            expected = _known_fingerprint(known_hosts, hostport)
+        except ConfigError:
+            tls.close()
+            raise
         advice = "remove the line for %s from %s and send again" % (hostport, known_hosts)
     if expected is None:
         if known_hosts:
@@ -1298,6 +1302,8 @@ def _known_fingerprint(path, hostport):
         pass
     except OSError as e:
         raise ConfigError(e.strerror or str(e), path) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", path) from None
     return None
 
 
