@@ -8588,6 +8588,24 @@ class WalkthroughThirdTests(unittest.TestCase):
         self.assertEqual((status, out, err), (xfer.EXIT_USAGE, "",
                                               "xfer: error: %s: not UTF-8 text\n" % known))
 
+    def test_an_upload_with_content_range_is_refused_and_the_file_kept(self):
+        # curl -C 5 -T ten.txt (a resume, as curl -C - resumes a download)
+        # sent Content-Range: bytes 5-9/10 and the last 5 bytes, which
+        # replaced the whole file stored before.
+        receiver, directory = _http_server(self)
+        conn = _http_conn(self, receiver)
+        response, _, _ = _http(conn, "PUT", "/api/files/ten.txt", b"0123456789")
+        self.assertEqual(response.status, 201)
+        response, _, answer = _http(conn, "PUT", "/api/files/ten.txt", b"56789",
+                                    {"Content-Range": "bytes 5-9/10"})
+        self.assertEqual((response.status, answer["status"]), (400, "ST_PROTOCOL"))
+        self.assertIn("POST /api/uploads", answer["error"])
+        with open(os.path.join(directory, "ten.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"0123456789")
+        self.assertEqual(os.listdir(directory), ["ten.txt"])
+        response, _, _ = _http(conn, "GET", "/api/session")     # the connection goes on
+        self.assertEqual(response.status, 200)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

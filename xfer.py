@@ -6180,6 +6180,10 @@ class _HttpConnection:
         length = request.length
         if length is None:
             raise _HttpError(ST_PROTOCOL, "an upload needs a Content-Length", 411)
+        if "content-range" in request.headers:
+            # Taken as the whole file, a part would replace what is stored.
+            raise _HttpError(ST_PROTOCOL, "PUT /api/files takes a whole file, not a "
+                             "Content-Range; to go on from a part, use POST /api/uploads")
         digest = self.digest_header(request, "x-content-sha256")
         try:
             mtime_ns = _seconds_ns(request.headers["x-mtime"]) \
