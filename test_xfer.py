@@ -8606,6 +8606,24 @@ class WalkthroughThirdTests(unittest.TestCase):
         response, _, _ = _http(conn, "GET", "/api/session")     # the connection goes on
         self.assertEqual(response.status, 200)
 
+    def test_serve_with_a_tls_key_and_no_certificate_says_so(self):
+        # serve --tls-key key.pem (no --tls-cert) served plain, and with
+        # --tls its own certificate: the key given was dropped unsaid.
+        root = temp_dir(self)
+        key = _sec_certs(self)["key1"]
+        parser = xfer._build_parser()
+        empty = write_file(os.path.join(root, "empty.ini"), b"")
+        ini = self._ini(root, "[serve]\ntls_key = %s\n" % key)
+        for argv, where in ((["--tls-key", key], "--tls-key"),
+                            (["--tls", "--tls-key", key], "--tls-key"),
+                            (["--config", ini], "tls_key ([serve] in %s)" % ini)):
+            args = parser.parse_args(["serve", "--dir", os.path.join(root, "in")] + argv)
+            config = xfer.load_config(ini if "--config" in argv else empty, environ={})
+            with self.assertRaises(xfer.ConfigError) as cm:
+                xfer._serve_settings(args, config, {})
+            self.assertEqual(str(cm.exception), "%s needs the certificate it goes with: give "
+                             "--tls-cert FILE too, or --tls alone to make both" % where)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

@@ -11133,7 +11133,14 @@ def _serve_settings(args, config, environ=None):
         token_from = "kept in %s" % token.path if token.level == "config" \
             else "from %s" % token.name
     tls_cert = find("tls_cert", flag=args.tls_cert).value
-    tls_key = find("tls_key", flag=args.tls_key).value
+    key = find("tls_key", flag=args.tls_key)
+    tls_key = key.value
+    if tls_key and not tls_cert:
+        # Else the key is dropped unsaid: serve runs plain, or --tls makes its own.
+        raise ConfigError("%s needs the certificate it goes with: give --tls-cert FILE too, "
+                          "or --tls alone to make both" % (
+                              "--tls-key" if key.level == "flag" else
+                              "tls_key (%s)" % key.source()))
     path = _settings_path(args)
     return _ServeSettings(
         dir=find("dir", flag=args.dir, env="XFER_DIR", default=".").value,
