@@ -8624,6 +8624,20 @@ class WalkthroughThirdTests(unittest.TestCase):
             self.assertEqual(str(cm.exception), "%s needs the certificate it goes with: give "
                              "--tls-cert FILE too, or --tls alone to make both" % where)
 
+    def test_an_indented_key_is_named_with_its_line(self):
+        # "[box]" then "  hots = h": "x.ini: hots: unknown key", without
+        # the line: an indented line was always taken for a continuation.
+        root = temp_dir(self)
+        for text, lineno in (("[box]\n  hots = h\n", 2),
+                             ("[box]\nhost = h\n  more\n[pi]\n  hots = h\n", 5)):
+            ini = self._ini(root, text)
+            with self.assertRaises(xfer.ConfigError) as cm:
+                xfer.load_config(ini, environ={})
+            self.assertTrue(str(cm.exception).startswith("%s:%d: hots: unknown key"
+                                                         % (ini, lineno)), cm.exception)
+        ini = self._ini(root, "[box]\nhost = h\n  port = 1\ntoken = t\n")
+        self.assertEqual(xfer.load_config(ini, environ={}).get("box", "token"), ("t", ini, 4))
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

@@ -10626,19 +10626,22 @@ def _ini_linenos(text):
     """Map (section, key) to the line number where it is set."""
     linenos = {}
     section = "DEFAULT"
+    indent = None       # of the section's last key; None before its first
     for n, line in enumerate(text.splitlines(), 1):
         s = line.strip()
         if not s or s[0] in "#;":
             continue
+        level = len(line) - len(line.lstrip())
+        if indent is not None and level > indent:
+            continue  # continuation line, as configparser reads one
         if s.startswith("[") and s.endswith("]"):
-            section = s[1:-1].strip()
+            section, indent = s[1:-1].strip(), None
             continue
-        if line[:1].isspace():
-            continue  # continuation line
         for sep in ("=", ":"):
             if sep in s:
                 key = s.split(sep, 1)[0].strip().lower()
                 linenos.setdefault((section, key), n)
+                indent = level
                 break
     return linenos
 
