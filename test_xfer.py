@@ -8638,6 +8638,26 @@ class WalkthroughThirdTests(unittest.TestCase):
         ini = self._ini(root, "[box]\nhost = h\n  port = 1\ntoken = t\n")
         self.assertEqual(xfer.load_config(ini, environ={}).get("box", "token"), ("t", ini, 4))
 
+    def test_a_bad_address_in_the_config_file_is_named_with_its_line(self):
+        # to = 127.0.0.1:x said "port must be a number ..." naming no file;
+        # an alias's host = (empty) or host = 127.0.0.1:5000 said "cannot
+        # resolve ..." (exit 3), and host = [::1] "cannot resolve [::1]".
+        root = temp_dir(self)
+        for text, key, why in (
+                ("[DEFAULT]\nto = 127.0.0.1:x\n", "to", "port must be a number"),
+                ("[box]\nhost =\n", "host", "empty address"),
+                ("[box]\nhost = 127.0.0.1:5000\n", "host",
+                 "a host without a port: give it as port = 5000")):
+            ini = self._ini(root, text)
+            with self.assertRaises(xfer.ConfigError) as cm:
+                xfer._resolve_target(xfer.load_config(ini, environ={}), None if key == "to"
+                                     else "box", environ={})
+            self.assertTrue(str(cm.exception).startswith("%s:2: %s: %s" % (ini, key, why)),
+                            cm.exception)
+        ini = self._ini(root, "[box]\nhost = [::1]\nport = 5000\n")
+        target = xfer._resolve_target(xfer.load_config(ini, environ={}), "box", environ={})
+        self.assertEqual((target.host, target.port), ("::1", 5000))
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

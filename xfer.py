@@ -10816,7 +10816,7 @@ def _resolve_target(config, to=None, token=None, environ=None, tls=False, finger
     """
     base = _Settings(config, environ)
     info = config.serverinfo
-    to = base.find("to", flag=to, flag_name="--to", env="XFER_HOST",
+    to = base.find("to", flag=to, flag_name="--to", env="XFER_HOST", parse=_address_value,
                    serverinfo=info and info[0]).value
     if not to:
         raise ConfigError("no destination: pass --to HOST[:PORT], set XFER_HOST, or set "
@@ -10826,7 +10826,7 @@ def _resolve_target(config, to=None, token=None, environ=None, tls=False, finger
     if host in config.aliases():
         alias = host
         entry = config.get(alias, "host")
-        host = entry[0] if entry else alias
+        host = _alias_host(*entry) if entry else alias
     settings = _Settings(config, environ, alias=alias)
     port = settings.find("port", flag=port, env="XFER_PORT", parse=_port_number,
                          serverinfo=info[1] if info and host == info[0] else None,
@@ -10846,6 +10846,22 @@ def _resolve_target(config, to=None, token=None, environ=None, tls=False, finger
     tls = settings.find("tls", flag=tls, parse=_yes_no).value or bool(fingerprint)
     workers = settings.find("workers", flag=workers, parse=_at_least_one).value
     return _Target(host, port, token, tls, fingerprint, workers, fallback, token_from)
+
+
+def _address_value(text, what):
+    return _parse_address(text) if text.strip() else None
+
+
+def _alias_host(value, path, lineno):
+    """An alias section's host: a name or address, "[V6]" too, without a port."""
+    try:
+        host, port, _ = _parse_address(value)
+    except ConfigError as e:
+        raise ConfigError(str(e), path, lineno, "host") from None
+    if port is not None:
+        raise ConfigError("a host without a port: give it as port = %d" % port,
+                          path, lineno, "host")
+    return host
 
 
 def _connection_options(args, target):
