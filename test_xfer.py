@@ -8658,6 +8658,32 @@ class WalkthroughThirdTests(unittest.TestCase):
         target = xfer._resolve_target(xfer.load_config(ini, environ={}), "box", environ={})
         self.assertEqual((target.host, target.port), ("::1", 5000))
 
+    def test_an_ipv6_server_that_cannot_be_reached_is_named_in_brackets(self):
+        # ping [::1]:5000 said "cannot reach ::1:5000: Connection refused";
+        # send --tls to a plain server "TLS handshake with ::1:5000 failed";
+        # serve --host ::1 on a port taken "cannot listen on ::1:5000".
+        root = temp_dir(self)
+        try:
+            receiver = start_receiver(self, temp_dir(self), host="::1", token="t")
+        except xfer.XferError as e:
+            self.skipTest("no IPv6 loopback: %s" % e)
+        where = "[::1]:%d" % receiver.address[1]
+        receiver.stop()
+        status, _, err = _cfg_main(["ping", "--token", "t", where], {"HOME": root}, root)
+        self.assertEqual((status, err), (xfer.EXIT_CONNECT, "xfer: error: cannot reach %s: "
+                                         "%s\n" % (where, os.strerror(errno.ECONNREFUSED))))
+        receiver = start_receiver(self, temp_dir(self), host="::1", token="t")
+        where = "[::1]:%d" % receiver.address[1]
+        with self.assertRaises(xfer.XferError) as cm:
+            start_receiver(self, temp_dir(self), host="::1", port=receiver.address[1])
+        self.assertTrue(str(cm.exception).startswith("cannot listen on %s: " % where))
+        status, _, err = _cfg_main(["ping", "--token", "t", "--tls", where],
+                                   {"HOME": root}, root)
+        self.assertEqual(status, xfer.EXIT_PROTOCOL)
+        self.assertRegex(err, r"^xfer: error: (TLS handshake with %s failed|%s closed the "
+                         r"connection during the TLS handshake)" % (re.escape(where),
+                                                                   re.escape(where)))
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

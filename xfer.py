@@ -1220,6 +1220,7 @@ def _client_tls(sock, host, port, fingerprint, known_hosts):
     ctx.verify_mode = ssl.CERT_NONE    # the pin below replaces CA trust on a LAN
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     tls = ctx.wrap_socket(sock, do_handshake_on_connect=False)
+    hostport = _host_port_text(host, port)
     try:
         tls.do_handshake()
     except ssl.SSLError as e:
@@ -1228,14 +1229,13 @@ def _client_tls(sock, host, port, fingerprint, known_hosts):
         if refusal is not None:
             raise refusal from None
         tls.close()
-        raise ProtocolError("TLS handshake with %s:%d failed (%s); is the server started "
-                            "with --tls?" % (host, port, e.reason or e)) from None
+        raise ProtocolError("TLS handshake with %s failed (%s); is the server started "
+                            "with --tls?" % (hostport, e.reason or e)) from None
     except OSError:
         tls.close()
-        raise ProtocolError("%s:%d closed the connection during the TLS handshake; is the "
-                            "server started with --tls?" % (host, port)) from None
+        raise ProtocolError("%s closed the connection during the TLS handshake; is the "
+                            "server started with --tls?" % hostport) from None
     seen = cert_fingerprint(tls.getpeercert(binary_form=True))
-    hostport = _host_port_text(host, port)
     expected = fingerprint
     advice = "check it against the fingerprint in the server's startup banner"
     if expected is None and known_hosts:
@@ -2984,10 +2984,10 @@ class Receiver:
             self._server = _Server((self.host, self.port), self)
         except OSError as e:
             self._close_dir()
-            self._set_status("error: cannot listen on %s:%s: %s"
-                             % (self.host, self.port, e.strerror or e))
-            raise XferError("cannot listen on %s:%s: %s" % (self.host, self.port,
-                                                             e.strerror or e)) from None
+            why = "cannot listen on %s: %s" % (_host_port_text(self.host, self.port),
+                                                e.strerror or e)
+            self._set_status("error: " + why)
+            raise XferError(why) from None
         self.address = self._server.server_address[:2]
         if self.web:
             self._web = _WebState(self)
@@ -9017,11 +9017,10 @@ class Sender:
         except socket.gaierror as e:
             raise ConnectError("cannot resolve %s: %s" % (host, e.strerror)) from None
         except socket.timeout:
-            raise ConnectError("cannot reach %s:%d: no answer within %ss"
-                               % (host, port, self.connect_timeout)) from None
+            raise ConnectError("cannot reach %s: no answer within %ss"
+                               % (where, self.connect_timeout)) from None
         except OSError as e:
-            raise ConnectError("cannot reach %s:%d: %s"
-                               % (host, port, e.strerror or e)) from None
+            raise ConnectError("cannot reach %s: %s" % (where, e.strerror or e)) from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(self.handshake_timeout)
@@ -9038,7 +9037,6 @@ class Sender:
             sock.settimeout(self.timeout)
         except BaseException as e:
             sock.close()
-            where = "%s:%d" % (host, port)
             if isinstance(e, ConnectionClosedError):
                 raise ConnectError("%s closed the connection during the handshake"
                                    % where) from None
