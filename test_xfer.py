@@ -8684,6 +8684,23 @@ class WalkthroughThirdTests(unittest.TestCase):
                          r"connection during the TLS handshake)" % (re.escape(where),
                                                                    re.escape(where)))
 
+    def test_a_chunked_upload_is_logged_with_its_method_and_path(self):
+        # curl -T - (chunked) was logged "refused HTTP: a body needs a
+        # Content-Length", without the "PUT /api/files/x.txt" the others have.
+        logs = []
+        receiver, _ = _http_server(self, log=logs.append)
+        conn = _http_conn(self, receiver)
+        conn.putrequest("PUT", "/api/files/x.txt")
+        conn.putheader("Authorization", "Bearer " + _HTTP_TOKEN)
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders(b"3\r\nabc\r\n0\r\n\r\n")
+        response = conn.getresponse()
+        response.read()
+        self.assertEqual(response.status, 411)
+        self.assertEqual([line.split(": ", 1)[1] for line in logs],
+                         ["refused HTTP PUT /api/files/x.txt: a body needs a Content-Length "
+                          "(no Transfer-Encoding)"])
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

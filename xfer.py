@@ -5362,6 +5362,9 @@ class _HttpError(Exception):
     (_STATUSES).  logged: say it in the server's log (the upload refusals
     are logged by the group commit, as a push's are)."""
 
+    #: (method, path) of a request refused as its head is read
+    request_line = None
+
     def __init__(self, status, reason, http=None, extra=None, headers=(), logged=False):
         super().__init__(reason)
         self.status = status
@@ -5401,6 +5404,13 @@ class _HttpRequest:
             raise _HttpError(ST_PROTOCOL, "the request target must be a path")
         self.path, _, query = self.target.partition("?")
         self.query = dict(item.partition("=")[::2] for item in query.split("&") if item)
+        try:
+            self._parse_headers(lines)
+        except _HttpError as e:
+            e.request_line = (self.method, self.path)     # for its log line
+            raise
+
+    def _parse_headers(self, lines):
         headers = self.headers = {}
         count = 0
         for line in lines[1:]:
@@ -5923,8 +5933,8 @@ class _HttpConnection:
     def _refuse(self, error, request):
         """Answer a refusal; True if the connection goes on."""
         if error.logged or error.status == ST_PROTOCOL or error.http in (403, 421):
-            what = "" if request is None else " %s %s" % (request.method,
-                                                         _display(request.path, 100))
+            line = error.request_line if request is None else (request.method, request.path)
+            what = "" if line is None else " %s %s" % (line[0], _display(line[1], 100))
             self.r._log("%s: refused HTTP%s: %s" % (self.peer, what, error.reason))
         keep = request is not None and request.keep_alive
         if keep and request.unread:
