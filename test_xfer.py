@@ -8701,6 +8701,22 @@ class WalkthroughThirdTests(unittest.TestCase):
                          ["refused HTTP PUT /api/files/x.txt: a body needs a Content-Length "
                           "(no Transfer-Encoding)"])
 
+    def test_a_malformed_digest_header_is_named_as_the_readme_spells_it(self):
+        # "x-content-sha256 is not 64 hex digits": the header as lowered
+        # for lookup, not X-Content-SHA256 as the README and curl give it.
+        receiver, _ = _http_server(self)
+        conn = _http_conn(self, receiver)
+        response, _, answer = _http(conn, "PUT", "/api/files/a.txt", b"a",
+                                    {"X-Content-SHA256": "00"})
+        self.assertEqual((response.status, answer["error"]),
+                         (400, "X-Content-SHA256 is not 64 hex digits"))
+        response, _, answer = _http(conn, "POST", "/api/uploads",
+                                    {"path": "b.txt", "size": 2, "mtime": 1})
+        response, _, answer = _http(conn, "PUT", "/api/uploads/%s?offset=0" % answer["upload"],
+                                    b"bb", {"X-Chunk-SHA256": "00"})
+        self.assertEqual((response.status, answer["error"]),
+                         (400, "X-Chunk-SHA256 is not 64 hex digits"))
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

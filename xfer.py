@@ -5696,7 +5696,7 @@ class _Upload:
         if not n or offset + n > self.size:
             raise _HttpError(ST_PROTOCOL, "a chunk of %d bytes at %d of a file of %d"
                              % (n, offset, self.size))
-        want = conn.digest_header(request, "x-chunk-sha256")
+        want = conn.digest_header(request, "X-Chunk-SHA256")
         if want is None:
             raise _HttpError(ST_PROTOCOL, "a chunk needs its X-Chunk-SHA256")
         incoming = self.incoming
@@ -6042,7 +6042,8 @@ class _HttpConnection:
                              "start it with serve --allow-get (or allow_get = yes in [serve])")
 
     def digest_header(self, request, name):
-        value = request.headers.get(name)
+        """The digest in header name (as the README spells it), or None."""
+        value = request.headers.get(name.lower())
         if value is None:
             return None
         if not _HTTP_HEX_DIGEST.match(value):
@@ -6194,7 +6195,7 @@ class _HttpConnection:
             # Taken as the whole file, a part would replace what is stored.
             raise _HttpError(ST_PROTOCOL, "PUT /api/files takes a whole file, not a "
                              "Content-Range; to go on from a part, use POST /api/uploads")
-        digest = self.digest_header(request, "x-content-sha256")
+        digest = self.digest_header(request, "X-Content-SHA256")
         try:
             mtime_ns = _seconds_ns(request.headers["x-mtime"]) \
                 if "x-mtime" in request.headers else time.time_ns()
