@@ -8717,6 +8717,18 @@ class WalkthroughThirdTests(unittest.TestCase):
         self.assertEqual((response.status, answer["error"]),
                          (400, "X-Chunk-SHA256 is not 64 hex digits"))
 
+    def test_an_empty_upload_path_is_refused_without_a_stray_colon(self):
+        # POST /api/uploads {"path": ""} answered ": empty path", the path
+        # shown before the reason being empty.
+        logs = []
+        receiver, _ = _http_server(self, log=logs.append)
+        conn = _http_conn(self, receiver)
+        for method, path, body in (("POST", "/api/uploads", {"path": "", "size": 1, "mtime": 1}),
+                                   ("PUT", "/api/files/", b"a")):
+            response, _, answer = _http(conn, method, path, body)
+            self.assertEqual((response.status, answer["error"]), (400, "empty path"), path)
+        self.assertEqual([line.split(": ", 1)[1] for line in logs], ["refused empty path"] * 2)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

@@ -428,7 +428,7 @@ class UnsafePathError(RemoteError):
 
     def __init__(self, reason, path=None, code=ST_BAD_PATH, host=None):
         self.path = path
-        if path is not None:
+        if path:        # not "" either: "empty path" alone, not ": empty path"
             reason = "%s: %s" % (_display(path), reason)
         super().__init__(reason, code, host)
 
@@ -4936,7 +4936,8 @@ class _GroupCommit:
             self.tally._count_failure()
             shown = _display(raw)
             said = reason[len(shown) + 2:] if reason.startswith(shown + ": ") else reason
-            self.tally._log("%s: refused %s: %s" % (self.peer, shown, said))   # named once
+            self.tally._log("%s: refused %s" % (self.peer, shown + ": " + said if shown
+                                                   else said))     # named once
         return code, reason
 
     def commit(self):
