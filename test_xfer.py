@@ -13988,6 +13988,35 @@ class FaultTests(unittest.TestCase):
             self.assertTrue(f.read() == data)
         self.assertEqual(tree_listing(dst), ["f.bin"])
 
+    def test_a_cut_among_small_files_loses_none_of_them(self):
+        # The connection breaks while the worker hands a small file over
+        # (gathering a BATCH, or waiting for room in the window): that file
+        # is neither asked about nor in flight, and must still go again on
+        # the new connection, like the others, and its tree must end.
+        for cut_after in (150000, 300000):
+            with self.subTest(cut_after=cut_after):
+                src, dst = temp_dir(self), temp_dir(self)
+                tree = os.path.join(src, "tree")
+                for d in range(4):
+                    for i in range(100):
+                        write_file(os.path.join(tree, "d%d" % d, "f%03d" % i),
+                                   os.urandom(1000 + i))
+                receiver = start_receiver(self, dst)
+                proxy = _FaultProxy(self, receiver.address, cut_after=cut_after, mode="link")
+                with xfer.Sender(proxy.address, workers=1, retries=2) as sender:
+                    job = sender.queue(tree)
+                    self.assertTrue(job.wait(TIMEOUT), "the tree never ended: %r" % job)
+                self.assertTrue(proxy.cut.is_set(), "the first connection was never cut")
+                self.assertEqual(len(proxy.counts), 2, proxy.counts)
+                self.assertEqual((job.state, job.files), ("done", 400), job.failures)
+                self.assertEqual(tree_listing(os.path.join(dst, "tree")),
+                                 tree_listing(tree))
+                for d in range(4):
+                    for i in range(100):
+                        name = os.path.join("tree", "d%d" % d, "f%03d" % i)
+                        self.assertEqual(sha256_file(os.path.join(dst, name)),
+                                         sha256_file(os.path.join(src, name)))
+
     @unittest.skipIf(os.name == "nt", "SIGKILL")
     def test_killed_server_restarted_resumes(self):
         src, dst = temp_dir(self), temp_dir(self)

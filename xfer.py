@@ -7667,6 +7667,8 @@ class _Link:
         self.checks = {}             # id -> job, CHECKs without an answer
         self.answers = {}            # id -> status of answered CHECKs not yet pumped
         self.asked = collections.deque()   # (job, CHECK id or None) not yet sent
+        self.handing = None          # the job send() is handing over: no longer asked,
+                                     # maybe not yet in the BATCH or in flight
         # The BATCH being gathered (Protocol 4.12): its jobs, their entries
         # and bodies; ids are given when it goes out (send_batch).
         self.batch, self.entries, self.bodies = [], [], []
@@ -7893,12 +7895,14 @@ class _Link:
         of the reader and of the kind cost a file about 0.15 us more than
         calling _file() itself (measured), nothing beside the rest."""
         self._start_reader()
+        self.handing = job           # if the link breaks meanwhile, take_pending() has it
         if job.kind == "mkdir":
             self.mkdir(job)
         elif job.kind in _REQUEST_KINDS:
             self.ask(job)
         else:
             self._file(job)
+        self.handing = None
 
     # -- MKDIR
 
@@ -8299,12 +8303,16 @@ class _Link:
     # -- the end of a link
 
     def take_pending(self):
-        """Jobs sent or asked about that have not ended, for a new connection
-        (nor had their ending held while their tree is sized)."""
+        """Jobs sent, asked about or being handed over that have not ended,
+        for a new connection (nor had their ending held while their tree is
+        sized)."""
         with self.cv:
             jobs = list(self.pending.values())
             self.pending.clear()
         jobs += [job for job, _ in self.asked] + self.batch
+        handing, self.handing = self.handing, None
+        if handing is not None and handing not in jobs:
+            jobs.append(handing)
         self.asked.clear()
         self.batch, self.entries, self.bodies = [], [], []
         return [j for j in jobs if not (j.done or j._ending_held)]
