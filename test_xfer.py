@@ -2096,6 +2096,50 @@ class TLSTests(unittest.TestCase):
         with open(known, encoding="utf-8") as f:
             self.assertEqual(f.read(), recorded)   # a mismatch never updates the pin
 
+    def test_a_sender_never_reads_and_writes_its_tls_connection_at_once(self):
+        # OpenSSL takes one call at a time on a connection: a read in the
+        # link's reader thread beside a write in its worker now and then
+        # broke the connection.  Every TLS socket made meanwhile (the
+        # receiver's too) counts the calls that overlap on it.
+        overlaps = []
+
+        class Counting(ssl.SSLSocket):
+            def _call(self, method, *args):
+                me = threading.get_ident()
+                with self._guard:
+                    inside = self.__dict__.setdefault("_inside", collections.Counter())
+                    if any(n for thread, n in inside.items() if thread != me):
+                        overlaps.append(method.__name__)
+                    inside[me] += 1       # sendall() calls send(): one thread, nested
+                try:
+                    return method(*args)
+                finally:
+                    with self._guard:
+                        inside[me] -= 1
+
+            def recv_into(self, *args):
+                return self._call(super().recv_into, *args)
+
+            def send(self, *args):
+                return self._call(super().send, *args)
+
+            def sendall(self, data):
+                return self._call(super().sendall, data)
+
+        Counting._guard = threading.Lock()
+        receiver = self.tls_receiver()
+        tree = os.path.join(self.src, "tree")
+        for i in range(300):
+            write_file(os.path.join(tree, "d%d" % (i // 100), "f%03d" % i), os.urandom(2000))
+        big = write_file(os.path.join(tree, "big.bin"), os.urandom(3 * 2**20))
+        with mock.patch.object(ssl.SSLContext, "sslsocket_class", Counting):
+            sender, (job,) = self.send(receiver.address, [tree], tls=True,
+                                       fingerprint=self.fp1, workers=1)
+        self.assertEqual((job.state, job.files), ("done", 301), job.failures)
+        self.assertEqual(sha256_file(os.path.join(self.dst, "tree", "big.bin")),
+                         sha256_file(big))
+        self.assertEqual(overlaps, [])
+
     def test_plain_sender_to_tls_receiver_is_told_tls_is_required(self):
         receiver = self.tls_receiver()
         path = write_file(os.path.join(self.src, "plain.txt"), b"plain")

@@ -7616,6 +7616,75 @@ class _LinkBroken(Exception):
         self.error = error
 
 
+class _SharedTls:
+    """A TLS connection that two threads use at once: a link's reader
+    receives while its worker sends.
+
+    OpenSSL allows one call at a time on a connection, and Python's ssl
+    module does not make them wait for each other: a read beside a write
+    now and then breaks the connection (the reader sees it end, the
+    receiver an EOF that violates the protocol), and may crash the process.
+    So each call is made under one lock, on a non-blocking socket, and the
+    waits until the socket can be read or written are made outside it: a
+    reader waiting for answers never holds up a send, and a send waiting
+    for room never holds up the read that makes room.  The timeout applies
+    to each wait, as it would on the socket.
+    """
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.timeout = sock.gettimeout()
+        self.waits = {}              # event -> the selector that waits for it
+        sock.setblocking(False)
+
+    def settimeout(self, timeout):
+        self.timeout = timeout
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def pending(self):
+        with self.lock:
+            return self.sock.pending()
+
+    def recv_into(self, view):
+        return self._call(self.sock.recv_into, view)
+
+    def sendall(self, data):
+        view = memoryview(data)
+        while view:
+            view = view[self._call(self.sock.send, view):]
+
+    def shutdown(self, how):
+        with self.lock:
+            self.sock.shutdown(how)
+
+    def close(self):
+        with self.lock:
+            self.sock.close()
+        for selector in self.waits.values():
+            selector.close()
+
+    def _call(self, method, data):
+        while True:
+            with self.lock:
+                try:
+                    return method(data)
+                except ssl.SSLWantReadError:
+                    event = selectors.EVENT_READ
+                except ssl.SSLWantWriteError:
+                    event = selectors.EVENT_WRITE
+            # One selector per event: only the reader waits to read, only
+            # the worker to write.
+            selector = self.waits.get(event)
+            if selector is None:
+                selector = self.waits[event] = _Selector()
+                selector.register(self.sock, event)
+            if not selector.select(self.timeout):
+                raise socket.timeout("timed out")
+
+
 def _held_back(job):
     """A file of a tree whose size is still being added up (_Ledger.sizing)."""
     return job.kind == "file" and job.parent is not None and job.parent._held is not None
@@ -9052,6 +9121,7 @@ class Sender:
                     self.fingerprint_new = self.fingerprint_new or new
                     if new and self.known_hosts:
                         self.fingerprint = seen
+                sock = _SharedTls(sock)
             rfile = _Reader(sock, 64 * 1024)
             tags = _client_handshake(sock, rfile, self.token, self.require_server_auth, where)
             sock.settimeout(self.timeout)
