@@ -8574,29 +8574,33 @@ class WalkthroughThirdTests(unittest.TestCase):
             self.assertEqual(err, "xfer: error: %s:1: missing [section] header before %s\n"
                              % (ini, text.splitlines()[0]))
 
+    def assert_refused(self, root, cases, resolve):
+        """Each (text, key, why): resolve(ini) refuses the key on the file's last line."""
+        for text, key, why in cases:
+            ini = self._ini(root, text)
+            with self.assertRaises(xfer.ConfigError) as cm:
+                resolve(ini)
+            self.assertTrue(str(cm.exception).startswith(
+                "%s:%d: %s: %s" % (ini, text.count("\n"), key, why)), cm.exception)
+
     def test_config_values_are_refused_as_their_flags_are(self):
         # [serve] max_connections = -5 or overwrite = never: a ValueError
         # traceback at start; max_connections = 0 and workers = 0 were
         # taken as the default, though --max-connections 0 is refused.
         root = temp_dir(self)
         parser = xfer._build_parser()
-        for text, key, why in (
-                ("[serve]\nmax_connections = -5\n", "max_connections", "must be at least 1"),
-                ("[serve]\nmax_connections = 0\n", "max_connections", "must be at least 1"),
-                ("[serve]\noverwrite = never\n", "overwrite",
-                 "must be one of replace, rename, skip, fail, not 'never'")):
-            ini = self._ini(root, text)
-            args = parser.parse_args(["serve", "--config", ini])
-            with self.assertRaises(xfer.ConfigError) as cm:
-                xfer._serve_settings(args, xfer.load_config(ini, environ={}), {})
-            self.assertEqual(str(cm.exception).split(why)[0], "%s:2: %s: " % (ini, key), text)
+        self.assert_refused(root, (
+            ("[serve]\nmax_connections = -5\n", "max_connections", "must be at least 1"),
+            ("[serve]\nmax_connections = 0\n", "max_connections", "must be at least 1"),
+            ("[serve]\noverwrite = never\n", "overwrite",
+             "must be one of replace, rename, skip, fail, not 'never'")),
+            lambda ini: xfer._serve_settings(parser.parse_args(["serve", "--config", ini]),
+                                             xfer.load_config(ini, environ={}), {}))
         for text, to in (("[DEFAULT]\nworkers = 0\n", "127.0.0.1"),
                          ("[box]\nhost = 127.0.0.1\nworkers = -1\n", "box")):
-            ini = self._ini(root, text)
-            with self.assertRaises(xfer.ConfigError) as cm:
-                xfer._resolve_target(xfer.load_config(ini, environ={}), to, environ={})
-            self.assertIn(":%d: workers: must be at least 1" % text.count("\n"),
-                          str(cm.exception))
+            self.assert_refused(root, ((text, "workers", "must be at least 1"),),
+                                lambda ini: xfer._resolve_target(
+                                    xfer.load_config(ini, environ={}), to, environ={}))
 
     def _tls_receiver(self):
         certs = _sec_certs(self)
@@ -8687,17 +8691,16 @@ class WalkthroughThirdTests(unittest.TestCase):
         # an alias's host = (empty) or host = 127.0.0.1:5000 said "cannot
         # resolve ..." (exit 3), and host = [::1] "cannot resolve [::1]".
         root = temp_dir(self)
-        for text, key, why in (
-                ("[DEFAULT]\nto = 127.0.0.1:x\n", "to", "port must be a number"),
-                ("[box]\nhost =\n", "host", "empty address"),
-                ("[box]\nhost = 127.0.0.1:5000\n", "host",
-                 "a host without a port: give it as port = 5000")):
-            ini = self._ini(root, text)
-            with self.assertRaises(xfer.ConfigError) as cm:
-                xfer._resolve_target(xfer.load_config(ini, environ={}), None if key == "to"
-                                     else "box", environ={})
-            self.assertTrue(str(cm.exception).startswith("%s:2: %s: %s" % (ini, key, why)),
-                            cm.exception)
+        self.assert_refused(root, (("[DEFAULT]\nto = 127.0.0.1:x\n", "to",
+                                    "port must be a number"),),
+                            lambda ini: xfer._resolve_target(xfer.load_config(ini, environ={}),
+                                                             environ={}))
+        self.assert_refused(root, (
+            ("[box]\nhost =\n", "host", "empty address"),
+            ("[box]\nhost = 127.0.0.1:5000\n", "host",
+             "a host without a port: give it as port = 5000")),
+            lambda ini: xfer._resolve_target(xfer.load_config(ini, environ={}), "box",
+                                             environ={}))
         ini = self._ini(root, "[box]\nhost = [::1]\nport = 5000\n")
         target = xfer._resolve_target(xfer.load_config(ini, environ={}), "box", environ={})
         self.assertEqual((target.host, target.port), ("::1", 5000))
