@@ -8776,6 +8776,20 @@ class WalkthroughThirdTests(unittest.TestCase):
             self.assertEqual((response.status, answer["error"]), (400, "empty path"), path)
         self.assertEqual([line.split(": ", 1)[1] for line in logs], ["refused empty path"] * 2)
 
+    def test_a_config_file_saved_with_a_byte_order_mark_is_read(self):
+        # Notepad's "UTF-8 with BOM": "x.ini:1: missing [section] header
+        # before \ufeff[box]"; serverinfo.py "invalid non-printable character".
+        root = temp_dir(self)
+        ini = self._ini(root, "\ufeff[box]\nhost = 127.0.0.1\nport = 5000\n")
+        target = xfer._resolve_target(xfer.load_config(ini, environ={}), "box", environ={})
+        self.assertEqual((target.host, target.port), ("127.0.0.1", 5000))
+        xfer._save_settings(ini, "pi", {"host": "10.0.0.2"})       # config add keeps it
+        self.assertEqual(xfer.load_config(ini, environ={}).get("box", "port")[0], "5000")
+        info = write_file(os.path.join(root, "serverinfo.py"),
+                          "\ufeffSERVER = ('127.0.0.1', 5001)\n".encode("utf-8"))
+        self.assertEqual(xfer.load_config(info, environ={}).serverinfo,
+                         ("127.0.0.1", 5001, info))
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

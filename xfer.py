@@ -10663,7 +10663,8 @@ def _user_serverinfo_path(environ=None):
 def _read_ini(config, path):
     parser = configparser.ConfigParser(interpolation=None)
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: Windows Notepad may begin the file with a byte order mark.
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
         parser.read_string(text, source=path)
     except UnicodeDecodeError:
@@ -10741,10 +10742,12 @@ def _read_serverinfo(path):
     separate host/ip and port assignments.  Returns (host, port, path).
     """
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:    # as an INI file, BOM or not
             tree = ast.parse(f.read(), filename=path)
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(str(e), path) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", path) from None
+    except OSError as e:
+        raise ConfigError(e.strerror or str(e), path) from None
     except SyntaxError as e:
         raise ConfigError("syntax error: %s" % e.msg, path, e.lineno) from None
     host = port = None
@@ -10987,7 +10990,7 @@ def _save_settings(path, section, values=None, remove=False):
     parser = configparser.ConfigParser(interpolation=None)
     if os.path.exists(path):
         _read_ini(Config(), path)           # refuses a broken file, naming file:line
-        parser.read(path, encoding="utf-8")
+        parser.read(path, encoding="utf-8-sig")
     if remove:
         if not parser.remove_section(section):
             raise ConfigError("no section [%s]" % section, path)
