@@ -8790,6 +8790,14 @@ class WalkthroughThirdTests(unittest.TestCase):
         self.assertEqual(xfer.load_config(info, environ={}).serverinfo,
                          ("127.0.0.1", 5001, info))
 
+    def test_a_line_that_does_not_parse_is_quoted_as_it_is_written(self):
+        # "x.ini:2: cannot parse 'junk line\n'": configparser's repr of it.
+        root = temp_dir(self)
+        ini = self._ini(root, "[box]\njunk line\n")
+        with self.assertRaises(xfer.ConfigError) as cm:
+            xfer.load_config(ini, environ={})
+        self.assertEqual(str(cm.exception), "%s:2: cannot parse 'junk line'" % ini)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

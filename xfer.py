@@ -10676,8 +10676,9 @@ def _read_ini(config, path):
         raise ConfigError("missing [section] header before %s" % e.line.strip(),
                           path, e.lineno) from None
     except configparser.ParsingError as e:
-        lineno, line = e.errors[0]
-        raise ConfigError("cannot parse %s" % line.strip(), path, lineno) from None
+        lineno = e.errors[0][0]         # its line is given as a repr, newline and all
+        raise ConfigError("cannot parse %r" % text.splitlines()[lineno - 1].strip(),
+                          path, lineno) from None
     except (configparser.DuplicateOptionError, configparser.DuplicateSectionError) as e:
         key = getattr(e, "option", None)
         raise ConfigError("duplicate %s" % ("key" if key else "section %r" % e.section),
