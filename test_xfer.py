@@ -8798,6 +8798,20 @@ class WalkthroughThirdTests(unittest.TestCase):
             xfer.load_config(ini, environ={})
         self.assertEqual(str(cm.exception), "%s:2: cannot parse 'junk line'" % ini)
 
+    def test_a_certificate_without_its_key_says_the_key_is_missing(self):
+        # serve --tls-cert cert.pem, the key in another file: "cannot load
+        # the TLS certificate cert.pem / key cert.pem: [SSL] PEM lib (_ssl.c:3926)".
+        certs = _sec_certs(self)
+        for key, hint in ((None, "; give the key with --tls-key"), (certs["cert2"], "")):
+            receiver = xfer.Receiver(temp_dir(self), host=HOST, port=0,
+                                     tls_cert=certs["cert1"], tls_key=key)
+            with self.assertRaises(xfer.ConfigError) as cm:
+                receiver.start()
+            self.addCleanup(receiver.stop)
+            self.assertEqual(str(cm.exception), "cannot load the TLS certificate %s: %s holds "
+                             "no PEM private key%s" % (certs["cert1"], key or certs["cert1"],
+                                                       hint))
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

@@ -1189,9 +1189,22 @@ def _server_tls_context(cert, key):
     try:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as e:
+        if isinstance(e, ssl.SSLError) and not _has_private_key(key):
+            # OpenSSL says only "[SSL] PEM lib (_ssl.c:3926)".
+            raise ConfigError("cannot load the TLS certificate %s: %s holds no PEM private "
+                              "key%s" % (cert, key, "; give the key with --tls-key"
+                                         if key == cert else "")) from None
         raise ConfigError("cannot load the TLS certificate %s / key %s: %s"
                           % (cert, key, getattr(e, "strerror", None) or e)) from None
     return ctx
+
+
+def _has_private_key(path):
+    try:
+        with open(path, "rb") as f:
+            return b"PRIVATE KEY-----" in f.read(1 << 20)
+    except OSError:
+        return True         # not the trouble: load_cert_chain's error says what is
 
 
 def _certificate_der(cert):
