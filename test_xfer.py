@@ -8812,6 +8812,21 @@ class WalkthroughThirdTests(unittest.TestCase):
                              "no PEM private key%s" % (certs["cert1"], key or certs["cert1"],
                                                        hint))
 
+    def test_a_login_whose_secret_is_no_text_is_refused_not_an_internal_error(self):
+        # {"secret": "\ud800"} (valid JSON, no UTF-8 text): "internal error:
+        # UnicodeEncodeError" in the log, and the connection closed unanswered.
+        logs = []
+        receiver, _ = _http_server(self, log=logs.append)
+        conn = _http_conn(self, receiver)
+        for secret in ("\\ud800", "7-castle-river\\udfff"):
+            body = ('{"secret": "%s"}' % secret).encode("ascii")
+            response, _, answer = _http(conn, "POST", "/api/login", body,
+                                        {"X-Xfer": "1", "Content-Type": "application/json"},
+                                        token=None)
+            self.assertEqual((response.status, answer["error"]),
+                             (400, '"secret" is not UTF-8 text'), secret)
+        self.assertFalse([line for line in logs if "internal error" in line], logs)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

@@ -6157,6 +6157,10 @@ class _HttpConnection:
             raise _HttpError(ST_PROTOCOL, 'the body needs "secret": the pairing code or the '
                              'token')
         secret = secret.strip()
+        try:
+            secret.encode("utf-8")      # JSON may escape a lone surrogate: "\ud800"
+        except UnicodeEncodeError:
+            raise _HttpError(ST_PROTOCOL, '"secret" is not UTF-8 text') from None
         token = self.r.token
         if token:
             try:
