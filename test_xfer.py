@@ -8827,6 +8827,19 @@ class WalkthroughThirdTests(unittest.TestCase):
                              (400, '"secret" is not UTF-8 text'), secret)
         self.assertFalse([line for line in logs if "internal error" in line], logs)
 
+    def test_a_json_body_nested_too_deep_is_refused_not_an_internal_error(self):
+        # 30000 '[' in a login or an upload's JSON (under the 64 KiB limit):
+        # "internal error: RecursionError", the connection closed unanswered.
+        logs = []
+        receiver, _ = _http_server(self, log=logs.append)
+        conn = _http_conn(self, receiver)
+        for path, body in (("/api/login", b"[" * 30000 + b"]" * 30000),
+                           ("/api/uploads", b'{"path": ' + b"[" * 30000 + b"]" * 30000 + b"}")):
+            response, _, answer = _http(conn, "POST", path, body, {"X-Xfer": "1"})
+            self.assertEqual((response.status, answer["error"]),
+                             (400, "the body is not a JSON object"), path)
+        self.assertFalse([line for line in logs if "internal error" in line], logs)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

@@ -6075,7 +6075,7 @@ class _HttpConnection:
         request.unread = 0
         try:
             body = json.loads(data.decode("utf-8"), parse_float=_JsonFloat)
-        except ValueError:
+        except (ValueError, RecursionError):     # [[[[... nested past the stack
             body = None
         if not isinstance(body, dict):
             raise _HttpError(ST_PROTOCOL, "the body is not a JSON object")
