@@ -8840,6 +8840,41 @@ class WalkthroughThirdTests(unittest.TestCase):
                              (400, "the body is not a JSON object"), path)
         self.assertFalse([line for line in logs if "internal error" in line], logs)
 
+    def test_digits_other_than_0_to_9_are_refused_not_an_internal_error(self):
+        # str.isdigit() is true of "²", which int() refuses: Content-Length: ²
+        # and ?offset=² were internal ValueErrors, answered with nothing;
+        # pair "² castle river" printed a traceback.
+        logs = []
+        receiver, _ = _http_server(self, log=logs.append)
+        conn = _http_conn(self, receiver)
+        response, _, answer = _http(conn, "POST", "/api/uploads",
+                                    {"path": "b.txt", "size": 2, "mtime": 1})
+        upload = answer["upload"]
+        for head, status in ((b"PUT /api/files/a.txt HTTP/1.1\r\nContent-Length: \xb2\r\n", 400),
+                             (b"PUT /api/uploads/%s?offset=\xb2 HTTP/1.1\r\nContent-Length: 2"
+                              b"\r\nX-Chunk-SHA256: %s\r\n" % (upload.encode("ascii"),
+                              hashlib.sha256(b"bb").hexdigest().encode("ascii")), 400),
+                             (b"POST /api/login HTTP/1.1\r\nX-Xfer: 1\r\nContent-Length: 29\r\n",
+                              401)):
+            sock = _http_raw(receiver, head + b"Host: 127.0.0.1\r\nConnection: close\r\n"
+                             b"Authorization: Bearer " + _HTTP_TOKEN.encode("ascii")
+                             + b"\r\n\r\n" + (b'{"secret": "\xc2\xb2 castle river"}'
+                                              if b"login" in head else b"bb"))
+            self.addCleanup(sock.close)
+            answer = b""
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+            self.assertTrue(answer.startswith(b"HTTP/1.1 %d " % status), (head, answer))
+        self.assertFalse([line for line in logs if "internal error" in line], logs)
+        root = temp_dir(self)
+        status, out, err = _cfg_main(["pair", "\u00b2 castle river", "127.0.0.1:1"],
+                                     {"HOME": root}, root)
+        self.assertEqual(status, xfer.EXIT_USAGE)
+        self.assertIn("a pairing code is a number and two words", err)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

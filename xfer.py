@@ -1542,12 +1542,18 @@ def _new_code():
     return "-".join([str(1 + secrets.randbelow(_CODE_NUMBERS))] + words)
 
 
+def _ascii_digits(text):
+    """True if text is one or more of 0-9: str.isdigit() alone takes "\u00b2" too,
+    which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _normalize_code(text):
     """The canonical form of a typed code (case, spaces and dashes forgiven);
     ConfigError, naming the part, if it cannot be one."""
     parts = [p for p in re.split(r"[\s\-_.]+", text.strip().lower()) if p]
     problem = None
-    if len(parts) != 3 or not parts[0].isdigit():
+    if len(parts) != 3 or not _ascii_digits(parts[0]):
         problem = "a pairing code is a number and two words, like 7-castle-river"
     elif not 1 <= int(parts[0]) <= _CODE_NUMBERS:
         problem = "its number is from 1 to %d" % _CODE_NUMBERS
@@ -5451,7 +5457,7 @@ class _HttpRequest:
                              411)
         length = headers.get("content-length")
         if length is not None:
-            if not length.isdigit() or len(length) > 19:
+            if not _ascii_digits(length) or len(length) > 19:
                 raise _HttpError(ST_PROTOCOL, "malformed Content-Length")
             length = int(length)
         self.length = length
@@ -6299,7 +6305,7 @@ class _HttpConnection:
     def _put_chunk(self, request, raw):
         upload = self.web.upload(raw.decode("latin-1"))
         offset = request.query.get("offset", "")
-        if not offset.isdigit():
+        if not _ascii_digits(offset):
             raise _HttpError(ST_PROTOCOL, "a chunk needs ?offset=K")
         # A chunk cut off may still be unwinding on its old connection.
         if not upload.lock.acquire(timeout=CLAIM_SILENCE + 1.0):
