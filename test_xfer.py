@@ -8875,6 +8875,43 @@ class WalkthroughThirdTests(unittest.TestCase):
         self.assertEqual(status, xfer.EXIT_USAGE)
         self.assertIn("a pairing code is a number and two words", err)
 
+    def test_a_second_signal_gives_up_the_hooks_still_waiting(self):
+        # serve --on-receive with hooks waiting: Ctrl-C ran every one before
+        # exiting (each up to --hook-timeout, two at a time), and a second
+        # Ctrl-C or SIGTERM did nothing: 1000 hooks waiting meant hours.
+        gate = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(gate.close)
+        gate.bind((HOST, 0))
+        gate.listen(8)
+        gate.settimeout(TIMEOUT)
+        blocks = ("import socket; socket.create_connection((%r, %d)).recv(1)"
+                  % (HOST, gate.getsockname()[1]))
+        log = []
+        with mock.patch.object(xfer, "HOOK_QUEUE", 3):      # and the queue is full
+            hooks = xfer._Hooks(_command_line([sys.executable, "-c", blocks]), log.append,
+                                600.0)
+        info = xfer.FileInfo(os.path.join(temp_dir(self), "x.txt"), "x.txt", 1,
+                             "127.0.0.1:9", 0.0, "0" * 64)
+        for _ in range(xfer.HOOK_WORKERS):
+            hooks.submit(info)
+        for _ in range(xfer.HOOK_WORKERS):          # both are running
+            self.addCleanup(gate.accept()[0].close)
+        for _ in range(3):
+            hooks.submit(info)
+        stop = types.SimpleNamespace(received=[signal.SIGINT])     # the one that stopped serve
+        closing = threading.Thread(target=hooks.close, args=(stop,))
+        closing.start()
+        self.assertTrue(wait_until(lambda: log))    # "running 5 waiting hooks before exiting"
+        stop.received.append(signal.SIGINT)
+        closing.join(TIMEOUT)
+        self.assertFalse(closing.is_alive())
+        self.assertEqual(log[1:], ["stopped again: 3 waiting hooks not run, %d running killed"
+                                   % xfer.HOOK_WORKERS])
+        for t in hooks.threads:
+            t.join(TIMEOUT)
+            self.assertFalse(t.is_alive())
+        self.assertEqual(len(log), 2, log)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

@@ -11402,9 +11402,9 @@ class _ServeOutput:
                 receiver.files_received, "" if receiver.files_received == 1 else "s",
                 _human(receiver.bytes_received), receiver.files_failed))
 
-    def close(self):
+    def close(self, stop=None):
         if self.hooks is not None:
-            self.hooks.close()
+            self.hooks.close(stop)
         self.lines.close()
 
 
@@ -11566,7 +11566,7 @@ def _cmd_serve(args):
                                 _duration(args.grace)))
         finally:
             receiver.stop(grace=args.grace)
-            out.close()
+            out.close(stop)
     out.stopped(receiver)
     return status
 
@@ -11690,6 +11690,9 @@ class _Hooks:
         self.before = before        # called before each hook starts
         self.queue = queue.Queue(HOOK_QUEUE)
         self.threads = []
+        self.running = set()        # the hooks' processes, for close() to kill
+        self.lock = threading.Lock()
+        self.given_up = False
 
     def submit(self, info):
         if not self.threads:
@@ -11727,30 +11730,69 @@ class _Hooks:
             out = sys.stderr.fileno()
         except (AttributeError, ValueError, OSError):
             out = None      # stderr is not a file (embedded): inherit stdout
-        try:
-            proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out)
-        except (OSError, ValueError) as e:
-            self.log("hook for %s could not start: %s" % (name, getattr(e, "strerror", e) or e))
-            return
+        with self.lock:
+            if self.given_up:
+                return
+            try:
+                proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out)
+            except (OSError, ValueError) as e:
+                self.log("hook for %s could not start: %s"
+                         % (name, getattr(e, "strerror", e) or e))
+                return
+            self.running.add(proc)
         try:
             status = proc.wait(self.timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            self.log("hook for %s killed: still running after %gs" % (name, self.timeout))
+            if not self.given_up:
+                self.log("hook for %s killed: still running after %gs" % (name, self.timeout))
             return
-        if status:
+        finally:
+            with self.lock:
+                self.running.discard(proc)
+        if status and not self.given_up:
             self.log("hook for %s failed with status %d" % (name, status))
 
-    def close(self):
-        """Let waiting hooks run (each within its timeout), then stop."""
+    def close(self, stop=None):
+        """Let waiting hooks run (each within its timeout), then stop.
+
+        stop: serve's _Signals; one more signal while this waits gives up
+        the hooks still waiting and kills the ones running."""
+        given = len(stop.received) if stop is not None else 0
         if self.queue.qsize():
             self.note("running %d waiting hook%s before exiting"
                      % (self.queue.qsize(), "" if self.queue.qsize() == 1 else "s"))
+        stops = len(self.threads)       # to queue behind the waiting hooks (a full queue)
+        while stops or any(t.is_alive() for t in self.threads):
+            if stop is not None and len(stop.received) > given:
+                self._give_up()
+                return
+            if stops:
+                try:
+                    self.queue.put(_STOP, timeout=0.1)
+                    stops -= 1
+                except queue.Full:
+                    pass
+            else:
+                for t in self.threads:
+                    t.join(0.1)
+
+    def _give_up(self):
+        with self.lock:
+            self.given_up = True
+            left = 0
+            while True:
+                try:
+                    left += self.queue.get_nowait() is not _STOP
+                except queue.Empty:
+                    break
+            for proc in self.running:
+                proc.kill()
+            self.log("stopped again: %d waiting hook%s not run, %d running killed"
+                     % (left, "" if left == 1 else "s", len(self.running)))
         for t in self.threads:
             self.queue.put(_STOP)
-        for t in self.threads:
-            t.join()
 
 
 def _print_banner(receiver, token, token_from, bound_host, bound_port, code=None,
