@@ -8912,6 +8912,23 @@ class WalkthroughThirdTests(unittest.TestCase):
             self.assertFalse(t.is_alive())
         self.assertEqual(len(log), 2, log)
 
+    @unittest.skipIf(os.name == "nt", "a symlink needs a privilege there")
+    def test_a_known_hosts_file_that_cannot_be_written_is_named_not_the_server(self):
+        # Trusting a certificate on first use, with known_hosts unwritable:
+        # "127.0.0.1:5000: No such file or directory", exit 3 after retries,
+        # as if the server were the trouble.
+        root = temp_dir(self)
+        receiver = self._tls_receiver()
+        known = os.path.join(root, ".config", "xfer", "known_hosts")
+        os.makedirs(os.path.dirname(known))
+        os.symlink(os.path.join(root, "no-such-dir", "known_hosts"), known)
+        status, out, err = _cfg_main(["ping", "--tls", "--token", "t",
+                                      "127.0.0.1:%d" % receiver.address[1]],
+                                     {"HOME": root}, root)
+        self.assertEqual((status, out), (xfer.EXIT_USAGE, ""))
+        self.assertEqual(err, "xfer: error: %s: cannot record the server's certificate: %s\n"
+                         % (known, os.strerror(errno.ENOENT)))
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

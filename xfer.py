@@ -1260,7 +1260,12 @@ def _client_tls(sock, host, port, fingerprint, known_hosts):
         advice = "remove the line for %s from %s and send again" % (hostport, known_hosts)
     if expected is None:
         if known_hosts:
-            _remember_fingerprint(known_hosts, hostport, seen)
+            try:
+                _remember_fingerprint(known_hosts, hostport, seen)
+            except OSError as e:        # not the server's fault: no retry
+                tls.close()
+                raise ConfigError("cannot record the server's certificate: %s"
+                                  % (e.strerror or e), known_hosts) from None
         return tls, seen, True
     if not _same_fingerprint(expected, seen):
         tls.close()
