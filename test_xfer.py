@@ -8929,6 +8929,18 @@ class WalkthroughThirdTests(unittest.TestCase):
         self.assertEqual(err, "xfer: error: %s: cannot record the server's certificate: %s\n"
                          % (known, os.strerror(errno.ENOENT)))
 
+    def test_a_receiver_refuses_a_tls_key_alone_and_no_connections(self):
+        # Receiver(tls_key=KEY) served plain, the key dropped unsaid, and
+        # Receiver(max_connections=-5) failed in start() with "semaphore
+        # initial value must be >= 0" (0: every connection "busy").
+        key = _sec_certs(self)["key1"]
+        for kw, named in ((dict(tls_key=key), "tls_key"), (dict(max_connections=0),
+                                                            "max_connections"),
+                          (dict(max_connections=-5), "max_connections")):
+            with self.assertRaises(ValueError) as cm:
+                xfer.Receiver(temp_dir(self), host=HOST, port=0, **kw)
+            self.assertTrue(str(cm.exception).startswith(named), cm.exception)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

@@ -2937,6 +2937,8 @@ class Receiver:
         self.body_min_bytes = int(body_min_bytes)
         self.body_window = _seconds_given("body_window", body_window)
         self.max_connections = int(max_connections)
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1, not %r" % (max_connections,))
         self.max_size = max_size
         self.idle_timeout = _seconds_given("idle_timeout", idle_timeout)
         #: seconds an HTTP connection may wait for its next request
@@ -2967,6 +2969,8 @@ class Receiver:
         self.case_insensitive = None
         self.max_per_address = (max(1, self.max_connections // 2) if max_per_address is None
                                 else int(max_per_address))
+        if tls_key and not tls_cert:
+            raise ValueError("tls_key needs tls_cert, the certificate it goes with")
         self.tls_cert = tls_cert
         self.tls_key = tls_key or tls_cert
         #: SHA-256 fingerprint of the TLS certificate, once started with TLS
