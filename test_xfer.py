@@ -14229,6 +14229,38 @@ class FaultTests(unittest.TestCase):
                         self.assertEqual(sha256_file(os.path.join(dst, name)),
                                          sha256_file(os.path.join(src, name)))
 
+    def test_cuts_across_a_mixed_tree_each_end_with_the_whole_tree(self):
+        # Small files, large ones between them, an empty file and empty
+        # directories, on two workers: wherever the first connection is cut
+        # (asking, in a BATCH, mid-body, between files), the re-run on the
+        # next one ends the tree with every file identical and nothing else.
+        rng = random.Random(11)
+        tree = os.path.join(temp_dir(self), "tree")
+        for d in range(2):
+            for i in range(40):
+                write_file(os.path.join(tree, "d%d" % d, "f%02d" % i),
+                           os.urandom(rng.randrange(0, 5000)))
+            write_file(os.path.join(tree, "d%d" % d, "big.bin"), os.urandom(700000 + d))
+        write_file(os.path.join(tree, "zero"), b"")
+        os.makedirs(os.path.join(tree, "empty", "deeper"))
+        want = tree_listing(tree)
+        for cut_after in (4000, 60000, 250000, 800000, 1300000, 1500000):
+            with self.subTest(cut_after=cut_after):
+                dst = temp_dir(self)
+                receiver = start_receiver(self, dst)
+                proxy = _FaultProxy(self, receiver.address, cut_after=cut_after, mode="link")
+                with xfer.Sender(proxy.address, workers=2, retries=3) as sender:
+                    job = sender.queue(tree)
+                    self.assertTrue(job.wait(TIMEOUT), "the tree never ended: %r" % job)
+                self.assertTrue(proxy.cut.is_set(), "the first connection was never cut")
+                self.assertEqual(job.state, "done", job.failures)
+                self.assertEqual(tree_listing(os.path.join(dst, "tree")), want)
+                for name in want:
+                    path = os.path.join(tree, name)
+                    if os.path.isfile(path):
+                        self.assertEqual(sha256_file(os.path.join(dst, "tree", name)),
+                                         sha256_file(path), name)
+
     @unittest.skipIf(os.name == "nt", "SIGKILL")
     def test_killed_server_restarted_resumes(self):
         src, dst = temp_dir(self), temp_dir(self)
