@@ -7648,6 +7648,11 @@ class _LinkBroken(Exception):
         self.error = error
 
 
+# How long a TLS call that needs the other direction first waits before it
+# looks again (_SharedTls).
+_TLS_CROSS_WAIT = 0.05
+
+
 class _SharedTls:
     """A TLS connection that two threads use at once: a link's reader
     receives while its worker sends.
@@ -7667,7 +7672,7 @@ class _SharedTls:
         self.sock = sock
         self.lock = threading.Lock()
         self.timeout = sock.gettimeout()
-        self.waits = {}              # event -> the selector that waits for it
+        self.waits = {}              # (event, reading) -> the selector that waits for it
         sock.setblocking(False)
 
     def settimeout(self, timeout):
@@ -7681,12 +7686,12 @@ class _SharedTls:
             return self.sock.pending()
 
     def recv_into(self, view):
-        return self._call(self.sock.recv_into, view)
+        return self._call(self.sock.recv_into, view, True)
 
     def sendall(self, data):
         view = memoryview(data)
         while view:
-            view = view[self._call(self.sock.send, view):]
+            view = view[self._call(self.sock.send, view, False):]
 
     def shutdown(self, how):
         with self.lock:
@@ -7698,7 +7703,8 @@ class _SharedTls:
         for selector in self.waits.values():
             selector.close()
 
-    def _call(self, method, data):
+    def _call(self, method, data, reading):
+        deadline = None
         while True:
             with self.lock:
                 try:
@@ -7707,14 +7713,26 @@ class _SharedTls:
                     event = selectors.EVENT_READ
                 except ssl.SSLWantWriteError:
                     event = selectors.EVENT_WRITE
-            # One selector per event: only the reader waits to read, only
-            # the worker to write.
-            selector = self.waits.get(event)
-            if selector is None:
-                selector = self.waits[event] = _Selector()
-                selector.register(self.sock, event)
-            if not selector.select(self.timeout):
+            if deadline is None and self.timeout is not None:
+                deadline = time.monotonic() + self.timeout
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
                 raise socket.timeout("timed out")
+            wait = left
+            if (event == selectors.EVENT_READ) != reading:
+                # A send that must read first (a handshake message), or a
+                # read that must write: the other thread may do it
+                # meanwhile, so look again soon.
+                wait = _TLS_CROSS_WAIT if left is None else min(left, _TLS_CROSS_WAIT)
+            # One selector per event and direction, each used by one thread
+            # at a time: reads by the reader; writes by the worker, or by the
+            # reader of a get while the worker waits for it.
+            key = (event, reading)
+            selector = self.waits.get(key)
+            if selector is None:
+                selector = self.waits[key] = _Selector()
+                selector.register(self.sock, event)
+            selector.select(wait)
 
 
 def _held_back(job):
