@@ -14200,34 +14200,42 @@ class FaultTests(unittest.TestCase):
             self.assertTrue(f.read() == data)
         self.assertEqual(tree_listing(dst), ["f.bin"])
 
+    def _send_tree_through_a_cut(self, tree, cut_after, workers):
+        """Send tree through a _FaultProxy that cuts its first connection
+        after cut_after bytes; check that the tree's job ended done and that
+        the receiver holds the whole tree, identical, and nothing else.
+        Returns the job and the proxy."""
+        dst = temp_dir(self)
+        receiver = start_receiver(self, dst)
+        proxy = _FaultProxy(self, receiver.address, cut_after=cut_after, mode="link")
+        with xfer.Sender(proxy.address, workers=workers, retries=3) as sender:
+            job = sender.queue(tree)
+            self.assertTrue(job.wait(TIMEOUT), "the tree never ended: %r" % job)
+        self.assertTrue(proxy.cut.is_set(), "the first connection was never cut")
+        self.assertEqual(job.state, "done", job.failures)
+        want = tree_listing(tree)
+        self.assertEqual(tree_listing(os.path.join(dst, "tree")), want)
+        for name in want:
+            path = os.path.join(tree, name)
+            if os.path.isfile(path):
+                self.assertEqual(sha256_file(os.path.join(dst, "tree", name)),
+                                 sha256_file(path), name)
+        return job, proxy
+
     def test_a_cut_among_small_files_loses_none_of_them(self):
         # The connection breaks while the worker hands a small file over
         # (gathering a BATCH, or waiting for room in the window): that file
         # is neither asked about nor in flight, and must still go again on
         # the new connection, like the others, and its tree must end.
+        tree = os.path.join(temp_dir(self), "tree")
+        for d in range(4):
+            for i in range(100):
+                write_file(os.path.join(tree, "d%d" % d, "f%03d" % i), os.urandom(1000 + i))
         for cut_after in (150000, 300000):
             with self.subTest(cut_after=cut_after):
-                src, dst = temp_dir(self), temp_dir(self)
-                tree = os.path.join(src, "tree")
-                for d in range(4):
-                    for i in range(100):
-                        write_file(os.path.join(tree, "d%d" % d, "f%03d" % i),
-                                   os.urandom(1000 + i))
-                receiver = start_receiver(self, dst)
-                proxy = _FaultProxy(self, receiver.address, cut_after=cut_after, mode="link")
-                with xfer.Sender(proxy.address, workers=1, retries=2) as sender:
-                    job = sender.queue(tree)
-                    self.assertTrue(job.wait(TIMEOUT), "the tree never ended: %r" % job)
-                self.assertTrue(proxy.cut.is_set(), "the first connection was never cut")
+                job, proxy = self._send_tree_through_a_cut(tree, cut_after, workers=1)
                 self.assertEqual(len(proxy.counts), 2, proxy.counts)
-                self.assertEqual((job.state, job.files), ("done", 400), job.failures)
-                self.assertEqual(tree_listing(os.path.join(dst, "tree")),
-                                 tree_listing(tree))
-                for d in range(4):
-                    for i in range(100):
-                        name = os.path.join("tree", "d%d" % d, "f%03d" % i)
-                        self.assertEqual(sha256_file(os.path.join(dst, name)),
-                                         sha256_file(os.path.join(src, name)))
+                self.assertEqual(job.files, 400)
 
     def test_cuts_across_a_mixed_tree_each_end_with_the_whole_tree(self):
         # Small files, large ones between them, an empty file and empty
@@ -14243,23 +14251,9 @@ class FaultTests(unittest.TestCase):
             write_file(os.path.join(tree, "d%d" % d, "big.bin"), os.urandom(700000 + d))
         write_file(os.path.join(tree, "zero"), b"")
         os.makedirs(os.path.join(tree, "empty", "deeper"))
-        want = tree_listing(tree)
         for cut_after in (4000, 60000, 250000, 800000, 1300000, 1500000):
             with self.subTest(cut_after=cut_after):
-                dst = temp_dir(self)
-                receiver = start_receiver(self, dst)
-                proxy = _FaultProxy(self, receiver.address, cut_after=cut_after, mode="link")
-                with xfer.Sender(proxy.address, workers=2, retries=3) as sender:
-                    job = sender.queue(tree)
-                    self.assertTrue(job.wait(TIMEOUT), "the tree never ended: %r" % job)
-                self.assertTrue(proxy.cut.is_set(), "the first connection was never cut")
-                self.assertEqual(job.state, "done", job.failures)
-                self.assertEqual(tree_listing(os.path.join(dst, "tree")), want)
-                for name in want:
-                    path = os.path.join(tree, name)
-                    if os.path.isfile(path):
-                        self.assertEqual(sha256_file(os.path.join(dst, "tree", name)),
-                                         sha256_file(path), name)
+                self._send_tree_through_a_cut(tree, cut_after, workers=2)
 
     @unittest.skipIf(os.name == "nt", "SIGKILL")
     def test_killed_server_restarted_resumes(self):
