@@ -8811,6 +8811,14 @@ class WalkthroughThirdTests(unittest.TestCase):
             self.assertEqual(str(cm.exception), "cannot load the TLS certificate %s: %s holds "
                              "no PEM private key%s" % (certs["cert1"], key or certs["cert1"],
                                                        hint))
+        # A certificate file cut short (openssl stopped while making it).
+        receiver = xfer.Receiver(temp_dir(self), host=HOST, port=0, tls_key=certs["key1"],
+                                 tls_cert=write_file(os.path.join(temp_dir(self), "c.pem"), b""))
+        with self.assertRaises(xfer.ConfigError) as cm:
+            receiver.start()
+        self.addCleanup(receiver.stop)
+        self.assertEqual(str(cm.exception), "cannot load the TLS certificate %s: it holds no "
+                         "PEM certificate" % receiver.tls_cert)
 
     def test_a_login_whose_secret_is_no_text_is_refused_not_an_internal_error(self):
         # {"secret": "\ud800"} (valid JSON, no UTF-8 text): "internal error:

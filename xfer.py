@@ -1189,8 +1189,11 @@ def _server_tls_context(cert, key):
     try:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as e:
-        if isinstance(e, ssl.SSLError) and not _has_private_key(key):
-            # OpenSSL says only "[SSL] PEM lib (_ssl.c:3926)".
+        # For a file without its part OpenSSL says only "[SSL] PEM lib (_ssl.c:3926)".
+        if isinstance(e, ssl.SSLError) and not _pem_holds(cert, b"CERTIFICATE-----"):
+            raise ConfigError("cannot load the TLS certificate %s: it holds no PEM "
+                              "certificate" % cert) from None
+        if isinstance(e, ssl.SSLError) and not _pem_holds(key, b"PRIVATE KEY-----"):
             raise ConfigError("cannot load the TLS certificate %s: %s holds no PEM private "
                               "key%s" % (cert, key, "; give the key with --tls-key"
                                          if key == cert else "")) from None
@@ -1199,10 +1202,11 @@ def _server_tls_context(cert, key):
     return ctx
 
 
-def _has_private_key(path):
+def _pem_holds(path, marker):
+    """Whether the PEM file at path has a block ending in marker."""
     try:
         with open(path, "rb") as f:
-            return b"PRIVATE KEY-----" in f.read(1 << 20)
+            return marker in f.read(1 << 20)
     except OSError:
         return True         # not the trouble: load_cert_chain's error says what is
 
