@@ -8949,6 +8949,22 @@ class WalkthroughThirdTests(unittest.TestCase):
                 xfer.Receiver(temp_dir(self), host=HOST, port=0, **kw)
             self.assertTrue(str(cm.exception).startswith(named), cm.exception)
 
+    def test_pair_refuses_a_config_it_cannot_write_before_using_the_code_up(self):
+        # The per-user xfer.ini a directory (or its folder unwritable): pair
+        # ran the exchange, used the code up ("paired as vm"), then failed
+        # with "xfer.ini: Is a directory", the token lost.
+        root = temp_dir(self)
+        receiver = start_receiver(self, temp_dir(self), token="t")
+        code = receiver.open_pairing()
+        ini = os.path.join(root, ".config", "xfer", "xfer.ini")
+        os.makedirs(ini)
+        status, out, err = _cfg_main(["pair", code, "127.0.0.1:%d" % receiver.address[1]],
+                                     {"HOME": root}, root)
+        self.assertEqual((status, out), (xfer.EXIT_USAGE, ""))
+        self.assertEqual(err, "xfer: error: %s: not a file: the alias could not be saved there\n"
+                         % ini)
+        self.assertEqual(receiver.pairing_code, code)
+
 
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""

@@ -11035,6 +11035,19 @@ def _is_loopback(host):
 # command line
 #------------------------------------------------------------
 
+def _check_savable(path):
+    """Refuse a settings file that _save_settings could not write (a
+    directory, in a folder this user cannot write)."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ConfigError("not a file: the alias could not be saved there", path)
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)        # _save_settings makes the rest
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ConfigError("not a folder this user can write in: the alias could not be "
+                          "saved in %s" % path, folder)
+
+
 def _save_settings(path, section, values=None, remove=False):
     """Set keys of one section (or remove the section) in an INI file.
 
@@ -13040,6 +13053,7 @@ def _cmd_pair(args):
     """pair CODE [HOST]: the pairing exchange, then an alias in the per-user config."""
     code = _normalize_code(args.code)
     path = _settings_path(args)
+    _check_savable(path)            # before the code is used up
     config = _load_config(args)
     if args.name is not None:
         if args.name in ("DEFAULT", "serve") or _server_name(args.name) != args.name:
