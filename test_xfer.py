@@ -8653,6 +8653,10 @@ class WalkthroughThirdTests(unittest.TestCase):
         self.assertEqual(os.listdir(directory), ["ten.txt"])
         response, _, _ = _http(conn, "GET", "/api/session")     # the connection goes on
         self.assertEqual(response.status, 200)
+        # curl -C - -T sends the whole file as "bytes 0-9/10": that one is whole.
+        response, _, answer = _http(conn, "PUT", "/api/files/ten.txt", b"abcdefghij",
+                                    {"Content-Range": "bytes 0-9/10"})
+        self.assertEqual((response.status, answer["note"]), (201, "replaced"))
 
     def test_serve_with_a_tls_key_and_no_certificate_says_so(self):
         # serve --tls-key key.pem (no --tls-cert) served plain, and with

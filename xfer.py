@@ -6228,8 +6228,10 @@ class _HttpConnection:
         length = request.length
         if length is None:
             raise _HttpError(ST_PROTOCOL, "an upload needs a Content-Length", 411)
-        if "content-range" in request.headers:
-            # Taken as the whole file, a part would replace what is stored.
+        # Taken as the whole file, a part would replace what is stored; curl
+        # -C - -T names a whole file "bytes 0-9/10".
+        said = request.headers.get("content-range")
+        if said is not None and said.replace(" ", "") != "bytes0-%d/%d" % (length - 1, length):
             raise _HttpError(ST_PROTOCOL, "PUT /api/files takes a whole file, not a "
                              "Content-Range; to go on from a part, use POST /api/uploads")
         digest = self.digest_header(request, "X-Content-SHA256")
