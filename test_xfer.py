@@ -8602,6 +8602,24 @@ class WalkthroughThirdTests(unittest.TestCase):
                                 lambda ini: xfer._resolve_target(
                                     xfer.load_config(ini, environ={}), to, environ={}))
 
+    def test_more_workers_than_a_sender_may_open_is_refused_in_one_line(self):
+        # --workers 100000 (or workers = 100000 in the config file) started
+        # threads until the system refused one: a RuntimeError traceback.
+        root = temp_dir(self)
+        path = write_file(os.path.join(root, "a.txt"), b"a")
+        top = xfer.MAX_WORKERS
+        err = usage_error(self, ["send", "--workers", "100000", path, "127.0.0.1:1"])
+        self.assertTrue(err.endswith("--workers: at most %d: '100000'\n" % top), err)
+        self.assertNotIn("Traceback", err)
+        self.assert_refused(root, (("[DEFAULT]\nworkers = 100000\n", "workers",
+                                    "must be at most %d" % top),),
+                            lambda ini: xfer._resolve_target(
+                                xfer.load_config(ini, environ={}), "127.0.0.1", environ={}))
+        with self.assertRaises(ValueError) as cm:
+            xfer.Sender("127.0.0.1:1", workers=top + 1)
+        self.assertIn("workers", str(cm.exception))
+        xfer.Sender("127.0.0.1:1", workers=top).close()
+
     def _tls_receiver(self):
         certs = _sec_certs(self)
         return start_receiver(self, temp_dir(self), token="t", tls_cert=certs["cert1"],

@@ -185,6 +185,9 @@ WINDOW = 256
 CHUNK = 256 * 1024
 #: Receiver default: concurrent connections before "busy".
 DEFAULT_MAX_CONNECTIONS = 64
+#: Sender: connections (workers) at most; a receiver takes half its
+#: connections from one address by default, 32.
+MAX_WORKERS = 64
 #: Receiver default: seconds a connection may stay silent.
 DEFAULT_IDLE_TIMEOUT = 60.0
 #: Default seconds from accept (receiver) or connect (sender) to a finished
@@ -8690,6 +8693,8 @@ class Sender:
         #: be an impostor collecting the files
         self.require_server_auth = require_server_auth
         self.workers = max(1, int(workers))
+        if self.workers > MAX_WORKERS:
+            raise ValueError("workers must be at most %d, not %r" % (MAX_WORKERS, workers))
         self.connect_timeout = _seconds_given("connect_timeout", connect_timeout)
         self.handshake_timeout = _seconds_given("handshake_timeout", handshake_timeout)
         self.timeout = _seconds_given("timeout", timeout)
@@ -10931,6 +10936,14 @@ def _at_least_one(text, what):
     return n
 
 
+def _workers_value(text, what):
+    """A number of workers: 1 to MAX_WORKERS (as _workers_arg on the command line)."""
+    n = _at_least_one(text, what)
+    if n > MAX_WORKERS:
+        raise ValueError("must be at most %d, not %r" % (MAX_WORKERS, text))
+    return n
+
+
 def _overwrite_value(text, what):
     if text not in OVERWRITE_POLICIES:
         raise ValueError("must be one of %s, not %r" % (", ".join(OVERWRITE_POLICIES), text))
@@ -10992,7 +11005,7 @@ def _resolve_target(config, to=None, token=None, environ=None, tls=False, finger
     fingerprint = settings.find("fingerprint", flag=fingerprint,
                                 parse=_fingerprint_value).value
     tls = settings.find("tls", flag=tls, parse=_yes_no).value or bool(fingerprint)
-    workers = settings.find("workers", flag=workers, parse=_at_least_one).value
+    workers = settings.find("workers", flag=workers, parse=_workers_value).value
     return _Target(host, port, token, tls, fingerprint, workers, fallback, token_from)
 
 
@@ -13177,6 +13190,13 @@ def _positive_int(text):
     return n
 
 
+def _workers_arg(text):
+    n = _positive_int(text)
+    if n > MAX_WORKERS:
+        raise argparse.ArgumentTypeError("at most %d: %r" % (MAX_WORKERS, text))
+    return n
+
+
 def _seconds_arg(text, zero=False, unit=1, units="seconds"):
     """A time option: a number of seconds (or of units, unit seconds each)
     that a socket or a wait can take, as _seconds_fit says."""
@@ -13369,7 +13389,7 @@ def _build_parser():
         p.add_argument("--to", metavar="HOST[:PORT][:DIR]", action="append",
                        help="receiver address or config alias (or XFER_HOST); give it "
                        "again to send to several receivers at once")
-        p.add_argument("--workers", type=_positive_int, metavar="N",
+        p.add_argument("--workers", type=_workers_arg, metavar="N",
                        help="parallel connections (default 4)")
         p.add_argument("--checksum", action="store_true",
                        help="skip a file only if the receiver's copy has the same sha256 "
@@ -13432,7 +13452,7 @@ def _build_parser():
                    help="tries again after a transient failure (default 3)")
     p.add_argument("--timeout", type=_seconds_arg, metavar="SECONDS",
                    help="give up on a server silent this long (default as for send)")
-    p.add_argument("--workers", type=_positive_int, metavar="N",
+    p.add_argument("--workers", type=_workers_arg, metavar="N",
                    help="accepted for send's sake; get uses one connection")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per file")
     p.add_argument("--code", metavar="CODE",
@@ -13482,7 +13502,7 @@ def _build_parser():
                        help="measure throughput to a server's discard sink")
     p.add_argument("--to", metavar="HOST[:PORT]",
                    help="server to measure (default: one started on loopback)")
-    p.add_argument("--workers", type=_positive_int, metavar="N", help="connections (default 4)")
+    p.add_argument("--workers", type=_workers_arg, metavar="N", help="connections (default 4)")
     p.add_argument("--size", type=_size_arg, default=256 * 2**20, metavar="SIZE",
                    help="large file size (default 256MiB)")
     p.add_argument("--files", type=_positive_int, default=5000, metavar="N",
