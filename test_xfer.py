@@ -6666,6 +6666,23 @@ class HttpApiTests(unittest.TestCase):
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             self.assertIn("sub/deeper/b.txt", [n.split("/", 1)[1] for n in z.namelist()])
 
+    @unittest.skipUnless(sys.platform.startswith("linux"), "a name that is not UTF-8")
+    def test_a_zip_leaves_out_a_name_that_is_not_utf8_and_keeps_the_rest(self):
+        # A zip's names are UTF-8 (or cp437): one that is neither is left
+        # out, as README "HTTP API" says, and every other file is whole.
+        receiver, d = _http_server(self, allow_get=True)
+        write_file(os.path.join(d, "sub", "a.txt"), b"aye")
+        with open(os.path.join(os.fsencode(d), b"sub", b"latin\xe9.txt"), "wb") as f:
+            f.write(b"left out")
+        write_file(os.path.join(d, "sub", "z.txt"), b"zed")
+        conn = _http_conn(self, receiver)
+        response, data, _ = _http(conn, "GET", "/api/zip/sub")
+        self.assertEqual(response.status, 200)
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            self.assertEqual(sorted(z.namelist()), ["sub/", "sub/a.txt", "sub/z.txt"])
+            self.assertEqual((z.read("sub/a.txt"), z.read("sub/z.txt")), (b"aye", b"zed"))
+            self.assertIsNone(z.testzip())
+
     def test_a_file_that_changes_while_it_is_sent_is_cut_short(self):
         class Changing(xfer._Dest):
             def open_served(self, where, st):
