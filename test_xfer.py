@@ -11291,6 +11291,20 @@ class SendScpHabitTests(_SendCliCase):
         self.assertEqual(os.listdir(dst), ["box"])
         self.assertTrue(os.path.exists(local))
 
+    def test_a_one_letter_alias_before_a_colon_is_told_to_use_to(self):
+        # "send a.tif p:" with an alias p: the single letter is a Windows
+        # drive, so p: was taken for a local file and the error said only
+        # "no destination".
+        f = write_file(os.path.join(temp_dir(self), "a.tif"), b"tif")
+        ini = self.alias_ini(_free_port(), "p")
+        for last, to in (("p:", "p"), ("p:sub/", "p:sub/")):
+            with self.subTest(last=last):
+                status, out, err = self.main("send", "--config", ini, f, last)
+                self.assertEqual(status, xfer.EXIT_USAGE, err)
+                line = self.one_error_line(err)
+                self.assertIn("Windows drive", line)
+                self.assertIn("--to %s" % to, line)
+
     def test_unknown_alias_lists_the_known_ones(self):
         f = write_file(os.path.join(temp_dir(self), "a.tif"), b"tif")
         ini = self.alias_ini(_free_port(), "studio")

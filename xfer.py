@@ -12378,7 +12378,14 @@ def _timeouts(seconds):
 
 def _hint_missing_colon(config, operand):
     """Refuse a last FILE that does not exist but names a receiver (scp's HOST:)."""
-    if operand == "-" or os.path.lexists(operand) or "/" in operand or "\\" in operand:
+    if operand == "-" or os.path.lexists(operand):
+        return
+    letter, colon, _ = operand.partition(":")
+    if colon and len(letter) == 1 and letter in config.aliases():
+        raise ConfigError("no such file %s; a single letter before ':' is a Windows drive, "
+                          "so for the alias %s give --to %s" % (operand, letter,
+                                                                operand.rstrip(":")))
+    if "/" in operand or "\\" in operand:
         return
     # A bare IPv6 address (::1, or ::1:5000 with a port) is no HOST: to the
     # eye of scp either: it needs brackets, [::1]:5000:.
