@@ -5260,6 +5260,32 @@ class RefusalReasonTests(unittest.TestCase):
         self.assertNotIn("write failed", err)
         self.assertIn("%d FAILED" % len(failed), out)
 
+    def test_a_get_says_a_full_disk_is_this_machines(self):
+        # In a get this machine is the receiver: "no space left on the
+        # receiver's disk" read as the server's disk.
+        served = os.path.join(self.src, "tree")
+        for i in range(4):
+            write_file(os.path.join(served, "f%d.bin" % i), os.urandom(3000))
+        receiver = start_receiver(self, self.src, allow_get=True)
+        patcher, calls = _rlog_disk_full_after(1)
+        with patcher, xfer.Sender(receiver.address, retries=0) as sender:
+            job = sender.get("tree", self.dst)
+            self.assertTrue(job.wait(TIMEOUT))
+        self.assertEqual(job.state, "failed")
+        reasons = [str(error) for _, error in job.failures]
+        self.assertEqual(len(reasons), 3, reasons)
+        for reason in reasons:
+            self.assertIn("no space left on this machine's disk", reason)
+            self.assertNotIn("receiver", reason)
+        # What the server cannot read says so.
+        denied = start_receiver(self, self.src, allow_get=True,
+                                cls=receiver_with(dest=faulty_dest(errno.EACCES, "open_served")))
+        with xfer.Sender(denied.address, retries=0) as sender:
+            job = sender.get("tree/f0.bin", temp_dir(self))
+            self.assertTrue(job.wait(TIMEOUT))
+        self.assertEqual(job.state, "failed")
+        self.assertIn("f0.bin: permission denied on the server", str(job.error))
+
     def test_job_error_says_which_receiver_refused_and_why(self):
         receiver = start_receiver(self, self.dst)
         path = write_file(os.path.join(self.src, "full.bin"), os.urandom(600 * 1024))

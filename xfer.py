@@ -2896,6 +2896,8 @@ class Receiver:
     # The parts of a connection (see above); the classes defined after this
     # one are named at the end of this section.
     _dest_class = _Dest
+    # Where its failed system calls happen, in their reasons (_failure).
+    _side = "the receiver"
     _time = time
     _secrets = secrets
 
@@ -3991,7 +3993,7 @@ class _ReceiveSession:
             self._done(fid, ST_BAD_PATH, "%s: no such file or directory" % _display(raw))
             return None
         except (XferError, OSError) as e:
-            self._done(fid, *_failure(raw, e))
+            self._done(fid, *_failure(raw, e, "the server"))
             return None
         return fid, flags, raw, parts, st, name
 
@@ -4030,7 +4032,7 @@ class _ReceiveSession:
                 failure = (ST_SKIPPED if walk_tree else ST_CONFLICT,
                            "%s: a symlink or special file; not served" % _display(name))
             else:
-                failure = _failure(wire, st)
+                failure = _failure(wire, st, "the server")
             if failure is not None:
                 out.frame(_encode_result(fid, *failure))
         while open_dirs:
@@ -4057,7 +4059,7 @@ class _ReceiveSession:
         except OSError as e:
             if isinstance(e, (socket.timeout, ConnectionError)):
                 raise
-            self._done(fid, *_failure(raw, e))     # the directory cannot be read
+            self._done(fid, *_failure(raw, e, "the server"))   # the directory cannot be read
             return
         self._done(fid)
 
@@ -4275,7 +4277,7 @@ class _GetWriter:
         try:
             f = self.session.store.dest.open_served(where, st)
         except OSError as e:
-            return _failure(wire, e)
+            return _failure(wire, e, "the server")
         with f:
             try:
                 now = os.fstat(f.fd)
@@ -4296,7 +4298,7 @@ class _GetWriter:
                     self._check(fid, f, _hash_fd(f.fd, self.session.buf).digest(), wire)
                     f.seek(0)
             except OSError as e:
-                return _failure(wire, e)
+                return _failure(wire, e, "the server")
             return self._large(f, fid, wire)
 
     def _check(self, fid, f, digest, wire):
@@ -4385,6 +4387,7 @@ class _Store:
         self.group_sync = bool(rules.fsync and rules._syncfs is not None
                                and dest.use_dir_fd)
         self.umask = getattr(rules, "umask", None) if os.name != "nt" else None
+        self.side = rules._side         # where a failed system call happened (_failure)
         # Names a CHECK found needed, split, for the FILE that follows.
         self._needed = {}
         # The directory of the last path split: (its raw with a "/" after
@@ -4813,7 +4816,7 @@ class _IncomingFile(_Sink):
         if aborted:
             failure = (ST_ABORTED, "%s: the sender gave it up" % _display(raw))
         elif self.write_error is not None:
-            failure = _failure(raw, self.write_error)
+            failure = _failure(raw, self.write_error, self.store.side)
         elif not hmac.compare_digest(mine := self.hasher.digest(), their_digest):
             failure = (ST_INTEGRITY, "%s: sha256 mismatch, file discarded" % _display(raw))
         else:
@@ -4822,7 +4825,7 @@ class _IncomingFile(_Sink):
             try:
                 self.seal(fd)
             except OSError as e:
-                failure = _failure(raw, e)
+                failure = _failure(raw, e, self.store.side)
             else:
                 self.digest = mine.hex()
                 self.hasher = None
@@ -4865,7 +4868,7 @@ class _IncomingFile(_Sink):
                                mtime_ns=self.mtime_ns)
 
     def fail(self, error):
-        self.failure = _failure(self.raw, error)
+        self.failure = _failure(self.raw, error, self.store.side)
 
 
 
@@ -5038,7 +5041,8 @@ class _GroupCommit:
         for directory in made:
             error = self._undurable(directory.parts)
             if error is not None:
-                directory.verdict = self.refusal(directory.raw, *_failure(directory.raw, error))
+                directory.verdict = self.refusal(directory.raw,
+                                                 *_failure(directory.raw, error, self.store.side))
             else:
                 self.dirs += 1
                 directory.verdict = _OK
@@ -5178,29 +5182,31 @@ _NO_SPACE_ERRNOS = frozenset(e for e in (getattr(errno, "ENOSPC", None),
                                          getattr(errno, "EDQUOT", None),
                                          getattr(errno, "EFBIG", None)) if e)
 
-# What a failed system call on the receiver means, in words a sender's user
-# reads without mistaking it for a problem on their own machine.
-_RECEIVER_ERRNO_TEXT = {getattr(errno, name): text for name, text in (
-    ("ENOSPC", "no space left on the receiver's disk"),
-    ("EDQUOT", "the receiver's disk quota is used up"),
-    ("EFBIG", "too large for the receiver's filesystem"),
-    ("EACCES", "permission denied on the receiver"),
-    ("EPERM", "permission denied on the receiver"),
-    ("EROFS", "the receiver's disk is read-only"),
+# What a failed system call means, in words its reader does not mistake for
+# a problem on another machine; %s is where it failed (_failure's side).
+_ERRNO_TEXT = {getattr(errno, name): text for name, text in (
+    ("ENOSPC", "no space left on %s's disk"),
+    ("EDQUOT", "%s's disk quota is used up"),
+    ("EFBIG", "too large for %s's filesystem"),
+    ("EACCES", "permission denied on %s"),
+    ("EPERM", "permission denied on %s"),
+    ("EROFS", "%s's disk is read-only"),
 ) if hasattr(errno, name)}
 
 
-def _failure(raw, error):
+def _failure(raw, error, side="the receiver"):
     """(status, reason) for RESULT from an XferError or an OSError about raw.
 
     The reason always starts with the path, so a sender can tell which of
-    many files failed.
+    many files failed.  side says where an OSError happened: "the receiver"
+    (what a push or an upload writes), "the server" (what a get or ls reads
+    there), or "this machine" (what a get writes here).
     """
     if isinstance(error, XferError):
         return error.code, str(error)
     code = ST_NO_SPACE if error.errno in _NO_SPACE_ERRNOS else ST_IO
-    text = _RECEIVER_ERRNO_TEXT.get(error.errno) or "%s on the receiver" % (
-        error.strerror or error)
+    template = _ERRNO_TEXT.get(error.errno)
+    text = template % side if template else "%s on %s" % (error.strerror or error, side)
     return code, "%s: %s" % (_display(raw), text)
 
 
@@ -9282,6 +9288,8 @@ class _LocalRules(Receiver):
     client applies the very name rules, limits, overwrite policy, temporary
     files and durable publish that a server applies to what it is sent."""
 
+    _side = "this machine"      # the disk a get writes is its user's own
+
     def __init__(self, local_dir, overwrite="replace", fsync=True, max_size=None, protect=()):
         Receiver.__init__(self, local_dir, overwrite=overwrite, fsync=fsync,
                           max_size=max_size, partial_max_age=None, protect=protect)
@@ -9443,7 +9451,7 @@ class _Pull:
             self.commit.hold_dir(self.store.makedirs(fid, raw))
         except (XferError, OSError) as e:
             self.unmade.add(raw)
-            self._end(self._job(raw, kind="mkdir"), *_failure(raw, e))
+            self._end(self._job(raw, kind="mkdir"), *_failure(raw, e, self.rules._side))
 
     def _dir_entries(self, payload, fid):
         """A directory's mode and mtime, set at the next commit, once its
@@ -9458,7 +9466,7 @@ class _Pull:
                     raise UnsafePathError("not below the path asked for; refused", raw)
                 self.stamps.append((raw, self.store.split(raw), mode, mtime_ns))
             except UnsafePathError as e:
-                self._end(self._job(raw, kind="mkdir"), *_failure(raw, e))
+                self._end(self._job(raw, kind="mkdir"), *_failure(raw, e, self.rules._side))
         if not self.held:
             self._commit()
 
@@ -9521,7 +9529,7 @@ class _Pull:
                 incoming.admit(resumable=not stream)
                 return job, incoming
         except (XferError, OSError) as e:
-            refusal = _failure(raw, e)
+            refusal = _failure(raw, e, self.rules._side)
         job.note = refusal[1] if refusal[0] == ST_SKIPPED else ""
         return job, _Drain(self.store, raw, refusal)
 
@@ -9573,7 +9581,7 @@ class _Pull:
         elif isinstance(e, ConnectionError):
             self.ledger.withdraw(job)
         elif isinstance(e, (XferError, OSError)):
-            self._end(job, *_failure(raw, e))
+            self._end(job, *_failure(raw, e, self.rules._side))
 
     def _commit(self):
         if self.commit is None:
@@ -9586,7 +9594,7 @@ class _Pull:
             except FileNotFoundError:
                 pass        # its MKDIR failed, and said so
             except (XferError, OSError) as e:
-                self._end(self._job(raw, kind="mkdir"), *_failure(raw, e))
+                self._end(self._job(raw, kind="mkdir"), *_failure(raw, e, self.rules._side))
         held, self.held = self.held, []
         got = iter(self.rules.got)
         self.rules.got = []
