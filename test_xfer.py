@@ -9031,6 +9031,44 @@ class WalkthroughThirdTests(unittest.TestCase):
         self.assertEqual(receiver.pairing_code, code)
 
 
+class WalkthroughFourthTests(unittest.TestCase):
+    """Defects found by a new user trying a watched folder, the Python API,
+    pair and find, ping, bench and config as the README gives them, then
+    their edges; each test is named for what the user saw."""
+
+    def test_watch_times_are_refused_as_the_senders_are(self):
+        # sender.watch(src, interval=float("inf")) returned a Watch whose
+        # thread had died with an OverflowError traceback; settle=-1 and
+        # nan were taken as 0, and settle="1s" said only "could not
+        # convert string to float".
+        src = temp_dir(self)
+        sender = xfer.Sender("127.0.0.1:1")
+        self.addCleanup(sender.close, False)
+        for key, value in (("settle", -1), ("settle", float("nan")), ("settle", "1s"),
+                           ("settle", None), ("interval", float("inf")), ("interval", 0),
+                           ("rescan", -5), ("rescan", 1e300)):
+            with self.assertRaises(ValueError) as cm:
+                sender.watch(src, **{key: value})
+            self.assertTrue(str(cm.exception).startswith(key + " must be"), cm.exception)
+        watch = sender.watch(src, settle=0, interval=0.02)      # settle 0: at once
+        self.addCleanup(watch.stop)
+        self.assertEqual(watch.settle, 0.0)
+
+    def test_a_watch_given_one_pattern_as_a_string_takes_it_whole(self):
+        # sender.watch(src, exclude="*.h264") excluded every file: the
+        # string was taken as the patterns '*', '.', 'h', '2', '6', '4'.
+        src = temp_dir(self)
+        sender = xfer.Sender("127.0.0.1:1")
+        self.addCleanup(sender.close, False)
+        watch = sender.watch(src, include="*.exr", exclude="*.h264")
+        self.addCleanup(watch.stop)
+        self.assertEqual(watch.include, ("*.exr",))
+        self.assertEqual(watch.exclude[-1:], ("*.h264",))
+        self.assertTrue(watch._wanted("a.exr", False, "a.exr"))
+        self.assertFalse(watch._wanted("a.h264", False, "a.h264"))
+        self.assertFalse(watch._wanted("a.jpg", False, "a.jpg"))
+
+
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""
 

@@ -9985,11 +9985,13 @@ class Watch:
             raise XferError("%s: watch a folder, not the root directory" % path)
         #: where the folder lands on the receiver, as send-dir puts it
         self.name = "/".join(p for p in (_clean_subdir(subdir), base) if p)
-        self.settle = max(0.0, float(settle))
-        self.interval = max(0.01, float(interval))
-        self.rescan = max(self.interval, float(rescan))
-        self.include = tuple(include or ())
-        self.exclude = WATCH_IGNORE + tuple(exclude or ())
+        self.settle = _seconds_given("settle", settle, zero=True, none=False)
+        self.interval = max(0.01, _seconds_given("interval", interval, none=False))
+        self.rescan = max(self.interval, _seconds_given("rescan", rescan, none=False))
+        # One pattern given as a string is that pattern, not its characters.
+        self.include = (include,) if isinstance(include, str) else tuple(include or ())
+        self.exclude = WATCH_IGNORE + ((exclude,) if isinstance(exclude, str)
+                                       else tuple(exclude or ()))
         self._skip = _name_patterns(self.exclude)
         self._only = _name_patterns(self.include)
         self.files_sent = 0
