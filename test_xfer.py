@@ -9069,6 +9069,20 @@ class WalkthroughFourthTests(unittest.TestCase):
         self.assertFalse(watch._wanted("a.jpg", False, "a.jpg"))
 
 
+    def test_a_config_file_that_cannot_be_written_is_one_line_naming_it(self):
+        # HOME/.config a file (or a read-only home, as a service account
+        # has): config add and serve saving its new token
+        # ended in a NotADirectoryError traceback.
+        root = temp_dir(self)
+        write_file(os.path.join(root, ".config"), b"")
+        ini = os.path.join(root, ".config", "xfer", "xfer.ini")
+        why = "%s: cannot be written (%s: Not a directory)" % (ini, os.path.dirname(ini))
+        status, out, err = _cfg_main(["config", "add", "box", "127.0.0.1"], {"HOME": root}, root)
+        self.assertEqual((status, err), (xfer.EXIT_USAGE, "xfer: error: %s\n" % why))
+        self.assertEqual(_cfg_serve_error(self, "--dir", os.path.join(root, "in"),
+                                          env={"HOME": root}, cwd=root),
+                         "xfer: error: " + why)
+
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""
 

@@ -11096,9 +11096,14 @@ def _save_settings(path, section, values=None, remove=False):
             else:
                 parser.set(section, key, str(value))
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     temp = os.path.join(folder, ".%s.%s.tmp" % (os.path.basename(path), secrets.token_hex(4)))
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        # A read-only home (a service account's), or a file where a folder goes.
+        raise ConfigError("cannot be written (%s: %s)" % (e.filename or folder,
+                                                          e.strerror or e), path) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             parser.write(f)
