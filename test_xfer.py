@@ -9083,6 +9083,24 @@ class WalkthroughFourthTests(unittest.TestCase):
                                           env={"HOME": root}, cwd=root),
                          "xfer: error: " + why)
 
+    def test_a_pairing_code_lifetime_is_checked_and_named_when_it_expires(self):
+        # open_pairing(lifetime=-1) opened a code already expired, "90s" a
+        # TypeError; and a code opened for 90 s was refused as "has expired
+        # (a code lasts 10 minutes)".
+        receiver = start_receiver(self, temp_dir(self), token="t")
+        for lifetime in (-1, 0, float("nan"), "90s", None):
+            with self.assertRaises(ValueError) as cm:
+                receiver.open_pairing(lifetime=lifetime)
+            self.assertTrue(str(cm.exception).startswith("lifetime must be"), cm.exception)
+        self.assertIsNone(receiver.pairing_code)
+        now = [1000.0]
+        receiver._pairing.clock = lambda: now[0]
+        code = receiver.open_pairing(lifetime=90)
+        now[0] += 90
+        with self.assertRaises(xfer.AuthError) as cm:
+            xfer._pair(HOST, receiver.address[1], code)
+        self.assertIn("has expired (a code lasts 1.5 minutes)", str(cm.exception))
+
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""
 

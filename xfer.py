@@ -1629,6 +1629,7 @@ class _PairingCode:
         self.lock = threading.Lock()
         self.code = self.w = None
         self.expires = 0.0
+        self.lifetime = PAIRING_LIFETIME
         self.tries = 0
         self.serial = 0             # which code a try belongs to
         self.ended = None           # why the last code ended, once logged
@@ -1639,6 +1640,7 @@ class _PairingCode:
         with self.lock:
             self.code, self.w = code, w
             self.expires = self.clock() + lifetime
+            self.lifetime = lifetime
             self.tries = tries
             self.serial += 1
             self.ended = None
@@ -1666,7 +1668,7 @@ class _PairingCode:
             self._expire()
             if self.code is None:
                 why = {"expired": "the pairing code has expired (a code lasts %s)"
-                       % _duration(PAIRING_LIFETIME),
+                       % _duration(self.lifetime),
                        "used": "the pairing code has been used",
                        "burned": "the pairing code was given up after %d wrong tries"
                        % PAIRING_TRIES}.get(self.ended, "no pairing code is open")
@@ -3117,7 +3119,7 @@ class Receiver:
         if not self.token:
             raise XferError("pairing needs a token: a server without one (--no-auth) has "
                             "nothing to hand out")
-        return self._pairing.open(code, lifetime)
+        return self._pairing.open(code, _seconds_given("lifetime", lifetime, none=False))
 
     @property
     def pairing_code(self):
