@@ -9101,6 +9101,20 @@ class WalkthroughFourthTests(unittest.TestCase):
             xfer._pair(HOST, receiver.address[1], code)
         self.assertIn("has expired (a code lasts 1.5 minutes)", str(cm.exception))
 
+    def test_bench_tls_alone_measures_tls_on_loopback(self):
+        # bench --tls without --to measured a plain server: --tls was
+        # dropped unsaid, and the figures were those of no TLS at all.
+        if shutil.which("openssl") is None:
+            self.skipTest("needs openssl to make the loopback server's certificate")
+        home = temp_dir(self)
+        proc = run_xfer("bench", "--json", "--tls", "--size", "64KiB", "--files", "3",
+                        cwd=home, env=isolated_env(home), timeout=60)
+        self.assertEqual((proc.returncode, proc.stderr), (0, ""))
+        events = [json.loads(line) for line in proc.stdout.splitlines()]
+        self.assertEqual((events[0]["event"], events[0]["tls"]), ("bench_started", True))
+        self.assertEqual([e["event"] for e in events[1:]],
+                         ["bench_phase", "bench_phase", "bench_done"])
+
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""
 

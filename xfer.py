@@ -12834,28 +12834,37 @@ def _cmd_bench(args):
         import tempfile
         token = _new_token()
         empty = tempfile.mkdtemp(prefix="xfer-bench-")
+        argv = [sys.executable, os.path.abspath(__file__), "serve", "--host", "127.0.0.1",
+                "--port", "0", "--dir", os.path.join(empty, "in"), "-q"]
+        kwargs = dict(token=token)
+        if args.tls or args.fingerprint:
+            # --tls measures TLS here too: a certificate of its own, pinned.
+            try:
+                cert, key = _ensure_certificate(os.path.join(empty, "tls"))
+            except XferError:
+                shutil.rmtree(empty, ignore_errors=True)
+                raise
+            argv += ["--tls-cert", cert, "--tls-key", key]
+            kwargs.update(tls=True, fingerprint=cert_fingerprint(_certificate_der(cert)))
         # The token in the environment, not on the command line, where any
         # local user could read it (README "Security").
-        server = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "serve", "--host", "127.0.0.1",
-             "--port", "0", "--dir", empty, "-q"],
-            stdout=subprocess.PIPE, universal_newlines=True,
-            env=dict(os.environ, XFER_TOKEN=token))
+        server = subprocess.Popen(argv, stdout=subprocess.PIPE, universal_newlines=True,
+                                  env=dict(os.environ, XFER_TOKEN=token))
         line = server.stdout.readline()
         if not line.startswith("listening on "):
             server.kill()
             shutil.rmtree(empty, ignore_errors=True)
             raise XferError("the loopback server did not start")
         address = ("127.0.0.1", int(line.rsplit(":", 1)[1]))
-        kwargs = dict(token=token)
         where = "over loopback to a server in another process"
     emit = _json_writer(sys.stdout) if args.json else None
     if emit:
         emit("bench_started", to=_host_port_text(*address), auth=bool(kwargs.get("token")),
              tls=bool(kwargs.get("tls")))
     else:
-        print("xfer %s bench %s, discard sink, sha256 and %s" % (
-            __version__, where, "tags on" if kwargs.get("token") else "no token"))
+        print("xfer %s bench %s, discard sink, sha256 and %s%s" % (
+            __version__, where, "tags on" if kwargs.get("token") else "no token",
+            ", TLS" if kwargs.get("tls") else ""))
     worst = [0.0, 0]
     try:
         phases = (("large", [("bench/large.bin", args.size)]),
