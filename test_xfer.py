@@ -9115,6 +9115,21 @@ class WalkthroughFourthTests(unittest.TestCase):
         self.assertEqual([e["event"] for e in events[1:]],
                          ["bench_phase", "bench_phase", "bench_done"])
 
+    def test_watch_options_without_watch_are_refused(self):
+        # send-dir --exclude '*.h264' camera pc: sent the videos too, and
+        # --settle 5 without --watch sent at once and exited: the watch's
+        # options were dropped unsaid.
+        root = temp_dir(self)
+        src = os.path.join(root, "camera")
+        write_file(os.path.join(src, "a.h264"), b"video")
+        for flags in (["--exclude", "*.h264"], ["--include", "*.jpg"], ["--settle", "5"],
+                      ["--interval", "1"]):
+            status, out, err = _cfg_main(["send-dir"] + flags + [src, "127.0.0.1:1:"],
+                                         {"HOME": root}, root)
+            self.assertEqual((status, out), (xfer.EXIT_USAGE, ""), flags)
+            self.assertEqual(err, "xfer: error: %s goes with --watch: send-dir without it "
+                             "sends every file of each DIR\n" % flags[0])
+
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""
 

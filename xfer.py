@@ -12574,6 +12574,11 @@ def _cmd_send(args):
         raise ConfigError("nothing to send: give at least one %s before the destination"
                           % ("DIR" if args.command == "send-dir" else "FILE"))
     _stdin_operand(args, paths)
+    if args.command == "send-dir" and not args.watch:
+        for flag in ("--exclude", "--include", "--settle", "--interval"):
+            if getattr(args, flag[2:]) not in (None, []):
+                raise ConfigError("%s goes with --watch: send-dir without it sends every "
+                                  "file of each DIR" % flag)
     mode = _report_mode(args)
     paired = _pair_for_send(args, config, destinations) if args.code else None
     report = _Report(mode, args.verbose)
@@ -12691,9 +12696,11 @@ def _watch_all(args, paths, tracks, report):
     view = _WatchView(report)
     for t in tracks:
         for path in paths:
-            view.add(t, path, t.sender.watch(path, subdir=t.subdir, settle=args.settle,
-                                             interval=args.interval, include=args.include,
-                                             exclude=args.exclude))
+            view.add(t, path, t.sender.watch(
+                path, subdir=t.subdir,
+                settle=DEFAULT_SETTLE if args.settle is None else args.settle,
+                interval=WATCH_INTERVAL if args.interval is None else args.interval,
+                include=args.include, exclude=args.exclude))
     with _Signals() as stop:
         while not stop.received:
             view.tick()
@@ -13452,11 +13459,9 @@ def _build_parser():
                            help="keep running: send each new or changed file once it is "
                            "complete, until SIGTERM or Ctrl-C")
             p.add_argument("--settle", type=_seconds_arg, metavar="SECONDS",
-                           default=DEFAULT_SETTLE,
                            help="--watch: a file is complete once its size and time stay "
                            "the same this long (default %g)" % DEFAULT_SETTLE)
             p.add_argument("--interval", type=_seconds_arg, metavar="SECONDS",
-                           default=WATCH_INTERVAL,
                            help="--watch: look at the folder this often (default %g)"
                            % WATCH_INTERVAL)
             p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
