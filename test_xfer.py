@@ -9130,6 +9130,19 @@ class WalkthroughFourthTests(unittest.TestCase):
             self.assertEqual(err, "xfer: error: %s goes with --watch: send-dir without it "
                              "sends every file of each DIR\n" % flags[0])
 
+    def test_a_receiver_port_out_of_range_is_refused(self):
+        # Receiver(port=65536).start() listened on a port of the system's
+        # choosing (70000 on 4464), and port=-1 said "cannot resolve listen
+        # address '127.0.0.1': Servname not supported".
+        for port in (65536, -1, "x"):
+            receiver = xfer.Receiver(temp_dir(self), host=HOST, port=port)
+            with self.assertRaises(xfer.ConfigError) as cm:
+                receiver.start()
+            self.addCleanup(receiver.stop)
+            self.assertEqual(str(cm.exception),
+                             "port must be a number from 0 to 65535, not %r" % (port,))
+            self.assertEqual(receiver.status, "stopped")
+
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""
 

@@ -2711,8 +2711,10 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def __init__(self, address, receiver):
         self.receiver = receiver
+        # getaddrinfo takes 65536 as 0 (any port) and 70000 as 4464.
+        port = _port_number(address[1])
         try:
-            infos = socket.getaddrinfo(address[0] or None, address[1], 0, socket.SOCK_STREAM,
+            infos = socket.getaddrinfo(address[0] or None, port, 0, socket.SOCK_STREAM,
                                        0, socket.AI_PASSIVE)
         except socket.gaierror as e:
             raise ConfigError("cannot resolve listen address %r: %s" % (address[0], e))
