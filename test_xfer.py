@@ -9143,6 +9143,23 @@ class WalkthroughFourthTests(unittest.TestCase):
                              "port must be a number from 0 to 65535, not %r" % (port,))
             self.assertEqual(receiver.status, "stopped")
 
+    def test_one_protected_file_given_as_a_string_is_protected(self):
+        # Receiver(dir, protect="/srv/in/xfer.ini") and get(..., protect=
+        # PATH) took the string as one path per character: the file itself
+        # was not protected, and a sender replaced it.
+        src, dst, local = temp_dir(self), temp_dir(self), temp_dir(self)
+        secret = write_file(os.path.join(dst, "xfer.ini"), b"[serve]\ntoken = t\n")
+        mine = write_file(os.path.join(local, "xfer.ini"), b"mine")
+        receiver = start_receiver(self, dst, protect=secret, allow_get=True)
+        with xfer.Sender(receiver.address) as sender:
+            sent = sender.queue(write_file(os.path.join(src, "xfer.ini"), b"[serve]\n"))
+            got = sender.get("xfer.ini", local, protect=mine)
+        self.assertEqual((sent.state, got.state), ("failed", "failed"))
+        self.assertIsInstance(sent.error, xfer.UnsafePathError)
+        for path, data in ((secret, b"[serve]\ntoken = t\n"), (mine, b"mine")):
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(), data)
+
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""
 

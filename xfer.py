@@ -2371,6 +2371,14 @@ def _name_key(name):
     return unicodedata.normalize("NFC", name).casefold()
 
 
+def _one_or_more(value):
+    """A tuple of value's items, or of value itself where it is one str or
+    path (protect="/srv/xfer.ini", exclude="*.h264"), not its characters."""
+    if isinstance(value, (str, bytes, os.PathLike)):
+        return (value,)
+    return tuple(value or ())
+
+
 def _protected_parts(root, paths):
     """The paths below root, as tuples of _name_key components; others are dropped."""
     real = os.path.realpath(root)
@@ -2929,7 +2937,7 @@ class Receiver:
         self.web = web
         self._web = None
         #: files no received name may reach (serve: its own config, keys, known_hosts)
-        self.protect = list(protect)
+        self.protect = list(_one_or_more(protect))
         self._protected = ()
         self.host = host
         self.port = port
@@ -8843,7 +8851,7 @@ class Sender:
             raise ValueError("overwrite must be one of %s, not %r"
                              % (", ".join(OVERWRITE_POLICIES), overwrite))
         job.path = local_dir
-        job.request = (overwrite, tuple(protect) + ((self.known_hosts,) if self.known_hosts
+        job.request = (overwrite, _one_or_more(protect) + ((self.known_hosts,) if self.known_hosts
                                                     else ()))
         return self._submit(job)
 
@@ -9992,10 +10000,8 @@ class Watch:
         self.settle = _seconds_given("settle", settle, zero=True, none=False)
         self.interval = max(0.01, _seconds_given("interval", interval, none=False))
         self.rescan = max(self.interval, _seconds_given("rescan", rescan, none=False))
-        # One pattern given as a string is that pattern, not its characters.
-        self.include = (include,) if isinstance(include, str) else tuple(include or ())
-        self.exclude = WATCH_IGNORE + ((exclude,) if isinstance(exclude, str)
-                                       else tuple(exclude or ()))
+        self.include = _one_or_more(include)
+        self.exclude = WATCH_IGNORE + _one_or_more(exclude)
         self._skip = _name_patterns(self.exclude)
         self._only = _name_patterns(self.include)
         self.files_sent = 0
