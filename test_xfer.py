@@ -9160,6 +9160,20 @@ class WalkthroughFourthTests(unittest.TestCase):
             with open(path, "rb") as f:
                 self.assertEqual(f.read(), data)
 
+    def test_a_sender_port_out_of_range_is_refused_as_in_an_address(self):
+        # Sender("127.0.0.1:70000") is refused, but Sender(("127.0.0.1",
+        # 70000)) and Sender("127.0.0.1", port=70000) connected to port
+        # 4464 (getaddrinfo wraps it), and ("127.0.0.1", "x") said
+        # "invalid literal for int()".
+        for to, kw, shown in ((("127.0.0.1", 70000), {}, "70000"),
+                              (("127.0.0.1", "x"), {}, "'x'"),
+                              ("127.0.0.1", {"port": 65536}, "65536"),
+                              ("127.0.0.1", {"port": -1}, "-1")):
+            with self.assertRaises(xfer.ConfigError) as cm:
+                xfer.Sender(to, **kw)
+            self.assertEqual(str(cm.exception),
+                             "port must be a number from 0 to 65535, not %s" % shown)
+
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""
 

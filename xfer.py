@@ -9733,10 +9733,10 @@ def _parse_target(to, port=None):
     """Sender's address: (host, port) or text for _parse_address(); port is
     the default when the text gives none."""
     if isinstance(to, (tuple, list)):
-        host, p = to[0], to[1]
-        return host, int(p)
+        return to[0], _port_number(to[1])
     host, p, _ = _parse_address(to)
-    return host, p if p is not None else port if port is not None else DEFAULT_PORT
+    # Checked here too: getaddrinfo takes port 70000 for 4464.
+    return host, p if p is not None else _port_number(DEFAULT_PORT if port is None else port)
 
 
 def _is_destination(operand):
