@@ -9174,6 +9174,28 @@ class WalkthroughFourthTests(unittest.TestCase):
             self.assertEqual(str(cm.exception),
                              "port must be a number from 0 to 65535, not %s" % shown)
 
+    def test_send_code_with_no_server_found_says_how_to_give_the_address_to_send(self):
+        # send --code CODE FILE with nothing answering said "give its
+        # address: python3 xfer.py pair CODE HOST[:PORT]": pair saves an
+        # alias, which a one-off copy meant not to do.
+        root = temp_dir(self)
+        path = write_file(os.path.join(root, "a.txt"), b"a")
+        env = {"HOME": root, "XFER_DISCOVER_ADDR": "%s:1" % HOST}     # refused at once
+        status, out, err = _cfg_main(["send", "--code", "1-castle-river", path], env, root)
+        self.assertEqual((status, out), (xfer.EXIT_CONNECT, ""))
+        self.assertTrue(err.endswith("give its address: python3 xfer.py send --code CODE "
+                                     "FILE... HOST:\n"), err)
+        both = [start_receiver(self, temp_dir(self), token="t", discovery=True)
+                for _ in range(2)]
+        for receiver in both:
+            receiver.open_pairing()
+        env["XFER_DISCOVER_ADDR"] = ",".join("%s:%d" % r.address for r in both)
+        status, out, err = _cfg_main(["send", "--code", "1-castle-river", path], env, root)
+        self.assertEqual((status, out), (xfer.EXIT_USAGE, ""))
+        self.assertIn("2 servers have a pairing code open", err)
+        self.assertTrue(err.endswith("say which: python3 xfer.py send --code CODE "
+                                     "FILE... HOST:\n"), err)
+
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""
 

@@ -12636,7 +12636,7 @@ def _pair_for_send(args, config, destinations):
     to = destinations[0] if destinations else None
     if to is not None and not isinstance(to, _Address):
         to = _parse_address(_without_user(config, to), dirs=True)
-    host, port, tls = _pairing_server(config, to)
+    host, port, tls = _pairing_server(config, to, usage="send --code CODE FILE... HOST:")
     token, fingerprint, _ = _pair(host, port, args.code, tls=tls,
                                   timeout=args.timeout or DEFAULT_HANDSHAKE_TIMEOUT)
     return _Target(host, port, token, bool(fingerprint), fingerprint, args.workers, False,
@@ -13076,9 +13076,10 @@ def _discovery_scope(environ=None):
     return "XFER_DISCOVER_ADDR=%s" % spec if spec else "a broadcast on the LAN"
 
 
-def _pairing_server(config, to, port=DEFAULT_PORT):
+def _pairing_server(config, to, port=DEFAULT_PORT, usage="pair CODE HOST[:PORT]"):
     """(host, port, tls) of the server to pair with: to (HOST[:PORT] or an
-    alias) if given, else the one server on the LAN with a code open."""
+    alias) if given, else the one server on the LAN with a code open; usage
+    is the command that names it, for the errors."""
     if to:
         address = to if isinstance(to, _Address) else _parse_address(to)
         if address.host in config.aliases():
@@ -13093,12 +13094,12 @@ def _pairing_server(config, to, port=DEFAULT_PORT):
             _discovery_scope(), _NEW_CODE_HINT))
     if not open_:
         raise ConnectError("no xfer server answered (asked %s); give its address: "
-                           "python3 xfer.py pair CODE HOST[:PORT]" % _discovery_scope())
+                           "python3 xfer.py %s" % (_discovery_scope(), usage))
     if len(open_) > 1:
         raise ConfigError("%d servers have a pairing code open (%s); say which: python3 "
-                          "xfer.py pair CODE HOST[:PORT]" % (len(open_), ", ".join(
+                          "xfer.py %s" % (len(open_), ", ".join(
                               "%s at %s" % (e["name"], _host_port_text(e["host"], e["port"]))
-                              for e in open_)))
+                              for e in open_), usage))
     entry = open_[0]
     return entry["host"], entry["port"], entry["tls"]
 
