@@ -9196,6 +9196,26 @@ class WalkthroughFourthTests(unittest.TestCase):
         self.assertTrue(err.endswith("say which: python3 xfer.py send --code CODE "
                                      "FILE... HOST:\n"), err)
 
+    def test_pair_name_takes_the_aliases_config_add_takes(self):
+        # pair CODE HOST --name Studio.A was refused as "an alias is
+        # lower-case letters, digits, '-' and '_'", though config add
+        # Studio.A HOST saves it and README gives letters, digits, '.',
+        # '-' and '_'.
+        root = temp_dir(self)
+        receiver = start_receiver(self, temp_dir(self), token="t")
+        code = receiver.open_pairing()
+        status, out, err = _cfg_main(["pair", code, "%s:%d" % receiver.address,
+                                      "--name", "Studio.A"], {"HOME": root}, root)
+        self.assertEqual((status, err), (xfer.EXIT_OK, ""))
+        self.assertIn("paired with", out)
+        config = xfer.load_config(os.path.join(root, ".config", "xfer", "xfer.ini"),
+                                  environ={})
+        self.assertEqual(config.get("Studio.A", "token")[0], "t")
+        status, out, err = _cfg_main(["pair", code, "%s:%d" % receiver.address,
+                                      "--name", "a b"], {"HOME": root}, root)
+        self.assertEqual((status, err), (xfer.EXIT_USAGE, "xfer: error: alias 'a b': an "
+                                         "alias is letters, digits, '.', '-' and '_'\n"))
+
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""
 

@@ -13120,9 +13120,7 @@ def _cmd_pair(args):
     _check_savable(path)            # before the code is used up
     config = _load_config(args)
     if args.name is not None:
-        if args.name in ("DEFAULT", "serve") or _server_name(args.name) != args.name:
-            raise ConfigError("--name %r: an alias is lower-case letters, digits, '-' and '_' "
-                              "(not DEFAULT or serve)" % args.name)
+        _check_alias(args.name)
         taken = _saved_alias(path, args.name)
         if taken is not None:
             raise ConfigError("alias %s already names %s in %s; choose another --name, or "
@@ -13187,15 +13185,20 @@ def _saved_alias(path, name):
     return entry[0] if entry else name, old.port(name) or DEFAULT_PORT
 
 
+def _check_alias(name):
+    """Refuse an alias a destination cannot spell (NAME:, --to NAME) or a
+    section header cannot hold."""
+    if name in ("DEFAULT", "serve"):
+        raise ConfigError("%r is reserved; choose another alias" % name)
+    if not name or not all(c.isalnum() or c in "._-" for c in name):
+        raise ConfigError("alias %r: an alias is letters, digits, '.', '-' and '_'" % name)
+
+
 def _save_alias(path, name, host, port, token=None, fingerprint=None, tls=False):
     """Save alias name -> host:port (config add, pair), saying if it replaces one."""
     values = {"host": host, "port": port, "token": token,
               "fingerprint": fingerprint, "tls": "yes" if tls else None}
-    if name in ("DEFAULT", "serve"):
-        raise ConfigError("%r is reserved; choose another alias" % name)
-    # A name a destination can spell (NAME:, --to NAME) and a section header can hold.
-    if not name or not all(c.isalnum() or c in "._-" for c in name):
-        raise ConfigError("alias %r: an alias is letters, digits, '.', '-' and '_'" % name)
+    _check_alias(name)
     old = _saved_alias(path, name)
     if old is not None:
         print("replacing alias %s (was %s)" % (name, _host_port_text(*old)))
