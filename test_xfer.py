@@ -9216,6 +9216,18 @@ class WalkthroughFourthTests(unittest.TestCase):
         self.assertEqual((status, err), (xfer.EXIT_USAGE, "xfer: error: alias 'a b': an "
                                          "alias is letters, digits, '.', '-' and '_'\n"))
 
+    def test_a_token_that_is_no_string_is_refused_at_once(self):
+        # Receiver(token=1234) started, then answered every connection with
+        # "internal error: AttributeError: 'int' object has no attribute
+        # 'encode'"; Sender(token=1234) printed that traceback per file.
+        for make in (lambda: xfer.Receiver(temp_dir(self), host=HOST, port=0, token=1234),
+                     lambda: xfer.Sender("127.0.0.1:1", token=1234),
+                     lambda: xfer.Sender("127.0.0.1:1", token=b"s3cret")):
+            with self.assertRaises(TypeError) as cm:
+                make()
+            self.assertTrue(str(cm.exception).startswith("token must be a str, not "),
+                            cm.exception)
+
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""
 

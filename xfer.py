@@ -2863,6 +2863,13 @@ def _peer_text(address):
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
+def _token_given(token):
+    """A Sender's or Receiver's token: a str, or None ("" too) for none."""
+    if token is not None and not isinstance(token, str):
+        raise TypeError("token must be a str, not %r" % (token,))
+    return token or None
+
+
 def _seconds_fit(seconds, zero=False):
     """Whether a socket or a wait can take seconds: a number above 0 (zero:
     or 0) and at most SECONDS_MAX; never inf or nan."""
@@ -2941,7 +2948,7 @@ class Receiver:
         self._protected = ()
         self.host = host
         self.port = port
-        self.token = token or None
+        self.token = _token_given(token)
         self.on_file = on_file
         #: the FileInfo of the files one commit made durable together, a
         #: list in order, in one call (serve's log makes their lines at once)
@@ -8706,7 +8713,7 @@ class Sender:
         self.server_fingerprint = None
         #: True when that certificate was trusted on first use and recorded
         self.fingerprint_new = False
-        self.token = token or None
+        self.token = _token_given(token)
         #: with a token, refuse a server that does not ask for one: it could
         #: be an impostor collecting the files
         self.require_server_auth = require_server_auth
