@@ -9228,6 +9228,25 @@ class WalkthroughFourthTests(unittest.TestCase):
             self.assertTrue(str(cm.exception).startswith("token must be a str, not "),
                             cm.exception)
 
+    def test_a_max_size_that_is_no_byte_count_is_refused_at_once(self):
+        # Receiver(max_size="1G") started, then answered every connection
+        # with "internal error: TypeError"; max_size=-1 refused every file.
+        for max_size in ("1G", -1, 2.5, True):
+            with self.assertRaises(ValueError) as cm:
+                xfer.Receiver(temp_dir(self), host=HOST, port=0, max_size=max_size)
+            self.assertEqual(str(cm.exception), "max_size must be a number of bytes (0 or "
+                             "more) or None, not %r" % (max_size,))
+        self.assertEqual(xfer.Receiver(temp_dir(self), max_size=0).max_size, 0)
+
+    def test_a_sender_address_that_is_no_text_or_pair_is_refused(self):
+        # Sender(None) tried to resolve the host "None", and Sender(5)
+        # connected to 0.0.0.5.
+        for to in (None, 5, 2.5, b"127.0.0.1"):
+            with self.assertRaises(TypeError) as cm:
+                xfer.Sender(to)
+            self.assertEqual(str(cm.exception), "to must be 'HOST[:PORT]' or a (host, port) "
+                             "pair, not %r" % (to,))
+
 class _PullCase(unittest.TestCase):
     """A server's DIR (srv) and a LOCAL_DIR (local) in a fresh root."""
 

@@ -2967,6 +2967,10 @@ class Receiver:
         self.max_connections = int(max_connections)
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1, not %r" % (max_connections,))
+        if max_size is not None and (isinstance(max_size, bool)
+                                     or not isinstance(max_size, int) or max_size < 0):
+            raise ValueError("max_size must be a number of bytes (0 or more) or None, not %r"
+                             % (max_size,))
         self.max_size = max_size
         self.idle_timeout = _seconds_given("idle_timeout", idle_timeout)
         #: seconds an HTTP connection may wait for its next request
@@ -9741,6 +9745,8 @@ def _parse_target(to, port=None):
     the default when the text gives none."""
     if isinstance(to, (tuple, list)):
         return to[0], _port_number(to[1])
+    if not isinstance(to, str):
+        raise TypeError("to must be 'HOST[:PORT]' or a (host, port) pair, not %r" % (to,))
     host, p, _ = _parse_address(to)
     # Checked here too: getaddrinfo takes port 70000 for 4464.
     return host, p if p is not None else _port_number(DEFAULT_PORT if port is None else port)
