@@ -306,6 +306,17 @@ def raw_connect(address):
     return sock
 
 
+def hook_gate(test, backlog):
+    """A listener on 127.0.0.1 that hooks connect to and block on until the
+    test accepts and answers them; closed at the test's end."""
+    gate = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    test.addCleanup(gate.close)
+    gate.bind((HOST, 0))
+    gate.listen(backlog)
+    gate.settimeout(TIMEOUT)
+    return gate
+
+
 def recv_until_closed(sock):
     """Read until the peer closes; return everything read."""
     chunks = []
@@ -8796,12 +8807,19 @@ class WalkthroughThirdTests(unittest.TestCase):
                          r"connection during the TLS handshake)" % (re.escape(where),
                                                                    re.escape(where)))
 
+    def _logged_http_server(self):
+        """(receiver, an HTTP connection to it, the lines it logs)."""
+        logs = []
+        receiver, _ = _http_server(self, log=logs.append)
+        return receiver, _http_conn(self, receiver), logs
+
+    def assert_no_internal_error(self, logs):
+        self.assertFalse([line for line in logs if "internal error" in line], logs)
+
     def test_a_chunked_upload_is_logged_with_its_method_and_path(self):
         # curl -T - (chunked) was logged "refused HTTP: a body needs a
         # Content-Length", without the "PUT /api/files/x.txt" the others have.
-        logs = []
-        receiver, _ = _http_server(self, log=logs.append)
-        conn = _http_conn(self, receiver)
+        receiver, conn, logs = self._logged_http_server()
         conn.putrequest("PUT", "/api/files/x.txt")
         conn.putheader("Authorization", "Bearer " + _HTTP_TOKEN)
         conn.putheader("Transfer-Encoding", "chunked")
@@ -8832,9 +8850,7 @@ class WalkthroughThirdTests(unittest.TestCase):
     def test_an_empty_upload_path_is_refused_without_a_stray_colon(self):
         # POST /api/uploads {"path": ""} answered ": empty path", the path
         # shown before the reason being empty.
-        logs = []
-        receiver, _ = _http_server(self, log=logs.append)
-        conn = _http_conn(self, receiver)
+        receiver, conn, logs = self._logged_http_server()
         for method, path, body in (("POST", "/api/uploads", {"path": "", "size": 1, "mtime": 1}),
                                    ("PUT", "/api/files/", b"a")):
             response, _, answer = _http(conn, method, path, body)
@@ -8888,9 +8904,7 @@ class WalkthroughThirdTests(unittest.TestCase):
     def test_a_login_whose_secret_is_no_text_is_refused_not_an_internal_error(self):
         # {"secret": "\ud800"} (valid JSON, no UTF-8 text): "internal error:
         # UnicodeEncodeError" in the log, and the connection closed unanswered.
-        logs = []
-        receiver, _ = _http_server(self, log=logs.append)
-        conn = _http_conn(self, receiver)
+        receiver, conn, logs = self._logged_http_server()
         for secret in ("\\ud800", "7-castle-river\\udfff"):
             body = ('{"secret": "%s"}' % secret).encode("ascii")
             response, _, answer = _http(conn, "POST", "/api/login", body,
@@ -8898,28 +8912,24 @@ class WalkthroughThirdTests(unittest.TestCase):
                                         token=None)
             self.assertEqual((response.status, answer["error"]),
                              (400, '"secret" is not UTF-8 text'), secret)
-        self.assertFalse([line for line in logs if "internal error" in line], logs)
+        self.assert_no_internal_error(logs)
 
     def test_a_json_body_nested_too_deep_is_refused_not_an_internal_error(self):
         # 30000 '[' in a login or an upload's JSON (under the 64 KiB limit):
         # "internal error: RecursionError", the connection closed unanswered.
-        logs = []
-        receiver, _ = _http_server(self, log=logs.append)
-        conn = _http_conn(self, receiver)
+        receiver, conn, logs = self._logged_http_server()
         for path, body in (("/api/login", b"[" * 30000 + b"]" * 30000),
                            ("/api/uploads", b'{"path": ' + b"[" * 30000 + b"]" * 30000 + b"}")):
             response, _, answer = _http(conn, "POST", path, body, {"X-Xfer": "1"})
             self.assertEqual((response.status, answer["error"]),
                              (400, "the body is not a JSON object"), path)
-        self.assertFalse([line for line in logs if "internal error" in line], logs)
+        self.assert_no_internal_error(logs)
 
     def test_digits_other_than_0_to_9_are_refused_not_an_internal_error(self):
         # str.isdigit() is true of "²", which int() refuses: Content-Length: ²
         # and ?offset=² were internal ValueErrors, answered with nothing;
         # pair "² castle river" printed a traceback.
-        logs = []
-        receiver, _ = _http_server(self, log=logs.append)
-        conn = _http_conn(self, receiver)
+        receiver, conn, logs = self._logged_http_server()
         response, _, answer = _http(conn, "POST", "/api/uploads",
                                     {"path": "b.txt", "size": 2, "mtime": 1})
         upload = answer["upload"]
@@ -8934,14 +8944,9 @@ class WalkthroughThirdTests(unittest.TestCase):
                              + b"\r\n\r\n" + (b'{"secret": "\xc2\xb2 castle river"}'
                                               if b"login" in head else b"bb"))
             self.addCleanup(sock.close)
-            answer = b""
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    break
-                answer += data
+            answer = recv_until_closed(sock)
             self.assertTrue(answer.startswith(b"HTTP/1.1 %d " % status), (head, answer))
-        self.assertFalse([line for line in logs if "internal error" in line], logs)
+        self.assert_no_internal_error(logs)
         root = temp_dir(self)
         status, out, err = _cfg_main(["pair", "\u00b2 castle river", "127.0.0.1:1"],
                                      {"HOME": root}, root)
@@ -8952,11 +8957,7 @@ class WalkthroughThirdTests(unittest.TestCase):
         # serve --on-receive with hooks waiting: Ctrl-C ran every one before
         # exiting (each up to --hook-timeout, two at a time), and a second
         # Ctrl-C or SIGTERM did nothing: 1000 hooks waiting meant hours.
-        gate = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.addCleanup(gate.close)
-        gate.bind((HOST, 0))
-        gate.listen(8)
-        gate.settimeout(TIMEOUT)
+        gate = hook_gate(self, 8)
         blocks = ("import socket; socket.create_connection((%r, %d)).recv(1)"
                   % (HOST, gate.getsockname()[1]))
         log = []
@@ -9067,7 +9068,6 @@ class WalkthroughFourthTests(unittest.TestCase):
         self.assertTrue(watch._wanted("a.exr", False, "a.exr"))
         self.assertFalse(watch._wanted("a.h264", False, "a.h264"))
         self.assertFalse(watch._wanted("a.jpg", False, "a.jpg"))
-
 
     def test_a_config_file_that_cannot_be_written_is_one_line_naming_it(self):
         # HOME/.config a file (or a read-only home, as a service account
@@ -13052,11 +13052,7 @@ class EverydayTests(unittest.TestCase):
     def test_on_receive_hook_path_env_and_hanging_or_failing_hook_never_blocks(self):
         src, dst, results = temp_dir(self), temp_dir(self), temp_dir(self)
         hook = write_file(os.path.join(temp_dir(self), "hook.py"), _HOOK.encode("utf-8"))
-        gate = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.addCleanup(gate.close)
-        gate.bind((HOST, 0))
-        gate.listen(4)
-        gate.settimeout(TIMEOUT)
+        gate = hook_gate(self, 4)
         env = dict(self.env, HOOK_RESULTS=results, HOOK_GATE_PORT=str(gate.getsockname()[1]))
         command = _command_line([sys.executable, "-S", hook])
         proc, port = spawn_server(self, "--dir", dst, "--no-auth", "--on-receive", command,
@@ -13114,10 +13110,7 @@ class EverydayTests(unittest.TestCase):
             self.assertNotIn("hook for hang.bin", err)
 
     def test_hooks_library_failing_missing_and_slow_hooks_are_logged(self):
-        gate = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.addCleanup(gate.close)
-        gate.bind((HOST, 0))
-        gate.listen(4)
+        gate = hook_gate(self, 4)
         info = xfer.FileInfo(os.path.join(self.cwd, "x.txt"), "x.txt", 1, "127.0.0.1:9",
                              0.0, "0" * 64)
         blocks = ("import socket; socket.create_connection((%r, %d)).recv(1)"
